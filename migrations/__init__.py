@@ -1,0 +1,1 @@
+"""nanobot's Alembic migrations (installed as ``nanobot._migrations``)."""

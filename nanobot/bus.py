@@ -1,0 +1,106 @@
+"""In-process asynchronous publish/subscribe.
+
+``await get_bus().publish(topic, payload)`` delivers to every subscriber of the topic
+concurrently. A subscriber that raises is logged and does not stop the others; a slow one is
+given ``handler_timeout`` seconds and then logged and abandoned, so that a stuck subscriber
+can never stall the heartbeat monitor that publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[str, Any], Awaitable[None] | None]
+
+DEFAULT_HANDLER_TIMEOUT: Final = 5.0
+
+
+class MessageBus:
+    """Topic-based publish/subscribe inside one process."""
+
+    def __init__(self, *, handler_timeout: float = DEFAULT_HANDLER_TIMEOUT) -> None:
+        if handler_timeout <= 0:
+            raise ValueError(f"handler_timeout must be positive, got {handler_timeout!r}")
+        self._handlers: dict[str, list[Handler]] = {}
+        self._lock = threading.Lock()
+        self.handler_timeout = handler_timeout
+
+    def subscribe(self, topic: str, handler: Handler) -> None:
+        """Call ``handler(topic, payload)`` for every message published on ``topic``."""
+        if not callable(handler):
+            raise TypeError(f"handler for topic {topic!r} is not callable: {handler!r}")
+        with self._lock:
+            handlers = self._handlers.setdefault(topic, [])
+            if handler not in handlers:
+                handlers.append(handler)
+
+    def unsubscribe(self, topic: str, handler: Handler) -> bool:
+        """Stop calling ``handler`` for ``topic``; False if it was not subscribed."""
+        with self._lock:
+            handlers = self._handlers.get(topic, [])
+            if handler not in handlers:
+                return False
+            handlers.remove(handler)
+            return True
+
+    def subscribers(self, topic: str) -> list[Handler]:
+        with self._lock:
+            return list(self._handlers.get(topic, []))
+
+    async def publish(self, topic: str, payload: Any = None) -> int:
+        """Deliver ``payload`` to every subscriber of ``topic``; the number that succeeded."""
+        handlers = self.subscribers(topic)
+        if not handlers:
+            return 0
+        results = await asyncio.gather(*(self._deliver(topic, h, payload) for h in handlers))
+        return sum(results)
+
+    async def _deliver(self, topic: str, handler: Handler, payload: Any) -> bool:
+        try:
+            async with asyncio.timeout(self.handler_timeout):
+                result = handler(topic, payload)
+                if inspect.isawaitable(result):
+                    await result
+        except TimeoutError:
+            log.warning(
+                "bus.subscriber_timeout",
+                topic=topic,
+                handler=_name(handler),
+                timeout_s=self.handler_timeout,
+            )
+            return False
+        except Exception:
+            log.exception("bus.subscriber_failed", topic=topic, handler=_name(handler))
+            return False
+        return True
+
+
+def _name(handler: Handler) -> str:
+    return getattr(handler, "__qualname__", repr(handler))
+
+
+_bus: MessageBus | None = None
+_bus_lock = threading.Lock()
+
+
+def get_bus() -> MessageBus:
+    """The process-wide message bus."""
+    global _bus
+    with _bus_lock:
+        if _bus is None:
+            _bus = MessageBus()
+        return _bus
+
+
+def reset_bus() -> None:
+    global _bus
+    with _bus_lock:
+        _bus = None

@@ -1,0 +1,67 @@
+"""The one exception hierarchy of nanobot.
+
+Every error nanobot raises derives from :class:`NanobotError` and, where a caller would
+naturally catch a builtin, from that builtin too (``KeyError`` for an unknown name,
+``ValueError`` for a bad value). Messages name the bad value and, where there is one, the way out.
+"""
+
+from __future__ import annotations
+
+
+class NanobotError(Exception):
+    """Base of every error raised by nanobot."""
+
+
+class ConfigError(NanobotError, ValueError):
+    """The configuration could not be loaded: a malformed file, an unknown key, a bad value."""
+
+
+class DatabaseError(NanobotError):
+    """The database could not be reached or is not usable by this version of nanobot."""
+
+
+class SchemaTooNewError(DatabaseError):
+    """The database was migrated by a newer nanobot than this one."""
+
+
+class TaskError(NanobotError):
+    """Base of the scheduler's errors."""
+
+
+class UnknownTaskError(TaskError, KeyError):
+    """No task of that name is registered or stored."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would quote the repr of the argument; say it in words instead.
+        return f"unknown task {self.name!r}"
+
+
+class InvalidTaskError(TaskError, ValueError):
+    """A task definition is invalid: a bad interval, an unimportable class, bad arguments."""
+
+
+class ComponentError(NanobotError):
+    """Base of the heartbeat monitor's errors."""
+
+
+class UnknownComponentError(ComponentError, KeyError):
+    """No component of that name is registered."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"unknown component {self.name!r}"
+
+
+class InvalidComponentError(ComponentError, ValueError):
+    """A component registration is invalid, for example a health check that is not callable."""
+
+
+class NotLeaderError(NanobotError):
+    """This node does not hold the scheduling lease."""

@@ -1,0 +1,268 @@
+"""The database schema: every table nanobot keeps, in SQLAlchemy 2 declarative form.
+
+The schema is owned by Alembic (``migrations/``); a test checks that these models and the
+migrations agree. Timestamps are timezone-aware UTC everywhere: ``UTCDateTime`` refuses naive
+datetimes on the way in and restores UTC on the way out (SQLite keeps ISO-8601 text, which
+``sqlite3 nanobot.db 'select * from task_runs'`` shows as it is).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Unicode,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Error texts are cut to this many characters before they are stored: a task that raises with a
+# megabyte of message must not grow the database by a megabyte per run.
+ERROR_TEXT_MAX: Final = 4000
+NAME_MAX: Final = 200
+
+# SQLite only gives an auto-incrementing rowid to INTEGER PRIMARY KEY; BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class TaskOutcome(enum.StrEnum):
+    """What became of one slot of a task: stored in ``task_runs.outcome``."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+    SKIPPED = "skipped"
+    INTERRUPTED = "interrupted"
+
+
+class ComponentStatus(enum.StrEnum):
+    """The health of one component, as in the seed."""
+
+    HEALTHY = "healthy"
+    ERROR = "error"
+    UNKNOWN = "unknown"
+
+
+class MisfirePolicy(enum.StrEnum):
+    """What to do with slots that passed while nothing could run them (downtime, a busy loop)."""
+
+    CATCH_UP_ONCE = "catch_up_once"  # run the latest missed slot once, record the others missed
+    SKIP = "skip"  # run none of them; record them all missed and wait for the next slot
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def bound_error(text: str | None) -> str | None:
+    """Cut an error text to what the database keeps, saying that it was cut."""
+    if text is None or len(text) <= ERROR_TEXT_MAX:
+        return text
+    return text[: ERROR_TEXT_MAX - 20] + " ... [truncated]"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every dialect; naive datetimes are refused."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: nanobot stores aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        # SQLite has no time zone type: keep readable ISO text without an offset, always UTC.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class Task(Base):
+    """A readable copy of each stored task: its definition, its desired state and its latest run.
+
+    Written by the command line and the scheduler (the control plane); the scheduler applies
+    rows whose ``version`` changed. APScheduler's own job row holds the schedule itself.
+    """
+
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    task_class: Mapped[str] = mapped_column(String(500))
+    interval_s: Mapped[float] = mapped_column(Float)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    jitter_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.CATCH_UP_ONCE)
+    paused: Mapped[bool] = mapped_column(Boolean, default=True)
+    anchor_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    next_run_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    broken_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    run_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TaskRun(Base):
+    """One row per run, or per missed or skipped slot. A slot is claimed here before it runs."""
+
+    __tablename__ = "task_runs"
+    __table_args__ = (
+        # One slot can never run twice, not even with two processes on one database.
+        UniqueConstraint("task_name", "scheduled_at"),
+        Index("ix_task_runs_scheduled_at", "scheduled_at"),
+        Index("ix_task_runs_outcome", "outcome"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    task_name: Mapped[str] = mapped_column(String(NAME_MAX))
+    scheduled_at: Mapped[datetime]
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A missed row may stand for several slots: scheduled_at is the first, slots how many.
+    slots: Mapped[int] = mapped_column(Integer, default=1)
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    node: Mapped[str | None] = mapped_column(String(NAME_MAX), nullable=True)
+
+
+class Component(Base):
+    """The latest known state of one component on one node."""
+
+    __tablename__ = "components"
+    __table_args__ = (UniqueConstraint("name", "node"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    node: Mapped[str] = mapped_column(String(NAME_MAX))
+    status: Mapped[str] = mapped_column(String(16))
+    last_heartbeat: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ComponentErrorRecord(Base):
+    __tablename__ = "component_errors"
+    __table_args__ = (Index("ix_component_errors_component_node_at", "component", "node", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    component: Mapped[str] = mapped_column(String(NAME_MAX))
+    node: Mapped[str] = mapped_column(String(NAME_MAX))
+    at: Mapped[datetime] = mapped_column(index=True)
+    error: Mapped[str] = mapped_column(Text)
+
+
+class ComponentStatusChange(Base):
+    __tablename__ = "component_status_changes"
+    __table_args__ = (
+        Index("ix_component_status_changes_component_node_at", "component", "node", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    component: Mapped[str] = mapped_column(String(NAME_MAX))
+    node: Mapped[str] = mapped_column(String(NAME_MAX))
+    at: Mapped[datetime] = mapped_column(index=True)
+    from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Heartbeat(Base):
+    """One row per monitor cycle of one node."""
+
+    __tablename__ = "heartbeats"
+    __table_args__ = (Index("ix_heartbeats_node_at", "node", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    node: Mapped[str] = mapped_column(String(NAME_MAX))
+    status: Mapped[str] = mapped_column(String(16))
+    interval_s: Mapped[float] = mapped_column(Float)
+    total: Mapped[int] = mapped_column(Integer)
+    healthy: Mapped[int] = mapped_column(Integer)
+    error: Mapped[int] = mapped_column(Integer)
+    unknown: Mapped[int] = mapped_column(Integer)
+
+
+class SessionRecord(Base):
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_active_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class SchedulerLease(Base):
+    """Who may schedule: one row per lease name, held by one node until it expires.
+
+    ``epoch`` grows by one at every change of holder, so a write can be fenced by it.
+    """
+
+    __tablename__ = "scheduler_lease"
+
+    name: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(NAME_MAX), nullable=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    acquired_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    renewed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+# APScheduler 3's job table, with the layout its SQLAlchemyJobStore creates (id up to 191
+# characters for MySQL's key limit, an 8-byte float epoch, the pickled job state). Declared here so
+# that the migration creates it and ``alembic check`` sees no drift; APScheduler's own
+# ``create(checkfirst=True)`` then finds it and does nothing.
+apscheduler_jobs = Table(
+    "apscheduler_jobs",
+    Base.metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)

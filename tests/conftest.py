@@ -1,0 +1,127 @@
+"""Shared fixtures: a private NANOBOT_HOME per test, and real databases.
+
+``db_url`` runs a test twice: on a real SQLite file in ``tmp_path`` and on the PostgreSQL server
+at 127.0.0.1:5432, in a schema of its own that is dropped afterwards. The PostgreSQL case carries
+the ``postgres`` marker and is skipped, with the reason shown, when no server answers, unless
+``NANOBOT_REQUIRE_POSTGRES=1`` (as in CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from nanobot import config as config_module
+from nanobot.db import create_db_engine, dispose_engines, upgrade_database
+
+PG_ADMIN_URL = os.environ.get(
+    "NANOBOT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_PG = os.environ.get("NANOBOT_REQUIRE_POSTGRES", "") == "1"
+
+_pg_state: dict[str, str | None] = {}
+
+
+def _pg_unavailable() -> str | None:
+    """None when PostgreSQL answers, else why not (checked once per run)."""
+    if "reason" not in _pg_state:
+        try:
+            engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+            _pg_state["reason"] = None
+        except Exception as exc:
+            _pg_state["reason"] = f"PostgreSQL at {PG_ADMIN_URL} does not answer: {exc}"
+    return _pg_state["reason"]
+
+
+def _reset_singletons() -> None:
+    # Imported lazily: a module under test may not exist yet in every checkout of the suite.
+    import importlib
+
+    for module_name, reset in (
+        ("nanobot.bus", "reset_bus"),
+        ("nanobot.session", "reset_session_manager"),
+        ("nanobot.heartbeat", "reset_heartbeat_monitor"),
+        ("nanobot.cron", "reset_cron_manager"),
+        ("nanobot.logging", "reset_logging"),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        func = getattr(module, reset, None)
+        if func is not None:
+            func()
+    config_module.reset_config()
+    dispose_engines()
+
+
+@pytest.fixture(autouse=True)
+def nanobot_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own NANOBOT_HOME and no NANOBOT_* setting from the outside."""
+    for name in list(os.environ):
+        if name.startswith("NANOBOT_") and name not in {
+            "NANOBOT_TEST_PG_URL",
+            "NANOBOT_REQUIRE_POSTGRES",
+        }:
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    monkeypatch.setenv("NANOBOT_HOME", str(home))
+    _reset_singletons()
+    yield home
+    _reset_singletons()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """A real, empty database (SQLite file or PostgreSQL schema), set as nanobot's database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db' / 'nanobot.db'}"
+        monkeypatch.setenv("NANOBOT_DATABASE__URL", url)
+        config_module.reset_config()
+        yield url
+        return
+    reason = _pg_unavailable()
+    if reason is not None:
+        if REQUIRE_PG:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    schema = f"nb_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    monkeypatch.setenv("NANOBOT_DATABASE__URL", url)
+    config_module.reset_config()
+    try:
+        yield url
+    finally:
+        dispose_engines()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on ``db_url`` with the schema at head."""
+    eng = create_db_engine(db_url)
+    upgrade_database(eng)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
