@@ -40,6 +40,14 @@ class UnknownTaskError(TaskError, KeyError):
         return f"unknown task {self.name!r}"
 
 
+class TaskExistsError(TaskError, ValueError):
+    """A task of that name is stored already."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"task {name!r} exists already: remove it first, or choose another name")
+        self.name = name
+
+
 class InvalidTaskError(TaskError, ValueError):
     """A task definition is invalid: a bad interval, an unimportable class, bad arguments."""
 

@@ -1,0 +1,401 @@
+"""The control plane of the scheduler: the ``tasks`` table, read and written by any process.
+
+The command line and the manager both change tasks through these functions. Each change bumps
+the row's ``version``; the scheduler that runs applies rows whose version it has not applied
+yet (within ``cron.poll_interval``), or at its next start. These functions are synchronous and
+do database I/O: call them from a thread when an event loop is running.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from nanobot.cron.task import CronTask, TaskDefinition, check_interval
+from nanobot.db import read_transaction, write_transaction
+from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
+from nanobot.models import NAME_MAX, MisfirePolicy, Task, TaskOutcome, TaskRun, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """A task as stored: definition, desired state and the mirror of its schedule and last run."""
+
+    name: str
+    task_class: str
+    interval: float
+    kwargs: dict[str, Any]
+    timeout: float | None
+    paused: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_outcome: str | None
+    consecutive_failures: int
+    error: str | None
+    version: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task_class,
+            "interval": self.interval,
+            "kwargs": self.kwargs,
+            "timeout": self.timeout,
+            "paused": self.paused,
+            "next_run_at": _iso(self.next_run_at),
+            "last_run_at": _iso(self.last_run_at),
+            "last_outcome": self.last_outcome,
+            "consecutive_failures": self.consecutive_failures,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One row of a task's run history."""
+
+    id: int
+    task_name: str
+    scheduled_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration: float | None
+    outcome: TaskOutcome
+    error: str | None
+    slots: int
+    manual: bool
+    node: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": self.task_name,
+            "scheduled_at": _iso(self.scheduled_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration": self.duration,
+            "outcome": self.outcome.value,
+            "error": self.error,
+            "slots": self.slots,
+            "manual": self.manual,
+            "node": self.node,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidTaskError(f"a task name must be a non-empty string, got {name!r}")
+    if len(name) > NAME_MAX:
+        raise InvalidTaskError(f"a task name may have at most {NAME_MAX} characters")
+    if name != name.strip():
+        raise InvalidTaskError(f"a task name may not start or end with spaces: {name!r}")
+    return name
+
+
+def import_task_class(path: str) -> type[CronTask]:
+    """The class named by ``pkg.module:Class``, or :class:`InvalidTaskError` saying why not."""
+    module_name, sep, qualname = path.partition(":")
+    if not sep or not module_name or not qualname:
+        raise InvalidTaskError(f"task class {path!r} must be written pkg.module:Class")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise InvalidTaskError(
+            f"cannot import module {module_name!r} of task class {path!r}: "
+            f"{exc.__class__.__name__}: {exc}"
+        ) from exc
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise InvalidTaskError(f"module {module_name!r} has no {qualname!r}") from None
+    if not isinstance(obj, type) or not issubclass(obj, CronTask):
+        raise InvalidTaskError(f"{path!r} is not a subclass of nanobot.cron.CronTask")
+    return obj
+
+
+def build_task(path: str, kwargs: dict[str, Any]) -> CronTask:
+    """A new instance of the stored task ``path`` with its stored constructor arguments."""
+    cls = import_task_class(path)
+    if getattr(cls, "__abstractmethods__", None):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise InvalidTaskError(f"{path!r} is abstract: it does not implement {missing}")
+    try:
+        return cls(**kwargs)
+    except InvalidTaskError:
+        raise
+    except Exception as exc:
+        raise InvalidTaskError(
+            f"{path!r} cannot be built with {kwargs!r}: {exc.__class__.__name__}: {exc}"
+        ) from exc
+
+
+def parse_kwargs(raw: str | None) -> dict[str, Any]:
+    """Constructor arguments given as JSON text: an object, or an error that says so."""
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidTaskError(
+            f"kwargs are not valid JSON: {exc.msg} at column {exc.colno}"
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidTaskError(f"kwargs must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def definition_from_class(
+    name: str, path: str, interval: Any, kwargs: dict[str, Any] | None = None
+) -> TaskDefinition:
+    """Validate a task given by class path (the command line's ``cron add``) and define it."""
+    check_name(name)
+    seconds = check_interval(interval)
+    kwargs = dict(kwargs or {})
+    cls = import_task_class(path)
+    params = inspect.signature(cls).parameters
+    if "interval" in params:
+        if "interval" in kwargs and kwargs["interval"] != interval:
+            raise InvalidTaskError(
+                f"kwargs give interval {kwargs['interval']!r} but --interval is {interval!r}"
+            )
+        kwargs["interval"] = interval
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError):
+        raise InvalidTaskError("kwargs must be plain JSON data") from None
+    task = build_task(path, kwargs)
+    return TaskDefinition(
+        name=name,
+        task_class=path,
+        interval=seconds,
+        kwargs=kwargs,
+        timeout=task.timeout,
+        jitter=task.jitter,
+        misfire_policy=MisfirePolicy(task.misfire_policy),
+    )
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _info(row: Any) -> TaskInfo:
+    return TaskInfo(
+        name=row.name,
+        task_class=row.task_class,
+        interval=row.interval_s,
+        kwargs=dict(row.kwargs or {}),
+        timeout=row.timeout_s,
+        paused=row.paused,
+        next_run_at=row.next_run_at,
+        last_run_at=row.last_run_at,
+        last_outcome=row.last_outcome,
+        consecutive_failures=row.consecutive_failures,
+        error=row.broken_reason,
+        version=row.version,
+    )
+
+
+def list_tasks(engine: Engine) -> list[TaskInfo]:
+    with read_transaction(engine) as conn:
+        rows = conn.execute(select(Task.__table__).order_by(Task.name)).all()
+    return [_info(row) for row in rows]
+
+
+def get_task(engine: Engine, name: str) -> TaskInfo:
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
+    if row is None:
+        raise UnknownTaskError(name)
+    return _info(row)
+
+
+def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
+    """The last ``limit`` rows of a task's run history, newest first."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
+    with read_transaction(engine) as conn:
+        known = conn.execute(select(Task.id).where(Task.name == name)).first()
+        rows = conn.execute(
+            select(TaskRun.__table__)
+            .where(TaskRun.task_name == name)
+            .order_by(TaskRun.scheduled_at.desc())
+            .limit(limit)
+        ).all()
+    if known is None and not rows:
+        raise UnknownTaskError(name)
+    return [
+        RunInfo(
+            id=r.id,
+            task_name=r.task_name,
+            scheduled_at=r.scheduled_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+            duration=r.duration_s,
+            outcome=TaskOutcome(r.outcome),
+            error=r.error,
+            slots=r.slots,
+            manual=r.manual,
+            node=r.node,
+        )
+        for r in rows
+    ]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _definition_values(d: TaskDefinition) -> dict[str, Any]:
+    return {
+        "task_class": d.task_class,
+        "interval_s": d.interval,
+        "kwargs": d.kwargs,
+        "timeout_s": d.timeout,
+        "jitter_s": d.jitter,
+        "misfire_policy": d.misfire_policy.value,
+    }
+
+
+def stored_definition(row: Any) -> TaskDefinition:
+    return TaskDefinition(
+        name=row.name,
+        task_class=row.task_class,
+        interval=row.interval_s,
+        kwargs=dict(row.kwargs or {}),
+        timeout=row.timeout_s,
+        jitter=row.jitter_s,
+        misfire_policy=MisfirePolicy(row.misfire_policy),
+    )
+
+
+def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
+    """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
+    now = utcnow()
+    values = _definition_values(definition) | {
+        "name": definition.name,
+        "paused": paused,
+        "anchor_at": None if paused else now,
+        "next_run_at": None if paused else now,
+        "created_at": now,
+        "updated_at": now,
+        "version": 1,
+        "consecutive_failures": 0,
+    }
+    try:
+        with write_transaction(engine) as conn:
+            conn.execute(insert(Task).values(**values))
+    except IntegrityError:
+        raise TaskExistsError(definition.name) from None
+    return get_task(engine, definition.name)
+
+
+def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, TaskInfo]:
+    """Store a task registered in code: ``"created"``, ``"unchanged"`` or ``"updated"``.
+
+    A new task is stored stopped (paused, no schedule) until it is started, as in the seed,
+    where registering a task does not run it. Registering the same definition again changes
+    nothing, so the schedule keeps its phase across restarts.
+    """
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        row = conn.execute(select(Task.__table__).where(Task.name == definition.name)).first()
+        if row is None:
+            conn.execute(
+                insert(Task).values(
+                    **_definition_values(definition),
+                    name=definition.name,
+                    paused=True,
+                    created_at=now,
+                    updated_at=now,
+                    version=1,
+                    consecutive_failures=0,
+                )
+            )
+            outcome = "created"
+        else:
+            current = row
+            if stored_definition(current).same_schedule_as(definition):
+                outcome = "unchanged"
+            else:
+                values = _definition_values(definition) | {
+                    "updated_at": now,
+                    "version": Task.version + 1,
+                    "broken_reason": None,
+                }
+                if current.interval_s != definition.interval and current.next_run_at is not None:
+                    # Keep the phase: the next slot stays where it was, later ones follow the
+                    # new interval from there.
+                    values["anchor_at"] = current.next_run_at
+                conn.execute(update(Task).where(Task.name == definition.name).values(**values))
+                outcome = "updated"
+    return outcome, get_task(engine, definition.name)
+
+
+def _change(engine: Engine, name: str, **values: Any) -> TaskInfo:
+    with write_transaction(engine) as conn:
+        result = conn.execute(
+            update(Task)
+            .where(Task.name == name)
+            .values(**values, version=Task.version + 1, updated_at=utcnow())
+        )
+        if result.rowcount == 0:
+            raise UnknownTaskError(name)
+    return get_task(engine, name)
+
+
+def start_task(engine: Engine, name: str) -> TaskInfo:
+    """Schedule a stopped task with its first run now (the seed's start); no-op if started."""
+    info = get_task(engine, name)
+    if not info.paused:
+        return info
+    now = utcnow()
+    return _change(engine, name, paused=False, anchor_at=now, next_run_at=now)
+
+
+def pause_task(engine: Engine, name: str) -> TaskInfo:
+    """Stop scheduling a task; a run in flight finishes. No next run until resumed."""
+    return _change(engine, name, paused=True, next_run_at=None)
+
+
+def resume_task(engine: Engine, name: str) -> TaskInfo:
+    """Schedule a paused task again on its original grid (its phase is kept).
+
+    A task that was never started gets its first run now.
+    """
+    info = get_task(engine, name)
+    if not info.paused:
+        return info
+    with read_transaction(engine) as conn:
+        anchor = conn.execute(select(Task.anchor_at).where(Task.name == name)).scalar()
+    if anchor is None:
+        return start_task(engine, name)
+    return _change(engine, name, paused=False)
+
+
+def request_run(engine: Engine, name: str) -> TaskInfo:
+    """Ask the running scheduler to run the task once now, outside its schedule."""
+    return _change(engine, name, run_requested_at=utcnow())
+
+
+def remove_task(engine: Engine, name: str) -> None:
+    """Delete a task. Its run history stays until retention prunes it."""
+    with write_transaction(engine) as conn:
+        result = conn.execute(delete(Task).where(Task.name == name))
+        if result.rowcount == 0:
+            raise UnknownTaskError(name)
+
+
+def count_tasks(engine: Engine) -> int:
+    with read_transaction(engine) as conn:
+        return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())
