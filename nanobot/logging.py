@@ -1,0 +1,227 @@
+"""Structured logging: one structlog pipeline for nanobot and for the libraries it uses.
+
+:func:`setup_logging` is called once at start. After it, every line written by nanobot
+(``log = structlog.get_logger(__name__)`` at module level, then
+``log.info("task.finished", task=name, outcome="error")``) and by the standard library's
+loggers of APScheduler, SQLAlchemy, Alembic and aiohttp goes
+through the same processors and reaches two places:
+
+* ``$NANOBOT_HOME/logs/nanobot.log`` (folder ``logging.dir``): JSON lines, one event per line,
+  rotated at ``logging.max_bytes`` with ``logging.backup_count`` old files kept;
+* standard error: pretty console lines on a terminal, JSON lines otherwise
+  (``logging.format`` = ``auto``, ``console`` or ``json``).
+
+Keys bound with ``structlog.contextvars.bound_contextvars(task=..., run_id=...)`` appear on every
+line written inside the block, by nanobot or by a library.
+
+This replaces the seed's ``setup_logging`` (section 5.3.1), whose guard against duplicate
+handlers was ``if logger.handlers``; here a second call does nothing unless ``force=True``.
+Before :func:`setup_logging` runs, structlog's defaults apply (readable lines on standard
+output); loggers are never cached, so module-level loggers created at import time follow the
+configuration as soon as it is set.
+
+Several processes (the service and a command) may share one log folder; the standard library's
+rotating handler is not safe for that, so commands that run beside the service should log to
+standard error only (``file=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, TextIO
+
+import structlog
+from structlog.typing import Processor
+
+from nanobot.config import Config, get_config
+
+LOG_FILE_NAME: Final = "nanobot.log"
+
+# Third-party loggers and their level, whatever logging.level says. APScheduler's executors
+# write "Running job ..." and "... executed successfully" at INFO for every run: nanobot logs its
+# own task.started / task.finished events with more fields, so those lines are only noise.
+QUIET_LOGGERS: Final[dict[str, int]] = {
+    "apscheduler.executors": logging.WARNING,
+    "sqlalchemy.engine": logging.WARNING,
+    "sqlalchemy.pool": logging.WARNING,
+    "aiohttp.access": logging.WARNING,
+}
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted.
+
+    Test runners and daemon wrappers replace ``sys.stderr``; a handler that kept the stream of
+    the moment it was made would write into a closed file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+@dataclass
+class _State:
+    handlers: list[logging.Handler] = field(default_factory=list)
+    # Levels of the loggers setup_logging changed, to restore them in reset_logging.
+    saved_levels: dict[str, int] = field(default_factory=dict)
+    log_file: Path | None = None
+
+
+_lock = threading.Lock()
+_state: _State | None = None
+
+
+def _shared_processors() -> list[Processor]:
+    """The processors every event goes through, nanobot's and the standard library's."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def _json_formatter() -> structlog.stdlib.ProcessorFormatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(ensure_ascii=False),
+        ],
+    )
+
+
+def _console_formatter() -> structlog.stdlib.ProcessorFormatter:
+    # ConsoleRenderer formats exceptions itself; format_exc_info before it would spoil them.
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.dev.ConsoleRenderer(),
+        ],
+    )
+
+
+def _wants_console(fmt: str) -> bool:
+    if fmt == "console":
+        return True
+    if fmt == "json":
+        return False
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def log_file_path(config: Config | None = None) -> Path:
+    """Where the JSON-lines log file of this configuration lives."""
+    cfg = config or get_config()
+    return cfg.log_dir / LOG_FILE_NAME
+
+
+def setup_logging(config: Config | None = None, *, force: bool = False, file: bool = True) -> None:
+    """Configure structlog and the standard library's logging once for this process.
+
+    A second call does nothing, unless ``force`` is true: then the handlers installed by the
+    first call are removed and logging is configured again from ``config``. ``file=False``
+    leaves out the log file (for short commands that run beside the service).
+    """
+    global _state
+    with _lock:
+        if _state is not None:
+            if not force:
+                return
+            _reset_locked()
+        cfg = config or get_config()
+        _state = _configure(cfg, file=file)
+
+
+def _configure(cfg: Config, *, file: bool) -> _State:
+    state = _State()
+    level = logging.getLevelNamesMapping()[str(cfg.get("logging.level", "INFO")).upper()]
+    root = logging.getLogger()
+    state.saved_levels[""] = root.level
+
+    console = _StderrHandler()
+    fmt = str(cfg.get("logging.format", "auto"))
+    console.setFormatter(_console_formatter() if _wants_console(fmt) else _json_formatter())
+    state.handlers.append(console)
+
+    if file:
+        path = log_file_path(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            path,
+            maxBytes=int(cfg.get("logging.max_bytes", 10 * 1024 * 1024)),
+            backupCount=int(cfg.get("logging.backup_count", 5)),
+            encoding="utf-8",
+        )
+        file_handler.setFormatter(_json_formatter())
+        state.handlers.append(file_handler)
+        state.log_file = path
+
+    for handler in state.handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+    quiet = dict(QUIET_LOGGERS)
+    if cfg.get("database.echo", False):
+        quiet["sqlalchemy.engine"] = logging.INFO
+    for name, quiet_level in quiet.items():
+        logger = logging.getLogger(name)
+        state.saved_levels[name] = logger.level
+        # Never make a library more verbose than the configured level.
+        logger.setLevel(max(quiet_level, level))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Module-level loggers are created at import, before setup_logging: never cache them.
+        cache_logger_on_first_use=False,
+    )
+    return state
+
+
+def _reset_locked() -> None:
+    global _state
+    state, _state = _state, None
+    if state is not None:
+        root = logging.getLogger()
+        for handler in state.handlers:
+            root.removeHandler(handler)
+            handler.close()
+        for name, level in state.saved_levels.items():
+            logging.getLogger(name or None).setLevel(level)
+    structlog.reset_defaults()
+
+
+def reset_logging() -> None:
+    """Undo :func:`setup_logging`: remove its handlers, restore levels, reset structlog."""
+    with _lock:
+        _reset_locked()
+
+
+def is_configured() -> bool:
+    with _lock:
+        return _state is not None
+
+
+def configured_log_file() -> Path | None:
+    """The log file the current configuration writes, if any."""
+    with _lock:
+        return None if _state is None else _state.log_file
