@@ -71,5 +71,25 @@ class InvalidComponentError(ComponentError, ValueError):
     """A component registration is invalid, for example a health check that is not callable."""
 
 
+class SessionError(NanobotError):
+    """Base of the session store's errors."""
+
+
+class UnknownSessionError(SessionError, KeyError):
+    """No live session has that id: it never existed, was deleted, or has expired."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        # A session id is a secret: a message that may reach a log shows only its start.
+        return f"unknown or expired session {self.session_id[:6]!r}..."
+
+
+class InvalidSessionError(SessionError, ValueError):
+    """Bad input to the session store: data that is not a JSON object, a ttl that is not > 0."""
+
+
 class NotLeaderError(NanobotError):
     """This node does not hold the scheduling lease."""
