@@ -78,7 +78,7 @@ def test_reset_removes_the_handlers_and_restores_levels(monkeypatch: pytest.Monk
 
 
 def test_file_holds_json_lines(monkeypatch: pytest.MonkeyPatch, nanobot_home: Path) -> None:
-    """nanobot.log under $NANOBOT_HOME/logs holds one JSON object per line with event, level, time."""
+    """nanobot.log in $NANOBOT_HOME/logs holds one JSON object a line: event, level, timestamp."""
     cfg = _config(monkeypatch)
     setup_logging(cfg)
     path = nanobot_home / "logs" / "nanobot.log"

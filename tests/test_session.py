@@ -198,7 +198,7 @@ def test_cleanup_accepts_an_explicit_time(manager: SessionManager) -> None:
     manager.create(ttl=20)
     assert manager.cleanup_expired_sessions(now=START + timedelta(seconds=15)) == 1
     with pytest.raises(InvalidSessionError):
-        manager.cleanup_expired_sessions(now=datetime(2030, 1, 1))  # noqa: DTZ001
+        manager.cleanup_expired_sessions(now=datetime(2030, 1, 1))
 
 
 @pytest.mark.parametrize(
@@ -213,7 +213,7 @@ def test_cleanup_accepts_an_explicit_time(manager: SessionManager) -> None:
     ],
 )
 def test_bad_data_is_refused(manager: SessionManager, data: object) -> None:
-    """Data that is not a JSON object raises InvalidSessionError, a ValueError, and writes nothing."""
+    """Data that is not a JSON object raises InvalidSessionError (a ValueError), writes nothing."""
     with pytest.raises(InvalidSessionError) as caught:
         manager.create(data)  # type: ignore[arg-type]
     assert isinstance(caught.value, ValueError)
@@ -234,7 +234,7 @@ def test_bad_ttl_is_refused(engine: Engine, manager: SessionManager, ttl: object
 
 
 def test_data_reads_back_as_json_would(manager: SessionManager) -> None:
-    """The stored data is a copy: tuples read back as lists, later changes to the dict do not leak."""
+    """The stored data is a JSON copy: tuples read back as lists, later changes do not leak."""
     data: dict[str, object] = {"t": (1, 2), "nested": {"x": 1}}
     info = manager.create(data)
     data["added"] = True
