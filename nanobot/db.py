@@ -19,6 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -142,11 +143,19 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _is_known_revision(script: ScriptDirectory, revision: str) -> bool:
+    # get_revision raises CommandError, rather than returning None, for an id it cannot locate.
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def check_schema_known(engine: Engine) -> None:
     """Refuse a database migrated by a newer nanobot than this one."""
     script = ScriptDirectory.from_config(alembic_config())
     current = current_revision(engine)
-    if current is not None and script.get_revision(current) is None:
+    if current is not None and not _is_known_revision(script, current):
         raise SchemaTooNewError(
             f"the database is at schema revision {current!r}, which this nanobot does not know "
             f"(its newest is {script.get_current_head()!r}): upgrade nanobot, or point "
