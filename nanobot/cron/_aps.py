@@ -1,0 +1,449 @@
+"""The adapter to APScheduler 3: the only module of nanobot that imports it.
+
+APScheduler 3 is untyped and has traps that nanobot must not inherit; each is handled here:
+
+- Its default misfire grace of 1 s silently drops a run that is late by more than a second (a
+  catch-up after downtime). nanobot computes the due slots itself (:func:`due_slots`).
+- ``replace_existing=True`` resets a job's phase (its issue 696). nanobot never replaces: it adds
+  a missing job, and modifies an existing one only when its definition changed.
+- ``SQLAlchemyJobStore`` deletes a job it cannot unpickle, with one log line.
+  :class:`NanobotJobStore` keeps it, reports it, and leaves it out of the wakeup computation.
+- After a failed job-store write, 3.11.3's ``_process_jobs`` raises out of ``wakeup`` and the
+  timer is never armed again: the scheduler reports running and runs nothing (pull request 1132).
+  :class:`NanobotScheduler` runs each pass in a worker thread and always re-arms the timer.
+- ``AsyncIOScheduler`` does the job store's synchronous I/O on the event loop. Here every store
+  operation runs in one worker thread, off the loop and serialised.
+
+The rest of nanobot sees typed records (:class:`DueJob`, :class:`JobState`), not APScheduler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pickle
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import structlog
+from apscheduler.job import Job
+from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
+from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.util import datetime_to_utc_timestamp
+from sqlalchemy import Connection, Engine, and_, bindparam, null, select
+
+from nanobot.cron.control import build_task
+from nanobot.models import MisfirePolicy
+
+log = structlog.get_logger(__name__)
+
+PERSISTENT: Final = "default"
+EPHEMERAL: Final = "memory"
+TIMEOUT_MAX: Final = 4294967.0  # asyncio's call_later accepts no more on some platforms
+
+
+async def run_stored_task(task_class: str, kwargs: dict[str, Any]) -> None:
+    """The function every stored job names: build the task from plain data and run it once.
+
+    The manager dispatches runs itself (to claim slots and keep history), but the job's stored
+    function is this module-level trampoline, so a job row never holds a pickled task instance
+    and can always be loaded, whatever became of the task's class.
+    """
+    await build_task(task_class, kwargs).run()
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """What the scheduler holds of one task's schedule."""
+
+    name: str
+    store: str
+    task_class: str
+    kwargs: dict[str, Any]
+    interval: float
+    anchor: datetime
+    next_run_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DueJob:
+    """A job found due in one pass: the slot to run (if any), the slots it missed."""
+
+    name: str
+    store: str
+    task_class: str
+    kwargs: dict[str, Any]
+    run_slot: datetime | None
+    missed_first: datetime | None
+    missed_count: int
+    next_run_at: datetime
+
+
+def grid_slot_at_or_after(anchor: datetime, interval: float, when: datetime) -> datetime:
+    """The first slot ``anchor + k * interval`` (k >= 0) that is not before ``when``."""
+    if when <= anchor:
+        return anchor
+    k = math.ceil((when - anchor).total_seconds() / interval - 1e-9)
+    return anchor + timedelta(seconds=k * interval)
+
+
+def due_slots(
+    first_due: datetime,
+    interval: float,
+    now: datetime,
+    policy: MisfirePolicy,
+    skip_grace: float,
+) -> tuple[datetime | None, datetime | None, int, datetime]:
+    """Split the slots from ``first_due`` up to ``now`` into one to run and the missed ones.
+
+    Returns ``(run_slot, missed_first, missed_count, next_slot)``. Fixed rate: slots are
+    ``first_due + k * interval`` whatever the runs took, so nothing drifts.
+    """
+    k = math.floor((now - first_due).total_seconds() / interval + 1e-9)
+    k = max(k, 0)
+    last_due = first_due + timedelta(seconds=k * interval)
+    next_slot = first_due + timedelta(seconds=(k + 1) * interval)
+    if policy is MisfirePolicy.SKIP and (now - last_due).total_seconds() > skip_grace:
+        return None, first_due, k + 1, next_slot
+    return last_due, (first_due if k else None), k, next_slot
+
+
+class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
+    """APScheduler's SQLAlchemy job store on nanobot's engine, without its silent deletions."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine=engine)
+        # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
+        self.unloadable: dict[str, str] = {}
+
+    def shutdown(self) -> None:
+        # The engine is nanobot's, shared with everything else: not ours to dispose.
+        pass
+
+    def _get_jobs(self, *conditions: Any) -> list[Job]:
+        jobs: list[Job] = []
+        selectable = select(self.jobs_t.c.id, self.jobs_t.c.job_state).order_by(
+            self.jobs_t.c.next_run_time
+        )
+        if conditions:
+            selectable = selectable.where(and_(*conditions))
+        with self.engine.begin() as connection:
+            rows = connection.execute(selectable).all()
+        for row in rows:
+            try:
+                jobs.append(self._reconstitute_job(row.job_state))
+            except Exception as exc:
+                reason = f"stored job cannot be loaded: {exc.__class__.__name__}: {exc}"
+                if self.unloadable.get(row.id) != reason:
+                    log.error("cron.job_unloadable", task=row.id, error=reason)
+                self.unloadable[row.id] = reason
+            else:
+                self.unloadable.pop(row.id, None)
+        return jobs
+
+    def get_next_run_time(self) -> datetime | None:
+        selectable = select(self.jobs_t.c.next_run_time).where(
+            self.jobs_t.c.next_run_time != null()
+        )
+        if self.unloadable:
+            selectable = selectable.where(self.jobs_t.c.id.not_in(list(self.unloadable)))
+        selectable = selectable.order_by(self.jobs_t.c.next_run_time).limit(1)
+        with self.engine.begin() as connection:
+            value = connection.execute(selectable).scalar()
+        return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+    def job_ids(self) -> set[str]:
+        with self.engine.begin() as connection:
+            return set(connection.execute(select(self.jobs_t.c.id)).scalars())
+
+    def update_jobs(self, conn: Connection, jobs: Iterable[Job]) -> None:
+        """Write several jobs in the caller's transaction (one wakeup, one transaction)."""
+        params = [
+            {
+                "b_id": job.id,
+                "b_next": datetime_to_utc_timestamp(job.next_run_time),
+                "b_state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
+            }
+            for job in jobs
+        ]
+        if not params:
+            return
+        stmt = (
+            self.jobs_t.update()
+            .where(self.jobs_t.c.id == bindparam("b_id"))
+            .values(next_run_time=bindparam("b_next"), job_state=bindparam("b_state"))
+        )
+        conn.execute(stmt, params)
+
+
+def _job_state(job: Job, store: str) -> JobState:
+    trigger = job.trigger
+    return JobState(
+        name=job.id,
+        store=store,
+        task_class=job.args[0],
+        kwargs=dict(job.args[1]),
+        interval=float(trigger.interval_length),
+        anchor=trigger.start_date.astimezone(UTC),
+        next_run_at=job.next_run_time.astimezone(UTC) if job.next_run_time else None,
+    )
+
+
+def _trigger(interval: float, anchor: datetime) -> IntervalTrigger:
+    # No jitter in the trigger: a slot's time must be the same in every process, since it is
+    # the slot's identity in task_runs. Jitter is applied when a run starts.
+    return IntervalTrigger(seconds=interval, start_date=anchor, timezone=UTC)
+
+
+PassFunction = Callable[["NanobotScheduler", datetime], float | None]
+
+
+class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
+    """An ``AsyncIOScheduler`` whose passes run in one worker thread and never stop silently.
+
+    ``process`` is the manager's pass: it is called in the worker thread with the current time
+    and returns how long to wait before the next pass (None: until ``poll_interval``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        process: PassFunction,
+        poll_interval: float,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = NanobotJobStore(engine)
+        self.memory = MemoryJobStore()
+        super().__init__(
+            jobstores={PERSISTENT: self.store, EPHEMERAL: self.memory},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+            timezone=UTC,
+        )
+        self._process_pass = process
+        self.poll_interval = poll_interval
+        self._clock = clock
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanobot-scheduler")
+        self._pass_task: asyncio.Task[None] | None = None
+        self._again = False
+        self.last_pass_at: datetime | None = None
+        self._due_jobs: list[tuple[str, Job, datetime]] = []
+        self.pass_failures = 0
+
+    # --- the wakeup cycle ---------------------------------------------------------------------
+
+    def wakeup(self) -> None:
+        """Ask for a pass as soon as possible; safe from any thread."""
+        loop = self._eventloop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._request_pass)
+
+    @property
+    def dispatching(self) -> bool:
+        """True while started and not paused (APScheduler's ``running`` is true when paused)."""
+        return bool(self.state == STATE_RUNNING)
+
+    def call_soon(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run ``func(*args)`` on the event loop; safe from the worker thread."""
+        loop = self._eventloop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(func, *args)
+
+    async def quiesce(self) -> None:
+        """Stop dispatching and wait for the pass in progress, if any, to end."""
+        if self.dispatching:
+            self.pause()
+        self._stop_timer()
+        task = self._pass_task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
+    def _request_pass(self) -> None:
+        if not self.dispatching:
+            return
+        if self._pass_task is not None and not self._pass_task.done():
+            self._again = True
+            return
+        self._stop_timer()
+        self._pass_task = self._eventloop.create_task(self._pass())
+
+    async def _pass(self) -> None:
+        wait: float | None = self.poll_interval
+        try:
+            now = self._clock()
+            wait = await self._eventloop.run_in_executor(self.worker, self._process_pass, self, now)
+            self.pass_failures = 0
+        except Exception:
+            # Whatever failed (a locked database, a lost connection), the timer is armed again
+            # below: the scheduler retries instead of stopping while it reports running.
+            self.pass_failures += 1
+            log.exception("cron.pass_failed", failures=self.pass_failures)
+            wait = min(self.poll_interval, 1.0)
+        finally:
+            self.last_pass_at = self._clock()
+            if self._again:
+                self._again = False
+                wait = 0.0
+            if self.dispatching:
+                if wait is None:
+                    wait = self.poll_interval
+                self._start_timer(max(0.0, min(wait, self.poll_interval, TIMEOUT_MAX)))
+
+    def _process_jobs(self) -> float | None:
+        # Never used: passes go through _pass. Kept inert in case APScheduler calls it.
+        return self.poll_interval
+
+    async def run_in_worker(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Run ``func(*args)`` in the scheduler's worker thread (serialised with passes)."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, func, *args)
+
+    def close(self) -> None:
+        if self.running:
+            # APScheduler's own shutdown is deferred to the loop; do its parts here, now.
+            self._stop_timer()
+            self.state = STATE_STOPPED
+            with self._jobstores_lock:
+                for store in self._jobstores.values():
+                    store.shutdown()
+            for executor in self._executors.values():
+                executor.shutdown(wait=False)
+        if self._pass_task is not None and not self._pass_task.done():
+            self._pass_task.cancel()
+        self.worker.shutdown(wait=True)
+
+    # --- reading jobs (worker thread) -----------------------------------------------------------
+
+    def due(self, now: datetime, policies: dict[str, tuple[MisfirePolicy, float]]) -> list[DueJob]:
+        """The jobs due at ``now`` in both stores, with their slots split; jobs not yet moved."""
+        result: list[DueJob] = []
+        with self._jobstores_lock:
+            self._due_jobs = []
+            for alias, store in ((PERSISTENT, self.store), (EPHEMERAL, self.memory)):
+                for job in store.get_due_jobs(now):
+                    interval = float(job.trigger.interval_length)
+                    policy, grace = policies.get(
+                        job.id, (MisfirePolicy.CATCH_UP_ONCE, interval / 2)
+                    )
+                    run_slot, missed_first, missed, next_slot = due_slots(
+                        job.next_run_time.astimezone(UTC), interval, now, policy, grace
+                    )
+                    self._due_jobs.append((alias, job, next_slot))
+                    result.append(
+                        DueJob(
+                            name=job.id,
+                            store=alias,
+                            task_class=job.args[0],
+                            kwargs=dict(job.args[1]),
+                            run_slot=run_slot,
+                            missed_first=missed_first,
+                            missed_count=missed,
+                            next_run_at=next_slot,
+                        )
+                    )
+        return result
+
+    def advance_due(self, conn: Connection) -> None:
+        """Move the persistent jobs found by :meth:`due` to their next slot, in ``conn``'s
+        transaction. Call :meth:`advance_memory` once that transaction committed."""
+        persistent: list[Job] = []
+        for alias, job, next_slot in self._due_jobs:
+            if alias == PERSISTENT:
+                job._modify(next_run_time=next_slot)
+                persistent.append(job)
+        self.store.update_jobs(conn, persistent)
+
+    def advance_memory(self) -> None:
+        with self._jobstores_lock:
+            for alias, job, next_slot in self._due_jobs:
+                if alias == EPHEMERAL:
+                    try:
+                        current = self.memory.lookup_job(job.id)
+                        if current is not None and current.next_run_time is not None:
+                            current._modify(next_run_time=next_slot)
+                            self.memory.update_job(current)
+                    except JobLookupError:
+                        pass
+            self._due_jobs = []
+
+    def next_wakeup(self, now: datetime) -> float | None:
+        times = [t for t in (self.store.get_next_run_time(), self.memory.get_next_run_time()) if t]
+        if not times:
+            return None
+        return max(0.0, (min(times) - now).total_seconds())
+
+    def lookup(self, name: str, store: str = PERSISTENT) -> JobState | None:
+        job = (self.store if store == PERSISTENT else self.memory).lookup_job(name)
+        return _job_state(job, store) if job is not None else None
+
+    def persistent_job_ids(self) -> set[str]:
+        return self.store.job_ids()
+
+    # --- changing jobs (worker thread) ----------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        *,
+        store: str,
+        task_class: str,
+        kwargs: dict[str, Any],
+        interval: float,
+        anchor: datetime,
+        next_run_at: datetime | None,
+    ) -> None:
+        """Add a job; an existing job of that name is left alone (never replaced)."""
+        try:
+            self.add_job(
+                run_stored_task,
+                trigger=_trigger(interval, anchor),
+                args=(task_class, kwargs),
+                id=name,
+                name=name,
+                jobstore=store,
+                next_run_time=next_run_at,
+                replace_existing=False,
+            )
+        except ConflictingIdError:
+            log.debug("cron.job_exists", task=name)
+
+    def change(
+        self,
+        name: str,
+        *,
+        store: str,
+        task_class: str | None = None,
+        kwargs: dict[str, Any] | None = None,
+        interval: float | None = None,
+        anchor: datetime | None = None,
+        next_run_at: datetime | object | None = ...,
+    ) -> None:
+        current = self.lookup(name, store)
+        if current is None:
+            raise JobLookupError(name)
+        changes: dict[str, Any] = {}
+        if task_class is not None or kwargs is not None:
+            changes["args"] = (
+                task_class or current.task_class,
+                current.kwargs if kwargs is None else kwargs,
+            )
+        if interval is not None or anchor is not None:
+            changes["trigger"] = _trigger(interval or current.interval, anchor or current.anchor)
+        if next_run_at is not ...:
+            changes["next_run_time"] = next_run_at
+        if changes:
+            self.modify_job(name, jobstore=store, **changes)
+
+    def remove(self, name: str, store: str = PERSISTENT) -> bool:
+        try:
+            self.remove_job(name, jobstore=store)
+        except JobLookupError:
+            return False
+        return True

@@ -1,0 +1,78 @@
+"""The built-in tasks of the seed: ``cleanup`` and ``heartbeat``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from nanobot.config import get_config
+from nanobot.cron.task import CronTask
+from nanobot.models import utcnow
+
+log = structlog.get_logger(__name__)
+
+
+class CleanupTask(CronTask):
+    """Removes expired sessions, and history older than the retention settings."""
+
+    def __init__(self, interval: float = 3600) -> None:
+        super().__init__(interval)
+
+    async def run(self) -> None:
+        removed = await asyncio.to_thread(self._cleanup)
+        log.info("cleanup.finished", **removed)
+
+    @staticmethod
+    def _cleanup() -> dict[str, Any]:
+        from nanobot.cron import history
+        from nanobot.db import get_engine
+        from nanobot.session import get_session_manager
+
+        config = get_config()
+        now = utcnow()
+        removed: dict[str, Any] = {
+            "sessions": get_session_manager().cleanup_expired_sessions(),
+            "task_runs": history.prune(
+                get_engine(),
+                now=now,
+                retention_days=float(config.get("cron.history_retention_days", 30.0)),
+                max_rows=int(config.get("cron.history_max_rows", 1000)),
+            ),
+        }
+        try:
+            from nanobot.heartbeat.store import prune as prune_health
+        except ImportError:  # pragma: no cover - the monitor ships with nanobot
+            return removed
+        # Its retention defaults come from heartbeat.*_retention_days.
+        removed.update(prune_health(get_engine(), now=now))
+        return removed
+
+
+class HeartbeatTask(CronTask):
+    """Beats the ``cron`` component from inside the scheduler.
+
+    Because the beat comes from a run that the scheduler dispatched, a scheduler that stops
+    dispatching shows as stale, which a beat from a side thread would hide.
+    """
+
+    def __init__(self, interval: float = 30) -> None:
+        super().__init__(interval)
+
+    async def run(self) -> None:
+        from nanobot.heartbeat import get_heartbeat_monitor
+
+        get_heartbeat_monitor().update_component_heartbeat("cron")
+
+
+def register_builtin_tasks() -> None:
+    """Register ``cleanup`` and ``heartbeat`` with intervals from configuration."""
+    from nanobot.cron.manager import get_cron_manager
+
+    config = get_config()
+    manager = get_cron_manager()
+    manager.register_task("cleanup", CleanupTask(float(config.get("cron.cleanup_interval", 3600))))
+    # As often as the monitor's own interval, so that `cron` never goes stale while it works.
+    manager.register_task("heartbeat", HeartbeatTask(float(config.get("heartbeat.interval", 30))))
+    log.info("cron.builtin_tasks_registered", tasks=["cleanup", "heartbeat"])

@@ -1,0 +1,257 @@
+"""Run history: slots claimed before they run, outcomes written in batches, retention.
+
+A slot ``(task, scheduled_at)`` is claimed by inserting its ``task_runs`` row with outcome
+``running`` in the same transaction that advances the job in the job store. The row's unique
+key makes a second claim of the same slot a no-op, so no slot runs twice, not even with two
+processes on one database; a claim whose process died before the run finished is found
+``running`` at the next start and recorded ``interrupted``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from nanobot.db import write_transaction
+from nanobot.models import Task, TaskOutcome, TaskRun, bound_error
+
+_RUNS = cast(Table, TaskRun.__table__)
+_TASKS = cast(Table, Task.__table__)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    task: str
+    scheduled_at: datetime
+    manual: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The end of one claimed run, or a slot that did not run (missed, skipped)."""
+
+    task: str
+    run_id: int | None
+    scheduled_at: datetime
+    outcome: TaskOutcome
+    started_at: datetime | None
+    finished_at: datetime
+    error: str | None = None
+    slots: int = 1
+    node: str | None = None
+
+
+def _insert_ignoring_conflicts(conn: Connection) -> Any:
+    table = _RUNS
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(
+            index_elements=["task_name", "scheduled_at"]
+        )
+    return sqlite.insert(table).on_conflict_do_nothing(index_elements=["task_name", "scheduled_at"])
+
+
+def claim_slots(
+    conn: Connection, claims: Sequence[Claim], *, node: str
+) -> dict[tuple[str, datetime], int]:
+    """Insert ``running`` rows for ``claims``; the ids of the ones this call claimed.
+
+    A slot claimed before (by this or another process) is not in the result and must not run.
+    """
+    claimed: dict[tuple[str, datetime], int] = {}
+    stmt = _insert_ignoring_conflicts(conn).returning(
+        TaskRun.id, TaskRun.task_name, TaskRun.scheduled_at
+    )
+    for c in claims:
+        row = conn.execute(
+            stmt.values(
+                task_name=c.task,
+                scheduled_at=c.scheduled_at,
+                outcome=TaskOutcome.RUNNING.value,
+                slots=1,
+                manual=c.manual,
+                node=node,
+            )
+        ).first()
+        if row is not None:
+            claimed[(c.task, c.scheduled_at)] = int(row.id)
+    return claimed
+
+
+def record_unrun(conn: Connection, finishes: Iterable[Finish]) -> None:
+    """Insert rows for slots that did not run (missed, skipped); a slot recorded before stays."""
+    stmt = _insert_ignoring_conflicts(conn)
+    for f in finishes:
+        conn.execute(
+            stmt.values(
+                task_name=f.task,
+                scheduled_at=f.scheduled_at,
+                started_at=None,
+                finished_at=f.finished_at,
+                outcome=f.outcome.value,
+                error=bound_error(f.error),
+                slots=f.slots,
+                manual=False,
+                node=f.node,
+            )
+        )
+
+
+def set_next_runs(conn: Connection, next_runs: dict[str, datetime | None]) -> None:
+    """Mirror each task's next run into ``tasks`` (for ``status`` and ``cron list``)."""
+    if not next_runs:
+        return
+    stmt = (
+        update(_TASKS)
+        .where(_TASKS.c.name == bindparam("b_name"))
+        .values(next_run_at=bindparam("b_next"))
+    )
+    conn.execute(stmt, [{"b_name": n, "b_next": t} for n, t in next_runs.items()])
+
+
+_FAILED = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
+
+
+def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> None:
+    """Write a batch of run outcomes and the tasks' last-run mirror, in one transaction."""
+    ran = [f for f in finishes if f.run_id is not None]
+    unrun = [f for f in finishes if f.run_id is None]
+    with write_transaction(engine) as conn:
+        if ran:
+            table = _RUNS
+            conn.execute(
+                update(table)
+                .where(table.c.id == bindparam("b_id"))
+                .values(
+                    started_at=bindparam("b_started"),
+                    finished_at=bindparam("b_finished"),
+                    duration_s=bindparam("b_duration"),
+                    outcome=bindparam("b_outcome"),
+                    error=bindparam("b_error"),
+                ),
+                [
+                    {
+                        "b_id": f.run_id,
+                        "b_started": f.started_at,
+                        "b_finished": f.finished_at,
+                        "b_duration": (
+                            (f.finished_at - f.started_at).total_seconds()
+                            if f.started_at is not None
+                            else None
+                        ),
+                        "b_outcome": f.outcome.value,
+                        "b_error": bound_error(f.error),
+                    }
+                    for f in ran
+                ],
+            )
+        record_unrun(conn, unrun)
+        # The mirror: the last outcome of each task in this batch, in order.
+        for f in ran:
+            if f.outcome is TaskOutcome.SKIPPED:
+                continue
+            failed = f.outcome.value in _FAILED
+            conn.execute(
+                update(Task)
+                .where(Task.name == f.task)
+                .values(
+                    last_run_at=f.started_at or f.finished_at,
+                    last_outcome=f.outcome.value,
+                    consecutive_failures=(Task.consecutive_failures + 1) if failed else 0,
+                )
+            )
+
+
+def set_broken(engine: Engine, reasons: dict[str, str | None]) -> None:
+    """Mark tasks broken (their class cannot be imported, their job cannot be loaded) or mend."""
+    if not reasons:
+        return
+    with write_transaction(engine) as conn:
+        for name, reason in reasons.items():
+            bounded = bound_error(reason)
+            conn.execute(
+                update(Task)
+                .where(Task.name == name, Task.broken_reason.is_distinct_from(bounded))
+                .values(broken_reason=bounded)
+            )
+
+
+def mark_interrupted(engine: Engine, *, node: str, now: datetime) -> int:
+    """Record as ``interrupted`` the runs this node left ``running`` when it died."""
+    running = TaskRun.outcome == TaskOutcome.RUNNING.value
+    with write_transaction(engine) as conn:
+        names = list(
+            conn.execute(
+                select(TaskRun.task_name).where(running, TaskRun.node == node).distinct()
+            ).scalars()
+        )
+        if not names:
+            return 0
+        result = conn.execute(
+            update(TaskRun)
+            .where(running, TaskRun.node == node)
+            .values(
+                outcome=TaskOutcome.INTERRUPTED.value,
+                finished_at=now,
+                error="the process running it stopped before the run finished",
+            )
+        )
+        conn.execute(
+            update(Task)
+            .where(Task.name.in_(names))
+            .values(
+                last_outcome=TaskOutcome.INTERRUPTED.value,
+                consecutive_failures=Task.consecutive_failures + 1,
+            )
+        )
+        return int(result.rowcount or 0)
+
+
+def prune(engine: Engine, *, now: datetime, retention_days: float, max_rows: int) -> int:
+    """Delete task runs older than the retention, and beyond ``max_rows`` per task."""
+    cutoff = now - timedelta(days=retention_days)
+    running = TaskOutcome.RUNNING.value
+    removed = 0
+    with write_transaction(engine) as conn:
+        result = conn.execute(
+            delete(TaskRun).where(TaskRun.scheduled_at < cutoff, TaskRun.outcome != running)
+        )
+        removed += int(result.rowcount or 0)
+        over = conn.execute(
+            select(TaskRun.task_name).group_by(TaskRun.task_name).having(func.count() > max_rows)
+        ).scalars()
+        for name in list(over):
+            # The scheduled_at of the newest row past the limit: everything up to it goes.
+            boundary = conn.execute(
+                select(TaskRun.scheduled_at)
+                .where(TaskRun.task_name == name)
+                .order_by(TaskRun.scheduled_at.desc())
+                .offset(max_rows)
+                .limit(1)
+            ).scalar()
+            if boundary is None:
+                continue
+            result = conn.execute(
+                delete(TaskRun).where(
+                    TaskRun.task_name == name,
+                    TaskRun.scheduled_at <= boundary,
+                    TaskRun.outcome != running,
+                )
+            )
+            removed += int(result.rowcount or 0)
+    return removed
+
+
+def outcome_counts(engine: Engine, name: str) -> dict[str, int]:
+    """How many rows of each outcome a task has (for tests and the command line)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(TaskRun.outcome, func.sum(TaskRun.slots))
+            .where(TaskRun.task_name == name)
+            .group_by(TaskRun.outcome)
+        ).all()
+    return {str(o): int(n) for o, n in rows}

@@ -1,0 +1,802 @@
+"""``CronManager``: the seed's interface on a persistent APScheduler scheduler.
+
+How a pass works (in the scheduler's worker thread, never on the event loop):
+
+1. Apply the control plane: ``tasks`` rows whose version changed (written here or by the
+   command line in another process) become added, changed, paused or removed jobs; run-now
+   requests become manual claims.
+2. Find the due jobs, split each one's slots into the one to run and the missed ones
+   (:func:`nanobot.cron._aps.due_slots`), and in ONE transaction: advance the jobs in the job
+   store, claim the slots to run in ``task_runs``, record missed and skipped slots, and mirror
+   the next run times into ``tasks``.
+3. Hand each slot this transaction claimed to the event loop, which runs the task.
+
+Outcomes are written in batches by the same worker thread, so history never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import structlog
+from sqlalchemy import Engine, select, update
+
+from nanobot.bus import MessageBus, get_bus
+from nanobot.config import get_config
+from nanobot.cron import control, history
+from nanobot.cron._aps import EPHEMERAL, PERSISTENT, NanobotScheduler, grid_slot_at_or_after
+from nanobot.cron.history import Claim, Finish
+from nanobot.cron.task import CronTask, TaskDefinition, definition_of
+from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
+from nanobot.exceptions import InvalidTaskError, UnknownTaskError
+from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
+from nanobot.node import node_name
+
+log = structlog.get_logger(__name__)
+
+# A slot under the SKIP policy runs only if the scheduler reaches it within this share of the
+# interval (at most SKIP_GRACE_MAX seconds); later than that, it is recorded missed.
+SKIP_GRACE_SHARE: Final = 0.5
+SKIP_GRACE_MAX: Final = 60.0
+FLUSH_RETRY_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Launch:
+    name: str
+    task_class: str
+    kwargs: dict[str, Any]
+    slot: datetime
+    run_id: int
+    manual: bool
+
+
+def _policy(policy: MisfirePolicy, interval: float) -> tuple[MisfirePolicy, float]:
+    return policy, min(interval * SKIP_GRACE_SHARE, SKIP_GRACE_MAX)
+
+
+class CronManager:
+    """Registers, starts, stops and runs periodic tasks; their schedules survive restarts.
+
+    ``engine`` defaults to the configured database, ``clock`` (an aware-UTC ``now``) to the
+    real one, ``poll_interval`` to ``cron.poll_interval``: the longest time between two passes,
+    which bounds how long a change written by another process takes to apply.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        node: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+        poll_interval: float | None = None,
+        bus: MessageBus | None = None,
+    ) -> None:
+        self._engine = engine
+        self._node = node
+        self._clock = clock or utcnow
+        self._poll_interval = poll_interval
+        self._bus = bus
+        self._registered: dict[str, CronTask] = {}
+        self._ephemeral: dict[str, TaskDefinition] = {}
+        self._built: dict[str, tuple[str, str, CronTask]] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._applied: dict[str, int] = {}
+        self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
+        self._broken: dict[str, str | None] = {}
+        self._known_broken: set[str] = set()
+        self._scheduler: NanobotScheduler | None = None
+        self._first_reconcile = True
+        self._pending: list[Finish] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._schema_ready = False
+        self._lock = threading.RLock()
+        self._start_lock: asyncio.Lock | None = None
+        self._closing = False
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = get_engine()
+            if not self._schema_ready:
+                upgrade_database(self._engine)
+                self._schema_ready = True
+            return self._engine
+
+    @property
+    def node(self) -> str:
+        if self._node is None:
+            self._node = node_name()
+        return self._node
+
+    @property
+    def poll_interval(self) -> float:
+        if self._poll_interval is None:
+            self._poll_interval = float(get_config().get("cron.poll_interval", 1.0))
+        return self._poll_interval
+
+    @property
+    def bus(self) -> MessageBus:
+        if self._bus is None:
+            self._bus = get_bus()
+        return self._bus
+
+    def _known(self, name: str) -> bool:
+        if name in self._registered or name in self._ephemeral:
+            return True
+        with read_transaction(self.engine) as conn:
+            return conn.execute(select(Task.id).where(Task.name == name)).first() is not None
+
+    def _require(self, name: str) -> None:
+        if not isinstance(name, str) or not self._known(name):
+            raise UnknownTaskError(str(name))
+
+    # --- the seed's interface ------------------------------------------------------------------
+
+    def register_task(self, name: str, task: CronTask) -> None:
+        """Define a task (it runs once started). Works with no event loop running.
+
+        Registering the same definition again changes nothing, so the schedule keeps its
+        phase; a different definition updates the stored task.
+        """
+        control.check_name(name)
+        if not isinstance(task, CronTask):
+            raise InvalidTaskError(f"task {name!r} must be a CronTask instance, got {task!r}")
+        definition = definition_of(name, task)
+        with self._lock:
+            self._registered[name] = task
+            self._built.pop(name, None)
+        if definition.not_persistable is not None:
+            with self._lock:
+                self._ephemeral[name] = definition
+                self._policies[name] = _policy(definition.misfire_policy, definition.interval)
+            log.warning(
+                "cron.task_not_persistent",
+                task=name,
+                reason=definition.not_persistable,
+                consequence="it runs in this process only and will not survive a restart",
+            )
+            return
+        outcome, info = control.upsert_definition(self.engine, definition)
+        if outcome == "updated":
+            log.info("cron.task_updated", task=name, interval_s=info.interval)
+            self._wakeup()
+        elif outcome == "created":
+            log.info("cron.task_registered", task=name, interval_s=info.interval)
+        else:
+            log.info("cron.task_unchanged", task=name, interval_s=info.interval)
+
+    def unregister_task(self, name: str) -> None:
+        """Forget a task: its run in flight is cancelled (recorded ``cancelled``), its job and
+        stored definition removed. Its history stays until retention prunes it."""
+        self._require(name)
+        self._cancel_run(name, "the task was unregistered")
+        with self._lock:
+            task = self._registered.pop(name, None)
+            ephemeral = self._ephemeral.pop(name, None)
+            self._built.pop(name, None)
+        if task is not None:
+            task.set_running(False)
+        if ephemeral is not None:
+            if self._scheduler is not None:
+                self._scheduler.remove(name, EPHEMERAL)
+        else:
+            control.remove_task(self.engine, name)
+            self._wakeup()
+        log.info("cron.task_unregistered", task=name)
+
+    def get_task(self, name: str) -> CronTask:
+        """The task registered under ``name`` (built from its stored definition if need be)."""
+        with self._lock:
+            task = self._registered.get(name)
+        if task is not None:
+            return task
+        info = control.get_task(self.engine, name)
+        return self._instance(name, info.task_class, info.kwargs)
+
+    def list_tasks(self) -> list[str]:
+        """Names of every task: registered here first, then the others stored."""
+        with self._lock:
+            names = list(self._registered)
+        with read_transaction(self.engine) as conn:
+            stored = conn.execute(select(Task.name).order_by(Task.name)).scalars().all()
+        return names + [n for n in stored if n not in names]
+
+    async def start_task(self, name: str) -> None:
+        """Schedule a task: its first run is now, unless it already has a persisted schedule."""
+        await asyncio.to_thread(self._require, name)
+        await self.start()
+        scheduler = self._require_scheduler()
+        if name in self._ephemeral:
+            definition = self._ephemeral[name]
+            now = self._clock()
+            await scheduler.run_in_worker(self._add_ephemeral, scheduler, definition, now)
+        else:
+            await asyncio.to_thread(control.start_task, self.engine, name)
+            await scheduler.run_in_worker(self._reconcile_now, scheduler)
+        self._set_running(name, True)
+        scheduler.wakeup()
+        log.info("cron.task_started", task=name)
+
+    async def stop_task(self, name: str) -> None:
+        """Stop scheduling a task and cancel its run in flight (recorded ``cancelled``)."""
+        await asyncio.to_thread(self._require, name)
+        if name in self._ephemeral:
+            if self._scheduler is not None:
+                await self._scheduler.run_in_worker(self._scheduler.remove, name, EPHEMERAL)
+        else:
+            await asyncio.to_thread(control.pause_task, self.engine, name)
+            if self._scheduler is not None:
+                await self._scheduler.run_in_worker(self._reconcile_now, self._scheduler)
+        await self._cancel_and_wait(name, "the task was stopped")
+        self._set_running(name, False)
+        log.info("cron.task_stopped", task=name)
+
+    async def start_all_tasks(self) -> None:
+        """Start every task registered in this process (stored tasks run once the scheduler
+        starts, whoever registered them)."""
+        await self.start()
+        for name in list(self._registered):
+            await self.start_task(name)
+
+    async def stop_all_tasks(self) -> None:
+        """Stop every task registered in this process, as in the seed. To stop the service
+        while keeping every schedule for the next start, use :meth:`shutdown` instead."""
+        for name in list(self._registered):
+            await self.stop_task(name)
+
+    # --- beyond the seed -----------------------------------------------------------------------
+
+    async def pause_task(self, name: str) -> None:
+        """Stop scheduling a task; a run in flight finishes. Resume keeps its phase."""
+        await asyncio.to_thread(self._require, name)
+        if name in self._ephemeral:
+            raise InvalidTaskError(f"task {name!r} is not stored; stop it instead of pausing it")
+        await asyncio.to_thread(control.pause_task, self.engine, name)
+        if self._scheduler is not None:
+            await self._scheduler.run_in_worker(self._reconcile_now, self._scheduler)
+        log.info("cron.task_paused", task=name)
+
+    async def resume_task(self, name: str) -> None:
+        """Schedule a paused task again at the next slot of its original grid."""
+        await asyncio.to_thread(self._require, name)
+        if name in self._ephemeral:
+            raise InvalidTaskError(f"task {name!r} is not stored; start it instead")
+        await asyncio.to_thread(control.resume_task, self.engine, name)
+        if self._scheduler is not None:
+            await self._scheduler.run_in_worker(self._reconcile_now, self._scheduler)
+        log.info("cron.task_resumed", task=name)
+
+    async def run_task_now(self, name: str) -> None:
+        """Run a task once now, outside its schedule (its schedule is unchanged)."""
+        await asyncio.to_thread(self._require, name)
+        if name in self._ephemeral:
+            await self.start()
+            scheduler = self._require_scheduler()
+            definition = self._ephemeral[name]
+            await scheduler.run_in_worker(self._claim_manual_ephemeral, definition)
+            return
+        await asyncio.to_thread(control.request_run, self.engine, name)
+        self._wakeup()
+
+    async def history(self, name: str, limit: int = 20) -> list[control.RunInfo]:
+        """The last ``limit`` runs (or missed and skipped slots) of a task, newest first."""
+        return await asyncio.to_thread(control.task_history, self.engine, name, limit)
+
+    def is_alive(self) -> bool:
+        """True while the scheduler runs and its last pass is recent."""
+        scheduler = self._scheduler
+        if scheduler is None or not scheduler.dispatching or self._closing:
+            return False
+        last = scheduler.last_pass_at
+        if last is None:
+            return True
+        return (self._clock() - last).total_seconds() < 3 * self.poll_interval + 5
+
+    @property
+    def last_wakeup_at(self) -> datetime | None:
+        return self._scheduler.last_pass_at if self._scheduler is not None else None
+
+    def running_tasks(self) -> list[str]:
+        return [n for n, t in self._inflight.items() if not t.done()]
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the scheduler: record runs a dead process left as interrupted, apply the stored
+        tasks, and dispatch. Idempotent."""
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._scheduler is not None and self._scheduler.dispatching:
+                return
+            self._closing = False
+            engine = await asyncio.to_thread(lambda: self.engine)
+            interrupted = await asyncio.to_thread(
+                history.mark_interrupted, engine, node=self.node, now=self._clock()
+            )
+            if interrupted:
+                log.warning("cron.runs_interrupted", count=interrupted, node=self.node)
+            scheduler = NanobotScheduler(
+                engine, process=self._pass, poll_interval=self.poll_interval, clock=self._clock
+            )
+            self._first_reconcile = True
+            self._applied.clear()
+            scheduler.start()
+            self._scheduler = scheduler
+            log.info("cron.scheduler_started", node=self.node, poll_interval_s=self.poll_interval)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop dispatching, let runs in flight finish for up to ``grace`` seconds, cancel the
+        rest (recorded ``cancelled``) and write all history. Schedules stay stored. Idempotent."""
+        scheduler = self._scheduler
+        if scheduler is None or self._closing:
+            return
+        if grace is None:
+            grace = float(get_config().get("service.shutdown_grace", 10.0))
+        # Let the pass in progress hand over what it claimed before nothing more may start.
+        await scheduler.quiesce()
+        self._closing = True
+        running = [t for t in self._inflight.values() if not t.done()]
+        if running and grace > 0:
+            log.info("cron.waiting_for_runs", count=len(running), grace_s=grace)
+            await asyncio.wait(running, timeout=grace)
+        for name in list(self._inflight):
+            await self._cancel_and_wait(name, "the scheduler shut down")
+        await self.flush()
+        await asyncio.to_thread(scheduler.close)
+        self._scheduler = None
+        for task in self._registered.values():
+            task.set_running(False)
+        log.info("cron.scheduler_stopped", node=self.node)
+
+    async def flush(self) -> None:
+        """Wait until every recorded outcome is written to the database."""
+        while self._pending or (self._flusher is not None and not self._flusher.done()):
+            if self._flusher is None or self._flusher.done():
+                self._start_flusher()
+            assert self._flusher is not None
+            await asyncio.shield(self._flusher)
+
+    # --- the pass (worker thread) --------------------------------------------------------------
+
+    def _pass(self, scheduler: NanobotScheduler, now: datetime) -> float | None:
+        engine = self.engine
+        manual = self._reconcile(scheduler, now)
+        due = scheduler.due(now, dict(self._policies))
+        claims: list[Claim] = []
+        unrun: list[Finish] = []
+        next_runs: dict[str, datetime | None] = {}
+        launches: dict[tuple[str, datetime], tuple[str, dict[str, Any], bool]] = {}
+        for job in due:
+            if job.store == PERSISTENT:
+                next_runs[job.name] = job.next_run_at
+            if job.missed_count and job.missed_first is not None:
+                unrun.append(
+                    Finish(
+                        task=job.name,
+                        run_id=None,
+                        scheduled_at=job.missed_first,
+                        outcome=TaskOutcome.MISSED,
+                        started_at=None,
+                        finished_at=now,
+                        error=f"{job.missed_count} slot(s) passed while nothing could run them",
+                        slots=job.missed_count,
+                        node=self.node,
+                    )
+                )
+            if job.run_slot is None:
+                continue
+            if self._busy(job.name):
+                unrun.append(self._skipped(job.name, job.run_slot, now))
+                continue
+            claims.append(Claim(job.name, job.run_slot))
+            launches[(job.name, job.run_slot)] = (job.task_class, job.kwargs, False)
+        for name, slot, task_class, kwargs in manual:
+            if self._busy(name):
+                unrun.append(self._skipped(name, slot, now))
+                continue
+            claims.append(Claim(name, slot, manual=True))
+            launches[(name, slot)] = (task_class, kwargs, True)
+        claimed: dict[tuple[str, datetime], int] = {}
+        if due or claims or unrun:
+            with write_transaction(engine) as conn:
+                scheduler.advance_due(conn)
+                history.record_unrun(conn, unrun)
+                claimed = history.claim_slots(conn, claims, node=self.node)
+                history.set_next_runs(conn, next_runs)
+            scheduler.advance_memory()
+        for key, (task_class, kwargs, is_manual) in launches.items():
+            run_id = claimed.get(key)
+            if run_id is None:
+                log.info("cron.slot_already_claimed", task=key[0], scheduled_at=key[1].isoformat())
+                continue
+            scheduler.call_soon(
+                self._launch, _Launch(key[0], task_class, kwargs, key[1], run_id, is_manual)
+            )
+        for finish in unrun:
+            scheduler.call_soon(self._announce, finish)
+        self._sync_unloadable(scheduler)
+        return scheduler.next_wakeup(self._clock())
+
+    def _busy(self, name: str) -> bool:
+        task = self._inflight.get(name)
+        return task is not None and not task.done()
+
+    def _skipped(self, name: str, slot: datetime, now: datetime) -> Finish:
+        return Finish(
+            task=name,
+            run_id=None,
+            scheduled_at=slot,
+            outcome=TaskOutcome.SKIPPED,
+            started_at=None,
+            finished_at=now,
+            error="the previous run was still going",
+            node=self.node,
+        )
+
+    def _reconcile_now(self, scheduler: NanobotScheduler) -> None:
+        # Run requests are left to the next pass, which claims them with the due slots.
+        self._reconcile(scheduler, self._clock(), take_requests=False)
+        scheduler.wakeup()
+
+    def _reconcile(
+        self, scheduler: NanobotScheduler, now: datetime, *, take_requests: bool = True
+    ) -> list[tuple[str, datetime, str, dict[str, Any]]]:
+        """Apply changed ``tasks`` rows to the job store; return the run-now requests."""
+        engine = self.engine
+        with read_transaction(engine) as conn:
+            versions = {
+                row.name: (row.version, row.run_requested_at)
+                for row in conn.execute(select(Task.name, Task.version, Task.run_requested_at))
+            }
+            changed = [
+                n
+                for n, (v, req) in versions.items()
+                if self._applied.get(n) != v or (req is not None and take_requests)
+            ]
+            rows = (
+                conn.execute(select(Task.__table__).where(Task.name.in_(changed))).all()
+                if changed
+                else []
+            )
+        manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
+        next_runs: dict[str, datetime | None] = {}
+        for row in rows:
+            definition = control.stored_definition(row)
+            self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
+            if self._applied.get(row.name) != row.version:
+                next_runs[row.name] = self._apply_row(scheduler, row, definition, now)
+                self._applied[row.name] = row.version
+            if row.run_requested_at is not None and take_requests:
+                manual.append((row.name, row.run_requested_at, row.task_class, dict(row.kwargs)))
+        if manual:
+            with write_transaction(engine) as conn:
+                for name, requested, *_ in manual:
+                    conn.execute(
+                        update(Task)
+                        .where(Task.name == name, Task.run_requested_at == requested)
+                        .values(run_requested_at=None)
+                    )
+        removed = [n for n in self._applied if n not in versions]
+        if self._first_reconcile:
+            removed += [n for n in scheduler.persistent_job_ids() if n not in versions]
+            self._first_reconcile = False
+        for name in removed:
+            self._applied.pop(name, None)
+            self._policies.pop(name, None)
+            if scheduler.remove(name, PERSISTENT):
+                log.info("cron.job_removed", task=name)
+            if name not in self._ephemeral:
+                scheduler.call_soon(self._cancel_run, name, "the task was removed")
+        if next_runs:
+            with write_transaction(engine) as conn:
+                history.set_next_runs(conn, next_runs)
+        return manual
+
+    def _apply_row(
+        self, scheduler: NanobotScheduler, row: Any, definition: TaskDefinition, now: datetime
+    ) -> datetime | None:
+        """Make the job of one task match its row; the job's next run time afterwards."""
+        job = scheduler.lookup(row.name)
+        if row.paused:
+            if job is not None and job.next_run_at is not None:
+                scheduler.change(row.name, store=PERSISTENT, next_run_at=None)
+                log.info("cron.job_paused", task=row.name)
+            return None
+        anchor: datetime = row.anchor_at or now
+        if job is None:
+            next_run = row.next_run_at or grid_slot_at_or_after(anchor, definition.interval, now)
+            scheduler.add(
+                row.name,
+                store=PERSISTENT,
+                task_class=definition.task_class,
+                kwargs=definition.kwargs,
+                interval=definition.interval,
+                anchor=anchor,
+                next_run_at=next_run,
+            )
+            log.info("cron.job_added", task=row.name, next_run_at=next_run.isoformat())
+            return next_run
+        changes: dict[str, Any] = {}
+        if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
+            changes["task_class"] = definition.task_class
+            changes["kwargs"] = definition.kwargs
+        next_run = job.next_run_at
+        if job.interval != definition.interval or job.anchor != anchor:
+            changes["interval"] = definition.interval
+            changes["anchor"] = anchor
+            if job.next_run_at is not None:
+                next_run = anchor
+                changes["next_run_at"] = next_run
+        if job.next_run_at is None:
+            next_run = grid_slot_at_or_after(anchor, definition.interval, now)
+            changes["next_run_at"] = next_run
+        if changes:
+            scheduler.change(row.name, store=PERSISTENT, **changes)
+            log.info("cron.job_changed", task=row.name, changed=sorted(changes))
+        return next_run
+
+    def _add_ephemeral(
+        self, scheduler: NanobotScheduler, definition: TaskDefinition, now: datetime
+    ) -> None:
+        if scheduler.lookup(definition.name, EPHEMERAL) is not None:
+            return
+        scheduler.add(
+            definition.name,
+            store=EPHEMERAL,
+            task_class=definition.task_class,
+            kwargs=definition.kwargs,
+            interval=definition.interval,
+            anchor=now,
+            next_run_at=now,
+        )
+
+    def _claim_manual_ephemeral(self, definition: TaskDefinition) -> None:
+        scheduler = self._require_scheduler()
+        now = self._clock()
+        with write_transaction(self.engine) as conn:
+            claimed = history.claim_slots(conn, [Claim(definition.name, now, True)], node=self.node)
+        run_id = claimed.get((definition.name, now))
+        if run_id is not None:
+            scheduler.call_soon(
+                self._launch,
+                _Launch(
+                    definition.name, definition.task_class, definition.kwargs, now, run_id, True
+                ),
+            )
+
+    def _sync_unloadable(self, scheduler: NanobotScheduler) -> None:
+        reasons: dict[str, str | None] = dict(scheduler.store.unloadable)
+        with self._lock:
+            reasons.update(self._broken)
+            self._broken.clear()
+        changes = {n: r for n, r in reasons.items() if (r is not None) != (n in self._known_broken)}
+        if changes:
+            history.set_broken(self.engine, changes)
+            for name, reason in changes.items():
+                if reason is None:
+                    self._known_broken.discard(name)
+                else:
+                    self._known_broken.add(name)
+
+    # --- runs (event loop) ---------------------------------------------------------------------
+
+    def _instance(self, name: str, task_class: str, kwargs: dict[str, Any]) -> CronTask:
+        with self._lock:
+            task = self._registered.get(name)
+            if task is not None:
+                return task
+            key = repr(sorted(kwargs.items()))
+            cached = self._built.get(name)
+            if cached is not None and cached[0] == task_class and cached[1] == key:
+                return cached[2]
+        task = control.build_task(task_class, kwargs)
+        with self._lock:
+            self._built[name] = (task_class, key, task)
+        return task
+
+    def _launch(self, launch: _Launch) -> None:
+        now = self._clock()
+        if self._closing:
+            self._record(
+                Finish(
+                    task=launch.name,
+                    run_id=launch.run_id,
+                    scheduled_at=launch.slot,
+                    outcome=TaskOutcome.CANCELLED,
+                    started_at=None,
+                    finished_at=now,
+                    error="the scheduler was shutting down",
+                )
+            )
+            return
+        try:
+            task = self._instance(launch.name, launch.task_class, launch.kwargs)
+        except InvalidTaskError as exc:
+            log.error("task.unbuildable", task=launch.name, run_id=launch.run_id, error=str(exc))
+            with self._lock:
+                self._broken[launch.name] = str(exc)
+            self._record(
+                Finish(
+                    task=launch.name,
+                    run_id=launch.run_id,
+                    scheduled_at=launch.slot,
+                    outcome=TaskOutcome.ERROR,
+                    started_at=now,
+                    finished_at=now,
+                    error=str(exc),
+                )
+            )
+            return
+        if launch.name in self._known_broken:
+            with self._lock:
+                self._broken[launch.name] = None
+        run = asyncio.get_running_loop().create_task(
+            self._execute(launch, task), name=f"nanobot-task:{launch.name}"
+        )
+        self._inflight[launch.name] = run
+        task.set_task(run)
+        task.set_running(True)
+
+    async def _execute(self, launch: _Launch, task: CronTask) -> None:
+        configured = float(get_config().get("cron.default_timeout", 0.0))
+        timeout = task.timeout if task.timeout is not None else (configured or None)
+        outcome = TaskOutcome.SUCCESS
+        error: str | None = None
+        started = self._clock()
+        deadline = asyncio.timeout(timeout)
+        with structlog.contextvars.bound_contextvars(task=launch.name, run_id=launch.run_id):
+            try:
+                if task.jitter:
+                    await asyncio.sleep(random.uniform(0, task.jitter))
+                started = self._clock()
+                log.debug(
+                    "task.started",
+                    scheduled_at=launch.slot.isoformat(),
+                    lateness_s=round((started - launch.slot).total_seconds(), 6),
+                    manual=launch.manual,
+                )
+                async with deadline:
+                    await task.run()
+            except TimeoutError as exc:
+                if deadline.expired():
+                    outcome = TaskOutcome.TIMEOUT
+                    error = f"the run took longer than its timeout of {timeout} s"
+                    log.warning("task.timed_out", timeout_s=timeout)
+                else:
+                    outcome = TaskOutcome.ERROR
+                    error = f"TimeoutError: {exc}"
+                    log.exception("task.failed")
+            except asyncio.CancelledError:
+                outcome = TaskOutcome.CANCELLED
+                error = self._cancel_reasons.pop(launch.name, "the run was cancelled")
+                log.warning("task.cancelled", reason=error)
+            except Exception as exc:
+                outcome = TaskOutcome.ERROR
+                error = f"{exc.__class__.__name__}: {exc}"
+                log.exception("task.failed")
+            finally:
+                finished = self._clock()
+                if self._inflight.get(launch.name) is asyncio.current_task():
+                    del self._inflight[launch.name]
+                task.set_task(None)
+                duration = (finished - started).total_seconds()
+                log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
+                self._record(
+                    Finish(
+                        task=launch.name,
+                        run_id=launch.run_id,
+                        scheduled_at=launch.slot,
+                        outcome=outcome,
+                        started_at=started,
+                        finished_at=finished,
+                        error=error,
+                    )
+                )
+
+    def _record(self, finish: Finish) -> None:
+        self._pending.append(finish)
+        if self._flusher is None or self._flusher.done():
+            self._start_flusher()
+        self._announce(finish)
+
+    def _announce(self, finish: Finish) -> None:
+        payload = {
+            "task": finish.task,
+            "outcome": finish.outcome.value,
+            "duration": (
+                (finish.finished_at - finish.started_at).total_seconds()
+                if finish.started_at is not None
+                else None
+            ),
+            "scheduled_at": finish.scheduled_at.isoformat(),
+            "finished_at": finish.finished_at.isoformat(),
+            "slots": finish.slots,
+            "error": finish.error,
+        }
+        self._spawn(self.bus.publish("task.finished", payload))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _start_flusher(self) -> None:
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                scheduler = self._scheduler
+                if scheduler is not None and not scheduler.worker._shutdown:
+                    await scheduler.run_in_worker(history.write_finishes, self.engine, batch)
+                else:
+                    await asyncio.to_thread(history.write_finishes, self.engine, batch)
+            except Exception:
+                # Keep the outcomes and try again: history is never dropped for a passing fault.
+                log.exception("cron.history_write_failed", pending=len(batch))
+                self._pending = batch + self._pending
+                await asyncio.sleep(FLUSH_RETRY_S)
+
+    def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
+        run = self._inflight.get(name)
+        if run is None or run.done():
+            return None
+        self._cancel_reasons[name] = reason
+        run.cancel()
+        return run
+
+    async def _cancel_and_wait(self, name: str, reason: str) -> None:
+        run = self._cancel_run(name, reason)
+        if run is not None:
+            await asyncio.wait([run])
+
+    def _set_running(self, name: str, running: bool) -> None:
+        with self._lock:
+            task = self._registered.get(name) or (
+                self._built[name][2] if name in self._built else None
+            )
+        if task is not None:
+            task.set_running(running)
+
+    def _require_scheduler(self) -> NanobotScheduler:
+        if self._scheduler is None:
+            raise RuntimeError("the scheduler is not running: call start() first")
+        return self._scheduler
+
+    def _wakeup(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.wakeup()
+
+
+_manager: CronManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_cron_manager() -> CronManager:
+    """The process-wide manager, on the configured database."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = CronManager()
+        return _manager
+
+
+def reset_cron_manager() -> None:
+    """Forget the process-wide manager (for tests; it must be shut down first)."""
+    global _manager
+    with _manager_lock:
+        _manager = None
