@@ -1,0 +1,150 @@
+"""The service's HTTP endpoint (aiohttp): liveness, readiness, status and metrics.
+
+========  ===========================================================================  =========
+path      answers                                                                      codes
+========  ===========================================================================  =========
+/healthz  liveness: the event loop answers and the scheduler loop (the lease loop on   200, 503
+          a standby) woke up recently; JSON ``{"alive", "role", ...}``
+/readyz   readiness: 503 while the system status is ``error``; JSON                    200, 503
+          ``{"ready", "status", "problems"}``
+/status   the JSON of ``nanobot status --json``                                        200, 503
+/metrics  Prometheus text exposition                                                   200
+========  ===========================================================================  =========
+
+Other paths answer 404, other methods 405 (HEAD is allowed wherever GET is). A handler that fails
+answers 500 with a short JSON error and logs one line; nothing a client sends reaches a traceback
+or stops the service. Database reads run in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+import structlog
+from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+log = structlog.get_logger(__name__)
+
+# A read that takes longer than this answers 503: a stuck database must not pile up requests.
+READ_TIMEOUT_S: Final = 10.0
+
+
+class Probe(Protocol):
+    """What the endpoint asks the service. ``liveness`` must not block; the others may."""
+
+    def liveness(self) -> dict[str, Any]:
+        """``{"alive": bool, ...}`` without I/O."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The status document (reads the database)."""
+        ...
+
+    def metrics(self) -> bytes:
+        """The Prometheus exposition (reads the database)."""
+        ...
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise  # 404, 405 and friends: aiohttp answers them itself
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error(
+            "http.handler_failed",
+            path=request.path,
+            method=request.method,
+            error=f"{exc.__class__.__name__}: {exc}",
+        )
+        return web.json_response({"error": "internal error"}, status=500)
+
+
+async def _read(func: Callable[[], Any]) -> Any:
+    return await asyncio.wait_for(asyncio.to_thread(func), READ_TIMEOUT_S)
+
+
+def make_app(probe: Probe) -> web.Application:
+    """The aiohttp application of the endpoint, answering from ``probe``."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        body = probe.liveness()
+        return web.json_response(body, status=200 if body.get("alive") else 503)
+
+    async def readyz(_request: web.Request) -> web.Response:
+        try:
+            status = await _read(probe.status)
+        except Exception as exc:
+            log.warning("http.status_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            return web.json_response(
+                {"ready": False, "status": None, "problems": ["state could not be read"]},
+                status=503,
+            )
+        ready = status["status"] != "error"
+        return web.json_response(
+            {"ready": ready, "status": status["status"], "problems": status["problems"]},
+            status=200 if ready else 503,
+        )
+
+    async def status(_request: web.Request) -> web.Response:
+        try:
+            body = await _read(probe.status)
+        except Exception as exc:
+            log.warning("http.status_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            return web.json_response({"error": "state could not be read"}, status=503)
+        return web.json_response(body)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        payload = await _read(probe.metrics)
+        response = web.Response(body=payload)
+        response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
+        return response
+
+    app = web.Application(middlewares=[_errors])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+class HttpServer:
+    """The endpoint bound to a host and port; ``start`` raises OSError if it cannot bind."""
+
+    def __init__(self, probe: Probe, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._runner = web.AppRunner(make_app(probe), handle_signals=False)
+        self._started = False
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            raise
+        self._started = True
+        # The port actually bound (port 0 asks the system for a free one).
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        log.info("http.started", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self._runner.cleanup()
+        log.info("http.stopped")

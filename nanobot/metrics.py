@@ -1,0 +1,183 @@
+"""Prometheus metrics of one service process, on a registry of its own.
+
+Two kinds of values:
+
+* counted in this process from the bus's ``task.finished`` events:
+  ``nanobot_task_runs_total{task,outcome}`` and the histogram
+  ``nanobot_task_duration_seconds{task}`` (reset when the process restarts, as counters are);
+* read from the database at each scrape (one read transaction, bounded queries), so that they
+  hold whatever process wrote them: ``nanobot_task_next_run_timestamp_seconds{task}``,
+  ``nanobot_task_last_success_timestamp_seconds{task}``, ``nanobot_task_paused{task}``,
+  ``nanobot_task_consecutive_failures{task}``, ``nanobot_component_up{component}`` (this node's
+  components), ``nanobot_heartbeat_timestamp_seconds`` (this node's newest heartbeat) and
+  ``nanobot_leader{node}`` (1 while this process holds the scheduling lease).
+
+Labels are task names, outcomes, component names and the node: never run ids or error texts.
+:meth:`Metrics.render` does database I/O; call it from a thread.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any, Final
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import Engine, select
+
+from nanobot import __version__
+from nanobot.db import read_transaction
+from nanobot.models import Component, ComponentStatus, Heartbeat, Task, TaskOutcome, TaskRun
+
+log = structlog.get_logger(__name__)
+
+DURATION_BUCKETS: Final = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+_OUTCOMES: Final = frozenset(o.value for o in TaskOutcome)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class _DatabaseCollector:
+    """Gauges read from the database when the registry is collected."""
+
+    def __init__(self, engine: Engine, node: str, is_leader: Callable[[], bool]) -> None:
+        self.engine = engine
+        self.node = node
+        self.is_leader = is_leader
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        leader = GaugeMetricFamily(
+            "nanobot_leader", "1 while this process holds the scheduling lease", labels=["node"]
+        )
+        leader.add_metric([self.node], 1.0 if self.is_leader() else 0.0)
+        yield leader
+        try:
+            families = self._read()
+        except Exception as exc:
+            # A scrape must answer even when the database does not: the gauges are left out,
+            # and nanobot_database_up is 0.
+            log.warning("metrics.database_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            up = GaugeMetricFamily("nanobot_database_up", "1 if the last scrape read the database")
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up = GaugeMetricFamily("nanobot_database_up", "1 if the last scrape read the database")
+        up.add_metric([], 1.0)
+        yield up
+        yield from families
+
+    def _read(self) -> list[GaugeMetricFamily]:
+        next_run = GaugeMetricFamily(
+            "nanobot_task_next_run_timestamp_seconds",
+            "Unix time of the task's next scheduled run (absent while paused)",
+            labels=["task"],
+        )
+        last_success = GaugeMetricFamily(
+            "nanobot_task_last_success_timestamp_seconds",
+            "Unix time at which the task's last successful run finished",
+            labels=["task"],
+        )
+        paused = GaugeMetricFamily(
+            "nanobot_task_paused", "1 if the task is paused", labels=["task"]
+        )
+        failures = GaugeMetricFamily(
+            "nanobot_task_consecutive_failures",
+            "failed runs of the task since its last success",
+            labels=["task"],
+        )
+        component_up = GaugeMetricFamily(
+            "nanobot_component_up",
+            "1 if the component of this node is healthy, else 0",
+            labels=["component"],
+        )
+        heartbeat = GaugeMetricFamily(
+            "nanobot_heartbeat_timestamp_seconds", "Unix time of this node's newest heartbeat"
+        )
+        with read_transaction(self.engine) as conn:
+            tasks = conn.execute(
+                select(Task.name, Task.paused, Task.next_run_at, Task.consecutive_failures)
+            ).all()
+            for t in tasks:
+                paused.add_metric([t.name], 1.0 if t.paused else 0.0)
+                failures.add_metric([t.name], float(t.consecutive_failures))
+                if (ts := _ts(t.next_run_at)) is not None:
+                    next_run.add_metric([t.name], ts)
+                # The newest success through the (task_name, scheduled_at) unique index; the
+                # history of one task is capped by cron.history_max_rows.
+                finished = conn.execute(
+                    select(TaskRun.finished_at)
+                    .where(TaskRun.task_name == t.name, TaskRun.outcome == TaskOutcome.SUCCESS)
+                    .order_by(TaskRun.scheduled_at.desc())
+                    .limit(1)
+                ).scalar()
+                if (ts := _ts(finished)) is not None:
+                    last_success.add_metric([t.name], ts)
+            for c in conn.execute(
+                select(Component.name, Component.status).where(Component.node == self.node)
+            ).all():
+                component_up.add_metric(
+                    [c.name], 1.0 if c.status == ComponentStatus.HEALTHY else 0.0
+                )
+            at = conn.execute(
+                select(Heartbeat.at)
+                .where(Heartbeat.node == self.node)
+                .order_by(Heartbeat.at.desc())
+                .limit(1)
+            ).scalar()
+            if (ts := _ts(at)) is not None:
+                heartbeat.add_metric([], ts)
+        return [next_run, last_success, paused, failures, component_up, heartbeat]
+
+
+class Metrics:
+    """The metrics of this process. ``on_task_finished`` is the bus subscriber."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        node: str,
+        *,
+        is_leader: Callable[[], bool] = lambda: False,
+    ) -> None:
+        # Not auto_describe: registering the collector must not read the database.
+        self.registry = CollectorRegistry()
+        self.runs = Counter(
+            "nanobot_task_runs",
+            "runs and missed or skipped slots recorded by this process, by outcome",
+            labelnames=["task", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "nanobot_task_duration_seconds",
+            "duration of the task runs finished by this process",
+            labelnames=["task"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        build = Info("nanobot_build", "version of nanobot and of Python", registry=self.registry)
+        build.info({"version": __version__, "python": platform.python_version()})
+        self.registry.register(_DatabaseCollector(engine, node, is_leader))
+
+    def on_task_finished(self, _topic: str, payload: Any) -> None:
+        """Count one ``task.finished`` event; malformed events are logged and ignored."""
+        if not isinstance(payload, dict):
+            log.warning("metrics.bad_event", reason="payload is not a dict")
+            return
+        task = payload.get("task")
+        outcome = payload.get("outcome")
+        if not isinstance(task, str) or outcome not in _OUTCOMES:
+            log.warning("metrics.bad_event", task=task, outcome=outcome)
+            return
+        self.runs.labels(task=task, outcome=outcome).inc()
+        duration = payload.get("duration")
+        if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0:
+            self.duration.labels(task=task).observe(float(duration))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (reads the database)."""
+        return generate_latest(self.registry)

@@ -1,0 +1,315 @@
+"""What the command line, ``/status`` and monitoring scripts see: the state read from the database.
+
+Every function here only reads, in one read transaction, with bounded queries: the latest
+heartbeat of each node through the ``(node, at)`` index, the small ``components``, ``tasks`` and
+``scheduler_lease`` tables, and at most :data:`DETAIL_ROWS` rows of error and status-change
+history per component. Nothing scans ``task_runs`` or ``heartbeats`` as a whole, so the answer
+stays fast with millions of history rows.
+
+Whether the service runs is judged from the database alone, so that it works from any process:
+a node is *running* when its newest heartbeat is younger than :data:`STALE_FACTOR` times the
+interval it declared in that row (plus :data:`STALE_SLACK_S`); the service is running when some
+node runs and some node holds the scheduling lease (a cleanly stopped service releases it, so it
+reads as stopped at once, not only once its last heartbeat has aged).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import Connection, Engine, select
+
+from nanobot.db import read_transaction
+from nanobot.lease import read_lease
+from nanobot.models import (
+    Component,
+    ComponentErrorRecord,
+    ComponentStatus,
+    ComponentStatusChange,
+    Heartbeat,
+    Task,
+    TaskOutcome,
+    utcnow,
+)
+
+STALE_FACTOR: Final = 2.5
+STALE_SLACK_S: Final = 1.0
+DETAIL_ROWS: Final = 10
+
+# A task whose last slot ended like this makes the system degraded.
+FAILED_OUTCOMES: Final = frozenset(
+    {TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value}
+)
+
+
+class SystemStatus(enum.StrEnum):
+    """The overall verdict of :func:`build_status`."""
+
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNKNOWN = "unknown"
+    ERROR = "error"
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """The exit code of ``nanobot status`` for a :func:`build_status` result.
+
+    0 healthy, 1 degraded or unknown, 2 error or service down (3, state unreadable, is decided
+    by the caller, which got no result at all).
+    """
+    if not status["service"]["running"] or status["status"] == SystemStatus.ERROR:
+        return 2
+    if status["status"] == SystemStatus.HEALTHY:
+        return 0
+    return 1
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _age(now: datetime, then: datetime | None) -> float | None:
+    return None if then is None else round((now - then).total_seconds(), 3)
+
+
+def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
+    """The newest heartbeats row of each known node, one indexed query per node.
+
+    Nodes are those with components (a small table) plus the node of the newest row overall,
+    which covers a node that has written heartbeats but no component yet.
+    """
+    nodes = set(conn.execute(select(Component.node).distinct()).scalars())
+    newest = conn.execute(select(Heartbeat.node).order_by(Heartbeat.at.desc()).limit(1)).scalar()
+    if newest is not None:
+        nodes.add(newest)
+    latest: dict[str, Any] = {}
+    for node in sorted(nodes):
+        row = conn.execute(
+            select(Heartbeat.__table__)
+            .where(Heartbeat.node == node)
+            .order_by(Heartbeat.at.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            latest[node] = row
+    return latest
+
+
+def _node_json(row: Any, now: datetime) -> dict[str, Any]:
+    age = _age(now, row.at)
+    fresh = age is not None and age <= STALE_FACTOR * row.interval_s + STALE_SLACK_S
+    return {
+        "node": row.node,
+        "fresh": fresh,
+        "last_heartbeat": _iso(row.at),
+        "age_s": age,
+        "interval_s": row.interval_s,
+        "status": row.status,
+    }
+
+
+def _task_json(row: Any) -> dict[str, Any]:
+    # The same keys as TaskInfo.to_json() (cron list --json), without the constructor
+    # arguments, which may hold anything: status shows the schedule and the last outcome.
+    return {
+        "name": row.name,
+        "task": row.task_class,
+        "interval": row.interval_s,
+        "timeout": row.timeout_s,
+        "paused": row.paused,
+        "next_run_at": _iso(row.next_run_at),
+        "last_run_at": _iso(row.last_run_at),
+        "last_outcome": row.last_outcome,
+        "consecutive_failures": row.consecutive_failures,
+        "error": row.broken_reason,
+        "broken": row.broken_reason is not None,
+    }
+
+
+def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
+    heartbeats = _latest_heartbeats(conn)
+    nodes = [_node_json(row, now) for row in heartbeats.values()]
+    running_nodes = {n["node"] for n in nodes if n["fresh"]}
+    lease = read_lease(conn)
+    leader_held = lease is not None and lease.is_held(now)
+    newest = max(heartbeats.values(), key=lambda r: r.at, default=None)
+
+    components = []
+    for row in conn.execute(
+        select(Component.__table__).order_by(Component.node, Component.name)
+    ).all():
+        components.append(
+            {
+                "name": row.name,
+                "node": row.node,
+                "status": row.status,
+                "last_heartbeat": _iso(row.last_heartbeat),
+                "age_s": _age(now, row.last_heartbeat),
+                "last_error": row.last_error,
+                # Components of a node that stopped beating are history, not current state.
+                "current": row.node in running_nodes,
+            }
+        )
+    tasks = [
+        _task_json(row) for row in conn.execute(select(Task.__table__).order_by(Task.name)).all()
+    ]
+    return {
+        "nodes": nodes,
+        "running_nodes": running_nodes,
+        "lease": lease,
+        "leader_held": leader_held,
+        "newest": newest,
+        "components": components,
+        "tasks": tasks,
+    }
+
+
+def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
+    problems: list[str] = []
+    current = [c for c in state["components"] if c["current"]]
+    if state["newest"] is None:
+        return SystemStatus.UNKNOWN, ["no heartbeat has been recorded yet: is the service started?"]
+    if not state["running_nodes"]:
+        problems.append("service down: no node has written a heartbeat recently")
+    lease = state["lease"]
+    if lease is not None and lease.holder is None:
+        problems.append(
+            f"service stopped: the scheduling lease was released at {_iso(lease.renewed_at)}"
+        )
+    elif not state["leader_held"]:
+        problems.append("no node holds the scheduling lease: tasks are not being scheduled")
+    for c in current:
+        if c["status"] == ComponentStatus.ERROR:
+            problems.append(f"component {c['name']} on {c['node']} is in error: {c['last_error']}")
+    if problems:
+        return SystemStatus.ERROR, problems
+    if any(c["status"] == ComponentStatus.UNKNOWN for c in current):
+        problems.extend(
+            f"component {c['name']} on {c['node']} is unknown"
+            for c in current
+            if c["status"] == ComponentStatus.UNKNOWN
+        )
+        return SystemStatus.UNKNOWN, problems
+    for t in state["tasks"]:
+        if t["error"] is not None:
+            problems.append(f"task {t['name']} is broken: {t['error']}")
+        elif t["last_outcome"] in FAILED_OUTCOMES:
+            problems.append(f"task {t['name']} last ended {t['last_outcome']}")
+    if problems:
+        return SystemStatus.DEGRADED, problems
+    return SystemStatus.HEALTHY, []
+
+
+def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, Any]:
+    """The state of the whole system, as ``nanobot status --json`` prints it.
+
+    Shape (every timestamp ISO-8601 with a UTC offset, every age in seconds)::
+
+        {
+          "status": "healthy" | "degraded" | "unknown" | "error",
+          "problems": ["why the status is not healthy", ...],
+          "checked_at": "...",
+          "service": {
+            "running": bool, "last_heartbeat": "..." | null, "age_s": float | null,
+            "interval_s": float | null, "node": str | null,
+            "leader": {"holder", "epoch", "held", "acquired_at", "renewed_at", "expires_at"}
+                      | null,
+            "nodes": [{"node", "fresh", "last_heartbeat", "age_s", "interval_s", "status"}]
+          },
+          "system": {"status", "components": {"total", "healthy", "error", "unknown"},
+                     "last_heartbeat", "timestamp"} | null,
+          "components": [{"name", "node", "status", "last_heartbeat", "age_s", "last_error",
+                          "current"}],
+          "tasks": [{"name", "task", "interval", "timeout", "paused", "next_run_at",
+                     "last_run_at", "last_outcome", "consecutive_failures", "error", "broken"}]
+        }
+    """
+    now = now or utcnow()
+    with read_transaction(engine) as conn:
+        state = _read_state(conn, now)
+    return _assemble(state, now)
+
+
+def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
+    newest = state["newest"]
+    running = bool(state["running_nodes"]) and state["leader_held"]
+    status, problems = _verdict(state)
+    lease = state["lease"]
+    system = None
+    if newest is not None:
+        # The seed's get_system_status(), as recorded by the newest monitor cycle.
+        system = {
+            "status": newest.status,
+            "components": {
+                "total": newest.total,
+                "healthy": newest.healthy,
+                "error": newest.error,
+                "unknown": newest.unknown,
+            },
+            "last_heartbeat": _iso(newest.at),
+            "timestamp": _iso(now),
+        }
+    return {
+        "status": status.value,
+        "problems": problems,
+        "checked_at": _iso(now),
+        "service": {
+            "running": running,
+            "last_heartbeat": _iso(newest.at) if newest is not None else None,
+            "age_s": _age(now, newest.at) if newest is not None else None,
+            "interval_s": newest.interval_s if newest is not None else None,
+            "node": newest.node if newest is not None else None,
+            "leader": lease.to_json(now) if lease is not None else None,
+            "nodes": state["nodes"],
+        },
+        "system": system,
+        "components": state["components"],
+        "tasks": state["tasks"],
+    }
+
+
+def service_running(engine: Engine, *, now: datetime | None = None) -> bool:
+    """Whether the service runs, by the same rule as :func:`build_status`."""
+    return bool(build_status(engine, now=now)["service"]["running"])
+
+
+def build_heartbeat_status(engine: Engine, *, now: datetime | None = None) -> dict[str, Any]:
+    """``nanobot heartbeat status --json``: :func:`build_status` without tasks, and for each
+    component its last :data:`DETAIL_ROWS` errors and status changes, newest first."""
+    now = now or utcnow()
+    with read_transaction(engine) as conn:
+        state = _read_state(conn, now)
+        for component in state["components"]:
+            key = (component["name"], component["node"])
+            errors = conn.execute(
+                select(ComponentErrorRecord.at, ComponentErrorRecord.error)
+                .where(
+                    ComponentErrorRecord.component == key[0], ComponentErrorRecord.node == key[1]
+                )
+                .order_by(ComponentErrorRecord.at.desc())
+                .limit(DETAIL_ROWS)
+            ).all()
+            changes = conn.execute(
+                select(
+                    ComponentStatusChange.at,
+                    ComponentStatusChange.from_status,
+                    ComponentStatusChange.to_status,
+                    ComponentStatusChange.reason,
+                )
+                .where(
+                    ComponentStatusChange.component == key[0],
+                    ComponentStatusChange.node == key[1],
+                )
+                .order_by(ComponentStatusChange.at.desc())
+                .limit(DETAIL_ROWS)
+            ).all()
+            component["errors"] = [{"at": _iso(e.at), "error": e.error} for e in errors]
+            component["status_changes"] = [
+                {"at": _iso(c.at), "from": c.from_status, "to": c.to_status, "reason": c.reason}
+                for c in changes
+            ]
+    result = _assemble(state, now)
+    del result["tasks"]
+    return result
