@@ -1,20 +1,687 @@
-"""The command line: ``python -m nanobot`` (and ``python -m nanobot.cli``)."""
+"""The command line: ``python -m nanobot`` (and ``python -m nanobot.cli``, and ``nanobot``).
+
+Every command but ``run`` only reads or changes the database, whether the service runs or not;
+the running service applies changes within ``cron.poll_interval``. Commands other than ``run``
+and ``db upgrade`` never create the database nor migrate it.
+
+Exit codes: 0 success (``status``: healthy); 1 ``status``: degraded or unknown, or the service
+failed; 2 bad input (usage, an unknown task, an invalid task, a malformed configuration) or,
+for ``status``, error or service down; 3 the state could not be read (no database yet, database
+unreachable, schema behind or ahead of this nanobot). Errors are one line on standard error:
+``nanobot: error: <what is wrong>``.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, NoReturn, TypeVar
+
 import click
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from nanobot import __version__
+from nanobot.config import Config, get_config
+from nanobot.exceptions import ConfigError, DatabaseError, NanobotError, TaskError
+from nanobot.models import utcnow
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNREADABLE: Final = 3
+
+T = TypeVar("T")
 
 
-@click.group(invoke_without_command=True)
+class CommandError(click.ClickException):
+    """An error reported as one line with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.code = exit_code
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    raise CommandError(message, code)
+
+
+class _Group(click.Group):
+    """A group whose errors are one line on stderr, whatever the entry point."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(
+                args, prog_name or "nanobot", complete_var, standalone_mode=False, **extra
+            )
+        except click.exceptions.Exit as exc:  # pragma: no cover - click returns it instead
+            rv = exc.exit_code
+        except CommandError as exc:
+            rv = _report(exc.format_message(), exc.code)
+        except click.UsageError as exc:
+            rv = _report(exc.format_message(), EXIT_USAGE)
+        except click.ClickException as exc:
+            rv = _report(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            rv = _report("aborted", EXIT_FAILED)
+        except KeyboardInterrupt:
+            rv = _report("interrupted", EXIT_FAILED)
+        code = rv if isinstance(rv, int) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _report(message: str, code: int) -> int:
+    click.echo(f"nanobot: error: {_one_line(message)}", err=True)
+    return code
+
+
+# --- shared plumbing ---------------------------------------------------------------------------
+
+
+def _config() -> Config:
+    try:
+        return get_config()
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def _quiet_logging(cfg: Config) -> None:
+    """Commands log warnings to stderr only: stdout stays for their results."""
+    from nanobot.logging import setup_logging
+
+    values = cfg.as_dict() | {"logging.level": "warning"}
+    setup_logging(Config(values, cfg.home, cfg.sources), file=False)
+
+
+def _sqlite_path(cfg: Config) -> Path | None:
+    url = make_url(cfg.database_url)
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _existing_engine(cfg: Config) -> Engine:
+    """The engine of an existing database at the schema this nanobot needs, else exit 3."""
+    from nanobot.db import current_revision, get_engine, head_revision
+
+    path = _sqlite_path(cfg)
+    if path is not None and not path.is_file():
+        _fail(
+            f"no database at {path}: start the service or run 'nanobot db upgrade' first",
+            EXIT_UNREADABLE,
+        )
+    engine = get_engine(cfg)
+    try:
+        current = current_revision(engine)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot read the database: {_db_error(exc)}", EXIT_UNREADABLE)
+    head = head_revision()
+    if current != head:
+        from nanobot.db import check_schema_known
+
+        try:
+            check_schema_known(engine)
+        except DatabaseError as exc:
+            _fail(str(exc), EXIT_UNREADABLE)
+        _fail(
+            f"the database schema is at revision {current!r}, this nanobot needs {head!r}: "
+            "run 'nanobot db upgrade' (or start the service)",
+            EXIT_UNREADABLE,
+        )
+    return engine
+
+
+def _db_error(exc: BaseException) -> str:
+    # SQLAlchemy's messages carry the statement and a link on further lines: keep the first.
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()
+    text = first[0] if first else ""
+    return f"{orig.__class__.__name__}: {text}"
+
+
+@contextmanager
+def _domain_errors() -> Iterator[None]:
+    """Turn nanobot's and the database's errors into one line and an exit code."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except TaskError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except DatabaseError as exc:
+        _fail(str(exc), EXIT_UNREADABLE)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot read the database: {_db_error(exc)}", EXIT_UNREADABLE)
+    except NanobotError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+def _prepare() -> Config:
+    cfg = _config()
+    _quiet_logging(cfg)
+    return cfg
+
+
+def _with_engine(action: Callable[[Engine], T]) -> T:
+    cfg = _prepare()
+    with _domain_errors():
+        return action(_existing_engine(cfg))
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _when(iso: str | None, now: datetime) -> str:
+    if iso is None:
+        return "-"
+    at = datetime.fromisoformat(iso)
+    seconds = (at - now).total_seconds()
+    stamp = at.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{stamp} ({_span(seconds)})"
+
+
+def _span(seconds: float) -> str:
+    future = seconds > 0
+    s = abs(seconds)
+    if s < 1:
+        text = "now"
+        return text
+    if s < 120:
+        text = f"{s:.0f}s"
+    elif s < 7200:
+        text = f"{s / 60:.0f}m"
+    elif s < 172800:
+        text = f"{s / 3600:.1f}h"
+    else:
+        text = f"{s / 86400:.1f}d"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}s"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return "-"
+    line = _one_line(text)
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+# --- the group ---------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, invoke_without_command=True)
 @click.version_option(__version__, prog_name="nanobot")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """nanobot: persistent periodic tasks, component health and their history."""
+    """nanobot: persistent periodic tasks, component health and their history.
+
+    Without a command, runs the service (as 'nanobot run').
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
+@cli.command()
+def run() -> None:
+    """Run the service until SIGINT or SIGTERM."""
+    cfg = _config()
+    from nanobot.logging import setup_logging
+    from nanobot.service import run_service
+
+    setup_logging(cfg)
+    code = run_service(cfg)
+    if code:
+        _fail("the service stopped with an error (see the log above)", code)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def _read_status(builder: Callable[[Engine], dict[str, Any]]) -> dict[str, Any]:
+    cfg = _prepare()
+    with _domain_errors():
+        return builder(_existing_engine(cfg))
+
+
+def _service_lines(data: dict[str, Any], now: datetime) -> list[str]:
+    service = data["service"]
+    leader = service["leader"] or {}
+    up = "up" if service["running"] else "DOWN"
+    lines = [
+        f"nanobot {__version__}: {data['status'].upper()}",
+        f"service: {up}; last heartbeat {_when(service['last_heartbeat'], now)}"
+        + (f" from {service['node']}" if service["node"] else ""),
+        "leader: "
+        + (
+            f"{leader['holder']} (epoch {leader['epoch']}, until "
+            f"{_when(leader['expires_at'], now)})"
+            if leader.get("held")
+            else "none"
+        ),
+    ]
+    system = data.get("system")
+    if system is not None:
+        counts = system["components"]
+        lines.append(
+            f"system (last cycle): {system['status']}; components {counts['total']}: "
+            f"{counts['healthy']} healthy, {counts['error']} error, {counts['unknown']} unknown"
+        )
+    for problem in data["problems"]:
+        lines.append(f"  ! {problem}")
+    return lines
+
+
+def _component_rows(components: list[dict[str, Any]], now: datetime) -> list[list[str]]:
+    return [
+        [
+            c["name"],
+            c["node"],
+            c["status"] + ("" if c["current"] else " (stale)"),
+            _when(c["last_heartbeat"], now),
+            _short(c["last_error"]),
+        ]
+        for c in components
+    ]
+
+
+def _status_text(data: dict[str, Any]) -> str:
+    now = datetime.fromisoformat(data["checked_at"])
+    lines = _service_lines(data, now)
+    lines += ["", "components:"]
+    lines.append(
+        _table(
+            ["NAME", "NODE", "STATUS", "LAST HEARTBEAT", "LAST ERROR"],
+            _component_rows(data["components"], now),
+        )
+    )
+    lines += ["", "tasks:"]
+    lines.append(
+        _table(
+            ["NAME", "INTERVAL", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME", "FAILURES"],
+            [
+                [
+                    t["name"],
+                    _seconds(t["interval"]),
+                    "yes" if t["paused"] else "no",
+                    _when(t["next_run_at"], now),
+                    _when(t["last_run_at"], now),
+                    ("BROKEN" if t["broken"] else (t["last_outcome"] or "-")),
+                    str(t["consecutive_failures"]),
+                ]
+                for t in data["tasks"]
+            ],
+        )
+    )
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (see the README).")
+def status(as_json: bool) -> None:
+    """The service, the system, each component and each task.
+
+    Exit code: 0 healthy, 1 degraded or unknown, 2 error or service down, 3 state unreadable.
+    """
+    from nanobot.status import build_status, exit_code
+
+    data = _read_status(build_status)
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else _status_text(data))
+    sys.exit(exit_code(data))
+
+
+@cli.group()
+def heartbeat() -> None:
+    """The heartbeat monitor's records."""
+
+
+@heartbeat.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def heartbeat_status(as_json: bool) -> None:
+    """Components in detail: their last 10 errors and recent status changes.
+
+    Exit code as for 'nanobot status'.
+    """
+    from nanobot.status import build_heartbeat_status, exit_code
+
+    data = _read_status(build_heartbeat_status)
+    if as_json:
+        _echo_json(data)
+    else:
+        now = datetime.fromisoformat(data["checked_at"])
+        lines = _service_lines(data, now)
+        for c in data["components"]:
+            lines += [
+                "",
+                f"{c['name']} on {c['node']}: {c['status']}"
+                + ("" if c["current"] else " (stale: its node stopped beating)")
+                + f"; last heartbeat {_when(c['last_heartbeat'], now)}",
+            ]
+            if c["last_error"]:
+                lines.append(f"  last error: {_short(c['last_error'], 200)}")
+            if c["errors"]:
+                lines.append("  errors:")
+                lines += [
+                    f"    {_when(e['at'], now)}  {_short(e['error'], 100)}" for e in c["errors"]
+                ]
+            if c["status_changes"]:
+                lines.append("  status changes:")
+                lines += [
+                    f"    {_when(s['at'], now)}  {s['from'] or '-'} -> {s['to']}"
+                    + (f"  ({_short(s['reason'], 80)})" if s["reason"] else "")
+                    for s in c["status_changes"]
+                ]
+        if not data["components"]:
+            lines += ["", "no component has been recorded yet"]
+        click.echo("\n".join(lines))
+    sys.exit(exit_code(data))
+
+
+# --- cron --------------------------------------------------------------------------------------
+
+
+@cli.group()
+def cron() -> None:
+    """Stored periodic tasks: list, add, remove, pause, resume, run now, history.
+
+    Changes take effect within cron.poll_interval while the service runs, else at its next start.
+    """
+
+
+def _parse_interval(raw: str) -> float | int:
+    from nanobot.exceptions import InvalidTaskError
+
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidTaskError(
+            f"--interval must be a positive number of seconds, got {raw!r}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidTaskError(f"--interval must be a positive number of seconds, got {raw!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _task_line(info: Any) -> str:
+    if info.paused:
+        return f"task {info.name!r} is paused (no next run until 'nanobot cron resume')"
+    when = info.next_run_at.isoformat() if info.next_run_at else "-"
+    return f"task {info.name!r} runs every {info.interval:g}s; next run {when}"
+
+
+def _applied_note(engine: Engine) -> str:
+    from nanobot.status import service_running
+
+    try:
+        running = service_running(engine)
+    except Exception:
+        running = False
+    if running:
+        return "the running service applies it within seconds"
+    return "the service is not running: it applies this at its next start"
+
+
+@cron.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of tasks.")
+def cron_list(as_json: bool) -> None:
+    """Every stored task and its schedule."""
+    from nanobot.cron.control import list_tasks
+
+    tasks = _with_engine(list_tasks)
+    if as_json:
+        _echo_json([t.to_json() for t in tasks])
+        return
+    if not tasks:
+        click.echo("no tasks")
+        return
+    now = utcnow()
+    click.echo(
+        _table(
+            ["NAME", "TASK", "INTERVAL", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME"],
+            [
+                [
+                    t.name,
+                    t.task_class,
+                    _seconds(t.interval),
+                    "yes" if t.paused else "no",
+                    _when(t.next_run_at.isoformat() if t.next_run_at else None, now),
+                    _when(t.last_run_at.isoformat() if t.last_run_at else None, now),
+                    ("BROKEN: " + _short(t.error, 40)) if t.error else (t.last_outcome or "-"),
+                ]
+                for t in tasks
+            ],
+        )
+    )
+
+
+@cron.command("add")
+@click.argument("name")
+@click.option("--task", "task_class", required=True, help="The class, as pkg.module:Class.")
+@click.option("--interval", required=True, help="Seconds between runs (a positive number).")
+@click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
+@click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
+def cron_add(
+    name: str, task_class: str, interval: str, raw_kwargs: str | None, paused: bool, as_json: bool
+) -> None:
+    """Add task NAME: its first run at once, then every interval (unless --paused)."""
+    from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
+
+    cfg = _prepare()
+    with _domain_errors():
+        # Everything is validated before the database is touched.
+        definition = definition_from_class(
+            name, task_class, _parse_interval(interval), parse_kwargs(raw_kwargs)
+        )
+        engine = _existing_engine(cfg)
+        info = add_task(engine, definition, paused=paused)
+        note = _applied_note(engine)
+    if as_json:
+        _echo_json(info.to_json())
+    else:
+        click.echo(f"added: {_task_line(info)}; {note}")
+
+
+def _simple_change(
+    name: str, as_json: bool, verb: str, change: Callable[[Engine, str], Any]
+) -> None:
+    cfg = _prepare()
+    with _domain_errors():
+        engine = _existing_engine(cfg)
+        info = change(engine, name)
+        note = _applied_note(engine)
+    if as_json:
+        _echo_json(info.to_json())
+    else:
+        click.echo(f"{verb}: {_task_line(info)}; {note}")
+
+
+@cron.command("remove")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print {'removed': NAME}.")
+def cron_remove(name: str, as_json: bool) -> None:
+    """Remove task NAME (its run history stays until retention prunes it)."""
+    from nanobot.cron.control import remove_task
+
+    cfg = _prepare()
+    with _domain_errors():
+        engine = _existing_engine(cfg)
+        remove_task(engine, name)
+        note = _applied_note(engine)
+    if as_json:
+        _echo_json({"removed": name})
+    else:
+        click.echo(f"removed: task {name!r}; {note}")
+
+
+@cron.command("pause")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
+def cron_pause(name: str, as_json: bool) -> None:
+    """Pause task NAME: no next run until resumed; a run in flight finishes."""
+    from nanobot.cron.control import pause_task
+
+    _simple_change(name, as_json, "paused", pause_task)
+
+
+@cron.command("resume")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
+def cron_resume(name: str, as_json: bool) -> None:
+    """Resume task NAME on its original grid."""
+    from nanobot.cron.control import resume_task
+
+    _simple_change(name, as_json, "resumed", resume_task)
+
+
+@cron.command("run")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
+def cron_run(name: str, as_json: bool) -> None:
+    """Run task NAME once now, outside its schedule."""
+    from nanobot.cron.control import request_run
+
+    _simple_change(name, as_json, "run requested", request_run)
+
+
+@cron.command("history")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
+def cron_history(name: str, limit: int, as_json: bool) -> None:
+    """The last runs of task NAME, newest first."""
+    from nanobot.cron.control import task_history
+
+    runs = _with_engine(lambda engine: task_history(engine, name, limit))
+    if as_json:
+        _echo_json([r.to_json() for r in runs])
+        return
+    if not runs:
+        click.echo(f"task {name!r} has no runs yet")
+        return
+    now = utcnow()
+    click.echo(
+        _table(
+            ["SCHEDULED", "STARTED", "DURATION", "OUTCOME", "ERROR"],
+            [
+                [
+                    _when(r.scheduled_at.isoformat(), now),
+                    r.started_at.strftime("%H:%M:%S") if r.started_at else "-",
+                    f"{r.duration:.3f}s" if r.duration is not None else "-",
+                    r.outcome.value
+                    + (f" x{r.slots}" if r.slots > 1 else "")
+                    + (" (manual)" if r.manual else ""),
+                    _short(r.error),
+                ]
+                for r in runs
+            ],
+        )
+    )
+
+
+# --- db ----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """The database schema (Alembic): upgrade, downgrade, current."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default head); creates the database if need be."""
+    from nanobot.db import current_revision, get_engine, upgrade_database
+
+    cfg = _prepare()
+    with _domain_errors():
+        engine = get_engine(cfg)
+        upgrade_database(engine, revision)
+        click.echo(f"database at revision {current_revision(engine)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes every table)."""
+    from alembic.util import CommandError as AlembicError
+
+    from nanobot.db import current_revision, downgrade_database, get_engine
+
+    cfg = _prepare()
+    path = _sqlite_path(cfg)
+    if path is not None and not path.is_file():
+        _fail(f"no database at {path}", EXIT_UNREADABLE)
+    with _domain_errors():
+        engine = get_engine(cfg)
+        try:
+            downgrade_database(engine, revision)
+        except AlembicError as exc:
+            _fail(f"cannot downgrade to {revision!r}: {exc}", EXIT_USAGE)
+        click.echo(f"database at revision {current_revision(engine)}")
+
+
+@db.command("current")
+@click.option("--json", "as_json", is_flag=True, help="Print {current, head, up_to_date}.")
+def db_current(as_json: bool) -> None:
+    """The schema revision of the database and the newest this nanobot knows."""
+    from nanobot.db import current_revision, get_engine, head_revision
+
+    cfg = _prepare()
+    path = _sqlite_path(cfg)
+    if path is not None and not path.is_file():
+        _fail(f"no database at {path}: run 'nanobot db upgrade'", EXIT_UNREADABLE)
+    with _domain_errors():
+        current = current_revision(get_engine(cfg))
+    head = head_revision()
+    if as_json:
+        _echo_json({"current": current, "head": head, "up_to_date": current == head})
+    else:
+        note = "up to date" if current == head else "behind: run 'nanobot db upgrade'"
+        click.echo(f"current {current or '(empty)'}; head {head}; {note}")
 
 
 def main() -> None:
+    """The console script ``nanobot`` and ``python -m nanobot``."""
     cli()
 
 

@@ -1,0 +1,361 @@
+"""The service: ``python -m nanobot`` runs the scheduler, the heartbeat monitor and the endpoint.
+
+Lifecycle (``Service.run``):
+
+1. apply pending migrations; log where the database and the log file are;
+2. bind the HTTP endpoint (if ``http.enabled``); a port in use ends the start with exit code 1;
+3. try to take the scheduling lease (:mod:`nanobot.lease`): the winner is the *leader* and
+   starts the scheduler with the built-in tasks; any other process is a *standby* that tries
+   again every ``service.lease_ttl / 3`` seconds and takes over when the leader stops (at once
+   after a clean stop, which releases the lease; within ``lease_ttl`` after a crash);
+4. start the heartbeat monitor with this process's components;
+5. run until SIGINT or SIGTERM. The first signal stops gracefully: no new runs, runs in flight
+   get ``service.shutdown_grace`` seconds and are then cancelled (recorded ``cancelled``), the
+   monitor records a last heartbeat, the lease is released, exit code 0. A second signal exits
+   at once with code 1.
+
+The leader renews the lease every ``lease_ttl / 3`` seconds; when a renewal fails, or cannot
+finish before less than ``lease_ttl / 3`` seconds of the lease are left, it stops dispatching at
+once and becomes a standby: two processes never schedule at the same time.
+
+Node names: heartbeats and components belong to :func:`nanobot.node.node_name` (stable across
+restarts); the lease holder is ``<node>:<pid>``, unique per process.
+
+Nothing here does blocking database I/O on the event loop: it runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import signal
+import sys
+import time
+from typing import Any, Final
+
+import structlog
+
+from nanobot import __version__
+from nanobot.bus import get_bus
+from nanobot.config import Config
+from nanobot.db import dispose_engines, get_engine, upgrade_database
+from nanobot.http import HttpServer
+from nanobot.lease import SchedulerLease, holder_id
+from nanobot.metrics import Metrics
+from nanobot.node import node_name
+from nanobot.status import build_status
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+# Liveness: the lease loop must have come round within this many of its periods.
+_LOOP_STALE_PERIODS: Final = 2.5
+
+
+class Role(enum.StrEnum):
+    STARTING = "starting"
+    STANDBY = "standby"
+    LEADER = "leader"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Service:
+    """One service process. ``await Service(config).run()`` returns the exit code."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node = node_name(config)
+        self.holder = holder_id(self.node)
+        self.ttl = float(config["service.lease_ttl"])
+        self.period = self.ttl / 3
+        self.grace = float(config["service.shutdown_grace"])
+        self.engine = get_engine(config)
+        self.lease = SchedulerLease(self.engine, self.holder, self.ttl)
+        self.role = Role.STARTING
+        self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
+        self.http: HttpServer | None = None
+        self._manager: Any = None
+        self._monitor: Any = None
+        self._stop: asyncio.Event | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._last_lease_poll = time.monotonic()
+        self._signals = 0
+
+    # --- probes (the HTTP endpoint) -------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        return self.role is Role.LEADER
+
+    def liveness(self) -> dict[str, Any]:
+        lease_loop_age = time.monotonic() - self._last_lease_poll
+        lease_loop_alive = lease_loop_age < _LOOP_STALE_PERIODS * self.period + 1.0
+        if self.role is Role.LEADER:
+            scheduler_alive = bool(self._manager is not None and self._manager.is_alive())
+        else:
+            # A standby's scheduling loop is its lease poll.
+            scheduler_alive = self.role is Role.STANDBY
+        alive = lease_loop_alive and scheduler_alive
+        return {
+            "alive": alive,
+            "role": self.role.value,
+            "node": self.node,
+            "holder": self.holder,
+            "scheduler_alive": scheduler_alive,
+            "lease_loop_age_s": round(lease_loop_age, 3),
+            "version": __version__,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return build_status(self.engine)
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until a signal (or :meth:`request_stop`); the process exit code."""
+        self._stop = asyncio.Event()
+        self._install_signal_handlers()
+        try:
+            await asyncio.to_thread(upgrade_database, self.engine)
+        except Exception as exc:
+            log.error("service.database_unusable", error=f"{exc.__class__.__name__}: {exc}")
+            return EXIT_FAILED
+        if self._stop.is_set():
+            log.info("service.stopped", exit_code=EXIT_OK, reason="signal during start")
+            return EXIT_OK
+        from nanobot.logging import configured_log_file
+
+        log.info(
+            "service.starting",
+            version=__version__,
+            pid=os.getpid(),
+            node=self.node,
+            holder=self.holder,
+            database=self.engine.url.render_as_string(hide_password=True),
+            log_file=str(configured_log_file()) if configured_log_file() else None,
+        )
+        get_bus().subscribe("task.finished", self.metrics.on_task_finished)
+        try:
+            if self.config["http.enabled"]:
+                self.http = HttpServer(
+                    _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
+                )
+                try:
+                    await self.http.start()
+                except OSError as exc:
+                    log.error(
+                        "service.http_bind_failed",
+                        host=self.config["http.host"],
+                        port=self.config["http.port"],
+                        error=str(exc),
+                    )
+                    self.http = None
+                    return EXIT_FAILED
+            await self._lease_step()
+            from nanobot.heartbeat import initialize_heartbeat
+
+            self._monitor = initialize_heartbeat()
+            self._sync_cron_component()
+            self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
+            log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
+            await self._stop.wait()
+        finally:
+            code = await self._shutdown()
+        return code
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what the first SIGINT or SIGTERM does)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("service.signal", signal=sig.name, action="stop", grace_s=self.grace)
+            self.request_stop()
+            return
+        log.warning("service.signal", signal=sig.name, action="exit_now", exit_code=EXIT_FAILED)
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)
+
+    # --- the lease ------------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        assert self._stop is not None
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.period)
+            if self._stop.is_set():
+                return
+            await self._lease_step()
+
+    async def _lease_step(self) -> None:
+        """One round: a standby tries to take the lease, the leader renews it."""
+        try:
+            if self.role is Role.LEADER:
+                await self._renew()
+            elif self.role in (Role.STANDBY, Role.STARTING):
+                await self._try_acquire()
+        finally:
+            self._last_lease_poll = time.monotonic()
+
+    async def _try_acquire(self) -> None:
+        try:
+            acquired = await asyncio.wait_for(
+                asyncio.to_thread(self.lease.try_acquire), timeout=self.period
+            )
+        except Exception as exc:
+            log.warning("service.lease_unavailable", error=f"{exc.__class__.__name__}: {exc}")
+            acquired = False
+        if not acquired:
+            if self.role is not Role.STANDBY:
+                holder = await self._holder_name()
+                log.info("service.standby", holder=self.holder, leader=holder)
+                self.role = Role.STANDBY
+            return
+        try:
+            await self._start_scheduling()
+        except Exception as exc:
+            log.error("service.scheduler_start_failed", error=f"{exc.__class__.__name__}: {exc}")
+            await self._stop_scheduling(reason="start_failed")
+            await self._release()
+            self.role = Role.STANDBY
+            return
+        self.role = Role.LEADER
+        self._sync_cron_component()
+        log.info("service.leader", holder=self.holder, epoch=self.lease.epoch)
+
+    async def _renew(self) -> None:
+        budget = self.lease.seconds_left() - self.period
+        renewed = False
+        if budget > 0:
+            try:
+                renewed = await asyncio.wait_for(
+                    asyncio.to_thread(self.lease.renew), timeout=budget
+                )
+            except Exception as exc:
+                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+        if renewed and self.lease.seconds_left() > self.period:
+            return
+        log.warning("service.leadership_lost", holder=self.holder, action="standby")
+        await self._stop_scheduling(reason="lease_lost")
+        self.role = Role.STANDBY
+        self._sync_cron_component()
+
+    def _sync_cron_component(self) -> None:
+        """The ``cron`` component exists on the leader only.
+
+        The scheduler's heartbeat task beats it; a standby runs no scheduler, so the component
+        would go stale there and put the whole system in error while the leader is fine.
+        """
+        monitor = self._monitor
+        if monitor is None:
+            return
+        if self.role is Role.LEADER:
+            monitor.register_component("cron")
+        else:
+            monitor.unregister_component("cron")
+
+    async def _holder_name(self) -> str | None:
+        try:
+            info = await asyncio.to_thread(self.lease.holder)
+        except Exception:
+            return None
+        return info.holder if info is not None else None
+
+    async def _release(self) -> None:
+        try:
+            await asyncio.to_thread(self.lease.release)
+        except Exception as exc:
+            log.warning("service.lease_release_failed", error=f"{exc.__class__.__name__}: {exc}")
+
+    # --- the scheduler --------------------------------------------------------------------------
+
+    async def _start_scheduling(self) -> None:
+        from nanobot.cron import get_cron_manager, register_builtin_tasks
+
+        manager = get_cron_manager()
+        self._manager = manager
+        register_builtin_tasks()
+        await manager.start()
+        await manager.start_all_tasks()
+
+    async def _stop_scheduling(self, *, reason: str, grace: float = 0.0) -> None:
+        manager, self._manager = self._manager, None
+        if manager is None:
+            return
+        try:
+            await manager.shutdown(grace=grace)
+        except Exception as exc:
+            log.error(
+                "service.scheduler_shutdown_failed",
+                reason=reason,
+                error=f"{exc.__class__.__name__}: {exc}",
+            )
+        from nanobot.cron import reset_cron_manager
+
+        # A later promotion starts a fresh manager.
+        reset_cron_manager()
+
+    async def _shutdown(self) -> int:
+        was_leader = self.role is Role.LEADER
+        self.role = Role.STOPPING
+        log.info("service.stopping", grace_s=self.grace, leader=was_leader)
+        code = EXIT_OK
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+        if was_leader or self._manager is not None:
+            await self._stop_scheduling(reason="shutdown", grace=self.grace)
+        if self._monitor is not None:
+            try:
+                await self._monitor.stop()
+            except Exception as exc:
+                log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
+                code = EXIT_FAILED
+        if self.lease.epoch is not None:
+            await self._release()
+        if self.http is not None:
+            await self.http.stop()
+        get_bus().unsubscribe("task.finished", self.metrics.on_task_finished)
+        await asyncio.to_thread(dispose_engines)
+        self.role = Role.STOPPED
+        log.info("service.stopped", exit_code=code)
+        return code
+
+
+class _ProbeAdapter:
+    """The service as the endpoint's :class:`nanobot.http.Probe`."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def liveness(self) -> dict[str, Any]:
+        return self._service.liveness()
+
+    def status(self) -> dict[str, Any]:
+        return self._service.status()
+
+    def metrics(self) -> bytes:
+        return self._service.metrics_text()
+
+
+def run_service(config: Config) -> int:
+    """Run the service in a new event loop until it stops; the exit code."""
+    try:
+        return asyncio.run(Service(config).run())
+    except Exception:
+        # A bug, not an input: the traceback goes to the log, the exit code says it failed.
+        log.exception("service.crashed")
+        return EXIT_FAILED
