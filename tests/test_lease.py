@@ -1,0 +1,159 @@
+"""The scheduling lease: exclusive, renewable, expiring, fenced by epoch, race-free."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from nanobot.db import create_db_engine
+from nanobot.lease import SchedulerLease, holder_id
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def test_first_acquirer_wins_and_others_wait(engine: Engine) -> None:
+    """Only one holder at a time; the other is refused while the lease is live."""
+    clock = FakeClock()
+    a = SchedulerLease(engine, "a:1", 10, clock)
+    b = SchedulerLease(engine, "b:2", 10, clock)
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    info = b.holder()
+    assert info is not None
+    assert info.holder == "a:1"
+    assert info.epoch == 1
+    assert info.is_held(clock.now)
+
+
+def test_renewal_keeps_the_lease_and_expiry_hands_it_over(engine: Engine) -> None:
+    """A renewed lease stays; an expired one goes to the next acquirer with a new epoch."""
+    clock = FakeClock()
+    a = SchedulerLease(engine, "a:1", 10, clock)
+    b = SchedulerLease(engine, "b:2", 10, clock)
+    assert a.try_acquire()
+    clock.advance(8)
+    assert a.renew()
+    clock.advance(8)
+    assert not b.try_acquire()  # renewed at 8 s, so live until 18 s
+    clock.advance(3)
+    assert b.try_acquire()
+    info = b.holder()
+    assert info is not None
+    assert (info.holder, info.epoch) == ("b:2", 2)
+    assert not a.renew(), "the old holder must learn it lost the lease"
+    assert a.epoch is None
+
+
+def test_reacquiring_own_lease_keeps_the_epoch(engine: Engine) -> None:
+    """The same holder taking its lease again is not a change of holder."""
+    clock = FakeClock()
+    a = SchedulerLease(engine, "a:1", 10, clock)
+    assert a.try_acquire()
+    assert a.try_acquire()
+    info = a.holder()
+    assert info is not None
+    assert info.epoch == 1
+
+
+def test_release_lets_a_standby_take_over_at_once(engine: Engine) -> None:
+    """After release, another process acquires without waiting for expiry."""
+    clock = FakeClock()
+    a = SchedulerLease(engine, "a:1", 10, clock)
+    b = SchedulerLease(engine, "b:2", 10, clock)
+    assert a.try_acquire()
+    assert a.release()
+    info = b.holder()
+    assert info is not None
+    assert info.holder is None
+    assert not info.is_held(clock.now)
+    assert b.try_acquire()
+    assert not a.release(), "releasing a lease one does not hold changes nothing"
+    info = b.holder()
+    assert info is not None
+    assert info.holder == "b:2"
+
+
+def test_seconds_left_counts_down_and_is_zero_without_lease(engine: Engine) -> None:
+    """The holder knows, without the database, how long its lease certainly lasts."""
+    a = SchedulerLease(engine, "a:1", 10)
+    assert a.seconds_left() == 0.0
+    assert a.try_acquire()
+    assert 9.0 < a.seconds_left() <= 10.0
+    a.release()
+    assert a.seconds_left() == 0.0
+
+
+def test_real_clock_expiry(engine: Engine) -> None:
+    """With the database's clock (PostgreSQL now()) a short lease expires and moves."""
+    a = SchedulerLease(engine, "a:1", 0.2)
+    b = SchedulerLease(engine, "b:2", 0.2)
+    assert a.try_acquire()
+    deadline = datetime.now(UTC) + timedelta(seconds=5)
+    while not b.try_acquire():
+        assert datetime.now(UTC) < deadline, "the lease never expired"
+    info = b.holder()
+    assert info is not None
+    assert info.holder == "b:2"
+
+
+def _contend(
+    lease: SchedulerLease,
+    barrier: threading.Barrier,
+    results: list[bool],
+    i: int,
+    errors: list[BaseException],
+) -> None:
+    try:
+        barrier.wait()
+        results[i] = lease.try_acquire()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_concurrent_acquirers_never_both_win(db_url: str, engine: Engine) -> None:
+    """Many processes (one engine and thread each) race for a free lease: exactly one wins.
+
+    Repeated over several rounds, each starting with the lease expired, so both the first
+    insert and the take-over of an expired row are raced.
+    """
+    contenders = 8
+    engines = [create_db_engine(db_url) for _ in range(contenders)]
+    try:
+        for round_no in range(5):
+            clock = FakeClock()
+            clock.advance(round_no * 100)
+            leases = [
+                SchedulerLease(e, holder_id(f"n{i}", round_no), 10, clock)
+                for i, e in enumerate(engines)
+            ]
+            barrier = threading.Barrier(contenders)
+            results: list[bool] = [False] * contenders
+            errors: list[BaseException] = []
+            threads = [
+                threading.Thread(target=_contend, args=(leases[i], barrier, results, i, errors))
+                for i in range(contenders)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not errors
+            assert sum(results) == 1, f"round {round_no}: winners {results}"
+            info = leases[0].holder()
+            assert info is not None
+            assert info.holder == leases[results.index(True)].node
+            assert info.epoch == round_no + 1
+    finally:
+        for e in engines:
+            e.dispose()
