@@ -27,10 +27,10 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from nanobot import __version__
 from nanobot.config import Config, get_config
 from nanobot.exceptions import ConfigError, DatabaseError, NanobotError, TaskError
 from nanobot.models import utcnow
+from nanobot.status import nanobot_version
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -250,7 +250,7 @@ def _short(text: str | None, width: int = 60) -> str:
 
 
 @click.group(cls=_Group, invoke_without_command=True)
-@click.version_option(__version__, prog_name="nanobot")
+@click.version_option(nanobot_version(), prog_name="nanobot")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """nanobot: persistent periodic tasks, component health and their history.
@@ -288,7 +288,7 @@ def _service_lines(data: dict[str, Any], now: datetime) -> list[str]:
     leader = service["leader"] or {}
     up = "up" if service["running"] else "DOWN"
     lines = [
-        f"nanobot {__version__}: {data['status'].upper()}",
+        f"nanobot {nanobot_version()}: {data['status'].upper()}",
         f"service: {up}; last heartbeat {_when(service['last_heartbeat'], now)}"
         + (f" from {service['node']}" if service["node"] else ""),
         "leader: "

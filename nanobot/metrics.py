@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, gener
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, select
 
-from nanobot import __version__
 from nanobot.db import read_transaction
 from nanobot.models import Component, ComponentStatus, Heartbeat, Task, TaskOutcome, TaskRun
+from nanobot.status import nanobot_version
 
 log = structlog.get_logger(__name__)
 
@@ -160,7 +160,7 @@ class Metrics:
             registry=self.registry,
         )
         build = Info("nanobot_build", "version of nanobot and of Python", registry=self.registry)
-        build.info({"version": __version__, "python": platform.python_version()})
+        build.info({"version": nanobot_version(), "python": platform.python_version()})
         self.registry.register(_DatabaseCollector(engine, node, is_leader))
 
     def on_task_finished(self, _topic: str, payload: Any) -> None:

@@ -37,7 +37,6 @@ from typing import Any, Final
 
 import structlog
 
-from nanobot import __version__
 from nanobot.bus import get_bus
 from nanobot.config import Config
 from nanobot.db import dispose_engines, get_engine, upgrade_database
@@ -45,7 +44,7 @@ from nanobot.http import HttpServer
 from nanobot.lease import SchedulerLease, holder_id
 from nanobot.metrics import Metrics
 from nanobot.node import node_name
-from nanobot.status import build_status
+from nanobot.status import build_status, nanobot_version
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +105,7 @@ class Service:
             "holder": self.holder,
             "scheduler_alive": scheduler_alive,
             "lease_loop_age_s": round(lease_loop_age, 3),
-            "version": __version__,
+            "version": nanobot_version(),
         }
 
     def status(self) -> dict[str, Any]:
@@ -133,7 +132,7 @@ class Service:
 
         log.info(
             "service.starting",
-            version=__version__,
+            version=nanobot_version(),
             pid=os.getpid(),
             node=self.node,
             holder=self.holder,

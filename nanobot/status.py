@@ -16,6 +16,7 @@ reads as stopped at once, not only once its last heartbeat has aged).
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 from datetime import datetime
 from typing import Any, Final
 
@@ -42,6 +43,18 @@ DETAIL_ROWS: Final = 10
 FAILED_OUTCOMES: Final = frozenset(
     {TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value}
 )
+
+
+def nanobot_version() -> str:
+    """The installed version of nanobot.
+
+    Read from the package metadata rather than ``nanobot.__version__``, which a stale editable
+    install (one that maps ``nanobot`` as a namespace package) does not expose.
+    """
+    try:
+        return importlib.metadata.version("nanobot")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
+        return "0+unknown"
 
 
 class SystemStatus(enum.StrEnum):
@@ -210,7 +223,7 @@ def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, An
         {
           "status": "healthy" | "degraded" | "unknown" | "error",
           "problems": ["why the status is not healthy", ...],
-          "checked_at": "...",
+          "checked_at": "...", "version": "0.1.0",
           "service": {
             "running": bool, "last_heartbeat": "..." | null, "age_s": float | null,
             "interval_s": float | null, "node": str | null,
@@ -255,6 +268,7 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
         "status": status.value,
         "problems": problems,
         "checked_at": _iso(now),
+        "version": nanobot_version(),
         "service": {
             "running": running,
             "last_heartbeat": _iso(newest.at) if newest is not None else None,
