@@ -101,16 +101,23 @@ def record_unrun(conn: Connection, finishes: Iterable[Finish]) -> None:
         )
 
 
-def set_next_runs(conn: Connection, next_runs: dict[str, datetime | None]) -> None:
-    """Mirror each task's next run into ``tasks`` (for ``status`` and ``cron list``)."""
+def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, int]]) -> None:
+    """Mirror each task's next run into ``tasks`` (for ``status`` and ``cron list``).
+
+    Each value is ``(next_run_at, version)``: the row is written only if it is still at the
+    version the scheduler applied, so a mirror write never undoes a change that the command
+    line made in between (the next pass applies that change and mirrors it).
+    """
     if not next_runs:
         return
     stmt = (
         update(_TASKS)
-        .where(_TASKS.c.name == bindparam("b_name"))
+        .where(_TASKS.c.name == bindparam("b_name"), _TASKS.c.version == bindparam("b_version"))
         .values(next_run_at=bindparam("b_next"))
     )
-    conn.execute(stmt, [{"b_name": n, "b_next": t} for n, t in next_runs.items()])
+    conn.execute(
+        stmt, [{"b_name": n, "b_next": t, "b_version": v} for n, (t, v) in next_runs.items()]
+    )
 
 
 _FAILED = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)

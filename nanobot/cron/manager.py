@@ -377,11 +377,12 @@ class CronManager:
         due = scheduler.due(now, dict(self._policies))
         claims: list[Claim] = []
         unrun: list[Finish] = []
-        next_runs: dict[str, datetime | None] = {}
+        next_runs: dict[str, tuple[datetime | None, int]] = {}
         launches: dict[tuple[str, datetime], tuple[str, dict[str, Any], bool]] = {}
         for job in due:
-            if job.store == PERSISTENT:
-                next_runs[job.name] = job.next_run_at
+            version = self._applied.get(job.name)
+            if job.store == PERSISTENT and version is not None:
+                next_runs[job.name] = (job.next_run_at, version)
             if job.missed_count and job.missed_first is not None:
                 unrun.append(
                     Finish(
@@ -472,12 +473,15 @@ class CronManager:
                 else []
             )
         manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
-        next_runs: dict[str, datetime | None] = {}
+        next_runs: dict[str, tuple[datetime | None, int]] = {}
         for row in rows:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
             if self._applied.get(row.name) != row.version:
-                next_runs[row.name] = self._apply_row(scheduler, row, definition, now)
+                next_runs[row.name] = (
+                    self._apply_row(scheduler, row, definition, now),
+                    row.version,
+                )
                 self._applied[row.name] = row.version
             if row.run_requested_at is not None and take_requests:
                 manual.append((row.name, row.run_requested_at, row.task_class, dict(row.kwargs)))

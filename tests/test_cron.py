@@ -1,0 +1,621 @@
+"""The scheduler: the seed's interface on APScheduler, on a real SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import structlog
+from cron_tasks import Counter, Failing, Gate
+from sqlalchemy import Engine, select, text, update
+
+from nanobot.bus import MessageBus
+from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
+from nanobot.cron._aps import due_slots, grid_slot_at_or_after
+from nanobot.db import get_engine, write_transaction
+from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
+from nanobot.models import MisfirePolicy, Task, TaskRun, apscheduler_jobs
+
+POLL = 0.05
+WAIT = 10.0  # the bound of every wait below
+
+
+class Outcomes:
+    """Collects the scheduler's task.finished events; waits for them with a bound."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        bus.subscribe("task.finished", self._on)
+
+    async def _on(self, topic: str, payload: dict[str, Any]) -> None:
+        self.events.append(payload)
+        self._changed.set()
+
+    def of(self, task: str, outcome: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e["task"] == task and (outcome is None or e["outcome"] == outcome)
+        ]
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+def bus() -> MessageBus:
+    return MessageBus()
+
+
+@pytest.fixture
+async def manager(db_url: str, bus: MessageBus) -> AsyncIterator[CronManager]:
+    m = CronManager(poll_interval=POLL, bus=bus)
+    yield m
+    await m.shutdown(grace=0)
+
+
+@pytest.fixture
+def outcomes(bus: MessageBus) -> Outcomes:
+    return Outcomes(bus)
+
+
+def runs(engine: Engine, task: str) -> list[Any]:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(TaskRun.__table__).where(TaskRun.task_name == task).order_by(TaskRun.scheduled_at)
+        ).all()
+
+
+def task_row(engine: Engine, name: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(Task.__table__).where(Task.name == name)).one()
+
+
+def job_next_run(engine: Engine, name: str) -> float | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(apscheduler_jobs.c.next_run_time).where(apscheduler_jobs.c.id == name)
+        ).scalar_one()
+
+
+# --- the seed's tests, made real ------------------------------------------------------------
+
+
+class TestTask(CronTask):
+    """The seed's TestTask (section 5.1.6), unchanged."""
+
+    __test__ = False  # not a test class for pytest
+
+    def __init__(self, interval: int = 1):
+        super().__init__(interval)
+        self.executed = False
+
+    async def run(self) -> None:
+        self.executed = True
+
+
+async def test_seed_start_task(manager: CronManager, outcomes: Outcomes) -> None:
+    """The seed's test_start_task: a started task runs, and stops when stopped."""
+    test_task = TestTask()
+    manager.register_task("test", test_task)
+    await manager.start_task("test")
+    await outcomes.wait(lambda: bool(outcomes.of("test", "success")))
+    assert test_task.executed
+    assert test_task.is_running()
+    await manager.stop_task("test")
+    assert not test_task.is_running()
+    assert task_row(get_engine(), "test").paused
+
+
+def test_seed_register_without_event_loop(db_url: str) -> None:
+    """register_task is synchronous and works with no event loop, as in the seed's setUp."""
+    manager = CronManager()
+    manager.register_task("test", TestTask())
+    assert manager.list_tasks() == ["test"]
+    assert isinstance(manager.get_task("test"), TestTask)
+
+
+# --- scheduling -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "now", "policy", "expected"),
+    [
+        # (first due, now) in seconds from 0, interval 10: (run, missed first, missed, next)
+        (0, 0, MisfirePolicy.CATCH_UP_ONCE, (0, None, 0, 10)),
+        (0, 9.9, MisfirePolicy.CATCH_UP_ONCE, (0, None, 0, 10)),
+        (0, 10, MisfirePolicy.CATCH_UP_ONCE, (10, 0, 1, 20)),
+        (0, 1000.5, MisfirePolicy.CATCH_UP_ONCE, (1000, 0, 100, 1010)),
+        (0, 1, MisfirePolicy.SKIP, (0, None, 0, 10)),
+        (0, 1000.5, MisfirePolicy.SKIP, (1000, 0, 100, 1010)),
+        (0, 1006, MisfirePolicy.SKIP, (None, 0, 101, 1010)),
+    ],
+)
+def test_due_slots_table(
+    first: float, now: float, policy: MisfirePolicy, expected: tuple[Any, ...]
+) -> None:
+    """Slots split into one to run and the missed ones, on a fixed grid (grace 5 s for SKIP)."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(s: float | None) -> datetime | None:
+        return None if s is None else t0 + timedelta(seconds=s)
+
+    result = due_slots(at(first), 10.0, at(now), policy, 5.0)  # type: ignore[arg-type]
+    run, missed_first, missed, nxt = expected
+    assert result == (at(run), at(missed_first), missed, at(nxt))
+
+
+def test_grid_slot_at_or_after() -> None:
+    """Resuming finds the next slot of the original grid, never one before now."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    assert grid_slot_at_or_after(t0, 10, t0 - timedelta(seconds=5)) == t0
+    assert grid_slot_at_or_after(t0, 10, t0 + timedelta(seconds=10)) == t0 + timedelta(seconds=10)
+    assert grid_slot_at_or_after(t0, 10, t0 + timedelta(seconds=11)) == t0 + timedelta(seconds=20)
+
+
+async def test_fixed_rate_does_not_drift(manager: CronManager, outcomes: Outcomes) -> None:
+    """Run k is scheduled at start + k x interval however long runs take (the seed drifted)."""
+
+    manager.register_task("slow", _SlowTask(0.1))
+    await manager.start_task("slow")
+    await outcomes.wait(lambda: len(outcomes.of("slow", "success")) >= 8)
+    await manager.stop_task("slow")
+    await manager.flush()
+    rows = [r for r in runs(get_engine(), "slow") if r.outcome == "success"]
+    first = rows[0].scheduled_at
+    for row in rows:
+        k = (row.scheduled_at - first).total_seconds() / 0.1
+        assert math.isclose(k, round(k), abs_tol=1e-6), "slots are on the grid"
+        assert (row.started_at - row.scheduled_at).total_seconds() < 0.05, "no accumulated delay"
+    assert (rows[-1].scheduled_at - first).total_seconds() == pytest.approx(
+        0.1 * (len(rows) - 1), abs=1e-6
+    )
+
+
+class _SlowTask(CronTask):
+    async def run(self) -> None:
+        await asyncio.sleep(0.03)
+
+
+async def test_register_same_definition_keeps_phase(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """Registering an unchanged task again (a restart) keeps its next run time."""
+    engine = get_engine()
+    manager.register_task("c", Counter(3600, label="phase"))
+    await manager.start_task("c")
+    await outcomes.wait(lambda: bool(outcomes.of("c")))
+    before = job_next_run(engine, "c")
+    with structlog.testing.capture_logs() as logs:
+        manager.register_task("c", Counter(3600, label="phase"))
+    await manager.start_task("c")
+    assert job_next_run(engine, "c") == before
+    assert {"event": "cron.task_unchanged"}.items() <= logs[0].items()
+
+
+async def test_register_changed_definition_updates(manager: CronManager) -> None:
+    """A new interval updates the stored task and its job, and says so in the log."""
+    engine = get_engine()
+    manager.register_task("c", Counter(3600, label="upd"))
+    await manager.start_task("c")
+    with structlog.testing.capture_logs() as logs:
+        manager.register_task("c", Counter(1800, label="upd"))
+    assert any(e["event"] == "cron.task_updated" for e in logs)
+    assert task_row(engine, "c").interval_s == 1800
+
+    async with asyncio.timeout(WAIT):
+        while True:
+            job = manager._scheduler.lookup("c")  # type: ignore[union-attr]
+            if job is not None and job.interval == 1800:
+                break
+            await asyncio.sleep(POLL)
+
+
+async def test_pause_resume_keeps_phase(manager: CronManager) -> None:
+    """A paused task has no next run; resumed, it continues on its original grid."""
+    engine = get_engine()
+    manager.register_task("p", Counter(3600, label="pause"))
+    await manager.start_task("p")
+    anchor = task_row(engine, "p").anchor_at
+    await manager.pause_task("p")
+    assert task_row(engine, "p").paused
+    assert job_next_run(engine, "p") is None
+    assert task_row(engine, "p").next_run_at is None
+    await manager.resume_task("p")
+    next_run = datetime.fromtimestamp(job_next_run(engine, "p") or 0, UTC)
+    steps = (next_run - anchor).total_seconds() / 3600
+    assert steps == pytest.approx(round(steps)) and steps >= 1
+
+
+async def test_run_now_runs_once_outside_schedule(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """run_task_now runs the task once, recorded as manual, without moving its schedule."""
+    engine = get_engine()
+    manager.register_task("r", Counter(3600, label="now"))
+    await manager.start_task("r")
+    await outcomes.wait(lambda: len(outcomes.of("r")) >= 1)
+    before = job_next_run(engine, "r")
+    await manager.run_task_now("r")
+    await outcomes.wait(lambda: len(outcomes.of("r")) >= 2)
+    await manager.flush()
+    rows = runs(engine, "r")
+    assert [r.manual for r in rows] == [False, True]
+    assert job_next_run(engine, "r") == before
+
+
+async def test_error_is_recorded_and_schedule_goes_on(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """An exception in run() is logged with its traceback and the task and run id bound,
+    recorded as error with its message, and the next slot still runs."""
+    merge = [structlog.contextvars.merge_contextvars]
+    with structlog.testing.capture_logs(processors=merge) as logs:
+        manager.register_task("f", Failing(0.1, message="kaput"))
+        await manager.start_task("f")
+        await outcomes.wait(lambda: len(outcomes.of("f", "error")) >= 2)
+    await manager.flush()
+    failed = [e for e in logs if e["event"] == "task.failed"]
+    assert failed and failed[0]["task"] == "f" and "run_id" in failed[0]
+    assert failed[0].get("exc_info")
+    rows = runs(get_engine(), "f")
+    assert rows[0].outcome == "error" and rows[0].error == "RuntimeError: kaput"
+    row = task_row(get_engine(), "f")
+    assert row.last_outcome == "error" and row.consecutive_failures >= 2
+
+
+async def test_timeout(manager: CronManager, outcomes: Outcomes) -> None:
+    """A run past its timeout is cancelled and recorded as timeout."""
+    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
+    manager.register_task("t", Gate(3600, timeout=0.05))
+    await manager.start_task("t")
+    await outcomes.wait(lambda: bool(outcomes.of("t")))
+    assert outcomes.of("t")[0]["outcome"] == "timeout"
+    await manager.flush()
+    assert "timeout of 0.05" in runs(get_engine(), "t")[0].error
+
+
+async def test_overlap_is_skipped(manager: CronManager, outcomes: Outcomes) -> None:
+    """A slot that comes while the previous run still goes is skipped and recorded."""
+    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
+    Gate.runs = 0
+    manager.register_task("o", Gate(0.05))
+    await manager.start_task("o")
+    await outcomes.wait(lambda: len(outcomes.of("o", "skipped")) >= 2)
+    assert Gate.runs == 1
+    Gate.release.set()
+    await outcomes.wait(lambda: bool(outcomes.of("o", "success")))
+    await manager.stop_task("o")
+    await manager.flush()
+    outcomes_in_db = [r.outcome for r in runs(get_engine(), "o")]
+    assert outcomes_in_db.count("skipped") >= 2
+
+
+@pytest.mark.parametrize("how", ["stop_task", "unregister_task", "shutdown"])
+async def test_cancel_in_flight(manager: CronManager, outcomes: Outcomes, how: str) -> None:
+    """stop_task, unregister_task and shutdown cancel a run in flight, recorded cancelled."""
+    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
+    manager.register_task("g", Gate(3600))
+    await manager.start_task("g")
+    async with asyncio.timeout(WAIT):
+        await Gate.started.wait()
+    if how == "stop_task":
+        await manager.stop_task("g")
+    elif how == "unregister_task":
+        manager.unregister_task("g")
+    else:
+        await manager.shutdown(grace=0)
+    await outcomes.wait(lambda: bool(outcomes.of("g", "cancelled")))
+    await manager.flush()
+    row = runs(get_engine(), "g")[0]
+    assert row.outcome == "cancelled" and row.error
+
+
+async def test_shutdown_waits_for_runs_within_grace(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """Shutdown lets a run finish within the grace period instead of cancelling it."""
+    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
+    manager.register_task("w", Gate(3600))
+    await manager.start_task("w")
+    async with asyncio.timeout(WAIT):
+        await Gate.started.wait()
+    asyncio.get_running_loop().call_later(0.05, Gate.release.set)
+    await manager.shutdown(grace=WAIT)
+    assert runs(get_engine(), "w")[0].outcome == "success"
+
+
+async def test_interrupted_runs_recorded_at_start(db_url: str, bus: MessageBus) -> None:
+    """A run left running by a dead process of this node is recorded interrupted at start."""
+    manager = CronManager(poll_interval=POLL, bus=bus, node="n1")
+    manager.register_task("i", Counter(3600, label="int"))
+    engine = manager.engine
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        history.claim_slots(conn, [history.Claim("i", slot)], node="n1")
+        history.claim_slots(conn, [history.Claim("other-node", slot)], node="n2")
+    await manager.start()
+    try:
+        assert runs(engine, "i")[0].outcome == "interrupted"
+        assert runs(engine, "other-node")[0].outcome == "running"
+        assert task_row(engine, "i").last_outcome == "interrupted"
+    finally:
+        await manager.shutdown(grace=0)
+
+
+def test_slot_claimed_twice_is_claimed_once(engine: Engine) -> None:
+    """The unique (task, scheduled_at) claim: a second claim of a slot gets nothing."""
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        first = history.claim_slots(conn, [history.Claim("x", slot)], node="a")
+    with write_transaction(engine) as conn:
+        second = history.claim_slots(conn, [history.Claim("x", slot)], node="b")
+    assert list(first) == [("x", slot)] and second == {}
+
+
+async def test_two_schedulers_run_each_slot_once(db_url: str) -> None:
+    """Two managers on one database (two engines, as two processes) never run a slot twice."""
+    from nanobot.db import create_db_engine
+
+    e1, e2 = create_db_engine(db_url), create_db_engine(db_url)
+    b1, b2 = MessageBus(), MessageBus()
+    o1, o2 = Outcomes(b1), Outcomes(b2)
+    m1 = CronManager(e1, poll_interval=POLL, bus=b1, node="a")
+    m2 = CronManager(e2, poll_interval=POLL, bus=b2, node="b")
+    Counter.counts["dup"] = 0
+    try:
+        m1.register_task("d", Counter(0.05, label="dup"))
+        await m1.start_task("d")
+        await m2.start()
+        await o1.wait(lambda: len(o1.of("d", "success")) + len(o2.of("d", "success")) >= 10)
+    finally:
+        await m1.shutdown(grace=1)
+        await m2.shutdown(grace=1)
+    rows = [r for r in runs(e1, "d") if r.outcome == "success"]
+    assert len({r.scheduled_at for r in rows}) == len(rows)
+    assert Counter.counts["dup"] == len(rows)
+    e1.dispose()
+    e2.dispose()
+
+
+async def test_change_by_other_process_applies_within_two_seconds(
+    manager: CronManager, db_url: str
+) -> None:
+    """A pause written through another engine (the command line) reaches the scheduler."""
+    from nanobot.db import create_db_engine
+
+    manager.register_task("x", Counter(3600, label="other"))
+    await manager.start_task("x")
+    other = create_db_engine(db_url)
+    control.pause_task(other, "x")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(2.0):
+        while job_next_run(get_engine(), "x") is not None:
+            await asyncio.sleep(POLL)
+    assert loop.time() - started < 2.0
+    other.dispose()
+
+
+async def test_task_added_by_class_path_runs(manager: CronManager, outcomes: Outcomes) -> None:
+    """A task stored by class path (cron add) runs at once in a scheduler that never
+    registered it, built from its class and stored arguments."""
+    await manager.start()
+    definition = control.definition_from_class(
+        "byname", "cron_tasks:Counter", 3600, {"label": "byname"}
+    )
+    await asyncio.to_thread(control.add_task, get_engine(), definition)
+    await outcomes.wait(lambda: bool(outcomes.of("byname", "success")))
+    assert Counter.counts["byname"] >= 1
+    assert manager.get_task("byname").interval == 3600
+
+
+async def test_removed_task_job_is_removed(manager: CronManager, outcomes: Outcomes) -> None:
+    """A task removed in the database loses its job in the running scheduler."""
+    engine = get_engine()
+    manager.register_task("gone", Counter(3600, label="gone"))
+    await manager.start_task("gone")
+    await asyncio.to_thread(control.remove_task, engine, "gone")
+    async with asyncio.timeout(WAIT):
+        while True:
+            with engine.connect() as conn:
+                left = conn.execute(
+                    select(apscheduler_jobs.c.id).where(apscheduler_jobs.c.id == "gone")
+                ).first()
+            if left is None:
+                break
+            await asyncio.sleep(POLL)
+
+
+async def test_restart_keeps_schedule_and_catches_up_once(db_url: str, bus: MessageBus) -> None:
+    """After downtime, a new manager keeps the persisted next run, runs the latest missed slot
+    once and records the others as missed (one row with their count)."""
+    outcomes = Outcomes(bus)
+    first = CronManager(poll_interval=POLL, bus=bus)
+    first.register_task("h", Counter(10, label="restart"))
+    await first.start_task("h")
+    engine = first.engine
+    await outcomes.wait(lambda: bool(outcomes.of("h", "success")))
+    await first.shutdown(grace=1)
+    next_before = job_next_run(engine, "h")
+    assert next_before is not None
+
+    # 95 s later: the slots at +10 ... +90 passed while nothing ran.
+    offset = timedelta(seconds=95)
+    second = CronManager(poll_interval=POLL, bus=bus, clock=lambda: datetime.now(UTC) + offset)
+    second.register_task("h", Counter(10, label="restart"))
+    await second.start_all_tasks()
+    try:
+        await outcomes.wait(lambda: len(outcomes.of("h", "success")) >= 2)
+        await outcomes.wait(lambda: bool(outcomes.of("h", "missed")))
+        await second.flush()
+    finally:
+        await second.shutdown(grace=1)
+    rows = runs(engine, "h")
+    assert [r.outcome for r in rows] == ["success", "missed", "success"]
+    assert rows[1].slots == 8
+    assert rows[1].scheduled_at.timestamp() == pytest.approx(next_before)
+    assert (rows[2].scheduled_at - rows[1].scheduled_at).total_seconds() == pytest.approx(80)
+    assert job_next_run(engine, "h") == pytest.approx(next_before + 90)
+
+
+async def test_failed_store_write_does_not_stop_scheduler(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """A pass whose write fails is logged and retried; dispatching goes on afterwards
+    (APScheduler 3.11.3 would stop for good while reporting that it runs)."""
+    engine = get_engine()
+    manager.register_task("s", Counter(0.05, label="store"))
+    await manager.start_task("s")
+    await outcomes.wait(lambda: bool(outcomes.of("s", "success")))
+    with write_transaction(engine) as conn:
+        conn.execute(text("ALTER TABLE task_runs RENAME TO task_runs_away"))
+    with structlog.testing.capture_logs() as logs:
+        async with asyncio.timeout(WAIT):
+            while not any(e["event"] == "cron.pass_failed" for e in logs):
+                await asyncio.sleep(POLL)
+    count = len(outcomes.of("s", "success"))
+    with write_transaction(engine) as conn:
+        conn.execute(text("ALTER TABLE task_runs_away RENAME TO task_runs"))
+    await outcomes.wait(lambda: len(outcomes.of("s", "success")) > count + 2)
+    assert manager.is_alive()
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [0, -5, float("nan"), float("inf"), "abc", True, None])
+def test_bad_interval_is_refused(interval: Any) -> None:
+    """An interval that is not a positive finite number raises ValueError naming it."""
+    with pytest.raises(ValueError, match="interval") as info:
+        Counter(interval)
+    assert repr(interval) in str(info.value)
+    assert isinstance(info.value, NanobotError)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.get_task("nope"),
+        lambda m: m.unregister_task("nope"),
+        lambda m: asyncio.run(m.start_task("nope")),
+        lambda m: asyncio.run(m.stop_task("nope")),
+        lambda m: asyncio.run(m.pause_task("nope")),
+        lambda m: asyncio.run(m.resume_task("nope")),
+        lambda m: asyncio.run(m.run_task_now("nope")),
+        lambda m: asyncio.run(m.history("nope")),
+    ],
+)
+def test_unknown_name_raises_key_error(db_url: str, call: Callable[[CronManager], Any]) -> None:
+    """Every method given an unknown name raises UnknownTaskError, a KeyError naming it."""
+    with pytest.raises(UnknownTaskError, match="nope") as info:
+        call(CronManager())
+    assert isinstance(info.value, KeyError)
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [("", Counter()), ("x" * 201, Counter()), (" pad", Counter()), ("ok", object())],
+)
+def test_bad_registration_is_refused(db_url: str, name: str, task: Any) -> None:
+    """A bad name or a task that is not a CronTask is refused with InvalidTaskError."""
+    with pytest.raises(InvalidTaskError):
+        CronManager().register_task(name, task)
+
+
+def test_local_class_runs_but_is_not_persisted(db_url: str) -> None:
+    """A task whose class another process cannot import is kept in memory only, with a
+    warning that says why; nothing about it is stored."""
+
+    class Local(CronTask):
+        async def run(self) -> None:
+            pass
+
+    manager = CronManager()
+    with structlog.testing.capture_logs() as logs:
+        manager.register_task("local", Local(5))
+    warning = next(e for e in logs if e["event"] == "cron.task_not_persistent")
+    assert "inside a function" in warning["reason"]
+    assert control.list_tasks(manager.engine) == []
+    assert manager.list_tasks() == ["local"]
+
+
+def test_unserialisable_kwargs_are_not_persisted(db_url: str) -> None:
+    """A task built with arguments that are not JSON data is not persisted."""
+    manager = CronManager()
+    with structlog.testing.capture_logs() as logs:
+        manager.register_task("obj", Counter(5, label=object()))  # type: ignore[arg-type]
+    assert any(e["event"] == "cron.task_not_persistent" for e in logs)
+    assert control.list_tasks(manager.engine) == []
+
+
+def test_retention_prunes_old_and_excess_runs(engine: Engine) -> None:
+    """prune deletes runs older than the retention and beyond the per-task row limit, but
+    never a run in flight."""
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        for i in range(10):
+            history.record_unrun(
+                conn,
+                [
+                    history.Finish(
+                        task="p",
+                        run_id=None,
+                        scheduled_at=now - timedelta(hours=i),
+                        outcome=TaskOutcome.SUCCESS,
+                        started_at=None,
+                        finished_at=now,
+                    )
+                ],
+            )
+        history.record_unrun(
+            conn,
+            [
+                history.Finish(
+                    task="p",
+                    run_id=None,
+                    scheduled_at=now - timedelta(days=40),
+                    outcome=TaskOutcome.SUCCESS,
+                    started_at=None,
+                    finished_at=now,
+                )
+            ],
+        )
+        history.claim_slots(conn, [history.Claim("p", now - timedelta(days=50))], node="n")
+    removed = history.prune(engine, now=now, retention_days=30, max_rows=5)
+    left = runs(engine, "p")
+    assert removed == 6
+    assert [r.outcome for r in left].count("running") == 1
+    assert len([r for r in left if r.outcome == "success"]) == 5
+
+
+async def test_unloadable_job_is_kept_and_reported(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """A stored job that cannot be loaded is not deleted (APScheduler 3 deletes it): it stays
+    in the job store, and its task is marked broken."""
+    engine = get_engine()
+    manager.register_task("u", Counter(3600, label="u"))
+    await manager.start_task("u")
+    await outcomes.wait(lambda: bool(outcomes.of("u")))
+    with write_transaction(engine) as conn:
+        conn.execute(
+            update(apscheduler_jobs)
+            .where(apscheduler_jobs.c.id == "u")
+            .values(job_state=b"not a pickle", next_run_time=0)
+        )
+    async with asyncio.timeout(WAIT):
+        while task_row(engine, "u").broken_reason is None:
+            manager._wakeup()
+            await asyncio.sleep(POLL)
+    assert "cannot be loaded" in task_row(engine, "u").broken_reason
+    assert job_next_run(engine, "u") == 0
+    assert manager.is_alive()
