@@ -33,7 +33,9 @@ def _engine() -> Engine:
     return get_engine(get_config())
 
 
-def _include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+def _include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
     # Alembic's own version table is Alembic's business.
     return not (type_ == "table" and name == "alembic_version")
 

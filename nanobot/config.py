@@ -125,40 +125,93 @@ class Setting:
 
 # The reference table of every setting. README.md documents the same keys; a test keeps them equal.
 SETTINGS: Final[tuple[Setting, ...]] = (
-    Setting("database.url", None, _database_url,
-            "SQLAlchemy URL; default sqlite:///$NANOBOT_HOME/nanobot.db"),
+    Setting(
+        "database.url",
+        None,
+        _database_url,
+        "SQLAlchemy URL; default sqlite:///$NANOBOT_HOME/nanobot.db",
+    ),
     Setting("database.echo", False, _boolean, "log every SQL statement"),
-    Setting("logging.level", "INFO", _one_of("debug", "info", "warning", "error", "critical"),
-            "lowest level written"),
+    Setting(
+        "logging.level",
+        "INFO",
+        _one_of("debug", "info", "warning", "error", "critical"),
+        "lowest level written",
+    ),
     Setting("logging.dir", None, _optional_string, "log folder; default $NANOBOT_HOME/logs"),
-    Setting("logging.format", "auto", _one_of("auto", "console", "json"),
-            "console output: auto (pretty on a terminal, JSON lines otherwise), console or json"),
-    Setting("logging.max_bytes", 10 * 1024 * 1024, _positive_int,
-            "size at which nanobot.log is rotated"),
+    Setting(
+        "logging.format",
+        "auto",
+        _one_of("auto", "console", "json"),
+        "console output: auto (pretty on a terminal, JSON lines otherwise), console or json",
+    ),
+    Setting(
+        "logging.max_bytes", 10 * 1024 * 1024, _positive_int, "size at which nanobot.log is rotated"
+    ),
     Setting("logging.backup_count", 5, _positive_int, "rotated log files kept"),
-    Setting("heartbeat.interval", 30.0, _positive_number,
-            "seconds between health cycles; stale after 2 x interval"),
-    Setting("heartbeat.check_timeout", 5.0, _positive_number,
-            "seconds one health check may take (capped below the interval)"),
-    Setting("heartbeat.error_retention_days", 30.0, _positive_number,
-            "days component errors and status changes are kept"),
-    Setting("heartbeat.history_retention_days", 7.0, _positive_number,
-            "days per-cycle heartbeat rows are kept"),
-    Setting("cron.cleanup_interval", 3600.0, _positive_number,
-            "seconds between runs of the built-in cleanup task"),
-    Setting("cron.poll_interval", 1.0, _positive_number,
-            "longest sleep of the scheduler; bounds how fast changes by other processes apply"),
+    Setting(
+        "heartbeat.interval",
+        30.0,
+        _positive_number,
+        "seconds between health cycles; stale after 2 x interval",
+    ),
+    Setting(
+        "heartbeat.check_timeout",
+        5.0,
+        _positive_number,
+        "seconds one health check may take (capped below the interval)",
+    ),
+    Setting(
+        "heartbeat.error_retention_days",
+        30.0,
+        _positive_number,
+        "days component errors and status changes are kept",
+    ),
+    Setting(
+        "heartbeat.history_retention_days",
+        7.0,
+        _positive_number,
+        "days per-cycle heartbeat rows are kept",
+    ),
+    Setting(
+        "cron.cleanup_interval",
+        3600.0,
+        _positive_number,
+        "seconds between runs of the built-in cleanup task",
+    ),
+    Setting(
+        "cron.poll_interval",
+        1.0,
+        _positive_number,
+        "longest sleep of the scheduler; bounds how fast changes by other processes apply",
+    ),
     Setting("cron.history_retention_days", 30.0, _positive_number, "days task runs are kept"),
     Setting("cron.history_max_rows", 1000, _positive_int, "task runs kept per task"),
-    Setting("cron.default_timeout", 0.0, _non_negative_number,
-            "seconds a run may take when its task sets no timeout; 0 means no limit"),
+    Setting(
+        "cron.default_timeout",
+        0.0,
+        _non_negative_number,
+        "seconds a run may take when its task sets no timeout; 0 means no limit",
+    ),
     Setting("session.ttl", 86400.0, _positive_number, "seconds a session lives after its last use"),
-    Setting("service.node", None, _optional_string,
-            "this node's name; default the host name and process id"),
-    Setting("service.shutdown_grace", 10.0, _non_negative_number,
-            "seconds a stopping service waits for runs in flight before cancelling them"),
-    Setting("service.lease_ttl", 10.0, _positive_number,
-            "seconds the scheduling lease lasts without renewal (bounds fail-over time)"),
+    Setting(
+        "service.node",
+        None,
+        _optional_string,
+        "this node's name; default the host name and process id",
+    ),
+    Setting(
+        "service.shutdown_grace",
+        10.0,
+        _non_negative_number,
+        "seconds a stopping service waits for runs in flight before cancelling them",
+    ),
+    Setting(
+        "service.lease_ttl",
+        10.0,
+        _positive_number,
+        "seconds the scheduling lease lasts without renewal (bounds fail-over time)",
+    ),
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),
     Setting("http.port", 8765, _port, "port of the HTTP endpoint"),
@@ -271,9 +324,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[key] = setting.check(value)
         except ValueError as exc:
-            raise ConfigError(
-                f"{source}: {key} = {value!r} is invalid: expected {exc}"
-            ) from None
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected {exc}") from None
     if values["database.url"] is None:
         values["database.url"] = f"sqlite:///{home / 'nanobot.db'}"
     return Config(values, home, sources)

@@ -77,7 +77,9 @@ def create_db_engine(url: str, *, echo: bool = False) -> Engine:
             # psycopg 3 is the driver nanobot installs; plain postgresql:// would ask for psycopg2.
             parsed = parsed.set(drivername="postgresql+psycopg")
         return create_engine(parsed, echo=echo, pool_pre_ping=True)
-    raise DatabaseError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql+psycopg://")
+    raise DatabaseError(
+        f"unsupported database URL {url!r}: use sqlite:/// or postgresql+psycopg://"
+    )
 
 
 def get_engine(config: Config | None = None) -> Engine:
@@ -200,7 +202,9 @@ def upgrade_database(engine: Engine, revision: str = "head") -> None:
     except SchemaTooNewError:
         raise
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot migrate {engine.url!r}: {exc.__class__.__name__}: {exc}") from exc
+        raise DatabaseError(
+            f"cannot migrate {engine.url!r}: {exc.__class__.__name__}: {exc}"
+        ) from exc
     if before != after:
         log.info("db.migrated", url=engine.url.render_as_string(), before=before, after=after)
 

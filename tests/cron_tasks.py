@@ -73,6 +73,7 @@ class Gate(CronTask):
 
     async def run(self) -> None:
         Gate.runs += 1
-        assert Gate.started is not None and Gate.release is not None
+        assert Gate.started is not None
+        assert Gate.release is not None
         Gate.started.set()
         await Gate.release.wait()

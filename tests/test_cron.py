@@ -43,8 +43,8 @@ class Outcomes:
             if e["task"] == task and (outcome is None or e["outcome"] == outcome)
         ]
 
-    async def wait(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait(self, predicate: Callable[[], bool], within: float = WAIT) -> None:
+        async with asyncio.timeout(within):
             while not predicate():
                 self._changed.clear()
                 await self._changed.wait()
@@ -70,7 +70,9 @@ def outcomes(bus: MessageBus) -> Outcomes:
 def runs(engine: Engine, task: str) -> list[Any]:
     with engine.connect() as conn:
         return conn.execute(
-            select(TaskRun.__table__).where(TaskRun.task_name == task).order_by(TaskRun.scheduled_at)
+            select(TaskRun.__table__)
+            .where(TaskRun.task_name == task)
+            .order_by(TaskRun.scheduled_at)
         ).all()
 
 
@@ -232,12 +234,11 @@ async def test_pause_resume_keeps_phase(manager: CronManager) -> None:
     await manager.resume_task("p")
     next_run = datetime.fromtimestamp(job_next_run(engine, "p") or 0, UTC)
     steps = (next_run - anchor).total_seconds() / 3600
-    assert steps == pytest.approx(round(steps)) and steps >= 1
+    assert steps == pytest.approx(round(steps))
+    assert steps >= 1
 
 
-async def test_run_now_runs_once_outside_schedule(
-    manager: CronManager, outcomes: Outcomes
-) -> None:
+async def test_run_now_runs_once_outside_schedule(manager: CronManager, outcomes: Outcomes) -> None:
     """run_task_now runs the task once, recorded as manual, without moving its schedule."""
     engine = get_engine()
     manager.register_task("r", Counter(3600, label="now"))
@@ -264,12 +265,16 @@ async def test_error_is_recorded_and_schedule_goes_on(
         await outcomes.wait(lambda: len(outcomes.of("f", "error")) >= 2)
     await manager.flush()
     failed = [e for e in logs if e["event"] == "task.failed"]
-    assert failed and failed[0]["task"] == "f" and "run_id" in failed[0]
+    assert failed
+    assert failed[0]["task"] == "f"
+    assert "run_id" in failed[0]
     assert failed[0].get("exc_info")
     rows = runs(get_engine(), "f")
-    assert rows[0].outcome == "error" and rows[0].error == "RuntimeError: kaput"
+    assert rows[0].outcome == "error"
+    assert rows[0].error == "RuntimeError: kaput"
     row = task_row(get_engine(), "f")
-    assert row.last_outcome == "error" and row.consecutive_failures >= 2
+    assert row.last_outcome == "error"
+    assert row.consecutive_failures >= 2
 
 
 async def test_timeout(manager: CronManager, outcomes: Outcomes) -> None:
@@ -316,7 +321,8 @@ async def test_cancel_in_flight(manager: CronManager, outcomes: Outcomes, how: s
     await outcomes.wait(lambda: bool(outcomes.of("g", "cancelled")))
     await manager.flush()
     row = runs(get_engine(), "g")[0]
-    assert row.outcome == "cancelled" and row.error
+    assert row.outcome == "cancelled"
+    assert row.error
 
 
 async def test_shutdown_waits_for_runs_within_grace(
@@ -358,7 +364,8 @@ def test_slot_claimed_twice_is_claimed_once(engine: Engine) -> None:
         first = history.claim_slots(conn, [history.Claim("x", slot)], node="a")
     with write_transaction(engine) as conn:
         second = history.claim_slots(conn, [history.Claim("x", slot)], node="b")
-    assert list(first) == [("x", slot)] and second == {}
+    assert list(first) == [("x", slot)]
+    assert second == {}
 
 
 async def test_two_schedulers_run_each_slot_once(db_url: str) -> None:
