@@ -32,6 +32,7 @@ from nanobot.bus import MessageBus
 from nanobot.db import create_db_engine, upgrade_database
 from nanobot.exceptions import InvalidComponentError
 from nanobot.heartbeat import STALE_REASON, SYSTEM_COMPONENT, HeartbeatMonitor, prune
+from nanobot.heartbeat import monitor as monitor_module
 from nanobot.models import ERROR_TEXT_MAX
 
 WAIT = 10  # seconds: the bound of every wait in these tests
@@ -457,6 +458,27 @@ async def test_a_database_that_cannot_be_written_loses_nothing(
         assert [r.error for r in error_rows(engine, "db")] == ["first", "second"]
         assert [r.to_status for r in change_rows(engine, "db")] == ["healthy", "error"]
         assert component_rows(engine)["db"].status == "error"
+    finally:
+        engine.dispose()
+
+
+async def test_a_long_outage_keeps_the_newest_pending_records_and_says_so(
+    tmp_path: Any, bus: MessageBus, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory is bounded while nothing can be written: the oldest queued errors go, counted."""
+    monkeypatch.setattr(monitor_module, "MAX_PENDING", 5)
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    try:
+        monitor = make_monitor(engine, bus, clock)
+        monitor.register_component("db")
+        with structlog.testing.capture_logs() as logs:
+            for i in range(8):
+                monitor.mark_component_error("db", f"e{i}")
+            await monitor.flush()
+        assert "heartbeat.pending_dropped" in [e["event"] for e in logs]
+        upgrade_database(engine)
+        await monitor.flush()
+        assert [r.error for r in error_rows(engine, "db")] == ["e3", "e4", "e5", "e6", "e7"]
     finally:
         engine.dispose()
 

@@ -9,15 +9,14 @@ the built-in health checks.
 from __future__ import annotations
 
 from nanobot.heartbeat.monitor import (
-    CHECK_BUSY_REASON,
     STALE_REASON,
-    HealthCheck,
     HeartbeatMonitor,
     NoRunningLoopError,
     get_heartbeat_monitor,
     initialize_heartbeat,
     reset_heartbeat_monitor,
 )
+from nanobot.heartbeat.runner import CHECK_BUSY_REASON, HealthCheck
 from nanobot.heartbeat.store import ERRORS_SHOWN, SYSTEM_COMPONENT, prune
 
 __all__ = [

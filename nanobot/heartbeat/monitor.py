@@ -39,6 +39,7 @@ from sqlalchemy import Engine
 from nanobot.config import get_config
 from nanobot.exceptions import ComponentError, InvalidComponentError
 from nanobot.heartbeat import store
+from nanobot.heartbeat.runner import CheckSlot, HealthCheck, Outcome, error_text, run_checks
 from nanobot.heartbeat.store import (
     ERRORS_SHOWN,
     SYSTEM_COMPONENT,
@@ -48,16 +49,13 @@ from nanobot.heartbeat.store import (
     ErrorRow,
     HeartbeatRow,
 )
-from nanobot.models import NAME_MAX, ComponentStatus, bound_error, utcnow
+from nanobot.models import NAME_MAX, ComponentStatus, utcnow
 
 log = structlog.get_logger(__name__)
 
-# A health check: no arguments; a truthy result (or awaited result) means healthy.
-HealthCheck = Callable[[], Any]
 Clock = Callable[[], datetime]
 
 STALE_REASON: Final = "heartbeat timeout"
-CHECK_BUSY_REASON: Final = "health check still running from previous cycle"
 # A check never gets more than this share of the interval, so one cycle cannot run into the next.
 CHECK_TIMEOUT_SHARE: Final = 0.8
 # Errors and transitions queued while the database cannot be written are kept up to this many;
@@ -67,12 +65,6 @@ MAX_PENDING: Final = 10_000
 
 class NoRunningLoopError(ComponentError, RuntimeError):
     """The heartbeat monitor needs a running event loop and none is running."""
-
-
-@dataclass(slots=True)
-class _Outcome:
-    ok: bool
-    reason: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -85,7 +77,7 @@ class _Component:
     last_error: str | None = None
     # False for a component known only from the database (registered by an earlier process).
     registered: bool = False
-    health_check: HealthCheck | None = None
+    slot: CheckSlot | None = None
     failure_threshold: int = 1
     success_threshold: int = 1
     stale_after: float | None = None
@@ -93,14 +85,6 @@ class _Component:
     successes: int = 0
     stale: bool = False
     dirty: bool = False
-    check_task: asyncio.Task[Any] | None = None
-    check_thread: threading.Thread | None = None
-
-    def check_busy(self) -> bool:
-        """The previous run of the health check has not finished (a hung thread, say)."""
-        if self.check_task is not None and not self.check_task.done():
-            return True
-        return self.check_thread is not None and self.check_thread.is_alive()
 
 
 def _positive_seconds(name: str, value: Any) -> float:
@@ -117,21 +101,6 @@ def _threshold(name: str, value: Any) -> int:
     return value
 
 
-def _is_async_callable(func: Any) -> bool:
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-        getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async
-    )
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, BaseException):
-        message = str(error)
-        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    else:
-        text = str(error)
-    return bound_error(text) or "(no message)"
-
-
 def _status(value: str) -> ComponentStatus:
     """A stored status; a value this version does not know reads as unknown."""
     try:
@@ -142,42 +111,6 @@ def _status(value: str) -> ComponentStatus:
 
 def _epoch(value: datetime | None) -> float:
     return value.timestamp() if value is not None else 0
-
-
-def _call_in_thread(
-    func: HealthCheck, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
-) -> None:
-    """Run a plain check in a daemon thread and hand its outcome to ``future`` on ``loop``.
-
-    A daemon thread, not the loop's executor: a hung check cannot be killed, and a hung
-    executor thread would keep ``asyncio.run`` and the interpreter from ever exiting.
-    """
-    try:
-        outcome: tuple[bool, Any] = (True, func())
-    except BaseException as exc:  # reported as the check's failure, whatever it is
-        outcome = (False, exc)
-
-    def deliver() -> None:
-        if future.done():  # timed out and abandoned: a late result is dropped
-            if outcome[0] and inspect.iscoroutine(outcome[1]):
-                outcome[1].close()
-            return
-        if outcome[0]:
-            future.set_result(outcome[1])
-        else:
-            future.set_exception(outcome[1])
-
-    try:
-        loop.call_soon_threadsafe(deliver)
-    except RuntimeError:  # the loop is closed; nobody waits for this result any more
-        if outcome[0] and inspect.iscoroutine(outcome[1]):
-            outcome[1].close()
-
-
-def _consume(task: asyncio.Task[Any]) -> None:
-    # An abandoned check that fails later must not log "exception was never retrieved".
-    if not task.cancelled():
-        task.exception()
 
 
 class HeartbeatMonitor:
@@ -326,7 +259,7 @@ class HeartbeatMonitor:
                 from_status: ComponentStatus | None = None
             else:
                 from_status = comp.status
-            comp.health_check = health_check
+            comp.slot = None if health_check is None else CheckSlot(health_check, component_name)
             comp.failure_threshold = failure_threshold
             comp.success_threshold = success_threshold
             comp.stale_after = stale_after
@@ -380,7 +313,7 @@ class HeartbeatMonitor:
         ``error`` is a text or an exception; it is stored cut to a bounded length. An unknown
         name is ignored as in the seed, but logged with the error, so nothing is lost silently.
         """
-        text = _error_text(error)
+        text = error_text(error)
         now = self._now()
         with self._lock:
             comp = self._registered(component_name, action="error", error=text)
@@ -406,7 +339,7 @@ class HeartbeatMonitor:
                 "status": comp.status.value,
                 "last_heartbeat": _epoch(comp.last_heartbeat),
                 "errors": [{"timestamp": at.timestamp(), "error": e} for at, e in comp.errors],
-                "health_check": comp.health_check,
+                "health_check": comp.slot.check if comp.slot else None,
                 "registered": comp.registered,
                 "last_error": comp.last_error,
             }
@@ -551,13 +484,16 @@ class HeartbeatMonitor:
 
     def _queue(self, queue: list[Any], item: Any) -> None:
         queue.append(item)
-        if len(queue) > MAX_PENDING:
-            excess = len(queue) - MAX_PENDING
-            del queue[:excess]
-            self._dropped += excess
-            log.error(
-                "heartbeat.pending_dropped", node=self.node, dropped=excess, total=self._dropped
-            )
+        self._trim(queue)
+
+    def _trim(self, queue: list[Any]) -> None:
+        if len(queue) <= MAX_PENDING:
+            return
+        excess = len(queue) - MAX_PENDING
+        del queue[:excess]
+        before, self._dropped = self._dropped, self._dropped + excess
+        if before == 0 or before // 1000 != self._dropped // 1000:  # not one line per drop
+            log.error("heartbeat.pending_dropped", node=self.node, total=self._dropped)
 
     def _system_reason(self, status: ComponentStatus) -> str:
         if status is ComponentStatus.HEALTHY:
@@ -636,7 +572,7 @@ class HeartbeatMonitor:
             try:
                 await self.load_state()
             except Exception as exc:
-                log.error("heartbeat.load_failed", node=self.node, error=_error_text(exc))
+                log.error("heartbeat.load_failed", node=self.node, error=error_text(exc))
 
     # --- the cycle ------------------------------------------------------------------------
 
@@ -689,74 +625,14 @@ class HeartbeatMonitor:
         await self._persist(None)
         await self._publish_events()
 
-    async def _run_checks(self) -> list[tuple[_Component, _Outcome]]:
+    async def _run_checks(self) -> list[tuple[_Component, Outcome]]:
         with self._lock:
-            targets = [
-                (c, c.health_check)
-                for c in self._components.values()
-                if c.registered and c.health_check is not None
+            slots = [
+                (comp, slot)
+                for comp in self._components.values()
+                if comp.registered and (slot := comp.slot) is not None
             ]
-        outcomes: list[tuple[_Component, _Outcome]] = []
-        tasks: dict[asyncio.Task[Any], _Component] = {}
-        loop = asyncio.get_running_loop()
-        for comp, check in targets:
-            assert check is not None
-            if comp.check_busy():
-                outcomes.append((comp, _Outcome(False, CHECK_BUSY_REASON)))
-                continue
-            task = loop.create_task(self._invoke(comp, check), name=f"heartbeat-check:{comp.name}")
-            comp.check_task = task
-            tasks[task] = comp
-        if not tasks:
-            return outcomes
-        try:
-            done, pending = await asyncio.wait(tasks, timeout=self.check_timeout)
-        except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-                task.add_done_callback(_consume)
-            raise
-        for task in pending:
-            task.cancel()
-            task.add_done_callback(_consume)
-            reason = f"health check timed out after {self.check_timeout:g}s"
-            outcomes.append((tasks[task], _Outcome(False, reason)))
-        for task in done:
-            if task.cancelled():
-                outcomes.append((tasks[task], _Outcome(False, "health check was cancelled")))
-                continue
-            exc = task.exception()
-            if exc is not None:
-                reason = f"health check raised {_error_text(exc)}"
-                outcomes.append((tasks[task], _Outcome(False, bound_error(reason))))
-                continue
-            result = task.result()
-            if result:
-                outcomes.append((tasks[task], _Outcome(True)))
-            else:
-                outcomes.append(
-                    (tasks[task], _Outcome(False, f"health check returned {reprlib.repr(result)}"))
-                )
-        return outcomes
-
-    async def _invoke(self, comp: _Component, check: HealthCheck) -> Any:
-        if _is_async_callable(check):
-            result = await check()
-        else:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[Any] = loop.create_future()
-            thread = threading.Thread(
-                target=_call_in_thread,
-                args=(check, loop, future),
-                name=f"heartbeat-check:{comp.name}",
-                daemon=True,
-            )
-            comp.check_thread = thread
-            thread.start()
-            result = await future
-        if inspect.isawaitable(result):  # a plain callable that returned a coroutine
-            result = await result
-        return result
+        return await run_checks(slots, self.check_timeout)
 
     # --- persistence and publication -----------------------------------------------------
 
@@ -791,11 +667,8 @@ class HeartbeatMonitor:
                 comp = self._components.get(row.name)
                 if comp is not None:
                     comp.dirty = True
-            for queue in (self._pending_errors, self._pending_changes):
-                if len(queue) > MAX_PENDING:
-                    excess = len(queue) - MAX_PENDING
-                    del queue[:excess]
-                    self._dropped += excess
+            self._trim(self._pending_errors)
+            self._trim(self._pending_changes)
 
     def _written(self, batch: Batch, future: asyncio.Future[None]) -> None:
         if self._inflight is future:
@@ -806,7 +679,7 @@ class HeartbeatMonitor:
             log.error(
                 "heartbeat.persist_failed",
                 node=self.node,
-                error=_error_text(error) if error is not None else "cancelled",
+                error=error_text(error) if error is not None else "cancelled",
                 errors=len(batch.errors),
                 changes=len(batch.changes),
             )
@@ -827,7 +700,7 @@ class HeartbeatMonitor:
             try:
                 engine = await self._get_engine()
             except Exception as exc:
-                log.error("heartbeat.persist_failed", node=self.node, error=_error_text(exc))
+                log.error("heartbeat.persist_failed", node=self.node, error=error_text(exc))
                 return False
             batch = self._take_batch(heartbeat)
             if not batch:
@@ -865,7 +738,7 @@ class HeartbeatMonitor:
                     await result
         except Exception as exc:
             log.error(
-                "heartbeat.publish_failed", node=self.node, topic=topic, error=_error_text(exc)
+                "heartbeat.publish_failed", node=self.node, topic=topic, error=error_text(exc)
             )
 
     # --- lifecycle ------------------------------------------------------------------------

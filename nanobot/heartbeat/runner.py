@@ -1,0 +1,167 @@
+"""Running health checks: plain or async, concurrently, each under one timeout.
+
+A health check is code the monitor does not trust to return. Async checks run as tasks of the
+loop and are cancelled at the timeout. Plain checks run in a daemon thread each: a hung thread
+cannot be killed, so it is abandoned at the timeout, and a daemon thread (not the loop's
+executor, which ``asyncio.run`` and the interpreter wait for at exit) never keeps the process
+from exiting. A :class:`CheckSlot` remembers the run that may still be going on, so that a hung
+check is reported instead of started a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import reprlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from nanobot.models import bound_error
+
+# A health check: no arguments; a truthy result (or awaited result) means healthy.
+HealthCheck = Callable[[], Any]
+
+CHECK_BUSY_REASON: Final = "health check still running from previous cycle"
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    ok: bool
+    reason: str | None = None
+
+
+def is_async_callable(func: Any) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - the object's own __call__ is what we test
+    )
+
+
+def error_text(error: Any) -> str:
+    """A bounded, readable text of an error: ``Type: message`` for an exception."""
+    if isinstance(error, BaseException):
+        message = str(error)
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    else:
+        text = str(error)
+    return bound_error(text) or "(no message)"
+
+
+def _call_in_thread(
+    func: HealthCheck, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
+) -> None:
+    """Run a plain check and hand its outcome to ``future`` on ``loop``."""
+    try:
+        outcome: tuple[bool, Any] = (True, func())
+    except BaseException as exc:  # whatever it is, it is the check's failure
+        outcome = (False, exc)
+
+    def deliver() -> None:
+        if future.done():  # timed out and abandoned: a late result is dropped
+            if outcome[0] and inspect.iscoroutine(outcome[1]):
+                outcome[1].close()
+            return
+        if outcome[0]:
+            future.set_result(outcome[1])
+        else:
+            future.set_exception(outcome[1])
+
+    try:
+        loop.call_soon_threadsafe(deliver)
+    except RuntimeError:  # the loop is closed; nobody waits for this result any more
+        if outcome[0] and inspect.iscoroutine(outcome[1]):
+            outcome[1].close()
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    # An abandoned check that fails later must not log "exception was never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
+class CheckSlot:
+    """One component's health check and the run of it that may still be going on."""
+
+    def __init__(self, check: HealthCheck, name: str) -> None:
+        self.check = check
+        self.name = name
+        self._task: asyncio.Task[Any] | None = None
+        self._thread: threading.Thread | None = None
+
+    def busy(self) -> bool:
+        """The previous run has not finished (a hung thread, a task that ignores cancelling)."""
+        if self._task is not None and not self._task.done():
+            return True
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> asyncio.Task[Any]:
+        self._task = asyncio.get_running_loop().create_task(
+            self._invoke(), name=f"heartbeat-check:{self.name}"
+        )
+        return self._task
+
+    async def _invoke(self) -> Any:
+        if is_async_callable(self.check):
+            result = await self.check()
+        else:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            self._thread = threading.Thread(
+                target=_call_in_thread,
+                args=(self.check, loop, future),
+                name=f"heartbeat-check:{self.name}",
+                daemon=True,
+            )
+            self._thread.start()
+            result = await future
+        if inspect.isawaitable(result):  # a plain callable that returned a coroutine
+            result = await result
+        return result
+
+
+async def run_checks(
+    slots: Sequence[tuple[K, CheckSlot]], check_timeout: float
+) -> list[tuple[K, Outcome]]:
+    """Run every check at once and wait ``check_timeout`` seconds at most for all of them.
+
+    A check passes when its result is truthy; it fails when it raises, returns a false value,
+    times out or is still running from an earlier call. Never raises for a check.
+    """
+    outcomes: list[tuple[K, Outcome]] = []
+    tasks: dict[asyncio.Task[Any], K] = {}
+    for key, slot in slots:
+        if slot.busy():
+            outcomes.append((key, Outcome(False, CHECK_BUSY_REASON)))
+        else:
+            tasks[slot.start()] = key
+    if not tasks:
+        return outcomes
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=check_timeout)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+            task.add_done_callback(_consume)
+        raise
+    for task in pending:
+        task.cancel()
+        task.add_done_callback(_consume)
+        outcomes.append(
+            (tasks[task], Outcome(False, f"health check timed out after {check_timeout:g}s"))
+        )
+    for task in done:
+        if task.cancelled():
+            outcomes.append((tasks[task], Outcome(False, "health check was cancelled")))
+        elif (exc := task.exception()) is not None:
+            reason = bound_error(f"health check raised {error_text(exc)}")
+            outcomes.append((tasks[task], Outcome(False, reason)))
+        elif result := task.result():
+            outcomes.append((tasks[task], Outcome(True)))
+        else:
+            reason = f"health check returned {reprlib.repr(result)}"
+            outcomes.append((tasks[task], Outcome(False, reason)))
+    return outcomes
