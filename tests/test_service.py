@@ -1,0 +1,363 @@
+"""End to end: the real service as a subprocess on a temporary NANOBOT_HOME.
+
+Each test starts ``python -m nanobot`` with a 1 s heartbeat, a 0.2 s scheduler poll and a 3 s
+lease, waits for ``/healthz`` with a deadline, and kills what it started in ``finally``. The
+command line runs in this process (click's runner) against the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from nanobot.cli import cli
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+T = TypeVar("T")
+
+BASE_ENV = {
+    "NANOBOT_HEARTBEAT__INTERVAL": "1",
+    "NANOBOT_CRON__POLL_INTERVAL": "0.2",
+    "NANOBOT_SERVICE__LEASE_TTL": "3",
+    "NANOBOT_LOGGING__FORMAT": "json",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 10.0) -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def http(url: str, method: str = "GET") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Service:
+    """One ``python -m nanobot`` subprocess."""
+
+    def __init__(self, home: Path, log: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        full = dict(os.environ) | BASE_ENV | env
+        full["NANOBOT_HOME"] = str(home)
+        full["NANOBOT_HTTP__PORT"] = str(self.port)
+        full["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nanobot"],
+            env=full,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            status, body = http(self.base + "/healthz")
+        except OSError:
+            return None
+        return json.loads(body) if status == 200 else None
+
+    def wait_healthy(self, timeout: float = 20.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited {self.proc.returncode}:\n{self.output()}")
+            return self.health()
+
+        return wait_for("/healthz", check, timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def output(self, tail: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def services(
+    nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Service]]:
+    """Start services on this test's NANOBOT_HOME; every one is killed afterwards."""
+    for name, value in BASE_ENV.items():
+        monkeypatch.setenv(name, value)
+    started: list[Service] = []
+
+    def start(**env: str) -> Service:
+        service = Service(nanobot_home, tmp_path / f"service{len(started)}.log", **env)
+        started.append(service)
+        return service
+
+    try:
+        yield start
+    finally:
+        for service in started:
+            service.kill()
+
+
+def run_cli(*args: str) -> tuple[int, Any]:
+    """Run a command in this process; its exit code and its stdout parsed as JSON if it is."""
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    try:
+        return result.exit_code, json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return result.exit_code, result.stdout + result.stderr
+
+
+def lines(path: Path, word: str | None = None) -> list[list[str]]:
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if word is None or r[0] == word]
+
+
+def add_append(name: str, path: Path, interval: float) -> None:
+    code, out = run_cli(
+        "cron", "add", name, "--task", "e2e_tasks:AppendLine",
+        "--interval", str(interval), "--kwargs", json.dumps({"path": str(path)}), "--json",
+    )  # fmt: skip
+    assert code == 0, out
+
+
+def history(name: str) -> list[dict[str, Any]]:
+    code, runs = run_cli("cron", "history", name, "--limit", "100", "--json")
+    assert code == 0, runs
+    assert isinstance(runs, list)
+    return runs
+
+
+def test_status_and_every_endpoint_while_running_then_after_stop(
+    services: Callable[..., Service],
+) -> None:
+    """Running: status healthy (exit 0) and the endpoints answer; stopped: down (exit 2)."""
+    service = services()
+    assert service.wait_healthy()["role"] == "leader"
+
+    def healthy() -> dict[str, Any] | None:
+        code, data = run_cli("status", "--json")
+        return data if code == 0 else None
+
+    data = wait_for("status healthy", healthy)
+    assert data["status"] == "healthy"
+    assert data["service"]["running"] is True
+    assert data["service"]["leader"]["holder"].endswith(f":{service.proc.pid}")
+    assert {c["name"] for c in data["components"]} >= {"database", "cron", "bus"}
+    assert {t["name"] for t in data["tasks"]} == {"cleanup", "heartbeat"}
+
+    status, body = http(service.base + "/readyz")
+    assert status == 200
+    status, body = http(service.base + "/status")
+    assert status == 200
+    assert {"status", "service", "components", "tasks"} <= set(json.loads(body))
+    status, body = http(service.base + "/metrics")
+    assert status == 200
+    families = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {
+        "nanobot_task_runs", "nanobot_task_duration_seconds", "nanobot_component_up",
+        "nanobot_task_next_run_timestamp_seconds", "nanobot_heartbeat_timestamp_seconds",
+        "nanobot_task_last_success_timestamp_seconds", "nanobot_build_info", "nanobot_leader",
+    } <= families  # fmt: skip
+    assert http(service.base + "/nope")[0] == 404
+    assert http(service.base + "/healthz", method="POST")[0] == 405
+    assert http(service.base + "/metrics", method="DELETE")[0] == 405
+    assert service.health() is not None, "the service survives whatever a client sends"
+
+    stopping_at = time.time()
+    assert service.stop() == 0
+    code, data = run_cli("status", "--json")
+    assert code == 2
+    assert data["service"]["running"] is False
+    assert data["status"] == "error"
+    from datetime import datetime
+
+    last = datetime.fromisoformat(data["service"]["last_heartbeat"]).timestamp()
+    assert last >= stopping_at - 0.5, "a last heartbeat is recorded at stop"
+    log = service.output(tail=10**7)
+    assert '"service.starting"' in log
+    assert "nanobot.db" in log
+    assert "nanobot.log" in log
+
+
+def test_command_line_changes_apply_within_two_seconds(
+    services: Callable[..., Service], tmp_path: Path
+) -> None:
+    """add, run, pause, resume and remove take effect in the running service within 2 s."""
+    service = services()
+    service.wait_healthy()
+    out = tmp_path / "job.txt"
+    t0 = time.monotonic()
+    add_append("job", out, 60)
+    wait_for("first run of an added task", lambda: lines(out), timeout=2.0)
+    assert time.monotonic() - t0 < 2.5
+
+    t0 = time.monotonic()
+    assert run_cli("cron", "run", "job")[0] == 0
+    wait_for("the requested run", lambda: len(lines(out)) >= 2, timeout=2.0)
+
+    code, task = run_cli("cron", "pause", "job", "--json")
+    assert code == 0
+    assert task["next_run_at"] is None
+    assert run_cli("cron", "remove", "job")[0] == 0
+    add_append("fast", tmp_path / "fast.txt", 0.5)
+    wait_for("a fast task runs", lambda: len(lines(tmp_path / "fast.txt")) >= 2, timeout=3.0)
+    assert run_cli("cron", "pause", "fast")[0] == 0
+    time.sleep(0.5)  # let a run dispatched just before the pause finish
+    paused_count = len(lines(tmp_path / "fast.txt"))
+    time.sleep(1.5)  # a paused task must stay quiet: nothing to wait for but time
+    assert len(lines(tmp_path / "fast.txt")) == paused_count
+    assert run_cli("cron", "resume", "fast")[0] == 0
+    wait_for("the resumed task runs", lambda: len(lines(tmp_path / "fast.txt")) > paused_count, 2.0)
+    assert service.stop() == 0
+
+
+def test_sigterm_with_a_run_in_flight_cancels_it_after_the_grace(
+    services: Callable[..., Service], tmp_path: Path
+) -> None:
+    """SIGTERM: no new runs, grace for the run in flight, then cancelled and recorded; exit 0."""
+    service = services(NANOBOT_SERVICE__SHUTDOWN_GRACE="1")
+    service.wait_healthy()
+    out = tmp_path / "slow.txt"
+    code, _ = run_cli(
+        "cron", "add", "slow", "--task", "e2e_tasks:SlowTask", "--interval", "60",
+        "--kwargs", json.dumps({"path": str(out), "seconds": 30}),
+    )  # fmt: skip
+    assert code == 0
+    wait_for("the slow run starts", lambda: lines(out, "start"), timeout=3.0)
+    t0 = time.monotonic()
+    assert service.stop() == 0
+    assert time.monotonic() - t0 < 6, "the grace is 1 s"
+    assert lines(out, "cancelled")
+    assert not lines(out, "end")
+    runs = history("slow")
+    assert runs[0]["outcome"] == "cancelled"
+    assert runs[0]["finished_at"] is not None
+
+
+def test_kill_9_and_restart_loses_nothing_and_catches_up_once(
+    services: Callable[..., Service], tmp_path: Path
+) -> None:
+    """After kill -9 and a restart, the run left running is interrupted, the missed slots are
+    caught up by one run, and the task keeps its schedule."""
+    first = services()
+    first.wait_healthy()
+    out = tmp_path / "tick.txt"
+    add_append("tick", out, 1)
+    wait_for("two runs", lambda: len(lines(out)) >= 2, timeout=4.0)
+    first.stop(signal.SIGKILL)
+    time.sleep(3.5)  # the downtime itself: slots pass while nothing runs
+    before = len(lines(out))
+    second = services()
+    health = wait_for(
+        "the restarted service leads", lambda: (h := second.health()) and h["role"] == "leader",
+        timeout=15.0,
+    )  # fmt: skip
+    assert health
+    wait_for("a catch-up run", lambda: len(lines(out)) > before, timeout=3.0)
+    runs = history("tick")
+    missed = [r for r in runs if r["outcome"] == "missed"]
+    assert missed, "the slots that passed during the downtime are recorded as missed"
+    slots = [r["scheduled_at"] for r in runs]
+    assert len(slots) == len(set(slots)), "no slot was recorded twice"
+    pids = {row[2] for row in lines(out)}
+    assert pids == {str(first.proc.pid), str(second.proc.pid)}
+    _code, tasks = run_cli("cron", "list", "--json")
+    assert [t["name"] for t in tasks if t["name"] == "tick"] == ["tick"]
+    assert second.stop() == 0
+
+
+def test_second_instance_stands_by_and_takes_over(
+    services: Callable[..., Service], tmp_path: Path
+) -> None:
+    """A second service on the same database runs no task until the first stops; then it
+    takes over within a lease poll, and no slot runs twice."""
+    first = services()
+    assert first.wait_healthy()["role"] == "leader"
+    second = services(NANOBOT_SERVICE__NODE="second")
+    assert second.wait_healthy()["role"] == "standby"
+    out = tmp_path / "tick.txt"
+    add_append("tick", out, 0.5)
+    wait_for("runs", lambda: len(lines(out)) >= 3, timeout=4.0)
+    assert {row[2] for row in lines(out)} == {str(first.proc.pid)}
+    _status, body = http(second.base + "/metrics")
+    assert b'nanobot_leader{node="second"} 0.0' in body
+
+    stopped_at = time.monotonic()
+    assert first.stop() == 0
+    wait_for(
+        "the standby leads",
+        lambda: (h := second.health()) is not None and h["role"] == "leader",
+        timeout=5.0,
+    )
+    takeover = time.monotonic() - stopped_at
+    count = len(lines(out))
+    wait_for("runs by the new leader", lambda: len(lines(out)) > count + 1, timeout=4.0)
+    assert str(second.proc.pid) in {row[2] for row in lines(out)}
+    runs = history("tick")
+    slots = [r["scheduled_at"] for r in runs]
+    assert len(slots) == len(set(slots))
+    ran = [r for r in runs if r["outcome"] in ("success", "running")]
+    assert len(lines(out)) >= len([r for r in ran if r["outcome"] == "success"])
+    print(f"take-over after a clean stop: {takeover:.2f}s")
+    assert second.stop() == 0
+
+
+def test_a_second_signal_exits_at_once(services: Callable[..., Service], tmp_path: Path) -> None:
+    """While the first signal waits for a run in flight, a second one exits immediately."""
+    service = services(NANOBOT_SERVICE__SHUTDOWN_GRACE="30")
+    service.wait_healthy()
+    out = tmp_path / "slow.txt"
+    code, _ = run_cli(
+        "cron", "add", "slow", "--task", "e2e_tasks:SlowTask", "--interval", "60",
+        "--kwargs", json.dumps({"path": str(out), "seconds": 30}),
+    )  # fmt: skip
+    assert code == 0
+    wait_for("the slow run starts", lambda: lines(out, "start"), timeout=3.0)
+    service.proc.send_signal(signal.SIGTERM)
+    wait_for("the stop begins", lambda: '"service.stopping"' in service.output(10**7), 3.0)
+    t0 = time.monotonic()
+    assert service.stop(signal.SIGINT, timeout=5) == 1
+    assert time.monotonic() - t0 < 2
+    assert '"exit_now"' in service.output()
