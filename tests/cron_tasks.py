@@ -77,3 +77,13 @@ class Gate(CronTask):
         assert Gate.release is not None
         Gate.started.set()
         await Gate.release.wait()
+
+
+class Flaky(CronTask):
+    """Fails while ``Flaky.failing`` is true, succeeds otherwise."""
+
+    failing: ClassVar[bool] = True
+
+    async def run(self) -> None:
+        if Flaky.failing:
+            raise RuntimeError("flaky")

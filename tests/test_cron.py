@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import structlog
-from cron_tasks import Counter, Failing, Gate
+from cron_tasks import Counter, Failing, Flaky, Gate
 from sqlalchemy import Engine, select, text, update
 
 from nanobot.bus import MessageBus
@@ -530,7 +530,7 @@ def test_unknown_name_raises_key_error(db_url: str, call: Callable[[CronManager]
 
 @pytest.mark.parametrize(
     ("name", "task"),
-    [("", Counter()), ("x" * 201, Counter()), (" pad", Counter()), ("ok", object())],
+    [("", Counter()), ("x" * 196, Counter()), (" pad", Counter()), ("ok", object())],
 )
 def test_bad_registration_is_refused(db_url: str, name: str, task: Any) -> None:
     """A bad name or a task that is not a CronTask is refused with InvalidTaskError."""
@@ -626,3 +626,29 @@ async def test_unloadable_job_is_kept_and_reported(
     assert "cannot be loaded" in task_row(engine, "u").broken_reason
     assert job_next_run(engine, "u") == 0
     assert manager.is_alive()
+
+
+async def test_failed_run_marks_task_component_and_success_clears_it(
+    db_url: str, bus: MessageBus
+) -> None:
+    """A run that raises puts the task's component in error; the next success clears it."""
+    from nanobot.heartbeat import HeartbeatMonitor
+
+    monitor = HeartbeatMonitor(bus, interval=30)
+    outcomes = Outcomes(bus)
+    manager = CronManager(poll_interval=POLL, bus=bus, monitor=monitor)
+    Flaky.failing = True
+    try:
+        manager.register_task("fl", Flaky(0.05))
+        await manager.start_task("fl")
+        await outcomes.wait(lambda: bool(outcomes.of("fl", "error")))
+        status = monitor.get_component_status("task:fl")
+        assert status["status"] == "error"
+        assert "flaky" in status["errors"][-1]["error"]
+        Flaky.failing = False
+        await outcomes.wait(lambda: bool(outcomes.of("fl", "success")))
+        assert monitor.get_component_status("task:fl")["status"] == "healthy"
+        manager.unregister_task("fl")
+        assert monitor.get_component_status("task:fl")["status"] == "unknown"
+    finally:
+        await manager.shutdown(grace=0)

@@ -13,7 +13,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -93,11 +93,15 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+# A task is also the heartbeat component "task:<name>", whose name has NAME_MAX characters.
+TASK_NAME_MAX: Final = NAME_MAX - len("task:")
+
+
 def check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidTaskError(f"a task name must be a non-empty string, got {name!r}")
-    if len(name) > NAME_MAX:
-        raise InvalidTaskError(f"a task name may have at most {NAME_MAX} characters")
+    if len(name) > TASK_NAME_MAX:
+        raise InvalidTaskError(f"a task name may have at most {TASK_NAME_MAX} characters")
     if name != name.strip():
         raise InvalidTaskError(f"a task name may not start or end with spaces: {name!r}")
     return name

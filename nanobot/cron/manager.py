@@ -35,6 +35,7 @@ from nanobot.cron.history import Claim, Finish
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidTaskError, UnknownTaskError
+from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
 from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
 from nanobot.node import node_name
 
@@ -57,6 +58,11 @@ class _Launch:
     manual: bool
 
 
+def task_component(name: str) -> str:
+    """The heartbeat component that stands for a task."""
+    return f"task:{name}"
+
+
 def _policy(policy: MisfirePolicy, interval: float) -> tuple[MisfirePolicy, float]:
     return policy, min(interval * SKIP_GRACE_SHARE, SKIP_GRACE_MAX)
 
@@ -77,12 +83,15 @@ class CronManager:
         clock: Callable[[], datetime] | None = None,
         poll_interval: float | None = None,
         bus: MessageBus | None = None,
+        monitor: HeartbeatMonitor | None = None,
     ) -> None:
         self._engine = engine
         self._node = node
         self._clock = clock or utcnow
         self._poll_interval = poll_interval
         self._bus = bus
+        self._monitor = monitor
+        self._health_registered: set[str] = set()
         self._registered: dict[str, CronTask] = {}
         self._ephemeral: dict[str, TaskDefinition] = {}
         self._built: dict[str, tuple[str, str, CronTask]] = {}
@@ -131,6 +140,38 @@ class CronManager:
         if self._bus is None:
             self._bus = get_bus()
         return self._bus
+
+    @property
+    def monitor(self) -> HeartbeatMonitor:
+        if self._monitor is None:
+            self._monitor = get_heartbeat_monitor()
+        return self._monitor
+
+    def _health(self, name: str, interval: float, outcome: TaskOutcome, error: str | None) -> None:
+        """Section 5.2.3 of the seed: a task is a component, ``task:<name>``; a failed run
+        puts it in error and the next successful run clears it."""
+        component = task_component(name)
+        try:
+            if component not in self._health_registered:
+                # A task that runs hourly must not look stale after two heartbeat intervals.
+                self.monitor.register_component(component, stale_after=2 * interval + 60)
+                self._health_registered.add(component)
+            if outcome is TaskOutcome.SUCCESS:
+                self.monitor.update_component_heartbeat(component)
+            elif outcome in (TaskOutcome.ERROR, TaskOutcome.TIMEOUT):
+                self.monitor.mark_component_error(component, error or outcome.value)
+        except Exception:
+            # Health reporting must never break a run's bookkeeping.
+            log.exception("cron.health_update_failed", task=name)
+
+    def _forget_health(self, name: str) -> None:
+        component = task_component(name)
+        if component in self._health_registered:
+            self._health_registered.discard(component)
+            try:
+                self.monitor.unregister_component(component)
+            except Exception:
+                log.exception("cron.health_update_failed", task=name)
 
     def _known(self, name: str) -> bool:
         if name in self._registered or name in self._ephemeral:
@@ -188,6 +229,7 @@ class CronManager:
             self._built.pop(name, None)
         if task is not None:
             task.set_running(False)
+        self._forget_health(name)
         if ephemeral is not None:
             if self._scheduler is not None:
                 self._scheduler.remove(name, EPHEMERAL)
@@ -502,6 +544,7 @@ class CronManager:
             self._policies.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
+            scheduler.call_soon(self._forget_health, name)
             if name not in self._ephemeral:
                 scheduler.call_soon(self._cancel_run, name, "the task was removed")
         if next_runs:
@@ -698,6 +741,7 @@ class CronManager:
                 task.set_task(None)
                 duration = (finished - started).total_seconds()
                 log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
+                self._health(launch.name, task.get_interval(), outcome, error)
                 self._record(
                     Finish(
                         task=launch.name,
