@@ -652,3 +652,52 @@ async def test_failed_run_marks_task_component_and_success_clears_it(
         assert monitor.get_component_status("task:fl")["status"] == "unknown"
     finally:
         await manager.shutdown(grace=0)
+
+
+async def test_unimportable_class_is_kept_and_recovers(
+    engine: Engine, bus: MessageBus, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored task whose class can no longer be imported (after a restart) is kept in the
+    job store and in tasks, marked broken with the import error, and runs again once its
+    class is back."""
+    import importlib
+    import sys
+
+    module_dir = tmp_path / "mods"
+    module_dir.mkdir()
+    source = (
+        "from nanobot.cron import CronTask\n"
+        "class Vanishing(CronTask):\n"
+        "    async def run(self) -> None:\n"
+        "        pass\n"
+    )
+    module = module_dir / "vanishing_mod.py"
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(module_dir))
+    definition = control.definition_from_class("v", "vanishing_mod:Vanishing", 0.2)
+    control.add_task(engine, definition)
+
+    module.unlink()
+    sys.modules.pop("vanishing_mod", None)
+    importlib.invalidate_caches()
+    outcomes = Outcomes(bus)
+    manager = CronManager(poll_interval=POLL, bus=bus)
+    await manager.start()
+    try:
+        await outcomes.wait(lambda: bool(outcomes.of("v", "error")))
+        await manager.flush()
+        async with asyncio.timeout(WAIT):
+            while task_row(engine, "v").broken_reason is None:
+                await asyncio.sleep(POLL)
+        assert "cannot import module 'vanishing_mod'" in task_row(engine, "v").broken_reason
+        assert job_next_run(engine, "v") is not None, "the job is kept"
+        assert "cannot import" in runs(engine, "v")[0].error
+
+        module.write_text(source)
+        importlib.invalidate_caches()
+        await outcomes.wait(lambda: bool(outcomes.of("v", "success")))
+        async with asyncio.timeout(WAIT):
+            while task_row(engine, "v").broken_reason is not None:
+                await asyncio.sleep(POLL)
+    finally:
+        await manager.shutdown(grace=0)
