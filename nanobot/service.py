@@ -287,7 +287,8 @@ class Service:
         manager = get_cron_manager()
         self._manager = manager
         register_builtin_tasks()
-        await manager.start()
+        # This process holds the lease: runs still marked running belong to a leader now gone.
+        await manager.start(takeover=True)
         await manager.start_all_tasks()
 
     async def _stop_scheduling(self, *, reason: str, grace: float = 0.0) -> None:

@@ -701,3 +701,17 @@ async def test_unimportable_class_is_kept_and_recovers(
                 await asyncio.sleep(POLL)
     finally:
         await manager.shutdown(grace=0)
+
+
+async def test_takeover_marks_every_nodes_running_rows(db_url: str, bus: MessageBus) -> None:
+    """A leader taking over records as interrupted the runs that any dead node left running."""
+    manager = CronManager(poll_interval=POLL, bus=bus, node="new-leader")
+    engine = manager.engine
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        history.claim_slots(conn, [history.Claim("old", slot)], node="dead-leader")
+    await manager.start(takeover=True)
+    try:
+        assert runs(engine, "old")[0].outcome == "interrupted"
+    finally:
+        await manager.shutdown(grace=0)

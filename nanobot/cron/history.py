@@ -187,20 +187,19 @@ def set_broken(engine: Engine, reasons: dict[str, str | None]) -> None:
             )
 
 
-def mark_interrupted(engine: Engine, *, node: str, now: datetime) -> int:
-    """Record as ``interrupted`` the runs this node left ``running`` when it died."""
+def mark_interrupted(engine: Engine, *, node: str | None, now: datetime) -> int:
+    """Record as ``interrupted`` the runs left ``running`` by a process that died: those of
+    ``node``, or of every node (``node=None``, for a leader taking over: only the leader runs
+    tasks, so whatever still says running belongs to a leader that is gone)."""
     running = TaskRun.outcome == TaskOutcome.RUNNING.value
+    where = [running] if node is None else [running, TaskRun.node == node]
     with write_transaction(engine) as conn:
-        names = list(
-            conn.execute(
-                select(TaskRun.task_name).where(running, TaskRun.node == node).distinct()
-            ).scalars()
-        )
+        names = list(conn.execute(select(TaskRun.task_name).where(*where).distinct()).scalars())
         if not names:
             return 0
         result = conn.execute(
             update(TaskRun)
-            .where(running, TaskRun.node == node)
+            .where(*where)
             .values(
                 outcome=TaskOutcome.INTERRUPTED.value,
                 finished_at=now,

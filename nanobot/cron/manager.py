@@ -355,9 +355,14 @@ class CronManager:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, takeover: bool = False) -> None:
         """Start the scheduler: record runs a dead process left as interrupted, apply the stored
-        tasks, and dispatch. Idempotent."""
+        tasks, and dispatch. Idempotent.
+
+        By default only this node's runs left ``running`` are recorded interrupted (another
+        process may be running its own). A service that has just taken the scheduling lease
+        passes ``takeover=True``: every run left ``running`` belonged to a leader now gone.
+        """
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
@@ -366,7 +371,10 @@ class CronManager:
             self._closing = False
             engine = await asyncio.to_thread(lambda: self.engine)
             interrupted = await asyncio.to_thread(
-                history.mark_interrupted, engine, node=self.node, now=self._clock()
+                history.mark_interrupted,
+                engine,
+                node=None if takeover else self.node,
+                now=self._clock(),
             )
             if interrupted:
                 log.warning("cron.runs_interrupted", count=interrupted, node=self.node)
