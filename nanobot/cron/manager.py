@@ -50,12 +50,19 @@ FLUSH_RETRY_S: Final = 1.0
 
 @dataclass(frozen=True, slots=True)
 class _Launch:
+    """A claimed slot handed from the worker thread to the event loop, its task built."""
+
     name: str
-    task_class: str
-    kwargs: dict[str, Any]
     slot: datetime
     run_id: int
     manual: bool
+    task: CronTask | None
+    build_error: str | None = None
+
+
+# Launches handed to the loop in one go are started this many per loop iteration, so that a burst
+# of thousands of due tasks never holds the event loop for long.
+LAUNCH_CHUNK: Final = 100
 
 
 def task_component(name: str) -> str:
@@ -468,16 +475,17 @@ class CronManager:
                 claimed = history.claim_slots(conn, claims, node=self.node)
                 history.set_next_runs(conn, next_runs)
             scheduler.advance_memory()
+        ready: list[_Launch] = []
         for key, (task_class, kwargs, is_manual) in launches.items():
             run_id = claimed.get(key)
             if run_id is None:
                 log.info("cron.slot_already_claimed", task=key[0], scheduled_at=key[1].isoformat())
                 continue
-            scheduler.call_soon(
-                self._launch, _Launch(key[0], task_class, kwargs, key[1], run_id, is_manual)
-            )
-        for finish in unrun:
-            scheduler.call_soon(self._announce, finish)
+            ready.append(self._prepare(key[0], task_class, kwargs, key[1], run_id, is_manual))
+        if ready:
+            scheduler.call_soon(self._launch_batch, ready)
+        if unrun:
+            scheduler.call_soon(self._announce_batch, unrun)
         self._sync_unloadable(scheduler)
         return scheduler.next_wakeup(self._clock())
 
@@ -625,12 +633,10 @@ class CronManager:
             claimed = history.claim_slots(conn, [Claim(definition.name, now, True)], node=self.node)
         run_id = claimed.get((definition.name, now))
         if run_id is not None:
-            scheduler.call_soon(
-                self._launch,
-                _Launch(
-                    definition.name, definition.task_class, definition.kwargs, now, run_id, True
-                ),
+            launch = self._prepare(
+                definition.name, definition.task_class, definition.kwargs, now, run_id, True
             )
+            scheduler.call_soon(self._launch_batch, [launch])
 
     def _sync_unloadable(self, scheduler: NanobotScheduler) -> None:
         reasons: dict[str, str | None] = dict(scheduler.store.unloadable)
@@ -662,6 +668,33 @@ class CronManager:
             self._built[name] = (task_class, key, task)
         return task
 
+    def _prepare(
+        self,
+        name: str,
+        task_class: str,
+        kwargs: dict[str, Any],
+        slot: datetime,
+        run_id: int,
+        manual: bool,
+    ) -> _Launch:
+        """Build (or find) the task of a claimed slot, in the worker thread: importing a class
+        and constructing a task is no work for the event loop."""
+        try:
+            task = self._instance(name, task_class, kwargs)
+        except InvalidTaskError as exc:
+            return _Launch(name, slot, run_id, manual, None, str(exc))
+        return _Launch(name, slot, run_id, manual, task)
+
+    def _launch_batch(self, batch: list[_Launch]) -> None:
+        for launch in batch[:LAUNCH_CHUNK]:
+            self._launch(launch)
+        if len(batch) > LAUNCH_CHUNK:
+            asyncio.get_running_loop().call_soon(self._launch_batch, batch[LAUNCH_CHUNK:])
+
+    def _announce_batch(self, finishes: list[Finish]) -> None:
+        for finish in finishes:
+            self._announce(finish)
+
     def _launch(self, launch: _Launch) -> None:
         now = self._clock()
         if self._closing:
@@ -677,12 +710,12 @@ class CronManager:
                 )
             )
             return
-        try:
-            task = self._instance(launch.name, launch.task_class, launch.kwargs)
-        except InvalidTaskError as exc:
-            log.error("task.unbuildable", task=launch.name, run_id=launch.run_id, error=str(exc))
+        task = launch.task
+        if task is None:
+            error = launch.build_error or "the task could not be built"
+            log.error("task.unbuildable", task=launch.name, run_id=launch.run_id, error=error)
             with self._lock:
-                self._broken[launch.name] = str(exc)
+                self._broken[launch.name] = error
             self._record(
                 Finish(
                     task=launch.name,
@@ -691,7 +724,7 @@ class CronManager:
                     outcome=TaskOutcome.ERROR,
                     started_at=now,
                     finished_at=now,
-                    error=str(exc),
+                    error=error,
                 )
             )
             return
