@@ -50,6 +50,9 @@ QUIET_LOGGERS: Final[dict[str, int]] = {
     "sqlalchemy.engine": logging.WARNING,
     "sqlalchemy.pool": logging.WARNING,
     "aiohttp.access": logging.WARNING,
+    # Alembic says "Context impl SQLiteImpl" at every schema check; nanobot logs db.migrated
+    # with the revisions before and after when a migration really ran.
+    "alembic.runtime.migration": logging.WARNING,
 }
 
 
