@@ -29,8 +29,13 @@ def _engine() -> Engine:
         return engine
     from nanobot.config import get_config
     from nanobot.db import get_engine
+    from nanobot.exceptions import ConfigError
 
-    return get_engine(get_config())
+    try:
+        return get_engine(get_config())
+    except ConfigError as exc:
+        # One line, as nanobot's own commands say it, rather than a traceback.
+        raise SystemExit(f"nanobot: error: {exc}") from None
 
 
 def _include_object(
