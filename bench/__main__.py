@@ -1,0 +1,118 @@
+"""``python -m bench [--quick] [--only drift,burst,...] [--write-results]``.
+
+Runs each figure in its own child process, prints one table (every figure beside its baseline
+measured in the same run, and the ratio) and, with ``--write-results``, rewrites
+bench/RESULTS.md with the table, the command, the machine and each figure's notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import FIGURES
+from bench.common import REPO, Result, machine, markdown_table, text_table
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def _child(name: str, quick: bool, out: Path) -> None:
+    module = importlib.import_module(f"bench.{FIGURES[name]}")
+    result: Result = module.run(quick)
+    out.write_text(json.dumps(result.to_json()))
+
+
+def _run_figure(name: str, quick: bool) -> Result:
+    with tempfile.TemporaryDirectory(prefix="nanobot-bench-out-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "bench", "--child", name, "--out", str(out)]
+        if quick:
+            cmd.append("--quick")
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        started = time.monotonic()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+        elapsed = time.monotonic() - started
+        if proc.returncode != 0 or not out.exists():
+            result = Result(name)
+            result.notes.append(f"**{name} failed** (exit code {proc.returncode}); see stderr.")
+            return result
+        result = Result.from_json(json.loads(out.read_text()))
+        result.settings["wall_s"] = round(elapsed, 1)
+        return result
+
+
+def _write_results(results: list[Result], command: str, started: datetime) -> None:
+    rows = [r for res in results for r in res.rows]
+    lines = [
+        "# Benchmark results",
+        "",
+        "The latest table written by `python -m bench --write-results`. Each figure runs in its "
+        "own process; every value is compared with its baseline measured in the same run, on "
+        "fresh SQLite files in a temporary directory. Absolute times on a shared 2-core machine "
+        "are noisy; the ratios are what count. See bench/README.md for what each figure means.",
+        "",
+        f"Command: `{command}`  ",
+        f"Run: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in machine().items()],
+        "",
+        "## Table",
+        "",
+        markdown_table(rows),
+        "",
+        "## Settings",
+        "",
+        *[f"- {res.figure}: `{json.dumps(res.settings)}`" for res in results],
+        "",
+    ]
+    for res in results:
+        if res.notes:
+            lines += [f"## Notes: {res.figure}", "", *[n + "\n" for n in res.notes]]
+    RESULTS.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller settings, each < 1 min")
+    parser.add_argument("--only", default="", help=f"comma-separated: {','.join(FIGURES)}")
+    parser.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.quick, Path(args.out))
+        return
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(FIGURES)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    started = datetime.now(UTC)
+    results = []
+    for name in names:
+        print(f"== {name} ...", file=sys.stderr, flush=True)
+        res = _run_figure(name, args.quick)
+        print(f"== {name}: {res.settings.get('wall_s', '?')} s", file=sys.stderr, flush=True)
+        results.append(res)
+    print(text_table([r for res in results for r in res.rows]))
+    for res in results:
+        for note in res.notes:
+            if note.startswith("**"):
+                print(note)
+    if args.write_results:
+        command = "python -m bench" + " ".join(["", *sys.argv[1:]])
+        _write_results(results, command, started)
+        print(f"wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

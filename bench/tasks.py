@@ -1,0 +1,69 @@
+"""The work the benchmarks schedule: it records when it started, from inside the run.
+
+``Stamp`` is a nanobot task (stored by class path ``bench.tasks:Stamp``, so a scheduler builds
+it from the database like any stored task); :func:`stamp` is the same work as a plain coroutine
+function for the APScheduler baselines. Both append ``(time.time(), anchor)`` to
+``STARTS[key]`` before doing anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from nanobot.cron import CronTask
+
+STARTS: dict[str, list[tuple[float, float | None]]] = {}
+_WANTED: dict[str, tuple[int, asyncio.Event]] = {}
+
+
+def expect(key: str, count: int) -> asyncio.Event:
+    """An event set once ``count`` starts are recorded under ``key`` (call inside the loop)."""
+    STARTS[key] = []
+    done = asyncio.Event()
+    _WANTED[key] = (count, done)
+    return done
+
+
+def _record(key: str, anchor: float | None) -> None:
+    starts = STARTS.setdefault(key, [])
+    starts.append((time.time(), anchor))
+    wanted = _WANTED.get(key)
+    if wanted is not None and len(starts) >= wanted[0]:
+        wanted[1].set()
+
+
+class Stamp(CronTask):
+    """Records its start, then works ``busy`` seconds (awaiting, as an I/O-bound run does)."""
+
+    def __init__(
+        self, interval: float = 60, key: str = "default", anchor: float | None = None, busy=0.0
+    ) -> None:
+        super().__init__(interval)
+        self.key = key
+        self.anchor = anchor
+        self.busy = busy
+
+    async def run(self) -> None:
+        _record(self.key, self.anchor)
+        if self.busy:
+            await asyncio.sleep(self.busy)
+
+
+async def stamp(key: str, anchor: float | None = None, busy: float = 0.0) -> None:
+    _record(key, anchor)
+    if busy:
+        await asyncio.sleep(busy)
+
+
+class WriteTime(CronTask):
+    """Writes ``time.time()`` to a file at its start (the start-up figure's first dispatch)."""
+
+    def __init__(self, interval: float = 3600, path: str = "first.txt") -> None:
+        super().__init__(interval)
+        self.path = path
+
+    async def run(self) -> None:
+        now = time.time()
+        Path(self.path).write_text(repr(now))  # noqa: ASYNC240 - microseconds, once
