@@ -101,7 +101,7 @@ def fmt(value: float | None, unit: str = "") -> str:
 def fmt_ratio(ratio: float | None) -> str:
     if ratio is None:
         return "-"
-    return f"{ratio:.2f}x" if ratio < 100 else f"{ratio:.0f}x"
+    return f"{ratio:.3g}x" if ratio < 100 else f"{ratio:.0f}x"
 
 
 def verdict(met: bool | None) -> str:
