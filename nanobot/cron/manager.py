@@ -21,7 +21,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
@@ -63,6 +63,8 @@ class _Launch:
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
 # of thousands of due tasks never holds the event loop for long.
 LAUNCH_CHUNK: Final = 100
+# How far ahead of its time a slot is claimed; the loop then starts it at its exact time.
+SCHEDULE_LEAD: Final = 0.05
 
 
 def task_component(name: str) -> str:
@@ -113,6 +115,7 @@ class CronManager:
         self._pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._delayed: dict[int, tuple[asyncio.TimerHandle, _Launch]] = {}
         self._schema_ready = False
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
@@ -405,6 +408,10 @@ class CronManager:
         # Let the pass in progress hand over what it claimed before nothing more may start.
         await scheduler.quiesce()
         self._closing = True
+        # Slots claimed ahead of their time and not started yet: recorded cancelled.
+        for handle, launch in list(self._delayed.values()):
+            handle.cancel()
+            self._launch_delayed(launch)
         running = [t for t in self._inflight.values() if not t.done()]
         if running and grace > 0:
             log.info("cron.waiting_for_runs", count=len(running), grace_s=grace)
@@ -431,7 +438,9 @@ class CronManager:
     def _pass(self, scheduler: NanobotScheduler, now: datetime) -> float | None:
         engine = self.engine
         manual = self._reconcile(scheduler, now)
-        due = scheduler.due(now, dict(self._policies))
+        # Slots due within SCHEDULE_LEAD are claimed now and started by the loop at their exact
+        # time, so that the pass's own duration does not make every start late.
+        due = scheduler.due(now + timedelta(seconds=SCHEDULE_LEAD), dict(self._policies))
         claims: list[Claim] = []
         unrun: list[Finish] = []
         next_runs: dict[str, tuple[datetime | None, int]] = {}
@@ -456,15 +465,9 @@ class CronManager:
                 )
             if job.run_slot is None:
                 continue
-            if self._busy(job.name):
-                unrun.append(self._skipped(job.name, job.run_slot, now))
-                continue
             claims.append(Claim(job.name, job.run_slot))
             launches[(job.name, job.run_slot)] = (job.task_class, job.kwargs, False)
         for name, slot, task_class, kwargs in manual:
-            if self._busy(name):
-                unrun.append(self._skipped(name, slot, now))
-                continue
             claims.append(Claim(name, slot, manual=True))
             launches[(name, slot)] = (task_class, kwargs, True)
         claimed: dict[tuple[str, datetime], int] = {}
@@ -487,23 +490,12 @@ class CronManager:
         if unrun:
             scheduler.call_soon(self._announce_batch, unrun)
         self._sync_unloadable(scheduler)
-        return scheduler.next_wakeup(self._clock())
+        wait = scheduler.next_wakeup(self._clock())
+        return None if wait is None else max(0.0, wait - SCHEDULE_LEAD)
 
     def _busy(self, name: str) -> bool:
         task = self._inflight.get(name)
         return task is not None and not task.done()
-
-    def _skipped(self, name: str, slot: datetime, now: datetime) -> Finish:
-        return Finish(
-            task=name,
-            run_id=None,
-            scheduled_at=slot,
-            outcome=TaskOutcome.SKIPPED,
-            started_at=None,
-            finished_at=now,
-            error="the previous run was still going",
-            node=self.node,
-        )
 
     def _reconcile_now(self, scheduler: NanobotScheduler) -> None:
         # Run requests are left to the next pass, which claims them with the due slots.
@@ -686,10 +678,21 @@ class CronManager:
         return _Launch(name, slot, run_id, manual, task)
 
     def _launch_batch(self, batch: list[_Launch]) -> None:
+        loop = asyncio.get_running_loop()
+        now = self._clock()
         for launch in batch[:LAUNCH_CHUNK]:
-            self._launch(launch)
+            early = (launch.slot - now).total_seconds()
+            if early > 0 and not launch.manual:
+                handle = loop.call_later(early, self._launch_delayed, launch)
+                self._delayed[launch.run_id] = (handle, launch)
+            else:
+                self._launch(launch)
         if len(batch) > LAUNCH_CHUNK:
             asyncio.get_running_loop().call_soon(self._launch_batch, batch[LAUNCH_CHUNK:])
+
+    def _launch_delayed(self, launch: _Launch) -> None:
+        self._delayed.pop(launch.run_id, None)
+        self._launch(launch)
 
     def _announce_batch(self, finishes: list[Finish]) -> None:
         for finish in finishes:
@@ -707,6 +710,20 @@ class CronManager:
                     started_at=None,
                     finished_at=now,
                     error="the scheduler was shutting down",
+                )
+            )
+            return
+        if self._busy(launch.name):
+            # Runs never overlap: the slot is recorded skipped, and the run in flight goes on.
+            self._record(
+                Finish(
+                    task=launch.name,
+                    run_id=launch.run_id,
+                    scheduled_at=launch.slot,
+                    outcome=TaskOutcome.SKIPPED,
+                    started_at=None,
+                    finished_at=now,
+                    error="the previous run was still going",
                 )
             )
             return
