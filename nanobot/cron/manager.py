@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -112,6 +113,7 @@ class CronManager:
         self._known_broken: set[str] = set()
         self._scheduler: NanobotScheduler | None = None
         self._first_reconcile = True
+        self._last_reconcile = 0.0
         self._pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -392,6 +394,7 @@ class CronManager:
                 engine, process=self._pass, poll_interval=self.poll_interval, clock=self._clock
             )
             self._first_reconcile = True
+            self._last_reconcile = 0.0
             self._applied.clear()
             scheduler.start()
             self._scheduler = scheduler
@@ -437,7 +440,11 @@ class CronManager:
 
     def _pass(self, scheduler: NanobotScheduler, now: datetime) -> float | None:
         engine = self.engine
-        manual = self._reconcile(scheduler, now)
+        # The control plane is read at most once per poll interval: passes for due slots can
+        # come many times a second, and changes made in this process apply at once anyway.
+        manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
+        if time.monotonic() - self._last_reconcile >= self.poll_interval * 0.9:
+            manual = self._reconcile(scheduler, now)
         # Slots due within SCHEDULE_LEAD are claimed now and started by the loop at their exact
         # time, so that the pass's own duration does not make every start late.
         due = scheduler.due(now + timedelta(seconds=SCHEDULE_LEAD), dict(self._policies))
@@ -506,6 +513,7 @@ class CronManager:
         self, scheduler: NanobotScheduler, now: datetime, *, take_requests: bool = True
     ) -> list[tuple[str, datetime, str, dict[str, Any]]]:
         """Apply changed ``tasks`` rows to the job store; return the run-now requests."""
+        self._last_reconcile = time.monotonic()
         engine = self.engine
         with read_transaction(engine) as conn:
             versions = {
