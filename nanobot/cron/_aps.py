@@ -38,6 +38,7 @@ from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
 from sqlalchemy import Connection, Engine, and_, bindparam, null, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.control import build_task
 from nanobot.models import MisfirePolicy
@@ -65,6 +66,18 @@ class JobState:
 
     name: str
     store: str
+    task_class: str
+    kwargs: dict[str, Any]
+    interval: float
+    anchor: datetime
+    next_run_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A job to add: a task's schedule."""
+
+    name: str
     task_class: str
     kwargs: dict[str, Any]
     interval: float
@@ -158,6 +171,35 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         with self.engine.begin() as connection:
             value = connection.execute(selectable).scalar()
         return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+    def jobs_named(self, names: list[str], *, all_rows: bool = False) -> dict[str, Job]:
+        """The loadable jobs among ``names``, in one query (the whole table if ``all_rows``)."""
+        if all_rows:
+            wanted = set(names)
+            return {job.id: job for job in self._get_jobs() if job.id in wanted}
+        if not names:
+            return {}
+        return {job.id: job for job in self._get_jobs(self.jobs_t.c.id.in_(names))}
+
+    def insert_jobs(self, jobs: list[Job]) -> None:
+        """Add several new jobs in one transaction; an id that exists is left as it is."""
+        if not jobs:
+            return
+        rows = [
+            {
+                "id": job.id,
+                "next_run_time": datetime_to_utc_timestamp(job.next_run_time),
+                "job_state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
+            }
+            for job in jobs
+        ]
+        table = self.jobs_t
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                stmt: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
+            else:
+                stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
+            connection.execute(stmt, rows)
 
     def job_ids(self) -> set[str]:
         with self.engine.begin() as connection:
@@ -379,6 +421,13 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
             return None
         return max(0.0, (min(times) - now).total_seconds())
 
+    def lookup_many(self, names: list[str], *, all_rows: bool = False) -> dict[str, JobState]:
+        """The persistent jobs among ``names``, read in one query."""
+        return {
+            name: _job_state(job, PERSISTENT)
+            for name, job in self.store.jobs_named(names, all_rows=all_rows).items()
+        }
+
     def lookup(self, name: str, store: str = PERSISTENT) -> JobState | None:
         job = (self.store if store == PERSISTENT else self.memory).lookup_job(name)
         return _job_state(job, store) if job is not None else None
@@ -413,6 +462,30 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
             )
         except ConflictingIdError:
             log.debug("cron.job_exists", task=name)
+
+    def add_many(self, specs: list[JobSpec]) -> None:
+        """Add several persistent jobs in one transaction (existing ones are left alone)."""
+        jobs = [
+            Job(
+                self,
+                id=spec.name,
+                name=spec.name,
+                func=run_stored_task,
+                trigger=_trigger(spec.interval, spec.anchor),
+                args=(spec.task_class, spec.kwargs),
+                kwargs={},
+                executor="default",
+                misfire_grace_time=None,
+                coalesce=True,
+                max_instances=1,
+                next_run_time=spec.next_run_at,
+            )
+            for spec in specs
+        ]
+        with self._jobstores_lock:
+            self.store.insert_jobs(jobs)
+        if jobs:
+            self.wakeup()
 
     def change(
         self,

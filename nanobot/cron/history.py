@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.db import write_transaction
@@ -165,19 +165,29 @@ def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> None:
                 ],
             )
         record_unrun(conn, unrun)
-        # The mirror: the last outcome of each task in this batch, in order.
-        for f in ran:
-            if f.outcome is TaskOutcome.SKIPPED:
-                continue
-            failed = f.outcome.value in _FAILED
+        # The mirror of each task's last run: one statement run for every outcome, in order, so
+        # that consecutive_failures counts across the batch.
+        mirrored = [f for f in ran if f.outcome is not TaskOutcome.SKIPPED]
+        if mirrored:
             conn.execute(
-                update(Task)
-                .where(Task.name == f.task)
+                update(_TASKS)
+                .where(_TASKS.c.name == bindparam("b_name"))
                 .values(
-                    last_run_at=f.started_at or f.finished_at,
-                    last_outcome=f.outcome.value,
-                    consecutive_failures=(Task.consecutive_failures + 1) if failed else 0,
-                )
+                    last_run_at=bindparam("b_last"),
+                    last_outcome=bindparam("b_outcome"),
+                    consecutive_failures=case(
+                        (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1), else_=0
+                    ),
+                ),
+                [
+                    {
+                        "b_name": f.task,
+                        "b_last": f.started_at or f.finished_at,
+                        "b_outcome": f.outcome.value,
+                        "b_failed": f.outcome.value in _FAILED,
+                    }
+                    for f in mirrored
+                ],
             )
 
 

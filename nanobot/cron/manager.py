@@ -31,7 +31,14 @@ from sqlalchemy import Engine, select, update
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
 from nanobot.cron import control, history
-from nanobot.cron._aps import EPHEMERAL, PERSISTENT, NanobotScheduler, grid_slot_at_or_after
+from nanobot.cron._aps import (
+    EPHEMERAL,
+    PERSISTENT,
+    JobSpec,
+    JobState,
+    NanobotScheduler,
+    grid_slot_at_or_after,
+)
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
@@ -64,6 +71,8 @@ class _Launch:
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
 # of thousands of due tasks never holds the event loop for long.
 LAUNCH_CHUNK: Final = 100
+# Above this many changed tasks, the reconciliation reads the whole tasks table instead.
+RECONCILE_IN_MAX: Final = 500
 # How far ahead of its time a slot is claimed; the loop then starts it at its exact time.
 SCHEDULE_LEAD: Final = 0.05
 
@@ -525,24 +534,38 @@ class CronManager:
                 for n, (v, req) in versions.items()
                 if self._applied.get(n) != v or (req is not None and take_requests)
             ]
-            rows = (
-                conn.execute(select(Task.__table__).where(Task.name.in_(changed))).all()
-                if changed
-                else []
-            )
+            if len(changed) > RECONCILE_IN_MAX:
+                # At start every row is new to this process: read them all in one go rather
+                # than with an IN list longer than the database accepts.
+                wanted = set(changed)
+                rows = [row for row in conn.execute(select(Task.__table__)) if row.name in wanted]
+            elif changed:
+                rows = list(
+                    conn.execute(select(Task.__table__).where(Task.name.in_(changed))).all()
+                )
+            else:
+                rows = []
         manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
         next_runs: dict[str, tuple[datetime | None, int]] = {}
+        to_apply = [row for row in rows if self._applied.get(row.name) != row.version]
+        jobs = scheduler.lookup_many(
+            [row.name for row in to_apply], all_rows=len(to_apply) > RECONCILE_IN_MAX
+        )
+        to_add: list[JobSpec] = []
         for row in rows:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
             if self._applied.get(row.name) != row.version:
                 next_runs[row.name] = (
-                    self._apply_row(scheduler, row, definition, now),
+                    self._apply_row(scheduler, row, definition, now, jobs.get(row.name), to_add),
                     row.version,
                 )
                 self._applied[row.name] = row.version
             if row.run_requested_at is not None and take_requests:
                 manual.append((row.name, row.run_requested_at, row.task_class, dict(row.kwargs)))
+        if to_add:
+            scheduler.add_many(to_add)
+            log.info("cron.jobs_added", count=len(to_add))
         if manual:
             with write_transaction(engine) as conn:
                 for name, requested, *_ in manual:
@@ -569,10 +592,16 @@ class CronManager:
         return manual
 
     def _apply_row(
-        self, scheduler: NanobotScheduler, row: Any, definition: TaskDefinition, now: datetime
+        self,
+        scheduler: NanobotScheduler,
+        row: Any,
+        definition: TaskDefinition,
+        now: datetime,
+        job: JobState | None,
+        to_add: list[JobSpec],
     ) -> datetime | None:
-        """Make the job of one task match its row; the job's next run time afterwards."""
-        job = scheduler.lookup(row.name)
+        """Make the job of one task match its row (a new job is appended to ``to_add``); the
+        job's next run time afterwards."""
         if row.paused:
             if job is not None and job.next_run_at is not None:
                 scheduler.change(row.name, store=PERSISTENT, next_run_at=None)
@@ -581,16 +610,17 @@ class CronManager:
         anchor: datetime = row.anchor_at or now
         if job is None:
             next_run = row.next_run_at or grid_slot_at_or_after(anchor, definition.interval, now)
-            scheduler.add(
-                row.name,
-                store=PERSISTENT,
-                task_class=definition.task_class,
-                kwargs=definition.kwargs,
-                interval=definition.interval,
-                anchor=anchor,
-                next_run_at=next_run,
+            to_add.append(
+                JobSpec(
+                    name=row.name,
+                    task_class=definition.task_class,
+                    kwargs=definition.kwargs,
+                    interval=definition.interval,
+                    anchor=anchor,
+                    next_run_at=next_run,
+                )
             )
-            log.info("cron.job_added", task=row.name, next_run_at=next_run.isoformat())
+            log.debug("cron.job_added", task=row.name, next_run_at=next_run.isoformat())
             return next_run
         changes: dict[str, Any] = {}
         if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
