@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, cast
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -55,10 +55,6 @@ def _insert_ignoring_conflicts(conn: Connection) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing(index_elements=["task_name", "scheduled_at"])
 
 
-# Rows per multi-row INSERT: well under SQLite's 32,766 and PostgreSQL's 65,535 parameters.
-INSERT_CHUNK: Final = 1000
-
-
 def claim_slots(
     conn: Connection, claims: Sequence[Claim], *, node: str
 ) -> dict[tuple[str, datetime], int]:
@@ -66,47 +62,46 @@ def claim_slots(
 
     A slot claimed before (by this or another process) is not in the result and must not run.
     """
-    claimed: dict[tuple[str, datetime], int] = {}
-    for start in range(0, len(claims), INSERT_CHUNK):
-        rows = [
-            {
-                "task_name": c.task,
-                "scheduled_at": c.scheduled_at,
-                "outcome": TaskOutcome.RUNNING.value,
-                "slots": 1,
-                "manual": c.manual,
-                "node": node,
-            }
-            for c in claims[start : start + INSERT_CHUNK]
-        ]
-        stmt = (
-            _insert_ignoring_conflicts(conn)
-            .values(rows)
-            .returning(TaskRun.id, TaskRun.task_name, TaskRun.scheduled_at)
-        )
-        for row in conn.execute(stmt):
-            claimed[(row.task_name, row.scheduled_at)] = int(row.id)
-    return claimed
+    if not claims:
+        return {}
+    # An executemany with RETURNING: SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues")
+    # with one cached compilation, whatever the number of claims.
+    stmt = _insert_ignoring_conflicts(conn).returning(
+        TaskRun.id, TaskRun.task_name, TaskRun.scheduled_at
+    )
+    rows = [
+        {
+            "task_name": c.task,
+            "scheduled_at": c.scheduled_at,
+            "outcome": TaskOutcome.RUNNING.value,
+            "slots": 1,
+            "manual": c.manual,
+            "node": node,
+        }
+        for c in claims
+    ]
+    return {(row.task_name, row.scheduled_at): int(row.id) for row in conn.execute(stmt, rows)}
 
 
 def record_unrun(conn: Connection, finishes: Sequence[Finish]) -> None:
     """Insert rows for slots that did not run (missed, skipped); a slot recorded before stays."""
-    for start in range(0, len(finishes), INSERT_CHUNK):
-        rows = [
-            {
-                "task_name": f.task,
-                "scheduled_at": f.scheduled_at,
-                "started_at": None,
-                "finished_at": f.finished_at,
-                "outcome": f.outcome.value,
-                "error": bound_error(f.error),
-                "slots": f.slots,
-                "manual": False,
-                "node": f.node,
-            }
-            for f in finishes[start : start + INSERT_CHUNK]
-        ]
-        conn.execute(_insert_ignoring_conflicts(conn).values(rows))
+    if not finishes:
+        return
+    rows = [
+        {
+            "task_name": f.task,
+            "scheduled_at": f.scheduled_at,
+            "started_at": None,
+            "finished_at": f.finished_at,
+            "outcome": f.outcome.value,
+            "error": bound_error(f.error),
+            "slots": f.slots,
+            "manual": False,
+            "node": f.node,
+        }
+        for f in finishes
+    ]
+    conn.execute(_insert_ignoring_conflicts(conn), rows)
 
 
 def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, int]]) -> None:
