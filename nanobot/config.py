@@ -198,7 +198,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "service.node",
         None,
         _optional_string,
-        "this node's name; default the host name and process id",
+        "this node's name; default the host name and an id kept in $NANOBOT_HOME/node-id",
     ),
     Setting(
         "service.shutdown_grace",
