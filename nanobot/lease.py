@@ -15,20 +15,33 @@ and so one clock. Tests inject ``clock``, which then replaces both.
 
 The holder id must be unique per process, not per host: two services on one host must not
 believe they both hold the lease. :func:`holder_id` gives ``<node>:<pid>``.
+
+On PostgreSQL the leader also holds :class:`AdvisoryLock`, a session-level advisory lock on a
+connection of its own, which it checks every second or so. The lock makes the loss of the
+leader's connection visible at once (a network cut, a database restart, a terminated backend),
+where the row alone would only tell at the next renewal; the row stays the record of who leads
+and the guard of the hand-over: a standby needs both, and the row is held until it expires or
+is released, so a standby that takes the lock the moment the leader's session dies still waits
+until the old leader has stepped down and released the row.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Connection, Engine, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, create_engine, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.pool import NullPool
 
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import SchedulerLease as LeaseRow
@@ -37,6 +50,13 @@ from nanobot.models import utcnow
 log = structlog.get_logger(__name__)
 
 SCHEDULER_LEASE: Final = "scheduler"
+# The first key of nanobot's two-key advisory locks ("nb"); the second is derived from the schema
+# and the lease name, so that schemas of one database (tests, several deployments) do not meet.
+# Migrations use the one-key form, which PostgreSQL keeps apart from the two-key form.
+LOCK_CLASS_ID: Final = 0x6E62
+# The lock connection's application_name is this prefix and the holder id, so that an operator
+# (or a test) can find it in pg_stat_activity.
+LOCK_APPLICATION_PREFIX: Final = "nanobot-lock:"
 
 Clock = Callable[[], datetime]
 
@@ -261,3 +281,197 @@ class SchedulerLease:
         if self.epoch is None or self._since is None:
             return 0.0
         return max(0.0, self.ttl - (time.monotonic() - self._since))
+
+
+def lock_key(schema: str, name: str = SCHEDULER_LEASE) -> int:
+    """The second key of the advisory lock of lease ``name`` in ``schema`` (0 to 2**31 - 1).
+
+    Non-negative, so that it reads the same in ``pg_locks.objid`` (an unsigned oid).
+    """
+    return zlib.crc32(f"{schema}.{name}".encode()) & 0x7FFFFFFF
+
+
+class AdvisoryLock:
+    """A session-level PostgreSQL advisory lock held on a dedicated connection.
+
+    The lock lives exactly as long as the connection's session: whatever ends the session (the
+    process dies, the network is cut, the database restarts, an operator terminates the
+    backend) frees it, and the holder learns it at its next :meth:`check`. The session is set
+    up so that the server also ends it on its own when the holder goes silent:
+    ``idle_session_timeout`` of ``ttl`` (PostgreSQL 14 and later) and TCP keepalives, so that a
+    holder cut off from the database cannot keep the lock for longer than about ``ttl``.
+
+    The methods are synchronous and do database I/O: call them from a thread. One runs at a
+    time; :meth:`release` called while another waits on a silent server does not wait for it
+    beyond ``timeout``: the waiting call closes the connection when it returns.
+    """
+
+    def __init__(
+        self, engine: Engine, holder: str, ttl: float, *, name: str = SCHEDULER_LEASE
+    ) -> None:
+        if engine.dialect.name != "postgresql":
+            raise ValueError(f"advisory locks need PostgreSQL, not {engine.dialect.name}")
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+        self.holder = holder
+        self.name = name
+        self.ttl = float(ttl)
+        self.application_name = (LOCK_APPLICATION_PREFIX + holder)[:63]
+        period = max(1, math.ceil(self.ttl / 3))
+        self._engine = create_engine(
+            engine.url,
+            poolclass=NullPool,
+            isolation_level="AUTOCOMMIT",
+            connect_args={
+                "application_name": self.application_name,
+                "connect_timeout": period,
+                # Client side: a silent server fails a call within about ttl/3.
+                "keepalives": 1,
+                "keepalives_idle": period,
+                "keepalives_interval": 1,
+                "keepalives_count": 3,
+                "tcp_user_timeout": period * 1000,
+            },
+        )
+        self._conn: Connection | None = None
+        self._key: int | None = None
+        self._wanted = False
+        self._mutex = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        """True while this object believes it holds the lock (as of its last call)."""
+        return self._conn is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other session holds it. True if we hold it now.
+
+        Database errors propagate (the lock is then not held).
+        """
+        self._wanted = True
+        with self._mutex:
+            if self._conn is not None:
+                return self._check_locked()
+            conn = self._engine.connect()
+            try:
+                self._set_up(conn)
+                schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+                key = lock_key(str(schema), self.name)
+                got = conn.execute(
+                    text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": LOCK_CLASS_ID, "b": key}
+                ).scalar_one()
+            except BaseException:
+                self._close_quietly(conn)
+                raise
+            if not got or not self._wanted:
+                self._close_quietly(conn)
+                return False
+            self._conn, self._key = conn, key
+        log.info(
+            "lease.lock_acquired",
+            lease=self.name,
+            holder=self.holder,
+            key=[LOCK_CLASS_ID, key],
+            application_name=self.application_name,
+        )
+        return True
+
+    def check(self) -> bool:
+        """True if our session still holds the lock; False (and the connection closed) if not.
+
+        A cheap query on the lock's own connection: an error (the session is gone) counts as
+        the lock lost, and is logged.
+        """
+        with self._mutex:
+            return self._check_locked()
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Give the lock up: unlock and close the session. Never raises."""
+        self._wanted = False
+        if not self._mutex.acquire(timeout=timeout):
+            # A call in progress waits on a silent server; it closes the session when it returns.
+            log.warning("lease.lock_release_deferred", lease=self.name, holder=self.holder)
+            return
+        try:
+            conn = self._conn
+            if conn is None:
+                return
+            self._conn = None
+            self._unlock(conn)
+            log.info("lease.lock_released", lease=self.name, holder=self.holder)
+        finally:
+            self._mutex.release()
+
+    def dispose(self) -> None:
+        """Release the lock and drop the engine of the dedicated connection."""
+        self.release()
+        self._engine.dispose()
+
+    # --- inside the mutex ---------------------------------------------------------------------
+
+    def _set_up(self, conn: Connection) -> None:
+        ttl_ms = str(int(self.ttl * 1000))
+        # Server side: a session that stays idle (a holder that stopped checking) or whose peer
+        # is gone ends, and frees the lock, after about ttl. Each is best effort: an older
+        # server without idle_session_timeout still has the keepalives.
+        for setting, value in (
+            ("idle_session_timeout", ttl_ms),
+            ("tcp_keepalives_idle", str(max(1, math.ceil(self.ttl / 3)))),
+            ("tcp_keepalives_interval", "1"),
+            ("tcp_keepalives_count", "3"),
+            ("statement_timeout", ttl_ms),
+        ):
+            try:
+                conn.execute(text("SELECT set_config(:k, :v, false)"), {"k": setting, "v": value})
+            except DBAPIError as exc:
+                if conn.invalidated or conn.closed:
+                    raise
+                log.warning(
+                    "lease.lock_setting_refused",
+                    setting=setting,
+                    error=f"{exc.__class__.__name__}: {exc}".splitlines()[0],
+                )
+
+    def _check_locked(self) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        error: str | None = None
+        try:
+            held = bool(
+                conn.execute(
+                    text(
+                        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND pid = pg_backend_pid() AND classid = :a AND objid = :b"
+                        " AND objsubid = 2 AND granted)"
+                    ),
+                    {"a": LOCK_CLASS_ID, "b": self._key},
+                ).scalar_one()
+            )
+        except DBAPIError as exc:
+            error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            held = False
+        if held and self._wanted:
+            return True
+        self._conn = None
+        if held:
+            # Released while this call waited on the server: finish the release now.
+            self._unlock(conn)
+        else:
+            self._close_quietly(conn)
+            if self._wanted:
+                log.warning("lease.lock_lost", lease=self.name, holder=self.holder, error=error)
+        return False
+
+    def _unlock(self, conn: Connection) -> None:
+        # An error means the session is gone, and the lock with it.
+        with contextlib.suppress(DBAPIError):
+            conn.execute(
+                text("SELECT pg_advisory_unlock(:a, :b)"), {"a": LOCK_CLASS_ID, "b": self._key}
+            )
+        self._close_quietly(conn)
+
+    @staticmethod
+    def _close_quietly(conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from sqlalchemy import Engine
+import pytest
+from sqlalchemy import Engine, text
 
 from nanobot.db import create_db_engine
-from nanobot.lease import SchedulerLease, holder_id
+from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id, lock_key
 
 
 class FakeClock:
@@ -157,3 +160,97 @@ def test_concurrent_acquirers_never_both_win(db_url: str, engine: Engine) -> Non
     finally:
         for e in engines:
             e.dispose()
+
+
+# --- the PostgreSQL advisory lock ---------------------------------------------------------------
+
+
+# Advisory locks are PostgreSQL's; on SQLite the lease row alone decides.
+postgres_only = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+def _terminate(engine: Engine, application_name: str) -> int:
+    with engine.begin() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": application_name},
+            ).scalar_one()
+        )
+
+
+@postgres_only
+def test_advisory_lock_is_exclusive_and_released(engine: Engine) -> None:
+    """One session holds the lock; release hands it to the next at once."""
+    a = AdvisoryLock(engine, "a:1", 3)
+    b = AdvisoryLock(engine, "b:2", 3)
+    try:
+        assert a.try_acquire()
+        assert a.try_acquire(), "taking a lock one holds again is a success"
+        assert not b.try_acquire()
+        assert not b.held
+        assert a.check()
+        a.release()
+        assert not a.held
+        assert not a.check()
+        assert b.try_acquire()
+    finally:
+        a.dispose()
+        b.dispose()
+
+
+@postgres_only
+def test_advisory_lock_lost_with_its_session(engine: Engine) -> None:
+    """A terminated lock connection (found by its application_name) is seen at the next check,
+    and the lock is free for another session at once."""
+    a = AdvisoryLock(engine, "a:1", 3)
+    b = AdvisoryLock(engine, "b:2", 3)
+    try:
+        assert a.try_acquire()
+        assert a.application_name == "nanobot-lock:a:1"
+        assert _terminate(engine, a.application_name) == 1
+        assert not a.check()
+        assert not a.held
+        assert b.try_acquire()
+    finally:
+        a.dispose()
+        b.dispose()
+
+
+@postgres_only
+def test_advisory_lock_of_a_silent_holder_is_freed_by_the_server(engine: Engine) -> None:
+    """A holder that stops checking (stuck, or cut off) loses the lock after about ttl: the
+    server ends its idle session (idle_session_timeout)."""
+    a = AdvisoryLock(engine, "a:1", 0.5)
+    b = AdvisoryLock(engine, "b:2", 0.5)
+    try:
+        assert a.try_acquire()
+        deadline = time.monotonic() + 10
+        while not b.try_acquire():
+            assert time.monotonic() < deadline, "the silent holder kept the lock"
+            time.sleep(0.1)
+        assert not a.check()
+    finally:
+        a.dispose()
+        b.dispose()
+
+
+def test_advisory_lock_keys_differ_by_schema_and_lease() -> None:
+    """Schemas of one database (and leases of one schema) have locks of their own."""
+    keys = {lock_key("public"), lock_key("nb_1"), lock_key("public", "other")}
+    assert len(keys) == 3
+    assert all(0 <= k < 2**31 for k in keys)
+
+
+def test_advisory_lock_refuses_sqlite(tmp_path: Path) -> None:
+    eng = create_db_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with pytest.raises(ValueError, match="PostgreSQL"):
+            AdvisoryLock(eng, "a:1", 3)
+    finally:
+        eng.dispose()
