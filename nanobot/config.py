@@ -212,6 +212,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _positive_number,
         "seconds the scheduling lease lasts without renewal (bounds fail-over time)",
     ),
+    Setting(
+        "service.lock_check_interval",
+        1.0,
+        _positive_number,
+        "seconds between the leader's checks of its PostgreSQL lock connection (at most ttl/3)",
+    ),
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),
     Setting("http.port", 8765, _port, "port of the HTTP endpoint"),

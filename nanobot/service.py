@@ -18,6 +18,14 @@ The leader renews the lease every ``lease_ttl / 3`` seconds; when a renewal fail
 finish before less than ``lease_ttl / 3`` seconds of the lease are left, it stops dispatching at
 once and becomes a standby: two processes never schedule at the same time.
 
+On PostgreSQL the leader also holds an advisory lock on a connection of its own
+(:class:`nanobot.lease.AdvisoryLock`), taken before the lease row and checked every
+``service.lock_check_interval`` seconds (at most ``lease_ttl / 3``): when the check fails or does
+not answer within ``lease_ttl / 3``, the leader stops dispatching at once, releases the row and
+becomes a standby. It holds the row until then, so no standby can lead before it has stopped.
+A node that lost the lead waits one ``lease_ttl`` before it competes again, so that a healthy
+standby takes over first.
+
 Node names: heartbeats and components belong to :func:`nanobot.node.node_name` (stable across
 restarts); the lease holder is ``<node>:<pid>``, unique per process.
 
@@ -41,7 +49,7 @@ from nanobot.bus import get_bus
 from nanobot.config import Config
 from nanobot.db import dispose_engines, get_engine, upgrade_database
 from nanobot.http import HttpServer
-from nanobot.lease import SchedulerLease, holder_id
+from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.metrics import Metrics
 from nanobot.node import node_name
 from nanobot.status import build_status, nanobot_version
@@ -74,6 +82,13 @@ class Service:
         self.grace = float(config["service.shutdown_grace"])
         self.engine = get_engine(config)
         self.lease = SchedulerLease(self.engine, self.holder, self.ttl)
+        # PostgreSQL: the leader holds the advisory lock as well as the row.
+        self.lock = (
+            AdvisoryLock(self.engine, self.holder, self.ttl)
+            if self.engine.dialect.name == "postgresql"
+            else None
+        )
+        self.lock_check = min(float(config["service.lock_check_interval"]), self.period)
         self.role = Role.STARTING
         self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
         self.http: HttpServer | None = None
@@ -81,7 +96,12 @@ class Service:
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self._lock_task: asyncio.Task[None] | None = None
         self._last_lease_poll = time.monotonic()
+        self._stepping_down: asyncio.Task[None] | None = None
+        # time.monotonic() before which this node does not compete for the lead (set when it
+        # loses the lead, so that a healthy standby takes over first).
+        self._compete_after = 0.0
         self._signals = 0
 
     # --- probes (the HTTP endpoint) -------------------------------------------------------------
@@ -162,6 +182,8 @@ class Service:
             self._monitor = initialize_heartbeat()
             self._sync_cron_component()
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
+            if self.lock is not None:
+                self._lock_task = asyncio.create_task(self._lock_loop(), name="nanobot-lock")
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
         finally:
@@ -202,6 +224,8 @@ class Service:
     async def _lease_step(self) -> None:
         """One round: a standby tries to take the lease, the leader renews it."""
         try:
+            if self._stepping_down is not None:
+                return
             if self.role is Role.LEADER:
                 await self._renew()
             elif self.role in (Role.STANDBY, Role.STARTING):
@@ -209,14 +233,33 @@ class Service:
         finally:
             self._last_lease_poll = time.monotonic()
 
-    async def _try_acquire(self) -> None:
+    def _acquire(self) -> bool:
+        """Take the lock (PostgreSQL), then the row; both or neither. In a thread."""
+        if self.lock is not None and not self.lock.try_acquire():
+            return False
         try:
-            acquired = await asyncio.wait_for(
-                asyncio.to_thread(self.lease.try_acquire), timeout=self.period
-            )
-        except Exception as exc:
-            log.warning("service.lease_unavailable", error=f"{exc.__class__.__name__}: {exc}")
+            acquired = self.lease.try_acquire()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        if not acquired and self.lock is not None:
+            # The row is still held: by a leader that lost its lock session but has not yet
+            # stepped down (it releases the row when it has), or that died (the row expires).
+            self.lock.release()
+        return acquired
+
+    async def _try_acquire(self) -> None:
+        if time.monotonic() < self._compete_after:
             acquired = False
+        else:
+            try:
+                acquired = await asyncio.wait_for(
+                    asyncio.to_thread(self._acquire), timeout=self.period
+                )
+            except Exception as exc:
+                log.warning("service.lease_unavailable", error=f"{exc.__class__.__name__}: {exc}")
+                acquired = False
         if not acquired:
             if self.role is not Role.STANDBY:
                 holder = await self._holder_name()
@@ -233,7 +276,7 @@ class Service:
             return
         self.role = Role.LEADER
         self._sync_cron_component()
-        log.info("service.leader", holder=self.holder, epoch=self.lease.epoch)
+        log.info("service.leader", holder=self.holder, epoch=self.lease.epoch, node=self.node)
 
     async def _renew(self) -> None:
         budget = self.lease.seconds_left() - self.period
@@ -247,10 +290,53 @@ class Service:
                 log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
         if renewed and self.lease.seconds_left() > self.period:
             return
-        log.warning("service.leadership_lost", holder=self.holder, action="standby")
-        await self._stop_scheduling(reason="lease_lost")
+        await self._step_down(reason="lease_lost")
+
+    async def _lock_loop(self) -> None:
+        """The leader checks its lock connection every ``lock_check`` seconds."""
+        assert self._stop is not None
+        assert self.lock is not None
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.lock_check)
+            if self._stop.is_set():
+                return
+            if self.role is not Role.LEADER or self._stepping_down is not None:
+                continue
+            try:
+                held = await asyncio.wait_for(
+                    asyncio.to_thread(self.lock.check), timeout=self.period
+                )
+            except Exception as exc:
+                log.warning("service.lock_check_failed", error=f"{exc.__class__.__name__}: {exc}")
+                held = False
+            if not held and self.role is Role.LEADER:
+                await self._step_down(reason="lock_lost")
+
+    async def _step_down(self, *, reason: str) -> None:
+        """Stop dispatching at once, release what is still held, become a standby.
+
+        The row is released only after the scheduler has stopped, so that no standby can lead
+        while this node still dispatches.
+        """
+        if self.role is not Role.LEADER or self._stepping_down is not None:
+            return
         self.role = Role.STANDBY
-        self._sync_cron_component()
+        self._compete_after = time.monotonic() + self.ttl
+        log.warning("service.leadership_lost", holder=self.holder, reason=reason, action="standby")
+        # A task of its own, so that a stop of the service waits for it instead of cancelling
+        # the scheduler's shutdown halfway.
+        self._stepping_down = asyncio.create_task(self._finish_step_down(reason))
+        await asyncio.shield(self._stepping_down)
+
+    async def _finish_step_down(self, reason: str) -> None:
+        try:
+            await self._stop_scheduling(reason=reason)
+            self._sync_cron_component()
+            await self._release()
+            log.info("service.standby", holder=self.holder, leader=None, after=reason)
+        finally:
+            self._stepping_down = None
 
     def _sync_cron_component(self) -> None:
         """The ``cron`` component exists on the leader only.
@@ -274,10 +360,14 @@ class Service:
         return info.holder if info is not None else None
 
     async def _release(self) -> None:
+        """Release the row, then the lock (the row guards the hand-over; see the module)."""
         try:
-            await asyncio.to_thread(self.lease.release)
+            await asyncio.wait_for(asyncio.to_thread(self.lease.release), timeout=self.period)
         except Exception as exc:
+            # The row expires on its own: a standby then waits for the expiry.
             log.warning("service.lease_release_failed", error=f"{exc.__class__.__name__}: {exc}")
+        if self.lock is not None:
+            await asyncio.to_thread(self.lock.release, self.period)
 
     # --- the scheduler --------------------------------------------------------------------------
 
@@ -313,9 +403,12 @@ class Service:
         self.role = Role.STOPPING
         log.info("service.stopping", grace_s=self.grace, leader=was_leader)
         code = EXIT_OK
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            await asyncio.gather(self._lease_task, return_exceptions=True)
+        for task in (self._lease_task, self._lock_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._stepping_down is not None:
+            await asyncio.gather(self._stepping_down, return_exceptions=True)
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         if self._monitor is not None:
@@ -324,8 +417,10 @@ class Service:
             except Exception as exc:
                 log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
                 code = EXIT_FAILED
-        if self.lease.epoch is not None:
+        if self.lease.epoch is not None or (self.lock is not None and self.lock.held):
             await self._release()
+        if self.lock is not None:
+            await asyncio.to_thread(self.lock.dispose)
         if self.http is not None:
             await self.http.stop()
         get_bus().unsubscribe("task.finished", self.metrics.on_task_finished)
