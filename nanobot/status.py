@@ -110,12 +110,21 @@ def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
     return latest
 
 
-def _node_json(row: Any, now: datetime) -> dict[str, Any]:
+def holder_node(holder: str | None) -> str | None:
+    """The node of a lease holder id ``<node>:<pid>`` (the node name may hold colons)."""
+    if holder is None:
+        return None
+    node, sep, pid = holder.rpartition(":")
+    return node if sep and pid.isdigit() else holder
+
+
+def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, Any]:
     age = _age(now, row.at)
     fresh = age is not None and age <= STALE_FACTOR * row.interval_s + STALE_SLACK_S
     return {
         "node": row.node,
         "fresh": fresh,
+        "leader": row.node == leader_node,
         "last_heartbeat": _iso(row.at),
         "age_s": age,
         "interval_s": row.interval_s,
@@ -143,10 +152,11 @@ def _task_json(row: Any) -> dict[str, Any]:
 
 def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
     heartbeats = _latest_heartbeats(conn)
-    nodes = [_node_json(row, now) for row in heartbeats.values()]
-    running_nodes = {n["node"] for n in nodes if n["fresh"]}
     lease = read_lease(conn)
     leader_held = lease is not None and lease.is_held(now)
+    leader_node = holder_node(lease.holder) if lease is not None and leader_held else None
+    nodes = [_node_json(row, now, leader_node) for row in heartbeats.values()]
+    running_nodes = {n["node"] for n in nodes if n["fresh"]}
     newest = max(heartbeats.values(), key=lambda r: r.at, default=None)
 
     components = []
@@ -227,9 +237,10 @@ def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, An
           "service": {
             "running": bool, "last_heartbeat": "..." | null, "age_s": float | null,
             "interval_s": float | null, "node": str | null,
-            "leader": {"holder", "epoch", "held", "acquired_at", "renewed_at", "expires_at"}
-                      | null,
-            "nodes": [{"node", "fresh", "last_heartbeat", "age_s", "interval_s", "status"}]
+            "leader": {"holder", "node", "epoch", "held", "acquired_at", "renewed_at",
+                       "expires_at"} | null,
+            "nodes": [{"node", "fresh", "leader", "last_heartbeat", "age_s", "interval_s",
+                       "status"}]
           },
           "system": {"status", "components": {"total", "healthy", "error", "unknown"},
                      "last_heartbeat", "timestamp"} | null,
@@ -275,7 +286,11 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
             "age_s": _age(now, newest.at) if newest is not None else None,
             "interval_s": newest.interval_s if newest is not None else None,
             "node": newest.node if newest is not None else None,
-            "leader": lease.to_json(now) if lease is not None else None,
+            "leader": (
+                lease.to_json(now) | {"node": holder_node(lease.holder)}
+                if lease is not None
+                else None
+            ),
             "nodes": state["nodes"],
         },
         "system": system,

@@ -139,6 +139,41 @@ def test_released_lease_reads_as_stopped_at_once(engine: Engine) -> None:
     assert any("stopped" in p for p in status["problems"])
 
 
+def test_every_node_is_shown_with_the_one_that_leads(engine: Engine) -> None:
+    """Several nodes: each is listed, alive or not, and only the lease holder's node leads."""
+    add_heartbeat(engine, "host:a1", ago(1))
+    add_component(engine, "database", "host:a1")
+    add_heartbeat(engine, "host:b2", ago(2))
+    add_component(engine, "database", "host:b2")
+    add_heartbeat(engine, "gone", ago(3600))
+    add_component(engine, "database", "gone")
+    lead(engine, holder="host:b2:4242")
+    status = build_status(engine, now=NOW)
+    nodes = {n["node"]: n for n in status["service"]["nodes"]}
+    assert sorted(nodes) == ["gone", "host:a1", "host:b2"]
+    assert {name: (n["fresh"], n["leader"]) for name, n in nodes.items()} == {
+        "gone": (False, False),
+        "host:a1": (True, False),
+        "host:b2": (True, True),
+    }
+    assert status["service"]["leader"]["node"] == "host:b2"
+    assert exit_code(status) == 0
+
+
+def test_no_node_leads_is_an_error_with_exit_2(engine: Engine) -> None:
+    """Nodes beating but none holding the lease (a fail-over in progress): error, exit 2."""
+    add_heartbeat(engine, "a", ago(1))
+    add_component(engine, "database", "a")
+    add_heartbeat(engine, "b", ago(1))
+    add_component(engine, "database", "b")
+    SchedulerLease(engine, "a:1", 30, clock=lambda: ago(60)).try_acquire()  # long expired
+    status = build_status(engine, now=NOW)
+    assert not any(n["leader"] for n in status["service"]["nodes"])
+    assert status["service"]["leader"]["held"] is False
+    assert any("no node holds the scheduling lease" in p for p in status["problems"])
+    assert exit_code(status) == 2
+
+
 def test_component_in_error_makes_error(engine: Engine) -> None:
     running_service(engine)
     add_component(engine, "bus", "n1", status="error", error="probe lost")
