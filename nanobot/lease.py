@@ -354,9 +354,7 @@ class AdvisoryLock:
                 return self._check_locked()
             conn = self._engine.connect()
             try:
-                self._set_up(conn)
-                schema = conn.execute(text("SELECT current_schema()")).scalar_one()
-                key = lock_key(str(schema), self.name)
+                key = lock_key(self._set_up(conn), self.name)
                 got = conn.execute(
                     text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": LOCK_CLASS_ID, "b": key}
                 ).scalar_one()
@@ -409,28 +407,42 @@ class AdvisoryLock:
 
     # --- inside the mutex ---------------------------------------------------------------------
 
-    def _set_up(self, conn: Connection) -> None:
+    def _set_up(self, conn: Connection) -> str:
+        """Set the session up; the current schema (one round trip when the server accepts all).
+
+        Server side: a session that stays idle (a holder that stopped checking) or whose peer
+        is gone ends, and frees the lock, after about ttl. On an older server that refuses one
+        of them (idle_session_timeout came with PostgreSQL 14), the others are set one by one.
+        """
         ttl_ms = str(int(self.ttl * 1000))
-        # Server side: a session that stays idle (a holder that stopped checking) or whose peer
-        # is gone ends, and frees the lock, after about ttl. Each is best effort: an older
-        # server without idle_session_timeout still has the keepalives.
-        for setting, value in (
-            ("idle_session_timeout", ttl_ms),
-            ("tcp_keepalives_idle", str(max(1, math.ceil(self.ttl / 3)))),
-            ("tcp_keepalives_interval", "1"),
-            ("tcp_keepalives_count", "3"),
-            ("statement_timeout", ttl_ms),
-        ):
+        settings = {
+            "idle_session_timeout": ttl_ms,
+            "tcp_keepalives_idle": str(max(1, math.ceil(self.ttl / 3))),
+            "tcp_keepalives_interval": "1",
+            "tcp_keepalives_count": "3",
+            "statement_timeout": ttl_ms,
+        }
+        calls = ", ".join(f"set_config(:k{i}, :v{i}, false)" for i in range(len(settings)))
+        params: dict[str, str] = {}
+        for i, (key, value) in enumerate(settings.items()):
+            params[f"k{i}"], params[f"v{i}"] = key, value
+        try:
+            return str(conn.execute(text(f"SELECT current_schema(), {calls}"), params).scalar_one())
+        except DBAPIError:
+            if conn.invalidated or conn.closed:
+                raise
+        for key, value in settings.items():
             try:
-                conn.execute(text("SELECT set_config(:k, :v, false)"), {"k": setting, "v": value})
+                conn.execute(text("SELECT set_config(:k, :v, false)"), {"k": key, "v": value})
             except DBAPIError as exc:
                 if conn.invalidated or conn.closed:
                     raise
                 log.warning(
                     "lease.lock_setting_refused",
-                    setting=setting,
+                    setting=key,
                     error=f"{exc.__class__.__name__}: {exc}".splitlines()[0],
                 )
+        return str(conn.execute(text("SELECT current_schema()")).scalar_one())
 
     def _check_locked(self) -> bool:
         conn = self._conn

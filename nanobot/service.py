@@ -212,11 +212,19 @@ class Service:
 
     # --- the lease ------------------------------------------------------------------------------
 
+    def _next_lease_step_in(self) -> float:
+        """Seconds until the next round: a period for a standby; for the leader, until a period
+        after its last renewal began (a slow start or a slow renewal must not eat the margin)."""
+        if self.role is not Role.LEADER:
+            return self.period
+        since_renewal = self.ttl - self.lease.seconds_left()
+        return max(0.0, min(self.period, self.period - since_renewal))
+
     async def _lease_loop(self) -> None:
         assert self._stop is not None
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.period)
+                await asyncio.wait_for(self._stop.wait(), timeout=self._next_lease_step_in())
             if self._stop.is_set():
                 return
             await self._lease_step()
