@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller settings, each < 1 min")
     parser.add_argument("--only", default="", help=f"comma-separated: {','.join(FIGURES)}")
     parser.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md")
+    parser.add_argument("--verbose", action="store_true", help="print every figure's notes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,8 +107,8 @@ def main() -> None:
     print(text_table([r for res in results for r in res.rows]))
     for res in results:
         for note in res.notes:
-            if note.startswith("**"):
-                print(note)
+            if note.startswith("**") or "--verbose" in sys.argv:
+                print(f"[{res.figure}] {note}")
     if args.write_results:
         command = "python -m bench" + " ".join(["", *sys.argv[1:]])
         _write_results(results, command, started)

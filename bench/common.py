@@ -409,14 +409,18 @@ def aps_scheduler(store: str, path: Path | None = None) -> Any:
 
 
 def aps_store_jobs(
-    path: Path, *, wal: bool, jobs: Sequence[tuple[str, Any, tuple[Any, ...]]]
+    path: Path,
+    *,
+    wal: bool,
+    jobs: Sequence[tuple[str, Any, tuple[Any, ...]]],
+    func: str = "bench.tasks:stamp",
 ) -> None:
     """Put jobs in a stock SQLAlchemyJobStore table in one transaction.
 
     Each row is what ``SQLAlchemyJobStore.add_job`` writes (id, next run as a UTC timestamp,
     the pickled ``Job.__getstate__()``), built by a paused scheduler on a memory store; one
     transaction instead of one per job only makes the setup quick. ``jobs`` holds
-    ``(id, trigger, args)``; the function is :func:`bench.tasks.stamp`.
+    ``(id, trigger, args)``; ``func`` the job's function (default :func:`bench.tasks.stamp`).
     """
     import pickle
 
@@ -424,8 +428,6 @@ def aps_store_jobs(
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.util import datetime_to_utc_timestamp
-
-    from bench.tasks import stamp
 
     maker = BackgroundScheduler(
         jobstores={"default": MemoryJobStore()},
@@ -435,7 +437,7 @@ def aps_store_jobs(
     maker.start(paused=True)
     try:
         for job_id, trigger, args in jobs:
-            maker.add_job(stamp, trigger=trigger, args=args, id=job_id, name=job_id)
+            maker.add_job(func, trigger=trigger, args=args, id=job_id, name=job_id)
         rows = [
             {
                 "id": job.id,

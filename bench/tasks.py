@@ -67,3 +67,9 @@ class WriteTime(CronTask):
     async def run(self) -> None:
         now = time.time()
         Path(self.path).write_text(repr(now))  # noqa: ASYNC240 - microseconds, once
+
+
+async def write_time(path: str) -> None:
+    """:class:`WriteTime` as a plain coroutine function, for APScheduler's stores."""
+    now = time.time()
+    Path(path).write_text(repr(now))  # noqa: ASYNC240 - microseconds, once
