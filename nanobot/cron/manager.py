@@ -70,7 +70,7 @@ class _Launch:
 
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
 # of thousands of due tasks never holds the event loop for long.
-LAUNCH_CHUNK: Final = 100
+LAUNCH_CHUNK: Final = 25
 # Above this many changed tasks, the reconciliation reads the whole tasks table instead.
 RECONCILE_IN_MAX: Final = 500
 # How far ahead of its time a slot is claimed; the loop then starts it at its exact time.
