@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 import structlog
-from sqlalchemy import Engine, event
-from test_heartbeat_helpers import (
+from heartbeat_helpers import (
     NODE,
     FakeClock,
     Recorder,
@@ -27,6 +26,7 @@ from test_heartbeat_helpers import (
     heartbeat_rows,
     make_monitor,
 )
+from sqlalchemy import Engine, event
 
 from nanobot.bus import MessageBus
 from nanobot.db import create_db_engine, upgrade_database

@@ -16,8 +16,8 @@ from typing import Any
 from unittest.mock import AsyncMock, Mock
 
 import pytest
+from heartbeat_helpers import FakeClock, Recorder, error_rows, make_monitor
 from sqlalchemy import Engine
-from test_heartbeat_helpers import FakeClock, Recorder, error_rows, make_monitor
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.heartbeat import (
