@@ -88,14 +88,14 @@ def fmt(value: float | None, unit: str = "") -> str:
             return f"{value * 1000:.1f} ms"
         return f"{value:.2f} s"
     if unit == "ms":
-        return f"{value:.1f} ms"
+        return f"{value:.3g} ms"
     if unit == "MB":
         return f"{value:.1f} MB"
     if unit == "%":
         return f"{value:+.1f} %"
     if float(value).is_integer() and abs(value) < 1e12:
         return f"{int(value)}{(' ' + unit) if unit else ''}"
-    return f"{value:.3g}{(' ' + unit) if unit else ''}"
+    return f"{value:.4g}{(' ' + unit) if unit else ''}"
 
 
 def fmt_ratio(ratio: float | None) -> str:

@@ -73,3 +73,21 @@ async def write_time(path: str) -> None:
     """:class:`WriteTime` as a plain coroutine function, for APScheduler's stores."""
     now = time.time()
     Path(path).write_text(repr(now))  # noqa: ASYNC240 - microseconds, once
+
+
+COUNTS: dict[str, int] = {}
+
+
+class Count(CronTask):
+    """Counts its runs (no per-run memory, for the memory figure)."""
+
+    def __init__(self, interval: float = 60, key: str = "default") -> None:
+        super().__init__(interval)
+        self.key = key
+
+    async def run(self) -> None:
+        COUNTS[self.key] = COUNTS.get(self.key, 0) + 1
+
+
+async def count(key: str) -> None:
+    COUNTS[key] = COUNTS.get(key, 0) + 1
