@@ -359,7 +359,17 @@ def machine() -> dict[str, str]:
     load = "?"
     with contextlib.suppress(OSError):
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    import subprocess
+
+    head = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
+        "nanobot commit": head or "?",
         "cores": str(os.cpu_count()),
         "cpu": cpu,
         "python": sys.version.split()[0],
