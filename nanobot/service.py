@@ -23,8 +23,9 @@ On PostgreSQL the leader also holds an advisory lock on a connection of its own
 ``service.lock_check_interval`` seconds (at most ``lease_ttl / 3``): when the check fails or does
 not answer within ``lease_ttl / 3``, the leader stops dispatching at once, releases the row and
 becomes a standby. It holds the row until then, so no standby can lead before it has stopped.
-A node that lost the lead waits one ``lease_ttl`` before it competes again, so that a healthy
-standby takes over first.
+A node that lost the lead waits two polls (``2 * lease_ttl / 3``) before it competes again, so
+that a standby, which polls every ``lease_ttl / 3``, takes over first; no longer, so that two
+nodes losing the lead one after the other do not leave nobody competing.
 
 Node names: heartbeats and components belong to :func:`nanobot.node.node_name` (stable across
 restarts); the lease holder is ``<node>:<pid>``, unique per process.
@@ -330,7 +331,7 @@ class Service:
         if self.role is not Role.LEADER or self._stepping_down is not None:
             return
         self.role = Role.STANDBY
-        self._compete_after = time.monotonic() + self.ttl
+        self._compete_after = time.monotonic() + 2 * self.period
         log.warning("service.leadership_lost", holder=self.holder, reason=reason, action="standby")
         # A task of its own, so that a stop of the service waits for it instead of cancelling
         # the scheduler's shutdown halfway.
