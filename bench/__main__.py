@@ -22,6 +22,8 @@ from bench import FIGURES
 from bench.common import REPO, Result, machine, markdown_table, text_table
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+# Everything from this heading on in RESULTS.md is kept when the table is rewritten.
+KEPT = "## History and diagnosis"
 
 
 def _child(name: str, quick: bool, out: Path) -> None:
@@ -49,8 +51,16 @@ def _run_figure(name: str, quick: bool) -> Result:
         return result
 
 
-def _write_results(results: list[Result], command: str, started: datetime) -> None:
+def _write_results(
+    results: list[Result], command: str, started: datetime, before: dict[str, str]
+) -> None:
     rows = [r for res in results for r in res.rows]
+    after = machine()
+    if after["nanobot commit"] != before["nanobot commit"]:
+        before["nanobot commit"] += f" (at the end of the run: {after['nanobot commit']})"
+    kept = ""
+    if RESULTS.exists() and KEPT in (old := RESULTS.read_text()):
+        kept = old[old.index(KEPT) :]
     lines = [
         "# Benchmark results",
         "",
@@ -64,7 +74,7 @@ def _write_results(results: list[Result], command: str, started: datetime) -> No
         "",
         "| machine | |",
         "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in machine().items()],
+        *[f"| {k} | {v} |" for k, v in before.items()],
         "",
         "## Table",
         "",
@@ -78,7 +88,8 @@ def _write_results(results: list[Result], command: str, started: datetime) -> No
     for res in results:
         if res.notes:
             lines += [f"## Notes: {res.figure}", "", *[n + "\n" for n in res.notes]]
-    RESULTS.write_text("\n".join(lines).rstrip() + "\n")
+    text = "\n".join(lines).rstrip() + "\n"
+    RESULTS.write_text(text + ("\n" + kept if kept else ""))
 
 
 def main() -> None:
@@ -98,6 +109,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     started = datetime.now(UTC)
+    before = machine()
     results = []
     for name in names:
         print(f"== {name} ...", file=sys.stderr, flush=True)
@@ -111,7 +123,7 @@ def main() -> None:
                 print(f"[{res.figure}] {note}")
     if args.write_results:
         command = "python -m bench" + " ".join(["", *sys.argv[1:]])
-        _write_results(results, command, started)
+        _write_results(results, command, started, before)
         print(f"wrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
 
 
