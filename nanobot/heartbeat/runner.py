@@ -116,7 +116,9 @@ class CheckSlot:
                 name=f"heartbeat-check:{self.name}",
                 daemon=True,
             )
-            self._thread.start()
+            # Thread.start() waits until the new thread runs: hundreds of them started from the
+            # loop would hold it for a second. Start it from a worker instead.
+            await asyncio.to_thread(self._thread.start)
             result = await future
         if inspect.isawaitable(result):  # a plain callable that returned a coroutine
             result = await result
