@@ -241,6 +241,31 @@ class SchedulerLease:
         self._forget()
         return False
 
+    def verify(self, conn: Connection) -> bool:
+        """Inside the caller's write transaction: True if this process still holds the lease.
+
+        The scheduler calls it in the transaction that claims slots, so that a leader that was
+        frozen past its lease (a paused VM, SIGSTOP) claims nothing once another node leads. On
+        PostgreSQL the row is locked FOR SHARE until that transaction ends, so a take-over
+        waits for it; on SQLite the write transaction's BEGIN IMMEDIATE serialises writers.
+        """
+        epoch = self.epoch
+        if epoch is None:
+            return False
+        query = select(LeaseRow.holder, LeaseRow.epoch, LeaseRow.expires_at).where(
+            LeaseRow.name == self.name
+        )
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(read=True)
+        row = conn.execute(query).first()
+        return bool(
+            row is not None
+            and row.holder == self.node
+            and row.epoch == epoch
+            and row.expires_at is not None
+            and row.expires_at > self._now(conn)
+        )
+
     def _forget(self) -> None:
         self.epoch = None
         self.expires_at = None

@@ -384,6 +384,8 @@ class Service:
         from nanobot.cron import get_cron_manager, register_builtin_tasks
 
         manager = get_cron_manager()
+        # Every claim is fenced by the lease: a leader frozen past its lease claims nothing.
+        manager.fence = self.lease.verify
         self._manager = manager
         register_builtin_tasks()
         # This process holds the lease: runs still marked running belong to a leader now gone.

@@ -715,3 +715,26 @@ async def test_takeover_marks_every_nodes_running_rows(db_url: str, bus: Message
         assert runs(engine, "old")[0].outcome == "interrupted"
     finally:
         await manager.shutdown(grace=0)
+
+
+async def test_fence_stops_claims_when_the_lease_is_lost(
+    db_url: str, bus: MessageBus, outcomes: Outcomes
+) -> None:
+    """With a fence that says this process no longer leads, nothing is claimed or run; once it
+    leads again, the slot that waited runs (once)."""
+    leading = False
+    manager = CronManager(poll_interval=POLL, bus=bus, fence=lambda conn: leading)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            manager.register_task("fenced", Counter(3600, label="fenced"))
+            await manager.start_task("fenced")
+            async with asyncio.timeout(WAIT):
+                while not any(e["event"] == "cron.not_leader" for e in logs):
+                    await asyncio.sleep(POLL)
+        assert runs(manager.engine, "fenced") == []
+        leading = True
+        await outcomes.wait(lambda: bool(outcomes.of("fenced", "success")))
+        await manager.flush()
+        assert len(runs(manager.engine, "fenced")) == 1
+    finally:
+        await manager.shutdown(grace=0)

@@ -254,3 +254,21 @@ def test_advisory_lock_refuses_sqlite(tmp_path: Path) -> None:
             AdvisoryLock(eng, "a:1", 3)
     finally:
         eng.dispose()
+
+
+def test_verify_inside_a_transaction(engine: Engine) -> None:
+    """verify() says, inside the caller's transaction, whether this process still holds the
+    lease: true for the holder, false for another node and after the lease moved on."""
+    from nanobot.db import write_transaction
+
+    first = SchedulerLease(engine, "a:1", 30)
+    second = SchedulerLease(engine, "b:2", 30)
+    assert first.try_acquire()
+    with write_transaction(engine) as conn:
+        assert first.verify(conn)
+        assert not second.verify(conn)
+    assert first.release()
+    assert second.try_acquire()
+    with write_transaction(engine) as conn:
+        assert not first.verify(conn)
+        assert second.verify(conn)

@@ -41,6 +41,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, null, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.control import build_task
+from nanobot.exceptions import NotLeaderError
 from nanobot.models import MisfirePolicy
 
 log = structlog.get_logger(__name__)
@@ -323,6 +324,11 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
             now = self._clock()
             wait = await self._eventloop.run_in_executor(self.worker, self._process_pass, self, now)
             self.pass_failures = 0
+        except NotLeaderError as exc:
+            # The service steps down at its next lease check; until then nothing is claimed.
+            self.pass_failures += 1
+            log.warning("cron.not_leader", reason=str(exc))
+            wait = min(self.poll_interval, 1.0)
         except Exception:
             # Whatever failed (a locked database, a lost connection), the timer is armed again
             # below: the scheduler retries instead of stopping while it reports running.

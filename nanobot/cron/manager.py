@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
@@ -42,7 +42,7 @@ from nanobot.cron._aps import (
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
-from nanobot.exceptions import InvalidTaskError, UnknownTaskError
+from nanobot.exceptions import InvalidTaskError, NotLeaderError, UnknownTaskError
 from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
 from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
 from nanobot.node import node_name
@@ -103,6 +103,7 @@ class CronManager:
         poll_interval: float | None = None,
         bus: MessageBus | None = None,
         monitor: HeartbeatMonitor | None = None,
+        fence: Callable[[Connection], bool] | None = None,
     ) -> None:
         self._engine = engine
         self._node = node
@@ -110,6 +111,9 @@ class CronManager:
         self._poll_interval = poll_interval
         self._bus = bus
         self._monitor = monitor
+        # Called inside every transaction that claims slots: False means this process may no
+        # longer schedule (it lost the scheduling lease), and nothing is claimed.
+        self.fence = fence
         self._health_registered: set[str] = set()
         self._registered: dict[str, CronTask] = {}
         self._ephemeral: dict[str, TaskDefinition] = {}
@@ -489,6 +493,7 @@ class CronManager:
         claimed: dict[tuple[str, datetime], int] = {}
         if due or claims or unrun:
             with write_transaction(engine) as conn:
+                self._check_fence(conn)
                 scheduler.advance_due(conn)
                 history.record_unrun(conn, unrun)
                 claimed = history.claim_slots(conn, claims, node=self.node)
@@ -508,6 +513,12 @@ class CronManager:
         self._sync_unloadable(scheduler)
         wait = scheduler.next_wakeup(self._clock())
         return None if wait is None else max(0.0, wait - SCHEDULE_LEAD)
+
+    def _check_fence(self, conn: Connection) -> None:
+        if self.fence is not None and not self.fence(conn):
+            raise NotLeaderError(
+                f"node {self.node} no longer holds the scheduling lease: nothing claimed"
+            )
 
     def _busy(self, name: str) -> bool:
         task = self._inflight.get(name)
@@ -660,6 +671,7 @@ class CronManager:
         scheduler = self._require_scheduler()
         now = self._clock()
         with write_transaction(self.engine) as conn:
+            self._check_fence(conn)
             claimed = history.claim_slots(conn, [Claim(definition.name, now, True)], node=self.node)
         run_id = claimed.get((definition.name, now))
         if run_id is not None:
