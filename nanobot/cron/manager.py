@@ -54,6 +54,8 @@ log = structlog.get_logger(__name__)
 SKIP_GRACE_SHARE: Final = 0.5
 SKIP_GRACE_MAX: Final = 60.0
 FLUSH_RETRY_S: Final = 1.0
+# How long a shutdown waits for outcomes to be written while the database does not answer.
+SHUTDOWN_FLUSH_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,7 +436,16 @@ class CronManager:
             await asyncio.wait(running, timeout=grace)
         for name in list(self._inflight):
             await self._cancel_and_wait(name, "the scheduler shut down")
-        await self.flush()
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+                await self.flush()
+        except TimeoutError:
+            # The database does not answer: stop anyway. The claims of these runs stay
+            # "running" and are recorded interrupted when a scheduler next starts.
+            log.error("cron.history_unwritten", count=len(self._pending))
+            if self._flusher is not None:
+                self._flusher.cancel()
+            self._pending = []
         await asyncio.to_thread(scheduler.close)
         self._scheduler = None
         for task in self._registered.values():
