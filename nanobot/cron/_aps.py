@@ -37,7 +37,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
-from sqlalchemy import Connection, Engine, and_, bindparam, null, select
+from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.control import build_task
@@ -369,13 +369,19 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
 
     # --- reading jobs (worker thread) -----------------------------------------------------------
 
-    def due(self, now: datetime, policies: dict[str, tuple[MisfirePolicy, float]]) -> list[DueJob]:
-        """The jobs due at ``now`` in both stores, with their slots split; jobs not yet moved."""
+    def due(
+        self,
+        now: datetime,
+        horizon: datetime,
+        policies: dict[str, tuple[MisfirePolicy, float]],
+    ) -> list[DueJob]:
+        """The jobs due by ``horizon`` in both stores, their slots split at ``now`` (a slot
+        still ahead of ``now`` is simply the one to run); the jobs are not yet moved."""
         result: list[DueJob] = []
         with self._jobstores_lock:
             self._due_jobs = []
             for alias, store in ((PERSISTENT, self.store), (EPHEMERAL, self.memory)):
-                for job in store.get_due_jobs(now):
+                for job in store.get_due_jobs(horizon):
                     interval = float(job.trigger.interval_length)
                     policy, grace = policies.get(
                         job.id, (MisfirePolicy.CATCH_UP_ONCE, interval / 2)
@@ -421,11 +427,21 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
                         pass
             self._due_jobs = []
 
-    def next_wakeup(self, now: datetime) -> float | None:
+    def next_run_at(self) -> datetime | None:
+        """The earliest next run time of any job in either store."""
         times = [t for t in (self.store.get_next_run_time(), self.memory.get_next_run_time()) if t]
-        if not times:
-            return None
-        return max(0.0, (min(times) - now).total_seconds())
+        return min(times).astimezone(UTC) if times else None
+
+    def count_due(self, horizon: datetime) -> int:
+        """How many jobs are due by ``horizon`` (an index range count, no job is loaded)."""
+        stamp = datetime_to_utc_timestamp(horizon)
+        table = self.store.jobs_t
+        with self.store.engine.begin() as connection:
+            stored = connection.execute(
+                select(func.count()).select_from(table).where(table.c.next_run_time <= stamp)
+            ).scalar_one()
+        in_memory = sum(1 for job in self.memory.get_due_jobs(horizon))
+        return int(stored) + in_memory
 
     def lookup_many(self, names: list[str], *, all_rows: bool = False) -> dict[str, JobState]:
         """The persistent jobs among ``names``, read in one query."""

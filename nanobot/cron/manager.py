@@ -75,8 +75,13 @@ class _Launch:
 LAUNCH_CHUNK: Final = 25
 # Above this many changed tasks, the reconciliation reads the whole tasks table instead.
 RECONCILE_IN_MAX: Final = 500
-# How far ahead of its time a slot is claimed; the loop then starts it at its exact time.
+# How far ahead of its time a slot is claimed at least; the loop then starts it at its exact time.
 SCHEDULE_LEAD: Final = 0.05
+# ... and at most, for a burst of many slots at one instant.
+MAX_LEAD: Final = 5.0
+# A pass's cost per due slot is learnt from passes with at least this many (first guess below).
+COST_SAMPLE_MIN: Final = 50
+INITIAL_COST_PER_JOB: Final = 0.0002
 
 
 def task_component(name: str) -> str:
@@ -132,7 +137,9 @@ class CronManager:
         self._pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._delayed: dict[int, tuple[asyncio.TimerHandle, _Launch]] = {}
+        self._delayed: dict[datetime, tuple[asyncio.TimerHandle, list[_Launch]]] = {}
+        self._lead = SCHEDULE_LEAD
+        self._cost_per_job = INITIAL_COST_PER_JOB
         self._schema_ready = False
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
@@ -427,9 +434,9 @@ class CronManager:
         await scheduler.quiesce()
         self._closing = True
         # Slots claimed ahead of their time and not started yet: recorded cancelled.
-        for handle, launch in list(self._delayed.values()):
+        for slot, (handle, _) in list(self._delayed.items()):
             handle.cancel()
-            self._launch_delayed(launch)
+            self._launch_delayed(slot)
         running = [t for t in self._inflight.values() if not t.done()]
         if running and grace > 0:
             log.info("cron.waiting_for_runs", count=len(running), grace_s=grace)
@@ -469,9 +476,11 @@ class CronManager:
         manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
         if time.monotonic() - self._last_reconcile >= self.poll_interval * 0.9:
             manual = self._reconcile(scheduler, now)
-        # Slots due within SCHEDULE_LEAD are claimed now and started by the loop at their exact
-        # time, so that the pass's own duration does not make every start late.
-        due = scheduler.due(now + timedelta(seconds=SCHEDULE_LEAD), dict(self._policies))
+        # Slots due within the lead are claimed now and started by the loop at their exact time,
+        # so that the pass's own duration does not make every start late.
+        horizon = now + timedelta(seconds=self._lead + SCHEDULE_LEAD)
+        started = time.perf_counter()
+        due = scheduler.due(now, horizon, dict(self._policies))
         claims: list[Claim] = []
         unrun: list[Finish] = []
         next_runs: dict[str, tuple[datetime | None, int]] = {}
@@ -522,8 +531,25 @@ class CronManager:
         if unrun:
             scheduler.call_soon(self._announce_batch, unrun)
         self._sync_unloadable(scheduler)
-        wait = scheduler.next_wakeup(self._clock())
-        return None if wait is None else max(0.0, wait - SCHEDULE_LEAD)
+        if len(due) >= COST_SAMPLE_MIN:
+            per_job = (time.perf_counter() - started) / len(due)
+            self._cost_per_job = 0.5 * self._cost_per_job + 0.5 * per_job
+        return self._next_wait(scheduler)
+
+    def _next_wait(self, scheduler: NanobotScheduler) -> float | None:
+        """How long to sleep before the next pass, and the lead that pass will claim with.
+
+        The lead grows with the number of slots due at the next instant, by what a pass has
+        been measured to cost per slot, so that a burst of thousands is claimed before its
+        instant and starts on time instead of after one long pass.
+        """
+        next_run = scheduler.next_run_at()
+        if next_run is None:
+            self._lead = SCHEDULE_LEAD
+            return None
+        count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
+        self._lead = min(MAX_LEAD, max(SCHEDULE_LEAD, 2 * count * self._cost_per_job))
+        return max(0.0, (next_run - self._clock()).total_seconds() - self._lead)
 
     def _check_fence(self, conn: Connection) -> None:
         if self.fence is not None and not self.fence(conn):
@@ -739,21 +765,60 @@ class CronManager:
         return _Launch(name, slot, run_id, manual, task)
 
     def _launch_batch(self, batch: list[_Launch]) -> None:
+        """Start claimed slots: those due now at once, later ones at their exact time, one
+        timer per instant (a burst of thousands at one instant is one timer)."""
         loop = asyncio.get_running_loop()
         now = self._clock()
-        for launch in batch[:LAUNCH_CHUNK]:
+        due_now: list[_Launch] = []
+        for launch in batch:
             early = (launch.slot - now).total_seconds()
-            if early > 0 and not launch.manual:
-                handle = loop.call_later(early, self._launch_delayed, launch)
-                self._delayed[launch.run_id] = (handle, launch)
+            if early <= 0 or launch.manual:
+                due_now.append(launch)
+                continue
+            group = self._delayed.get(launch.slot)
+            if group is None:
+                handle = loop.call_later(early, self._launch_delayed, launch.slot)
+                self._delayed[launch.slot] = (handle, [launch])
             else:
-                self._launch(launch)
-        if len(batch) > LAUNCH_CHUNK:
-            asyncio.get_running_loop().call_soon(self._launch_batch, batch[LAUNCH_CHUNK:])
+                group[1].append(launch)
+        self._launch_chunks(due_now)
 
-    def _launch_delayed(self, launch: _Launch) -> None:
-        self._delayed.pop(launch.run_id, None)
-        self._launch(launch)
+    def _launch_chunks(self, launches: list[_Launch]) -> None:
+        # A few per loop iteration, so that a burst never holds the event loop for long.
+        for launch in launches[:LAUNCH_CHUNK]:
+            self._launch(launch)
+        if len(launches) > LAUNCH_CHUNK:
+            asyncio.get_running_loop().call_soon(self._launch_chunks, launches[LAUNCH_CHUNK:])
+
+    def _launch_delayed(self, slot: datetime) -> None:
+        group = self._delayed.pop(slot, None)
+        if group is not None:
+            self._launch_chunks(group[1])
+
+    def _cancel_delayed(self, name: str, reason: str) -> None:
+        """Record as cancelled the claimed slots of ``name`` that have not started yet."""
+        for slot, (handle, launches) in list(self._delayed.items()):
+            mine = [launch for launch in launches if launch.name == name]
+            if not mine:
+                continue
+            rest = [launch for launch in launches if launch.name != name]
+            if rest:
+                self._delayed[slot] = (handle, rest)
+            else:
+                handle.cancel()
+                del self._delayed[slot]
+            for launch in mine:
+                self._record(
+                    Finish(
+                        task=name,
+                        run_id=launch.run_id,
+                        scheduled_at=launch.slot,
+                        outcome=TaskOutcome.CANCELLED,
+                        started_at=None,
+                        finished_at=self._clock(),
+                        error=reason,
+                    )
+                )
 
     def _announce_batch(self, finishes: list[Finish]) -> None:
         for finish in finishes:
@@ -919,6 +984,7 @@ class CronManager:
                 await asyncio.sleep(FLUSH_RETRY_S)
 
     def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
+        self._cancel_delayed(name, reason)
         run = self._inflight.get(name)
         if run is None or run.done():
             return None
