@@ -12,20 +12,20 @@ import threading
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from nanobot.config import Config, get_config
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
+
+if TYPE_CHECKING:  # Alembic is imported where it is used: a process that does not migrate
+    # (the scheduler's worker, the command line's readers) saves a quarter of a second.
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +128,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(engine: Engine | None = None) -> AlembicConfig:
     """An Alembic configuration on nanobot's scripts, bound to ``engine`` if one is given."""
+    from alembic.config import Config as AlembicConfig
+
     repo_ini = migrations_dir().parent / "alembic.ini"
     cfg = AlembicConfig(str(repo_ini)) if repo_ini.is_file() else AlembicConfig()
     cfg.set_main_option("script_location", str(migrations_dir()))
@@ -137,15 +139,21 @@ def alembic_config(engine: Engine | None = None) -> AlembicConfig:
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def _is_known_revision(script: ScriptDirectory, revision: str) -> bool:
+    from alembic.util import CommandError
+
     # get_revision raises CommandError, rather than returning None, for an id it cannot locate.
     try:
         return script.get_revision(revision) is not None
@@ -155,6 +163,8 @@ def _is_known_revision(script: ScriptDirectory, revision: str) -> bool:
 
 def check_schema_known(engine: Engine) -> None:
     """Refuse a database migrated by a newer nanobot than this one."""
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config())
     current = current_revision(engine)
     if current is not None and not _is_known_revision(script, current):
@@ -197,6 +207,8 @@ def upgrade_database(engine: Engine, revision: str = "head") -> None:
         with _migration_lock(engine):
             check_schema_known(engine)
             before = current_revision(engine)
+            from alembic import command
+
             command.upgrade(alembic_config(engine), revision)
             after = current_revision(engine)
     except SchemaTooNewError:
@@ -211,4 +223,6 @@ def upgrade_database(engine: Engine, revision: str = "head") -> None:
 
 def downgrade_database(engine: Engine, revision: str) -> None:
     with _migration_lock(engine):
+        from alembic import command
+
         command.downgrade(alembic_config(engine), revision)

@@ -604,10 +604,11 @@ class CronManager:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
             if self._applied.get(row.name) != row.version:
-                next_runs[row.name] = (
-                    self._apply_row(scheduler, row, definition, now, jobs.get(row.name), to_add),
-                    row.version,
+                next_run = self._apply_row(
+                    scheduler, row, definition, now, jobs.get(row.name), to_add
                 )
+                if next_run != row.next_run_at:
+                    next_runs[row.name] = (next_run, row.version)
                 self._applied[row.name] = row.version
             if row.run_requested_at is not None and take_requests:
                 manual.append((row.name, row.run_requested_at, row.task_class, dict(row.kwargs)))
