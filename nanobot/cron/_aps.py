@@ -38,7 +38,6 @@ from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
 from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.control import build_task
 from nanobot.exceptions import NotLeaderError
@@ -192,20 +191,23 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         if not states:
             return
         rows = [
-            {
-                "id": state["id"],
-                "next_run_time": datetime_to_utc_timestamp(state["next_run_time"]),
-                "job_state": pickle.dumps(state, self.pickle_protocol),
-            }
+            (
+                state["id"],
+                datetime_to_utc_timestamp(state["next_run_time"]),
+                pickle.dumps(state, self.pickle_protocol),
+            )
             for state in states
         ]
-        table = self.jobs_t
         with self.engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                stmt: Any = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
-            else:
-                stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
-            connection.execute(stmt, rows)
+            # A plain driver executemany: ten thousand rows of three columns need none of
+            # SQLAlchemy's per-row processing, which would triple the time of a cold start.
+            mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            table = connection.dialect.identifier_preparer.format_table(self.jobs_t)
+            connection.exec_driver_sql(
+                f"INSERT INTO {table} (id, next_run_time, job_state) "
+                f"VALUES ({mark}, {mark}, {mark}) ON CONFLICT (id) DO NOTHING",
+                rows,
+            )
 
     def job_ids(self) -> set[str]:
         with self.engine.begin() as connection:
