@@ -39,6 +39,7 @@ from bench.common import (
     nanobot_manager,
     wait_for,
 )
+from nanobot.service import settle_after_start
 
 INTERVAL = 3600.0
 TIMEOUT = 300.0
@@ -80,6 +81,7 @@ async def nanobot_burst(home: Path, n: int) -> dict[str, Any]:
         manager = nanobot_manager(engine)
         started = time.time()
         await manager.start()
+        settle_after_start()  # as the service does once it has started
         await wait_for(lambda m=manager: m.last_wakeup_at is not None, TIMEOUT)
         loaded = time.time() - started
         if time.time() < instant - 0.5:

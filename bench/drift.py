@@ -34,6 +34,7 @@ from bench.common import (
     nanobot_manager,
     percentile,
 )
+from nanobot.service import settle_after_start
 
 INTERVAL = 0.2
 BUSY = 0.05
@@ -62,6 +63,8 @@ async def nanobot_drift(home: Path, periods: int) -> tuple[list[float], float]:
     done = tasks.expect(key, periods)
     manager = nanobot_manager(engine)
     manager.register_task("drift", tasks.Stamp(INTERVAL, key=key, busy=BUSY))
+    await manager.start()
+    settle_after_start()  # as the service does once it has started
     monitor = LoopMonitor().start()
     await manager.start_task("drift")
     await asyncio.wait_for(done.wait(), periods * INTERVAL * 3 + 30)

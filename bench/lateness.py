@@ -34,6 +34,7 @@ from bench.common import (
     percentile,
     wait_for,
 )
+from nanobot.service import settle_after_start
 
 TASKS = 1000
 INTERVAL = 5.0
@@ -84,6 +85,7 @@ async def nanobot_lateness(home: Path, periods: int) -> dict[str, Any]:
     )
     manager = nanobot_manager(engine)
     await manager.start()
+    settle_after_start()  # as the service does once it has started
     await wait_for(lambda: manager.last_wakeup_at is not None, 120)
     loaded_before = time.time() < t0
     result = await _observe(key, t0, periods)

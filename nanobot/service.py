@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import os
 import signal
 import sys
@@ -185,6 +186,7 @@ class Service:
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
             if self.lock is not None:
                 self._lock_task = asyncio.create_task(self._lock_loop(), name="nanobot-lock")
+            settle_after_start()
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
         finally:
@@ -439,6 +441,19 @@ class Service:
         self.role = Role.STOPPED
         log.info("service.stopped", exit_code=code)
         return code
+
+
+def settle_after_start() -> None:
+    """Move what start-up allocated out of the garbage collector's way.
+
+    A full collection scans every tracked object (SQLAlchemy's and APScheduler's included) with
+    the GIL held: tens of milliseconds during which neither the event loop nor the scheduler's
+    worker runs, measured as 60-75 ms loop holds in a burst of 1000-5000 runs. ``gc.freeze()``
+    moves the objects alive after start-up into a generation that collections skip; they live
+    as long as the process anyway.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class _ProbeAdapter:

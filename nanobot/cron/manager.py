@@ -17,6 +17,7 @@ Outcomes are written in batches by the same worker thread, so history never bloc
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -48,12 +49,14 @@ from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
 from nanobot.node import node_name
 
 log = structlog.get_logger(__name__)
+_stdlib_log = logging.getLogger(__name__)
 
 # A slot under the SKIP policy runs only if the scheduler reaches it within this share of the
 # interval (at most SKIP_GRACE_MAX seconds); later than that, it is recorded missed.
 SKIP_GRACE_SHARE: Final = 0.5
 SKIP_GRACE_MAX: Final = 60.0
 FLUSH_RETRY_S: Final = 1.0
+FLUSH_WINDOW_S: Final = 0.02
 # How long a shutdown waits for outcomes to be written while the database does not answer.
 SHUTDOWN_FLUSH_S: Final = 10.0
 
@@ -140,6 +143,7 @@ class CronManager:
         self._delayed: dict[datetime, tuple[asyncio.TimerHandle, list[_Launch]]] = {}
         self._lead = SCHEDULE_LEAD
         self._cost_per_job = INITIAL_COST_PER_JOB
+        self._default_timeout: float | None = None
         self._schema_ready = False
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
@@ -403,6 +407,8 @@ class CronManager:
             if self._scheduler is not None and self._scheduler.dispatching:
                 return
             self._closing = False
+            # 0 in the configuration means no limit.
+            self._default_timeout = float(get_config().get("cron.default_timeout", 0.0)) or None
             engine = await asyncio.to_thread(lambda: self.engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
@@ -883,8 +889,7 @@ class CronManager:
         task.set_running(True)
 
     async def _execute(self, launch: _Launch, task: CronTask) -> None:
-        configured = float(get_config().get("cron.default_timeout", 0.0))
-        timeout = task.timeout if task.timeout is not None else (configured or None)
+        timeout = task.timeout if task.timeout is not None else self._default_timeout
         outcome = TaskOutcome.SUCCESS
         error: str | None = None
         started = self._clock()
@@ -894,12 +899,13 @@ class CronManager:
                 if task.jitter:
                     await asyncio.sleep(random.uniform(0, task.jitter))
                 started = self._clock()
-                log.debug(
-                    "task.started",
-                    scheduled_at=launch.slot.isoformat(),
-                    lateness_s=round((started - launch.slot).total_seconds(), 6),
-                    manual=launch.manual,
-                )
+                if _stdlib_log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "task.started",
+                        scheduled_at=launch.slot.isoformat(),
+                        lateness_s=round((started - launch.slot).total_seconds(), 6),
+                        manual=launch.manual,
+                    )
                 async with deadline:
                     await task.run()
             except TimeoutError as exc:
@@ -946,6 +952,8 @@ class CronManager:
         self._announce(finish)
 
     def _announce(self, finish: Finish) -> None:
+        if not self.bus.subscribers("task.finished"):
+            return
         payload = {
             "task": finish.task,
             "outcome": finish.outcome.value,
@@ -970,6 +978,9 @@ class CronManager:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
+        # Outcomes that come within a few milliseconds are written together: during a burst the
+        # worker thread writes a few large batches instead of competing with the loop all along.
+        await asyncio.sleep(FLUSH_WINDOW_S)
         while self._pending:
             batch, self._pending = self._pending, []
             try:
