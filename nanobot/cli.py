@@ -327,6 +327,24 @@ def _component_rows(components: list[dict[str, Any]], now: datetime) -> list[lis
 def _status_text(data: dict[str, Any]) -> str:
     now = datetime.fromisoformat(data["checked_at"])
     lines = _service_lines(data, now)
+    nodes = data["service"].get("nodes") or []
+    if nodes:
+        lines += ["", "nodes:"]
+        lines.append(
+            _table(
+                ["NODE", "ROLE", "ALIVE", "LAST HEARTBEAT", "STATUS"],
+                [
+                    [
+                        n["node"],
+                        "leader" if n.get("leader") else "standby",
+                        "yes" if n["fresh"] else "NO",
+                        _when(n["last_heartbeat"], now),
+                        n["status"],
+                    ]
+                    for n in nodes
+                ],
+            )
+        )
     lines += ["", "components:"]
     lines.append(
         _table(

@@ -306,3 +306,49 @@ def test_python_m_nanobot_and_nanobot_cli_accept_the_same_commands(
         assert bad.stderr.strip() == "nanobot: error: unknown task 'ghost'"
         assert _run_module(module, "--version", env=env).returncode == 0
     assert outputs[0] == outputs[1] == []
+
+
+def test_status_text_lists_every_node_and_the_leader(engine: Engine) -> None:
+    """The readable status lists each node that beats, which one leads, and whether each is
+    alive."""
+    from nanobot.db import write_transaction
+    from nanobot.lease import SchedulerLease
+    from nanobot.models import Component, Heartbeat
+
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        for node, age in (("alpha", 1), ("beta", 1), ("gamma", 600)):
+            conn.execute(
+                Component.__table__.insert().values(
+                    name="database",
+                    node=node,
+                    status="healthy",
+                    last_heartbeat=now - timedelta(seconds=age),
+                    registered_at=now,
+                    updated_at=now,
+                )
+            )
+            conn.execute(
+                Heartbeat.__table__.insert().values(
+                    at=now - timedelta(seconds=age),
+                    node=node,
+                    status="healthy",
+                    interval_s=30.0,
+                    total=0,
+                    healthy=0,
+                    error=0,
+                    unknown=0,
+                )
+            )
+    assert SchedulerLease(engine, "alpha:123", 30).try_acquire()
+    text = invoke("status").stdout
+    rows = {
+        line.split()[0]: line.split()[1:3]
+        for line in text.splitlines()
+        if line[:5] in {"alpha", "beta ", "gamma"}
+    }
+    assert rows == {
+        "alpha": ["leader", "yes"],
+        "beta": ["standby", "yes"],
+        "gamma": ["standby", "NO"],
+    }
