@@ -88,26 +88,28 @@ def _age(now: datetime, then: datetime | None) -> float | None:
 
 
 def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
-    """The newest heartbeats row of each known node, one indexed query per node.
+    """The newest heartbeats row of each known node, in one statement.
 
     Nodes are those with components (a small table) plus the node of the newest row overall,
-    which covers a node that has written heartbeats but no component yet.
+    which covers a node that has written heartbeats but no component yet. Each node's newest
+    row is found by a correlated ``ORDER BY at DESC LIMIT 1`` on the (node, at) index, so the
+    size of the history does not matter.
     """
-    nodes = set(conn.execute(select(Component.node).distinct()).scalars())
-    newest = conn.execute(select(Heartbeat.node).order_by(Heartbeat.at.desc()).limit(1)).scalar()
-    if newest is not None:
-        nodes.add(newest)
-    latest: dict[str, Any] = {}
-    for node in sorted(nodes):
-        row = conn.execute(
-            select(Heartbeat.__table__)
-            .where(Heartbeat.node == node)
-            .order_by(Heartbeat.at.desc())
-            .limit(1)
-        ).first()
-        if row is not None:
-            latest[node] = row
-    return latest
+    newest_node = select(Heartbeat.node).order_by(Heartbeat.at.desc()).limit(1)
+    known = select(Component.node).union(select(newest_node.scalar_subquery()))
+    nodes = known.subquery("nodes")
+    newest_id = (
+        select(Heartbeat.id)
+        .where(Heartbeat.node == nodes.c.node)
+        .order_by(Heartbeat.at.desc())
+        .limit(1)
+        .correlate(nodes)
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        select(Heartbeat.__table__).where(Heartbeat.id.in_(select(newest_id).select_from(nodes)))
+    ).all()
+    return {row.node: row for row in sorted(rows, key=lambda r: r.node)}
 
 
 def holder_node(holder: str | None) -> str | None:
@@ -175,9 +177,19 @@ def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
                 "current": row.node in running_nodes,
             }
         )
-    tasks = [
-        _task_json(row) for row in conn.execute(select(Task.__table__).order_by(Task.name)).all()
-    ]
+    columns = (
+        Task.name,
+        Task.task_class,
+        Task.interval_s,
+        Task.timeout_s,
+        Task.paused,
+        Task.next_run_at,
+        Task.last_run_at,
+        Task.last_outcome,
+        Task.consecutive_failures,
+        Task.broken_reason,
+    )
+    tasks = [_task_json(row) for row in conn.execute(select(*columns).order_by(Task.name)).all()]
     return {
         "nodes": nodes,
         "running_nodes": running_nodes,
