@@ -96,7 +96,9 @@ def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
     size of the history does not matter.
     """
     newest_node = select(Heartbeat.node).order_by(Heartbeat.at.desc()).limit(1)
-    known = select(Component.node).union(select(newest_node.scalar_subquery()))
+    # UNION ALL: a node listed twice only repeats an id inside IN (...), and no temporary
+    # B-tree is built to remove duplicates.
+    known = select(Component.node).union_all(select(newest_node.scalar_subquery()))
     nodes = known.subquery("nodes")
     newest_id = (
         select(Heartbeat.id)
