@@ -524,6 +524,14 @@ class CronManager:
                 history.record_unrun(conn, unrun)
                 claimed = history.claim_slots(conn, claims, node=self.node)
                 history.set_next_runs(conn, next_runs)
+                # A run request is consumed in the transaction that claims its run, so a pass
+                # that fails (a lost lease, a locked database) leaves it for the next one.
+                for name, requested, *_ in manual:
+                    conn.execute(
+                        update(Task)
+                        .where(Task.name == name, Task.run_requested_at == requested)
+                        .values(run_requested_at=None)
+                    )
             scheduler.advance_memory()
         ready: list[_Launch] = []
         for key, (task_class, kwargs, is_manual) in launches.items():
@@ -621,14 +629,6 @@ class CronManager:
         if to_add:
             scheduler.add_many(to_add)
             log.info("cron.jobs_added", count=len(to_add))
-        if manual:
-            with write_transaction(engine) as conn:
-                for name, requested, *_ in manual:
-                    conn.execute(
-                        update(Task)
-                        .where(Task.name == name, Task.run_requested_at == requested)
-                        .values(run_requested_at=None)
-                    )
         removed = [n for n in self._applied if n not in versions]
         if self._first_reconcile:
             removed += [n for n in scheduler.persistent_job_ids() if n not in versions]
