@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import structlog
@@ -76,6 +76,8 @@ class _Launch:
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
 # of thousands of due tasks never holds the event loop for long.
 LAUNCH_CHUNK: Final = 25
+# The instant of launches that start at once whatever their slot (manual runs).
+NOW_SLOT: Final = datetime.min.replace(tzinfo=UTC)
 # Above this many changed tasks, the reconciliation reads the whole tasks table instead.
 RECONCILE_IN_MAX: Final = 500
 # How far ahead of its time a slot is claimed at least; the loop then starts it at its exact time.
@@ -533,15 +535,18 @@ class CronManager:
                         .values(run_requested_at=None)
                     )
             scheduler.advance_memory()
-        ready: list[_Launch] = []
+        # Grouped by instant here, in the worker, so that the loop only arms one timer per
+        # instant: sorting thousands of launches there would hold it for tens of milliseconds.
+        groups: dict[datetime, list[_Launch]] = {}
         for key, (task_class, kwargs, is_manual) in launches.items():
             run_id = claimed.get(key)
             if run_id is None:
                 log.info("cron.slot_already_claimed", task=key[0], scheduled_at=key[1].isoformat())
                 continue
-            ready.append(self._prepare(key[0], task_class, kwargs, key[1], run_id, is_manual))
-        if ready:
-            scheduler.call_soon(self._launch_batch, ready)
+            launch = self._prepare(key[0], task_class, kwargs, key[1], run_id, is_manual)
+            groups.setdefault(NOW_SLOT if is_manual else key[1], []).append(launch)
+        if groups:
+            scheduler.call_soon(self._launch_groups, groups)
         if unrun:
             scheduler.call_soon(self._announce_batch, unrun)
         self._sync_unloadable(scheduler)
@@ -772,23 +777,28 @@ class CronManager:
         return _Launch(name, slot, run_id, manual, task)
 
     def _launch_batch(self, batch: list[_Launch]) -> None:
-        """Start claimed slots: those due now at once, later ones at their exact time, one
-        timer per instant (a burst of thousands at one instant is one timer)."""
+        """Start claimed slots: those due now at once, later ones at their exact time."""
+        groups: dict[datetime, list[_Launch]] = {}
+        for launch in batch:
+            groups.setdefault(NOW_SLOT if launch.manual else launch.slot, []).append(launch)
+        self._launch_groups(groups)
+
+    def _launch_groups(self, groups: dict[datetime, list[_Launch]]) -> None:
+        """Start each instant's launches at that instant: one timer per instant, so that a
+        burst of thousands at one instant costs the loop one timer, not thousands."""
         loop = asyncio.get_running_loop()
         now = self._clock()
-        due_now: list[_Launch] = []
-        for launch in batch:
-            early = (launch.slot - now).total_seconds()
-            if early <= 0 or launch.manual:
-                due_now.append(launch)
+        for slot, launches in groups.items():
+            early = (slot - now).total_seconds()
+            if early <= 0:
+                self._launch_chunks(launches)
                 continue
-            group = self._delayed.get(launch.slot)
-            if group is None:
-                handle = loop.call_later(early, self._launch_delayed, launch.slot)
-                self._delayed[launch.slot] = (handle, [launch])
+            pending = self._delayed.get(slot)
+            if pending is None:
+                handle = loop.call_later(early, self._launch_delayed, slot)
+                self._delayed[slot] = (handle, launches)
             else:
-                group[1].append(launch)
-        self._launch_chunks(due_now)
+                pending[1].extend(launches)
 
     def _launch_chunks(self, launches: list[_Launch]) -> None:
         # A few per loop iteration, so that a burst never holds the event loop for long.
