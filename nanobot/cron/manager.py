@@ -342,23 +342,24 @@ class CronManager:
 
     async def pause_task(self, name: str) -> None:
         """Stop scheduling a task; a run in flight finishes. Resume keeps its phase."""
-        await asyncio.to_thread(self._require, name)
-        if name in self._ephemeral:
-            raise InvalidTaskError(f"task {name!r} is not stored; stop it instead of pausing it")
-        await asyncio.to_thread(control.pause_task, self.engine, name)
-        if self._scheduler is not None:
-            await self._scheduler.run_in_worker(self._reconcile_now, self._scheduler)
+        await self._change_stored(name, control.pause_task, "stop it instead of pausing it")
         log.info("cron.task_paused", task=name)
 
     async def resume_task(self, name: str) -> None:
         """Schedule a paused task again at the next slot of its original grid."""
+        await self._change_stored(name, control.resume_task, "start it instead")
+        log.info("cron.task_resumed", task=name)
+
+    async def _change_stored(
+        self, name: str, change: Callable[[Engine, str], Any], instead: str
+    ) -> None:
+        """Apply a control-plane change to a stored task, and to the running scheduler now."""
         await asyncio.to_thread(self._require, name)
         if name in self._ephemeral:
-            raise InvalidTaskError(f"task {name!r} is not stored; start it instead")
-        await asyncio.to_thread(control.resume_task, self.engine, name)
+            raise InvalidTaskError(f"task {name!r} is not stored; {instead}")
+        await asyncio.to_thread(change, self.engine, name)
         if self._scheduler is not None:
             await self._scheduler.run_in_worker(self._reconcile_now, self._scheduler)
-        log.info("cron.task_resumed", task=name)
 
     async def run_task_now(self, name: str) -> None:
         """Run a task once now, outside its schedule (its schedule is unchanged)."""
