@@ -826,50 +826,35 @@ class CronManager:
                 handle.cancel()
                 del self._delayed[slot]
             for launch in mine:
-                self._record(
-                    Finish(
-                        task=name,
-                        run_id=launch.run_id,
-                        scheduled_at=launch.slot,
-                        outcome=TaskOutcome.CANCELLED,
-                        started_at=None,
-                        finished_at=self._clock(),
-                        error=reason,
-                    )
-                )
+                self._end_unstarted(launch, TaskOutcome.CANCELLED, reason)
 
     def _announce_batch(self, finishes: list[Finish]) -> None:
         for finish in finishes:
             self._announce(finish)
 
-    def _launch(self, launch: _Launch) -> None:
+    def _end_unstarted(self, launch: _Launch, outcome: TaskOutcome, error: str) -> None:
+        """Record the end of a claimed slot whose task never started."""
         now = self._clock()
-        if self._closing:
-            self._record(
-                Finish(
-                    task=launch.name,
-                    run_id=launch.run_id,
-                    scheduled_at=launch.slot,
-                    outcome=TaskOutcome.CANCELLED,
-                    started_at=None,
-                    finished_at=now,
-                    error="the scheduler was shutting down",
-                )
+        self._record(
+            Finish(
+                task=launch.name,
+                run_id=launch.run_id,
+                scheduled_at=launch.slot,
+                outcome=outcome,
+                # A task that could not be built did "run" and fail: the mirror shows when.
+                started_at=now if outcome is TaskOutcome.ERROR else None,
+                finished_at=now,
+                error=error,
             )
+        )
+
+    def _launch(self, launch: _Launch) -> None:
+        if self._closing:
+            self._end_unstarted(launch, TaskOutcome.CANCELLED, "the scheduler was shutting down")
             return
         if self._busy(launch.name):
             # Runs never overlap: the slot is recorded skipped, and the run in flight goes on.
-            self._record(
-                Finish(
-                    task=launch.name,
-                    run_id=launch.run_id,
-                    scheduled_at=launch.slot,
-                    outcome=TaskOutcome.SKIPPED,
-                    started_at=None,
-                    finished_at=now,
-                    error="the previous run was still going",
-                )
-            )
+            self._end_unstarted(launch, TaskOutcome.SKIPPED, "the previous run was still going")
             return
         task = launch.task
         if task is None:
@@ -877,17 +862,7 @@ class CronManager:
             log.error("task.unbuildable", task=launch.name, run_id=launch.run_id, error=error)
             with self._lock:
                 self._broken[launch.name] = error
-            self._record(
-                Finish(
-                    task=launch.name,
-                    run_id=launch.run_id,
-                    scheduled_at=launch.slot,
-                    outcome=TaskOutcome.ERROR,
-                    started_at=now,
-                    finished_at=now,
-                    error=error,
-                )
-            )
+            self._end_unstarted(launch, TaskOutcome.ERROR, error)
             return
         if launch.name in self._known_broken:
             with self._lock:
