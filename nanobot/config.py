@@ -193,6 +193,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _non_negative_number,
         "seconds a run may take when its task sets no timeout; 0 means no limit",
     ),
+    Setting(
+        "cron.overrun_intervals",
+        3.0,
+        _non_negative_number,
+        "a run in flight longer than this many intervals shows as overrunning; 0 turns it off",
+    ),
     Setting("session.ttl", 86400.0, _positive_number, "seconds a session lives after its last use"),
     Setting(
         "service.node",

@@ -52,6 +52,14 @@ class InvalidTaskError(TaskError, ValueError):
     """A task definition is invalid: a bad interval, an unimportable class, bad arguments."""
 
 
+class TaskNotStorableError(TaskError, RuntimeError):
+    """A task that only this process could build was started while another process schedules.
+
+    Its class lives in ``__main__`` or in a function, or its arguments are not JSON data, so the
+    scheduling process cannot run it.
+    """
+
+
 class ComponentError(NanobotError):
     """Base of the heartbeat monitor's errors."""
 
