@@ -219,6 +219,7 @@ class CronManager:
         self._handed: dict[int, _Launch] = {}
         # Slots that reached the loop while it was stopping: released, never started.
         self._held_back: list[_Launch] = []
+        self._queued: dict[int, list[_Launch]] = {}
         self._marking: set[asyncio.Task[None]] = set()
         self._undispatch: list[int] = []
         # name -> (run id, slot, monotonic start, interval) of each run in flight.
@@ -751,6 +752,9 @@ class CronManager:
         self._delayed.clear()
         unstarted.extend(self._held_back)
         self._held_back = []
+        for launches in self._queued.values():
+            unstarted.extend(launches)
+        self._queued.clear()
         with self._lock:
             unstarted.extend(self._handed.values())
             self._handed.clear()
@@ -1211,8 +1215,17 @@ class CronManager:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:
             self._launch(launch)
-        if len(launches) > LAUNCH_CHUNK:
-            asyncio.get_running_loop().call_soon(self._launch_chunks, launches[LAUNCH_CHUNK:])
+        rest = launches[LAUNCH_CHUNK:]
+        if rest:
+            # Kept where a stop finds them: a slot not started when the scheduler stops is
+            # released, not left behind.
+            self._queued[id(rest)] = rest
+            asyncio.get_running_loop().call_soon(self._launch_queued, id(rest))
+
+    def _launch_queued(self, key: int) -> None:
+        rest = self._queued.pop(key, None)
+        if rest is not None:  # else taken by a stop
+            self._launch_chunks(rest)
 
     def _launch_delayed(self, slot: datetime) -> None:
         group = self._delayed.pop(slot, None)
