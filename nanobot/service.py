@@ -543,7 +543,8 @@ class Service:
         if manager is None:
             return
         try:
-            await manager.shutdown(grace=grace)
+            # Losing the lead (not stopping): the task components go, a standby runs no task.
+            await manager.shutdown(grace=grace, standby=reason != "shutdown")
         except Exception as exc:
             log.error(
                 "service.scheduler_shutdown_failed",

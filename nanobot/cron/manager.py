@@ -311,6 +311,10 @@ class CronManager:
         except Exception:
             log.exception("cron.health_update_failed", task=name)
 
+    def _forget_task_components(self) -> None:
+        for component in sorted(self._health_registered):
+            self._forget_health(component[len(TASK_PREFIX) :])
+
     def _known(self, name: str) -> bool:
         if name in self._registered or name in self._ephemeral:
             return True
@@ -668,6 +672,7 @@ class CronManager:
                 await asyncio.shield(
                     self._stop_dispatching(0.0, "the node lost the scheduling lease")
                 )
+                self._forget_task_components()
                 self._lease, self.fence, self._own_lease = None, None, False
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.to_thread(lease.release), timeout=period)
@@ -684,16 +689,22 @@ class CronManager:
                 self._adopt(lease)
                 await asyncio.shield(self.start(takeover=True))
 
-    async def shutdown(self, grace: float | None = None) -> None:
+    async def shutdown(self, grace: float | None = None, *, standby: bool = False) -> None:
         """Stop dispatching, let runs in flight finish for up to ``grace`` seconds, cancel the
         rest (recorded ``cancelled``) and write all history; slots claimed ahead of their
         instant are released (caught up at the next start). Schedules stay stored. A lease this
-        manager took itself is released. Idempotent."""
+        manager took itself is released. Idempotent.
+
+        ``standby``: the process goes on as a standby (it lost the lead); the ``task:<name>``
+        components it kept are unregistered, since a standby runs no task and they would go
+        stale there (the leader's own components stand for the tasks)."""
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
         await self._stop_dispatching(grace, "the scheduler shut down")
+        if standby:
+            self._forget_task_components()
         self._candidate = None
         if self._own_lease and self._lease is not None:
             lease, self._lease, self.fence, self._own_lease = self._lease, None, None, False

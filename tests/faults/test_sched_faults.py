@@ -77,6 +77,18 @@ def test_frozen_leader_neither_starts_nor_finishes_after_it_resumes(
         assert stepped, old.output()
         report("SIGCONT -> the frozen leader stepped down", stepped[0]["at"] - thawed_at)
         ledger.wait_runs(len(ledger.runs("beat")) + 2, 10, task="beat")
+
+        def standby_keeps_task_component() -> bool:
+            with db.connect() as conn:
+                found = conn.execute(
+                    select(Component.id).where(
+                        Component.name == "task:beat", Component.node == old.name
+                    )
+                )
+                return found.first() is not None
+
+        # A standby runs no task: the component it had for it goes (it would go stale there).
+        wait_for("the standby's task component gone", lambda: not standby_keeps_task_component())
         # The old leader, a standby now, stops first: it must not take over again.
         assert old.stop() == 0
         assert new.stop() == 0
