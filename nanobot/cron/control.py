@@ -24,8 +24,10 @@ from nanobot.cron.schedules import (
     IntervalSchedule,
     Schedule,
     describe,
+    fire_times,
     load_schedule,
     slot_at_or_after,
+    zone,
 )
 from nanobot.cron.task import CronTask, TaskDefinition, check_interval, nominal_period
 from nanobot.db import read_transaction, write_transaction
@@ -50,6 +52,23 @@ class TaskInfo:
     error: str | None
     version: int
     schedule: Schedule
+    # The origin of an interval task's grid (None until first started).
+    anchor_at: datetime | None = None
+
+    def upcoming(self, count: int, now: datetime) -> list[datetime]:
+        """The next ``count`` slots (UTC) as the scheduler will run them: from the stored next
+        run; for a paused task, from where resuming it now would put it. Reads nothing."""
+        if self.next_run_at is not None:
+            first: datetime | None = self.next_run_at
+        elif self.done:
+            return []
+        elif self.paused:
+            first = slot_at_or_after(self.schedule, now, anchor=self.anchor_at or now)
+        else:
+            first = None
+        if first is None or count <= 0:
+            return []
+        return [first, *fire_times(self.schedule, first, count - 1, anchor=first)]
 
     @property
     def done(self) -> bool:
@@ -66,6 +85,7 @@ class TaskInfo:
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
+            "next_run_local": _local_iso(self.next_run_at, self.schedule),
             "kwargs": self.kwargs,
             "timeout": self.timeout,
             "paused": self.paused,
@@ -111,6 +131,14 @@ class RunInfo:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _local_iso(value: datetime | None, schedule: Schedule) -> str | None:
+    """``value`` on the clock of the schedule's zone (UTC for an interval), with its offset."""
+    if value is None:
+        return None
+    tz = "UTC" if isinstance(schedule, IntervalSchedule) else schedule.timezone
+    return value.astimezone(zone(tz)).isoformat()
 
 
 def schedule_json(schedule: Schedule) -> dict[str, Any]:
@@ -234,6 +262,8 @@ def definition_from_class(
         seconds = schedule.seconds
         if "interval" in params:
             given = interval if interval is not None else seconds
+            if isinstance(given, float) and given.is_integer():
+                given = int(given)  # stored as the user wrote it: 10, not 10.0
             if "interval" in kwargs and kwargs["interval"] != given:
                 raise InvalidTaskError(
                     f"kwargs give interval {kwargs['interval']!r} but --interval is {given!r}"
@@ -291,6 +321,7 @@ def _info(row: Any) -> TaskInfo:
         error=row.broken_reason,
         version=row.version,
         schedule=row_schedule(row),
+        anchor_at=row.anchor_at,
     )
 
 
