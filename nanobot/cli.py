@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -470,11 +470,33 @@ def _parse_interval(raw: str) -> float | int:
     return int(value) if value.is_integer() else value
 
 
+def _instant(value: datetime | None, info: Any) -> str:
+    """An instant on the task's clock and in UTC: ``2026-03-08 03:00:00 EDT (-04:00) =
+    07:00:00 UTC`` (an interval task: UTC only)."""
+    from nanobot.cron.schedules import IntervalSchedule, format_local
+
+    if value is None:
+        return "-"
+    utc_text = f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    if isinstance(info.schedule, IntervalSchedule) or info.schedule.timezone == "UTC":
+        return utc_text
+    return f"{format_local(value, info.schedule.timezone)} = {utc_text}"
+
+
 def _task_line(info: Any) -> str:
+    from nanobot.cron.schedules import describe
+
+    if info.done:
+        return f"task {info.name!r} ran {describe(info.schedule)}; it is done"
     if info.paused:
-        return f"task {info.name!r} is paused (no next run until 'nanobot cron resume')"
-    when = info.next_run_at.isoformat() if info.next_run_at else "-"
-    return f"task {info.name!r} runs every {info.interval:g}s; next run {when}"
+        return (
+            f"task {info.name!r} ({describe(info.schedule)}) is paused "
+            "(no next run until 'nanobot cron resume')"
+        )
+    return (
+        f"task {info.name!r} runs {describe(info.schedule)}; "
+        f"next run {_instant(info.next_run_at, info)}"
+    )
 
 
 def _applied_note(engine: Engine) -> str:
@@ -492,8 +514,9 @@ def _applied_note(engine: Engine) -> str:
 @cron.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of tasks.")
 def cron_list(as_json: bool) -> None:
-    """Every stored task and its schedule."""
+    """Every stored task, its schedule in words and its next run (its zone's clock and UTC)."""
     from nanobot.cron.control import list_tasks
+    from nanobot.cron.schedules import describe
 
     tasks = _with_engine(list_tasks)
     if as_json:
@@ -505,14 +528,19 @@ def cron_list(as_json: bool) -> None:
     now = utcnow()
     click.echo(
         _table(
-            ["NAME", "TASK", "INTERVAL", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME"],
+            ["NAME", "TASK", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN", "OUTCOME"],
             [
                 [
                     t.name,
                     t.task_class,
-                    _seconds(t.interval),
-                    "yes" if t.paused else "no",
-                    _when(t.next_run_at.isoformat() if t.next_run_at else None, now),
+                    describe(t.schedule),
+                    "done" if t.done else "paused" if t.paused else "active",
+                    _instant(t.next_run_at, t)
+                    + (
+                        f" ({_span((t.next_run_at - now).total_seconds())})"
+                        if t.next_run_at
+                        else ""
+                    ),
                     _when(t.last_run_at.isoformat() if t.last_run_at else None, now),
                     ("BROKEN: " + _short(t.error, 40)) if t.error else (t.last_outcome or "-"),
                 ]
@@ -522,32 +550,170 @@ def cron_list(as_json: bool) -> None:
     )
 
 
+@cron.command("next")
+@click.argument("name")
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=1, max=1000),
+    default=5,
+    show_default=True,
+    help="How many fire times.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def cron_next(name: str, count: int, as_json: bool) -> None:
+    """The next fire times of task NAME, on its zone's clock and in UTC. Changes nothing."""
+    from nanobot.cron.control import get_task
+    from nanobot.cron.schedules import describe
+
+    info = _with_engine(lambda engine: get_task(engine, name))
+    times = info.upcoming(count, utcnow())
+    if as_json:
+        _echo_json(
+            {
+                "name": info.name,
+                "schedule": describe(info.schedule),
+                "paused": info.paused,
+                "done": info.done,
+                "next": [
+                    {
+                        "utc": t.astimezone(UTC).isoformat(),
+                        "local": info.to_json()["next_run_local"]
+                        if t == info.next_run_at
+                        else _local_iso(t, info),
+                    }
+                    for t in times
+                ],
+            }
+        )
+        return
+    header = f"task {info.name!r} runs {describe(info.schedule)}"
+    if info.done:
+        click.echo(f"{header}; it is done: no next run")
+        return
+    if info.paused:
+        header += "; it is paused, so these are the runs if it were resumed now"
+    click.echo(header)
+    if not times:
+        click.echo("no next run")
+    for t in times:
+        click.echo(f"  {_instant(t, info)}")
+
+
+def _local_iso(value: datetime, info: Any) -> str:
+    from nanobot.cron.schedules import IntervalSchedule, zone
+
+    tz = "UTC" if isinstance(info.schedule, IntervalSchedule) else info.schedule.timezone
+    return value.astimezone(zone(tz)).isoformat()
+
+
+def _schedule_option(
+    every: str | None,
+    interval: str | None,
+    cron_expr: str | None,
+    at: str | None,
+    tz: str | None,
+    cfg: Config,
+) -> tuple[Any, str | None]:
+    """The one schedule the options give, and a note for the reader (an ambiguous time)."""
+    from nanobot.cron.schedules import ParsedAt, parse_every, resolve_schedule
+    from nanobot.exceptions import InvalidScheduleError
+
+    given = [
+        f"--{n}"
+        for n, v in (("every", every), ("interval", interval), ("cron", cron_expr), ("at", at))
+        if v is not None
+    ]
+    if not given:
+        raise InvalidScheduleError(
+            "give a schedule: --every 5m (or --interval SECONDS), --cron EXPR or --at TIME"
+        )
+    if len(given) > 1:
+        raise InvalidScheduleError(f"give one schedule, not {' and '.join(given)}")
+    if tz is not None and (every is not None or interval is not None):
+        raise InvalidScheduleError("--tz applies to --cron and --at, not to an interval")
+    if interval is not None:
+        return parse_every(_parse_interval(interval)), None
+    if every is not None:
+        return parse_every(every), None
+    resolved = resolve_schedule(
+        cron=cron_expr,
+        at=at,
+        tz=tz,
+        default_tz=str(cfg.get("scheduler.timezone", "UTC")),
+        now=utcnow(),
+    )
+    if isinstance(resolved, ParsedAt):
+        return resolved.schedule, resolved.note
+    return resolved, None
+
+
 @cron.command("add")
 @click.argument("name")
 @click.option("--task", "task_class", required=True, help="The class, as pkg.module:Class.")
-@click.option("--interval", required=True, help="Seconds between runs (a positive number).")
+@click.option("--every", default=None, help="Run every 30s, 5m, 1h, 1h30m, 2d...")
+@click.option("--interval", default=None, help="Seconds between runs (same as --every N).")
+@click.option("--cron", "cron_expr", default=None, help="A cron expression: '0 9 * * 1-5', @daily.")
+@click.option(
+    "--at",
+    default=None,
+    help="Run once at this time: 2026-12-24T17:30 (read in --tz), with an offset, or 17:30.",
+)
+@click.option(
+    "--tz", default=None, help="IANA zone of --cron and --at (default scheduler.timezone)."
+)
+@click.option("--timeout", type=float, default=None, help="Seconds a run may take.")
+@click.option("--jitter", type=float, default=None, help="Up to this many seconds added to starts.")
+@click.option(
+    "--misfire",
+    "misfire",
+    type=click.Choice(["catch_up_once", "skip"]),
+    default=None,
+    help="Slots missed while nothing ran: run the latest once (default), or skip them all.",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
 def cron_add(
-    name: str, task_class: str, interval: str, raw_kwargs: str | None, paused: bool, as_json: bool
+    name: str,
+    task_class: str,
+    every: str | None,
+    interval: str | None,
+    cron_expr: str | None,
+    at: str | None,
+    tz: str | None,
+    timeout: float | None,
+    jitter: float | None,
+    misfire: str | None,
+    raw_kwargs: str | None,
+    paused: bool,
+    as_json: bool,
 ) -> None:
-    """Add task NAME: its first run at once, then every interval (unless --paused)."""
+    """Add task NAME with one schedule: --every (first run at once), --cron or --at."""
     from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
 
     cfg = _prepare()
     with _domain_errors():
         # Everything is validated before the database is touched.
+        schedule, note = _schedule_option(every, interval, cron_expr, at, tz, cfg)
         definition = definition_from_class(
-            name, task_class, _parse_interval(interval), parse_kwargs(raw_kwargs)
+            name,
+            task_class,
+            kwargs=parse_kwargs(raw_kwargs),
+            schedule=schedule,
+            timeout=timeout,
+            jitter=jitter,
+            misfire_policy=misfire,
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)
-        note = _applied_note(engine)
+        applied = _applied_note(engine)
+    if note is not None:
+        click.echo(f"nanobot: note: {note}", err=True)
     if as_json:
-        _echo_json(info.to_json())
+        _echo_json(info.to_json() | {"note": note})
     else:
-        click.echo(f"added: {_task_line(info)}; {note}")
+        click.echo(f"added: {_task_line(info)}; {applied}")
 
 
 def _simple_change(
