@@ -115,6 +115,7 @@ class Service:
         self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
         self.http: HttpServer | None = None
         self._manager: Any = None
+        self._sources: Any = None
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -251,6 +252,11 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
+            from nanobot.cron.sources import TaskSources
+
+            # Before the lease: the scheduler's first pass already sees the task file's tasks.
+            self._sources = TaskSources(self.engine, self.node, self.config)
+            await self._sources.start()
             if self.config["http.enabled"]:
                 self.http = HttpServer(
                     _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
@@ -564,6 +570,8 @@ class Service:
         code = self._exit_code
         if self._stepping_down is not None:
             await asyncio.gather(self._stepping_down, return_exceptions=True)
+        if self._sources is not None:
+            await self._sources.stop()
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         self._draining = False

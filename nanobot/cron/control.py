@@ -32,7 +32,15 @@ from nanobot.cron.schedules import (
 from nanobot.cron.task import CronTask, TaskDefinition, check_interval, nominal_period
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
-from nanobot.models import NAME_MAX, MisfirePolicy, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import (
+    NAME_MAX,
+    MisfirePolicy,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    TaskSource,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +87,14 @@ class TaskInfo:
             and self.last_run_at is not None
         )
 
+    source: str = "cli"
+    pause_reason: str | None = None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
+            "pause_reason": self.pause_reason,
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
@@ -112,6 +125,7 @@ class RunInfo:
     slots: int
     manual: bool
     node: str | None
+    output: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +140,7 @@ class RunInfo:
             "slots": self.slots,
             "manual": self.manual,
             "node": self.node,
+            "output": self.output,
         }
 
 
@@ -322,6 +337,8 @@ def _info(row: Any) -> TaskInfo:
         version=row.version,
         schedule=row_schedule(row),
         anchor_at=row.anchor_at,
+        source=row.source,
+        pause_reason=row.pause_reason,
     )
 
 
@@ -366,6 +383,7 @@ def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
             slots=r.slots,
             manual=r.manual,
             node=r.node,
+            output=r.output,
         )
         for r in rows
     ]
@@ -374,7 +392,7 @@ def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _definition_values(d: TaskDefinition) -> dict[str, Any]:
+def definition_values(d: TaskDefinition) -> dict[str, Any]:
     schedule = d.the_schedule
     return {
         "schedule_kind": schedule.kind.value,
@@ -416,7 +434,7 @@ def first_run(schedule: Schedule, now: datetime) -> datetime | None:
 def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
     """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
     now = utcnow()
-    values = _definition_values(definition) | {
+    values = definition_values(definition) | {
         "name": definition.name,
         "paused": paused,
         "anchor_at": None if paused else now,
@@ -447,8 +465,9 @@ def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, 
         if row is None:
             conn.execute(
                 insert(Task).values(
-                    **_definition_values(definition),
+                    **definition_values(definition),
                     name=definition.name,
+                    source=TaskSource.CODE.value,
                     paused=True,
                     created_at=now,
                     updated_at=now,
@@ -462,7 +481,7 @@ def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, 
             if stored_definition(current).same_schedule_as(definition):
                 outcome = "unchanged"
             else:
-                values = _definition_values(definition) | {
+                values = definition_values(definition) | {
                     "updated_at": now,
                     "version": Task.version + 1,
                     "broken_reason": None,
@@ -505,13 +524,18 @@ def start_task(engine: Engine, name: str) -> TaskInfo:
         return info
     now = utcnow()
     return _change(
-        engine, name, paused=False, anchor_at=now, next_run_at=first_run(info.schedule, now)
+        engine,
+        name,
+        paused=False,
+        anchor_at=now,
+        next_run_at=first_run(info.schedule, now),
+        pause_reason=None,
     )
 
 
 def pause_task(engine: Engine, name: str) -> TaskInfo:
     """Stop scheduling a task; a run in flight finishes. No next run until resumed."""
-    return _change(engine, name, paused=True, next_run_at=None)
+    return _change(engine, name, paused=True, next_run_at=None, pause_reason=None)
 
 
 def resume_task(engine: Engine, name: str) -> TaskInfo:
@@ -526,7 +550,7 @@ def resume_task(engine: Engine, name: str) -> TaskInfo:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == name)).scalar()
     if anchor is None:
         return start_task(engine, name)
-    return _change(engine, name, paused=False)
+    return _change(engine, name, paused=False, pause_reason=None)
 
 
 def request_run(engine: Engine, name: str) -> TaskInfo:
