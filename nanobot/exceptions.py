@@ -75,6 +75,14 @@ class CommandFailed(TaskError):
         self.returncode = returncode
 
 
+class TaskNotStorableError(TaskError, RuntimeError):
+    """A task that only this process could build was started while another process schedules.
+
+    Its class lives in ``__main__`` or in a function, or its arguments are not JSON data, so the
+    scheduling process cannot run it.
+    """
+
+
 class ComponentError(NanobotError):
     """Base of the heartbeat monitor's errors."""
 

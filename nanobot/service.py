@@ -535,8 +535,9 @@ class Service:
         from nanobot.cron import get_cron_manager, register_builtin_tasks
 
         manager = get_cron_manager()
-        # Every claim is fenced by the lease: a leader frozen past its lease claims nothing.
-        manager.fence = self.lease.verify
+        # Every claim is fenced by the lease, every start and step of a run by its remaining
+        # time: a leader frozen past its lease claims, starts and runs nothing.
+        manager.use_lease(self.lease)
         self._manager = manager
         register_builtin_tasks()
         # This process holds the lease: runs still marked running belong to a leader now gone.
@@ -555,10 +556,8 @@ class Service:
                 reason=reason,
                 error=f"{exc.__class__.__name__}: {exc}",
             )
-        from nanobot.cron import reset_cron_manager
-
-        # A later promotion starts a fresh manager.
-        reset_cron_manager()
+        # The same manager leads again at a later promotion: the tasks registered in this
+        # process, those it cannot store included, are scheduled again then.
 
     async def _shutdown(self) -> int:
         was_leader = self.role is Role.LEADER
