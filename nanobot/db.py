@@ -232,13 +232,19 @@ def checkpoint(engine: Engine) -> None:
 
 
 def count_tasks(engine: Engine) -> int:
-    """How many tasks the database stores."""
+    """How many tasks the database stores, apart from the built-in ones (which every leader
+    stores again at its start)."""
     from sqlalchemy import func, select
 
     from nanobot.models import Task
 
+    query = (
+        select(func.count())
+        .select_from(Task)
+        .where(Task.task_class.not_like("nanobot.cron.builtin:%"))
+    )
     with read_transaction(engine) as conn:
-        return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())
+        return int(conn.execute(query).scalar_one())
 
 
 # --- migrations -------------------------------------------------------------------------------
