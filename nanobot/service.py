@@ -311,6 +311,11 @@ class Service:
         """Seconds until the next round: a period for a standby; for the leader, until a period
         after its last renewal began (a slow start or a slow renewal must not eat the margin)."""
         if self.role is not Role.LEADER:
+            # A lease that runs out before the next poll (its holder stopped renewing): try
+            # again just after it expires rather than up to a period later.
+            left = self.lease.refused_for
+            if left is not None and left < self.period:
+                return max(0.05, left + 0.05)
             return self.period
         since_renewal = self.ttl - self.lease.seconds_left()
         return max(0.0, min(self.period, self.period - since_renewal))
@@ -427,7 +432,7 @@ class Service:
                 continue
             try:
                 renewed = await asyncio.wait_for(
-                    asyncio.to_thread(self.lease.renew),
+                    asyncio.to_thread(self._renew_and_check),
                     timeout=max(0.1, self.lease.seconds_left() - self.period),
                 )
             except Exception as exc:
@@ -437,6 +442,13 @@ class Service:
         task.result()
         if lost:
             raise NotLeaderError("the lease was lost while the scheduler started")
+
+    def _renew_and_check(self) -> bool:
+        """In a thread: renew the row and, on PostgreSQL, check the lock (which also keeps its
+        session from ending through idle_session_timeout before the lock loop takes over)."""
+        if not self.lease.renew():
+            return False
+        return self.lock is None or self.lock.check()
 
     async def _renew(self) -> None:
         budget = self.lease.seconds_left() - self.period
