@@ -26,6 +26,7 @@ from nanobot.cron import CronManager, CronTask, control
 from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
+from nanobot.heartbeat import HeartbeatMonitor
 from nanobot.models import Task, TaskRun
 
 POLL = 0.05
@@ -106,8 +107,13 @@ def store_task(engine: Engine, name: str, schedule: Any, next_run_at: datetime, 
         )
 
 
-async def run_manager(bus: MessageBus, clock: Clock, body: Callable[[CronManager], Any]) -> None:
-    manager = CronManager(poll_interval=POLL, bus=bus, clock=clock)
+async def run_manager(
+    bus: MessageBus,
+    clock: Clock,
+    body: Callable[[CronManager], Any],
+    monitor: HeartbeatMonitor | None = None,
+) -> None:
+    manager = CronManager(poll_interval=POLL, bus=bus, clock=clock, monitor=monitor)
     await manager.start()
     try:
         await body(manager)
@@ -196,13 +202,17 @@ async def test_catch_up_counts_missed_slots_by_the_schedule(
         await outcomes.wait(lambda: bool(outcomes.of("hourly", "success")))
         await manager.flush()
 
-    await run_manager(bus, clock, body)
+    monitor = HeartbeatMonitor(bus, interval=30)
+    await run_manager(bus, clock, body, monitor)
     recorded = [(r.scheduled_at, r.outcome, r.slots) for r in rows(engine, "hourly")]
     assert recorded == [
         (utc(2026, 3, 8, 5), "missed", 23),
         (utc(2026, 3, 9, 4), "success", 1),
     ]
     assert task(engine, "hourly").next_run_at == utc(2026, 3, 9, 5)
+    # Its health component goes stale only after two of its periods (the instance built from
+    # its arguments has the class's default interval of 1 s, which must not be used).
+    assert monitor._components["task:hourly"].stale_after == 2 * 3600 + 60
 
 
 # --- one-shot ---------------------------------------------------------------------------------
@@ -227,7 +237,10 @@ async def test_one_shot_runs_once_then_is_done_across_restarts(
         await clock.passes()
         await manager.flush()
 
-    await run_manager(bus, clock, body)
+    monitor = HeartbeatMonitor(bus, interval=30)
+    await run_manager(bus, clock, body, monitor)
+    # Not a health component: it would go stale, then stay in error, after its one run.
+    assert monitor.get_component_status("task:remind")["status"] == "unknown"
     info = control.get_task(engine, "remind")
     assert info.next_run_at is None
     assert info.done
