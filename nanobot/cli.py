@@ -75,6 +75,11 @@ class _Group(click.Group):
             rv = exc.exit_code
         except CommandError as exc:
             rv = _report(exc.format_message(), exc.code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # A group without its subcommand: the group's help, as written, not one squeezed
+            # error line; the exit code stays click's (2: a command was expected).
+            click.echo(exc.format_message(), err=True)
+            rv = EXIT_USAGE
         except click.UsageError as exc:
             rv = _report(exc.format_message(), EXIT_USAGE)
         except click.ClickException as exc:
@@ -266,10 +271,16 @@ def run() -> None:
     """Run the service until SIGINT or SIGTERM."""
     cfg = _config()
     from nanobot.logging import setup_logging
+    from nanobot.preflight import StartupError, check_paths
     from nanobot.service import run_service
 
-    setup_logging(cfg)
-    code = run_service(cfg)
+    try:
+        # Before logging: the log folder may be the path that cannot be used.
+        check_paths(cfg)
+        setup_logging(cfg)
+        code = run_service(cfg)
+    except StartupError as exc:
+        _fail(str(exc), exc.exit_code)
     if code:
         _fail("the service stopped with an error (see the log above)", code)
 
@@ -848,14 +859,17 @@ def db_downgrade(revision: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print {current, head, up_to_date}.")
 def db_current(as_json: bool) -> None:
     """The schema revision of the database and the newest this nanobot knows."""
-    from nanobot.db import current_revision, get_engine, head_revision
+    from nanobot.db import check_schema_known, current_revision, get_engine, head_revision
 
     cfg = _prepare()
     path = _sqlite_path(cfg)
     if path is not None and not path.is_file():
         _fail(f"no database at {path}: run 'nanobot db upgrade'", EXIT_UNREADABLE)
     with _domain_errors():
-        current = current_revision(get_engine(cfg))
+        engine = get_engine(cfg)
+        current = current_revision(engine)
+        # A revision this nanobot does not know comes from a newer one: exit 3, never "behind".
+        check_schema_known(engine)
     head = head_revision()
     if as_json:
         _echo_json({"current": current, "head": head, "up_to_date": current == head})

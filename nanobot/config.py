@@ -143,6 +143,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("database.echo", False, _boolean, "log every SQL statement"),
     Setting(
+        "database.statement_timeout",
+        60.0,
+        _non_negative_number,
+        "PostgreSQL: seconds a statement may run before the server cancels it (0: no limit)",
+    ),
+    Setting(
         "logging.level",
         "INFO",
         _one_of("debug", "info", "warning", "error", "critical"),
