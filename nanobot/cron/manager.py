@@ -699,8 +699,11 @@ class CronManager:
         next_run: datetime | None
         if job is None:
             next_run = row.next_run_at or slot_at_or_after(schedule, now, anchor=anchor)
-            if isinstance(schedule, AtSchedule) and row.last_run_at is not None:
-                # A one-shot that ran is done, even if its job went missing.
+            if isinstance(schedule, AtSchedule) and (
+                row.last_run_at is not None or row.next_run_at is None
+            ):
+                # A one-shot that ran (or was recorded missed) is done, even if its job went
+                # missing: only adding or starting it gives it a next run.
                 next_run = None
             to_add.append(
                 JobSpec(
