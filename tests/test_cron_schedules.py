@@ -23,9 +23,10 @@ from test_cron import Outcomes
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, control
-from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule
+from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule, next_after
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
+from nanobot.heartbeat import HeartbeatMonitor
 from nanobot.models import Task, TaskRun
 
 POLL = 0.05
@@ -106,8 +107,13 @@ def store_task(engine: Engine, name: str, schedule: Any, next_run_at: datetime, 
         )
 
 
-async def run_manager(bus: MessageBus, clock: Clock, body: Callable[[CronManager], Any]) -> None:
-    manager = CronManager(poll_interval=POLL, bus=bus, clock=clock)
+async def run_manager(
+    bus: MessageBus,
+    clock: Clock,
+    body: Callable[[CronManager], Any],
+    monitor: HeartbeatMonitor | None = None,
+) -> None:
+    manager = CronManager(poll_interval=POLL, bus=bus, clock=clock, monitor=monitor)
     await manager.start()
     try:
         await body(manager)
@@ -196,13 +202,17 @@ async def test_catch_up_counts_missed_slots_by_the_schedule(
         await outcomes.wait(lambda: bool(outcomes.of("hourly", "success")))
         await manager.flush()
 
-    await run_manager(bus, clock, body)
+    monitor = HeartbeatMonitor(bus, interval=30)
+    await run_manager(bus, clock, body, monitor)
     recorded = [(r.scheduled_at, r.outcome, r.slots) for r in rows(engine, "hourly")]
     assert recorded == [
         (utc(2026, 3, 8, 5), "missed", 23),
         (utc(2026, 3, 9, 4), "success", 1),
     ]
     assert task(engine, "hourly").next_run_at == utc(2026, 3, 9, 5)
+    # Its health component goes stale only after two of its periods (the instance built from
+    # its arguments has the class's default interval of 1 s, which must not be used).
+    assert monitor._components["task:hourly"].stale_after == 2 * 3600 + 60
 
 
 # --- one-shot ---------------------------------------------------------------------------------
@@ -227,7 +237,10 @@ async def test_one_shot_runs_once_then_is_done_across_restarts(
         await clock.passes()
         await manager.flush()
 
-    await run_manager(bus, clock, body)
+    monitor = HeartbeatMonitor(bus, interval=30)
+    await run_manager(bus, clock, body, monitor)
+    # Not a health component: it would go stale, then stay in error, after its one run.
+    assert monitor.get_component_status("task:remind")["status"] == "unknown"
     info = control.get_task(engine, "remind")
     assert info.next_run_at is None
     assert info.done
@@ -450,3 +463,41 @@ async def test_database_made_at_0001_upgrades_and_keeps_every_phase(
         assert info.schedule == IntervalSchedule(seconds=interval)
     finally:
         engine.dispose()
+
+
+async def test_changing_a_registered_schedule_moves_its_job(
+    engine: Engine, bus: MessageBus
+) -> None:
+    """Registering a task again with another schedule (interval -> cron -> another zone) moves
+    its job to the new schedule's next slot; the job store and the tasks row agree."""
+    from nanobot.models import apscheduler_jobs, utcnow
+
+    clock = Clock(utcnow())
+
+    def stored() -> tuple[Any, Any]:
+        with engine.connect() as conn:
+            job = conn.execute(select(apscheduler_jobs.c.next_run_time)).scalar()
+        return task(engine, "t"), job
+
+    async def settled(expected: datetime) -> None:
+        async with asyncio.timeout(WAIT):
+            while True:
+                row, job = stored()
+                if row.next_run_at == expected and job == expected.timestamp():
+                    return
+                await asyncio.sleep(POLL)
+
+    async def body(manager: CronManager) -> None:
+        manager.register_task("t", Plain(interval=3600))
+        await manager.start_task("t")
+        for zone_name in ("Asia/Tokyo", "America/Los_Angeles"):
+            manager.register_task("t", Plain(cron="0 9 * * *", tz=zone_name))
+            expected = next_after(
+                CronSchedule(expression="0 9 * * *", timezone=zone_name), utcnow()
+            )
+            assert expected is not None
+            await settled(expected)
+            row, _ = stored()
+            assert (row.schedule_kind, row.cron, row.timezone) == ("cron", "0 9 * * *", zone_name)
+
+    await run_manager(bus, clock, body)

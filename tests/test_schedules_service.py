@@ -16,41 +16,52 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_multinode import Cluster, postgres_only, runs_file
-from test_service import BASE_ENV, Service, history, lines, run_cli, wait_for
+from faults.harness import BASE_ENV, Cluster, ServiceProcess, lines, run_cli, runs_file, wait_for
 
 pytestmark = pytest.mark.slow
+
+postgres_only = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 
 
 @pytest.fixture
 def services(
     nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Service]]:
-    """Services on this test's NANOBOT_HOME (as in test_service); all killed afterwards."""
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Services on this test's NANOBOT_HOME, started; every one is killed afterwards."""
     for name, value in BASE_ENV.items():
         monkeypatch.setenv(name, value)
-    started: list[Service] = []
+    started: list[ServiceProcess] = []
 
-    def start(**env: str) -> Service:
-        service = Service(nanobot_home, tmp_path / f"service{len(started)}.log", **env)
+    def start(**env: str) -> ServiceProcess:
+        label = f"service{len(started)}"
+        service = ServiceProcess(home=nanobot_home, logs=tmp_path, label=label, env=env)
         started.append(service)
-        return service
+        return service.start()
 
     try:
         yield start
     finally:
         for service in started:
-            service.kill()
+            service.close()
 
 
 @pytest.fixture
 def cluster(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     """Nodes on ``db_url``; whatever still runs is killed afterwards."""
-    c = Cluster(tmp_path, db_url)
+    c = Cluster(tmp_path, db_url, NANOBOT_SERVICE__SHUTDOWN_GRACE="2")
     try:
         yield c
     finally:
         c.kill_all()
+
+
+def history(name: str) -> list[dict[str, Any]]:
+    code, runs = run_cli("cron", "history", name, "--limit", "100", "--json")
+    assert code == 0, runs
+    assert isinstance(runs, list)
+    return runs
 
 
 def add_once(name: str, path: Path, at: datetime) -> dict[str, Any]:
@@ -72,7 +83,7 @@ def wait_until(instant: datetime) -> None:
 
 
 def test_one_shot_killed_before_its_time_runs_once_after_restart(
-    services: Callable[..., Service], tmp_path: Path
+    services: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
     """kill -9 before a one-shot's time, restart after it: it runs once (one success row),
     is then done, and a further restart does not run it again."""

@@ -193,6 +193,9 @@ class CronManager:
         self._cancel_reasons: dict[str, str] = {}
         self._applied: dict[str, int] = {}
         self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
+        # Seconds between runs by each task's stored schedule (a cron task's longest gap, 0 for
+        # a one-shot): the instance built from stored arguments may not know its schedule.
+        self._periods: dict[str, float] = {}
         self._broken: dict[str, str | None] = {}
         self._known_broken: set[str] = set()
         self._scheduler: NanobotScheduler | None = None
@@ -290,6 +293,10 @@ class CronManager:
     def _health(self, name: str, interval: float, outcome: TaskOutcome, error: str | None) -> None:
         """Section 5.2.3 of the seed: a task is a component, ``task:<name>``; a failed run
         puts it in error and the next successful run clears it."""
+        if interval <= 0:
+            # A one-shot runs once: as a component it would go stale, then stay in error, for
+            # ever after. Its outcome is in its history and in 'cron list'.
+            return
         component = task_component(name)
         try:
             if component not in self._health_registered:
@@ -343,6 +350,7 @@ class CronManager:
             with self._lock:
                 self._ephemeral[name] = definition
                 self._policies[name] = _policy(definition.misfire_policy, definition.interval)
+                self._periods[name] = definition.interval
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -1022,6 +1030,7 @@ class CronManager:
         for row in rows:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
+            self._periods[row.name] = definition.interval
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -1041,6 +1050,7 @@ class CronManager:
         for name in removed:
             self._applied.pop(name, None)
             self._policies.pop(name, None)
+            self._periods.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
             scheduler.call_soon(self._forget_health, name)
@@ -1072,8 +1082,11 @@ class CronManager:
         next_run: datetime | None
         if job is None:
             next_run = row.next_run_at or slot_at_or_after(schedule, now, anchor=anchor)
-            if isinstance(schedule, AtSchedule) and row.last_run_at is not None:
-                # A one-shot that ran is done, even if its job went missing.
+            if isinstance(schedule, AtSchedule) and (
+                row.last_run_at is not None or row.next_run_at is None
+            ):
+                # A one-shot that ran (or was recorded missed) is done, even if its job went
+                # missing: only adding or starting it gives it a next run.
                 next_run = None
             to_add.append(
                 JobSpec(
@@ -1427,7 +1440,8 @@ class CronManager:
                 task.set_task(None)
                 duration = (finished - started).total_seconds()
                 log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
-                self._health(launch.name, task.get_interval(), outcome, error)
+                period = self._periods.get(launch.name, task.get_interval())
+                self._health(launch.name, period, outcome, error)
                 self._record(
                     Finish(
                         task=launch.name,
