@@ -71,6 +71,10 @@ class CommandFailed(TaskError):
         self.returncode = returncode
 
 
+class InvalidScheduleError(InvalidTaskError):
+    """A schedule is invalid: a bad cron expression, an unknown time zone, a time in the past."""
+
+
 class ComponentError(NanobotError):
     """Base of the heartbeat monitor's errors."""
 

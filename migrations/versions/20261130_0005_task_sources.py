@@ -5,7 +5,7 @@ and are marked ``cli``, the value the task file's sync never touches), ``tasks.p
 ``task_runs.output`` (the tail of a shell command's output) and the table ``task_code``.
 
 Revision ID: 0005
-Revises: 0001
+Revises: 0004
 Create Date: 2026-11-30 03:30:00
 
 """
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
