@@ -576,6 +576,51 @@ def cron_list(as_json: bool) -> None:
     )
 
 
+def _command_kwargs(
+    command: str, shell: bool, cwd: str | None, env: tuple[str, ...], raw_kwargs: str | None
+) -> dict[str, Any]:
+    from nanobot.exceptions import InvalidTaskError
+
+    if raw_kwargs:
+        raise InvalidTaskError("--kwargs is for --task; a command takes --shell, --cwd and --env")
+    kwargs: dict[str, Any] = {"command": command}
+    if shell:
+        kwargs["shell"] = True
+    if cwd:
+        kwargs["cwd"] = cwd
+    if env:
+        pairs: dict[str, str] = {}
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InvalidTaskError(f"--env must be NAME=VALUE, got {item!r}")
+            pairs[key] = value
+        kwargs["env"] = pairs
+    return kwargs
+
+
+def _wait_for_service(engine: Engine, name: str, poll: float) -> str | None:
+    """After an add while the service runs: why the service could not build the task, if so.
+
+    Waits (at most a few polls of the scheduler) until the service has run the task, marked it
+    broken, or the time is up.
+    """
+    import time
+
+    from nanobot.cron.control import get_task, task_history
+
+    deadline = time.monotonic() + min(10.0, 3 * poll + 2.0)
+    while time.monotonic() < deadline:
+        info = get_task(engine, name)
+        if info.error:
+            return info.error
+        runs = task_history(engine, name, 1)
+        if runs and runs[0].outcome.value != "running":
+            return None
+        time.sleep(0.1)
+    return None
+
+
 @cron.command("next")
 @click.argument("name")
 @click.option(
@@ -674,51 +719,6 @@ def _schedule_option(
     return resolved, None
 
 
-def _command_kwargs(
-    command: str, shell: bool, cwd: str | None, env: tuple[str, ...], raw_kwargs: str | None
-) -> dict[str, Any]:
-    from nanobot.exceptions import InvalidTaskError
-
-    if raw_kwargs:
-        raise InvalidTaskError("--kwargs is for --task; a command takes --shell, --cwd and --env")
-    kwargs: dict[str, Any] = {"command": command}
-    if shell:
-        kwargs["shell"] = True
-    if cwd:
-        kwargs["cwd"] = cwd
-    if env:
-        pairs: dict[str, str] = {}
-        for item in env:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise InvalidTaskError(f"--env must be NAME=VALUE, got {item!r}")
-            pairs[key] = value
-        kwargs["env"] = pairs
-    return kwargs
-
-
-def _wait_for_service(engine: Engine, name: str, poll: float) -> str | None:
-    """After an add while the service runs: why the service could not build the task, if so.
-
-    Waits (at most a few polls of the scheduler) until the service has run the task, marked it
-    broken, or the time is up.
-    """
-    import time
-
-    from nanobot.cron.control import get_task, task_history
-
-    deadline = time.monotonic() + min(10.0, 3 * poll + 2.0)
-    while time.monotonic() < deadline:
-        info = get_task(engine, name)
-        if info.error:
-            return info.error
-        runs = task_history(engine, name, 1)
-        if runs and runs[0].outcome.value != "running":
-            return None
-        time.sleep(0.1)
-    return None
-
-
 @cron.command("add")
 @click.argument("name")
 @click.option("--task", "task_class", default=None, help="The class, as pkg.module:Class.")
@@ -768,11 +768,12 @@ def cron_add(
     paused: bool,
     as_json: bool,
 ) -> None:
-    """Add task NAME (--task or --command) with one schedule: --every, --cron or --at.
+    """Add task NAME with one schedule: --every (first run at once), --cron or --at.
 
-    The class is checked as the service sees it: with tasks.path on sys.path and tasks.modules
-    imported. While the service runs, this waits for its first run and says if the service
-    could not build the task.
+    The task is a class (--task) or a command (--command). A class is checked as the service
+    sees it: with tasks.path on sys.path and tasks.modules imported. While the service runs and
+    the first run is due at once, this waits for it and says if the service could not build the
+    task.
     """
     from nanobot.cron.command import CommandTask
     from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
@@ -790,6 +791,10 @@ def cron_add(
         schedule, note = _schedule_option(every, interval, cron_expr, at, tz, cfg)
         if command is not None:
             kwargs = _command_kwargs(command, shell, cwd, env, raw_kwargs)
+            # The running instance applies these; the definition stores them too.
+            for key, value in (("timeout", timeout), ("jitter", jitter)):
+                if value is not None:
+                    kwargs[key] = value
             path = class_path(CommandTask)
         else:
             assert task_class is not None
@@ -808,7 +813,8 @@ def cron_add(
         info = add_task(engine, definition, paused=paused)
         applied = _applied_note(engine)
         broken = None
-        if not paused and service_running(engine):
+        due_now = info.next_run_at is not None and info.next_run_at <= utcnow()
+        if due_now and service_running(engine):
             broken = _wait_for_service(engine, name, float(cfg["cron.poll_interval"]))
     if note is not None:
         click.echo(f"nanobot: note: {note}", err=True)
@@ -950,7 +956,7 @@ def _read_file_tasks(cfg: Config) -> tuple[Path, Any]:
 
     path = task_file_path(cfg)
     load_task_code(cfg, stop_on_error=False)
-    found = read_task_file(path)
+    found = read_task_file(path, default_tz=str(cfg.get("scheduler.timezone", "UTC")))
     if found is None:
         _fail(f"no task file at {path} (tasks.file)", EXIT_USAGE)
     return path, found
@@ -975,7 +981,7 @@ def tasks_sync(as_json: bool) -> None:
     with _domain_errors():
         path, found = _read_file_tasks(cfg)
         engine = _existing_engine(cfg)
-        result = apply_tasks(engine, found)
+        result = apply_tasks(engine, found, path)
         note = _applied_note(engine)
     if as_json:
         _echo_json(result.to_json())

@@ -109,15 +109,6 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
-def _time_zone(value: Any) -> str:
-    name = _string(value)
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError("an IANA time zone name such as UTC or Europe/Berlin") from None
-    return name
-
-
 def _string_list(value: Any) -> tuple[str, ...]:
     """A list of non-empty strings; from an environment variable, comma-separated text."""
     if isinstance(value, str):
@@ -127,6 +118,15 @@ def _string_list(value: Any) -> tuple[str, ...]:
     ):
         raise ValueError("a list of non-empty strings (comma-separated in a variable)")
     return tuple(item.strip() for item in value)
+
+
+def _time_zone(value: Any) -> str:
+    name = _string(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError("an IANA time zone name such as UTC or Europe/Berlin") from None
+    return name
 
 
 def _database_url(value: Any) -> str:

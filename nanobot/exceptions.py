@@ -52,10 +52,6 @@ class InvalidTaskError(TaskError, ValueError):
     """A task definition is invalid: a bad interval, an unimportable class, bad arguments."""
 
 
-class InvalidScheduleError(InvalidTaskError):
-    """A schedule is invalid: a bad cron expression, an unknown time zone, a time in the past."""
-
-
 class TaskCodeError(TaskError):
     """A task module could not be imported."""
 
@@ -81,6 +77,10 @@ class TaskNotStorableError(TaskError, RuntimeError):
     Its class lives in ``__main__`` or in a function, or its arguments are not JSON data, so the
     scheduling process cannot run it.
     """
+
+
+class InvalidScheduleError(InvalidTaskError):
+    """A schedule is invalid: a bad cron expression, an unknown time zone, a time in the past."""
 
 
 class ComponentError(NanobotError):

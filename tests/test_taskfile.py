@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, insert, select, text, update
 
 from nanobot.cron import control
 from nanobot.cron.command import CommandTask
+from nanobot.cron.schedules import AtSchedule, CronSchedule
 from nanobot.cron.taskfile import (
     REMOVED_REASON,
     apply_tasks,
@@ -42,13 +44,18 @@ def _error(text_: str) -> str:
         ('[tasks.a]\ncommand = "true"\nevery = 0\n', "task 'a': key 'every'"),
         ('[tasks.a]\ncommand = "true"\nevery = "soon"\n', "task 'a': key 'every'"),
         ('[tasks.a]\ncommand = "true"\n', "task 'a': key 'every'"),
-        ('[tasks.a]\ncommand = "true"\nevery = 1\ninterval = 1\n', "task 'a': key 'every'"),
+        ('[tasks.a]\ncommand = "true"\nevery = 1\ninterval = 1\n', "task 'a': key 'interval'"),
         ('[tasks.a]\ntask = "nope.mod:X"\nevery = 60\n', "task 'a': key 'task'"),
         ('[tasks.a]\ntask = "cron_tasks:X"\ncommand = "true"\nevery = 6\n', "task 'a': key 'task'"),
         ('[tasks.a]\ncommand = "true"\nevery = 60\ntimeout = -1\n', "task 'a': key 'timeout'"),
         ('[tasks.a]\ncommand = "true"\nevery = 60\nmisfire = "x"\n', "task 'a': key 'misfire'"),
         ('[tasks.a]\ncommand = "true"\nevery = 60\nshell = "yes"\n', "task 'a': key 'command'"),
-        ('[tasks.a]\ncommand = "true"\ncron = "0 3 * * *"\n', "task 'a': key 'cron'"),
+        ('[tasks.a]\ncommand = "true"\ncron = "0 3 * * * * *"\n', "task 'a': key 'cron'"),
+        ('[tasks.a]\ncommand = "true"\ncron = "0 3 * * *"\ntz = "Mars/Base"\n', "key 'tz'"),
+        ('[tasks.a]\ncommand = "true"\nevery = 60\ntz = "UTC"\n', "task 'a': key 'tz'"),
+        ('[tasks.a]\ncommand = "true"\nat = "17:30"\n', "task 'a': key 'at'"),
+        ('[tasks.a]\ncommand = "true"\nat = "tomorrow"\n', "task 'a': key 'at'"),
+        ('[tasks.a]\ncommand = "true"\nevery = 60\ncron = "@daily"\n', "task 'a': key 'cron'"),
         ("[tasks.a]\ncommand = []\nevery = 60\n", "task 'a': key 'command'"),
         ('[tasks.a]\ntask = "cron_tasks:AppendLine"\nevery = 5\nkwargs = 3\n', "key 'kwargs'"),
         ('[jobs.a]\ncommand = "true"\n', "key 'jobs'"),
@@ -276,3 +283,57 @@ def test_revision_0005_upgrades_a_database_with_rows(db_url: str) -> None:
         assert tuple(run) == ("success", None)
     finally:
         engine.dispose()
+
+
+def test_calendar_schedules_from_the_file(engine: Engine, tmp_path: Path) -> None:
+    """cron with tz, and at (a TOML date-time, read in tz), go through nanobot.cron.schedules;
+    a one-shot already stored stays valid after its time; a new one in the past is refused."""
+    path = tmp_path / "tasks.toml"
+    path.write_text(
+        '[tasks.digest]\ncommand = "true"\ncron = "0 9 * * 1-5"\ntz = "Europe/Berlin"\n'
+        '[tasks.once]\ncommand = "true"\nat = 2099-12-24T17:30:00\ntz = "Europe/Berlin"\n'
+    )
+    tasks = read_task_file(path)
+    assert tasks is not None
+    digest = tasks["digest"].definition.the_schedule
+    assert isinstance(digest, CronSchedule)
+    assert (digest.expression, digest.timezone) == ("0 9 * * 1-5", "Europe/Berlin")
+    once = tasks["once"].definition.the_schedule
+    assert isinstance(once, AtSchedule)
+    assert once.at.isoformat() == "2099-12-24T16:30:00+00:00"
+    sync_task_file(engine, path)
+    rows = _rows(engine)
+    # A cron task's first run is its next fire time, not now.
+    assert rows["digest"].next_run_at.astimezone(ZoneInfo("Europe/Berlin")).hour == 9
+    assert rows["once"].next_run_at.isoformat() == "2099-12-24T16:30:00+00:00"
+
+    # Its time passed (as if it ran): the same file still syncs, and changes nothing.
+    with engine.begin() as conn:
+        conn.execute(
+            update(Task)
+            .where(Task.name == "once")
+            .values(run_at=utcnow() - timedelta(days=1), next_run_at=None)
+        )
+    again = sync_task_file(engine, path)
+    assert again is not None
+
+    path.write_text(
+        path.read_text() + '[tasks.late]\ncommand = "true"\nat = 2001-01-01T00:00:00Z\n'
+    )
+    with pytest.raises(TaskFileError, match=r"task 'late': key 'at'.*past"):
+        sync_task_file(engine, path)
+    assert "late" not in _rows(engine)
+
+
+def test_a_changed_schedule_kind_moves_the_next_run(engine: Engine, tmp_path: Path) -> None:
+    """every -> cron: the next run becomes the cron schedule's first; the task is updated."""
+    path = tmp_path / "tasks.toml"
+    path.write_text('[tasks.t]\ncommand = "true"\nevery = 60\n')
+    sync_task_file(engine, path)
+    path.write_text('[tasks.t]\ncommand = "true"\ncron = "30 4 * * *"\n')
+    result = sync_task_file(engine, path)
+    assert result is not None
+    assert result.updated == ["t"]
+    row = _rows(engine)["t"]
+    assert (row.schedule_kind, row.cron) == ("cron", "30 4 * * *")
+    assert (row.next_run_at.hour, row.next_run_at.minute) == (4, 30)

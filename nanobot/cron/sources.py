@@ -42,6 +42,7 @@ class TaskSources:
         self.node = node
         self.path = task_file_path(config)
         self.poll = float(config["cron.poll_interval"])
+        self.default_tz = str(config.get("scheduler.timezone", "UTC"))
         self._digest: bytes | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -82,7 +83,7 @@ class TaskSources:
         error: str | None = None
         result: SyncResult | None = None
         try:
-            result = sync_task_file(self.engine, self.path)
+            result = sync_task_file(self.engine, self.path, default_tz=self.default_tz)
         except TaskFileError as exc:
             error = str(exc)
             log.error("tasks.file_invalid", path=str(self.path), error=error)

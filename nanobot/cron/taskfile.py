@@ -5,7 +5,8 @@ beat's ``beat_schedule`` or a crontab.
 
     [tasks.digest]
     task = "myapp.jobs:DigestTask"
-    every = 300
+    cron = "0 9 * * 1-5"
+    tz = "Europe/Berlin"
     kwargs = { channel = "ops" }
     timeout = 60
 
@@ -38,6 +39,7 @@ import inspect
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,6 +47,14 @@ from sqlalchemy import Engine, insert, select, update
 
 from nanobot.config import Config
 from nanobot.cron import control
+from nanobot.cron.schedules import (
+    AtSchedule,
+    IntervalSchedule,
+    Schedule,
+    parse_at,
+    parse_cron,
+    parse_every,
+)
 from nanobot.cron.task import TaskDefinition, check_interval
 from nanobot.db import write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskFileError
@@ -55,17 +65,16 @@ REMOVED_REASON: Final = "removed from tasks.toml"
 PAUSED_REASON: Final = "paused in tasks.toml"
 COMMAND_CLASS: Final = "nanobot.cron.command:CommandTask"
 
-_SCHEDULE_KEYS: Final = ("every", "interval")
-# Keys of the schedules module (cron expressions, time zones, one-off times): accepted by name,
-# refused with a clear message until that module is present.
-_CALENDAR_KEYS: Final = ("cron", "tz", "at")
+_SCHEDULE_KEYS: Final = ("every", "interval", "cron", "at")
 _COMMON_KEYS: Final = frozenset(
-    {*_SCHEDULE_KEYS, *_CALENDAR_KEYS, "kwargs", "timeout", "jitter", "misfire", "paused"}
+    {*_SCHEDULE_KEYS, "tz", "kwargs", "timeout", "jitter", "misfire", "paused"}
 )
 _CLASS_KEYS: Final = frozenset({"task"})
 _COMMAND_KEYS: Final = frozenset({"command", "shell", "cwd", "env", "kill_grace"})
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
-_UNITS: Final = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_CLOCK_ONLY = re.compile(r"^\s*\d{1,2}:\d{2}(:\d{2})?\s*$")
+# One-shot times are checked against the clock when a task is created, not at every sync: a
+# file keeps declaring a one-shot task after its time has passed.
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def task_file_path(config: Config) -> Path:
@@ -113,13 +122,48 @@ class SyncResult:
 
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
+        try:
+            value = parse_every(value).seconds
+        except InvalidTaskError:
             raise InvalidTaskError(
                 f"{what} must be seconds or a duration like '90s', '5m', '2h', '1d', got {value!r}"
-            )
-        value = float(match.group(1)) * _UNITS[match.group(2)]
+            ) from None
     return check_interval(value, what)
+
+
+def _schedule(body: dict[str, Any], fail: Any, default_tz: str) -> Schedule:
+    given = [k for k in _SCHEDULE_KEYS if k in body]
+    if len(given) != 1:
+        raise fail(
+            given[1] if len(given) > 1 else "every",
+            "give exactly one schedule: every (or interval), cron or at",
+        )
+    key = given[0]
+    value = body[key]
+    if "tz" in body and key in ("every", "interval"):
+        raise fail("tz", "a time zone applies to cron and at schedules, not to an interval")
+    tz = body.get("tz")
+    if tz is not None and not isinstance(tz, str):
+        raise fail("tz", f"must be an IANA zone name such as Europe/Berlin, got {tz!r}")
+    try:
+        if key in ("every", "interval"):
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise InvalidTaskError(f"must be seconds or a duration like '5m', got {value!r}")
+            return IntervalSchedule(seconds=_seconds(value, key))
+        if key == "cron":
+            if not isinstance(value, str):
+                raise InvalidTaskError(f"must be a cron expression, got {value!r}")
+            return parse_cron(value, tz or default_tz)
+        if isinstance(value, str) and _CLOCK_ONLY.match(value):
+            raise InvalidTaskError(
+                f"{value!r} is a time of day: give a date and time, such as 2026-12-24T17:30"
+            )
+        if not isinstance(value, str | datetime):
+            raise InvalidTaskError(f"must be a date and time, got {value!r}")
+        return parse_at(value, tz or default_tz, now=_EPOCH).schedule
+    except InvalidTaskError as exc:
+        bad = "tz" if "time zone" in str(exc) and "tz" in body else key
+        raise fail(bad, str(exc)) from None
 
 
 def _accepts(cls: type, name: str) -> bool:
@@ -127,7 +171,7 @@ def _accepts(cls: type, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def _definition(name: str, body: dict[str, Any], path: Path) -> FileTask:
+def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) -> FileTask:
     def fail(key: str, message: str) -> TaskFileError:
         return TaskFileError(f"{path}: task {name!r}: key {key!r}: {message}")
 
@@ -145,16 +189,7 @@ def _definition(name: str, body: dict[str, Any], path: Path) -> FileTask:
             raise fail(key, f"unknown key (known: {known})")
     if not is_command and "task" not in body:
         raise fail("task", "missing: give 'task = \"pkg.module:Class\"' or 'command = ...'")
-    for key in _CALENDAR_KEYS:
-        if key in body:
-            raise fail(key, "cron, tz and at schedules are not supported by this nanobot yet")
-    given = [k for k in _SCHEDULE_KEYS if k in body]
-    if len(given) != 1:
-        raise fail("every", "give exactly one of 'every' or 'interval' (seconds, or '5m')")
-    try:
-        interval = _seconds(body[given[0]], given[0])
-    except InvalidTaskError as exc:
-        raise fail(given[0], str(exc)) from None
+    schedule = _schedule(body, fail, default_tz)
     kwargs = body.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise fail("kwargs", f"must be a table, got {kwargs!r}")
@@ -200,14 +235,26 @@ def _definition(name: str, body: dict[str, Any], path: Path) -> FileTask:
                 )
             kwargs[key] = value
     try:
-        definition = control.definition_from_class(name, task_class, interval, kwargs)
+        definition = control.definition_from_class(
+            name,
+            task_class,
+            kwargs=kwargs,
+            schedule=schedule,
+            timeout=options.get("timeout"),
+            jitter=options.get("jitter"),
+            misfire_policy=options.get("misfire_policy"),
+        )
     except InvalidTaskError as exc:
         raise fail("command" if is_command else "kwargs", str(exc)) from None
     return FileTask(definition=definition, paused=paused)
 
 
-def parse_task_file(text: str, path: Path) -> dict[str, FileTask]:
-    """Validate the text of a task file: every task, or :class:`TaskFileError`."""
+def parse_task_file(text: str, path: Path, *, default_tz: str = "UTC") -> dict[str, FileTask]:
+    """Validate the text of a task file: every task, or :class:`TaskFileError`.
+
+    ``default_tz`` is the zone of cron and at schedules that give no ``tz``
+    (``scheduler.timezone``).
+    """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -222,11 +269,11 @@ def parse_task_file(text: str, path: Path) -> dict[str, FileTask]:
     for name, body in tasks.items():
         if not isinstance(body, dict):
             raise TaskFileError(f"{path}: task {name!r}: must be a table [tasks.{name}]")
-        result[name] = _definition(name, body, path)
+        result[name] = _definition(name, body, path, default_tz)
     return result
 
 
-def read_task_file(path: Path) -> dict[str, FileTask] | None:
+def read_task_file(path: Path, *, default_tz: str = "UTC") -> dict[str, FileTask] | None:
     """The validated tasks of the file, or None when there is no file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -234,11 +281,17 @@ def read_task_file(path: Path) -> dict[str, FileTask] | None:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskFileError(f"{path}: cannot be read: {exc}") from None
-    return parse_task_file(text, path)
+    return parse_task_file(text, path, default_tz=default_tz)
 
 
-def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
-    """Make the file's tasks in the database match ``tasks``, in one transaction."""
+def apply_tasks(
+    engine: Engine, tasks: dict[str, FileTask], path: Path = Path(TASK_FILE_NAME)
+) -> SyncResult:
+    """Make the file's tasks in the database match ``tasks``, in one transaction.
+
+    A new one-shot task whose time has passed is refused (:class:`TaskFileError`, nothing
+    applied); one that exists already is left as it is (it ran, or is due).
+    """
     result = SyncResult()
     now = utcnow()
     with write_transaction(engine) as conn:
@@ -247,6 +300,12 @@ def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
             definition = wanted.definition
             row = rows.get(name)
             if row is None:
+                schedule = definition.the_schedule
+                if isinstance(schedule, AtSchedule) and schedule.at <= now:
+                    raise TaskFileError(
+                        f"{path}: task {name!r}: key 'at': time {schedule.at.isoformat()} is in "
+                        "the past: choose a later time"
+                    )
                 conn.execute(
                     insert(Task).values(
                         **control.definition_values(definition),
@@ -255,7 +314,9 @@ def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
                         paused=wanted.paused,
                         pause_reason=PAUSED_REASON if wanted.paused else None,
                         anchor_at=None if wanted.paused else now,
-                        next_run_at=None if wanted.paused else now,
+                        next_run_at=None
+                        if wanted.paused
+                        else control.first_run(definition.the_schedule, now),
                         created_at=now,
                         updated_at=now,
                         version=1,
@@ -268,9 +329,19 @@ def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
                 result.clashes.append(name)
                 continue
             values: dict[str, Any] = {}
-            if not control.stored_definition(row).same_schedule_as(definition):
+            stored = control.stored_definition(row)
+            if not stored.same_schedule_as(definition):
                 values |= control.definition_values(definition) | {"broken_reason": None}
-                if row.interval_s != definition.interval and row.next_run_at is not None:
+                before, after = stored.the_schedule, definition.the_schedule
+                both_intervals = isinstance(before, IntervalSchedule) and isinstance(
+                    after, IntervalSchedule
+                )
+                if before != after and not both_intervals:
+                    # Another kind of schedule, expression or time: the new one's first run.
+                    if row.next_run_at is not None:
+                        values["anchor_at"] = now
+                        values["next_run_at"] = control.first_run(after, now)
+                elif row.interval_s != definition.interval and row.next_run_at is not None:
                     # The next run stays where it was; the new interval applies from there.
                     values["anchor_at"] = row.next_run_at
                 result.updated.append(name)
@@ -280,7 +351,10 @@ def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
             elif not wanted.paused and row.paused and ours:
                 values |= {"paused": False, "pause_reason": None}
                 if row.anchor_at is None:
-                    values |= {"anchor_at": now, "next_run_at": now}
+                    values |= {
+                        "anchor_at": now,
+                        "next_run_at": control.first_run(definition.the_schedule, now),
+                    }
                 result.resumed.append(name)
             if values:
                 conn.execute(
@@ -310,12 +384,12 @@ def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
     return result
 
 
-def sync_task_file(engine: Engine, path: Path) -> SyncResult | None:
+def sync_task_file(engine: Engine, path: Path, *, default_tz: str = "UTC") -> SyncResult | None:
     """Read, validate and apply the task file; None when there is no file.
 
     Raises :class:`TaskFileError` (nothing applied) when the file is not valid.
     """
-    tasks = read_task_file(path)
+    tasks = read_task_file(path, default_tz=default_tz)
     if tasks is None:
         return None
-    return apply_tasks(engine, tasks)
+    return apply_tasks(engine, tasks, path)
