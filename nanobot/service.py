@@ -96,6 +96,7 @@ class Service:
         self.http: HttpServer | None = None
         self._manager: Any = None
         self._monitor: Any = None
+        self._alerter: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lock_task: asyncio.Task[None] | None = None
@@ -163,6 +164,7 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
+            await self._start_alerts()
             if self.config["http.enabled"]:
                 self.http = HttpServer(
                     _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
@@ -380,6 +382,21 @@ class Service:
         if self.lock is not None:
             await asyncio.to_thread(self.lock.release, self.period)
 
+    # --- alerts --------------------------------------------------------------------------------
+
+    async def _start_alerts(self) -> None:
+        """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
+        from nanobot.alerts.alerter import Alerter
+
+        self._alerter = Alerter(
+            self.config,
+            self.engine,
+            holder=self.holder,
+            is_leader=self.is_leader,
+            registry=self.metrics.registry,
+        )
+        await self._alerter.start()
+
     # --- the scheduler --------------------------------------------------------------------------
 
     async def _start_scheduling(self) -> None:
@@ -430,6 +447,9 @@ class Service:
             except Exception as exc:
                 log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
                 code = EXIT_FAILED
+        if self._alerter is not None:
+            # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
+            await self._alerter.stop(released=was_leader)
         if self.lease.epoch is not None or (self.lock is not None and self.lock.held):
             await self._release()
         if self.lock is not None:

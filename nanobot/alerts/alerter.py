@@ -1,0 +1,230 @@
+"""The alerter: runs the rules and the delivery worker inside the service.
+
+On the leader, every ``alerts.check_interval`` seconds (sooner after a ``health.changed`` or a
+database event on the bus, or when alerts held for grouping are due) it evaluates the rules
+(:class:`nanobot.alerts.rules.Rules`, one transaction that writes the outbox) and delivers what
+is due (:class:`nanobot.alerts.worker.Deliverer`). Only the leader does either, so two nodes
+never send the same alert; an alert that a leader wrote and could not send is sent by the next
+leader, with the same idempotency key.
+
+A standby does one thing: when no node has held the lease for longer than twice
+``service.lease_ttl`` it writes a ``leader.none`` alert (one per lease epoch, whichever standby
+writes it first) and delivers alerts of that kind itself, since there is no leader to do it.
+
+Database events (published on the bus by the service's database code): ``database.created``
+(a new, empty database was created where one existed before), ``database.unusable`` and
+``database.usable``; each payload a dict with ``error`` or ``reason`` text. They become alerts
+written by the next evaluation that can write (an unusable database is told once it can be
+written again, with the time it became unusable).
+
+Thread ownership: the alerter's attributes belong to the event loop; evaluations run in a
+worker thread one at a time (never two at once), deliveries as the worker module says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Final
+
+import structlog
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
+
+from nanobot.alerts import store
+from nanobot.alerts.alert import Alert, AlertKind, Severity, alert_key
+from nanobot.alerts.destinations import parse_destinations
+from nanobot.alerts.metrics import AlertMetrics
+from nanobot.alerts.rules import Rules, settings_from
+from nanobot.alerts.worker import Deliverer, RetryPolicy
+from nanobot.bus import MessageBus, get_bus
+from nanobot.config import Config
+from nanobot.models import utcnow
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+
+DATABASE_CREATED: Final = "database.created"
+DATABASE_UNUSABLE: Final = "database.unusable"
+DATABASE_USABLE: Final = "database.usable"
+WAKE_TOPICS: Final = ("health.changed",)
+DATABASE_TOPICS: Final = (DATABASE_CREATED, DATABASE_UNUSABLE, DATABASE_USABLE)
+# The longest an evaluation or a pass may take before the loop logs it and goes on.
+STEP_TIMEOUT: Final = 60.0
+
+
+def policy_from(config: Config) -> RetryPolicy:
+    from datetime import timedelta
+
+    return RetryPolicy(
+        base=timedelta(seconds=float(config["alerts.retry_base"])),
+        cap=timedelta(seconds=float(config["alerts.retry_max"])),
+        give_up_after=timedelta(seconds=float(config["alerts.give_up_after"])),
+        send_timeout=float(config["alerts.send_timeout"]),
+    )
+
+
+class Alerter:
+    """The alerts of one service process."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        holder: str,
+        is_leader: Callable[[], bool],
+        registry: CollectorRegistry | None = None,
+        clock: Clock = utcnow,
+        bus: MessageBus | None = None,
+    ) -> None:
+        self.destinations = parse_destinations(config)
+        self.engine = engine
+        self.is_leader = is_leader
+        self.clock = clock
+        self.bus = bus or get_bus()
+        self.interval = float(config["alerts.check_interval"])
+        self.metrics = AlertMetrics(registry, engine, clock) if registry is not None else None
+        self.rules = Rules(engine, self.destinations, settings_from(config), holder=holder)
+        self.deliverer = Deliverer(
+            engine, self.destinations, policy_from(config), clock=clock, metrics=self.metrics
+        )
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._evaluating: asyncio.Future[list[Alert]] | None = None
+        # The loop's steps and a caller's never overlap: one evaluation at a time.
+        self._step_lock = asyncio.Lock()
+
+    # --- bus subscribers (event loop) -----------------------------------------------------
+
+    def _on_wake(self, _topic: str, _payload: Any) -> None:
+        self._wake.set()
+
+    def _on_database(self, topic: str, payload: Any) -> None:
+        data = payload if isinstance(payload, dict) else {}
+        now = self.clock()
+        text = str(data.get("error") or data.get("reason") or "").strip()
+        at = data.get("at") or now.isoformat()
+        kind, severity, title, body = {
+            DATABASE_CREATED: (
+                AlertKind.DATABASE_CREATED,
+                Severity.CRITICAL,
+                "nanobot: a new, empty database was created",
+                "nanobot created a new database where one existed before: stored tasks and "
+                "history are not in it. Check database.url and the volume that holds it.",
+            ),
+            DATABASE_UNUSABLE: (
+                AlertKind.DATABASE_UNUSABLE,
+                Severity.CRITICAL,
+                "nanobot: the database is unusable",
+                f"The database could not be used since {at}: no run is recorded meanwhile.",
+            ),
+            DATABASE_USABLE: (
+                AlertKind.DATABASE_RECOVERED,
+                Severity.INFO,
+                "nanobot: the database is usable again",
+                f"The database answers again ({at}).",
+            ),
+        }[topic]
+        if text:
+            body += f" Error: {text}"
+        self.rules.raise_alert(
+            Alert(
+                key=alert_key(kind, at),
+                kind=kind,
+                subject="database",
+                severity=severity,
+                title=title,
+                body=body,
+                created_at=now,
+            )
+        )
+        self._wake.set()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for topic in WAKE_TOPICS:
+            self.bus.subscribe(topic, self._on_wake)
+        for topic in DATABASE_TOPICS:
+            self.bus.subscribe(topic, self._on_database)
+        try:
+            dropped = await asyncio.to_thread(
+                store.drop_unconfigured, self.engine, [d.name for d in self.destinations]
+            )
+            if dropped:
+                log.warning("alerts.dropped_unconfigured", deliveries=dropped)
+        except Exception as exc:
+            log.warning("alerts.start_failed", error=f"{exc.__class__.__name__}: {exc}")
+        self._task = asyncio.create_task(self._loop(), name="nanobot-alerts")
+        log.info(
+            "alerts.started",
+            destinations=[d.name for d in self.destinations],
+            interval_s=self.interval,
+        )
+
+    async def stop(self, *, released: bool = False) -> None:
+        """Stop; ``released``: this process led and stops cleanly (a hand-over, not a failure)."""
+        for topic in WAKE_TOPICS:
+            self.bus.unsubscribe(topic, self._on_wake)
+        for topic in DATABASE_TOPICS:
+            self.bus.unsubscribe(topic, self._on_database)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._evaluating is not None:
+            # An evaluation in its thread finishes its transaction (committed or not) first.
+            await asyncio.gather(self._evaluating, return_exceptions=True)
+        if released:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.rules.mark_released), 5.0)
+            except Exception as exc:
+                log.warning("alerts.release_failed", error=f"{exc.__class__.__name__}: {exc}")
+        self.deliverer.close()
+        if self.metrics is not None:
+            self.metrics.unregister()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = self.interval
+            held = self.rules.held_until
+            if held is not None:
+                timeout = max(0.0, min(timeout, (held - self.clock()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            self._wake.clear()
+            started = loop.time()
+            try:
+                await asyncio.wait_for(self.run_once(), timeout=STEP_TIMEOUT)
+            except TimeoutError:
+                log.error("alerts.step_timeout", timeout_s=STEP_TIMEOUT)
+            except Exception as exc:
+                log.error("alerts.step_failed", error=f"{exc.__class__.__name__}: {exc}")
+            # Woken in a burst (a health cycle with many transitions): at most one step a second.
+            await asyncio.sleep(max(0.0, min(1.0, self.interval) - (loop.time() - started)))
+
+    async def run_once(self) -> None:
+        """One step: on the leader evaluate and deliver; on a standby watch for no leader."""
+        async with self._step_lock:
+            await self._step()
+
+    async def _step(self) -> None:
+        if self.is_leader():
+            self._evaluating = asyncio.ensure_future(
+                asyncio.to_thread(self.rules.evaluate, self.clock())
+            )
+            try:
+                await asyncio.shield(self._evaluating)
+            finally:
+                self._evaluating = None
+            await self.deliverer.deliver_due()
+            return
+        alert = await asyncio.to_thread(self.rules.no_leader, self.clock())
+        if alert is not None:
+            log.error("alert.raised", kind=alert.kind.value, key=alert.key)
+        await self.deliverer.deliver_due(kinds=(AlertKind.LEADER_NONE,))
