@@ -568,3 +568,69 @@ def test_alert_record_refuses_bad_values() -> None:
         )
     assert alert_key("x" * 500).startswith("nanobot:x")
     assert len(alert_key("x" * 500)) <= 400
+
+
+def test_revision_0006_upgrades_a_database_with_rows_in_place(db_url: str) -> None:
+    """A database at the revision before 0006, with tasks and runs, upgrades keeping every row
+    and gains the empty outbox tables; downgrading removes only them."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import func, inspect, text
+
+    from nanobot.db import alembic_config, create_db_engine, downgrade_database, upgrade_database
+
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision("0006").down_revision
+    assert isinstance(previous, str)
+    engine = create_db_engine(db_url)
+    try:
+        upgrade_database(engine, previous)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (name, task_class, interval_s, kwargs, misfire_policy, "
+                    "paused, consecutive_failures, version, created_at, updated_at) VALUES "
+                    "('t', 'x:Y', 60, '{}', 'catch_up_once', false, 2, 1, :now, :now)"
+                ),
+                {"now": T0},
+            )
+        upgrade_database(engine, "0006")
+        assert {"alerts", "alert_deliveries", "alert_subjects"} <= set(
+            inspect(engine).get_table_names()
+        )
+        with engine.connect() as conn:
+            assert conn.execute(select(Task.name, Task.consecutive_failures)).one() == ("t", 2)
+            assert conn.execute(select(func.count()).select_from(AlertRecord)).scalar() == 0
+        downgrade_database(engine, previous)
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(Task)).scalar() == 1
+        assert "alerts" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+async def test_task_components_are_left_to_the_task_rules(engine: Engine, clock: Clock) -> None:
+    """A task's own component (task:<name>) and a system error caused only by tasks raise
+    nothing; a system error naming another component does."""
+    r = rules(engine, [])
+    r.evaluate(clock())
+    at = clock.advance(1)
+    write_batch(
+        engine,
+        Batch(
+            node=NODE,
+            changes=[
+                ChangeRow("task:fetch", at, "healthy", "error", "boom"),
+                ChangeRow(SYSTEM_COMPONENT, at, "healthy", "error", "error: task:fetch"),
+            ],
+        ),
+    )
+    assert r.evaluate(clock()) == []
+    write_batch(
+        engine,
+        Batch(
+            node=NODE,
+            changes=[ChangeRow(SYSTEM_COMPONENT, clock.advance(1), "error", "error", "error: llm")],
+        ),
+    )
+    [alert] = r.evaluate(clock())
+    assert alert.kind is AlertKind.SYSTEM_STATUS
+    assert "llm" in alert.body

@@ -22,6 +22,10 @@ Per subject (a task, a component of a node, the system status of a node, the lea
   one kind changing together in that window (the database was down and 200 tasks failed) give
   one grouped alert naming them, not one per task.
 
+Each task is also a component (``task:<name>``) that goes to error at its first failed run:
+those components, and a system status in error only because of them, are left to the task
+rules, so that ``alerts.after`` holds and one failing task is one alert, not three.
+
 Issue 13's policies (auto-pause, overdue) plug in as further task states mapped to their kinds
 in :data:`_TASK_KINDS`.
 
@@ -68,6 +72,8 @@ HEALTH_CURSOR: Final = "_cursor:health"
 CHANGE_MARGIN: Final = timedelta(minutes=5)
 # A grouped alert names at most this many members (and how many more there are).
 GROUP_SHOWN: Final = 20
+# The scheduler registers each task as a component ``task:<name>`` (section 5.2.3 of the seed).
+TASK_COMPONENT_PREFIX: Final = "task:"
 _FAILED: Final = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
 _PENDING_MAX: Final = 100
 
@@ -432,8 +438,14 @@ class Rules:
         newest = cursor.cursor_at
         for row in rows:
             newest = max(newest, row.at)
+            to_status = row.to_status
+            if row.component.startswith(TASK_COMPONENT_PREFIX):
+                continue  # a task is a component too; the task rules (with `after`) tell it
             if row.component == SYSTEM_COMPONENT:
                 key = f"system:{row.node}"
+                if to_status == "error" and _only_tasks(row.reason):
+                    # In error only because tasks failed: the task rules tell that, once.
+                    to_status = HEALTHY
             else:
                 key = f"component:{row.node}/{row.component}"
             state = touched.get(key) or subjects.get(key)
@@ -442,8 +454,8 @@ class Rules:
             if state.cursor_at is not None and row.at <= state.cursor_at:
                 continue
             state = dataclasses.replace(state, cursor_at=row.at)
-            if row.to_status != "unknown":
-                state, change = step(state, row.to_status, now=now, cooldown=s.cooldown)
+            if to_status != "unknown":
+                state, change = step(state, to_status, now=now, cooldown=s.cooldown)
                 if change is not None:
                     changes.append(dataclasses.replace(change, detail=row.reason))
                 reasons[key] = row.reason
@@ -554,6 +566,16 @@ class Rules:
     def _link(self, path: str) -> str | None:
         base = self.settings.dashboard_url
         return None if base is None else base + path
+
+
+def _only_tasks(reason: str | None) -> bool:
+    """True if a system status reason (``"error: a, b"``) names task components only."""
+    if not reason or ": " not in reason:
+        return False
+    names = reason.split(": ", 1)[1]
+    if names.endswith(" more"):
+        return False  # not every name is shown: another component may be among them
+    return all(n.strip().startswith(TASK_COMPONENT_PREFIX) for n in names.split(","))
 
 
 def settings_from(config: Any) -> RuleSettings:
