@@ -164,7 +164,6 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
-            await self._start_alerts()
             if self.config["http.enabled"]:
                 self.http = HttpServer(
                     _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
@@ -181,6 +180,8 @@ class Service:
                     self.http = None
                     return EXIT_FAILED
             await self._lease_step()
+            # After the first lease step: a node starting up is not "a standby without a leader".
+            await self._start_alerts()
             from nanobot.heartbeat import initialize_heartbeat
 
             self._monitor = initialize_heartbeat()
@@ -388,7 +389,10 @@ class Service:
         """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
         from nanobot.alerts.alerter import Alerter
 
-        self._alerter = Alerter(
+        # In a thread: checking the destinations imports Apprise, a second of CPU that must not
+        # hold the loop (and the lease renewals on it).
+        self._alerter = await asyncio.to_thread(
+            Alerter,
             self.config,
             self.engine,
             holder=self.holder,

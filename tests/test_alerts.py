@@ -383,7 +383,7 @@ async def test_system_status_change_is_alerted(engine: Engine, clock: Clock) -> 
     assert alert.kind is AlertKind.SYSTEM_STATUS
     assert alert.severity is Severity.WARNING
     assert alert.subject == f"system:{NODE}"
-    assert alert.link == "http://dash.example/status"
+    assert alert.link == "http://dash.example/"
 
 
 def test_leader_failover_is_alerted_and_clean_hand_over_is_not(

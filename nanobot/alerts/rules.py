@@ -51,7 +51,7 @@ from nanobot.alerts import store
 from nanobot.alerts.alert import Alert, AlertKind, Severity, alert_key
 from nanobot.alerts.destinations import Destination
 from nanobot.alerts.store import SubjectState
-from nanobot.db import write_transaction
+from nanobot.db import read_transaction, write_transaction
 from nanobot.heartbeat.store import SYSTEM_COMPONENT
 from nanobot.lease import read_lease
 from nanobot.models import ComponentStatusChange, Task, TaskOutcome, TaskRun, utcnow
@@ -208,13 +208,16 @@ class Rules:
 
     def no_leader(self, now: datetime) -> Alert | None:
         """On a standby: an alert if nobody has held the lease for ``leaderless_after``."""
-        with write_transaction(self.engine) as conn:
+        # Read first: a standby asks every few seconds, and must not take SQLite's write lock
+        # for a question whose answer is almost always "a leader is there".
+        with read_transaction(self.engine) as conn:
             lease = read_lease(conn)
-            if lease is None or lease.is_held(now):
-                return None
-            since = lease.expires_at or lease.renewed_at
-            if since is not None and now - since < self.settings.leaderless_after:
-                return None
+        if lease is None or lease.is_held(now):
+            return None
+        since = lease.expires_at or lease.renewed_at
+        if since is not None and now - since < self.settings.leaderless_after:
+            return None
+        with write_transaction(self.engine) as conn:
             waited = "" if since is None else f" since {since:%Y-%m-%d %H:%M:%S} UTC"
             alert = Alert(
                 key=alert_key(AlertKind.LEADER_NONE, lease.epoch),
@@ -227,7 +230,7 @@ class Rules:
                     f"{lease.holder or 'released'}, epoch {lease.epoch}). Standby nodes are up "
                     "but none could take the lead: check the database and the nodes' logs."
                 ),
-                link=self._link("/status"),
+                link=self._link("/"),
                 created_at=now,
             )
             written = store.write_alerts(conn, [alert], self.destinations)
@@ -494,7 +497,7 @@ class Rules:
                 body=f"The status of node {node} went from {change.before} to {change.after}."
                 + detail
                 + flips,
-                link=self._link("/status"),
+                link=self._link("/"),
                 count=change.flips,
                 created_at=now,
             )
@@ -521,7 +524,7 @@ class Rules:
             severity=severity,
             title=title,
             body=text,
-            link=self._link(f"/components/{quote(node, safe='')}/{quote(component, safe='')}"),
+            link=self._link("/components"),
             count=change.flips,
             created_at=now,
         )
@@ -558,7 +561,7 @@ class Rules:
                 f"{since} (epoch {lease.epoch}). Runs in flight on the old leader were recorded "
                 "interrupted."
             ),
-            link=self._link("/status"),
+            link=self._link("/"),
             created_at=now,
         )
         return [alert], [new]
