@@ -634,3 +634,33 @@ async def test_task_components_are_left_to_the_task_rules(engine: Engine, clock:
     [alert] = r.evaluate(clock())
     assert alert.kind is AlertKind.SYSTEM_STATUS
     assert "llm" in alert.body
+
+
+async def test_backlog_of_a_failing_destination_does_not_hide_the_others(
+    engine: Engine, clock: Clock
+) -> None:
+    """A failing destination with a backlog larger than a pass: another destination's alert is
+    still sent in the first pass."""
+    good, bad = Sink(), Sink()
+    try:
+        bad.failing = True
+        dests = [
+            destination(bad, "bad", kinds=("task.*",)),
+            destination(good, "good", kinds=("component.*",)),
+        ]
+        r = rules(engine, dests)
+        d = deliverer(engine, dests, clock, batch=2)
+        add_tasks(engine, *(f"t{i}" for i in range(6)))
+        r.evaluate(clock())
+        for i in range(6):
+            record(engine, f"t{i}", TaskOutcome.ERROR, clock.advance(1))
+            r.evaluate(clock())
+        change(engine, "llm", "healthy", "error", clock.advance(1))
+        r.evaluate(clock())
+        assert await d.deliver_due() == 1
+        assert good.kinds() == ["component.error"]
+        assert len(bad.received) == 1
+        d.close()
+    finally:
+        good.close()
+        bad.close()

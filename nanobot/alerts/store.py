@@ -133,37 +133,49 @@ def write_alerts(
     return ids
 
 
-def due(engine: Engine, *, now: datetime, limit: int, kinds: Iterable[AlertKind] = ()) -> list[Due]:
-    """Pending deliveries due at ``now``, oldest first (optionally only of ``kinds``)."""
-    where = [
-        _DELIVERIES.c.state == DeliveryState.PENDING.value,
-        _DELIVERIES.c.next_attempt_at <= now,
-    ]
+def due(
+    engine: Engine,
+    *,
+    now: datetime,
+    destinations: Iterable[str],
+    limit: int,
+    kinds: Iterable[AlertKind] = (),
+) -> list[Due]:
+    """Pending deliveries due at ``now``, oldest first, at most ``limit`` per destination (so
+    that the backlog of one destination never hides the others'), optionally only of ``kinds``."""
     only = [k.value for k in kinds]
-    if only:
-        where.append(_ALERTS.c.kind.in_(only))
+    found: list[Due] = []
     with read_transaction(engine) as conn:
-        rows = conn.execute(
-            select(
-                _DELIVERIES.c.id.label("delivery_id"),
-                _DELIVERIES.c.destination,
-                _DELIVERIES.c.attempts,
-                _ALERTS,
+        for name in destinations:
+            where = [
+                _DELIVERIES.c.state == DeliveryState.PENDING.value,
+                _DELIVERIES.c.destination == name,
+                _DELIVERIES.c.next_attempt_at <= now,
+            ]
+            if only:
+                where.append(_ALERTS.c.kind.in_(only))
+            rows = conn.execute(
+                select(
+                    _DELIVERIES.c.id.label("delivery_id"),
+                    _DELIVERIES.c.destination,
+                    _DELIVERIES.c.attempts,
+                    _ALERTS,
+                )
+                .join(_ALERTS, _ALERTS.c.id == _DELIVERIES.c.alert_id)
+                .where(*where)
+                .order_by(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.id)
+                .limit(limit)
+            ).all()
+            found.extend(
+                Due(
+                    delivery_id=int(r.delivery_id),
+                    destination=r.destination,
+                    attempts=int(r.attempts),
+                    alert=_alert_from_row(r),
+                )
+                for r in rows
             )
-            .join(_ALERTS, _ALERTS.c.id == _DELIVERIES.c.alert_id)
-            .where(*where)
-            .order_by(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.id)
-            .limit(limit)
-        ).all()
-    return [
-        Due(
-            delivery_id=int(r.delivery_id),
-            destination=r.destination,
-            attempts=int(r.attempts),
-            alert=_alert_from_row(r),
-        )
-        for r in rows
-    ]
+    return found
 
 
 def record_attempt(

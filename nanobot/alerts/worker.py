@@ -1,15 +1,16 @@
 """The delivery worker: sends due deliveries of the outbox, records every attempt.
 
 One pass (:meth:`Deliverer.deliver_due`) reads the pending deliveries whose next attempt is due
-(at most ``batch`` of them), sends each destination's oldest first and records each attempt: sent,
-or failed with the error and the next attempt at ``now + min(retry_max, retry_base * 2**n)``
-(``n`` the attempts so far), or given up once the alert is older than ``give_up_after``.
+(at most ``batch`` per destination), sends each destination's oldest first and records each
+attempt: sent, or failed with the error and the next attempt at
+``now + min(retry_max, retry_base * 2**n)`` (``n`` the attempts so far), or given up once the
+alert is older than ``give_up_after``.
 
 A destination that fails stops its own pass and waits out its backoff; the other destinations go
 on. Apprise blocks, so sends run in a thread pool of ``max_workers`` threads, with at most one
 send per destination in flight: a destination that hangs holds one thread, never all of them,
 and nothing about it is kept in memory but its backoff time. Memory does not grow with the
-outbox: a pass holds at most ``batch`` rows.
+outbox: a pass holds at most ``batch`` rows per destination.
 
 Thread ownership: a :class:`Deliverer` lives on the event loop (its attributes are touched only
 there); the pool's threads run :func:`nanobot.alerts.destinations.send` and the outbox writes.
@@ -87,23 +88,28 @@ class Deliverer:
         """One pass over the due deliveries; how many were sent."""
         loop = asyncio.get_running_loop()
         now = self.clock()
+        ready = [name for name in self.destinations if self._ready(name, now)]
+        if not ready:
+            return 0
         rows = await loop.run_in_executor(
-            self._pool, lambda: store.due(self.engine, now=now, limit=self.batch, kinds=kinds)
+            self._pool,
+            functools.partial(
+                store.due,
+                self.engine,
+                now=now,
+                destinations=ready,
+                limit=self.batch,
+                kinds=tuple(kinds),
+            ),
         )
         by_destination: dict[str, list[Due]] = {}
         for row in rows:
             by_destination.setdefault(row.destination, []).append(row)
-        passes = [
-            self._deliver_to(name, due)
-            for name, due in by_destination.items()
-            if self._ready(name, now)
-        ]
+        passes = [self._deliver_to(name, due) for name, due in by_destination.items()]
         sent = await asyncio.gather(*passes)
         return sum(sent)
 
     def _ready(self, name: str, now: datetime) -> bool:
-        if name not in self.destinations:
-            return False  # dropped at start (store.drop_unconfigured); a later pass skips it
         inflight = self._inflight.get(name)
         if inflight is not None and not inflight.done():
             return False  # a send that outlived its timeout still holds a thread
