@@ -11,6 +11,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alert_sink import Sink
@@ -664,3 +665,48 @@ async def test_backlog_of_a_failing_destination_does_not_hide_the_others(
     finally:
         good.close()
         bad.close()
+
+
+async def test_database_unusable_is_sent_directly_then_recorded_once_the_outbox_works(
+    tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'database.unusable' while the database cannot be opened: sent directly to the sink;
+    when the database works again the alert is written to the outbox as already sent, and the
+    sink is not sent it a second time."""
+    from nanobot.db import create_db_engine, upgrade_database
+
+    blocker = tmp_path / "data"
+    url = f"sqlite:///{blocker / 'nanobot.db'}"
+    monkeypatch.setenv("NANOBOT_DATABASE__URL", url)
+    monkeypatch.setenv(
+        "NANOBOT_ALERTS__DESTINATIONS", json.dumps([{"name": "s", "url": sink.url()}])
+    )
+    engine = create_db_engine(url)
+    blocker.rmdir()
+    blocker.write_text("a file where the database folder should be")
+    bus = MessageBus()
+    alerter = Alerter(load_config(), engine, holder="n:1", is_leader=lambda: True, bus=bus)
+    await alerter.start()
+    try:
+        await bus.publish("database.unusable", {"error": "unable to open database file"})
+        with pytest.raises(Exception, match="unable to open database file"):
+            await alerter.run_once()
+        [received] = sink.accepted_raw()
+        assert received.body["kind"] == "database.unusable"
+        with pytest.raises(Exception, match="unable to open database file"):
+            await alerter.run_once()
+        assert len(sink.received) == 1  # sent once, not at every failed step
+        blocker.unlink()
+        blocker.mkdir()
+        upgrade_database(engine)
+        await alerter.run_once()
+        [view] = recent(engine, limit=5)
+        assert view.alert.key == received.key
+        assert [(d.destination, d.state.value, d.attempts) for d in view.deliveries] == [
+            ("s", "sent", 1)
+        ]
+        await alerter.run_once()
+        assert len(sink.received) == 1
+    finally:
+        await alerter.stop()
+        engine.dispose()

@@ -14,8 +14,9 @@ writes it first) and delivers alerts of that kind itself, since there is no lead
 Database events (published on the bus by the service's database code): ``database.created``
 (a new, empty database was created where one existed before), ``database.unusable`` and
 ``database.usable``; each payload a dict with ``error`` or ``reason`` text. They become alerts
-written by the next evaluation that can write (an unusable database is told once it can be
-written again, with the time it became unusable).
+written by the next evaluation that can write. While the outbox cannot be written, a
+``database.unusable`` alert is sent directly (each destination once, in memory: at most the
+100 alerts :class:`nanobot.alerts.rules.Rules` keeps raised), then written as already sent.
 
 Thread ownership: the alerter's attributes belong to the event loop; evaluations run in a
 worker thread one at a time (never two at once), deliveries as the worker module says.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
@@ -95,6 +97,9 @@ class Alerter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._evaluating: asyncio.Future[list[Alert]] | None = None
+        # Keys of raised alerts sent directly (the outbox could not be written) -> destinations;
+        # at most as many keys as Rules keeps raised alerts.
+        self._sent_directly: dict[str, set[str]] = {}
         # The loop's steps and a caller's never overlap: one evaluation at a time.
         self._step_lock = asyncio.Lock()
 
@@ -208,20 +213,47 @@ class Alerter:
             # Woken in a burst (a health cycle with many transitions): at most one step a second.
             await asyncio.sleep(max(0.0, min(1.0, self.interval) - (loop.time() - started)))
 
+    async def _send_directly(self) -> None:
+        for alert in self.rules.raised():
+            if alert.kind is not AlertKind.DATABASE_UNUSABLE:
+                continue
+            done = self._sent_directly.setdefault(alert.key, set())
+            for destination in self.destinations:
+                if destination.name in done or not destination.accepts(alert):
+                    continue
+                if await self.deliverer.send_now(destination, alert):
+                    done.add(destination.name)
+        live = {a.key for a in self.rules.raised()}
+        for key in list(self._sent_directly):
+            if key not in live:
+                del self._sent_directly[key]
+
     async def run_once(self) -> None:
         """One step: on the leader evaluate and deliver; on a standby watch for no leader."""
         async with self._step_lock:
             await self._step()
 
     async def _step(self) -> None:
+        try:
+            await self._evaluate_and_deliver()
+        except Exception:
+            # The outbox cannot be written (or read): an alert about the database itself goes
+            # out directly, or nobody would hear of it until the database is back.
+            await self._send_directly()
+            raise
+
+    async def _evaluate_and_deliver(self) -> None:
         if self.is_leader():
+            sent = {k: frozenset(v) for k, v in self._sent_directly.items()}
             self._evaluating = asyncio.ensure_future(
-                asyncio.to_thread(self.rules.evaluate, self.clock())
+                asyncio.to_thread(functools.partial(self.rules.evaluate, self.clock(), sent=sent))
             )
             try:
                 await asyncio.shield(self._evaluating)
             finally:
                 self._evaluating = None
+            for key in sent:
+                self._sent_directly.pop(key, None)
             await self.deliverer.deliver_due()
             return
         alert = await asyncio.to_thread(self.rules.no_leader, self.clock())

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -159,6 +159,10 @@ class Rules:
 
     # --- alerts from outside (bus events) ---------------------------------------------------
 
+    def raised(self) -> list[Alert]:
+        """The alerts raised and not yet written (a snapshot; any thread)."""
+        return list(self._raised)
+
     def raise_alert(self, alert: Alert) -> None:
         """Queue an alert decided elsewhere (a database event); written by the next evaluation."""
         self._raised.append(alert)
@@ -172,13 +176,19 @@ class Rules:
 
     # --- evaluation -------------------------------------------------------------------------
 
-    def evaluate(self, now: datetime) -> list[Alert]:
-        """One evaluation in one transaction (blocking; call it from a thread): the new alerts."""
+    def evaluate(
+        self, now: datetime, *, sent: Mapping[str, frozenset[str]] | None = None
+    ) -> list[Alert]:
+        """One evaluation in one transaction (blocking; call it from a thread): the new alerts.
+
+        ``sent`` maps keys of raised alerts to the destinations that were sent them directly
+        while the outbox could not be written: their deliveries are recorded sent.
+        """
         raised: list[Alert] = []
         while self._raised:
             raised.append(self._raised.popleft())
         try:
-            alerts = self._evaluate(raised, now)
+            alerts = self._evaluate(raised, now, sent or {})
         except BaseException:
             # Not written: they go back, before anything raised meanwhile.
             self._raised.extendleft(reversed(raised))
@@ -194,7 +204,9 @@ class Rules:
             )
         return alerts
 
-    def _evaluate(self, raised: list[Alert], now: datetime) -> list[Alert]:
+    def _evaluate(
+        self, raised: list[Alert], now: datetime, sent: Mapping[str, frozenset[str]]
+    ) -> list[Alert]:
         with write_transaction(self.engine) as conn:
             alerts: list[Alert] = list(raised)
             changed: list[SubjectState] = []
@@ -202,7 +214,7 @@ class Rules:
                 part_alerts, part_states = part(conn, now)
                 alerts.extend(part_alerts)
                 changed.extend(part_states)
-            store.write_alerts(conn, alerts, self.destinations)
+            store.write_alerts(conn, alerts, self.destinations, sent=sent)
             store.save_subjects(conn, changed, now=now)
         return alerts
 

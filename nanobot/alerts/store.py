@@ -11,7 +11,7 @@ thread. Functions taking a ``Connection`` run in the caller's transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
@@ -91,9 +91,18 @@ def _alert_from_row(row: Any) -> Alert:
 
 
 def write_alerts(
-    conn: Connection, alerts: Sequence[Alert], destinations: Sequence[Destination]
+    conn: Connection,
+    alerts: Sequence[Alert],
+    destinations: Sequence[Destination],
+    *,
+    sent: Mapping[str, frozenset[str]] | None = None,
 ) -> list[int]:
-    """Insert ``alerts`` and their pending deliveries; the ids of the alerts new to the outbox."""
+    """Insert ``alerts`` and their pending deliveries; the ids of the alerts new to the outbox.
+
+    ``sent`` maps alert keys to destinations that were sent the alert already (directly, while
+    the outbox could not be written): those deliveries are recorded sent, with one attempt.
+    """
+    sent = sent or {}
     ids: list[int] = []
     for alert in alerts:
         stmt = (
@@ -117,13 +126,18 @@ def write_alerts(
         if alert_id is None:
             continue  # this transition is in the outbox already
         ids.append(int(alert_id))
+        already = sent.get(alert.key, frozenset())
         rows = [
             {
                 "alert_id": alert_id,
                 "destination": d.name,
-                "state": DeliveryState.PENDING.value,
-                "attempts": 0,
-                "next_attempt_at": alert.created_at,
+                "state": DeliveryState.SENT.value
+                if d.name in already
+                else DeliveryState.PENDING.value,
+                "attempts": 1 if d.name in already else 0,
+                "next_attempt_at": None if d.name in already else alert.created_at,
+                "last_attempt_at": alert.created_at if d.name in already else None,
+                "sent_at": alert.created_at if d.name in already else None,
             }
             for d in destinations
             if d.accepts(alert)

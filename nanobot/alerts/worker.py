@@ -30,7 +30,7 @@ import structlog
 from sqlalchemy import Engine
 
 from nanobot.alerts import store
-from nanobot.alerts.alert import AlertKind, DeliveryState
+from nanobot.alerts.alert import Alert, AlertKind, DeliveryState
 from nanobot.alerts.destinations import Destination, SendResult, send
 from nanobot.alerts.metrics import AlertMetrics
 from nanobot.alerts.store import Due
@@ -185,6 +185,30 @@ class Deliverer:
             # This destination's other alerts wait for its next attempt; the others go on.
             break
         return sent
+
+    async def send_now(self, destination: Destination, alert: Alert) -> bool:
+        """Send one alert outside the outbox (the database cannot be written); True if sent."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._pool,
+            functools.partial(send, destination, alert, timeout=self.policy.send_timeout),
+        )
+        try:
+            result = await asyncio.wait_for(future, timeout=self.policy.send_timeout * 2 + 1)
+        except TimeoutError:
+            result = SendResult(False, "no answer within the send timeout")
+        if self.metrics is not None:
+            self.metrics.count(alert.kind, "sent" if result.ok else "failed")
+        emit = log.info if result.ok else log.warning
+        emit(
+            "alert.sent_directly",
+            destination=destination.name,
+            kind=alert.kind.value,
+            key=alert.key,
+            ok=result.ok,
+            error=result.error,
+        )
+        return result.ok
 
     def close(self) -> None:
         """Stop the pool without waiting for a send that hangs (its thread ends with its
