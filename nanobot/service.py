@@ -180,8 +180,6 @@ class Service:
                     self.http = None
                     return EXIT_FAILED
             await self._lease_step()
-            # After the first lease step: a node starting up is not "a standby without a leader".
-            await self._start_alerts()
             from nanobot.heartbeat import initialize_heartbeat
 
             self._monitor = initialize_heartbeat()
@@ -189,6 +187,9 @@ class Service:
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
             if self.lock is not None:
                 self._lock_task = asyncio.create_task(self._lock_loop(), name="nanobot-lock")
+            # After the first lease step (a node starting up is not "a standby without a
+            # leader") and once the lease loop runs (the start must not eat the lease's margin).
+            await self._start_alerts()
             settle_after_start()
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
@@ -387,18 +388,21 @@ class Service:
 
     async def _start_alerts(self) -> None:
         """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
-        from nanobot.alerts.alerter import Alerter
 
-        # In a thread: checking the destinations imports Apprise, a second of CPU that must not
-        # hold the loop (and the lease renewals on it).
-        self._alerter = await asyncio.to_thread(
-            Alerter,
-            self.config,
-            self.engine,
-            holder=self.holder,
-            is_leader=self.is_leader,
-            registry=self.metrics.registry,
-        )
+        def build() -> Any:
+            from nanobot.alerts.alerter import Alerter
+
+            return Alerter(
+                self.config,
+                self.engine,
+                holder=self.holder,
+                is_leader=self.is_leader,
+                registry=self.metrics.registry,
+            )
+
+        # In a thread: importing the alerts and checking the destinations (Apprise) take about
+        # a second of CPU that must not hold the loop, and the lease renewals on it.
+        self._alerter = await asyncio.to_thread(build)
         await self._alerter.start()
 
     # --- the scheduler --------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class Alerter:
             engine, self.destinations, policy_from(config), clock=clock, metrics=self.metrics
         )
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._evaluating: asyncio.Future[list[Alert]] | None = None
         # Keys of raised alerts sent directly (the outbox could not be written) -> destinations;
@@ -177,6 +178,8 @@ class Alerter:
             self.bus.unsubscribe(topic, self._on_wake)
         for topic in DATABASE_TOPICS:
             self.bus.unsubscribe(topic, self._on_database)
+        self._stopping = True
+        self._wake.set()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -195,17 +198,23 @@ class Alerter:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        # A flag as well as the cancellation: a cancel that lands as a step finishes must still
+        # end the loop.
+        while not self._stopping:
             timeout = self.interval
             held = self.rules.held_until
             if held is not None:
                 timeout = max(0.0, min(timeout, (held - self.clock()).total_seconds()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
             started = loop.time()
             try:
-                await asyncio.wait_for(self.run_once(), timeout=STEP_TIMEOUT)
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    await self.run_once()
             except TimeoutError:
                 log.error("alerts.step_timeout", timeout_s=STEP_TIMEOUT)
             except Exception as exc:
