@@ -710,3 +710,42 @@ async def test_database_unusable_is_sent_directly_then_recorded_once_the_outbox_
     finally:
         await alerter.stop()
         engine.dispose()
+
+
+async def test_a_standby_delivers_only_the_no_leader_alert(
+    engine: Engine, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a standby the alerter neither evaluates nor sends the leader's alerts; with nobody
+    leading past the bound it raises leader.none and sends that one itself."""
+    from nanobot.lease import SchedulerLease
+
+    monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", json.dumps([sink.url()]))
+    monkeypatch.setenv("NANOBOT_SERVICE__LEASE_TTL", "0.2")
+    config = load_config()
+    pending = Rules(engine, parse_destinations(config), RuleSettings(group_window=timedelta(0)))
+    add_tasks(engine, "t")
+    record(engine, "t", TaskOutcome.ERROR, datetime.now().astimezone())
+    [failing] = pending.evaluate(datetime.now().astimezone())
+    lease = SchedulerLease(engine, "gone:1", 0.2)
+    assert lease.try_acquire()
+    lease._forget()  # the leader died without releasing
+
+    from nanobot.lease import read_lease
+
+    with engine.connect() as conn:
+        info = read_lease(conn)
+    assert info is not None
+    assert info.expires_at is not None
+    clock = Clock(info.expires_at - timedelta(seconds=0.1))
+    alerter = Alerter(
+        config, engine, holder="s:2", is_leader=lambda: False, bus=MessageBus(), clock=clock
+    )
+    try:
+        await alerter.run_once()
+        assert sink.received == []  # the lease only just expired: not yet past the bound
+        clock.advance(1)
+        await alerter.run_once()
+        assert sink.kinds() == ["leader.none"]
+        assert failing.key not in {r.key for r in sink.received}
+    finally:
+        await alerter.stop()

@@ -444,7 +444,11 @@ class Rules:
                 ComponentStatusChange.to_status,
                 ComponentStatusChange.reason,
             )
-            .where(ComponentStatusChange.at > cursor.cursor_at - CHANGE_MARGIN)
+            .where(
+                ComponentStatusChange.at > cursor.cursor_at - CHANGE_MARGIN,
+                # Tasks' own components change at every failure: never read them.
+                ComponentStatusChange.component.not_like(TASK_COMPONENT_PREFIX + "%"),
+            )
             .order_by(ComponentStatusChange.at, ComponentStatusChange.id)
         ).all()
         touched: dict[str, SubjectState] = {}
