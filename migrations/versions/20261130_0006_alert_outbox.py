@@ -4,7 +4,7 @@ New tables only: an existing database keeps every row and gains three empty tabl
 written out here (not imported from nanobot.models): a migration describes the schema as it was.
 
 Revision ID: 0006
-Revises: 0001
+Revises: 0005
 Create Date: 2026-11-30 03:09:36.476302
 
 """
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
