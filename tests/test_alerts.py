@@ -435,10 +435,13 @@ async def test_no_leader_for_longer_than_the_bound(engine: Engine, clock: Clock)
     assert kinds(engine) == ["leader.none"]
 
 
-async def test_database_event_on_the_bus_becomes_a_delivered_alert(
+async def test_database_recreated_published_by_the_service_becomes_a_delivered_alert(
     engine: Engine, db_url: str, sink: Sink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """'database.created' published on the bus: the alerter writes and delivers it."""
+    """The service's 'database.recreated' on the bus: the alerter writes it to the outbox and
+    delivers it, and counts the delivery in nanobot_alerts_total."""
+    from nanobot.service import DATABASE_RECREATED
+
     monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", json.dumps([sink.url()]))
     bus = MessageBus()
     registry = CollectorRegistry()
@@ -447,14 +450,54 @@ async def test_database_event_on_the_bus_becomes_a_delivered_alert(
     )
     await alerter.start()
     try:
-        await bus.publish("database.created", {"reason": "no file at /data/nanobot.db"})
+        await bus.publish(
+            DATABASE_RECREATED,
+            {
+                "database": "/data/nanobot.db",
+                "node": "n",
+                "reason": "empty_after_restart",
+                "problem": "the database had 12 tasks, it has none",
+            },
+        )
         await alerter.run_once()
         [received] = sink.wait_for(1)
         assert received.body["kind"] == "database.created"
         assert "/data/nanobot.db" in received.body["message"]
+        assert "12 tasks" in received.body["message"]
         text = generate_latest(registry).decode()
         assert 'nanobot_alerts_total{kind="database.created",result="sent"} 1.0' in text
         assert "nanobot_alerts_pending 0.0" in text
+    finally:
+        await alerter.stop()
+
+
+async def test_database_replaced_is_sent_directly_by_a_standby_and_recorded_once(
+    engine: Engine, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'database.replaced' reaches a node that no longer leads: it sends the alert itself, writes
+    it to the outbox as sent, and a leader later does not send it again."""
+    from nanobot.service import DATABASE_REPLACED
+
+    monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", json.dumps([sink.url()]))
+    bus = MessageBus()
+    leading = False
+    alerter = Alerter(load_config(), engine, holder="n:1", is_leader=lambda: leading, bus=bus)
+    await alerter.start()
+    try:
+        await bus.publish(
+            DATABASE_REPLACED,
+            {"database": "/data/nanobot.db", "node": "n", "reason": "deleted", "problem": "gone"},
+        )
+        await alerter.run_once()
+        [received] = sink.accepted_raw()
+        assert received.body["kind"] == "database.unusable"
+        assert "was deleted while n ran on it" in received.body["message"]
+        [view] = recent(engine, limit=5)
+        assert view.alert.key == received.key
+        assert [(d.state.value, d.attempts) for d in view.deliveries] == [("sent", 1)]
+        leading = True
+        await alerter.run_once()
+        assert len(sink.received) == 1
     finally:
         await alerter.stop()
 

@@ -11,12 +11,16 @@ A standby does one thing: when no node has held the lease for longer than twice
 ``service.lease_ttl`` it writes a ``leader.none`` alert (one per lease epoch, whichever standby
 writes it first) and delivers alerts of that kind itself, since there is no leader to do it.
 
-Database events (published on the bus by the service's database code): ``database.created``
-(a new, empty database was created where one existed before), ``database.unusable`` and
-``database.usable``; each payload a dict with ``error`` or ``reason`` text. They become alerts
-written by the next evaluation that can write. While the outbox cannot be written, a
-``database.unusable`` alert is sent directly (each destination once, in memory: at most the
-100 alerts :class:`nanobot.alerts.rules.Rules` keeps raised), then written as already sent.
+Database events on the bus: ``database.recreated`` and ``database.replaced`` (published by the
+service: a new, empty database after a restart where one with tasks had been; the database file
+deleted or replaced under the running service), and the hooks ``database.unusable`` /
+``database.usable`` for any other code; payloads are dicts (``database``, ``node``, ``reason``,
+``problem``). Each becomes an alert that the node which received it writes at its next step
+(any node: the key makes a second write a no-op) and the leader delivers. An alert that the
+database is unusable or replaced is also sent directly by the node that received it, to each
+destination once (kept in memory, at most the 100 alerts that
+:class:`nanobot.alerts.rules.Rules` keeps raised): the outbox is in that database, which nobody
+may read again. It is then written as already sent to those destinations.
 
 Thread ownership: the alerter's attributes belong to the event loop; evaluations run in a
 worker thread one at a time (never two at once), deliveries as the worker module says.
@@ -49,11 +53,19 @@ log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
 
-DATABASE_CREATED: Final = "database.created"
+# Published by the service (nanobot.service.DATABASE_REPLACED / DATABASE_RECREATED): the database
+# file was deleted or replaced under a running service; a new, empty database was found after a
+# restart where one with tasks had been.
+DATABASE_REPLACED: Final = "database.replaced"
+DATABASE_RECREATED: Final = "database.recreated"
+# Hooks for any other code that finds the database unusable, and usable again.
 DATABASE_UNUSABLE: Final = "database.unusable"
 DATABASE_USABLE: Final = "database.usable"
 WAKE_TOPICS: Final = ("health.changed",)
-DATABASE_TOPICS: Final = (DATABASE_CREATED, DATABASE_UNUSABLE, DATABASE_USABLE)
+DATABASE_TOPICS: Final = (DATABASE_REPLACED, DATABASE_RECREATED, DATABASE_UNUSABLE, DATABASE_USABLE)
+# Alerts about the database that holds the outbox: sent directly as well, since the outbox may be
+# in a file nobody will read again.
+DIRECT_KINDS: Final = frozenset({AlertKind.DATABASE_UNUSABLE})
 # The longest an evaluation or a pass may take before the loop logs it and goes on.
 STEP_TIMEOUT: Final = 60.0
 
@@ -112,34 +124,45 @@ class Alerter:
     def _on_database(self, topic: str, payload: Any) -> None:
         data = payload if isinstance(payload, dict) else {}
         now = self.clock()
-        text = str(data.get("error") or data.get("reason") or "").strip()
-        at = data.get("at") or now.isoformat()
+        node = str(data.get("node") or "this node")
+        database = str(data.get("database") or "the database")
+        problem = str(data.get("problem") or data.get("error") or "").strip()
+        reason = str(data.get("reason") or "").strip()
+        at = str(data.get("at") or now.isoformat())
         kind, severity, title, body = {
-            DATABASE_CREATED: (
+            DATABASE_RECREATED: (
                 AlertKind.DATABASE_CREATED,
                 Severity.CRITICAL,
                 "nanobot: a new, empty database was created",
-                "nanobot created a new database where one existed before: stored tasks and "
-                "history are not in it. Check database.url and the volume that holds it.",
+                f"{node} found a new, empty database at {database} where one with tasks had "
+                "been: stored tasks and their history are not in it. Check database.url and the "
+                "volume that holds it.",
+            ),
+            DATABASE_REPLACED: (
+                AlertKind.DATABASE_UNUSABLE,
+                Severity.CRITICAL,
+                "nanobot: the database was replaced under the service",
+                f"The database {database} was {reason or 'replaced'} while {node} ran on it: "
+                f"{node} stopped scheduling. Restore the database, then restart the service.",
             ),
             DATABASE_UNUSABLE: (
                 AlertKind.DATABASE_UNUSABLE,
                 Severity.CRITICAL,
                 "nanobot: the database is unusable",
-                f"The database could not be used since {at}: no run is recorded meanwhile.",
+                f"{node} cannot use {database} since {at}: no run is recorded meanwhile.",
             ),
             DATABASE_USABLE: (
                 AlertKind.DATABASE_RECOVERED,
                 Severity.INFO,
                 "nanobot: the database is usable again",
-                f"The database answers again ({at}).",
+                f"{node} can use {database} again ({at}).",
             ),
         }[topic]
-        if text:
-            body += f" Error: {text}"
+        if problem:
+            body += f" Problem: {problem}"
         self.rules.raise_alert(
             Alert(
-                key=alert_key(kind, at),
+                key=alert_key(kind, node, at),
                 kind=kind,
                 subject="database",
                 severity=severity,
@@ -223,8 +246,9 @@ class Alerter:
             await asyncio.sleep(max(0.0, min(1.0, self.interval) - (loop.time() - started)))
 
     async def _send_directly(self) -> None:
+        """Send raised alerts about the database itself to each destination not yet sent them."""
         for alert in self.rules.raised():
-            if alert.kind is not AlertKind.DATABASE_UNUSABLE:
+            if alert.kind not in DIRECT_KINDS:
                 continue
             done = self._sent_directly.setdefault(alert.key, set())
             for destination in self.destinations:
@@ -243,17 +267,9 @@ class Alerter:
             await self._step()
 
     async def _step(self) -> None:
-        try:
-            await self._evaluate_and_deliver()
-        except Exception:
-            # The outbox cannot be written (or read): an alert about the database itself goes
-            # out directly, or nobody would hear of it until the database is back.
-            await self._send_directly()
-            raise
-
-    async def _evaluate_and_deliver(self) -> None:
+        await self._send_directly()
+        sent = {k: frozenset(v) for k, v in self._sent_directly.items()}
         if self.is_leader():
-            sent = {k: frozenset(v) for k, v in self._sent_directly.items()}
             self._evaluating = asyncio.ensure_future(
                 asyncio.to_thread(functools.partial(self.rules.evaluate, self.clock(), sent=sent))
             )
@@ -261,11 +277,21 @@ class Alerter:
                 await asyncio.shield(self._evaluating)
             finally:
                 self._evaluating = None
-            for key in sent:
-                self._sent_directly.pop(key, None)
+            self._forget_sent(sent)
             await self.deliverer.deliver_due()
             return
+        if self.rules.raised():
+            # Any node writes what it raised (the key makes a second write a no-op); the
+            # leader delivers it.
+            await asyncio.to_thread(
+                functools.partial(self.rules.write_raised, self.clock(), sent=sent)
+            )
+            self._forget_sent(sent)
         alert = await asyncio.to_thread(self.rules.no_leader, self.clock())
         if alert is not None:
             log.error("alert.raised", kind=alert.kind.value, key=alert.key)
         await self.deliverer.deliver_due(kinds=(AlertKind.LEADER_NONE,))
+
+    def _forget_sent(self, written: dict[str, frozenset[str]]) -> None:
+        for key in written:
+            self._sent_directly.pop(key, None)

@@ -204,6 +204,21 @@ class Rules:
             )
         return alerts
 
+    def write_raised(
+        self, now: datetime, *, sent: Mapping[str, frozenset[str]] | None = None
+    ) -> list[Alert]:
+        """Write only the raised alerts (on a standby, which evaluates no rule)."""
+        raised: list[Alert] = []
+        while self._raised:
+            raised.append(self._raised.popleft())
+        try:
+            with write_transaction(self.engine) as conn:
+                store.write_alerts(conn, raised, self.destinations, sent=sent)
+        except BaseException:
+            self._raised.extendleft(reversed(raised))
+            raise
+        return raised
+
     def _evaluate(
         self, raised: list[Alert], now: datetime, sent: Mapping[str, frozenset[str]]
     ) -> list[Alert]:
