@@ -537,22 +537,15 @@ class Service:
 
     async def _start_alerts(self) -> None:
         """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
+        from nanobot.alerts.alerter import Alerter
 
-        def build() -> Any:
-            from nanobot.alerts.alerter import Alerter
-
-            return Alerter(
-                self.config,
-                self.engine,
-                holder=self.holder,
-                is_leader=self.is_leader,
-                registry=self.metrics.registry,
-            )
-
-        # In a thread: importing the alerts and checking the destinations (Apprise) take about
-        # a second of CPU that must not hold the loop, and the lease renewals on it.
-        self._alerter = await asyncio.to_thread(build)
-        await self._alerter.start()
+        self._alerter = await Alerter.create(
+            self.config,
+            self.engine,
+            holder=self.holder,
+            is_leader=self.is_leader,
+            registry=self.metrics.registry,
+        )
 
     # --- the scheduler --------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -116,6 +116,46 @@ class Alerter:
         # The loop's steps and a caller's never overlap: one evaluation at a time.
         self._step_lock = asyncio.Lock()
 
+    @classmethod
+    async def create(
+        cls,
+        config: Config,
+        engine: Engine,
+        *,
+        holder: str,
+        is_leader: Callable[[], bool],
+        registry: CollectorRegistry | None = None,
+        bus: MessageBus | None = None,
+    ) -> Alerter:
+        """Build (in a thread: checking destinations imports Apprise, a second of CPU that must
+        not hold the loop) and start an alerter; database events published meanwhile are kept."""
+        bus = bus or get_bus()
+        early: list[tuple[str, Any]] = []
+
+        def keep(topic: str, payload: Any) -> None:
+            early.append((topic, payload))
+
+        for topic in DATABASE_TOPICS:
+            bus.subscribe(topic, keep)
+        try:
+            alerter = await asyncio.to_thread(
+                functools.partial(
+                    cls,
+                    config,
+                    engine,
+                    holder=holder,
+                    is_leader=is_leader,
+                    registry=registry,
+                    bus=bus,
+                )
+            )
+        finally:
+            for topic in DATABASE_TOPICS:
+                bus.unsubscribe(topic, keep)
+        # No await between the unsubscribe above and start()'s subscriptions: nothing is missed.
+        await alerter.start(early=early)
+        return alerter
+
     # --- bus subscribers (event loop) -----------------------------------------------------
 
     def _on_wake(self, _topic: str, _payload: Any) -> None:
@@ -175,11 +215,14 @@ class Alerter:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, early: Sequence[tuple[str, Any]] = ()) -> None:
+        """Subscribe, take the database events received before (``early``), start the loop."""
         for topic in WAKE_TOPICS:
             self.bus.subscribe(topic, self._on_wake)
         for topic in DATABASE_TOPICS:
             self.bus.subscribe(topic, self._on_database)
+        for topic, payload in early:
+            self._on_database(topic, payload)
         try:
             dropped = await asyncio.to_thread(
                 store.drop_unconfigured, self.engine, [d.name for d in self.destinations]
