@@ -2,6 +2,7 @@
 
 * :mod:`nanobot.alerts.alert`: the alert record, its kinds, severities and delivery states;
 * :mod:`nanobot.alerts.rules`: which transitions become alerts, with cooldown and grouping;
+* :mod:`nanobot.alerts.messages`: the title, body and link of each kind of alert;
 * :mod:`nanobot.alerts.store`: the outbox tables;
 * :mod:`nanobot.alerts.worker`: delivery with retries and bounded exponential backoff;
 * :mod:`nanobot.alerts.destinations`: destination URLs, their filters, sending one alert;

@@ -42,14 +42,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
-from urllib.parse import quote
 
 import structlog
 from sqlalchemy import Connection, Engine, or_, select
 
-from nanobot.alerts import store
+from nanobot.alerts import messages, store
 from nanobot.alerts.alert import Alert, AlertKind, Severity, alert_key
 from nanobot.alerts.destinations import Destination
+from nanobot.alerts.messages import Change
 from nanobot.alerts.store import SubjectState
 from nanobot.db import read_transaction, write_transaction
 from nanobot.heartbeat.store import SYSTEM_COMPONENT
@@ -70,8 +70,6 @@ HEALTH_CURSOR: Final = "_cursor:health"
 # Status changes are re-read this far behind the cursor: nodes' clocks and commits are not in
 # step; each subject's own cursor skips what was read already.
 CHANGE_MARGIN: Final = timedelta(minutes=5)
-# A grouped alert names at most this many members (and how many more there are).
-GROUP_SHOWN: Final = 20
 # The scheduler registers each task as a component ``task:<name>`` (section 5.2.3 of the seed).
 TASK_COMPONENT_PREFIX: Final = "task:"
 _FAILED: Final = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
@@ -96,21 +94,9 @@ class RuleSettings:
     leaderless_after: timedelta = timedelta(seconds=20)
 
 
-@dataclass(frozen=True, slots=True)
-class _Change:
-    """One alertable change of one subject, before it becomes an alert."""
-
-    key: str
-    before: str
-    after: str
-    seq: int
-    flips: int
-    detail: str | None
-
-
 def step(
     state: SubjectState, observed: str, *, now: datetime, cooldown: timedelta
-) -> tuple[SubjectState, _Change | None]:
+) -> tuple[SubjectState, Change | None]:
     """Apply one observation to a subject: a change to alert now, or one counted for later."""
     if observed == state.observed:
         return state, None
@@ -122,12 +108,12 @@ def step(
     new = dataclasses.replace(
         state, alerted=observed, observed=observed, flips=0, seq=state.seq + 1, last_alert_at=now
     )
-    return new, _Change(state.key, state.alerted, observed, new.seq, 1, None)
+    return new, Change(state.key, state.alerted, observed, new.seq, 1, None)
 
 
 def settle(
     state: SubjectState, *, now: datetime, cooldown: timedelta
-) -> tuple[SubjectState, _Change | None]:
+) -> tuple[SubjectState, Change | None]:
     """At the end of a cooldown, one alert for the changes it held back (if any)."""
     if state.flips == 0:
         return state, None
@@ -136,7 +122,7 @@ def settle(
     new = dataclasses.replace(
         state, alerted=state.observed, flips=0, seq=state.seq + 1, last_alert_at=now
     )
-    return new, _Change(state.key, state.alerted, state.observed, new.seq, state.flips, None)
+    return new, Change(state.key, state.alerted, state.observed, new.seq, state.flips, None)
 
 
 class Rules:
@@ -257,7 +243,7 @@ class Rules:
                     f"{lease.holder or 'released'}, epoch {lease.epoch}). Standby nodes are up "
                     "but none could take the lead: check the database and the nodes' logs."
                 ),
-                link=self._link("/"),
+                link=messages.link(self.settings.dashboard_url, "/"),
                 created_at=now,
             )
             written = store.write_alerts(conn, [alert], self.destinations)
@@ -293,7 +279,7 @@ class Rules:
             self._held_since = None
             return [], []
         gone = {k for k in keys if k not in observed} - self._existing_tasks(conn, keys)
-        changes: list[_Change] = []
+        changes: list[Change] = []
         states: list[SubjectState] = []
         for key in sorted(keys):
             state = subjects.get(key) or SubjectState(key=key, alerted=OK, observed=OK)
@@ -335,7 +321,7 @@ class Rules:
             return None
         return f"{row.outcome} (slot {row.scheduled_at:%Y-%m-%d %H:%M:%S} UTC): {row.error or '-'}"
 
-    def _task_kind(self, change: _Change) -> AlertKind:
+    def _task_kind(self, change: Change) -> AlertKind:
         if change.after in _TASK_KINDS:
             return _TASK_KINDS[change.after]
         return AlertKind.TASK_MENDED if change.before == BROKEN else AlertKind.TASK_RECOVERED
@@ -343,11 +329,11 @@ class Rules:
     def _task_alerts(
         self,
         conn: Connection,
-        changes: list[_Change],
+        changes: list[Change],
         reasons: dict[str, str | None],
         now: datetime,
     ) -> list[Alert]:
-        by_kind: dict[AlertKind, list[_Change]] = {}
+        by_kind: dict[AlertKind, list[Change]] = {}
         for change in changes:
             by_kind.setdefault(self._task_kind(change), []).append(change)
         alerts: list[Alert] = []
@@ -360,87 +346,26 @@ class Rules:
                     if kind is AlertKind.TASK_FAILING
                     else None
                 )
-                for c in group[:GROUP_SHOWN]
+                for c in group[: messages.GROUP_SHOWN]
             }
             if len(group) == 1:
-                alerts.append(self._one_task_alert(kind, group[0], details[group[0].key], now))
+                alerts.append(
+                    messages.task_alert(
+                        kind,
+                        group[0],
+                        details[group[0].key],
+                        now,
+                        after=self.settings.after,
+                        base=self.settings.dashboard_url,
+                    )
+                )
             else:
-                alerts.append(self._grouped_task_alert(kind, group, details, now))
+                alerts.append(
+                    messages.grouped_task_alert(
+                        kind, group, details, now, base=self.settings.dashboard_url
+                    )
+                )
         return alerts
-
-    def _one_task_alert(
-        self, kind: AlertKind, change: _Change, detail: str | None, now: datetime
-    ) -> Alert:
-        name = change.key.removeprefix("task:")
-        after = self.settings.after
-        title, severity, text = {
-            AlertKind.TASK_FAILING: (
-                f"nanobot: task {name} is failing",
-                Severity.ERROR,
-                f"Task {name} failed {after} time{'s' if after > 1 else ''} in a row"
-                + (f". Last error: {detail}" if detail else "."),
-            ),
-            AlertKind.TASK_BROKEN: (
-                f"nanobot: task {name} is broken",
-                Severity.ERROR,
-                f"Task {name} cannot be loaded, so it does not run: {detail or '-'}",
-            ),
-            AlertKind.TASK_RECOVERED: (
-                f"nanobot: task {name} recovered",
-                Severity.INFO,
-                f"Task {name} succeeded again.",
-            ),
-            AlertKind.TASK_MENDED: (
-                f"nanobot: task {name} is loaded again",
-                Severity.INFO,
-                f"Task {name} can be loaded again and runs on its schedule.",
-            ),
-        }[kind]
-        if change.flips > 1:
-            text += f" It changed state {change.flips} times in the last cooldown."
-        return Alert(
-            key=alert_key(change.key, change.seq),
-            kind=kind,
-            subject=change.key,
-            severity=severity,
-            title=title,
-            body=text,
-            link=self._link(f"/tasks/{quote(name, safe='')}"),
-            count=change.flips,
-            created_at=now,
-        )
-
-    def _grouped_task_alert(
-        self, kind: AlertKind, group: list[_Change], details: dict[str, str | None], now: datetime
-    ) -> Alert:
-        n = len(group)
-        title, severity = {
-            AlertKind.TASK_FAILING: (f"nanobot: {n} tasks are failing", Severity.ERROR),
-            AlertKind.TASK_BROKEN: (f"nanobot: {n} tasks are broken", Severity.ERROR),
-            AlertKind.TASK_RECOVERED: (f"nanobot: {n} tasks recovered", Severity.INFO),
-            AlertKind.TASK_MENDED: (f"nanobot: {n} tasks are loaded again", Severity.INFO),
-        }[kind]
-        lines = [f"{n} tasks changed together ({kind.value}):"]
-        for c in group[:GROUP_SHOWN]:
-            detail = details.get(c.key)
-            lines.append(f"- {c.key.removeprefix('task:')}" + (f": {detail}" if detail else ""))
-        if n > GROUP_SHOWN:
-            lines.append(f"... and {n - GROUP_SHOWN} more")
-        members = tuple(c.key for c in group)
-        return Alert(
-            # The members and their sequence numbers identify the group: the same group always
-            # gets the same key.
-            key=alert_key("group", kind, *(f"{c.key}#{c.seq}" for c in group)),
-            kind=kind,
-            subject=f"tasks:{n}",
-            severity=severity,
-            title=title,
-            body="\n".join(lines),
-            link=self._link("/tasks"),
-            count=n,
-            members=members,
-            created_at=now,
-        )
 
     # --- components and the system status --------------------------------------------------
 
@@ -467,7 +392,7 @@ class Rules:
             .order_by(ComponentStatusChange.at, ComponentStatusChange.id)
         ).all()
         touched: dict[str, SubjectState] = {}
-        changes: list[_Change] = []
+        changes: list[Change] = []
         reasons: dict[str, str | None] = {}
         newest = cursor.cursor_at
         for row in rows:
@@ -503,62 +428,8 @@ class Rules:
         states = list(touched.values())
         if newest > cursor.cursor_at:
             states.append(dataclasses.replace(cursor, cursor_at=newest))
-        return [self._health_alert(c, now) for c in changes], states
-
-    def _health_alert(self, change: _Change, now: datetime) -> Alert:
-        family, _, where = change.key.partition(":")
-        detail = f" Reason: {change.detail}" if change.detail else ""
-        flips = (
-            f" It changed state {change.flips} times during the last cooldown."
-            if change.flips > 1
-            else ""
-        )
-        if family == "system":
-            node = where
-            severity = {
-                "healthy": Severity.INFO,
-                "degraded": Severity.WARNING,
-            }.get(change.after, Severity.ERROR)
-            return Alert(
-                key=alert_key(change.key, change.seq),
-                kind=AlertKind.SYSTEM_STATUS,
-                subject=change.key,
-                severity=severity,
-                title=f"nanobot: {node} is {change.after}",
-                body=f"The status of node {node} went from {change.before} to {change.after}."
-                + detail
-                + flips,
-                link=self._link("/"),
-                count=change.flips,
-                created_at=now,
-            )
-        node, _, component = where.partition("/")
-        if change.before == change.after:
-            kind, severity = AlertKind.COMPONENT_FLAPPING, Severity.WARNING
-            title = f"nanobot: component {component} on {node} is flapping"
-            text = (
-                f"Component {component} on node {node} changed state {change.flips} times "
-                f"during the last cooldown; it is {change.after} now."
-            )
-        elif change.after == HEALTHY:
-            kind, severity = AlertKind.COMPONENT_RECOVERED, Severity.INFO
-            title = f"nanobot: component {component} on {node} recovered"
-            text = f"Component {component} on node {node} is healthy again." + flips
-        else:
-            kind, severity = AlertKind.COMPONENT_ERROR, Severity.ERROR
-            title = f"nanobot: component {component} on {node} is in error"
-            text = f"Component {component} on node {node} went to {change.after}." + detail + flips
-        return Alert(
-            key=alert_key(change.key, change.seq),
-            kind=kind,
-            subject=change.key,
-            severity=severity,
-            title=title,
-            body=text,
-            link=self._link("/components"),
-            count=change.flips,
-            created_at=now,
-        )
+        alerts = [messages.health_alert(c, now, base=self.settings.dashboard_url) for c in changes]
+        return alerts, states
 
     # --- leadership -------------------------------------------------------------------------
 
@@ -592,14 +463,10 @@ class Rules:
                 f"{since} (epoch {lease.epoch}). Runs in flight on the old leader were recorded "
                 "interrupted."
             ),
-            link=self._link("/"),
+            link=messages.link(self.settings.dashboard_url, "/"),
             created_at=now,
         )
         return [alert], [new]
-
-    def _link(self, path: str) -> str | None:
-        base = self.settings.dashboard_url
-        return None if base is None else base + path
 
 
 def _only_tasks(reason: str | None) -> bool:
