@@ -180,6 +180,7 @@ async def test_component_healthy_error_healthy_gives_two_alerts(
     await d.deliver_due()
     assert sink.kinds() == ["component.error", "component.recovered"]
     assert sink.accepted_raw()[0].body["subject"] == f"component:{NODE}/llm"
+    assert "7 min after it was reported in error" in sink.accepted_raw()[1].body["message"]
     assert r.evaluate(clock.advance(400)) == []
     d.close()
 
@@ -188,7 +189,11 @@ async def test_component_healthy_error_healthy_gives_two_alerts(
     ("flips", "last_kind", "text"),
     [
         (11, AlertKind.COMPONENT_FLAPPING, "10 times during the last cooldown; it is error now"),
-        (10, AlertKind.COMPONENT_RECOVERED, "healthy again. It changed state 9 times"),
+        (
+            10,
+            AlertKind.COMPONENT_RECOVERED,
+            "after it was reported in error. It changed state 9 times",
+        ),
     ],
 )
 async def test_flapping_component_one_alert_per_cooldown_with_count(
@@ -792,3 +797,10 @@ async def test_a_standby_delivers_only_the_no_leader_alert(
         assert failing.key not in {r.key for r in sink.received}
     finally:
         await alerter.stop()
+
+
+def test_alerts_list_without_a_database_exits_3() -> None:
+    """'alerts list' before any database exists: one line, exit code 3, no database created."""
+    result = CliRunner().invoke(cli, ["alerts", "list"])
+    assert result.exit_code == 3
+    assert "no database" in result.stderr

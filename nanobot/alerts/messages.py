@@ -29,6 +29,19 @@ class Change:
     seq: int
     flips: int
     detail: str | None
+    # When people were last told about this subject (the alert this change follows), if ever.
+    told_at: datetime | None = None
+
+
+def _since(change: Change, now: datetime, what: str) -> str:
+    """``", 25 min after it was reported failing"``, or nothing if it never was."""
+    if change.told_at is None:
+        return ""
+    seconds = max(0.0, (now - change.told_at).total_seconds())
+    span = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    if seconds >= 7200:
+        span = f"{seconds / 3600:.1f} h"
+    return f", {span} after {what}"
 
 
 def link(base: str | None, path: str) -> str | None:
@@ -62,7 +75,7 @@ def task_alert(
         AlertKind.TASK_RECOVERED: (
             f"nanobot: task {name} recovered",
             Severity.INFO,
-            f"Task {name} succeeded again.",
+            f"Task {name} succeeded again{_since(change, now, 'it was reported failing')}.",
         ),
         AlertKind.TASK_MENDED: (
             f"nanobot: task {name} is loaded again",
@@ -163,7 +176,10 @@ def health_alert(change: Change, now: datetime, *, base: str | None) -> Alert:
     elif change.after == HEALTHY:
         kind, severity = AlertKind.COMPONENT_RECOVERED, Severity.INFO
         title = f"nanobot: component {component} on {node} recovered"
-        text = f"Component {component} on node {node} is healthy again." + flips
+        text = (
+            f"Component {component} on node {node} is healthy again"
+            f"{_since(change, now, 'it was reported in error')}." + flips
+        )
     else:
         kind, severity = AlertKind.COMPONENT_ERROR, Severity.ERROR
         title = f"nanobot: component {component} on {node} is in error"

@@ -108,7 +108,7 @@ def step(
     new = dataclasses.replace(
         state, alerted=observed, observed=observed, flips=0, seq=state.seq + 1, last_alert_at=now
     )
-    return new, Change(state.key, state.alerted, observed, new.seq, 1, None)
+    return new, Change(state.key, state.alerted, observed, new.seq, 1, None, state.last_alert_at)
 
 
 def settle(
@@ -122,7 +122,9 @@ def settle(
     new = dataclasses.replace(
         state, alerted=state.observed, flips=0, seq=state.seq + 1, last_alert_at=now
     )
-    return new, Change(state.key, state.alerted, state.observed, new.seq, state.flips, None)
+    return new, Change(
+        state.key, state.alerted, state.observed, new.seq, state.flips, None, state.last_alert_at
+    )
 
 
 class Rules:
