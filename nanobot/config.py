@@ -136,6 +136,25 @@ def _database_url(value: Any) -> str:
     return url
 
 
+def _json_list(value: Any) -> tuple[Any, ...]:
+    # From an environment variable the list comes as JSON text.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("a JSON list") from None
+    if not isinstance(value, list | tuple):
+        raise ValueError("a JSON list")
+    return tuple(value)
+
+
+def _optional_url(value: Any) -> str | None:
+    url = _optional_string(value)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ValueError("an http:// or https:// URL")
+    return url.rstrip("/") if url is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     key: str
@@ -256,6 +275,64 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         1.0,
         _positive_number,
         "seconds between the leader's checks of its PostgreSQL lock connection (at most ttl/3)",
+    ),
+    Setting(
+        "alerts.destinations",
+        None,
+        _json_list,
+        "where alerts go: a list of Apprise URLs or objects with url, name and a filter",
+    ),
+    Setting(
+        "alerts.after",
+        1,
+        _positive_int,
+        "consecutive failed runs after which a task is reported failing",
+    ),
+    Setting(
+        "alerts.cooldown",
+        300.0,
+        _positive_number,
+        "seconds between two alerts about one subject; changes meanwhile are counted",
+    ),
+    Setting(
+        "alerts.group_window",
+        10.0,
+        _non_negative_number,
+        "seconds task alerts are held so that tasks failing together give one alert",
+    ),
+    Setting(
+        "alerts.check_interval",
+        5.0,
+        _positive_number,
+        "seconds between two evaluations of the alert rules and the outbox",
+    ),
+    Setting(
+        "alerts.retry_base", 5.0, _positive_number, "seconds before the first retry of a delivery"
+    ),
+    Setting(
+        "alerts.retry_max",
+        600.0,
+        _positive_number,
+        "longest wait between two attempts of a delivery (the backoff doubles up to it)",
+    ),
+    Setting(
+        "alerts.give_up_after",
+        86400.0,
+        _positive_number,
+        "seconds after which an undelivered alert is given up for a destination",
+    ),
+    Setting(
+        "alerts.send_timeout",
+        30.0,
+        _positive_number,
+        "seconds one attempt to send an alert may take",
+    ),
+    Setting("alerts.retention_days", 30.0, _positive_number, "days alerts are kept"),
+    Setting(
+        "alerts.dashboard_url",
+        None,
+        _optional_url,
+        "base URL of the dashboard; alerts link to its page of their subject",
     ),
     Setting(
         "tasks.modules",

@@ -119,6 +119,7 @@ class Service:
         self._manager: Any = None
         self._sources: Any = None
         self._monitor: Any = None
+        self._alerter: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lock_task: asyncio.Task[None] | None = None
@@ -284,6 +285,9 @@ class Service:
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
             if self.lock is not None:
                 self._lock_task = asyncio.create_task(self._lock_loop(), name="nanobot-lock")
+            # After the first lease step (a node starting up is not "a standby without a
+            # leader") and once the lease loop runs (the start must not eat the lease's margin).
+            await self._start_alerts()
             settle_after_start()
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
@@ -574,6 +578,20 @@ class Service:
         if self.lock is not None:
             await asyncio.to_thread(self.lock.release, self.period)
 
+    # --- alerts --------------------------------------------------------------------------------
+
+    async def _start_alerts(self) -> None:
+        """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
+        from nanobot.alerts.alerter import Alerter
+
+        self._alerter = await Alerter.create(
+            self.config,
+            self.engine,
+            holder=self.holder,
+            is_leader=self.is_leader,
+            registry=self.metrics.registry,
+        )
+
     # --- the scheduler --------------------------------------------------------------------------
 
     async def _start_scheduling(self) -> None:
@@ -634,6 +652,9 @@ class Service:
             except Exception as exc:
                 log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
                 code = EXIT_FAILED
+        if self._alerter is not None:
+            # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
+            await self._alerter.stop(released=was_leader)
         if self.lease.epoch is not None or (self.lock is not None and self.lock.held):
             await self._release()
         if self.lock is not None:
