@@ -108,6 +108,27 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _token_list(value: Any) -> tuple[Any, ...]:
+    # Checked in full by nanobot.web.tokens (names, hashes); here only the shape, so that the
+    # configuration module does not import the web package.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                'a JSON list of {"name", "hash", "read_only"} objects '
+                "(make one with 'nanobot http token NAME')"
+            ) from None
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            'a list of {"name", "hash", "read_only"} objects '
+            "(make one with 'nanobot http token NAME')"
+        )
+    from nanobot.web.tokens import parse_token_entries
+
+    return tuple(parse_token_entries(value))
+
+
 def _database_url(value: Any) -> str:
     url = _string(value)
     if not url.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+")):
@@ -221,6 +242,24 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),
     Setting("http.port", 8765, _port, "port of the HTTP endpoint"),
+    Setting(
+        "http.dashboard",
+        True,
+        _boolean,
+        "serve the dashboard (/) and the REST API (/api/v1) on the HTTP endpoint",
+    ),
+    Setting(
+        "http.tokens",
+        None,
+        _token_list,
+        "named API tokens, stored hashed: a list of {name, hash, read_only}",
+    ),
+    Setting(
+        "http.token_file",
+        None,
+        _optional_string,
+        "file of more tokens, one 'NAME HASH [read-only]' per line",
+    ),
 )
 
 _BY_KEY: Final = {s.key: s for s in SETTINGS}

@@ -1,0 +1,223 @@
+"""What the dashboard and the API read, beyond :mod:`nanobot.status` and
+:mod:`nanobot.cron.control`: a page of tasks, the count of tasks in each state, the latest
+failed runs and a task's next slots.
+
+Every function is synchronous and bounded (a page, a ``LIMIT``, one grouped count), so that a
+database of 10,000 tasks answers as fast as one of ten; the web handlers call them in a thread.
+Rows become :class:`nanobot.cron.control.TaskInfo` and ``RunInfo`` records through the control
+plane's own converters.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
+
+from nanobot.cron import control
+from nanobot.cron.control import RunInfo, TaskInfo
+from nanobot.db import read_transaction
+from nanobot.models import Component, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.status import FAILED_OUTCOMES
+
+# A started task whose next slot is this far in the past is overdue: no scheduler ran it.
+OVERDUE_AFTER: Final = timedelta(seconds=60)
+PAGE_SIZE_MAX: Final = 200
+NEXT_RUNS: Final = 5
+
+
+class TaskState(enum.StrEnum):
+    """The filters of the tasks page and of ``GET /api/v1/tasks?state=``; a task may be in
+    several (a paused task can be failing too)."""
+
+    ACTIVE = "active"  # scheduled: not paused, not broken
+    PAUSED = "paused"
+    BROKEN = "broken"  # its class cannot be imported or built
+    FAILING = "failing"  # its last slot failed (error, timeout, interrupted)
+    OVERDUE = "overdue"  # scheduled, but its next slot passed more than a minute ago
+    RUNNING = "running"
+
+
+def _condition(state: TaskState, now: datetime) -> ColumnElement[bool]:
+    match state:
+        case TaskState.ACTIVE:
+            return and_(Task.paused.is_(False), Task.broken_reason.is_(None))
+        case TaskState.PAUSED:
+            return Task.paused.is_(True)
+        case TaskState.BROKEN:
+            return Task.broken_reason.is_not(None)
+        case TaskState.FAILING:
+            return or_(Task.consecutive_failures > 0, Task.last_outcome.in_(FAILED_OUTCOMES))
+        case TaskState.OVERDUE:
+            return and_(
+                Task.paused.is_(False),
+                Task.broken_reason.is_(None),
+                Task.next_run_at < now - OVERDUE_AFTER,
+            )
+        case TaskState.RUNNING:
+            return Task.last_outcome == TaskOutcome.RUNNING.value
+
+
+def state_of(info: TaskInfo, now: datetime) -> TaskState:
+    """The one state a task is shown in, the most urgent first."""
+    if info.error is not None:
+        return TaskState.BROKEN
+    if info.paused:
+        return TaskState.PAUSED
+    if info.last_outcome == TaskOutcome.RUNNING:
+        return TaskState.RUNNING
+    if info.consecutive_failures > 0 or info.last_outcome in FAILED_OUTCOMES:
+        return TaskState.FAILING
+    if info.next_run_at is not None and info.next_run_at < now - OVERDUE_AFTER:
+        return TaskState.OVERDUE
+    return TaskState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of the filtered task list, and how many tasks match in all."""
+
+    items: list[TaskInfo]
+    total: int
+    offset: int
+    limit: int
+
+
+def page_tasks(
+    engine: Engine,
+    *,
+    search: str = "",
+    state: TaskState | None = None,
+    offset: int = 0,
+    limit: int = 50,
+    now: datetime | None = None,
+) -> TaskPage:
+    """Tasks whose name or class contains ``search`` (any case) and in ``state``, by name."""
+    now = now or utcnow()
+    limit = max(1, min(limit, PAGE_SIZE_MAX))
+    offset = max(0, offset)
+    conditions: list[ColumnElement[bool]] = []
+    if search:
+        needle = search.lower()
+        conditions.append(
+            or_(
+                func.lower(Task.name).contains(needle, autoescape=True),
+                func.lower(Task.task_class).contains(needle, autoescape=True),
+            )
+        )
+    if state is not None:
+        conditions.append(_condition(state, now))
+    with read_transaction(engine) as conn:
+        total = conn.execute(select(func.count()).select_from(Task).where(*conditions)).scalar()
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(*conditions)
+            .order_by(Task.name)
+            .offset(offset)
+            .limit(limit)
+        ).all()
+    return TaskPage(
+        items=[control._info(row) for row in rows],
+        total=int(total or 0),
+        offset=offset,
+        limit=limit,
+    )
+
+
+def count_by_state(engine: Engine, *, now: datetime | None = None) -> dict[str, int]:
+    """``{"total": n, "active": n, "paused": n, ...}`` in one grouped statement."""
+    now = now or utcnow()
+    columns = [func.count().label("total")] + [
+        func.coalesce(func.sum(case((_condition(s, now), 1), else_=0)), 0).label(s.value)
+        for s in TaskState
+    ]
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(*columns).select_from(Task)).one()
+    return {key: int(value) for key, value in row._mapping.items()}
+
+
+def overdue_tasks(
+    engine: Engine, *, limit: int = 10, now: datetime | None = None
+) -> list[TaskInfo]:
+    """The started tasks whose next slot is longest overdue, first."""
+    now = now or utcnow()
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(_condition(TaskState.OVERDUE, now))
+            .order_by(Task.next_run_at)
+            .limit(limit)
+        ).all()
+    return [control._info(row) for row in rows]
+
+
+def recent_failures(engine: Engine, *, limit: int = 10) -> list[RunInfo]:
+    """The latest runs of any task that ended in error, timeout or interrupted, newest first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(TaskRun.__table__)
+            .where(TaskRun.outcome.in_(FAILED_OUTCOMES))
+            .order_by(TaskRun.scheduled_at.desc())
+            .limit(limit)
+        ).all()
+    return [_run(r) for r in rows]
+
+
+def _run(r: Any) -> RunInfo:
+    return RunInfo(
+        id=r.id,
+        task_name=r.task_name,
+        scheduled_at=r.scheduled_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        duration=r.duration_s,
+        outcome=TaskOutcome(r.outcome),
+        error=r.error,
+        slots=r.slots,
+        manual=r.manual,
+        node=r.node,
+    )
+
+
+def next_runs(info: TaskInfo, count: int = NEXT_RUNS) -> list[datetime]:
+    """The next ``count`` slots of a started task (none while paused or broken)."""
+    if info.paused or info.error is not None or info.next_run_at is None:
+        return []
+    step = timedelta(seconds=info.interval)
+    return [info.next_run_at + k * step for k in range(count)]
+
+
+def describe_schedule(info: TaskInfo) -> str:
+    """The schedule in words: ``every 5 minutes``."""
+    return describe_interval(info.interval)
+
+
+_UNITS: Final = (("day", 86400.0), ("hour", 3600.0), ("minute", 60.0), ("second", 1.0))
+
+
+def describe_interval(seconds: float) -> str:
+    if seconds == 1:
+        return "every second"
+    for unit, size in _UNITS:
+        if seconds >= size and (seconds / size).is_integer():
+            n = int(seconds / size)
+            return f"every {unit}" if n == 1 else f"every {n} {unit}s"
+    return f"every {seconds:g} seconds"
+
+
+def count_task_components(engine: Engine) -> dict[str, int]:
+    """How many ``task:<name>`` components are in each status, on every node."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Component.status, func.count())
+            .where(Component.name.startswith("task:"))
+            .group_by(Component.status)
+        ).all()
+    counts = {"total": 0, "healthy": 0, "error": 0, "unknown": 0}
+    for status, n in rows:
+        counts[status] = int(n)
+        counts["total"] += int(n)
+    return counts
