@@ -35,10 +35,8 @@ OPEN_PREFIXES: Final = ("/static/",)
 LOGIN_PATHS: Final = frozenset({"/login"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
-PRINCIPAL_KEY: Final = web.AppKey("nanobot_principal", object)
-REQUEST_PRINCIPAL: Final = "nanobot.principal"
-REQUEST_SESSION: Final = "nanobot.session"
-REQUEST_VIA: Final = "nanobot.via"
+REQUEST_PRINCIPAL: Final = web.RequestKey("nanobot_principal", Principal)
+REQUEST_SESSION: Final = web.RequestKey("nanobot_session", BrowserSession)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,13 +67,11 @@ class AccessPolicy:
 
 
 def principal_of(request: web.Request) -> Principal | None:
-    value = request.get(REQUEST_PRINCIPAL)
-    return value if isinstance(value, Principal) else None
+    return request.get(REQUEST_PRINCIPAL)
 
 
 def session_of(request: web.Request) -> BrowserSession | None:
-    value = request.get(REQUEST_SESSION)
-    return value if isinstance(value, BrowserSession) else None
+    return request.get(REQUEST_SESSION)
 
 
 def is_api(request: web.Request) -> bool:
@@ -142,13 +138,11 @@ def access_middleware(
                 if principal is None:
                     raise AccessDenied(401, "unknown token")
                 request[REQUEST_PRINCIPAL] = principal
-                request[REQUEST_VIA] = "token"
             else:
                 session = policy.sessions.get(request.cookies.get(COOKIE_NAME))
                 if session is not None:
                     request[REQUEST_PRINCIPAL] = session.principal
                     request[REQUEST_SESSION] = session
-                    request[REQUEST_VIA] = "browser"
             if request.method not in SAFE_METHODS and not _same_origin(request):
                 raise AccessDenied(403, "cross-origin request refused")
             if not policy.open_reads and principal_of(request) is None and path not in LOGIN_PATHS:
