@@ -14,6 +14,7 @@ import json
 import math
 import os
 import threading
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,15 @@ def _token_list(value: Any) -> tuple[Any, ...]:
     return tuple(parse_token_entries(value))
 
 
+def _time_zone(value: Any) -> str:
+    name = _string(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError("an IANA time zone name such as UTC or Europe/Berlin") from None
+    return name
+
+
 def _database_url(value: Any) -> str:
     url = _string(value)
     if not url.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+")):
@@ -213,6 +223,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         0.0,
         _non_negative_number,
         "seconds a run may take when its task sets no timeout; 0 means no limit",
+    ),
+    Setting(
+        "scheduler.timezone",
+        "UTC",
+        _time_zone,
+        "IANA zone of cron expressions and naive --at times when a task gives none",
     ),
     Setting("session.ttl", 86400.0, _positive_number, "seconds a session lives after its last use"),
     Setting(

@@ -52,6 +52,10 @@ class InvalidTaskError(TaskError, ValueError):
     """A task definition is invalid: a bad interval, an unimportable class, bad arguments."""
 
 
+class InvalidScheduleError(InvalidTaskError):
+    """A schedule is invalid: a bad cron expression, an unknown time zone, a time in the past."""
+
+
 class ComponentError(NanobotError):
     """Base of the heartbeat monitor's errors."""
 

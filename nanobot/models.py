@@ -127,7 +127,15 @@ class Task(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
     task_class: Mapped[str] = mapped_column(String(500))
+    # Interval tasks: the interval. Cron tasks: the longest gap between fires (informational);
+    # one-shot tasks: 0. The schedule itself is schedule_kind with cron, timezone or run_at.
     interval_s: Mapped[float] = mapped_column(Float)
+    schedule_kind: Mapped[str] = mapped_column(
+        String(16), default="interval", server_default="interval"
+    )
+    cron: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    run_at: Mapped[datetime | None] = mapped_column(nullable=True)
     kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     jitter_s: Mapped[float | None] = mapped_column(Float, nullable=True)
