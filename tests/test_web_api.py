@@ -4,7 +4,9 @@ its OpenAPI document is the truth."""
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
@@ -24,6 +26,7 @@ from web_helpers import (
 )
 
 from nanobot.cron import control
+from nanobot.models import utcnow
 from nanobot.web.openapi import PREFIX, SCHEMAS
 
 JSON = {"Content-Type": "application/json"}
@@ -192,6 +195,54 @@ async def test_changes_through_the_api_reach_the_control_plane(engine: Engine) -
     ]
 
 
+async def test_cron_and_one_shot_tasks_through_the_api(engine: Engine) -> None:
+    """A cron task in a zone: its schedule in words, its next five runs from the expression; a
+    PATCH to an interval keeps the class; a one-shot task has one next run."""
+    async with serve(engine) as served, aiohttp.ClientSession(headers=bearer(OPERATOR)) as http:
+        base = served.base + PREFIX
+        async with http.post(
+            base + "/tasks",
+            json={
+                "name": "weekday",
+                "task": "cron_tasks:Counter",
+                "cron": "0 9 * * 1-5",
+                "timezone": "Europe/Berlin",
+                "timeout": 30,
+            },
+        ) as r:
+            assert r.status == 201, await r.text()
+            body = await r.json()
+            check("Task", body)
+        assert body["schedule_kind"] == "cron"
+        assert body["timezone"] == "Europe/Berlin"
+        assert "09:00" in body["schedule"]
+        assert "Europe/Berlin" in body["schedule"]
+        runs = [datetime.fromisoformat(t) for t in body["next_runs"]]
+        assert len(runs) == 5
+        berlin = ZoneInfo("Europe/Berlin")
+        assert all(t.astimezone(berlin).hour == 9 for t in runs)
+        assert all(t.astimezone(berlin).weekday() < 5 for t in runs)
+        assert runs == sorted(runs)
+        assert control.stored_definition_of(engine, "weekday").timeout == 30
+        async with http.patch(base + "/tasks/weekday", json={"interval": "5m"}) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        assert body["schedule_kind"] == "interval"
+        assert body["interval"] == 300
+        assert body["schedule"] == "every 5 minutes"
+        # The options stored before are kept when an update does not give them.
+        assert control.stored_definition_of(engine, "weekday").timeout == 30
+        when = (utcnow() + timedelta(days=2)).replace(microsecond=0)
+        async with http.post(
+            base + "/tasks",
+            json={"name": "once", "task": "cron_tasks:Counter", "at": when.isoformat()},
+        ) as r:
+            assert r.status == 201, await r.text()
+            body = await r.json()
+        assert body["schedule_kind"] == "at"
+        assert [datetime.fromisoformat(t) for t in body["next_runs"]] == [when]
+
+
 async def test_writes_without_a_token_or_with_a_wrong_or_read_only_one_are_refused(
     engine: Engine,
 ) -> None:
@@ -238,10 +289,42 @@ async def test_writes_without_a_token_or_with_a_wrong_or_read_only_one_are_refus
             id="zero-interval",
         ),
         pytest.param(
-            b'{"name": "n", "task": "cron_tasks:Counter", "interval": "5"}',
+            b'{"name": "n", "task": "cron_tasks:Counter", "interval": "5 parsecs"}',
             422,
             "interval",
-            id="string-interval",
+            id="bad-duration",
+        ),
+        pytest.param(b'{"name": "n", "task": "cron_tasks:Counter"}', 422, "interval", id="none"),
+        pytest.param(
+            b'{"name": "n", "task": "cron_tasks:Counter", "cron": "61 * * * *"}',
+            422,
+            "cron",
+            id="bad-cron",
+        ),
+        pytest.param(
+            b'{"name": "n", "task": "cron_tasks:Counter", "cron": "0 9 * * *", "interval": 5}',
+            422,
+            "cron",
+            id="two-schedules",
+        ),
+        pytest.param(
+            b'{"name": "n", "task": "cron_tasks:Counter", "cron": "0 9 * * *",'
+            b' "timezone": "Mars/Olympus"}',
+            422,
+            "timezone",
+            id="unknown-zone",
+        ),
+        pytest.param(
+            b'{"name": "n", "task": "cron_tasks:Counter", "at": "2001-01-01T00:00:00Z"}',
+            422,
+            "at",
+            id="at-in-the-past",
+        ),
+        pytest.param(
+            b'{"name": "n", "task": "cron_tasks:Counter", "interval": 5, "timeout": -1}',
+            422,
+            "timeout",
+            id="negative-timeout",
         ),
         pytest.param(
             b'{"name": "n", "task": "cron_tasks:Counter", "interval": 5, "code": "x"}',

@@ -294,6 +294,15 @@ def _info(row: Any) -> TaskInfo:
     )
 
 
+def stored_definition_of(engine: Engine, name: str) -> TaskDefinition:
+    """The definition stored for task ``name`` (its options included)."""
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
+    if row is None:
+        raise UnknownTaskError(name)
+    return stored_definition(row)
+
+
 def list_tasks(engine: Engine) -> list[TaskInfo]:
     with read_transaction(engine) as conn:
         rows = conn.execute(select(Task.__table__).order_by(Task.name)).all()

@@ -26,9 +26,15 @@ from sqlalchemy import Engine
 
 from nanobot.cron import control
 from nanobot.cron.control import RunInfo, TaskInfo
-from nanobot.cron.task import TaskDefinition
-from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
-from nanobot.models import utcnow
+from nanobot.cron.schedules import ParsedAt, Schedule, resolve_schedule
+from nanobot.cron.task import TaskDefinition, check_interval, default_timezone
+from nanobot.exceptions import (
+    InvalidScheduleError,
+    InvalidTaskError,
+    TaskExistsError,
+    UnknownTaskError,
+)
+from nanobot.models import MisfirePolicy, utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, queries
 from nanobot.web.openapi import PREFIX, QUERY, document, schema_errors
@@ -244,8 +250,16 @@ class Api:
         body = await _body(request, "NewTask")
 
         def create() -> TaskInfo:
+            schedule = _schedule(body)
+            if schedule is None:
+                raise ApiError(
+                    422,
+                    "give the schedule: interval, cron or at",
+                    field="interval",
+                    reason="is required (or cron, or at)",
+                )
             definition = _definition(
-                body["name"], body["task"], body["interval"], body.get("kwargs", {})
+                body["name"], body["task"], schedule, body.get("kwargs", {}), body
             )
             return actions.create(
                 self.engine, definition, who, "api", paused=bool(body.get("paused", False))
@@ -261,12 +275,18 @@ class Api:
 
         def update() -> TaskInfo:
             current = control.get_task(self.engine, name)
-            kwargs = body.get("kwargs", current.kwargs)
-            interval = body.get("interval", current.interval)
-            if "interval" in body and "interval" in kwargs and "kwargs" not in body:
-                # The stored arguments carry the old interval: the new one replaces it.
-                kwargs = dict(kwargs) | {"interval": interval}
-            definition = _definition(name, body.get("task", current.task_class), interval, kwargs)
+            stored = _stored_options(self.engine, name)
+            schedule = _schedule(body)
+            kwargs = dict(body.get("kwargs", current.kwargs))
+            if schedule is None:
+                schedule = current.schedule
+            elif "kwargs" not in body:
+                # The stored arguments carry the old interval: the new schedule replaces it.
+                kwargs.pop("interval", None)
+            options = {key: body.get(key, stored[key]) for key in OPTIONS}
+            definition = _definition(
+                name, body.get("task", current.task_class), schedule, kwargs, options
+            )
             return actions.update(self.engine, definition, who, "api")
 
         info = await self._db(update)
@@ -303,7 +323,50 @@ class Api:
         return await self._simple(request, actions.run_now, status=202)
 
 
-def _definition(name: str, path: str, interval: Any, kwargs: dict[str, Any]) -> TaskDefinition:
+OPTIONS: Final = ("timeout", "jitter", "misfire_policy")
+
+
+def _stored_options(engine: Engine, name: str) -> dict[str, Any]:
+    """The options stored for a task, which an update keeps unless it gives new ones."""
+    definition = control.stored_definition_of(engine, name)
+    return {
+        "timeout": definition.timeout,
+        "jitter": definition.jitter,
+        "misfire_policy": definition.misfire_policy.value,
+    }
+
+
+def _schedule(body: dict[str, Any]) -> Schedule | None:
+    """The schedule a body declares (None if it gives none), or ApiError 422 naming the field."""
+    given = [key for key in ("interval", "cron", "at") if key in body]
+    if not given:
+        if "timezone" in body:
+            raise ApiError(
+                422, "timezone goes with cron or at", field="timezone", reason="needs cron or at"
+            )
+        return None
+    try:
+        resolved = resolve_schedule(
+            interval=body.get("interval"),
+            cron=body.get("cron"),
+            at=body.get("at"),
+            tz=body.get("timezone"),
+            default_tz=default_timezone(),
+            now=utcnow(),
+        )
+    except InvalidScheduleError as exc:
+        field = "timezone" if "zone" in str(exc) and "timezone" in body else given[-1]
+        raise ApiError(422, str(exc), field=field, reason=str(exc)) from None
+    return resolved.schedule if isinstance(resolved, ParsedAt) else resolved
+
+
+def _definition(
+    name: str,
+    path: str,
+    schedule: Schedule,
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> TaskDefinition:
     """The validated definition, or ApiError 422 naming the field."""
     try:
         control.check_name(name)
@@ -313,7 +376,24 @@ def _definition(name: str, path: str, interval: Any, kwargs: dict[str, Any]) -> 
         control.import_task_class(path)
     except InvalidTaskError as exc:
         raise ApiError(422, str(exc), field="task", reason=str(exc)) from None
+    for key in OPTIONS:
+        try:
+            if key == "misfire_policy":
+                if options.get(key) is not None:
+                    MisfirePolicy(options[key])
+            elif options.get(key) is not None:
+                check_interval(options[key], key)
+        except (ValueError, InvalidTaskError) as exc:
+            raise ApiError(422, str(exc), field=key, reason=str(exc)) from None
     try:
-        return control.definition_from_class(name, path, interval, kwargs)
+        return control.definition_from_class(
+            name,
+            path,
+            kwargs=kwargs,
+            schedule=schedule,
+            timeout=options.get("timeout"),
+            jitter=options.get("jitter"),
+            misfire_policy=options.get("misfire_policy"),
+        )
     except InvalidTaskError as exc:
         raise ApiError(422, str(exc), field="kwargs", reason=str(exc)) from None

@@ -31,6 +31,33 @@ _OUTCOMES: Final = [
     "interrupted",
 ]
 
+_SCHEDULE_FIELDS: Final[dict[str, Any]] = {
+    "interval": {
+        "type": ["number", "string"],
+        "description": "seconds between runs, or a duration such as '5m' or '1h30m'",
+    },
+    "cron": {
+        "type": "string",
+        "maxLength": 200,
+        "description": "a cron expression (5 fields, or 6 with seconds first, or @daily...)",
+    },
+    "at": {
+        "type": "string",
+        "maxLength": 100,
+        "description": "one run at this ISO-8601 time (local to timezone if it has no offset)",
+    },
+    "timezone": {
+        "type": "string",
+        "maxLength": 64,
+        "description": "the IANA zone of cron and at (default scheduler.timezone)",
+    },
+}
+_OPTION_FIELDS: Final[dict[str, Any]] = {
+    "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "jitter": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "misfire_policy": {"enum": ["catch_up_once", "skip"]},
+}
+
 SCHEMAS: Final[dict[str, Any]] = {
     "Error": {
         "type": "object",
@@ -67,7 +94,14 @@ SCHEMAS: Final[dict[str, Any]] = {
         "properties": {
             "name": {"type": "string"},
             "task": {"type": "string", "description": "the class, pkg.module:Class"},
-            "interval": {"type": "number", "exclusiveMinimum": 0},
+            "interval": {
+                "type": "number",
+                "description": "seconds between runs (a cron task: its nominal period)",
+            },
+            "schedule_kind": {"enum": ["interval", "cron", "at"]},
+            "cron": {"type": ["string", "null"]},
+            "timezone": {"type": ["string", "null"]},
+            "run_at": _TIME,
             "kwargs": {"type": "object"},
             "timeout": {"type": ["number", "null"]},
             "paused": {"type": "boolean"},
@@ -126,7 +160,8 @@ SCHEMAS: Final[dict[str, Any]] = {
     "NewTask": {
         "type": "object",
         "additionalProperties": False,
-        "required": ["name", "task", "interval"],
+        "required": ["name", "task"],
+        "description": "give exactly one schedule: interval, cron or at",
         "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": TASK_NAME_MAX},
             "task": {
@@ -135,22 +170,22 @@ SCHEMAS: Final[dict[str, Any]] = {
                 "maxLength": 500,
                 "description": "a CronTask subclass the service can import, pkg.module:Class",
             },
-            "interval": {"type": "number", "exclusiveMinimum": 0},
+            **_SCHEDULE_FIELDS,
             "kwargs": {"type": "object", "description": "constructor arguments, plain JSON"},
             "paused": {"type": "boolean", "default": False},
+            **_OPTION_FIELDS,
         },
     },
     "TaskChange": {
         "type": "object",
         "additionalProperties": False,
         "minProperties": 1,
+        "description": "what to change; a new schedule (interval, cron or at) replaces the old",
         "properties": {
             "task": {"$ref": "#/components/schemas/NewTask/properties/task"},
-            "interval": {"type": "number", "exclusiveMinimum": 0},
-            "kwargs": {
-                "type": "object",
-                "description": "replaces the constructor arguments (options such as timeout)",
-            },
+            **_SCHEDULE_FIELDS,
+            "kwargs": {"type": "object", "description": "replaces the constructor arguments"},
+            **_OPTION_FIELDS,
         },
     },
     "Status": {

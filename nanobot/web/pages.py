@@ -195,6 +195,7 @@ class Pages:
                 "info": info,
                 "state": queries.state_of(info, now).value,
                 "schedule": queries.describe_schedule(info),
+                "zone": queries.task_zone(info),
             }
             for info in page.items
         ]
@@ -273,6 +274,7 @@ class Pages:
                 info=info,
                 state=queries.state_of(info, now).value,
                 schedule=queries.describe_schedule(info),
+                task_zone=queries.task_zone(info),
                 next_runs=queries.next_runs(info),
                 history=history,
                 paged=before is not None,

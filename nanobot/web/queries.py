@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Final
 
 from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
 
-from nanobot.cron import control
+from nanobot.cron import control, schedules
 from nanobot.cron.control import RunInfo, TaskInfo
 from nanobot.db import read_transaction
 from nanobot.models import Component, Task, TaskOutcome, TaskRun, utcnow
@@ -39,6 +39,7 @@ class TaskState(enum.StrEnum):
     FAILING = "failing"  # its last slot failed (error, timeout, interrupted)
     OVERDUE = "overdue"  # scheduled, but its next slot passed more than a minute ago
     RUNNING = "running"
+    DONE = "done"  # a one-shot task that has run
 
 
 def _condition(state: TaskState, now: datetime) -> ColumnElement[bool]:
@@ -59,12 +60,20 @@ def _condition(state: TaskState, now: datetime) -> ColumnElement[bool]:
             )
         case TaskState.RUNNING:
             return Task.last_outcome == TaskOutcome.RUNNING.value
+        case TaskState.DONE:
+            return and_(
+                Task.schedule_kind == schedules.ScheduleKind.AT.value,
+                Task.next_run_at.is_(None),
+                Task.last_run_at.is_not(None),
+            )
 
 
 def state_of(info: TaskInfo, now: datetime) -> TaskState:
     """The one state a task is shown in, the most urgent first."""
     if info.error is not None:
         return TaskState.BROKEN
+    if info.done:
+        return TaskState.DONE
     if info.paused:
         return TaskState.PAUSED
     if info.last_outcome == TaskOutcome.RUNNING:
@@ -183,29 +192,24 @@ def _run(r: Any) -> RunInfo:
 
 
 def next_runs(info: TaskInfo, count: int = NEXT_RUNS) -> list[datetime]:
-    """The next ``count`` slots of a started task (none while paused or broken)."""
+    """The next ``count`` slots of a started task (none while paused, broken or done): its
+    stored next run, then what its schedule gives after it (an interval on that grid)."""
     if info.paused or info.error is not None or info.next_run_at is None:
         return []
-    step = timedelta(seconds=info.interval)
-    return [info.next_run_at + k * step for k in range(count)]
+    first = info.next_run_at
+    later = schedules.fire_times(info.schedule, first, count - 1, anchor=first)
+    return [first, *later]
 
 
 def describe_schedule(info: TaskInfo) -> str:
-    """The schedule in words: ``every 5 minutes``."""
-    return describe_interval(info.interval)
+    """The schedule in words: ``every 5 minutes``, ``At 09:00 on Monday (Europe/Berlin)``."""
+    return schedules.describe(info.schedule)
 
 
-_UNITS: Final = (("day", 86400.0), ("hour", 3600.0), ("minute", 60.0), ("second", 1.0))
-
-
-def describe_interval(seconds: float) -> str:
-    if seconds == 1:
-        return "every second"
-    for unit, size in _UNITS:
-        if seconds >= size and (seconds / size).is_integer():
-            n = int(seconds / size)
-            return f"every {unit}" if n == 1 else f"every {n} {unit}s"
-    return f"every {seconds:g} seconds"
+def task_zone(info: TaskInfo) -> tzinfo:
+    """The zone a task's schedule is read in (an interval has none: UTC)."""
+    zone_name = getattr(info.schedule, "timezone", None)
+    return schedules.zone(zone_name) if zone_name else UTC
 
 
 def count_task_components(engine: Engine) -> dict[str, int]:
