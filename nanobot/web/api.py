@@ -190,14 +190,16 @@ class Api:
 
     async def status(self, _request: web.Request) -> web.Response:
         def read() -> dict[str, Any]:
-            body = build_status(self.engine)
+            # The counts replace the list of every task, which is what a large system cannot
+            # afford to read at each poll; the status and its problems are the same.
+            body = build_status(self.engine, problems_only=True)
             body["tasks"] = queries.count_by_state(self.engine)
             return body
 
         return web.json_response(await self._db(read))
 
     async def components(self, _request: web.Request) -> web.Response:
-        data = await self._db(lambda: build_heartbeat_status(self.engine))
+        data = await self._db(lambda: build_heartbeat_status(self.engine, problems_only=True))
         return web.json_response({"components": data["components"]})
 
     async def list_tasks(self, request: web.Request) -> web.Response:

@@ -66,15 +66,6 @@ def _split_components(
     return system, tasks
 
 
-def _count_statuses(components: list[dict[str, Any]]) -> dict[str, int]:
-    counts = {"total": 0, "healthy": 0, "error": 0, "unknown": 0}
-    for c in components:
-        if c["current"]:
-            counts["total"] += 1
-            counts[c["status"]] = counts.get(c["status"], 0) + 1
-    return counts
-
-
 def _safe_next(raw: str | None) -> str:
     """A local path to go back to after login; anything else goes to the overview."""
     if raw and raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
@@ -138,14 +129,14 @@ class Pages:
 
     def _overview_data(self) -> dict[str, Any]:
         now = utcnow()
-        status = build_status(self.engine, now=now)
-        del status["tasks"]  # thousands of rows: the page shows counts and the urgent ones
-        system, task_components = _split_components(status["components"])
+        # Only the rows that can make a problem: the same verdict without reading every task.
+        status = build_status(self.engine, now=now, problems_only=True)
+        system, _task_components = _split_components(status["components"])
         return {
             "now": now,
             "status": status,
             "components": system,
-            "task_components": _count_statuses(task_components),
+            "task_components": queries.count_task_components(self.engine),
             "counts": queries.count_by_state(self.engine, now=now),
             "overdue": queries.overdue_tasks(self.engine, now=now),
             "failures": queries.recent_failures(self.engine),
@@ -336,7 +327,7 @@ class Pages:
             return True
 
         def read() -> dict[str, Any]:
-            status = build_heartbeat_status(self.engine, now=now, only=wanted)
+            status = build_heartbeat_status(self.engine, now=now, only=wanted, problems_only=True)
             counts = queries.count_task_components(self.engine)
             return {"status": status, "task_components": counts}
 
