@@ -152,6 +152,8 @@ class Setting:
     default: Any
     check: Callable[[Any], Any]
     doc: str
+    # A value that may hold a secret (a token pasted where its hash belongs) is never echoed.
+    secret: bool = False
 
 
 # The reference table of every setting. README.md documents the same keys; a test keeps them equal.
@@ -269,6 +271,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         None,
         _token_list,
         "named API tokens, stored hashed: a list of {name, hash, read_only}",
+        secret=True,
     ),
     Setting(
         "http.token_file",
@@ -385,7 +388,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[key] = setting.check(value)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected {exc}") from None
+            shown = "(not shown)" if setting.secret else repr(value)
+            raise ConfigError(f"{source}: {key} = {shown} is invalid: expected {exc}") from None
     if values["database.url"] is None:
         values["database.url"] = f"sqlite:///{home / 'nanobot.db'}"
     return Config(values, home, sources)
