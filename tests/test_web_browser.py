@@ -10,6 +10,7 @@ stay offline anyway. A screenshot of each page is saved under ``.artifacts/scree
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import tempfile
@@ -94,10 +95,19 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def screenshot(driver: Any, name: str, width: int = 1280) -> Path:
     """A full-page screenshot of what the browser shows, kept as a test artifact."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, min(max(int(height) + 40, 600), 4000))
+    driver.set_window_size(width, 900)
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    # The whole page, beyond the window (a window cannot grow past the virtual screen).
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 6000), "scale": 1},
+        },
+    )
     path = ARTIFACTS / f"{name}.png"
-    driver.save_screenshot(str(path))
+    path.write_bytes(base64.b64decode(shot["data"]))
     driver.set_window_size(1280, 900)
     return path
 

@@ -140,6 +140,8 @@ class Pages:
             "counts": queries.count_by_state(self.engine, now=now),
             "overdue": queries.overdue_tasks(self.engine, now=now),
             "failures": queries.recent_failures(self.engine),
+            "upcoming": queries.upcoming(self.engine),
+            "failure_window": queries.FAILURE_WINDOW,
         }
 
     async def overview(self, request: web.Request) -> web.Response:

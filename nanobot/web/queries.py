@@ -163,16 +163,52 @@ def overdue_tasks(
     return [control._info(row) for row in rows]
 
 
-def recent_failures(engine: Engine, *, limit: int = 10) -> list[RunInfo]:
-    """The latest runs of any task that ended in error, timeout or interrupted, newest first."""
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A task's newest failed run, and how many of the recent failed runs are its."""
+
+    run: RunInfo
+    count: int
+    removed: bool
+
+
+FAILURE_WINDOW: Final = 500
+
+
+def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
+    """The started tasks that run next, soonest first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(and_(Task.paused.is_(False), Task.next_run_at.is_not(None)))
+            .order_by(Task.next_run_at, Task.name)
+            .limit(limit)
+        ).all()
+    return [control._info(row) for row in rows]
+
+
+def recent_failures(engine: Engine, *, limit: int = 10) -> list[Failure]:
+    """The newest failed run (error, timeout, interrupted) of each of the ``limit`` tasks that
+    failed last, newest first, with its share of the last :data:`FAILURE_WINDOW` failed runs:
+    one task failing every second does not hide the others."""
     with read_transaction(engine) as conn:
         rows = conn.execute(
             select(TaskRun.__table__)
             .where(TaskRun.outcome.in_(FAILED_OUTCOMES))
             .order_by(TaskRun.scheduled_at.desc())
-            .limit(limit)
+            .limit(FAILURE_WINDOW)
         ).all()
-    return [_run(r) for r in rows]
+        newest: dict[str, Any] = {}
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row.task_name] = counts.get(row.task_name, 0) + 1
+            if row.task_name not in newest and len(newest) < limit:
+                newest[row.task_name] = row
+        existing = set(conn.execute(select(Task.name).where(Task.name.in_(list(newest)))).scalars())
+    return [
+        Failure(run=_run(row), count=counts[name], removed=name not in existing)
+        for name, row in newest.items()
+    ]
 
 
 def _run(r: Any) -> RunInfo:
