@@ -139,6 +139,17 @@ def _time_zone(value: Any) -> str:
     return name
 
 
+def _string_list(value: Any) -> tuple[str, ...]:
+    """A list of non-empty strings; from an environment variable, comma-separated text."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(item, str) and item.strip() for item in value
+    ):
+        raise ValueError("a list of non-empty strings (comma-separated in a variable)")
+    return tuple(item.strip() for item in value)
+
+
 def _database_url(value: Any) -> str:
     url = _string(value)
     if not url.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+")):
@@ -165,6 +176,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "SQLAlchemy URL; default sqlite:///$NANOBOT_HOME/nanobot.db",
     ),
     Setting("database.echo", False, _boolean, "log every SQL statement"),
+    Setting(
+        "database.statement_timeout",
+        60.0,
+        _non_negative_number,
+        "PostgreSQL: seconds a statement may run before the server cancels it (0: no limit)",
+    ),
     Setting(
         "logging.level",
         "INFO",
@@ -256,6 +273,24 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         1.0,
         _positive_number,
         "seconds between the leader's checks of its PostgreSQL lock connection (at most ttl/3)",
+    ),
+    Setting(
+        "tasks.modules",
+        None,
+        _string_list,
+        "modules of task code the service imports at start",
+    ),
+    Setting(
+        "tasks.path", None, _string_list, "folders put on sys.path before task code is imported"
+    ),
+    Setting(
+        "tasks.on_import_error",
+        "stop",
+        _one_of("stop", "continue"),
+        "a task module that fails to import: stop the start (exit 2) or log it and continue",
+    ),
+    Setting(
+        "tasks.file", None, _optional_string, "the task file; default $NANOBOT_HOME/tasks.toml"
     ),
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),

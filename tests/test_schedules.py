@@ -300,7 +300,7 @@ def test_load_schedule_reads_stored_columns() -> None:
 def test_describe() -> None:
     """Schedules in words, with the zone they are read in."""
     assert describe(parse_cron("0 9 * * 1-5", "Europe/Berlin")) == (
-        "At 09:00 on Monday through Friday (Europe/Berlin)"
+        "at 09:00 on Monday through Friday (Europe/Berlin)"
     )
     assert describe(IntervalSchedule(seconds=300)) == "every 5 minutes"
     assert describe(IntervalSchedule(seconds=1)) == "every second"

@@ -243,6 +243,29 @@ async def test_cron_and_one_shot_tasks_through_the_api(engine: Engine) -> None:
         assert [datetime.fromisoformat(t) for t in body["next_runs"]] == [when]
 
 
+async def test_a_task_of_the_task_file_is_changed_there_only(engine: Engine) -> None:
+    """Updating or removing a task of tasks.toml is a 409 that says so (the file's sync would
+    undo it); pausing and running it now work."""
+    add_task_row(engine, "filed", source="file")
+    before = snapshot(engine)
+    async with serve(engine) as served, aiohttp.ClientSession(headers=bearer(OPERATOR)) as http:
+        base = served.base + PREFIX
+        async with http.patch(base + "/tasks/filed", json={"interval": 5}) as r:
+            assert r.status == 409
+            body = await r.json()
+            check_error(body, 409, "name")
+            assert "tasks.toml" in body["error"]["message"]
+        async with http.delete(base + "/tasks/filed") as r:
+            assert r.status == 409
+        assert snapshot(engine) == before
+        async with http.post(base + "/tasks/filed/pause") as r:
+            assert r.status == 200
+            body = await r.json()
+            check("Task", body)
+            assert body["source"] == "file"
+    assert control.get_task(engine, "filed").paused
+
+
 async def test_writes_without_a_token_or_with_a_wrong_or_read_only_one_are_refused(
     engine: Engine,
 ) -> None:

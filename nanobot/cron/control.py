@@ -24,13 +24,23 @@ from nanobot.cron.schedules import (
     IntervalSchedule,
     Schedule,
     describe,
+    fire_times,
     load_schedule,
     slot_at_or_after,
+    zone,
 )
 from nanobot.cron.task import CronTask, TaskDefinition, check_interval, nominal_period
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
-from nanobot.models import NAME_MAX, MisfirePolicy, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import (
+    NAME_MAX,
+    MisfirePolicy,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    TaskSource,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,23 @@ class TaskInfo:
     error: str | None
     version: int
     schedule: Schedule
+    # The origin of an interval task's grid (None until first started).
+    anchor_at: datetime | None = None
+
+    def upcoming(self, count: int, now: datetime) -> list[datetime]:
+        """The next ``count`` slots (UTC) as the scheduler will run them: from the stored next
+        run; for a paused task, from where resuming it now would put it. Reads nothing."""
+        if self.next_run_at is not None:
+            first: datetime | None = self.next_run_at
+        elif self.done:
+            return []
+        elif self.paused:
+            first = slot_at_or_after(self.schedule, now, anchor=self.anchor_at or now)
+        else:
+            first = None
+        if first is None or count <= 0:
+            return []
+        return [first, *fire_times(self.schedule, first, count - 1, anchor=first)]
 
     @property
     def done(self) -> bool:
@@ -60,12 +87,18 @@ class TaskInfo:
             and self.last_run_at is not None
         )
 
+    source: str = "cli"
+    pause_reason: str | None = None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
+            "pause_reason": self.pause_reason,
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
+            "next_run_local": _local_iso(self.next_run_at, self.schedule),
             "kwargs": self.kwargs,
             "timeout": self.timeout,
             "paused": self.paused,
@@ -92,6 +125,7 @@ class RunInfo:
     slots: int
     manual: bool
     node: str | None
+    output: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,11 +140,20 @@ class RunInfo:
             "slots": self.slots,
             "manual": self.manual,
             "node": self.node,
+            "output": self.output,
         }
 
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _local_iso(value: datetime | None, schedule: Schedule) -> str | None:
+    """``value`` on the clock of the schedule's zone (UTC for an interval), with its offset."""
+    if value is None:
+        return None
+    tz = "UTC" if isinstance(schedule, IntervalSchedule) else schedule.timezone
+    return value.astimezone(zone(tz)).isoformat()
 
 
 def schedule_json(schedule: Schedule) -> dict[str, Any]:
@@ -234,6 +277,8 @@ def definition_from_class(
         seconds = schedule.seconds
         if "interval" in params:
             given = interval if interval is not None else seconds
+            if isinstance(given, float) and given.is_integer():
+                given = int(given)  # stored as the user wrote it: 10, not 10.0
             if "interval" in kwargs and kwargs["interval"] != given:
                 raise InvalidTaskError(
                     f"kwargs give interval {kwargs['interval']!r} but --interval is {given!r}"
@@ -291,6 +336,9 @@ def _info(row: Any) -> TaskInfo:
         error=row.broken_reason,
         version=row.version,
         schedule=row_schedule(row),
+        anchor_at=row.anchor_at,
+        source=row.source,
+        pause_reason=row.pause_reason,
     )
 
 
@@ -348,6 +396,7 @@ def task_history(
             slots=r.slots,
             manual=r.manual,
             node=r.node,
+            output=r.output,
         )
         for r in rows
     ]
@@ -356,7 +405,7 @@ def task_history(
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _definition_values(d: TaskDefinition) -> dict[str, Any]:
+def definition_values(d: TaskDefinition) -> dict[str, Any]:
     schedule = d.the_schedule
     return {
         "schedule_kind": schedule.kind.value,
@@ -398,7 +447,7 @@ def first_run(schedule: Schedule, now: datetime) -> datetime | None:
 def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
     """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
     now = utcnow()
-    values = _definition_values(definition) | {
+    values = definition_values(definition) | {
         "name": definition.name,
         "paused": paused,
         "anchor_at": None if paused else now,
@@ -434,8 +483,9 @@ def upsert_definition(
         if row is None:
             conn.execute(
                 insert(Task).values(
-                    **_definition_values(definition),
+                    **definition_values(definition),
                     name=definition.name,
+                    source=TaskSource.CODE.value,
                     paused=True,
                     created_at=now,
                     updated_at=now,
@@ -449,7 +499,7 @@ def upsert_definition(
             if stored_definition(current).same_schedule_as(definition):
                 outcome = "unchanged"
             else:
-                values = _definition_values(definition) | {
+                values = definition_values(definition) | {
                     "updated_at": now,
                     "version": Task.version + 1,
                     "broken_reason": None,
@@ -492,13 +542,18 @@ def start_task(engine: Engine, name: str) -> TaskInfo:
         return info
     now = utcnow()
     return _change(
-        engine, name, paused=False, anchor_at=now, next_run_at=first_run(info.schedule, now)
+        engine,
+        name,
+        paused=False,
+        anchor_at=now,
+        next_run_at=first_run(info.schedule, now),
+        pause_reason=None,
     )
 
 
 def pause_task(engine: Engine, name: str) -> TaskInfo:
     """Stop scheduling a task; a run in flight finishes. No next run until resumed."""
-    return _change(engine, name, paused=True, next_run_at=None)
+    return _change(engine, name, paused=True, next_run_at=None, pause_reason=None)
 
 
 def resume_task(engine: Engine, name: str) -> TaskInfo:
@@ -513,7 +568,7 @@ def resume_task(engine: Engine, name: str) -> TaskInfo:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == name)).scalar()
     if anchor is None:
         return start_task(engine, name)
-    return _change(engine, name, paused=False)
+    return _change(engine, name, paused=False, pause_reason=None)
 
 
 def request_run(engine: Engine, name: str) -> TaskInfo:

@@ -398,6 +398,15 @@ class CronManager:
     def running_tasks(self) -> list[str]:
         return [n for n, t in self._inflight.items() if not t.done()]
 
+    def cancel_runs(self, reason: str) -> None:
+        """Cancel every run in flight now (each is recorded ``cancelled`` with ``reason``); a
+        :meth:`shutdown` waiting for them then goes on at once. For a node that lost its lease
+        while stopping: another node may start these tasks at any moment."""
+        for name, run in list(self._inflight.items()):
+            if not run.done():
+                self._cancel_reasons[name] = reason
+                run.cancel()
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, *, takeover: bool = False) -> None:

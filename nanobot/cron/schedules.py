@@ -628,7 +628,7 @@ def format_local(instant: datetime, timezone: str) -> str:
 
 
 def describe(schedule: Schedule) -> str:
-    """The schedule in words: ``every 5 minutes``, ``At 09:00 on Monday through Friday
+    """The schedule in words: ``every 5 minutes``, ``at 09:00 on Monday through Friday
     (Europe/Berlin)``, ``once at 2026-12-24 17:30:00 CET (+01:00) (Europe/Berlin)``."""
     if isinstance(schedule, IntervalSchedule):
         return f"every {_duration(schedule.seconds)}"
@@ -636,4 +636,5 @@ def describe(schedule: Schedule) -> str:
         return f"once at {format_local(schedule.at, schedule.timezone)} ({schedule.timezone})"
     text, _ = _compiled(schedule.expression)
     words = CronSim(text, datetime(2000, 1, 1)).explain()
-    return f"{words} ({schedule.timezone})"
+    # cronsim writes a sentence ("At 09:00 on ..."); here it follows "runs".
+    return f"{words[:1].lower()}{words[1:]} ({schedule.timezone})"

@@ -3,7 +3,9 @@
 Each goes through :mod:`nanobot.cron.control`, as the command line's do, so that the running
 scheduler applies it within ``cron.poll_interval``, and each is logged as ``web.action`` with
 the action, the task and who did it (the name of the token, never the token). A change that
-fails raises the control plane's error before anything is written.
+fails raises the control plane's error before anything is written. A task of the task file is
+changed or removed in that file only (:class:`TaskFromFileError`, a 409), as the file's sync
+would undo the change.
 
 Synchronous, with database I/O: the handlers call these in a thread.
 """
@@ -19,6 +21,8 @@ from sqlalchemy import Engine
 from nanobot.cron import control
 from nanobot.cron.control import TaskInfo
 from nanobot.cron.task import TaskDefinition
+from nanobot.exceptions import TaskError
+from nanobot.models import TaskSource
 from nanobot.web.tokens import Principal
 
 log = structlog.get_logger(__name__)
@@ -47,7 +51,24 @@ def create(
     return info
 
 
+class TaskFromFileError(TaskError):
+    """A task of the task file is changed or removed there, not through the API."""
+
+    def __init__(self, name: str, action: Action) -> None:
+        super().__init__(
+            f"task {name!r} comes from the task file: {action.value} it in tasks.toml "
+            "(pause, resume and run now work here)"
+        )
+        self.name = name
+
+
+def _not_from_file(engine: Engine, name: str, action: Action) -> None:
+    if control.get_task(engine, name).source == TaskSource.FILE:
+        raise TaskFromFileError(name, action)
+
+
 def update(engine: Engine, definition: TaskDefinition, who: Principal, via: str) -> TaskInfo:
+    _not_from_file(engine, definition.name, Action.UPDATE)
     outcome, info = control.upsert_definition(engine, definition, create=False)
     _logged(Action.UPDATE, definition.name, who, via, outcome=outcome)
     return info
@@ -72,5 +93,6 @@ def run_now(engine: Engine, name: str, who: Principal, via: str) -> TaskInfo:
 
 
 def remove(engine: Engine, name: str, who: Principal, via: str) -> None:
+    _not_from_file(engine, name, Action.REMOVE)
     control.remove_task(engine, name)
     _logged(Action.REMOVE, name, who, via)

@@ -147,6 +147,8 @@ async def api_errors(request: web.Request, handler: auth.Handler) -> web.StreamR
         return error_response(404, str(exc), field="name", reason="unknown task")
     except TaskExistsError as exc:
         return error_response(409, str(exc), field="name", reason="exists")
+    except actions.TaskFromFileError as exc:
+        return error_response(409, str(exc), field="name", reason="defined in the task file")
     except InvalidTaskError as exc:
         return error_response(422, str(exc), field=None, reason=str(exc))
     except web.HTTPRequestEntityTooLarge as exc:

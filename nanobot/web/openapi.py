@@ -103,6 +103,11 @@ SCHEMAS: Final[dict[str, Any]] = {
             "timezone": {"type": ["string", "null"]},
             "run_at": _TIME,
             "kwargs": {"type": "object"},
+            "source": {
+                "enum": ["cli", "file", "code"],
+                "description": "who defined it: the command line or API, tasks.toml, Python code",
+            },
+            "pause_reason": {"type": ["string", "null"]},
             "timeout": {"type": ["number", "null"]},
             "paused": {"type": "boolean"},
             "state": {"enum": [s.value for s in TaskState]},
@@ -245,7 +250,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "no token, or an unknown one",
         403: "a read-only token, or a browser request without its CSRF token",
         404: "no such task",
-        409: "a task of that name exists",
+        409: "a task of that name exists, or the task comes from the task file",
         413: "the body is larger than the limit",
         422: "a field is invalid: error.field and error.reason say which and why",
     }
@@ -336,7 +341,7 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
             "parameters": [_NAME_PARAM],
             "requestBody": _body("TaskChange"),
             "responses": {"200": _json("Task", "the task after the change")}
-            | _errors(400, 401, 403, 404, 413, 422),
+            | _errors(400, 401, 403, 404, 409, 413, 422),
         },
         "delete": {
             "summary": "Remove a task (its history stays), or with mode=pause only pause it",
@@ -345,7 +350,7 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
                 "204": {"description": "removed"},
                 "200": _json("Task", "paused (mode=pause)"),
             }
-            | _errors(400, *_WRITE_ERRORS),
+            | _errors(400, 409, *_WRITE_ERRORS),
         },
     },
     "/tasks/{name}/pause": {"post": _action("Pause a task: no next run until resumed")},

@@ -20,7 +20,6 @@ Handlers run on the event loop; database reads run in a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
@@ -307,9 +306,17 @@ class Pages:
     async def remove(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         who, _form = await self._form_writer(request)
-        # Already gone: the list shows that it is.
-        with contextlib.suppress(UnknownTaskError):
+        try:
             await self._db(lambda: actions.remove(self.engine, name, who, "browser"))
+        except UnknownTaskError:
+            pass  # already gone: the list shows that it is
+        except actions.TaskFromFileError as exc:
+            return self._render(
+                "error.html",
+                request,
+                self._context(request, "tasks", title="Not removed", message=str(exc)),
+                status=409,
+            )
         raise web.HTTPSeeOther("/tasks?" + urlencode({"removed": name}))
 
     # --- components -----------------------------------------------------------------------------
