@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_service import BASE_ENV, REPO, Service, run_cli, wait_for
+from faults.harness import BASE_ENV, REPO, ServiceProcess, run_cli, wait_for
 from web_helpers import OPERATOR
 
 from nanobot.web.tokens import hash_token
@@ -46,23 +46,25 @@ FLAGS = (
 @pytest.fixture
 def services(
     nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Service]]:
+) -> Iterator[Callable[..., ServiceProcess]]:
     """Start services on this test's NANOBOT_HOME (as tests/test_service.py does); each one is
     killed afterwards."""
     for name, value in BASE_ENV.items():
         monkeypatch.setenv(name, value)
-    started: list[Service] = []
+    started: list[ServiceProcess] = []
 
-    def start(**env: str) -> Service:
-        service = Service(nanobot_home, tmp_path / f"service{len(started)}.log", **env)
+    def start(**env: str) -> ServiceProcess:
+        service = ServiceProcess(
+            home=nanobot_home, logs=tmp_path, label=f"service{len(started)}", env=env
+        )
         started.append(service)
-        return service
+        return service.start()
 
     try:
         yield start
     finally:
         for service in started:
-            service.kill()
+            service.close()
 
 
 @pytest.fixture
@@ -117,9 +119,9 @@ def text(driver: Any) -> str:
     return str(driver.execute_script("return document.body.innerText"))
 
 
-def start(services: Callable[..., Service]) -> Service:
+def start(services: Callable[..., ServiceProcess]) -> ServiceProcess:
     service = services(NANOBOT_HTTP__TOKENS=TOKENS)
-    service.wait_healthy()
+    service.wait_up()
     return service
 
 
@@ -130,7 +132,7 @@ def cli_task(name: str) -> dict[str, Any]:
 
 
 def test_an_operator_logs_in_and_manages_a_task_added_by_the_command_line(
-    services: Callable[..., Service], browser: Any, tmp_path: Path
+    services: Callable[..., ServiceProcess], browser: Any, tmp_path: Path
 ) -> None:
     """The overview shows a task added by the CLI without a reload; after login, Pause makes the
     CLI report it paused, Run now adds a history row, and a failing task's error is shown. No
@@ -228,13 +230,13 @@ def test_an_operator_logs_in_and_manages_a_task_added_by_the_command_line(
         assert OPERATOR not in browser.page_source
     service.stop()
     assert OPERATOR not in service.output(tail=10**8)
-    log_file = service.log_path.parent / "home" / "logs" / "nanobot.log"
+    log_file = service.home / "logs" / "nanobot.log"
     if log_file.exists():
         assert OPERATOR not in log_file.read_text()
 
 
 def test_an_action_without_login_is_refused(
-    services: Callable[..., Service], browser: Any, tmp_path: Path
+    services: Callable[..., ServiceProcess], browser: Any, tmp_path: Path
 ) -> None:
     """Without login the page offers no button, and a pause posted anyway is refused with 401:
     the command line still reports the task running."""
