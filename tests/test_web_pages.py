@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import aiohttp
 import pytest
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, text
 from web_helpers import (
     OPERATOR,
     READER,
@@ -306,3 +306,21 @@ def _component(engine: Engine, name: str, status: str) -> None:
                 updated_at=now,
             )
         )
+
+
+async def test_an_unreadable_database_is_a_page_and_an_answer_that_say_so(engine: Engine) -> None:
+    """With the tasks table gone, a page answers 503 in HTML that says the database did not
+    answer, the API 503 in JSON; the service goes on answering."""
+    add_task_row(engine, "job")
+    async with serve(engine) as served, session() as http:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE tasks"))
+        async with http.get(served.base + "/tasks") as r:
+            assert r.status == 503
+            assert r.content_type == "text/html"
+            assert "The database did not answer" in await r.text()
+        async with http.get(served.base + "/api/v1/tasks") as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["message"] == "the database did not answer"
+        async with http.get(served.base + "/healthz") as r:
+            assert r.status == 200

@@ -21,8 +21,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+import structlog
 from aiohttp import web
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from nanobot.cron import control
 from nanobot.cron.control import RunInfo, TaskInfo
@@ -41,6 +43,7 @@ from nanobot.web.openapi import PREFIX, QUERY, document, schema_errors
 from nanobot.web.queries import TaskState
 from nanobot.web.tokens import Principal
 
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 READ_TIMEOUT_S: Final = 10.0
 
@@ -157,6 +160,11 @@ async def api_errors(request: web.Request, handler: auth.Handler) -> web.StreamR
         return error_response(404, "no such endpoint: see /api/v1/openapi.json")
     except web.HTTPMethodNotAllowed:
         return error_response(405, f"{request.method} is not allowed here")
+    except (TimeoutError, SQLAlchemyError) as exc:
+        log.warning(
+            "web.api_unreadable", path=request.path, error=f"{exc.__class__.__name__}: {exc}"
+        )
+        return error_response(503, "the database did not answer")
 
 
 class Api:

@@ -10,6 +10,7 @@ Runs on the event loop; set up before the application starts.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, Final
@@ -20,6 +21,7 @@ import structlog
 from aiohttp import web
 from markupsafe import Markup
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from nanobot.status import nanobot_version
 from nanobot.web import auth
@@ -97,23 +99,62 @@ def _denied_handler(pages_login: str) -> Any:
         return aiohttp_jinja2.render_template(
             "error.html",
             request,
-            {
-                "page": "error",
-                "principal": auth.principal_of(request),
-                "csrf": "",
-                "now": datetime.now(UTC),
-                "zone": UTC,
-                "zone_name": "UTC",
-                "version": nanobot_version(),
+            _bare_context(request)
+            | {
                 "title": "Not allowed" if denied.status == 403 else "Log in first",
                 "message": denied.message,
                 "login": denied.status == 401,
-                "path": request.path_qs,
             },
             status=denied.status,
         )
 
     return on_denied
+
+
+@web.middleware
+async def _page_errors(request: web.Request, handler: auth.Handler) -> web.StreamResponse:
+    """A page that fails answers an HTML page saying so (the API answers JSON, the probes
+    their own), and one log line; a database that does not answer within the read timeout
+    is said in words."""
+    if auth.is_api(request) or request.path in auth.PROBE_PATHS:
+        return await handler(request)
+    try:
+        return await handler(request)
+    except (web.HTTPException, AccessDenied, asyncio.CancelledError):
+        raise  # answered by aiohttp, by the access middleware, or not at all
+    except Exception as exc:
+        log.error(
+            "web.page_failed",
+            path=request.path,
+            method=request.method,
+            error=f"{exc.__class__.__name__}: {exc}",
+        )
+        unreachable = isinstance(exc, TimeoutError | SQLAlchemyError)
+        return aiohttp_jinja2.render_template(
+            "error.html",
+            request,
+            _bare_context(request)
+            | {
+                "title": "The state could not be read" if unreachable else "Something failed",
+                "message": "The database did not answer: the service may be unable to reach it."
+                if unreachable
+                else "This page failed; the service's log says why (event web.page_failed).",
+            },
+            status=503 if unreachable else 500,
+        )
+
+
+def _bare_context(request: web.Request) -> dict[str, Any]:
+    return {
+        "page": "error",
+        "principal": auth.principal_of(request),
+        "csrf": "",
+        "now": datetime.now(UTC),
+        "zone": UTC,
+        "zone_name": "UTC",
+        "version": nanobot_version(),
+        "path": request.path_qs,
+    }
 
 
 async def _security_headers(_request: web.Request, response: web.StreamResponse) -> None:
@@ -140,6 +181,7 @@ def setup_dashboard(
     env.filters["todatetime"] = _todatetime
     app.middlewares.append(auth.access_middleware(policy, _denied_handler("/login")))
     app.middlewares.append(api_errors)
+    app.middlewares.append(_page_errors)
     pages = Pages(engine, tokens, policy.sessions, open_reads)
     app.router.add_routes(pages.routes())
     app.router.add_routes(Api(engine).routes())

@@ -253,8 +253,9 @@ def _errors(*codes: int) -> dict[str, Any]:
         409: "a task of that name exists, or the task comes from the task file",
         413: "the body is larger than the limit",
         422: "a field is invalid: error.field and error.reason say which and why",
+        503: "the database did not answer",
     }
-    return {str(c): _json("Error", words[c]) for c in codes}
+    return {str(c): _json("Error", words[c]) for c in (*codes, 503)}
 
 
 _NAME_PARAM: Final = {
