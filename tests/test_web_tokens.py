@@ -182,3 +182,22 @@ def test_the_start_says_how_the_dashboard_is_protected(engine: Engine) -> None:
     ]
     assert "no token configured" in logs[1]["reason"]
     assert hash_token("secret") not in repr(logs)
+
+
+def test_every_template_and_static_file_ships_in_the_package() -> None:
+    """pyproject's package data covers each file the pages load, so a wheel serves them."""
+    import fnmatch
+    import tomllib
+
+    repo = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((repo / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["nanobot.web"]
+    web_dir = repo / "nanobot" / "web"
+    files = [
+        p.relative_to(web_dir).as_posix()
+        for folder in ("templates", "static")
+        for p in (web_dir / folder).iterdir()
+    ]
+    assert files
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
