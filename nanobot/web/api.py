@@ -33,6 +33,7 @@ from nanobot.cron.task import TaskDefinition, check_interval, default_timezone
 from nanobot.exceptions import (
     InvalidScheduleError,
     InvalidTaskError,
+    NanobotError,
     TaskExistsError,
     UnknownTaskError,
 )
@@ -48,7 +49,9 @@ T = TypeVar("T")
 READ_TIMEOUT_S: Final = 10.0
 
 
-class ApiError(Exception):
+class ApiError(NanobotError):
+    """A request the API refuses: answered as its status with the field and the reason."""
+
     def __init__(
         self, status: int, message: str, *, field: str | None = None, reason: str | None = None
     ) -> None:

@@ -26,6 +26,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from nanobot.exceptions import NanobotError
 from nanobot.web.sessions import COOKIE_NAME, BrowserSession, SessionStore, csrf_matches
 from nanobot.web.tokens import Principal, TokenStore
 
@@ -41,7 +42,7 @@ REQUEST_SESSION: Final = web.RequestKey("nanobot_session", BrowserSession)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class AccessDenied(Exception):
+class AccessDenied(NanobotError):
     """Raised by a handler to refuse a request: the middleware answers it as JSON or HTML."""
 
     def __init__(self, status: int, message: str) -> None:
