@@ -105,7 +105,8 @@ def _query_params(request: web.Request, which: str) -> dict[str, Any]:
                 )
         elif schema.get("format") == "date-time":
             try:
-                value = datetime.fromisoformat(raw)
+                # A "+" of the offset left unencoded in the URL arrives as a space.
+                value = datetime.fromisoformat(raw.replace(" ", "+"))
             except ValueError:
                 raise ApiError(
                     400, f"{key} must be an ISO-8601 time", field=key, reason="not a time"

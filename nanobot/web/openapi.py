@@ -313,7 +313,8 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
     },
     "/components": {
         "get": {
-            "summary": "Every component with its last errors and status changes",
+            "summary": "The service's components and the task components that are not healthy, "
+            "each with its last errors and status changes",
             "responses": {"200": _json("ComponentList", "the components")} | _errors(*_READ_ERRORS),
         }
     },
