@@ -1125,6 +1125,43 @@ def tasks_sync(as_json: bool) -> None:
         _fail(clash, EXIT_USAGE)
 
 
+# --- http --------------------------------------------------------------------------------------
+
+
+@cli.group("http")
+def http_group() -> None:
+    """The HTTP endpoint: tokens of the dashboard and the REST API."""
+
+
+@http_group.command("token")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="The token may read, not change anything.")
+@click.option(
+    "--stdin", "from_stdin", is_flag=True, help="Hash a token read from standard input instead."
+)
+def http_token(name: str, read_only: bool, from_stdin: bool) -> None:
+    """Make a new token NAME: print it once, and the entry that goes in http.tokens.
+
+    Only the hash is stored in the configuration; keep the token itself somewhere safe.
+    """
+    from nanobot.web.tokens import hash_token, new_token, parse_token_entries
+
+    token = sys.stdin.readline().strip() if from_stdin else new_token()
+    if not token:
+        _fail("no token on standard input", EXIT_USAGE)
+    entry = {"name": name, "hash": hash_token(token), "read_only": read_only}
+    try:
+        parse_token_entries([entry])
+    except ValueError as exc:
+        _fail(f"token name: {exc}", EXIT_USAGE)
+    if not from_stdin:
+        click.echo(f"token (shown once): {token}")
+    click.echo(f"http.tokens entry: {json.dumps(entry)}")
+    click.echo(
+        "token file line: " + f"{name} {entry['hash']}" + (" read-only" if read_only else "")
+    )
+
+
 # --- db ----------------------------------------------------------------------------------------
 
 

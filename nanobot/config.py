@@ -109,6 +109,27 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _token_list(value: Any) -> tuple[Any, ...]:
+    # Checked in full by nanobot.web.tokens (names, hashes); here only the shape, so that the
+    # configuration module does not import the web package.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                'a JSON list of {"name", "hash", "read_only"} objects '
+                "(make one with 'nanobot http token NAME')"
+            ) from None
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            'a list of {"name", "hash", "read_only"} objects '
+            "(make one with 'nanobot http token NAME')"
+        )
+    from nanobot.web.tokens import parse_token_entries
+
+    return tuple(parse_token_entries(value))
+
+
 def _string_list(value: Any) -> tuple[str, ...]:
     """A list of non-empty strings; from an environment variable, comma-separated text."""
     if isinstance(value, str):
@@ -161,6 +182,8 @@ class Setting:
     default: Any
     check: Callable[[Any], Any]
     doc: str
+    # A value that may hold a secret (a token pasted where its hash belongs) is never echoed.
+    secret: bool = False
 
 
 # The reference table of every setting. README.md documents the same keys; a test keeps them equal.
@@ -355,6 +378,25 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),
     Setting("http.port", 8765, _port, "port of the HTTP endpoint"),
+    Setting(
+        "http.dashboard",
+        True,
+        _boolean,
+        "serve the dashboard (/) and the REST API (/api/v1) on the HTTP endpoint",
+    ),
+    Setting(
+        "http.tokens",
+        None,
+        _token_list,
+        "named API tokens, stored hashed: a list of {name, hash, read_only}",
+        secret=True,
+    ),
+    Setting(
+        "http.token_file",
+        None,
+        _optional_string,
+        "file of more tokens, one 'NAME HASH [read-only]' per line",
+    ),
 )
 
 _BY_KEY: Final = {s.key: s for s in SETTINGS}
@@ -464,7 +506,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[key] = setting.check(value)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected {exc}") from None
+            shown = "(not shown)" if setting.secret else repr(value)
+            raise ConfigError(f"{source}: {key} = {shown} is invalid: expected {exc}") from None
     if values["database.url"] is None:
         values["database.url"] = f"sqlite:///{home / 'nanobot.db'}"
     return Config(values, home, sources)

@@ -55,7 +55,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import structlog
@@ -64,7 +64,7 @@ from nanobot.bus import get_bus
 from nanobot.config import Config
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
 from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
-from nanobot.exceptions import NotLeaderError
+from nanobot.exceptions import ConfigError, NotLeaderError
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.metrics import Metrics
@@ -206,6 +206,26 @@ class Service:
     def metrics_text(self) -> bytes:
         return self.metrics.render()
 
+    def _dashboard_setup(self) -> Callable[[Any], None] | None:
+        """What adds the dashboard and the API to the endpoint (None with http.dashboard off).
+
+        The tokens are read here, before the endpoint binds: a bad token file stops the start.
+        """
+        if not self.config["http.dashboard"]:
+            return None
+        from nanobot.web.app import setup_dashboard
+        from nanobot.web.tokens import TokenStore
+
+        tokens = TokenStore.from_config(
+            self.config.get("http.tokens", ()), self.config.get("http.token_file")
+        )
+        host = self.config["http.host"]
+
+        def configure(app: Any) -> None:
+            setup_dashboard(app, self.engine, host=host, tokens=tokens)
+
+        return configure
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -262,8 +282,16 @@ class Service:
             self._sources = TaskSources(self.engine, self.node, self.config)
             await self._sources.start()
             if self.config["http.enabled"]:
+                try:
+                    configure = self._dashboard_setup()
+                except ConfigError as exc:
+                    log.error("service.config_invalid", error=str(exc))
+                    return EXIT_FAILED
                 self.http = HttpServer(
-                    _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
+                    _ProbeAdapter(self),
+                    self.config["http.host"],
+                    self.config["http.port"],
+                    configure=configure,
                 )
                 try:
                     await self.http.start()
