@@ -6,9 +6,9 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
    command line in another process) become added, changed, paused or removed jobs; run-now
    requests become manual claims.
 2. Find the due jobs, split each one's slots into the one to run and the missed ones
-   (:func:`nanobot.cron._aps.due_slots`), and in ONE transaction: advance the jobs in the job
-   store, claim the slots to run in ``task_runs``, record missed and skipped slots, and mirror
-   the next run times into ``tasks``.
+   (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
+   transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
+   record missed and skipped slots, and mirror the next run times into ``tasks``.
 3. Hand each slot this transaction claimed to the event loop, which runs the task.
 
 Outcomes are written in batches by the same worker thread, so history never blocks the loop.
@@ -57,9 +57,9 @@ from nanobot.cron._aps import (
     JobSpec,
     JobState,
     NanobotScheduler,
-    grid_slot_at_or_after,
 )
 from nanobot.cron.history import Claim, Fenced, Finish
+from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
 from nanobot.exceptions import (
@@ -141,6 +141,10 @@ COST_SAMPLE_MIN: Final = 50
 INITIAL_COST_PER_JOB: Final = 0.0002
 
 
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 TASK_PREFIX: Final = "task:"
 
 
@@ -189,6 +193,9 @@ class CronManager:
         self._cancel_reasons: dict[str, str] = {}
         self._applied: dict[str, int] = {}
         self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
+        # Seconds between runs by each task's stored schedule (a cron task's longest gap, 0 for
+        # a one-shot): the instance built from stored arguments may not know its schedule.
+        self._periods: dict[str, float] = {}
         self._broken: dict[str, str | None] = {}
         self._known_broken: set[str] = set()
         self._scheduler: NanobotScheduler | None = None
@@ -287,6 +294,10 @@ class CronManager:
     def _health(self, name: str, interval: float, outcome: TaskOutcome, error: str | None) -> None:
         """Section 5.2.3 of the seed: a task is a component, ``task:<name>``; a failed run
         puts it in error and the next successful run clears it."""
+        if interval <= 0:
+            # A one-shot runs once: as a component it would go stale, then stay in error, for
+            # ever after. Its outcome is in its history and in 'cron list'.
+            return
         component = task_component(name)
         try:
             if component not in self._health_registered:
@@ -344,6 +355,7 @@ class CronManager:
             with self._lock:
                 self._ephemeral[name] = definition
                 self._policies[name] = _policy(definition.misfire_policy, definition.interval)
+                self._periods[name] = definition.interval
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -886,7 +898,10 @@ class CronManager:
                         outcome=TaskOutcome.MISSED,
                         started_at=None,
                         finished_at=now,
-                        error=f"{job.missed_count} slot(s) passed while nothing could run them",
+                        error=(
+                            f"{'at least ' if job.missed_capped else ''}{job.missed_count} "
+                            "slot(s) passed while nothing could run them"
+                        ),
                         slots=job.missed_count,
                         node=self.node,
                     )
@@ -1030,6 +1045,7 @@ class CronManager:
         for row in rows:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
+            self._periods[row.name] = definition.interval
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -1049,6 +1065,7 @@ class CronManager:
         for name in removed:
             self._applied.pop(name, None)
             self._policies.pop(name, None)
+            self._periods.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
             scheduler.call_soon(self._forget_health, name)
@@ -1076,8 +1093,16 @@ class CronManager:
                 log.info("cron.job_paused", task=row.name)
             return None
         anchor: datetime = row.anchor_at or now
+        schedule = definition.the_schedule
+        next_run: datetime | None
         if job is None:
-            next_run = row.next_run_at or grid_slot_at_or_after(anchor, definition.interval, now)
+            next_run = row.next_run_at or slot_at_or_after(schedule, now, anchor=anchor)
+            if isinstance(schedule, AtSchedule) and (
+                row.last_run_at is not None or row.next_run_at is None
+            ):
+                # A one-shot that ran (or was recorded missed) is done, even if its job went
+                # missing: only adding or starting it gives it a next run.
+                next_run = None
             to_add.append(
                 JobSpec(
                     name=row.name,
@@ -1086,23 +1111,36 @@ class CronManager:
                     interval=definition.interval,
                     anchor=anchor,
                     next_run_at=next_run,
+                    schedule=schedule,
                 )
             )
-            log.debug("cron.job_added", task=row.name, next_run_at=next_run.isoformat())
+            log.debug("cron.job_added", task=row.name, next_run_at=_iso(next_run))
             return next_run
         changes: dict[str, Any] = {}
         if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
             changes["task_class"] = definition.task_class
             changes["kwargs"] = definition.kwargs
         next_run = job.next_run_at
-        if job.interval != definition.interval or job.anchor != anchor:
-            changes["interval"] = definition.interval
+        if job.schedule != schedule or (
+            isinstance(schedule, IntervalSchedule) and job.anchor != anchor
+        ):
+            changes["schedule"] = schedule
             changes["anchor"] = anchor
             if job.next_run_at is not None:
-                next_run = anchor
+                # An interval keeps its phase (the control plane moved the anchor to the next
+                # slot); another schedule starts from its own next slot.
+                next_run = (
+                    anchor
+                    if isinstance(schedule, IntervalSchedule)
+                    else row.next_run_at or slot_at_or_after(schedule, now)
+                )
                 changes["next_run_at"] = next_run
-        if job.next_run_at is None:
-            next_run = grid_slot_at_or_after(anchor, definition.interval, now)
+        if job.next_run_at is None and not (
+            isinstance(schedule, AtSchedule) and row.last_run_at is not None
+        ):
+            # Resumed: the next slot of the schedule from now (interval: on its grid). A
+            # one-shot whose time passed while it was paused has none.
+            next_run = slot_at_or_after(schedule, now, anchor=anchor)
             changes["next_run_at"] = next_run
         if changes:
             scheduler.change(row.name, store=PERSISTENT, **changes)
@@ -1121,7 +1159,8 @@ class CronManager:
             kwargs=definition.kwargs,
             interval=definition.interval,
             anchor=now,
-            next_run_at=now,
+            next_run_at=control.first_run(definition.the_schedule, now),
+            schedule=definition.the_schedule,
         )
 
     def _claim_manual_ephemeral(self, definition: TaskDefinition) -> None:
@@ -1425,7 +1464,8 @@ class CronManager:
                 task.set_task(None)
                 duration = (finished - started).total_seconds()
                 log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
-                self._health(launch.name, task.get_interval(), outcome, error)
+                period = self._periods.get(launch.name, task.get_interval())
+                self._health(launch.name, period, outcome, error)
                 self._record(
                     Finish(
                         task=launch.name,
