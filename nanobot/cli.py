@@ -270,14 +270,25 @@ def cli(ctx: click.Context) -> None:
 def run() -> None:
     """Run the service until SIGINT or SIGTERM."""
     cfg = _config()
+    from nanobot.alerts import parse_destinations
     from nanobot.logging import setup_logging
     from nanobot.preflight import StartupError, check_paths
     from nanobot.service import run_service
 
     try:
+        # A destination that cannot work is refused now, not at the first alert at 3 a.m.
+        try:
+            parse_destinations(cfg)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_USAGE)
         # Before logging: the log folder may be the path that cannot be used.
         check_paths(cfg)
         setup_logging(cfg)
+        from nanobot.cron.taskcode import load_task_code
+
+        with _domain_errors():
+            # Imported before anything starts: a module that fails stops the start here.
+            load_task_code(cfg)
         code = run_service(cfg)
     except StartupError as exc:
         _fail(str(exc), exc.exit_code)
@@ -381,6 +392,27 @@ def _status_text(data: dict[str, Any]) -> str:
             ],
         )
     )
+    code = data.get("code") or []
+    if code:
+        lines += ["", "task code:"]
+        lines.append(
+            _table(
+                ["NODE", "KIND", "NAME", "STATE"],
+                [
+                    [
+                        c["node"],
+                        c["kind"],
+                        c["name"],
+                        ("ERROR: " + _short(c["error"], 80))
+                        if c["error"]
+                        else ("loaded; NEWER ON DISK: restart" if c["newer_on_disk"] else "loaded")
+                        if c["kind"] == "module"
+                        else "synced",
+                    ]
+                    for c in code
+                ],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -550,6 +582,51 @@ def cron_list(as_json: bool) -> None:
     )
 
 
+def _command_kwargs(
+    command: str, shell: bool, cwd: str | None, env: tuple[str, ...], raw_kwargs: str | None
+) -> dict[str, Any]:
+    from nanobot.exceptions import InvalidTaskError
+
+    if raw_kwargs:
+        raise InvalidTaskError("--kwargs is for --task; a command takes --shell, --cwd and --env")
+    kwargs: dict[str, Any] = {"command": command}
+    if shell:
+        kwargs["shell"] = True
+    if cwd:
+        kwargs["cwd"] = cwd
+    if env:
+        pairs: dict[str, str] = {}
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InvalidTaskError(f"--env must be NAME=VALUE, got {item!r}")
+            pairs[key] = value
+        kwargs["env"] = pairs
+    return kwargs
+
+
+def _wait_for_service(engine: Engine, name: str, poll: float) -> str | None:
+    """After an add while the service runs: why the service could not build the task, if so.
+
+    Waits (at most a few polls of the scheduler) until the service has run the task, marked it
+    broken, or the time is up.
+    """
+    import time
+
+    from nanobot.cron.control import get_task, task_history
+
+    deadline = time.monotonic() + min(10.0, 3 * poll + 2.0)
+    while time.monotonic() < deadline:
+        info = get_task(engine, name)
+        if info.error:
+            return info.error
+        runs = task_history(engine, name, 1)
+        if runs and runs[0].outcome.value != "running":
+            return None
+        time.sleep(0.1)
+    return None
+
+
 @cron.command("next")
 @click.argument("name")
 @click.option(
@@ -650,7 +727,11 @@ def _schedule_option(
 
 @cron.command("add")
 @click.argument("name")
-@click.option("--task", "task_class", required=True, help="The class, as pkg.module:Class.")
+@click.option("--task", "task_class", default=None, help="The class, as pkg.module:Class.")
+@click.option("--command", default=None, help="A command to run instead of a class.")
+@click.option("--shell", is_flag=True, help="Run --command through /bin/sh -c (else as argv).")
+@click.option("--cwd", default=None, help="The folder --command runs in.")
+@click.option("--env", multiple=True, help="NAME=VALUE added to --command's environment.")
 @click.option("--every", default=None, help="Run every 30s, 5m, 1h, 1h30m, 2d...")
 @click.option("--interval", default=None, help="Seconds between runs (same as --every N).")
 @click.option("--cron", "cron_expr", default=None, help="A cron expression: '0 9 * * 1-5', @daily.")
@@ -676,7 +757,11 @@ def _schedule_option(
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
 def cron_add(
     name: str,
-    task_class: str,
+    task_class: str | None,
+    command: str | None,
+    shell: bool,
+    cwd: str | None,
+    env: tuple[str, ...],
     every: str | None,
     interval: str | None,
     cron_expr: str | None,
@@ -689,17 +774,42 @@ def cron_add(
     paused: bool,
     as_json: bool,
 ) -> None:
-    """Add task NAME with one schedule: --every (first run at once), --cron or --at."""
-    from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
+    """Add task NAME with one schedule: --every (first run at once), --cron or --at.
 
+    The task is a class (--task) or a command (--command). A class is checked as the service
+    sees it: with tasks.path on sys.path and tasks.modules imported. While the service runs and
+    the first run is due at once, this waits for it and says if the service could not build the
+    task.
+    """
+    from nanobot.cron.command import CommandTask
+    from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
+    from nanobot.cron.task import class_path
+    from nanobot.cron.taskcode import load_task_code
+    from nanobot.status import service_running
+
+    if (task_class is None) == (command is None):
+        _fail("give either --task pkg.module:Class or --command '...'", EXIT_USAGE)
+    if command is None and (shell or cwd or env):
+        _fail("--shell, --cwd and --env go with --command", EXIT_USAGE)
     cfg = _prepare()
     with _domain_errors():
         # Everything is validated before the database is touched.
         schedule, note = _schedule_option(every, interval, cron_expr, at, tz, cfg)
+        if command is not None:
+            kwargs = _command_kwargs(command, shell, cwd, env, raw_kwargs)
+            # The running instance applies these; the definition stores them too.
+            for key, value in (("timeout", timeout), ("jitter", jitter)):
+                if value is not None:
+                    kwargs[key] = value
+            path = class_path(CommandTask)
+        else:
+            assert task_class is not None
+            load_task_code(cfg, stop_on_error=False)
+            kwargs, path = parse_kwargs(raw_kwargs), task_class
         definition = definition_from_class(
             name,
-            task_class,
-            kwargs=parse_kwargs(raw_kwargs),
+            path,
+            kwargs=kwargs,
             schedule=schedule,
             timeout=timeout,
             jitter=jitter,
@@ -708,12 +818,23 @@ def cron_add(
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)
         applied = _applied_note(engine)
+        broken = None
+        due_now = info.next_run_at is not None and info.next_run_at <= utcnow()
+        if due_now and service_running(engine):
+            broken = _wait_for_service(engine, name, float(cfg["cron.poll_interval"]))
     if note is not None:
         click.echo(f"nanobot: note: {note}", err=True)
     if as_json:
         _echo_json(info.to_json() | {"note": note})
     else:
         click.echo(f"added: {_task_line(info)}; {applied}")
+    if broken:
+        _fail(
+            f"task {name!r} is stored, but the running service cannot build it: {broken} "
+            "(make its module importable by the service with tasks.path or tasks.modules, "
+            "and restart it)",
+            EXIT_FAILED,
+        )
 
 
 def _simple_change(
@@ -781,8 +902,9 @@ def cron_run(name: str, as_json: bool) -> None:
 @cron.command("history")
 @click.argument("name")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--output", "show_output", is_flag=True, help="Print each run's command output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
-def cron_history(name: str, limit: int, as_json: bool) -> None:
+def cron_history(name: str, limit: int, show_output: bool, as_json: bool) -> None:
     """The last runs of task NAME, newest first."""
     from nanobot.cron.control import task_history
 
@@ -794,6 +916,15 @@ def cron_history(name: str, limit: int, as_json: bool) -> None:
         click.echo(f"task {name!r} has no runs yet")
         return
     now = utcnow()
+    if show_output:
+        for r in runs:
+            click.echo(
+                f"--- {r.scheduled_at.isoformat()} {r.outcome.value}"
+                + (f": {_short(r.error, 200)}" if r.error else "")
+            )
+            if r.output:
+                click.echo(r.output.rstrip("\n"))
+        return
     click.echo(
         _table(
             ["SCHEDULED", "STARTED", "DURATION", "OUTCOME", "ERROR"],
@@ -810,6 +941,224 @@ def cron_history(name: str, limit: int, as_json: bool) -> None:
                 for r in runs
             ],
         )
+    )
+
+
+# --- alerts ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def alerts() -> None:
+    """Alerts: what was raised and delivered, and a test message (see docs/alerts.md)."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@alerts.command("list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="Print the alerts as JSON.")
+def alerts_list(limit: int, as_json: bool) -> None:
+    """The newest alerts, with each destination's delivery state and attempts."""
+    from nanobot.alerts.store import recent
+
+    views = _with_engine(lambda engine: recent(engine, limit=limit))
+    if as_json:
+        _echo_json(
+            [
+                {
+                    "id": v.id,
+                    "key": v.alert.key,
+                    "kind": v.alert.kind.value,
+                    "subject": v.alert.subject,
+                    "severity": v.alert.severity.value,
+                    "title": v.alert.title,
+                    "body": v.alert.body,
+                    "link": v.alert.link,
+                    "count": v.alert.count,
+                    "members": list(v.alert.members),
+                    "created_at": v.alert.created_at.isoformat(),
+                    "deliveries": [
+                        {
+                            "destination": d.destination,
+                            "state": d.state.value,
+                            "attempts": d.attempts,
+                            "last_attempt_at": _iso(d.last_attempt_at),
+                            "next_attempt_at": _iso(d.next_attempt_at),
+                            "sent_at": _iso(d.sent_at),
+                            "last_error": d.last_error,
+                        }
+                        for d in v.deliveries
+                    ],
+                }
+                for v in views
+            ]
+        )
+        return
+    if not views:
+        click.echo("no alert yet")
+        return
+    now = utcnow()
+    rows: list[list[str]] = []
+    for v in views:
+        deliveries = (
+            "; ".join(
+                f"{d.destination} {d.state.value} x{d.attempts}"
+                + (f" ({_short(d.last_error, 40)})" if d.last_error and d.state != "sent" else "")
+                for d in v.deliveries
+            )
+            or "no destination"
+        )
+        rows.append(
+            [
+                _when(v.alert.created_at.isoformat(), now),
+                v.alert.severity.value,
+                v.alert.kind.value,
+                _short(v.alert.subject, 40),
+                deliveries,
+            ]
+        )
+    click.echo(_table(["created", "severity", "kind", "subject", "deliveries"], rows))
+
+
+@alerts.command("test")
+@click.argument("destination", required=False)
+def alerts_test(destination: str | None) -> None:
+    """Send a test message to DESTINATION (a name) or to every destination, now.
+
+    Exit code 0 if every one accepted it, 1 if one did not.
+    """
+    import uuid
+
+    from nanobot.alerts import Alert, AlertKind, Severity, alert_key, parse_destinations
+    from nanobot.alerts.destinations import send
+
+    cfg = _prepare()
+    try:
+        destinations = parse_destinations(cfg)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if not destinations:
+        _fail("no destination is configured (alerts.destinations)", EXIT_USAGE)
+    if destination is not None:
+        chosen = [d for d in destinations if d.name == destination]
+        if not chosen:
+            names = ", ".join(d.name for d in destinations)
+            _fail(f"unknown destination {destination!r} (configured: {names})", EXIT_USAGE)
+        destinations = tuple(chosen)
+    from nanobot.node import node_name
+
+    alert = Alert(
+        key=alert_key("test", uuid.uuid4().hex),
+        kind=AlertKind.TEST,
+        subject="test",
+        severity=Severity.INFO,
+        title="nanobot: test message",
+        body=f"A test message from nanobot on {node_name(cfg)}: alerts reach this destination.",
+        created_at=utcnow(),
+    )
+    failed = 0
+    for d in destinations:
+        result = send(d, alert, timeout=float(cfg["alerts.send_timeout"]))
+        if result.ok:
+            click.echo(f"{d.name}: sent ({d.shown})")
+        else:
+            failed += 1
+            click.echo(f"{d.name}: FAILED ({d.shown}): {result.error}")
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def tasks() -> None:
+    """The task file (tasks.toml) and task code.
+
+    The service syncs the task file at start and whenever it changes; task modules are
+    imported at start (a change to them needs a restart: 'status' says when one is due).
+    """
+
+
+def _read_file_tasks(cfg: Config) -> tuple[Path, Any]:
+    from nanobot.cron.taskcode import load_task_code
+    from nanobot.cron.taskfile import read_task_file, task_file_path
+
+    path = task_file_path(cfg)
+    load_task_code(cfg, stop_on_error=False)
+    found = read_task_file(path, default_tz=str(cfg.get("scheduler.timezone", "UTC")))
+    if found is None:
+        _fail(f"no task file at {path} (tasks.file)", EXIT_USAGE)
+    return path, found
+
+
+@tasks.command("check")
+def tasks_check() -> None:
+    """Validate the task file without applying it."""
+    cfg = _prepare()
+    with _domain_errors():
+        path, found = _read_file_tasks(cfg)
+    click.echo(f"{path}: {len(found)} task(s), valid")
+
+
+@tasks.command("sync")
+@click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON.")
+def tasks_sync(as_json: bool) -> None:
+    """Apply the task file now: the whole file, or nothing if any of it is invalid."""
+    from nanobot.cron.taskfile import apply_tasks
+
+    cfg = _prepare()
+    with _domain_errors():
+        path, found = _read_file_tasks(cfg)
+        engine = _existing_engine(cfg)
+        result = apply_tasks(engine, found, path)
+        note = _applied_note(engine)
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in result.to_json().items() if v)
+        click.echo(f"{path}: {counts or 'nothing to do'}; {note}")
+    clash = result.clash_error(path)
+    if clash:
+        _fail(clash, EXIT_USAGE)
+
+
+# --- http --------------------------------------------------------------------------------------
+
+
+@cli.group("http")
+def http_group() -> None:
+    """The HTTP endpoint: tokens of the dashboard and the REST API."""
+
+
+@http_group.command("token")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="The token may read, not change anything.")
+@click.option(
+    "--stdin", "from_stdin", is_flag=True, help="Hash a token read from standard input instead."
+)
+def http_token(name: str, read_only: bool, from_stdin: bool) -> None:
+    """Make a new token NAME: print it once, and the entry that goes in http.tokens.
+
+    Only the hash is stored in the configuration; keep the token itself somewhere safe.
+    """
+    from nanobot.web.tokens import hash_token, new_token, parse_token_entries
+
+    token = sys.stdin.readline().strip() if from_stdin else new_token()
+    if not token:
+        _fail("no token on standard input", EXIT_USAGE)
+    entry = {"name": name, "hash": hash_token(token), "read_only": read_only}
+    try:
+        parse_token_entries([entry])
+    except ValueError as exc:
+        _fail(f"token name: {exc}", EXIT_USAGE)
+    if not from_stdin:
+        click.echo(f"token (shown once): {token}")
+    click.echo(f"http.tokens entry: {json.dumps(entry)}")
+    click.echo(
+        "token file line: " + f"{name} {entry['hash']}" + (" read-only" if read_only else "")
     )
 
 

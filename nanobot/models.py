@@ -45,6 +45,8 @@ NAMING_CONVENTION: Final = {
 # megabyte of message must not grow the database by a megabyte per run.
 ERROR_TEXT_MAX: Final = 4000
 NAME_MAX: Final = 200
+ALERT_KEY_MAX: Final = 400
+ALERT_TITLE_MAX: Final = 300
 
 # SQLite only gives an auto-incrementing rowid to INTEGER PRIMARY KEY; BIGINT elsewhere.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -61,6 +63,21 @@ class TaskOutcome(enum.StrEnum):
     MISSED = "missed"
     SKIPPED = "skipped"
     INTERRUPTED = "interrupted"
+
+
+class TaskSource(enum.StrEnum):
+    """Who defined a task: stored in ``tasks.source``; the task file's sync touches only its own."""
+
+    CLI = "cli"  # nanobot cron add
+    FILE = "file"  # the task file, tasks.toml
+    CODE = "code"  # CronManager.register_task in Python
+
+
+class CodeKind(enum.StrEnum):
+    """What a row of ``task_code`` describes."""
+
+    MODULE = "module"  # a task module the service imported (or failed to)
+    TASK_FILE = "task_file"  # the task file the service synced (or refused)
 
 
 class ComponentStatus(enum.StrEnum):
@@ -148,6 +165,10 @@ class Task(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     broken_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     run_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    source: Mapped[str] = mapped_column(String(8), default=TaskSource.CLI, server_default="cli")
+    # Why a task is paused when nanobot paused it (e.g. "removed from tasks.toml"); None when an
+    # operator did.
+    pause_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -176,6 +197,26 @@ class TaskRun(Base):
     slots: Mapped[int] = mapped_column(Integer, default=1)
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
     node: Mapped[str | None] = mapped_column(String(NAME_MAX), nullable=True)
+    # The tail of a shell command's output (stdout and stderr), capped by the command task.
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TaskCode(Base):
+    """What task code each node runs: the modules it imported and the task file it synced.
+
+    Written by the service at start (and by each sync of the task file); read by ``status``, which
+    compares ``mtime`` with the file on disk to tell that the code running is older.
+    """
+
+    __tablename__ = "task_code"
+
+    node: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(500), primary_key=True)
+    origin: Mapped[str | None] = mapped_column(Text, nullable=True)
+    mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    loaded_at: Mapped[datetime]
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Component(Base):
@@ -261,6 +302,69 @@ class SchedulerLease(Base):
     acquired_at: Mapped[datetime | None] = mapped_column(nullable=True)
     renewed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class AlertRecord(Base):
+    """One alert of the outbox (:mod:`nanobot.alerts.store`): written in the transaction that
+    decided it, delivered later to each destination (``alert_deliveries``)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The idempotency key: the same transition always gets the same key, so it is written once
+    # and a receiver that stores keys sees it once, whatever is retried.
+    key: Mapped[str] = mapped_column(String(ALERT_KEY_MAX), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(ALERT_KEY_MAX))
+    severity: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(ALERT_TITLE_MAX))
+    body: Mapped[str] = mapped_column(Text)
+    link: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # How many transitions the alert stands for (flips of a flapping subject, members of a group).
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    members: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class AlertDelivery(Base):
+    """The delivery of one alert to one destination: its state, attempts and last error."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (
+        UniqueConstraint("alert_id", "destination"),
+        Index("ix_alert_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(BigId)
+    destination: Mapped[str] = mapped_column(String(NAME_MAX))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class AlertSubject(Base):
+    """What the alert rules last told about one subject (a task, a component, the lead).
+
+    ``alerted`` is the state that people were last told, ``observed`` the latest one seen;
+    ``flips`` counts changes held back by the cooldown since ``last_alert_at``; ``seq`` numbers
+    the subject's alerts (part of their idempotency keys).
+    """
+
+    __tablename__ = "alert_subjects"
+
+    key: Mapped[str] = mapped_column(String(ALERT_KEY_MAX), primary_key=True)
+    alerted: Mapped[str] = mapped_column(String(NAME_MAX))
+    observed: Mapped[str] = mapped_column(String(NAME_MAX))
+    flips: Mapped[int] = mapped_column(Integer, default=0)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    last_alert_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # The time of the newest event consumed for this subject (a status change's ``at``).
+    cursor_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 # APScheduler 3's job table, with the layout its SQLAlchemyJobStore creates (id up to 191

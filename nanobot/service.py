@@ -55,6 +55,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import structlog
@@ -63,6 +64,7 @@ from nanobot.bus import get_bus
 from nanobot.config import Config
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
 from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
+from nanobot.exceptions import ConfigError, NotLeaderError
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.metrics import Metrics
@@ -115,7 +117,9 @@ class Service:
         self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
         self.http: HttpServer | None = None
         self._manager: Any = None
+        self._sources: Any = None
         self._monitor: Any = None
+        self._alerter: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lock_task: asyncio.Task[None] | None = None
@@ -150,6 +154,7 @@ class Service:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_call: asyncio.Future[int] | None = None
         self._pending_events: list[tuple[str, dict[str, Any]]] = []
+        self._step_lock = asyncio.Lock()
         self._claim: NodeClaim | None = None
 
     # --- probes (the HTTP endpoint) -------------------------------------------------------------
@@ -201,6 +206,26 @@ class Service:
     def metrics_text(self) -> bytes:
         return self.metrics.render()
 
+    def _dashboard_setup(self) -> Callable[[Any], None] | None:
+        """What adds the dashboard and the API to the endpoint (None with http.dashboard off).
+
+        The tokens are read here, before the endpoint binds: a bad token file stops the start.
+        """
+        if not self.config["http.dashboard"]:
+            return None
+        from nanobot.web.app import setup_dashboard
+        from nanobot.web.tokens import TokenStore
+
+        tokens = TokenStore.from_config(
+            self.config.get("http.tokens", ()), self.config.get("http.token_file")
+        )
+        host = self.config["http.host"]
+
+        def configure(app: Any) -> None:
+            setup_dashboard(app, self.engine, host=host, tokens=tokens)
+
+        return configure
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -251,9 +276,22 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
+            from nanobot.cron.sources import TaskSources
+
+            # Before the lease: the scheduler's first pass already sees the task file's tasks.
+            self._sources = TaskSources(self.engine, self.node, self.config)
+            await self._sources.start()
             if self.config["http.enabled"]:
+                try:
+                    configure = self._dashboard_setup()
+                except ConfigError as exc:
+                    log.error("service.config_invalid", error=str(exc))
+                    return EXIT_FAILED
                 self.http = HttpServer(
-                    _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
+                    _ProbeAdapter(self),
+                    self.config["http.host"],
+                    self.config["http.port"],
+                    configure=configure,
                 )
                 try:
                     await self.http.start()
@@ -275,6 +313,9 @@ class Service:
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
             if self.lock is not None:
                 self._lock_task = asyncio.create_task(self._lock_loop(), name="nanobot-lock")
+            # After the first lease step (a node starting up is not "a standby without a
+            # leader") and once the lease loop runs (the start must not eat the lease's margin).
+            await self._start_alerts()
             settle_after_start()
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
@@ -308,6 +349,11 @@ class Service:
         """Seconds until the next round: a period for a standby; for the leader, until a period
         after its last renewal began (a slow start or a slow renewal must not eat the margin)."""
         if self.role is not Role.LEADER:
+            # A lease that runs out before the next poll (its holder stopped renewing): try
+            # again just after it expires rather than up to a period later.
+            left = self.lease.refused_for
+            if left is not None and left < self.period:
+                return max(0.05, left + 0.05)
             return self.period
         since_renewal = self.ttl - self.lease.seconds_left()
         return max(0.0, min(self.period, self.period - since_renewal))
@@ -326,16 +372,21 @@ class Service:
             await self._health_cycle()
 
     async def _lease_step(self) -> None:
-        """One round: a standby tries to take the lease, the leader renews it."""
-        try:
-            if self._stepping_down is not None:
-                return
-            if self.role is Role.LEADER or self._draining:
-                await self._renew()
-            elif self.role in (Role.STANDBY, Role.STARTING):
-                await self._try_acquire()
-        finally:
-            self._last_lease_poll = time.monotonic()
+        """One round: a standby tries to take the lease, the leader renews it.
+
+        Under ``_step_lock``: a stop waits for a round in progress (a take-over that is starting
+        the scheduler) before it decides whether it stops a leader.
+        """
+        async with self._step_lock:
+            try:
+                if self._stepping_down is not None:
+                    return
+                if self.role is Role.LEADER or self._draining:
+                    await self._renew()
+                elif self.role in (Role.STANDBY, Role.STARTING):
+                    await self._try_acquire()
+            finally:
+                self._last_lease_poll = time.monotonic()
 
     def _acquire(self) -> bool:
         """Take the lock (PostgreSQL), then the row; both or neither. In a thread."""
@@ -394,7 +445,7 @@ class Service:
                 self.role = Role.STANDBY
             return
         try:
-            await self._start_scheduling()
+            await self._renewing_while(self._start_scheduling())
         except Exception as exc:
             log.error("service.scheduler_start_failed", error=f"{exc.__class__.__name__}: {exc}")
             await self._stop_scheduling(reason="start_failed")
@@ -404,6 +455,38 @@ class Service:
         self.role = Role.LEADER
         self._sync_cron_component()
         log.info("service.leader", holder=self.holder, epoch=self.lease.epoch, node=self.node)
+
+    async def _renewing_while(self, starting: Coroutine[Any, Any, None]) -> None:
+        """Start the scheduler while renewing the lease every period: on a loaded machine a
+        start took longer than the lease's margin, and the new leader lost the lease it had
+        just taken. A renewal that fails fails the start."""
+        task = asyncio.ensure_future(starting)
+        lost = False
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.period)
+            if done:
+                break
+            if lost:
+                continue
+            try:
+                renewed = await asyncio.wait_for(
+                    asyncio.to_thread(self._renew_and_check),
+                    timeout=max(0.1, self.lease.seconds_left() - self.period),
+                )
+            except Exception as exc:
+                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+                renewed = False
+            lost = not renewed
+        task.result()
+        if lost:
+            raise NotLeaderError("the lease was lost while the scheduler started")
+
+    def _renew_and_check(self) -> bool:
+        """In a thread: renew the row and, on PostgreSQL, check the lock (which also keeps its
+        session from ending through idle_session_timeout before the lock loop takes over)."""
+        if not self.lease.renew():
+            return False
+        return self.lock is None or self.lock.check()
 
     async def _renew(self) -> None:
         budget = self.lease.seconds_left() - self.period
@@ -523,14 +606,29 @@ class Service:
         if self.lock is not None:
             await asyncio.to_thread(self.lock.release, self.period)
 
+    # --- alerts --------------------------------------------------------------------------------
+
+    async def _start_alerts(self) -> None:
+        """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
+        from nanobot.alerts.alerter import Alerter
+
+        self._alerter = await Alerter.create(
+            self.config,
+            self.engine,
+            holder=self.holder,
+            is_leader=self.is_leader,
+            registry=self.metrics.registry,
+        )
+
     # --- the scheduler --------------------------------------------------------------------------
 
     async def _start_scheduling(self) -> None:
         from nanobot.cron import get_cron_manager, register_builtin_tasks
 
         manager = get_cron_manager()
-        # Every claim is fenced by the lease: a leader frozen past its lease claims nothing.
-        manager.fence = self.lease.verify
+        # Every claim is fenced by the lease, every start and step of a run by its remaining
+        # time: a leader frozen past its lease claims, starts and runs nothing.
+        manager.use_lease(self.lease)
         self._manager = manager
         register_builtin_tasks()
         # This process holds the lease: runs still marked running belong to a leader now gone.
@@ -549,12 +647,13 @@ class Service:
                 reason=reason,
                 error=f"{exc.__class__.__name__}: {exc}",
             )
-        from nanobot.cron import reset_cron_manager
-
-        # A later promotion starts a fresh manager.
-        reset_cron_manager()
+        # The same manager leads again at a later promotion: the tasks registered in this
+        # process, those it cannot store included, are scheduled again then.
 
     async def _shutdown(self) -> int:
+        # A take-over in progress finishes first (no new one starts: _stop is set).
+        async with self._step_lock:
+            pass
         was_leader = self.role is Role.LEADER
         # A leader keeps renewing its lease (and checking its lock) while its runs finish: a
         # standby must not start a task whose run still goes here.
@@ -564,6 +663,8 @@ class Service:
         code = self._exit_code
         if self._stepping_down is not None:
             await asyncio.gather(self._stepping_down, return_exceptions=True)
+        if self._sources is not None:
+            await self._sources.stop()
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         self._draining = False
@@ -579,6 +680,9 @@ class Service:
             except Exception as exc:
                 log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
                 code = EXIT_FAILED
+        if self._alerter is not None:
+            # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
+            await self._alerter.stop(released=was_leader)
         if self.lease.epoch is not None or (self.lock is not None and self.lock.held):
             await self._release()
         if self.lock is not None:

@@ -32,7 +32,15 @@ from nanobot.cron.schedules import (
 from nanobot.cron.task import CronTask, TaskDefinition, check_interval, nominal_period
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
-from nanobot.models import NAME_MAX, MisfirePolicy, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import (
+    NAME_MAX,
+    MisfirePolicy,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    TaskSource,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +88,14 @@ class TaskInfo:
             and (not self.paused or self.last_run_at is not None)
         )
 
+    source: str = "cli"
+    pause_reason: str | None = None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
+            "pause_reason": self.pause_reason,
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
@@ -113,6 +126,7 @@ class RunInfo:
     slots: int
     manual: bool
     node: str | None
+    output: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,6 +141,7 @@ class RunInfo:
             "slots": self.slots,
             "manual": self.manual,
             "node": self.node,
+            "output": self.output,
         }
 
 
@@ -323,7 +338,18 @@ def _info(row: Any) -> TaskInfo:
         version=row.version,
         schedule=row_schedule(row),
         anchor_at=row.anchor_at,
+        source=row.source,
+        pause_reason=row.pause_reason,
     )
+
+
+def stored_definition_of(engine: Engine, name: str) -> TaskDefinition:
+    """The definition stored for task ``name`` (its options included)."""
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
+    if row is None:
+        raise UnknownTaskError(name)
+    return stored_definition(row)
 
 
 def list_tasks(engine: Engine) -> list[TaskInfo]:
@@ -340,18 +366,22 @@ def get_task(engine: Engine, name: str) -> TaskInfo:
     return _info(row)
 
 
-def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
-    """The last ``limit`` rows of a task's run history, newest first."""
+def task_history(
+    engine: Engine, name: str, limit: int = 20, *, before: datetime | None = None
+) -> list[RunInfo]:
+    """The last ``limit`` rows of a task's run history, newest first.
+
+    With ``before``, only slots scheduled before it: the next page after a page whose oldest
+    row was scheduled at ``before`` (slots of one task are unique, so no row is shown twice).
+    """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
+    query = select(TaskRun.__table__).where(TaskRun.task_name == name)
+    if before is not None:
+        query = query.where(TaskRun.scheduled_at < before)
     with read_transaction(engine) as conn:
         known = conn.execute(select(Task.id).where(Task.name == name)).first()
-        rows = conn.execute(
-            select(TaskRun.__table__)
-            .where(TaskRun.task_name == name)
-            .order_by(TaskRun.scheduled_at.desc())
-            .limit(limit)
-        ).all()
+        rows = conn.execute(query.order_by(TaskRun.scheduled_at.desc()).limit(limit)).all()
     if known is None and not rows:
         raise UnknownTaskError(name)
     return [
@@ -367,6 +397,7 @@ def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
             slots=r.slots,
             manual=r.manual,
             node=r.node,
+            output=r.output,
         )
         for r in rows
     ]
@@ -375,7 +406,7 @@ def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _definition_values(d: TaskDefinition) -> dict[str, Any]:
+def definition_values(d: TaskDefinition) -> dict[str, Any]:
     schedule = d.the_schedule
     return {
         "schedule_kind": schedule.kind.value,
@@ -417,7 +448,7 @@ def first_run(schedule: Schedule, now: datetime) -> datetime | None:
 def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
     """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
     now = utcnow()
-    values = _definition_values(definition) | {
+    values = definition_values(definition) | {
         "name": definition.name,
         "paused": paused,
         "anchor_at": None if paused else now,
@@ -435,21 +466,27 @@ def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False
     return get_task(engine, definition.name)
 
 
-def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, TaskInfo]:
+def upsert_definition(
+    engine: Engine, definition: TaskDefinition, *, create: bool = True
+) -> tuple[str, TaskInfo]:
     """Store a task registered in code: ``"created"``, ``"unchanged"`` or ``"updated"``.
 
     A new task is stored stopped (paused, no schedule) until it is started, as in the seed,
     where registering a task does not run it. Registering the same definition again changes
-    nothing, so the schedule keeps its phase across restarts.
+    nothing, so the schedule keeps its phase across restarts. With ``create=False`` (an update
+    through the API) an unknown name raises :class:`UnknownTaskError` and nothing is stored.
     """
     now = utcnow()
     with write_transaction(engine) as conn:
         row = conn.execute(select(Task.__table__).where(Task.name == definition.name)).first()
+        if row is None and not create:
+            raise UnknownTaskError(definition.name)
         if row is None:
             conn.execute(
                 insert(Task).values(
-                    **_definition_values(definition),
+                    **definition_values(definition),
                     name=definition.name,
+                    source=TaskSource.CODE.value,
                     paused=True,
                     created_at=now,
                     updated_at=now,
@@ -463,7 +500,7 @@ def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, 
             if stored_definition(current).same_schedule_as(definition):
                 outcome = "unchanged"
             else:
-                values = _definition_values(definition) | {
+                values = definition_values(definition) | {
                     "updated_at": now,
                     "version": Task.version + 1,
                     "broken_reason": None,
@@ -506,13 +543,18 @@ def start_task(engine: Engine, name: str) -> TaskInfo:
         return info
     now = utcnow()
     return _change(
-        engine, name, paused=False, anchor_at=now, next_run_at=first_run(info.schedule, now)
+        engine,
+        name,
+        paused=False,
+        anchor_at=now,
+        next_run_at=first_run(info.schedule, now),
+        pause_reason=None,
     )
 
 
 def pause_task(engine: Engine, name: str) -> TaskInfo:
     """Stop scheduling a task; a run in flight finishes. No next run until resumed."""
-    return _change(engine, name, paused=True, next_run_at=None)
+    return _change(engine, name, paused=True, next_run_at=None, pause_reason=None)
 
 
 def resume_task(engine: Engine, name: str) -> TaskInfo:
@@ -527,7 +569,7 @@ def resume_task(engine: Engine, name: str) -> TaskInfo:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == name)).scalar()
     if anchor is None:
         return start_task(engine, name)
-    return _change(engine, name, paused=False)
+    return _change(engine, name, paused=False, pause_reason=None)
 
 
 def request_run(engine: Engine, name: str) -> TaskInfo:
