@@ -349,6 +349,7 @@ def test_the_service_syncs_the_task_file_when_it_changes(
     )
     after = wait_for("the change applied", lambda: (t := _tasks(nb))["gone"]["paused"] and t)
     assert after["gone"]["pause_reason"] == "removed from tasks.toml"
+    assert "paused: removed from tasks.toml" in nb("cron", "list").stdout
     assert len(_history(nb, "gone")) == 1
     assert after["keep"]["next_run_at"] == before["keep"]["next_run_at"]
     assert after["change"]["kwargs"]["command"] == ["echo", "new"]
