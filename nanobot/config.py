@@ -221,6 +221,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "seconds a run may take when its task sets no timeout; 0 means no limit",
     ),
     Setting(
+        "cron.overrun_intervals",
+        3.0,
+        _non_negative_number,
+        "a run in flight longer than this many intervals shows as overrunning; 0 turns it off",
+    ),
+    Setting(
         "scheduler.timezone",
         "UTC",
         _time_zone,

@@ -49,7 +49,7 @@ log = structlog.get_logger(__name__)
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 # The write-ahead log is truncated to this size after a checkpoint (SQLite's default keeps it
 # at its largest, which under a burst grew to 30 MB and never shrank).
-SQLITE_JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
+SQLITE_JOURNAL_SIZE_LIMIT: Final = 1024 * 1024
 # Any constant key for the PostgreSQL advisory lock that serialises migrations.
 _PG_MIGRATION_LOCK: Final = 0x6E616E6F  # "nano"
 
@@ -232,13 +232,19 @@ def checkpoint(engine: Engine) -> None:
 
 
 def count_tasks(engine: Engine) -> int:
-    """How many tasks the database stores."""
+    """How many tasks the database stores, apart from the built-in ones (which every leader
+    stores again at its start)."""
     from sqlalchemy import func, select
 
     from nanobot.models import Task
 
+    query = (
+        select(func.count())
+        .select_from(Task)
+        .where(Task.task_class.not_like("nanobot.cron.builtin:%"))
+    )
     with read_transaction(engine) as conn:
-        return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())
+        return int(conn.execute(query).scalar_one())
 
 
 # --- migrations -------------------------------------------------------------------------------

@@ -71,6 +71,14 @@ class CommandFailed(TaskError):
         self.returncode = returncode
 
 
+class TaskNotStorableError(TaskError, RuntimeError):
+    """A task that only this process could build was started while another process schedules.
+
+    Its class lives in ``__main__`` or in a function, or its arguments are not JSON data, so the
+    scheduling process cannot run it.
+    """
+
+
 class InvalidScheduleError(InvalidTaskError):
     """A schedule is invalid: a bad cron expression, an unknown time zone, a time in the past."""
 

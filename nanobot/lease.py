@@ -193,6 +193,9 @@ class SchedulerLease:
         # time.monotonic() just before the transaction that last set expires_at: a lower bound
         # of when the database started counting, free of any wall-clock skew.
         self._since: float | None = None
+        # After an acquire refused because another holder's lease was live: how many seconds
+        # it had left (a standby can try again right after it expires rather than a poll later).
+        self.refused_for: float | None = None
 
     # --- time ---------------------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class SchedulerLease:
     def try_acquire(self) -> bool:
         """Take the lease if it is free, expired, or ours already. True if we hold it now."""
         started = time.monotonic()
+        self.refused_for = None
         try:
             with write_transaction(self.engine) as conn:
                 now = self._now(conn)
@@ -257,6 +261,8 @@ class SchedulerLease:
                             "expires_at": expires,
                         }
                     else:
+                        assert current.expires_at is not None
+                        self.refused_for = (current.expires_at - now).total_seconds()
                         return False
                     result = conn.execute(
                         update(LeaseRow)

@@ -27,13 +27,16 @@ standard error only (``file=False``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import logging.handlers
 import sys
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import structlog
 from structlog.typing import Processor
@@ -69,6 +72,49 @@ class _StderrHandler(logging.StreamHandler[TextIO]):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
+
+
+class _FileHandler(logging.handlers.RotatingFileHandler):
+    """The log file; a write that fails (a full disk, a removed folder) is said once on standard
+    error as a JSON line (``logging.file_unwritable``), not as a traceback per record, and once
+    more when writing works again (``logging.file_writable``, with how many records were lost).
+
+    Records are emitted under the handler's lock, so the counters need no other.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lost = 0
+        self._failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if self._lost and not self._failed_now:
+            _stderr_event("logging.file_writable", "info", path=self.baseFilename, lost=self._lost)
+            self._lost = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        self._lost += 1
+        if self._lost == 1:
+            error = sys.exc_info()[1]
+            _stderr_event(
+                "logging.file_unwritable",
+                "error",
+                path=self.baseFilename,
+                error=f"{error.__class__.__name__}: {error}" if error else "unknown",
+                consequence="records go to standard error only until the file can be written",
+            )
+
+
+def _stderr_event(event: str, level: str, **fields: Any) -> None:
+    # Not through logging: that would write to the failing file again.
+    line = {"event": event, "level": level, "logger": __name__, **fields}
+    line["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    with contextlib.suppress(Exception):
+        sys.stderr.write(json.dumps(line) + "\n")
+        sys.stderr.flush()
 
 
 @dataclass
@@ -163,7 +209,7 @@ def _configure(cfg: Config, *, file: bool) -> _State:
     if file:
         path = log_file_path(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = _FileHandler(
             path,
             maxBytes=int(cfg.get("logging.max_bytes", 10 * 1024 * 1024)),
             backupCount=int(cfg.get("logging.backup_count", 5)),

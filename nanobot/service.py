@@ -55,6 +55,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any, Final
 
 import structlog
@@ -63,6 +64,7 @@ from nanobot.bus import get_bus
 from nanobot.config import Config
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
 from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
+from nanobot.exceptions import NotLeaderError
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.metrics import Metrics
@@ -151,6 +153,7 @@ class Service:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_call: asyncio.Future[int] | None = None
         self._pending_events: list[tuple[str, dict[str, Any]]] = []
+        self._step_lock = asyncio.Lock()
         self._claim: NodeClaim | None = None
 
     # --- probes (the HTTP endpoint) -------------------------------------------------------------
@@ -314,6 +317,11 @@ class Service:
         """Seconds until the next round: a period for a standby; for the leader, until a period
         after its last renewal began (a slow start or a slow renewal must not eat the margin)."""
         if self.role is not Role.LEADER:
+            # A lease that runs out before the next poll (its holder stopped renewing): try
+            # again just after it expires rather than up to a period later.
+            left = self.lease.refused_for
+            if left is not None and left < self.period:
+                return max(0.05, left + 0.05)
             return self.period
         since_renewal = self.ttl - self.lease.seconds_left()
         return max(0.0, min(self.period, self.period - since_renewal))
@@ -332,16 +340,21 @@ class Service:
             await self._health_cycle()
 
     async def _lease_step(self) -> None:
-        """One round: a standby tries to take the lease, the leader renews it."""
-        try:
-            if self._stepping_down is not None:
-                return
-            if self.role is Role.LEADER or self._draining:
-                await self._renew()
-            elif self.role in (Role.STANDBY, Role.STARTING):
-                await self._try_acquire()
-        finally:
-            self._last_lease_poll = time.monotonic()
+        """One round: a standby tries to take the lease, the leader renews it.
+
+        Under ``_step_lock``: a stop waits for a round in progress (a take-over that is starting
+        the scheduler) before it decides whether it stops a leader.
+        """
+        async with self._step_lock:
+            try:
+                if self._stepping_down is not None:
+                    return
+                if self.role is Role.LEADER or self._draining:
+                    await self._renew()
+                elif self.role in (Role.STANDBY, Role.STARTING):
+                    await self._try_acquire()
+            finally:
+                self._last_lease_poll = time.monotonic()
 
     def _acquire(self) -> bool:
         """Take the lock (PostgreSQL), then the row; both or neither. In a thread."""
@@ -400,7 +413,7 @@ class Service:
                 self.role = Role.STANDBY
             return
         try:
-            await self._start_scheduling()
+            await self._renewing_while(self._start_scheduling())
         except Exception as exc:
             log.error("service.scheduler_start_failed", error=f"{exc.__class__.__name__}: {exc}")
             await self._stop_scheduling(reason="start_failed")
@@ -410,6 +423,38 @@ class Service:
         self.role = Role.LEADER
         self._sync_cron_component()
         log.info("service.leader", holder=self.holder, epoch=self.lease.epoch, node=self.node)
+
+    async def _renewing_while(self, starting: Coroutine[Any, Any, None]) -> None:
+        """Start the scheduler while renewing the lease every period: on a loaded machine a
+        start took longer than the lease's margin, and the new leader lost the lease it had
+        just taken. A renewal that fails fails the start."""
+        task = asyncio.ensure_future(starting)
+        lost = False
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.period)
+            if done:
+                break
+            if lost:
+                continue
+            try:
+                renewed = await asyncio.wait_for(
+                    asyncio.to_thread(self._renew_and_check),
+                    timeout=max(0.1, self.lease.seconds_left() - self.period),
+                )
+            except Exception as exc:
+                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+                renewed = False
+            lost = not renewed
+        task.result()
+        if lost:
+            raise NotLeaderError("the lease was lost while the scheduler started")
+
+    def _renew_and_check(self) -> bool:
+        """In a thread: renew the row and, on PostgreSQL, check the lock (which also keeps its
+        session from ending through idle_session_timeout before the lock loop takes over)."""
+        if not self.lease.renew():
+            return False
+        return self.lock is None or self.lock.check()
 
     async def _renew(self) -> None:
         budget = self.lease.seconds_left() - self.period
@@ -535,8 +580,9 @@ class Service:
         from nanobot.cron import get_cron_manager, register_builtin_tasks
 
         manager = get_cron_manager()
-        # Every claim is fenced by the lease: a leader frozen past its lease claims nothing.
-        manager.fence = self.lease.verify
+        # Every claim is fenced by the lease, every start and step of a run by its remaining
+        # time: a leader frozen past its lease claims, starts and runs nothing.
+        manager.use_lease(self.lease)
         self._manager = manager
         register_builtin_tasks()
         # This process holds the lease: runs still marked running belong to a leader now gone.
@@ -555,12 +601,13 @@ class Service:
                 reason=reason,
                 error=f"{exc.__class__.__name__}: {exc}",
             )
-        from nanobot.cron import reset_cron_manager
-
-        # A later promotion starts a fresh manager.
-        reset_cron_manager()
+        # The same manager leads again at a later promotion: the tasks registered in this
+        # process, those it cannot store included, are scheduled again then.
 
     async def _shutdown(self) -> int:
+        # A take-over in progress finishes first (no new one starts: _stop is set).
+        async with self._step_lock:
+            pass
         was_leader = self.role is Role.LEADER
         # A leader keeps renewing its lease (and checking its lock) while its runs finish: a
         # standby must not start a task whose run still goes here.

@@ -23,7 +23,7 @@ from test_cron import Outcomes
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, control
-from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule
+from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule, next_after
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
 from nanobot.heartbeat import HeartbeatMonitor
@@ -463,3 +463,41 @@ async def test_database_made_at_0001_upgrades_and_keeps_every_phase(
         assert info.schedule == IntervalSchedule(seconds=interval)
     finally:
         engine.dispose()
+
+
+async def test_changing_a_registered_schedule_moves_its_job(
+    engine: Engine, bus: MessageBus
+) -> None:
+    """Registering a task again with another schedule (interval -> cron -> another zone) moves
+    its job to the new schedule's next slot; the job store and the tasks row agree."""
+    from nanobot.models import apscheduler_jobs, utcnow
+
+    clock = Clock(utcnow())
+
+    def stored() -> tuple[Any, Any]:
+        with engine.connect() as conn:
+            job = conn.execute(select(apscheduler_jobs.c.next_run_time)).scalar()
+        return task(engine, "t"), job
+
+    async def settled(expected: datetime) -> None:
+        async with asyncio.timeout(WAIT):
+            while True:
+                row, job = stored()
+                if row.next_run_at == expected and job == expected.timestamp():
+                    return
+                await asyncio.sleep(POLL)
+
+    async def body(manager: CronManager) -> None:
+        manager.register_task("t", Plain(interval=3600))
+        await manager.start_task("t")
+        for zone_name in ("Asia/Tokyo", "America/Los_Angeles"):
+            manager.register_task("t", Plain(cron="0 9 * * *", tz=zone_name))
+            expected = next_after(
+                CronSchedule(expression="0 9 * * *", timezone=zone_name), utcnow()
+            )
+            assert expected is not None
+            await settled(expected)
+            row, _ = stored()
+            assert (row.schedule_kind, row.cron, row.timezone) == ("cron", "0 9 * * *", zone_name)
+
+    await run_manager(bus, clock, body)

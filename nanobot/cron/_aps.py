@@ -468,6 +468,22 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
                 persistent.append(job)
         self.store.update_jobs(conn, persistent)
 
+    def rewind(self, conn: Connection, slots: dict[str, datetime]) -> list[str]:
+        """Move persistent jobs back to ``slots[name]`` where that is earlier than their next
+        run, in ``conn``'s transaction: a claim released before it ran is due again. Paused
+        jobs (no next run) stay paused. The names of the jobs moved."""
+        with self._jobstores_lock:
+            jobs = self.store.jobs_named(sorted(slots))
+        moved: list[Job] = []
+        for name, job in jobs.items():
+            slot = slots[name]
+            if job.next_run_time is not None and slot < job.next_run_time:
+                # Set directly: Job._modify needs a started scheduler, and this runs before.
+                job.next_run_time = slot
+                moved.append(job)
+        self.store.update_jobs(conn, moved)
+        return [job.id for job in moved]
+
     def advance_memory(self) -> None:
         with self._jobstores_lock:
             for alias, job, next_slot in self._due_jobs:

@@ -80,11 +80,12 @@ class TaskInfo:
 
     @property
     def done(self) -> bool:
-        """True for a one-shot task whose time has come and gone (it is kept in history)."""
+        """True for a one-shot task whose time has come and gone, run or recorded missed (it
+        is kept in history). A started one-shot has a next run until then."""
         return (
             isinstance(self.schedule, AtSchedule)
             and self.next_run_at is None
-            and self.last_run_at is not None
+            and (not self.paused or self.last_run_at is not None)
         )
 
     source: str = "cli"
