@@ -566,7 +566,11 @@ def cron_list(as_json: bool) -> None:
                     t.name,
                     t.task_class,
                     describe(t.schedule),
-                    "done" if t.done else "paused" if t.paused else "active",
+                    "done"
+                    if t.done
+                    else (f"paused: {t.pause_reason}" if t.pause_reason else "paused")
+                    if t.paused
+                    else "active",
                     _instant(t.next_run_at, t)
                     + (
                         f" ({_span((t.next_run_at - now).total_seconds())})"
