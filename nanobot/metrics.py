@@ -10,7 +10,11 @@ Two kinds of values:
   ``nanobot_task_last_success_timestamp_seconds{task}``, ``nanobot_task_paused{task}``,
   ``nanobot_task_consecutive_failures{task}``, ``nanobot_component_up{component}`` (this node's
   components), ``nanobot_heartbeat_timestamp_seconds`` (this node's newest heartbeat) and
-  ``nanobot_leader{node}`` (1 while this process holds the scheduling lease).
+  ``nanobot_leader{node}`` (1 while this process holds the scheduling lease);
+* read from this process's memory at each scrape: ``nanobot_event_loop_lag_seconds`` (the
+  event loop's worst lag over the last health cycle), ``nanobot_task_run_age_seconds{task}``
+  (how long the run in flight has been going) and ``nanobot_task_overrunning{task}`` (1 while
+  that run is past its bound, ``cron.overrun_intervals`` intervals).
 
 Labels are task names, outcomes, component names and the node: never run ids or error texts.
 :meth:`Metrics.render` does database I/O; call it from a thread.
@@ -56,6 +60,7 @@ class _DatabaseCollector:
         )
         leader.add_metric([self.node], 1.0 if self.is_leader() else 0.0)
         yield leader
+        yield from _process_families()
         try:
             families = self._read()
         except Exception as exc:
@@ -132,6 +137,36 @@ class _DatabaseCollector:
             if (ts := _ts(at)) is not None:
                 heartbeat.add_metric([], ts)
         return [next_run, last_success, paused, failures, component_up, heartbeat]
+
+
+def _process_families() -> Iterator[GaugeMetricFamily]:
+    """Gauges of this process's event loop and runs in flight (no database read)."""
+    from nanobot.cron.manager import runs_in_flight
+    from nanobot.heartbeat.monitor import current_loop_lag
+
+    lag = current_loop_lag()
+    if lag is not None:
+        family = GaugeMetricFamily(
+            "nanobot_event_loop_lag_seconds",
+            "worst lag of this process's event loop over the last health cycle",
+        )
+        family.add_metric([], lag)
+        yield family
+    age = GaugeMetricFamily(
+        "nanobot_task_run_age_seconds",
+        "seconds the task's run in flight in this process has been going",
+        labels=["task"],
+    )
+    overrunning = GaugeMetricFamily(
+        "nanobot_task_overrunning",
+        "1 while the task's run in flight is longer than its bound (cron.overrun_intervals)",
+        labels=["task"],
+    )
+    for run in runs_in_flight():
+        age.add_metric([run.task], run.age_s)
+        overrunning.add_metric([run.task], 1.0 if run.overrunning else 0.0)
+    yield age
+    yield overrunning
 
 
 class Metrics:

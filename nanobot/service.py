@@ -117,6 +117,7 @@ class Service:
         self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
         self.http: HttpServer | None = None
         self._manager: Any = None
+        self._sources: Any = None
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -254,6 +255,11 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
+            from nanobot.cron.sources import TaskSources
+
+            # Before the lease: the scheduler's first pass already sees the task file's tasks.
+            self._sources = TaskSources(self.engine, self.node, self.config)
+            await self._sources.start()
             if self.config["http.enabled"]:
                 self.http = HttpServer(
                     _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
@@ -574,8 +580,9 @@ class Service:
         from nanobot.cron import get_cron_manager, register_builtin_tasks
 
         manager = get_cron_manager()
-        # Every claim is fenced by the lease: a leader frozen past its lease claims nothing.
-        manager.fence = self.lease.verify
+        # Every claim is fenced by the lease, every start and step of a run by its remaining
+        # time: a leader frozen past its lease claims, starts and runs nothing.
+        manager.use_lease(self.lease)
         self._manager = manager
         register_builtin_tasks()
         # This process holds the lease: runs still marked running belong to a leader now gone.
@@ -594,10 +601,8 @@ class Service:
                 reason=reason,
                 error=f"{exc.__class__.__name__}: {exc}",
             )
-        from nanobot.cron import reset_cron_manager
-
-        # A later promotion starts a fresh manager.
-        reset_cron_manager()
+        # The same manager leads again at a later promotion: the tasks registered in this
+        # process, those it cannot store included, are scheduled again then.
 
     async def _shutdown(self) -> int:
         # A take-over in progress finishes first (no new one starts: _stop is set).
@@ -612,6 +617,8 @@ class Service:
         code = self._exit_code
         if self._stepping_down is not None:
             await asyncio.gather(self._stepping_down, return_exceptions=True)
+        if self._sources is not None:
+            await self._sources.stop()
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         self._draining = False

@@ -210,7 +210,7 @@ async def test_seed_defect_7_initialize_registers_what_this_process_runs() -> No
     try:
         await asyncio.wait_for(started.wait(), WAIT)
         status = await asyncio.wait_for(monitor.run_cycle(), WAIT)
-        names = {"config", "bus", "session", "database", "cron"}
+        names = {"config", "bus", "session", "database", "cron", "event_loop"}
         for name in names:
             component = monitor.get_component_status(name)
             assert component["registered"], name

@@ -194,3 +194,40 @@ def test_migrations_do_not_disable_existing_loggers(empty_engine: Engine) -> Non
     assert probe.disabled is False
     assert logging.getLogger("nanobot").disabled is False
     assert current_revision(empty_engine) == head_revision()
+
+
+def test_0003_marks_running_rows_of_earlier_versions_dispatched(empty_engine: Engine) -> None:
+    """A database at 0001 with a run left running (started_at NULL, as earlier versions wrote
+    it) and a finished run: after the upgrade the running row counts as dispatched (recorded
+    interrupted, never run again), and the finished row is unchanged."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert, select
+
+    from nanobot.models import TaskRun
+
+    upgrade_database(empty_engine, "0001")
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    done = datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
+    with empty_engine.begin() as conn:
+        conn.execute(
+            insert(TaskRun),
+            [
+                {"task_name": "a", "scheduled_at": slot, "outcome": "running", "slots": 1},
+                {
+                    "task_name": "b",
+                    "scheduled_at": slot,
+                    "started_at": None,
+                    "finished_at": done,
+                    "outcome": "missed",
+                    "slots": 3,
+                },
+            ],
+        )
+    upgrade_database(empty_engine)
+    with empty_engine.connect() as conn:
+        rows = {r.task_name: r for r in conn.execute(select(TaskRun.__table__))}
+    assert rows["a"].started_at == slot
+    assert rows["a"].outcome == "running"
+    assert rows["b"].started_at is None
+    assert rows["b"].slots == 3

@@ -3,18 +3,44 @@
 A slot ``(task, scheduled_at)`` is claimed by inserting its ``task_runs`` row with outcome
 ``running`` in the same transaction that advances the job in the job store. The row's unique
 key makes a second claim of the same slot a no-op, so no slot runs twice, not even with two
-processes on one database; a claim whose process died before the run finished is found
-``running`` at the next start and recorded ``interrupted``.
+processes on one database.
+
+While a row is ``running``, ``started_at`` says whether the slot was *dispatched*: set, the run
+may have started (it is ``scheduled_at`` until the run's real start is written at its end);
+NULL, the slot was claimed ahead of its instant and certainly never started. A slot claimed
+well ahead (a burst) is marked dispatched by one statement just before its instant
+(:func:`mark_dispatched`). So at the next start, or at a take-over, a dispatched claim whose
+process died is recorded ``interrupted``, and an undispatched one is *released*: its row goes
+and its job is moved back to it, so that the slot is caught up (:func:`release_claims`,
+:func:`release_undispatched`). A cleanly stopping scheduler releases the claims it has not
+started in the same way.
+
+Fencing: an outcome is written only over a row that is still ``running``. A node that was
+fenced off (frozen past its lease while another node took over and recorded the row
+``interrupted``) does not overwrite what the new leader recorded: :func:`write_finishes`
+returns such finishes, and the caller logs them (``cron.fenced_finish``) with their real
+outcome.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, case, delete, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.db import write_transaction
@@ -26,9 +52,20 @@ _TASKS = cast(Table, Task.__table__)
 
 @dataclass(frozen=True, slots=True)
 class Claim:
+    """A slot to claim; ``dispatched`` False for one claimed ahead of its instant (a burst)."""
+
     task: str
     scheduled_at: datetime
     manual: bool = False
+    dispatched: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """A finish that was not written: its row was settled by another node meanwhile."""
+
+    finish: Finish
+    recorded: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +111,7 @@ def claim_slots(
             "task_name": c.task,
             "scheduled_at": c.scheduled_at,
             "outcome": TaskOutcome.RUNNING.value,
+            "started_at": c.scheduled_at if c.dispatched else None,
             "slots": 1,
             "manual": c.manual,
             "node": node,
@@ -126,16 +164,50 @@ def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, 
 _FAILED = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
 
 
-def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> None:
-    """Write a batch of run outcomes and the tasks' last-run mirror, in one transaction."""
-    ran = [f for f in finishes if f.run_id is not None]
+def _settled(conn: Connection, run_ids: Sequence[int]) -> dict[int, str | None]:
+    """Of ``run_ids``, those no longer ``running`` and what they say (None: the row is gone).
+
+    On PostgreSQL the rows are locked until the transaction ends, so that the update that
+    follows applies to exactly the rows found running here.
+    """
+    found: dict[int, str] = {}
+    for start in range(0, len(run_ids), _IN_CHUNK):
+        chunk = list(run_ids[start : start + _IN_CHUNK])
+        query = select(TaskRun.id, TaskRun.outcome).where(TaskRun.id.in_(chunk))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        found.update({int(row.id): str(row.outcome) for row in conn.execute(query)})
+    running = TaskOutcome.RUNNING.value
+    return {i: found.get(i) for i in run_ids if found.get(i) != running}
+
+
+# Ids per IN (...) list: far below what SQLite (32766 variables) and PostgreSQL accept.
+_IN_CHUNK: Final = 2000
+
+
+def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> list[Fenced]:
+    """Write a batch of run outcomes and the tasks' last-run mirror, in one transaction.
+
+    A finish whose row is no longer ``running`` (another node recorded it meanwhile) is not
+    written, and not mirrored: it is returned, with what the row says, for the caller to log.
+    """
     unrun = [f for f in finishes if f.run_id is None]
     with write_transaction(engine) as conn:
+        settled = _settled(conn, [f.run_id for f in finishes if f.run_id is not None])
+        ran = [f for f in finishes if f.run_id is not None and f.run_id not in settled]
+        fenced = [
+            Fenced(f, settled[f.run_id])
+            for f in finishes
+            if f.run_id is not None and f.run_id in settled
+        ]
         if ran:
             table = _RUNS
             conn.execute(
                 update(table)
-                .where(table.c.id == bindparam("b_id"))
+                .where(
+                    table.c.id == bindparam("b_id"),
+                    table.c.outcome == TaskOutcome.RUNNING.value,
+                )
                 .values(
                     started_at=bindparam("b_started"),
                     finished_at=bindparam("b_finished"),
@@ -184,6 +256,108 @@ def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> None:
                     for f in mirrored
                 ],
             )
+    return fenced
+
+
+def mark_dispatched(
+    engine: Engine, run_ids: Sequence[int], fence: Callable[[Connection], bool] | None
+) -> set[int]:
+    """Mark claimed slots as dispatched just before they start; the ids marked.
+
+    Only rows still ``running`` and not yet dispatched are marked, and nothing is if ``fence``
+    says this process no longer leads: a slot that was released (a take-over) meanwhile, or
+    whose node lost the lease, is not in the result and must not start.
+    """
+    marked: set[int] = set()
+    with write_transaction(engine) as conn:
+        if fence is not None and not fence(conn):
+            return marked
+        for start in range(0, len(run_ids), _IN_CHUNK):
+            chunk = list(run_ids[start : start + _IN_CHUNK])
+            result = conn.execute(
+                update(TaskRun)
+                .where(
+                    TaskRun.id.in_(chunk),
+                    TaskRun.outcome == TaskOutcome.RUNNING.value,
+                    TaskRun.started_at.is_(None),
+                )
+                .values(started_at=TaskRun.scheduled_at)
+                .returning(TaskRun.id)
+            )
+            marked.update(int(i) for i in result.scalars())
+    return marked
+
+
+def undispatch(engine: Engine, run_ids: Sequence[int]) -> None:
+    """Say that claimed slots never started (a node that lost its lease before their instant),
+    so that whoever leads next releases them and catches them up instead of recording them
+    interrupted. Only rows still ``running`` change."""
+    with write_transaction(engine) as conn:
+        for start in range(0, len(run_ids), _IN_CHUNK):
+            chunk = list(run_ids[start : start + _IN_CHUNK])
+            conn.execute(
+                update(TaskRun)
+                .where(TaskRun.id.in_(chunk), TaskRun.outcome == TaskOutcome.RUNNING.value)
+                .values(started_at=None)
+            )
+
+
+def release_claims(conn: Connection, run_ids: Sequence[int]) -> list[tuple[str, datetime, bool]]:
+    """Delete claims that never started (still ``running``); their ``(task, slot, manual)``.
+
+    The caller moves each job back to its slot in the same transaction, so that the slot is
+    due again: it runs at its instant, or is caught up at the next start.
+    """
+    released: list[tuple[str, datetime, bool]] = []
+    for start in range(0, len(run_ids), _IN_CHUNK):
+        chunk = list(run_ids[start : start + _IN_CHUNK])
+        rows = conn.execute(
+            delete(TaskRun)
+            .where(TaskRun.id.in_(chunk), TaskRun.outcome == TaskOutcome.RUNNING.value)
+            .returning(TaskRun.task_name, TaskRun.scheduled_at, TaskRun.manual)
+        ).all()
+        released.extend((str(r.task_name), r.scheduled_at, bool(r.manual)) for r in rows)
+    return released
+
+
+def release_undispatched(conn: Connection, *, node: str | None) -> list[tuple[str, datetime, bool]]:
+    """Delete the claims left undispatched by a process that is gone (of ``node``, or of every
+    node at a take-over); their ``(task, slot, manual)``, for the caller to catch them up."""
+    where = [TaskRun.outcome == TaskOutcome.RUNNING.value, TaskRun.started_at.is_(None)]
+    if node is not None:
+        where.append(TaskRun.node == node)
+    rows = conn.execute(
+        delete(TaskRun)
+        .where(*where)
+        .returning(TaskRun.task_name, TaskRun.scheduled_at, TaskRun.manual)
+    ).all()
+    return [(str(r.task_name), r.scheduled_at, bool(r.manual)) for r in rows]
+
+
+def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool]]) -> None:
+    """Mirror released slots back into ``tasks``: the earliest one is the next run again, and a
+    released run-now request is requested again."""
+    earliest: dict[str, datetime] = {}
+    for name, slot, manual in released:
+        if manual:
+            conn.execute(
+                update(Task)
+                .where(Task.name == name, Task.run_requested_at.is_(None))
+                .values(run_requested_at=slot)
+            )
+        elif name not in earliest or slot < earliest[name]:
+            earliest[name] = slot
+    for name, slot in earliest.items():
+        conn.execute(
+            update(Task)
+            .where(
+                Task.name == name,
+                Task.paused.is_(False),
+                Task.next_run_at.is_not(None),
+                Task.next_run_at > slot,
+            )
+            .values(next_run_at=slot)
+        )
 
 
 def set_broken(engine: Engine, reasons: dict[str, str | None]) -> None:
@@ -204,7 +378,8 @@ def mark_interrupted(engine: Engine, *, node: str | None, now: datetime) -> int:
     """Record as ``interrupted`` the runs left ``running`` by a process that died: those of
     ``node``, or of every node (``node=None``, for a leader taking over: only the leader runs
     tasks, so whatever still says running belongs to a leader that is gone)."""
-    running = TaskRun.outcome == TaskOutcome.RUNNING.value
+    # Only dispatched claims: one never dispatched is released and caught up instead.
+    running = and_(TaskRun.outcome == TaskOutcome.RUNNING.value, TaskRun.started_at.is_not(None))
     where = [running] if node is None else [running, TaskRun.node == node]
     with write_transaction(engine) as conn:
         names = list(conn.execute(select(TaskRun.task_name).where(*where).distinct()).scalars())

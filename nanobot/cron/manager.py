@@ -6,23 +6,42 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
    command line in another process) become added, changed, paused or removed jobs; run-now
    requests become manual claims.
 2. Find the due jobs, split each one's slots into the one to run and the missed ones
-   (:func:`nanobot.cron._aps.due_slots`), and in ONE transaction: advance the jobs in the job
-   store, claim the slots to run in ``task_runs``, record missed and skipped slots, and mirror
-   the next run times into ``tasks``.
+   (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
+   transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
+   record missed and skipped slots, and mirror the next run times into ``tasks``.
 3. Hand each slot this transaction claimed to the event loop, which runs the task.
 
 Outcomes are written in batches by the same worker thread, so history never blocks the loop.
+
+Only the holder of the scheduling lease schedules (:mod:`nanobot.lease`). In the service, the
+service holds the lease and hands it to the manager (:meth:`CronManager.use_lease`). A manager
+used as a library (a script calling ``get_cron_manager().register_task(...)`` and ``await
+start_task(...)``) takes the lease itself when it is free, and keeps it renewed while it runs;
+when another process holds it (a running service), the manager is a *client* of the control
+plane: ``start_task`` stores the task started and that service schedules it; a task that cannot
+be stored is refused (:class:`nanobot.exceptions.TaskNotStorableError`).
+
+Before any run starts and at every step of a run, the lease is checked by this process's own
+monotonic clock (no database round trip): a leader frozen past its lease (SIGSTOP, a paused
+VM) starts nothing when it resumes, and not one more step of its runs in flight executes.
+
+Threads: the event loop owns ``_inflight``, ``_delayed``, ``_pending`` and the runs; the worker
+thread owns the passes, the job store and ``_applied``; ``_lock`` guards the registrations that
+both read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -38,13 +57,21 @@ from nanobot.cron._aps import (
     JobSpec,
     JobState,
     NanobotScheduler,
-    grid_slot_at_or_after,
 )
-from nanobot.cron.history import Claim, Finish
+from nanobot.cron.history import Claim, Fenced, Finish
+from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
-from nanobot.exceptions import InvalidTaskError, NotLeaderError, UnknownTaskError
+from nanobot.exceptions import (
+    InvalidTaskError,
+    NotLeaderError,
+    TaskNotStorableError,
+    UnknownTaskError,
+)
 from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
+from nanobot.heartbeat.store import drop_components
+from nanobot.lease import SchedulerLease, holder_id
+from nanobot.loopwatch import FencedError, Stepper
 from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
 from nanobot.node import node_name
 
@@ -63,7 +90,11 @@ SHUTDOWN_FLUSH_S: Final = 10.0
 
 @dataclass(frozen=True, slots=True)
 class _Launch:
-    """A claimed slot handed from the worker thread to the event loop, its task built."""
+    """A claimed slot handed from the worker thread to the event loop, its task built.
+
+    ``dispatched`` is False for a slot claimed well ahead of its instant: it is marked in the
+    database just before it starts (see :mod:`nanobot.cron.history`).
+    """
 
     name: str
     slot: datetime
@@ -71,6 +102,19 @@ class _Launch:
     manual: bool
     task: CronTask | None
     build_error: str | None = None
+    dispatched: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RunInFlight:
+    """A run of this process in flight, as status and metrics show it."""
+
+    task: str
+    run_id: int
+    scheduled_at: datetime
+    age_s: float
+    bound_s: float | None
+    overrunning: bool
 
 
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
@@ -84,14 +128,29 @@ RECONCILE_IN_MAX: Final = 500
 SCHEDULE_LEAD: Final = 0.05
 # ... and at most, for a burst of many slots at one instant.
 MAX_LEAD: Final = 5.0
+# A slot claimed at most this far ahead of its instant is dispatched at its claim; one claimed
+# further ahead (a burst) is marked dispatched MARK_AHEAD seconds before its instant.
+DISPATCH_AHEAD: Final = 2 * SCHEDULE_LEAD
+MARK_AHEAD: Final = SCHEDULE_LEAD
+# How long a shutdown waits for such marks in progress.
+MARK_WAIT_S: Final = 5.0
+# Longest period of the watch over runs in flight (overruns).
+WATCH_PERIOD_S: Final = 1.0
 # A pass's cost per due slot is learnt from passes with at least this many (first guess below).
 COST_SAMPLE_MIN: Final = 50
 INITIAL_COST_PER_JOB: Final = 0.0002
 
 
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+TASK_PREFIX: Final = "task:"
+
+
 def task_component(name: str) -> str:
     """The heartbeat component that stands for a task."""
-    return f"task:{name}"
+    return f"{TASK_PREFIX}{name}"
 
 
 def _policy(policy: MisfirePolicy, interval: float) -> tuple[MisfirePolicy, float]:
@@ -134,6 +193,9 @@ class CronManager:
         self._cancel_reasons: dict[str, str] = {}
         self._applied: dict[str, int] = {}
         self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
+        # Seconds between runs by each task's stored schedule (a cron task's longest gap, 0 for
+        # a one-shot): the instance built from stored arguments may not know its schedule.
+        self._periods: dict[str, float] = {}
         self._broken: dict[str, str | None] = {}
         self._known_broken: set[str] = set()
         self._scheduler: NanobotScheduler | None = None
@@ -142,7 +204,7 @@ class CronManager:
         self._pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._delayed: dict[datetime, tuple[asyncio.TimerHandle, list[_Launch]]] = {}
+        self._delayed: dict[datetime, tuple[asyncio.Handle, list[_Launch]]] = {}
         self._lead = SCHEDULE_LEAD
         self._cost_per_job = INITIAL_COST_PER_JOB
         self._default_timeout: float | None = None
@@ -150,8 +212,49 @@ class CronManager:
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
         self._closing = False
+        # The lease this manager schedules under: the service's (use_lease), or its own when
+        # used as a library (then renewed by _keeper). None: not scheduling (yet), or a client.
+        self._lease: SchedulerLease | None = None
+        self._own_lease = False
+        self._candidate: SchedulerLease | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        # The holder of the lease while this manager is a client of the control plane.
+        self._client: str | None = None
+        # Names started here and not stopped since: kept across a lease lost and regained.
+        self._started: set[str] = set()
+        # Claimed slots handed to the loop and not yet seen by it (worker -> loop; _lock).
+        self._handed: dict[int, _Launch] = {}
+        # Slots that reached the loop while it was stopping: released, never started.
+        self._held_back: list[_Launch] = []
+        self._marking: set[asyncio.Task[None]] = set()
+        self._undispatch: list[int] = []
+        # name -> (run id, slot, monotonic start, interval) of each run in flight.
+        self._run_started: dict[str, tuple[int, datetime, float, float]] = {}
+        self._overrunning: set[str] = set()
+        self._overrun_intervals = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self._exit_hook = False
 
     # --- plumbing ------------------------------------------------------------------------------
+
+    def use_lease(self, lease: SchedulerLease) -> None:
+        """Schedule under ``lease``, which the caller (the service) holds and renews.
+
+        Every claim is fenced by it in the claiming transaction, and every start and every
+        step of a run by its remaining time on this process's monotonic clock.
+        """
+        self._lease = lease
+        self._own_lease = False
+        self.fence = lease.verify
+
+    def _holds_lease(self) -> bool:
+        lease = self._lease
+        return lease is None or lease.seconds_left() > 0
+
+    @property
+    def client_of(self) -> str | None:
+        """The lease holder that schedules for this manager, while it is a client."""
+        return self._client
 
     @property
     def engine(self) -> Engine:
@@ -190,6 +293,10 @@ class CronManager:
     def _health(self, name: str, interval: float, outcome: TaskOutcome, error: str | None) -> None:
         """Section 5.2.3 of the seed: a task is a component, ``task:<name>``; a failed run
         puts it in error and the next successful run clears it."""
+        if interval <= 0:
+            # A one-shot runs once: as a component it would go stale, then stay in error, for
+            # ever after. Its outcome is in its history and in 'cron list'.
+            return
         component = task_component(name)
         try:
             if component not in self._health_registered:
@@ -205,13 +312,14 @@ class CronManager:
             log.exception("cron.health_update_failed", task=name)
 
     def _forget_health(self, name: str) -> None:
+        # Whether or not this process registered it: a component left by an earlier process
+        # (known to the monitor from the database) must go too.
         component = task_component(name)
-        if component in self._health_registered:
-            self._health_registered.discard(component)
-            try:
-                self.monitor.unregister_component(component)
-            except Exception:
-                log.exception("cron.health_update_failed", task=name)
+        self._health_registered.discard(component)
+        try:
+            self.monitor.unregister_component(component)
+        except Exception:
+            log.exception("cron.health_update_failed", task=name)
 
     def _known(self, name: str) -> bool:
         if name in self._registered or name in self._ephemeral:
@@ -242,6 +350,7 @@ class CronManager:
             with self._lock:
                 self._ephemeral[name] = definition
                 self._policies[name] = _policy(definition.misfire_policy, definition.interval)
+                self._periods[name] = definition.interval
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -263,6 +372,7 @@ class CronManager:
         stored definition removed. Its history stays until retention prunes it."""
         self._require(name)
         self._cancel_run(name, "the task was unregistered")
+        self._started.discard(name)
         with self._lock:
             task = self._registered.pop(name, None)
             ephemeral = self._ephemeral.pop(name, None)
@@ -299,6 +409,14 @@ class CronManager:
         """Schedule a task: its first run is now, unless it already has a persisted schedule."""
         await asyncio.to_thread(self._require, name)
         await self.start()
+        if self._scheduler is None:
+            # A client: the process that holds the lease schedules the stored task.
+            self._refuse_unstorable(name)
+            await asyncio.to_thread(control.start_task, self.engine, name)
+            self._started.add(name)
+            self._set_running(name, True)
+            log.info("cron.task_started", task=name, scheduled_by=self._client)
+            return
         scheduler = self._require_scheduler()
         if name in self._ephemeral:
             definition = self._ephemeral[name]
@@ -307,13 +425,25 @@ class CronManager:
         else:
             await asyncio.to_thread(control.start_task, self.engine, name)
             await scheduler.run_in_worker(self._reconcile_now, scheduler)
+        self._started.add(name)
         self._set_running(name, True)
         scheduler.wakeup()
         log.info("cron.task_started", task=name)
 
+    def _refuse_unstorable(self, name: str) -> None:
+        definition = self._ephemeral.get(name)
+        if definition is None:
+            return
+        raise TaskNotStorableError(
+            f"task {name!r} cannot be stored ({definition.not_persistable}), and the tasks are "
+            f"scheduled by another process ({self._client}), which could not build it: define "
+            "its class in an importable module with JSON arguments, or run it in that process"
+        )
+
     async def stop_task(self, name: str) -> None:
         """Stop scheduling a task and cancel its run in flight (recorded ``cancelled``)."""
         await asyncio.to_thread(self._require, name)
+        self._started.discard(name)
         if name in self._ephemeral:
             if self._scheduler is not None:
                 await self._scheduler.run_in_worker(self._scheduler.remove, name, EPHEMERAL)
@@ -327,10 +457,12 @@ class CronManager:
 
     async def start_all_tasks(self) -> None:
         """Start every task registered in this process (stored tasks run once the scheduler
-        starts, whoever registered them)."""
+        starts, whoever registered them). A task started before and not stopped since is left
+        as it is: a pause from the command line since then stands."""
         await self.start()
         for name in list(self._registered):
-            await self.start_task(name)
+            if name not in self._started:
+                await self.start_task(name)
 
     async def stop_all_tasks(self) -> None:
         """Stop every task registered in this process, as in the seed. To stop the service
@@ -366,6 +498,8 @@ class CronManager:
         await asyncio.to_thread(self._require, name)
         if name in self._ephemeral:
             await self.start()
+            if self._scheduler is None:
+                self._refuse_unstorable(name)
             scheduler = self._require_scheduler()
             definition = self._ephemeral[name]
             await scheduler.run_in_worker(self._claim_manual_ephemeral, definition)
@@ -394,6 +528,24 @@ class CronManager:
     def running_tasks(self) -> list[str]:
         return [n for n, t in self._inflight.items() if not t.done()]
 
+    def runs_in_flight(self) -> list[RunInFlight]:
+        """The runs of this process in flight, with their age and overrun bound."""
+        now = time.monotonic()
+        result = []
+        for name, (run_id, slot, started, interval) in list(self._run_started.items()):
+            bound = self._overrun_intervals * interval if self._overrun_intervals > 0 else None
+            result.append(
+                RunInFlight(
+                    task=name,
+                    run_id=run_id,
+                    scheduled_at=slot,
+                    age_s=now - started,
+                    bound_s=bound,
+                    overrunning=name in self._overrunning,
+                )
+            )
+        return result
+
     def cancel_runs(self, reason: str) -> None:
         """Cancel every run in flight now (each is recorded ``cancelled`` with ``reason``); a
         :meth:`shutdown` waiting for them then goes on at once. For a node that lost its lease
@@ -409,6 +561,11 @@ class CronManager:
         """Start the scheduler: record runs a dead process left as interrupted, apply the stored
         tasks, and dispatch. Idempotent.
 
+        A manager that was given a lease (:meth:`use_lease`) or a fence schedules under it. One
+        used as a library takes the scheduling lease itself if it is free (and renews it until
+        :meth:`shutdown`); if another process holds it, this manager schedules nothing and is
+        a client of that process (see the module's docstring).
+
         By default only this node's runs left ``running`` are recorded interrupted (another
         process may be running its own). A service that has just taken the scheduling lease
         passes ``takeover=True``: every run left ``running`` belonged to a leader now gone.
@@ -418,9 +575,15 @@ class CronManager:
         async with self._start_lock:
             if self._scheduler is not None and self._scheduler.dispatching:
                 return
+            if self._lease is None and self.fence is None:
+                if not await self._take_own_lease():
+                    return
+                takeover = True
             self._closing = False
+            config = get_config()
             # 0 in the configuration means no limit.
-            self._default_timeout = float(get_config().get("cron.default_timeout", 0.0)) or None
+            self._default_timeout = float(config.get("cron.default_timeout", 0.0)) or None
+            self._overrun_intervals = float(config.get("cron.overrun_intervals", 3.0))
             engine = await asyncio.to_thread(lambda: self.engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
@@ -436,46 +599,247 @@ class CronManager:
             self._first_reconcile = True
             self._last_reconcile = 0.0
             self._applied.clear()
+            # Before the first pass, in the worker: a pass's own claims must not be mistaken
+            # for a gone process's undispatched ones.
+            try:
+                orphans = await asyncio.get_running_loop().run_in_executor(
+                    scheduler.worker, self._recover, scheduler, takeover
+                )
+            except Exception as exc:
+                log.error("cron.recovery_failed", error=_text(exc))
+                orphans = []
             scheduler.start()
             self._scheduler = scheduler
+            for component in orphans:
+                self._forget_health(component[len(TASK_PREFIX) :])
+            # Tasks only this process can build, started before a lease was lost and regained
+            # (or a shutdown and a new start), are scheduled again: their first run is now.
+            now = self._clock()
+            for name in sorted(self._started):
+                definition = self._ephemeral.get(name)
+                if definition is not None:
+                    await scheduler.run_in_worker(self._add_ephemeral, scheduler, definition, now)
+            self._arm_watch()
+            self._register_exit_hook()
             log.info("cron.scheduler_started", node=self.node, poll_interval_s=self.poll_interval)
+
+    async def _take_own_lease(self) -> bool:
+        """Library use: take the scheduling lease if it is free. False: another process holds
+        it, and this manager is its client until the lease is free (see _keep_lease)."""
+        lease = self._candidate
+        if lease is None:
+            engine = await asyncio.to_thread(lambda: self.engine)
+            ttl = float(get_config().get("service.lease_ttl", 10.0))
+            lease = self._candidate = SchedulerLease(engine, holder_id(self.node), ttl)
+        if self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep_lease(lease), name="nanobot-cron-lease"
+            )
+        if await asyncio.to_thread(lease.try_acquire):
+            self._adopt(lease)
+            return True
+        info = await asyncio.to_thread(lease.holder)
+        holder = (info.holder if info is not None else None) or "another process"
+        if self._client != holder:
+            log.info(
+                "cron.client_of_scheduler",
+                node=self.node,
+                scheduler=holder,
+                consequence="tasks started here are stored and scheduled by that process",
+            )
+        self._client = holder
+        return False
+
+    def _adopt(self, lease: SchedulerLease) -> None:
+        self._lease, self._own_lease, self.fence = lease, True, lease.verify
+        self._client = None
+
+    async def _keep_lease(self, lease: SchedulerLease) -> None:
+        """Renew this manager's own lease every ttl/3; when it is lost, stop dispatching at
+        once. While it is not held (lost, or held by another process: a client), try to take
+        it at the same rate, and schedule once it is taken (the tasks only this process can
+        build included): like a standby service, so that a script restarted after a crash
+        schedules again once the dead holder's lease has expired."""
+        period = lease.ttl / 3
+        while True:
+            await asyncio.sleep(period)
+            if self._lease is lease:
+                renewed = False
+                budget = lease.seconds_left() - period
+                if budget > 0:
+                    try:
+                        renewed = await asyncio.wait_for(
+                            asyncio.to_thread(lease.renew), timeout=budget
+                        )
+                    except Exception as exc:
+                        log.warning("cron.lease_renew_failed", error=_text(exc))
+                if renewed and lease.seconds_left() > period:
+                    continue
+                log.warning("cron.lease_lost", holder=lease.node, action="stop dispatching")
+                await asyncio.shield(
+                    self._stop_dispatching(0.0, "the node lost the scheduling lease")
+                )
+                self._lease, self.fence, self._own_lease = None, None, False
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.to_thread(lease.release), timeout=period)
+                continue
+            try:
+                acquired = await asyncio.wait_for(
+                    asyncio.to_thread(lease.try_acquire), timeout=period
+                )
+            except Exception as exc:
+                log.warning("cron.lease_unavailable", error=_text(exc))
+                acquired = False
+            if acquired:
+                log.info("cron.lease_taken", holder=lease.node, epoch=lease.epoch)
+                self._adopt(lease)
+                await asyncio.shield(self.start(takeover=True))
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop dispatching, let runs in flight finish for up to ``grace`` seconds, cancel the
-        rest (recorded ``cancelled``) and write all history. Schedules stay stored. Idempotent."""
-        scheduler = self._scheduler
-        if scheduler is None or self._closing:
-            return
-        if grace is None:
-            grace = float(get_config().get("service.shutdown_grace", 10.0))
-        # Let the pass in progress hand over what it claimed before nothing more may start.
-        await scheduler.quiesce()
-        self._closing = True
-        # Slots claimed ahead of their time and not started yet: recorded cancelled.
-        for slot, (handle, _) in list(self._delayed.items()):
+        rest (recorded ``cancelled``) and write all history; slots claimed ahead of their
+        instant are released (caught up at the next start). Schedules stay stored. A lease this
+        manager took itself is released. Idempotent."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        await self._stop_dispatching(grace, "the scheduler shut down")
+        self._candidate = None
+        if self._own_lease and self._lease is not None:
+            lease, self._lease, self.fence, self._own_lease = self._lease, None, None, False
+            try:
+                await asyncio.to_thread(lease.release)
+            except Exception as exc:
+                log.warning("cron.lease_release_failed", error=_text(exc))
+
+    async def _stop_dispatching(self, grace: float | None, reason: str) -> None:
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            scheduler = self._scheduler
+            if scheduler is None or self._closing:
+                return
+            if grace is None:
+                grace = float(get_config().get("service.shutdown_grace", 10.0))
+            # Let the pass in progress hand over what it claimed before nothing more may start.
+            await scheduler.quiesce()
+            self._closing = True
+            self._disarm_watch()
+            if self._marking:
+                await asyncio.wait(set(self._marking), timeout=MARK_WAIT_S)
+            # Slots claimed ahead of their instant and not started: they were never due.
+            unstarted = self._take_unstarted()
+            if unstarted:
+                await scheduler.run_in_worker(self._release_unstarted, scheduler, unstarted)
+            running = [t for t in self._inflight.values() if not t.done()]
+            if running and grace > 0:
+                log.info("cron.waiting_for_runs", count=len(running), grace_s=grace)
+                await asyncio.wait(running, timeout=grace)
+            for name in list(self._inflight):
+                await self._cancel_and_wait(name, reason)
+            try:
+                async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+                    await self.flush()
+            except TimeoutError:
+                # The database does not answer: stop anyway. The claims of these runs stay
+                # "running" and are recorded interrupted when a scheduler next starts.
+                log.error("cron.history_unwritten", count=len(self._pending))
+                if self._flusher is not None:
+                    self._flusher.cancel()
+                self._pending = []
+            await asyncio.to_thread(scheduler.close)
+            self._scheduler = None
+            for task in self._registered.values():
+                task.set_running(False)
+            log.info("cron.scheduler_stopped", node=self.node, reason=reason)
+
+    def _take_unstarted(self) -> list[_Launch]:
+        """Every claimed slot this process has not started: timers cancelled, lists emptied."""
+        unstarted: list[_Launch] = []
+        for handle, launches in self._delayed.values():
             handle.cancel()
-            self._launch_delayed(slot)
-        running = [t for t in self._inflight.values() if not t.done()]
-        if running and grace > 0:
-            log.info("cron.waiting_for_runs", count=len(running), grace_s=grace)
-            await asyncio.wait(running, timeout=grace)
-        for name in list(self._inflight):
-            await self._cancel_and_wait(name, "the scheduler shut down")
+            unstarted.extend(launches)
+        self._delayed.clear()
+        unstarted.extend(self._held_back)
+        self._held_back = []
+        with self._lock:
+            unstarted.extend(self._handed.values())
+            self._handed.clear()
+        return unstarted
+
+    def _release_unstarted(
+        self, scheduler: NanobotScheduler | None, launches: list[_Launch]
+    ) -> None:
+        """Release claims that never started (worker thread, or the exiting main thread).
+
+        Their rows go and their jobs move back to them, in one transaction fenced by the
+        lease, so that each slot runs at its instant or is caught up at the next start. A node
+        that no longer leads only says they never started, for the next leader to release.
+        """
+        ids = [launch.run_id for launch in launches]
         try:
-            async with asyncio.timeout(SHUTDOWN_FLUSH_S):
-                await self.flush()
-        except TimeoutError:
-            # The database does not answer: stop anyway. The claims of these runs stay
-            # "running" and are recorded interrupted when a scheduler next starts.
-            log.error("cron.history_unwritten", count=len(self._pending))
-            if self._flusher is not None:
-                self._flusher.cancel()
-            self._pending = []
-        await asyncio.to_thread(scheduler.close)
-        self._scheduler = None
-        for task in self._registered.values():
-            task.set_running(False)
-        log.info("cron.scheduler_stopped", node=self.node)
+            with write_transaction(self.engine) as conn:
+                self._check_fence(conn)
+                released = history.release_claims(conn, ids)
+                stored = [r for r in released if r[0] not in self._ephemeral]
+                self._rewind(conn, scheduler, stored)
+        except NotLeaderError:
+            log.warning("cron.claims_left", count=len(ids), reason="this node no longer leads")
+            try:
+                history.undispatch(self.engine, ids)
+            except Exception as exc:
+                log.error("cron.release_failed", count=len(ids), error=_text(exc))
+            return
+        except Exception as exc:
+            log.error("cron.release_failed", count=len(ids), error=_text(exc))
+            return
+        if released:
+            log.info(
+                "cron.claims_released",
+                count=len(released),
+                reason="claimed ahead of an instant that had not come",
+            )
+
+    def _rewind(
+        self,
+        conn: Connection,
+        scheduler: NanobotScheduler | None,
+        released: list[tuple[str, datetime, bool]],
+    ) -> None:
+        earliest: dict[str, datetime] = {}
+        for name, slot, manual in released:
+            if not manual and (name not in earliest or slot < earliest[name]):
+                earliest[name] = slot
+        if scheduler is not None and earliest:
+            scheduler.rewind(conn, earliest)
+        history.restore_slots(conn, released)
+
+    def _register_exit_hook(self) -> None:
+        # A script may return from asyncio.run() right after start_task, without shutdown():
+        # what this manager still holds is written when the interpreter exits.
+        if not self._exit_hook:
+            self._exit_hook = True
+            atexit.register(_at_exit, weakref.ref(self))
+
+    def _exit_flush(self) -> None:
+        """At interpreter exit: write recorded outcomes, release unstarted claims and this
+        manager's own lease. Synchronous: no event loop runs any more."""
+        unstarted = self._take_unstarted()
+        if unstarted:
+            self._release_unstarted(self._scheduler, unstarted)
+        pending, self._pending = self._pending, []
+        if pending:
+            try:
+                fenced = history.write_finishes(self.engine, pending)
+            except Exception as exc:
+                log.error("cron.history_unwritten", count=len(pending), error=_text(exc))
+            else:
+                self._log_fenced([f for f in fenced if f.recorded != f.finish.outcome.value])
+        if self._own_lease and self._lease is not None:
+            lease, self._lease, self._own_lease = self._lease, None, False
+            with contextlib.suppress(Exception):
+                lease.release()
 
     async def flush(self) -> None:
         """Wait until every recorded outcome is written to the database."""
@@ -502,7 +866,10 @@ class CronManager:
         claims: list[Claim] = []
         unrun: list[Finish] = []
         next_runs: dict[str, tuple[datetime | None, int]] = {}
-        launches: dict[tuple[str, datetime], tuple[str, dict[str, Any], bool]] = {}
+        launches: dict[tuple[str, datetime], tuple[str, dict[str, Any], bool, bool]] = {}
+        # A slot this close is dispatched by its claim; one further ahead is marked just
+        # before its instant, so that a stop or a crash before then leaves it to catch up.
+        dispatch_by = now + timedelta(seconds=DISPATCH_AHEAD)
         for job in due:
             version = self._applied.get(job.name)
             if job.store == PERSISTENT and version is not None:
@@ -516,18 +883,22 @@ class CronManager:
                         outcome=TaskOutcome.MISSED,
                         started_at=None,
                         finished_at=now,
-                        error=f"{job.missed_count} slot(s) passed while nothing could run them",
+                        error=(
+                            f"{'at least ' if job.missed_capped else ''}{job.missed_count} "
+                            "slot(s) passed while nothing could run them"
+                        ),
                         slots=job.missed_count,
                         node=self.node,
                     )
                 )
             if job.run_slot is None:
                 continue
-            claims.append(Claim(job.name, job.run_slot))
-            launches[(job.name, job.run_slot)] = (job.task_class, job.kwargs, False)
+            dispatched = job.run_slot <= dispatch_by
+            claims.append(Claim(job.name, job.run_slot, dispatched=dispatched))
+            launches[(job.name, job.run_slot)] = (job.task_class, job.kwargs, False, dispatched)
         for name, slot, task_class, kwargs in manual:
             claims.append(Claim(name, slot, manual=True))
-            launches[(name, slot)] = (task_class, kwargs, True)
+            launches[(name, slot)] = (task_class, kwargs, True, True)
         claimed: dict[tuple[str, datetime], int] = {}
         if due or claims or unrun:
             with write_transaction(engine) as conn:
@@ -548,14 +919,19 @@ class CronManager:
         # Grouped by instant here, in the worker, so that the loop only arms one timer per
         # instant: sorting thousands of launches there would hold it for tens of milliseconds.
         groups: dict[datetime, list[_Launch]] = {}
-        for key, (task_class, kwargs, is_manual) in launches.items():
+        for key, (task_class, kwargs, is_manual, dispatched) in launches.items():
             run_id = claimed.get(key)
             if run_id is None:
                 log.info("cron.slot_already_claimed", task=key[0], scheduled_at=key[1].isoformat())
                 continue
             launch = self._prepare(key[0], task_class, kwargs, key[1], run_id, is_manual)
+            if not dispatched:
+                launch = replace(launch, dispatched=False)
             groups.setdefault(NOW_SLOT if is_manual else key[1], []).append(launch)
         if groups:
+            with self._lock:
+                for group in groups.values():
+                    self._handed.update((launch.run_id, launch) for launch in group)
             scheduler.call_soon(self._launch_groups, groups)
         if unrun:
             scheduler.call_soon(self._announce_batch, unrun)
@@ -579,6 +955,28 @@ class CronManager:
         count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
         self._lead = min(MAX_LEAD, max(SCHEDULE_LEAD, 2 * count * self._cost_per_job))
         return max(0.0, (next_run - self._clock()).total_seconds() - self._lead)
+
+    def _recover(self, scheduler: NanobotScheduler, takeover: bool) -> list[str]:
+        """Before a scheduler's first pass: catch up the slots a gone process claimed but never
+        dispatched, and drop the components of tasks that no longer exist (returned, for the
+        monitor to forget too)."""
+        with write_transaction(self.engine) as conn:
+            self._check_fence(conn)
+            released = history.release_undispatched(conn, node=None if takeover else self.node)
+            self._rewind(conn, scheduler, released)
+            names = set(conn.execute(select(Task.name)).scalars())
+            with self._lock:
+                names.update(self._ephemeral)
+            orphans = drop_components(conn, TASK_PREFIX, names)
+        if released:
+            log.info(
+                "cron.claims_released",
+                count=len(released),
+                reason="claimed but never dispatched by a process that is gone",
+            )
+        for component in orphans:
+            log.info("cron.component_dropped", component=component, reason="its task is gone")
+        return orphans
 
     def _check_fence(self, conn: Connection) -> None:
         if self.fence is not None and not self.fence(conn):
@@ -632,6 +1030,7 @@ class CronManager:
         for row in rows:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
+            self._periods[row.name] = definition.interval
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -651,6 +1050,7 @@ class CronManager:
         for name in removed:
             self._applied.pop(name, None)
             self._policies.pop(name, None)
+            self._periods.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
             scheduler.call_soon(self._forget_health, name)
@@ -678,8 +1078,16 @@ class CronManager:
                 log.info("cron.job_paused", task=row.name)
             return None
         anchor: datetime = row.anchor_at or now
+        schedule = definition.the_schedule
+        next_run: datetime | None
         if job is None:
-            next_run = row.next_run_at or grid_slot_at_or_after(anchor, definition.interval, now)
+            next_run = row.next_run_at or slot_at_or_after(schedule, now, anchor=anchor)
+            if isinstance(schedule, AtSchedule) and (
+                row.last_run_at is not None or row.next_run_at is None
+            ):
+                # A one-shot that ran (or was recorded missed) is done, even if its job went
+                # missing: only adding or starting it gives it a next run.
+                next_run = None
             to_add.append(
                 JobSpec(
                     name=row.name,
@@ -688,23 +1096,36 @@ class CronManager:
                     interval=definition.interval,
                     anchor=anchor,
                     next_run_at=next_run,
+                    schedule=schedule,
                 )
             )
-            log.debug("cron.job_added", task=row.name, next_run_at=next_run.isoformat())
+            log.debug("cron.job_added", task=row.name, next_run_at=_iso(next_run))
             return next_run
         changes: dict[str, Any] = {}
         if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
             changes["task_class"] = definition.task_class
             changes["kwargs"] = definition.kwargs
         next_run = job.next_run_at
-        if job.interval != definition.interval or job.anchor != anchor:
-            changes["interval"] = definition.interval
+        if job.schedule != schedule or (
+            isinstance(schedule, IntervalSchedule) and job.anchor != anchor
+        ):
+            changes["schedule"] = schedule
             changes["anchor"] = anchor
             if job.next_run_at is not None:
-                next_run = anchor
+                # An interval keeps its phase (the control plane moved the anchor to the next
+                # slot); another schedule starts from its own next slot.
+                next_run = (
+                    anchor
+                    if isinstance(schedule, IntervalSchedule)
+                    else row.next_run_at or slot_at_or_after(schedule, now)
+                )
                 changes["next_run_at"] = next_run
-        if job.next_run_at is None:
-            next_run = grid_slot_at_or_after(anchor, definition.interval, now)
+        if job.next_run_at is None and not (
+            isinstance(schedule, AtSchedule) and row.last_run_at is not None
+        ):
+            # Resumed: the next slot of the schedule from now (interval: on its grid). A
+            # one-shot whose time passed while it was paused has none.
+            next_run = slot_at_or_after(schedule, now, anchor=anchor)
             changes["next_run_at"] = next_run
         if changes:
             scheduler.change(row.name, store=PERSISTENT, **changes)
@@ -723,7 +1144,8 @@ class CronManager:
             kwargs=definition.kwargs,
             interval=definition.interval,
             anchor=now,
-            next_run_at=now,
+            next_run_at=control.first_run(definition.the_schedule, now),
+            schedule=definition.the_schedule,
         )
 
     def _claim_manual_ephemeral(self, definition: TaskDefinition) -> None:
@@ -795,13 +1217,27 @@ class CronManager:
 
     def _launch_groups(self, groups: dict[datetime, list[_Launch]]) -> None:
         """Start each instant's launches at that instant: one timer per instant, so that a
-        burst of thousands at one instant costs the loop one timer, not thousands."""
+        burst of thousands at one instant costs the loop one timer, not thousands. A group
+        with undispatched slots fires :data:`MARK_AHEAD` early, to mark them first."""
         loop = asyncio.get_running_loop()
         now = self._clock()
+        with self._lock:
+            for launches in groups.values():
+                for launch in launches:
+                    self._handed.pop(launch.run_id, None)
         for slot, launches in groups.items():
+            if self._closing:
+                self._held_back.extend(launches)
+                continue
             early = (slot - now).total_seconds()
+            marking = not all(launch.dispatched for launch in launches)
+            if marking:
+                early -= MARK_AHEAD
             if early <= 0:
-                self._launch_chunks(launches)
+                if marking:
+                    self._delayed[slot] = (loop.call_soon(self._launch_delayed, slot), launches)
+                else:
+                    self._launch_chunks(launches)
                 continue
             pending = self._delayed.get(slot)
             if pending is None:
@@ -819,11 +1255,48 @@ class CronManager:
 
     def _launch_delayed(self, slot: datetime) -> None:
         group = self._delayed.pop(slot, None)
-        if group is not None:
-            self._launch_chunks(group[1])
+        if group is None:
+            return
+        waiting = [launch for launch in group[1] if not launch.dispatched]
+        ready = [launch for launch in group[1] if launch.dispatched]
+        if waiting:
+            task = asyncio.get_running_loop().create_task(self._mark_and_launch(slot, waiting))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+        if ready:
+            self._launch_groups({slot: ready})
+
+    async def _mark_and_launch(self, slot: datetime, launches: list[_Launch]) -> None:
+        """Mark slots claimed ahead as dispatched (fenced), then start them at their instant."""
+        ids = [launch.run_id for launch in launches]
+        try:
+            marked = await asyncio.to_thread(history.mark_dispatched, self.engine, ids, self.fence)
+        except Exception as exc:
+            # Not marked, so not started: released (and caught up) rather than lost.
+            log.error("cron.dispatch_failed", count=len(ids), error=_text(exc))
+            self._release_soon(launches)
+            return
+        if len(marked) < len(ids):
+            log.warning(
+                "cron.slots_not_dispatched",
+                count=len(ids) - len(marked),
+                reason="released by another node, or this node no longer leads",
+            )
+        ready = [replace(launch, dispatched=True) for launch in launches if launch.run_id in marked]
+        if ready:
+            self._launch_groups({slot: ready})
+
+    def _release_soon(self, launches: list[_Launch]) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None and not scheduler.worker._shutdown:
+            self._spawn(scheduler.run_in_worker(self._release_unstarted, scheduler, launches))
+        else:
+            self._held_back.extend(launches)
 
     def _cancel_delayed(self, name: str, reason: str) -> None:
-        """Record as cancelled the claimed slots of ``name`` that have not started yet."""
+        """Release the claimed slots of ``name`` that have not started yet (its job stopped,
+        removed or unregistered: a slot that never came is not recorded as cancelled)."""
+        del reason
         for slot, (handle, launches) in list(self._delayed.items()):
             mine = [launch for launch in launches if launch.name == name]
             if not mine:
@@ -834,8 +1307,23 @@ class CronManager:
             else:
                 handle.cancel()
                 del self._delayed[slot]
-            for launch in mine:
-                self._end_unstarted(launch, TaskOutcome.CANCELLED, reason)
+            self._release_soon(mine)
+
+    def _undispatch_soon(self, run_id: int) -> None:
+        self._undispatch.append(run_id)
+        if len(self._undispatch) == 1:
+            asyncio.get_running_loop().call_soon(self._write_undispatch)
+
+    def _write_undispatch(self) -> None:
+        ids, self._undispatch = self._undispatch, []
+
+        def write() -> None:
+            try:
+                history.undispatch(self.engine, ids)
+            except Exception as exc:
+                log.error("cron.undispatch_failed", count=len(ids), error=_text(exc))
+
+        self._spawn(asyncio.to_thread(write))
 
     def _announce_batch(self, finishes: list[Finish]) -> None:
         for finish in finishes:
@@ -859,7 +1347,18 @@ class CronManager:
 
     def _launch(self, launch: _Launch) -> None:
         if self._closing:
-            self._end_unstarted(launch, TaskOutcome.CANCELLED, "the scheduler was shutting down")
+            self._held_back.append(launch)
+            return
+        if not self._holds_lease():
+            # Frozen past the lease, or it could not be renewed: another node may lead now.
+            # The slot never started here; whoever leads next catches it up.
+            log.warning(
+                "cron.start_refused",
+                task=launch.name,
+                run_id=launch.run_id,
+                reason="this node no longer holds the scheduling lease",
+            )
+            self._undispatch_soon(launch.run_id)
             return
         if self._busy(launch.name):
             # Runs never overlap: the slot is recorded skipped, and the run in flight goes on.
@@ -880,6 +1379,12 @@ class CronManager:
             self._execute(launch, task), name=f"nanobot-task:{launch.name}"
         )
         self._inflight[launch.name] = run
+        self._run_started[launch.name] = (
+            launch.run_id,
+            launch.slot,
+            time.monotonic(),
+            task.get_interval(),
+        )
         task.set_task(run)
         task.set_running(True)
 
@@ -902,7 +1407,9 @@ class CronManager:
                         manual=launch.manual,
                     )
                 async with deadline:
-                    await task.run()
+                    # Every step of the run is fenced by the lease and timed (a step that
+                    # blocks the loop is named as the cause of the loop's lag).
+                    await Stepper(task.run(), f"task {launch.name}", fence=self._step_fence())
             except TimeoutError as exc:
                 if deadline.expired():
                     outcome = TaskOutcome.TIMEOUT
@@ -912,6 +1419,10 @@ class CronManager:
                     outcome = TaskOutcome.ERROR
                     error = f"TimeoutError: {exc}"
                     log.exception("task.failed")
+            except FencedError:
+                outcome = TaskOutcome.CANCELLED
+                error = "this node lost the scheduling lease while the run was in flight"
+                log.warning("task.fenced", reason=error)
             except asyncio.CancelledError:
                 outcome = TaskOutcome.CANCELLED
                 error = self._cancel_reasons.pop(launch.name, "the run was cancelled")
@@ -924,10 +1435,13 @@ class CronManager:
                 finished = self._clock()
                 if self._inflight.get(launch.name) is asyncio.current_task():
                     del self._inflight[launch.name]
+                    self._run_started.pop(launch.name, None)
+                    self._overrunning.discard(launch.name)
                 task.set_task(None)
                 duration = (finished - started).total_seconds()
                 log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
-                self._health(launch.name, task.get_interval(), outcome, error)
+                period = self._periods.get(launch.name, task.get_interval())
+                self._health(launch.name, period, outcome, error)
                 self._record(
                     Finish(
                         task=launch.name,
@@ -939,6 +1453,42 @@ class CronManager:
                         error=error,
                     )
                 )
+
+    def _step_fence(self) -> Callable[[], bool] | None:
+        return self._holds_lease if self._lease is not None else None
+
+    # --- overruns (event loop) -----------------------------------------------------------------
+
+    def _arm_watch(self) -> None:
+        if self._overrun_intervals > 0 and self._watch is None:
+            period = min(WATCH_PERIOD_S, self.poll_interval)
+            self._watch = asyncio.get_running_loop().call_later(period, self._watch_runs)
+
+    def _disarm_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _watch_runs(self) -> None:
+        """Put a task whose run has been in flight longer than its bound in error, once per
+        run; the run's end (a success) clears it."""
+        self._watch = None
+        if self._closing or self._scheduler is None:
+            return
+        now = time.monotonic()
+        for name, (run_id, _slot, started, interval) in list(self._run_started.items()):
+            bound = self._overrun_intervals * interval
+            age = now - started
+            if name in self._overrunning or age <= bound:
+                continue
+            self._overrunning.add(name)
+            text = (
+                f"a run in flight for {age:.1f}s, longer than its bound of {bound:g}s "
+                f"({self._overrun_intervals:g} intervals)"
+            )
+            log.warning("task.overrunning", task=name, run_id=run_id, age_s=round(age, 3))
+            self._health(name, interval, TaskOutcome.TIMEOUT, text)
+        self._arm_watch()
 
     def _record(self, finish: Finish) -> None:
         self._pending.append(finish)
@@ -981,14 +1531,37 @@ class CronManager:
             try:
                 scheduler = self._scheduler
                 if scheduler is not None and not scheduler.worker._shutdown:
-                    await scheduler.run_in_worker(history.write_finishes, self.engine, batch)
+                    fenced = await scheduler.run_in_worker(
+                        history.write_finishes, self.engine, batch
+                    )
                 else:
-                    await asyncio.to_thread(history.write_finishes, self.engine, batch)
+                    fenced = await asyncio.to_thread(history.write_finishes, self.engine, batch)
+                self._log_fenced(fenced)
+            except asyncio.CancelledError:
+                # The loop ends (a script returned without shutdown()): the exit hook writes it.
+                self._pending = batch + self._pending
+                raise
             except Exception:
                 # Keep the outcomes and try again: history is never dropped for a passing fault.
                 log.exception("cron.history_write_failed", pending=len(batch))
                 self._pending = batch + self._pending
                 await asyncio.sleep(FLUSH_RETRY_S)
+
+    def _log_fenced(self, fenced: list[Fenced]) -> None:
+        for item in fenced:
+            finish = item.finish
+            log.warning(
+                "cron.fenced_finish",
+                task=finish.task,
+                run_id=finish.run_id,
+                scheduled_at=finish.scheduled_at.isoformat(),
+                outcome=finish.outcome.value,
+                started_at=finish.started_at.isoformat() if finish.started_at else None,
+                finished_at=finish.finished_at.isoformat(),
+                recorded=item.recorded,
+                node=self.node,
+                reason="another node settled this run first; its record stands",
+            )
 
     def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
         self._cancel_delayed(name, reason)
@@ -1024,6 +1597,25 @@ class CronManager:
 
 _manager: CronManager | None = None
 _manager_lock = threading.Lock()
+
+
+def _at_exit(ref: weakref.ref[CronManager]) -> None:
+    manager = ref()
+    if manager is not None:
+        try:
+            manager._exit_flush()
+        except Exception:
+            log.exception("cron.exit_flush_failed")
+
+
+def _text(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def runs_in_flight() -> list[RunInFlight]:
+    """The runs in flight of the process-wide manager (none if there is no manager)."""
+    manager = _manager
+    return manager.runs_in_flight() if manager is not None else []
 
 
 def get_cron_manager() -> CronManager:

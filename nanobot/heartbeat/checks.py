@@ -94,3 +94,6 @@ def register_builtin_components(monitor: HeartbeatMonitor) -> None:
     monitor.register_component("session", make_session_check(engine))
     monitor.register_component("database", make_database_check(engine))
     monitor.register_component("cron")
+    # Beaten by each cycle while the loop's lag stays low; in error, naming the cause, when
+    # something blocked the loop (see nanobot.loopwatch).
+    monitor.register_component("event_loop")

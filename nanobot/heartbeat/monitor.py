@@ -49,6 +49,7 @@ from nanobot.heartbeat.store import (
     ErrorRow,
     HeartbeatRow,
 )
+from nanobot.loopwatch import LagProbe, last_hold
 from nanobot.models import NAME_MAX, ComponentStatus, utcnow
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,11 @@ Clock = Callable[[], datetime]
 STALE_REASON: Final = "heartbeat timeout"
 # A check never gets more than this share of the interval, so one cycle cannot run into the next.
 CHECK_TIMEOUT_SHARE: Final = 0.8
+# The component that stands for this process's event loop (see initialize_heartbeat).
+EVENT_LOOP_COMPONENT: Final = "event_loop"
+# A lag of the event loop this long (seconds) in a cycle puts ``event_loop`` in error: timers,
+# lease renewals and task starts were that late.
+LOOP_LAG_ERROR_S: Final = 1.0
 # Errors and transitions queued while the database cannot be written are kept up to this many;
 # past it the oldest are dropped, counted and logged, so a long outage cannot exhaust memory.
 MAX_PENDING: Final = 10_000
@@ -170,6 +176,9 @@ class HeartbeatMonitor:
         self._load_lock: asyncio.Lock | None = None
         self._cycle_lock: asyncio.Lock | None = None
         self._inflight: asyncio.Future[None] | None = None
+        # The event loop's lag, measured on the loop while the monitor runs.
+        self._probe = LagProbe()
+        self.last_loop_lag = 0.0
 
     # --- time and the database ------------------------------------------------------------
 
@@ -601,6 +610,7 @@ class HeartbeatMonitor:
                     self._succeed(comp, now, "health check passed")
                 else:
                     self._fail(comp, now, outcome.reason or "health check failed")
+        self._judge_loop(now)
         status = self.get_system_status()
         counts = status["components"]
         await self._persist(
@@ -618,6 +628,33 @@ class HeartbeatMonitor:
         await self._publish("heartbeat", {"timestamp": stamp, "status": status})
         log.debug("heartbeat.cycle", node=self.node, status=status["status"], **counts)
         return status
+
+    def _judge_loop(self, now: datetime) -> None:
+        """Beat ``event_loop``, or put it in error naming what blocked the loop, if known."""
+        if not self._running:
+            return
+        lag, since = self._probe.take()
+        self.last_loop_lag = lag
+        with self._lock:
+            comp = self._components.get(EVENT_LOOP_COMPONENT)
+            if comp is None or not comp.registered:
+                return
+            if lag < LOOP_LAG_ERROR_S:
+                self._succeed(comp, now, "event loop lag below the limit")
+                return
+            hold = last_hold(since)
+            cause = f" by the {hold.owner} ({hold.seconds:.2f}s in one step)" if hold else ""
+            log.warning(
+                "heartbeat.loop_blocked",
+                node=self.node,
+                lag_s=round(lag, 3),
+                cause=hold.owner if hold else None,
+            )
+            self._fail(comp, now, f"the event loop was blocked for {lag:.2f}s{cause}")
+
+    def loop_lag(self) -> float:
+        """The event loop's worst lag over the last cycle (or since, if worse), in seconds."""
+        return max(self.last_loop_lag, self._probe.worst)
 
     async def flush(self) -> None:
         """Write what changed since the last cycle and publish its transitions, now."""
@@ -751,6 +788,7 @@ class HeartbeatMonitor:
         await self._ensure_loaded()
         if not self._running:  # stopped while loading
             return
+        self._probe.start()
         self.monitor_task = asyncio.get_running_loop().create_task(
             self._monitor_loop(), name="heartbeat-monitor"
         )
@@ -766,6 +804,7 @@ class HeartbeatMonitor:
         if not self._running:
             return
         self._running = False
+        self._probe.stop()
         task, self.monitor_task = self.monitor_task, None
         if task is not None:
             task.cancel()
@@ -808,6 +847,8 @@ class HeartbeatMonitor:
     def _abandon(self) -> None:
         """Drop the loop without I/O (tests' reset); the final state is not written."""
         self._running = False
+        with contextlib.suppress(RuntimeError):  # its loop may be closed already
+            self._probe.stop()
         task, self.monitor_task = self.monitor_task, None
         if task is not None and not task.done():
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
@@ -840,6 +881,14 @@ def reset_heartbeat_monitor() -> None:
         monitor, _monitor = _monitor, None
     if monitor is not None:
         monitor._abandon()
+
+
+def current_loop_lag() -> float | None:
+    """The process-wide monitor's event-loop lag (seconds), or None if it does not run."""
+    monitor = _monitor
+    if monitor is None or not monitor.running:
+        return None
+    return monitor.loop_lag()
 
 
 def initialize_heartbeat() -> HeartbeatMonitor:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from nanobot.loopwatch import HOLD_REPORT_S, Stepper
 from nanobot.models import bound_error
 
 # A health check: no arguments; a truthy result (or awaited result) means healthy.
@@ -43,11 +44,15 @@ def is_async_callable(func: Any) -> bool:
 
 def error_text(error: Any) -> str:
     """A bounded, readable text of an error: ``Type: message`` for an exception."""
-    if isinstance(error, BaseException):
-        message = str(error)
-        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    else:
-        text = str(error)
+    try:
+        if isinstance(error, BaseException):
+            message = str(error)
+            text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        else:
+            text = str(error)
+    except Exception:
+        # Its own __str__ raised: name its type rather than fail the caller.
+        text = f"{type(error).__name__} (its text cannot be shown)"
     return bound_error(text) or "(no message)"
 
 
@@ -91,6 +96,8 @@ class CheckSlot:
         self.name = name
         self._task: asyncio.Task[Any] | None = None
         self._thread: threading.Thread | None = None
+        # The longest step of the last async run: how long it held the event loop at once.
+        self.held = 0.0
 
     def busy(self) -> bool:
         """The previous run has not finished (a hung thread, a task that ignores cancelling)."""
@@ -105,8 +112,9 @@ class CheckSlot:
         return self._task
 
     async def _invoke(self) -> Any:
+        self.held = 0.0
         if is_async_callable(self.check):
-            result = await self.check()
+            result = await self._stepped(self.check())
         else:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[Any] = loop.create_future()
@@ -121,8 +129,25 @@ class CheckSlot:
             await asyncio.to_thread(self._thread.start)
             result = await future
         if inspect.isawaitable(result):  # a plain callable that returned a coroutine
-            result = await result
+            result = await (self._stepped(result) if inspect.iscoroutine(result) else result)
         return result
+
+    async def _stepped(self, coro: Any) -> Any:
+        # Each step is timed, so that a check that blocks the loop is named as the cause.
+        stepper = Stepper(coro, f"health check of component {self.name}")
+        try:
+            return await stepper
+        finally:
+            self.held = max(self.held, stepper.held)
+
+    def held_reason(self) -> str | None:
+        """Why this check fails for holding the event loop, or None if it did not."""
+        if self.held < HOLD_REPORT_S:
+            return None
+        return (
+            f"health check held the event loop for {self.held:.2f}s in one step: "
+            "an async check must not block (run blocking work in a thread)"
+        )
 
 
 async def run_checks(
@@ -130,20 +155,28 @@ async def run_checks(
 ) -> list[tuple[K, Outcome]]:
     """Run every check at once and wait ``check_timeout`` seconds at most for all of them.
 
-    A check passes when its result is truthy; it fails when it raises, returns a false value,
-    times out or is still running from an earlier call. Never raises for a check.
+    A check passes when its result is truthy; it fails when it raises, returns a false value
+    (or one whose truth cannot be told), times out, is still running from an earlier call, or
+    held the event loop in one step for :data:`nanobot.loopwatch.HOLD_REPORT_S` or more (a
+    blocking call in an async check). Never raises for a check.
     """
     outcomes: list[tuple[K, Outcome]] = []
-    tasks: dict[asyncio.Task[Any], K] = {}
+    tasks: dict[asyncio.Task[Any], tuple[K, CheckSlot]] = {}
     for key, slot in slots:
         if slot.busy():
             outcomes.append((key, Outcome(False, CHECK_BUSY_REASON)))
         else:
-            tasks[slot.start()] = key
+            tasks[slot.start()] = (key, slot)
     if not tasks:
         return outcomes
     try:
         done, pending = await asyncio.wait(tasks, timeout=check_timeout)
+        held = max((slot.held for _, slot in tasks.values()), default=0.0)
+        if pending and held >= HOLD_REPORT_S:
+            # A check that blocked the loop ate the others' time: they get it back, so that
+            # only the culprit is blamed.
+            more, pending = await asyncio.wait(pending, timeout=min(held, check_timeout))
+            done |= more
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()
@@ -152,18 +185,38 @@ async def run_checks(
     for task in pending:
         task.cancel()
         task.add_done_callback(_consume)
-        outcomes.append(
-            (tasks[task], Outcome(False, f"health check timed out after {check_timeout:g}s"))
-        )
+        key, slot = tasks[task]
+        reason = slot.held_reason() or f"health check timed out after {check_timeout:g}s"
+        outcomes.append((key, Outcome(False, reason)))
     for task in done:
+        key, slot = tasks[task]
         if task.cancelled():
-            outcomes.append((tasks[task], Outcome(False, "health check was cancelled")))
+            outcomes.append((key, Outcome(False, "health check was cancelled")))
         elif (exc := task.exception()) is not None:
-            reason = bound_error(f"health check raised {error_text(exc)}")
-            outcomes.append((tasks[task], Outcome(False, reason)))
-        elif result := task.result():
-            outcomes.append((tasks[task], Outcome(True)))
+            raised = bound_error(f"health check raised {error_text(exc)}")
+            outcomes.append((key, Outcome(False, raised)))
+        elif (blocked := slot.held_reason()) is not None:
+            outcomes.append((key, Outcome(False, blocked)))
         else:
-            reason = f"health check returned {reprlib.repr(result)}"
-            outcomes.append((tasks[task], Outcome(False, reason)))
+            outcomes.append((key, _judge(task.result())))
     return outcomes
+
+
+def _judge(result: Any) -> Outcome:
+    """The outcome of a check's result: its truth, taken with care.
+
+    The truth test is the check's own code (``__bool__``, ``__len__``) and may raise: that fails
+    this one component, never the cycle that judges every component.
+    """
+    try:
+        healthy = bool(result)
+    except Exception as exc:
+        reason = f"health check returned a result whose truth cannot be told: {error_text(exc)}"
+        return Outcome(False, bound_error(reason))
+    if healthy:
+        return Outcome(True)
+    try:
+        shown = reprlib.repr(result)
+    except Exception:
+        shown = f"a false {type(result).__name__}"
+    return Outcome(False, f"health check returned {shown}")

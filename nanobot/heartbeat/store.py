@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Engine, Table, delete, func, select
+from sqlalchemy import Connection, Engine, Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.config import get_config
@@ -306,3 +306,25 @@ def prune(
             ).rowcount,
         }
     return {table: int(count) for table, count in counts.items()}
+
+
+def drop_components(conn: Connection, prefix: str, keep: set[str]) -> list[str]:
+    """In the caller's transaction, delete the components named ``prefix<x>`` on every node
+    whose ``<x>`` is not in ``keep``; the names deleted.
+
+    The scheduler calls it at start with ``task:`` and the tasks that exist, so that the
+    component of a task removed just before a crash (whose removal the monitor had not yet
+    written) does not stay in status forever.
+    """
+    pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    names = set(
+        conn.execute(
+            select(_components.c.name).where(_components.c.name.like(pattern, escape="\\"))
+        ).scalars()
+    )
+    orphans = sorted(n for n in names if n[len(prefix) :] not in keep)
+    for start in range(0, len(orphans), 500):
+        conn.execute(
+            delete(_components).where(_components.c.name.in_(orphans[start : start + 500]))
+        )
+    return orphans
