@@ -373,6 +373,8 @@ def _upgrade(engine: Engine, revision: str) -> None:
 
 
 def downgrade_database(engine: Engine, revision: str) -> None:
+    # Without the session limits, as for upgrades: waiting for the migration lock held by a
+    # migration elsewhere is not a lock timeout.
     with _unlimited(engine) as plain, _migration_lock(plain):
         from alembic import command
 
