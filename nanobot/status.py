@@ -260,9 +260,18 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         )
     elif not state["leader_held"]:
         problems.append("no node holds the scheduling lease: tasks are not being scheduled")
+    # A task's component is in error after a failed or overrunning run: that is the task's
+    # problem (degraded), not the service's; an error here would fail /readyz and say "down"
+    # (exit 2) because one user command exited non-zero.
+    failing_tasks: list[str] = []
     for c in current:
-        if c["status"] == ComponentStatus.ERROR:
-            problems.append(f"component {c['name']} on {c['node']} is in error: {c['last_error']}")
+        if c["status"] != ComponentStatus.ERROR:
+            continue
+        problem = f"component {c['name']} on {c['node']} is in error: {c['last_error']}"
+        if c["name"].startswith(TASK_COMPONENT_PREFIX):
+            failing_tasks.append(problem)
+        else:
+            problems.append(problem)
     if problems:
         return SystemStatus.ERROR, problems
     if any(c["status"] == ComponentStatus.UNKNOWN for c in current):
@@ -281,6 +290,7 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         problem = record.problem()
         if problem:
             problems.append(problem)
+    problems.extend(failing_tasks)
     if problems:
         return SystemStatus.DEGRADED, problems
     return SystemStatus.HEALTHY, []
