@@ -41,6 +41,7 @@ from nanobot.cron._aps import (
     grid_slot_at_or_after,
 )
 from nanobot.cron.history import Claim, Finish
+from nanobot.cron.retention import HistoryTrimmer
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidTaskError, NotLeaderError, UnknownTaskError
@@ -141,6 +142,13 @@ class CronManager:
         self._last_reconcile = 0.0
         self._pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Per-run bookkeeping of the event loop done once per burst, not once per run
+        # (see _after_runs): health updates of task components and task.finished events.
+        self._health_pending: list[tuple[str, float, TaskOutcome, str | None]] = []
+        self._announce_pending: list[Finish] = []
+        self._after_runs_task: asyncio.Task[None] | None = None
+        self._publishing: list[dict[str, Any]] = []
+        self._trimmer: HistoryTrimmer | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._delayed: dict[datetime, tuple[asyncio.TimerHandle, list[_Launch]]] = {}
         self._lead = SCHEDULE_LEAD
@@ -205,6 +213,8 @@ class CronManager:
             log.exception("cron.health_update_failed", task=name)
 
     def _forget_health(self, name: str) -> None:
+        # A health update still waiting for _after_runs must not register the component again.
+        self._health_pending = [h for h in self._health_pending if h[0] != name]
         component = task_component(name)
         if component in self._health_registered:
             self._health_registered.discard(component)
@@ -469,12 +479,15 @@ class CronManager:
         log.info("cron.scheduler_stopped", node=self.node)
 
     async def flush(self) -> None:
-        """Wait until every recorded outcome is written to the database."""
+        """Wait until every recorded outcome is written to the database (and its health update
+        and ``task.finished`` event are done)."""
         while self._pending or (self._flusher is not None and not self._flusher.done()):
             if self._flusher is None or self._flusher.done():
                 self._start_flusher()
             assert self._flusher is not None
             await asyncio.shield(self._flusher)
+        if self._after_runs_task is not None and not self._after_runs_task.done():
+            await asyncio.shield(self._after_runs_task)
 
     # --- the pass (worker thread) --------------------------------------------------------------
 
@@ -894,31 +907,37 @@ class CronManager:
                     )
                 async with deadline:
                     await task.run()
+            # A run that did not succeed is logged once, here, with its duration; a success is
+            # only a debug line below (task_runs records every run with its times).
             except TimeoutError as exc:
                 if deadline.expired():
                     outcome = TaskOutcome.TIMEOUT
                     error = f"the run took longer than its timeout of {timeout} s"
-                    log.warning("task.timed_out", timeout_s=timeout)
+                    log.warning(
+                        "task.timed_out", timeout_s=timeout, duration_s=self._since(started)
+                    )
                 else:
                     outcome = TaskOutcome.ERROR
                     error = f"TimeoutError: {exc}"
-                    log.exception("task.failed")
+                    log.exception("task.failed", duration_s=self._since(started))
             except asyncio.CancelledError:
                 outcome = TaskOutcome.CANCELLED
                 error = self._cancel_reasons.pop(launch.name, "the run was cancelled")
-                log.warning("task.cancelled", reason=error)
+                log.warning("task.cancelled", reason=error, duration_s=self._since(started))
             except Exception as exc:
                 outcome = TaskOutcome.ERROR
                 error = f"{exc.__class__.__name__}: {exc}"
-                log.exception("task.failed")
+                log.exception("task.failed", duration_s=self._since(started))
             finally:
                 finished = self._clock()
                 if self._inflight.get(launch.name) is asyncio.current_task():
                     del self._inflight[launch.name]
                 task.set_task(None)
-                duration = (finished - started).total_seconds()
-                log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
-                self._health(launch.name, task.get_interval(), outcome, error)
+                if _stdlib_log.isEnabledFor(logging.DEBUG):
+                    duration = (finished - started).total_seconds()
+                    log.debug("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
+                # The task's component is updated with the burst's other runs (_after_runs).
+                self._health_pending.append((launch.name, task.get_interval(), outcome, error))
                 self._record(
                     Finish(
                         task=launch.name,
@@ -937,10 +956,36 @@ class CronManager:
             self._start_flusher()
         self._announce(finish)
 
+    def _since(self, started: datetime) -> float:
+        return round((self._clock() - started).total_seconds(), 6)
+
     def _announce(self, finish: Finish) -> None:
-        if not self.bus.subscribers("task.finished"):
-            return
-        payload = {
+        self._announce_pending.append(finish)
+        if self._after_runs_task is None or self._after_runs_task.done():
+            self._after_runs_task = asyncio.get_running_loop().create_task(self._after_runs())
+
+    async def _after_runs(self) -> None:
+        """Health updates and ``task.finished`` events of the runs that ended in the last few
+        milliseconds, in one task: during a burst, one pass over thousands of outcomes instead
+        of a task, a publish and a lock per run while the burst's launches wait."""
+        await asyncio.sleep(FLUSH_WINDOW_S)
+        self._drain_after_runs()
+        while self._publishing:
+            batch, self._publishing = self._publishing, []
+            await self.bus.publish_many("task.finished", batch)
+
+    def _drain_after_runs(self) -> None:
+        """Apply the pending health updates (in order) and queue their events for publishing."""
+        health, self._health_pending = self._health_pending, []
+        for name, interval, outcome, error in health:
+            self._health(name, interval, outcome, error)
+        finishes, self._announce_pending = self._announce_pending, []
+        if finishes and self.bus.subscribers("task.finished"):
+            self._publishing = self._publishing + [self._payload(f) for f in finishes]
+
+    @staticmethod
+    def _payload(finish: Finish) -> dict[str, Any]:
+        return {
             "task": finish.task,
             "outcome": finish.outcome.value,
             "duration": (
@@ -953,7 +998,6 @@ class CronManager:
             "slots": finish.slots,
             "error": finish.error,
         }
-        self._spawn(self.bus.publish("task.finished", payload))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -972,14 +1016,22 @@ class CronManager:
             try:
                 scheduler = self._scheduler
                 if scheduler is not None and not scheduler.worker._shutdown:
-                    await scheduler.run_in_worker(history.write_finishes, self.engine, batch)
+                    await scheduler.run_in_worker(self._write_outcomes, batch)
                 else:
-                    await asyncio.to_thread(history.write_finishes, self.engine, batch)
+                    await asyncio.to_thread(self._write_outcomes, batch)
             except Exception:
                 # Keep the outcomes and try again: history is never dropped for a passing fault.
                 log.exception("cron.history_write_failed", pending=len(batch))
                 self._pending = batch + self._pending
                 await asyncio.sleep(FLUSH_RETRY_S)
+
+    def _write_outcomes(self, batch: list[Finish]) -> None:
+        """Write a batch of outcomes, then trim the history of the tasks that are due for it,
+        so that no task's history outgrows its limit between two cleanups (worker thread)."""
+        history.write_finishes(self.engine, batch)
+        if self._trimmer is None:
+            self._trimmer = HistoryTrimmer(int(get_config().get("cron.history_max_rows", 1000)))
+        self._trimmer.after_write(self.engine, [f.task for f in batch])
 
     def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
         self._cancel_delayed(name, reason)
