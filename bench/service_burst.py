@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from bench.common import Result, bench_home, epoch_to_dt, insert_stored_tasks, percentile
 from bench.proc import (
@@ -42,6 +42,7 @@ from bench.proc import (
     pg_schema,
 )
 from bench.tasks import read_stamps
+from nanobot.models import TaskOutcome, TaskRun
 
 LINE = len(b"%.6f %.6f\n" % (time.time(), time.time()))
 
@@ -115,10 +116,15 @@ def nanobot_run(home: Path, n: int, *, database: str, probe: bool = False) -> di
             code = service.stop()
             lines = service.log_lines()
         with engine.connect() as conn:
+            # The two bursts' slots, each recorded success (a later slot may have run too).
             recorded = conn.execute(
-                text(
-                    "SELECT count(*) FROM task_runs WHERE outcome = 'success' "
-                    "AND task_name LIKE 't0%'"
+                select(func.count())
+                .select_from(TaskRun)
+                .where(
+                    TaskRun.outcome == TaskOutcome.SUCCESS.value,
+                    TaskRun.scheduled_at.in_(
+                        [epoch_to_dt(instant), epoch_to_dt(instant + interval)]
+                    ),
                 )
             ).scalar_one()
         engine.dispose()

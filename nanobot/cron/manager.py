@@ -17,6 +17,7 @@ Outcomes are written in batches by the same worker thread, so history never bloc
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import threading
@@ -149,6 +150,8 @@ class CronManager:
         self._after_runs_task: asyncio.Task[None] | None = None
         self._publishing: list[dict[str, Any]] = []
         self._trimmer: HistoryTrimmer | None = None
+        # Next-run mirrors waiting for their run's outcome (see _pass); worker thread only.
+        self._next_mirrors: dict[str, tuple[datetime | None, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._delayed: dict[datetime, tuple[asyncio.TimerHandle, list[_Launch]]] = {}
         self._lead = SCHEDULE_LEAD
@@ -533,12 +536,20 @@ class CronManager:
             claims.append(Claim(name, slot, manual=True))
             launches[(name, slot)] = (task_class, kwargs, True)
         claimed: dict[tuple[str, datetime], int] = {}
+        deferred: dict[str, tuple[datetime | None, int]] = {}
         if due or claims or unrun:
             with write_transaction(engine) as conn:
                 self._check_fence(conn)
                 scheduler.advance_due(conn)
                 history.record_unrun(conn, unrun)
                 claimed = history.claim_slots(conn, claims, node=self.node)
+                # The next-run mirror of a task whose slot this pass claimed is written with
+                # that run's outcome, in the same row write as its last-run mirror: one new
+                # version of the tasks row per run instead of two (on PostgreSQL each one is a
+                # dead row of the whole row's size). The others are written now.
+                for name, _slot in claimed:
+                    if name in next_runs:
+                        deferred[name] = next_runs.pop(name)
                 history.set_next_runs(conn, next_runs)
                 # A run request is consumed in the transaction that claims its run, so a pass
                 # that fails (a lost lease, a locked database) leaves it for the next one.
@@ -549,6 +560,9 @@ class CronManager:
                         .values(run_requested_at=None)
                     )
             scheduler.advance_memory()
+            self._next_mirrors.update(deferred)
+            # Rows inserted for each task, for the history trimmer (see _write_outcomes).
+            self.trimmer.count([name for name, _slot in claimed] + [f.task for f in unrun])
         # Grouped by instant here, in the worker, so that the loop only arms one timer per
         # instant: sorting thousands of launches there would hold it for tens of milliseconds.
         groups: dict[datetime, list[_Launch]] = {}
@@ -962,7 +976,10 @@ class CronManager:
     def _announce(self, finish: Finish) -> None:
         self._announce_pending.append(finish)
         if self._after_runs_task is None or self._after_runs_task.done():
-            self._after_runs_task = asyncio.get_running_loop().create_task(self._after_runs())
+            # In a context of its own: not the bound task/run_id of the run that started it.
+            self._after_runs_task = asyncio.get_running_loop().create_task(
+                self._after_runs(), context=contextvars.Context()
+            )
 
     async def _after_runs(self) -> None:
         """Health updates and ``task.finished`` events of the runs that ended in the last few
@@ -1027,11 +1044,18 @@ class CronManager:
 
     def _write_outcomes(self, batch: list[Finish]) -> None:
         """Write a batch of outcomes, then trim the history of the tasks that are due for it,
-        so that no task's history outgrows its limit between two cleanups (worker thread)."""
-        history.write_finishes(self.engine, batch)
+        so that no task's history outgrows its limit between two cleanups (worker thread;
+        passes count the rows they insert)."""
+        mirrors = {f.task: m for f in batch if (m := self._next_mirrors.pop(f.task, None))}
+        history.write_finishes(self.engine, batch, next_runs=mirrors)
+        self.trimmer.trim(self.engine)
+
+    @property
+    def trimmer(self) -> HistoryTrimmer:
+        """Counts the task_runs rows each pass inserts; trims with each batch of outcomes."""
         if self._trimmer is None:
             self._trimmer = HistoryTrimmer(int(get_config().get("cron.history_max_rows", 1000)))
-        self._trimmer.after_write(self.engine, [f.task for f in batch])
+        return self._trimmer
 
     def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
         self._cancel_delayed(name, reason)

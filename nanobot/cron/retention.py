@@ -3,17 +3,20 @@
 The hourly cleanup (:func:`nanobot.cron.history.prune`) deletes runs older than
 ``cron.history_retention_days`` and beyond ``cron.history_max_rows`` per task; between two
 cleanups, a task that runs every half second adds 7,200 rows, and 200 such tasks 1.4 million.
-:class:`HistoryTrimmer` closes that gap as outcomes are written: it counts the rows each task
-gets, and once a task got ``margin`` rows since its last trim, deletes that task's rows beyond
-``max_rows`` in one statement on the ``(task_name, scheduled_at)`` index. A task therefore never
-holds more than ``max_rows + margin`` rows for long (once it has been trimmed a first time, at the
-latest ``margin`` runs after the service started), and each task costs one DELETE every ``margin``
+:class:`HistoryTrimmer` closes that gap as the scheduler works: it counts the rows each task
+gets (claims and missed slots, as the scheduler's pass inserts them), and once a task got
+``margin`` rows since its last trim, deletes that task's rows beyond ``max_rows`` in one
+statement on the ``(task_name, scheduled_at)`` index, with the next batch of outcomes (off the
+path that starts runs). A task therefore holds at most ``max_rows + margin`` rows, plus the few
+claimed since the last batch of outcomes (once it has been trimmed a first time: at the latest
+``margin`` runs after the service started), and each task costs one DELETE every ``margin``
 runs. Deleted rows leave free pages that new rows reuse, so a SQLite file stops growing.
 
 The first count of each task is random in ``[0, margin)``, so that thousands of tasks that run in
 phase are trimmed spread over ``margin`` batches instead of all in the same one.
 
-Thread: a trimmer is used only by the scheduler's worker thread (``CronManager._write_outcomes``).
+Thread: a trimmer is used only by the scheduler's worker thread (``CronManager._pass`` counts,
+``CronManager._write_outcomes`` trims).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class HistoryTrimmer:
         self.max_rows = max_rows
         self.margin = margin if margin is not None else margin_for(max_rows)
         self._since: dict[str, int] = {}
+        self._pending: set[str] = set()
         self._random = random.Random(seed)
         boundary = (
             select(_RUNS.c.scheduled_at)
@@ -80,15 +84,24 @@ class HistoryTrimmer:
             since[name] = count
         return due
 
-    def after_write(self, engine: Engine, tasks: Iterable[str]) -> int:
-        """Count the rows just written for ``tasks`` and trim the tasks that are due; the number
-        of rows deleted."""
-        due = self.due(tasks)
-        if not due:
+    def count(self, tasks: Iterable[str]) -> None:
+        """Count the rows just inserted for ``tasks`` (a name once per row); the tasks due for
+        a trim are trimmed at the next :meth:`trim`."""
+        self._pending.update(self.due(tasks))
+
+    def trim(self, engine: Engine) -> int:
+        """Delete the rows beyond the limit of every task due for it; the number deleted."""
+        if not self._pending:
             return 0
+        names, self._pending = sorted(self._pending), set()
         with write_transaction(engine) as conn:
-            result = conn.execute(self._delete, [{"b_name": name} for name in due])
+            result = conn.execute(self._delete, [{"b_name": name} for name in names])
         removed = max(0, int(result.rowcount or 0))
         if removed:
-            log.debug("cron.history_trimmed", tasks=len(due), removed=removed)
+            log.debug("cron.history_trimmed", tasks=len(names), removed=removed)
         return removed
+
+    def after_write(self, engine: Engine, tasks: Iterable[str]) -> int:
+        """:meth:`count` then :meth:`trim`."""
+        self.count(tasks)
+        return self.trim(engine)
