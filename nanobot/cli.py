@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -75,6 +75,11 @@ class _Group(click.Group):
             rv = exc.exit_code
         except CommandError as exc:
             rv = _report(exc.format_message(), exc.code)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # A group without its subcommand: the group's help, as written, not one squeezed
+            # error line; the exit code stays click's (2: a command was expected).
+            click.echo(exc.format_message(), err=True)
+            rv = EXIT_USAGE
         except click.UsageError as exc:
             rv = _report(exc.format_message(), EXIT_USAGE)
         except click.ClickException as exc:
@@ -266,10 +271,21 @@ def run() -> None:
     """Run the service until SIGINT or SIGTERM."""
     cfg = _config()
     from nanobot.logging import setup_logging
+    from nanobot.preflight import StartupError, check_paths
     from nanobot.service import run_service
 
-    setup_logging(cfg)
-    code = run_service(cfg)
+    try:
+        # Before logging: the log folder may be the path that cannot be used.
+        check_paths(cfg)
+        setup_logging(cfg)
+        from nanobot.cron.taskcode import load_task_code
+
+        with _domain_errors():
+            # Imported before anything starts: a module that fails stops the start here.
+            load_task_code(cfg)
+        code = run_service(cfg)
+    except StartupError as exc:
+        _fail(str(exc), exc.exit_code)
     if code:
         _fail("the service stopped with an error (see the log above)", code)
 
@@ -370,6 +386,27 @@ def _status_text(data: dict[str, Any]) -> str:
             ],
         )
     )
+    code = data.get("code") or []
+    if code:
+        lines += ["", "task code:"]
+        lines.append(
+            _table(
+                ["NODE", "KIND", "NAME", "STATE"],
+                [
+                    [
+                        c["node"],
+                        c["kind"],
+                        c["name"],
+                        ("ERROR: " + _short(c["error"], 80))
+                        if c["error"]
+                        else ("loaded; NEWER ON DISK: restart" if c["newer_on_disk"] else "loaded")
+                        if c["kind"] == "module"
+                        else "synced",
+                    ]
+                    for c in code
+                ],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -459,11 +496,33 @@ def _parse_interval(raw: str) -> float | int:
     return int(value) if value.is_integer() else value
 
 
+def _instant(value: datetime | None, info: Any) -> str:
+    """An instant on the task's clock and in UTC: ``2026-03-08 03:00:00 EDT (-04:00) =
+    07:00:00 UTC`` (an interval task: UTC only)."""
+    from nanobot.cron.schedules import IntervalSchedule, format_local
+
+    if value is None:
+        return "-"
+    utc_text = f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    if isinstance(info.schedule, IntervalSchedule) or info.schedule.timezone == "UTC":
+        return utc_text
+    return f"{format_local(value, info.schedule.timezone)} = {utc_text}"
+
+
 def _task_line(info: Any) -> str:
+    from nanobot.cron.schedules import describe
+
+    if info.done:
+        return f"task {info.name!r} ran {describe(info.schedule)}; it is done"
     if info.paused:
-        return f"task {info.name!r} is paused (no next run until 'nanobot cron resume')"
-    when = info.next_run_at.isoformat() if info.next_run_at else "-"
-    return f"task {info.name!r} runs every {info.interval:g}s; next run {when}"
+        return (
+            f"task {info.name!r} ({describe(info.schedule)}) is paused "
+            "(no next run until 'nanobot cron resume')"
+        )
+    return (
+        f"task {info.name!r} runs {describe(info.schedule)}; "
+        f"next run {_instant(info.next_run_at, info)}"
+    )
 
 
 def _applied_note(engine: Engine) -> str:
@@ -481,8 +540,9 @@ def _applied_note(engine: Engine) -> str:
 @cron.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of tasks.")
 def cron_list(as_json: bool) -> None:
-    """Every stored task and its schedule."""
+    """Every stored task, its schedule in words and its next run (its zone's clock and UTC)."""
     from nanobot.cron.control import list_tasks
+    from nanobot.cron.schedules import describe
 
     tasks = _with_engine(list_tasks)
     if as_json:
@@ -494,14 +554,19 @@ def cron_list(as_json: bool) -> None:
     now = utcnow()
     click.echo(
         _table(
-            ["NAME", "TASK", "INTERVAL", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME"],
+            ["NAME", "TASK", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN", "OUTCOME"],
             [
                 [
                     t.name,
                     t.task_class,
-                    _seconds(t.interval),
-                    "yes" if t.paused else "no",
-                    _when(t.next_run_at.isoformat() if t.next_run_at else None, now),
+                    describe(t.schedule),
+                    "done" if t.done else "paused" if t.paused else "active",
+                    _instant(t.next_run_at, t)
+                    + (
+                        f" ({_span((t.next_run_at - now).total_seconds())})"
+                        if t.next_run_at
+                        else ""
+                    ),
                     _when(t.last_run_at.isoformat() if t.last_run_at else None, now),
                     ("BROKEN: " + _short(t.error, 40)) if t.error else (t.last_outcome or "-"),
                 ]
@@ -511,32 +576,253 @@ def cron_list(as_json: bool) -> None:
     )
 
 
+@cron.command("next")
+@click.argument("name")
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=1, max=1000),
+    default=5,
+    show_default=True,
+    help="How many fire times.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def cron_next(name: str, count: int, as_json: bool) -> None:
+    """The next fire times of task NAME, on its zone's clock and in UTC. Changes nothing."""
+    from nanobot.cron.control import get_task
+    from nanobot.cron.schedules import describe
+
+    info = _with_engine(lambda engine: get_task(engine, name))
+    times = info.upcoming(count, utcnow())
+    if as_json:
+        _echo_json(
+            {
+                "name": info.name,
+                "schedule": describe(info.schedule),
+                "paused": info.paused,
+                "done": info.done,
+                "next": [
+                    {
+                        "utc": t.astimezone(UTC).isoformat(),
+                        "local": info.to_json()["next_run_local"]
+                        if t == info.next_run_at
+                        else _local_iso(t, info),
+                    }
+                    for t in times
+                ],
+            }
+        )
+        return
+    header = f"task {info.name!r} runs {describe(info.schedule)}"
+    if info.done:
+        click.echo(f"{header}; it is done: no next run")
+        return
+    if info.paused:
+        header += "; it is paused, so these are the runs if it were resumed now"
+    click.echo(header)
+    if not times:
+        click.echo("no next run")
+    for t in times:
+        click.echo(f"  {_instant(t, info)}")
+
+
+def _local_iso(value: datetime, info: Any) -> str:
+    from nanobot.cron.schedules import IntervalSchedule, zone
+
+    tz = "UTC" if isinstance(info.schedule, IntervalSchedule) else info.schedule.timezone
+    return value.astimezone(zone(tz)).isoformat()
+
+
+def _schedule_option(
+    every: str | None,
+    interval: str | None,
+    cron_expr: str | None,
+    at: str | None,
+    tz: str | None,
+    cfg: Config,
+) -> tuple[Any, str | None]:
+    """The one schedule the options give, and a note for the reader (an ambiguous time)."""
+    from nanobot.cron.schedules import ParsedAt, parse_every, resolve_schedule
+    from nanobot.exceptions import InvalidScheduleError
+
+    given = [
+        f"--{n}"
+        for n, v in (("every", every), ("interval", interval), ("cron", cron_expr), ("at", at))
+        if v is not None
+    ]
+    if not given:
+        raise InvalidScheduleError(
+            "give a schedule: --every 5m (or --interval SECONDS), --cron EXPR or --at TIME"
+        )
+    if len(given) > 1:
+        raise InvalidScheduleError(f"give one schedule, not {' and '.join(given)}")
+    if tz is not None and (every is not None or interval is not None):
+        raise InvalidScheduleError("--tz applies to --cron and --at, not to an interval")
+    if interval is not None:
+        return parse_every(_parse_interval(interval)), None
+    if every is not None:
+        return parse_every(every), None
+    resolved = resolve_schedule(
+        cron=cron_expr,
+        at=at,
+        tz=tz,
+        default_tz=str(cfg.get("scheduler.timezone", "UTC")),
+        now=utcnow(),
+    )
+    if isinstance(resolved, ParsedAt):
+        return resolved.schedule, resolved.note
+    return resolved, None
+
+
+def _command_kwargs(
+    command: str, shell: bool, cwd: str | None, env: tuple[str, ...], raw_kwargs: str | None
+) -> dict[str, Any]:
+    from nanobot.exceptions import InvalidTaskError
+
+    if raw_kwargs:
+        raise InvalidTaskError("--kwargs is for --task; a command takes --shell, --cwd and --env")
+    kwargs: dict[str, Any] = {"command": command}
+    if shell:
+        kwargs["shell"] = True
+    if cwd:
+        kwargs["cwd"] = cwd
+    if env:
+        pairs: dict[str, str] = {}
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise InvalidTaskError(f"--env must be NAME=VALUE, got {item!r}")
+            pairs[key] = value
+        kwargs["env"] = pairs
+    return kwargs
+
+
+def _wait_for_service(engine: Engine, name: str, poll: float) -> str | None:
+    """After an add while the service runs: why the service could not build the task, if so.
+
+    Waits (at most a few polls of the scheduler) until the service has run the task, marked it
+    broken, or the time is up.
+    """
+    import time
+
+    from nanobot.cron.control import get_task, task_history
+
+    deadline = time.monotonic() + min(10.0, 3 * poll + 2.0)
+    while time.monotonic() < deadline:
+        info = get_task(engine, name)
+        if info.error:
+            return info.error
+        runs = task_history(engine, name, 1)
+        if runs and runs[0].outcome.value != "running":
+            return None
+        time.sleep(0.1)
+    return None
+
+
 @cron.command("add")
 @click.argument("name")
-@click.option("--task", "task_class", required=True, help="The class, as pkg.module:Class.")
-@click.option("--interval", required=True, help="Seconds between runs (a positive number).")
+@click.option("--task", "task_class", default=None, help="The class, as pkg.module:Class.")
+@click.option("--command", default=None, help="A command to run instead of a class.")
+@click.option("--shell", is_flag=True, help="Run --command through /bin/sh -c (else as argv).")
+@click.option("--cwd", default=None, help="The folder --command runs in.")
+@click.option("--env", multiple=True, help="NAME=VALUE added to --command's environment.")
+@click.option("--every", default=None, help="Run every 30s, 5m, 1h, 1h30m, 2d...")
+@click.option("--interval", default=None, help="Seconds between runs (same as --every N).")
+@click.option("--cron", "cron_expr", default=None, help="A cron expression: '0 9 * * 1-5', @daily.")
+@click.option(
+    "--at",
+    default=None,
+    help="Run once at this time: 2026-12-24T17:30 (read in --tz), with an offset, or 17:30.",
+)
+@click.option(
+    "--tz", default=None, help="IANA zone of --cron and --at (default scheduler.timezone)."
+)
+@click.option("--timeout", type=float, default=None, help="Seconds a run may take.")
+@click.option("--jitter", type=float, default=None, help="Up to this many seconds added to starts.")
+@click.option(
+    "--misfire",
+    "misfire",
+    type=click.Choice(["catch_up_once", "skip"]),
+    default=None,
+    help="Slots missed while nothing ran: run the latest once (default), or skip them all.",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
 def cron_add(
-    name: str, task_class: str, interval: str, raw_kwargs: str | None, paused: bool, as_json: bool
+    name: str,
+    task_class: str | None,
+    command: str | None,
+    shell: bool,
+    cwd: str | None,
+    env: tuple[str, ...],
+    every: str | None,
+    interval: str | None,
+    cron_expr: str | None,
+    at: str | None,
+    tz: str | None,
+    timeout: float | None,
+    jitter: float | None,
+    misfire: str | None,
+    raw_kwargs: str | None,
+    paused: bool,
+    as_json: bool,
 ) -> None:
-    """Add task NAME: its first run at once, then every interval (unless --paused)."""
-    from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
+    """Add task NAME (--task or --command) with one schedule: --every, --cron or --at.
 
+    The class is checked as the service sees it: with tasks.path on sys.path and tasks.modules
+    imported. While the service runs, this waits for its first run and says if the service
+    could not build the task.
+    """
+    from nanobot.cron.command import CommandTask
+    from nanobot.cron.control import add_task, definition_from_class, parse_kwargs
+    from nanobot.cron.task import class_path
+    from nanobot.cron.taskcode import load_task_code
+    from nanobot.status import service_running
+
+    if (task_class is None) == (command is None):
+        _fail("give either --task pkg.module:Class or --command '...'", EXIT_USAGE)
+    if command is None and (shell or cwd or env):
+        _fail("--shell, --cwd and --env go with --command", EXIT_USAGE)
     cfg = _prepare()
     with _domain_errors():
         # Everything is validated before the database is touched.
+        schedule, note = _schedule_option(every, interval, cron_expr, at, tz, cfg)
+        if command is not None:
+            kwargs = _command_kwargs(command, shell, cwd, env, raw_kwargs)
+            path = class_path(CommandTask)
+        else:
+            assert task_class is not None
+            load_task_code(cfg, stop_on_error=False)
+            kwargs, path = parse_kwargs(raw_kwargs), task_class
         definition = definition_from_class(
-            name, task_class, _parse_interval(interval), parse_kwargs(raw_kwargs)
+            name,
+            path,
+            kwargs=kwargs,
+            schedule=schedule,
+            timeout=timeout,
+            jitter=jitter,
+            misfire_policy=misfire,
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)
-        note = _applied_note(engine)
+        applied = _applied_note(engine)
+        broken = None
+        if not paused and service_running(engine):
+            broken = _wait_for_service(engine, name, float(cfg["cron.poll_interval"]))
+    if note is not None:
+        click.echo(f"nanobot: note: {note}", err=True)
     if as_json:
-        _echo_json(info.to_json())
+        _echo_json(info.to_json() | {"note": note})
     else:
-        click.echo(f"added: {_task_line(info)}; {note}")
+        click.echo(f"added: {_task_line(info)}; {applied}")
+    if broken:
+        _fail(
+            f"task {name!r} is stored, but the running service cannot build it: {broken} "
+            "(make its module importable by the service with tasks.path or tasks.modules, "
+            "and restart it)",
+            EXIT_FAILED,
+        )
 
 
 def _simple_change(
@@ -604,8 +890,9 @@ def cron_run(name: str, as_json: bool) -> None:
 @cron.command("history")
 @click.argument("name")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--output", "show_output", is_flag=True, help="Print each run's command output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of runs.")
-def cron_history(name: str, limit: int, as_json: bool) -> None:
+def cron_history(name: str, limit: int, show_output: bool, as_json: bool) -> None:
     """The last runs of task NAME, newest first."""
     from nanobot.cron.control import task_history
 
@@ -617,6 +904,15 @@ def cron_history(name: str, limit: int, as_json: bool) -> None:
         click.echo(f"task {name!r} has no runs yet")
         return
     now = utcnow()
+    if show_output:
+        for r in runs:
+            click.echo(
+                f"--- {r.scheduled_at.isoformat()} {r.outcome.value}"
+                + (f": {_short(r.error, 200)}" if r.error else "")
+            )
+            if r.output:
+                click.echo(r.output.rstrip("\n"))
+        return
     click.echo(
         _table(
             ["SCHEDULED", "STARTED", "DURATION", "OUTCOME", "ERROR"],
@@ -634,6 +930,61 @@ def cron_history(name: str, limit: int, as_json: bool) -> None:
             ],
         )
     )
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def tasks() -> None:
+    """The task file (tasks.toml) and task code.
+
+    The service syncs the task file at start and whenever it changes; task modules are
+    imported at start (a change to them needs a restart: 'status' says when one is due).
+    """
+
+
+def _read_file_tasks(cfg: Config) -> tuple[Path, Any]:
+    from nanobot.cron.taskcode import load_task_code
+    from nanobot.cron.taskfile import read_task_file, task_file_path
+
+    path = task_file_path(cfg)
+    load_task_code(cfg, stop_on_error=False)
+    found = read_task_file(path)
+    if found is None:
+        _fail(f"no task file at {path} (tasks.file)", EXIT_USAGE)
+    return path, found
+
+
+@tasks.command("check")
+def tasks_check() -> None:
+    """Validate the task file without applying it."""
+    cfg = _prepare()
+    with _domain_errors():
+        path, found = _read_file_tasks(cfg)
+    click.echo(f"{path}: {len(found)} task(s), valid")
+
+
+@tasks.command("sync")
+@click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON.")
+def tasks_sync(as_json: bool) -> None:
+    """Apply the task file now: the whole file, or nothing if any of it is invalid."""
+    from nanobot.cron.taskfile import apply_tasks
+
+    cfg = _prepare()
+    with _domain_errors():
+        path, found = _read_file_tasks(cfg)
+        engine = _existing_engine(cfg)
+        result = apply_tasks(engine, found)
+        note = _applied_note(engine)
+    if as_json:
+        _echo_json(result.to_json())
+    else:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in result.to_json().items() if v)
+        click.echo(f"{path}: {counts or 'nothing to do'}; {note}")
+    clash = result.clash_error(path)
+    if clash:
+        _fail(clash, EXIT_USAGE)
 
 
 # --- db ----------------------------------------------------------------------------------------
@@ -682,14 +1033,17 @@ def db_downgrade(revision: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print {current, head, up_to_date}.")
 def db_current(as_json: bool) -> None:
     """The schema revision of the database and the newest this nanobot knows."""
-    from nanobot.db import current_revision, get_engine, head_revision
+    from nanobot.db import check_schema_known, current_revision, get_engine, head_revision
 
     cfg = _prepare()
     path = _sqlite_path(cfg)
     if path is not None and not path.is_file():
         _fail(f"no database at {path}: run 'nanobot db upgrade'", EXIT_UNREADABLE)
     with _domain_errors():
-        current = current_revision(get_engine(cfg))
+        engine = get_engine(cfg)
+        current = current_revision(engine)
+        # A revision this nanobot does not know comes from a newer one: exit 3, never "behind".
+        check_schema_known(engine)
     head = head_revision()
     if as_json:
         _echo_json({"current": current, "head": head, "up_to_date": current == head})

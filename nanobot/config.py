@@ -14,6 +14,7 @@ import json
 import math
 import os
 import threading
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,26 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _time_zone(value: Any) -> str:
+    name = _string(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError("an IANA time zone name such as UTC or Europe/Berlin") from None
+    return name
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    """A list of non-empty strings; from an environment variable, comma-separated text."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(item, str) and item.strip() for item in value
+    ):
+        raise ValueError("a list of non-empty strings (comma-separated in a variable)")
+    return tuple(item.strip() for item in value)
+
+
 def _database_url(value: Any) -> str:
     url = _string(value)
     if not url.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+")):
@@ -132,6 +153,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "SQLAlchemy URL; default sqlite:///$NANOBOT_HOME/nanobot.db",
     ),
     Setting("database.echo", False, _boolean, "log every SQL statement"),
+    Setting(
+        "database.statement_timeout",
+        60.0,
+        _non_negative_number,
+        "PostgreSQL: seconds a statement may run before the server cancels it (0: no limit)",
+    ),
     Setting(
         "logging.level",
         "INFO",
@@ -193,6 +220,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _non_negative_number,
         "seconds a run may take when its task sets no timeout; 0 means no limit",
     ),
+    Setting(
+        "scheduler.timezone",
+        "UTC",
+        _time_zone,
+        "IANA zone of cron expressions and naive --at times when a task gives none",
+    ),
     Setting("session.ttl", 86400.0, _positive_number, "seconds a session lives after its last use"),
     Setting(
         "service.node",
@@ -217,6 +250,24 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         1.0,
         _positive_number,
         "seconds between the leader's checks of its PostgreSQL lock connection (at most ttl/3)",
+    ),
+    Setting(
+        "tasks.modules",
+        None,
+        _string_list,
+        "modules of task code the service imports at start",
+    ),
+    Setting(
+        "tasks.path", None, _string_list, "folders put on sys.path before task code is imported"
+    ),
+    Setting(
+        "tasks.on_import_error",
+        "stop",
+        _one_of("stop", "continue"),
+        "a task module that fails to import: stop the start (exit 2) or log it and continue",
+    ),
+    Setting(
+        "tasks.file", None, _optional_string, "the task file; default $NANOBOT_HOME/tasks.toml"
     ),
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),

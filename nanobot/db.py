@@ -1,15 +1,31 @@
 """The one engine factory, transactions that do not deadlock on SQLite, and migrations.
 
 Everything that touches the database (the models, APScheduler's job store, the command line,
-Alembic) gets its engine from :func:`get_engine`, so the SQLite settings below hold everywhere.
+Alembic) gets its engine from :func:`get_engine`, so the settings below hold everywhere.
+
+Limits, so that no process can hold the others up whatever happens to it:
+
+- SQLite: the write-ahead log is truncated back to ``journal_size_limit`` after each checkpoint,
+  and :func:`checkpoint` (which the service calls every lease period) folds it into the
+  database and truncates it, so that a burst of writes does not leave a log of tens of
+  megabytes behind on a disk that may be short of space.
+- PostgreSQL: every connection of the engine has server-side limits (:class:`SessionLimits`,
+  derived from ``service.lease_ttl``): a lock wait (``lock_timeout``), a session left idle in a
+  transaction (``idle_in_transaction_session_timeout``: a process frozen or cut off inside a
+  transaction has its session ended by the server, and its row locks freed), a statement
+  (``statement_timeout``), and TCP keepalives on both sides plus ``tcp_user_timeout`` so that a
+  peer gone silent is noticed in seconds, not after the system's 2-hour keepalive. Migrations run
+  on a connection without the statement and lock limits (they may legitimately be long).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -18,6 +34,7 @@ import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from nanobot.config import Config, get_config
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
@@ -30,6 +47,9 @@ if TYPE_CHECKING:  # Alembic is imported where it is used: a process that does n
 log = structlog.get_logger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
+# The write-ahead log is truncated to this size after a checkpoint (SQLite's default keeps it
+# at its largest, which under a burst grew to 30 MB and never shrank).
+SQLITE_JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 # Any constant key for the PostgreSQL advisory lock that serialises migrations.
 _PG_MIGRATION_LOCK: Final = 0x6E616E6F  # "nano"
 
@@ -47,8 +67,66 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_JOURNAL_SIZE_LIMIT}")
     finally:
         cursor.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Server-side limits of every PostgreSQL session of an engine, in seconds (0: none)."""
+
+    lock_timeout: float
+    idle_in_transaction_timeout: float
+    statement_timeout: float
+    keepalive_idle: int
+
+    @classmethod
+    def for_lease(cls, ttl: float, statement_timeout: float) -> SessionLimits:
+        """Limits that keep fail-over within the lease's bound: a standby waits for a row lock
+        at most a third of a period (so its poll ends in time), and a session idle inside a
+        transaction (a frozen leader holding the lease row FOR SHARE) ends after one ttl."""
+        period = ttl / 3
+        return cls(
+            lock_timeout=period / 3,
+            idle_in_transaction_timeout=ttl,
+            statement_timeout=statement_timeout,
+            keepalive_idle=max(1, math.ceil(period)),
+        )
+
+    def options(self) -> str:
+        """The libpq ``options`` string that sets them at connect (no extra round trip)."""
+        settings = {
+            "lock_timeout": _ms(self.lock_timeout),
+            "idle_in_transaction_session_timeout": _ms(self.idle_in_transaction_timeout),
+            "statement_timeout": _ms(self.statement_timeout),
+            "tcp_keepalives_idle": str(self.keepalive_idle),
+            "tcp_keepalives_interval": "1",
+            "tcp_keepalives_count": "3",
+        }
+        return " ".join(f"-c {key}={value}" for key, value in settings.items())
+
+    def connect_args(self, existing_options: str | None) -> dict[str, Any]:
+        """Client-side keepalives, and the server-side settings after the URL's own options."""
+        options = self.options()
+        if existing_options:
+            options = f"{existing_options} {options}"
+        return {
+            "options": options,
+            "keepalives": 1,
+            "keepalives_idle": self.keepalive_idle,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            # Data sent and not acknowledged for this long (a peer gone, a cable cut) ends the
+            # connection: a thread waiting on it returns instead of waiting for hours.
+            "tcp_user_timeout": int(max(self.keepalive_idle, self.idle_in_transaction_timeout))
+            * 1000,
+            "connect_timeout": max(2, self.keepalive_idle),
+        }
+
+
+def _ms(seconds: float) -> str:
+    return str(max(0, int(seconds * 1000)))
 
 
 def _on_sqlite_begin(conn: Connection) -> None:
@@ -61,8 +139,11 @@ def _on_sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def create_db_engine(url: str, *, echo: bool = False) -> Engine:
-    """A new engine for ``url`` with nanobot's connection settings."""
+def create_db_engine(
+    url: str, *, echo: bool = False, limits: SessionLimits | None = None
+) -> Engine:
+    """A new engine for ``url`` with nanobot's connection settings (and, on PostgreSQL, the
+    session ``limits`` if given)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -76,7 +157,12 @@ def create_db_engine(url: str, *, echo: bool = False) -> Engine:
         if parsed.drivername == "postgresql":
             # psycopg 3 is the driver nanobot installs; plain postgresql:// would ask for psycopg2.
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+        connect_args: dict[str, Any] = {}
+        if limits is not None:
+            existing = parsed.query.get("options")
+            # connect_args win over the URL's query: the URL's own options come first in it.
+            connect_args = limits.connect_args(existing if isinstance(existing, str) else None)
+        return create_engine(parsed, echo=echo, pool_pre_ping=True, connect_args=connect_args)
     raise DatabaseError(
         f"unsupported database URL {url!r}: use sqlite:/// or postgresql+psycopg://"
     )
@@ -89,7 +175,13 @@ def get_engine(config: Config | None = None) -> Engine:
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = create_db_engine(url, echo=bool(cfg.get("database.echo", False)))
+            limits = SessionLimits.for_lease(
+                float(cfg.get("service.lease_ttl", 10.0)),
+                float(cfg.get("database.statement_timeout", 60.0)),
+            )
+            engine = create_db_engine(
+                url, echo=bool(cfg.get("database.echo", False)), limits=limits
+            )
             _engines[url] = engine
         return engine
 
@@ -116,6 +208,37 @@ def read_transaction(engine: Engine) -> Iterator[Connection]:
     """A read-only transaction: one consistent snapshot."""
     with engine.connect() as conn, conn.begin():
         yield conn
+
+
+def checkpoint(engine: Engine) -> None:
+    """SQLite: fold the write-ahead log into the database and truncate it to nothing.
+
+    Run outside any transaction (on the raw, autocommit connection); a reader that holds an
+    old snapshot makes it do part of the work only, which the next call finishes. Nothing on
+    other databases.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        try:
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cursor.fetchall()
+        finally:
+            cursor.close()
+    finally:
+        raw.close()
+
+
+def count_tasks(engine: Engine) -> int:
+    """How many tasks the database stores."""
+    from sqlalchemy import func, select
+
+    from nanobot.models import Task
+
+    with read_transaction(engine) as conn:
+        return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())
 
 
 # --- migrations -------------------------------------------------------------------------------
@@ -169,8 +292,9 @@ def check_schema_known(engine: Engine) -> None:
     current = current_revision(engine)
     if current is not None and not _is_known_revision(script, current):
         raise SchemaTooNewError(
-            f"the database is at schema revision {current!r}, which this nanobot does not know "
-            f"(its newest is {script.get_current_head()!r}): upgrade nanobot, or point "
+            f"the database is newer than this nanobot: it is at schema revision {current!r}, "
+            f"which this nanobot does not know (its newest is {script.get_current_head()!r}): "
+            "upgrade nanobot, or point "
             "database.url at another database"
         )
 
@@ -201,8 +325,28 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _unlimited(engine: Engine) -> Iterator[Engine]:
+    """An engine on the same database without the session limits (for migrations, which may
+    wait for another process's migration and run long statements)."""
+    if engine.dialect.name != "postgresql":
+        yield engine
+        return
+    # The URL keeps its own options (a search_path, say); the limits live in connect_args.
+    plain = create_engine(engine.url, poolclass=NullPool, echo=engine.echo)
+    try:
+        yield plain
+    finally:
+        plain.dispose()
+
+
 def upgrade_database(engine: Engine, revision: str = "head") -> None:
     """Apply pending migrations up to ``revision``; refuse a database newer than the code."""
+    with _unlimited(engine) as plain:
+        _upgrade(plain, revision)
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
     try:
         with _migration_lock(engine):
             check_schema_known(engine)

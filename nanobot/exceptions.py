@@ -52,6 +52,29 @@ class InvalidTaskError(TaskError, ValueError):
     """A task definition is invalid: a bad interval, an unimportable class, bad arguments."""
 
 
+class InvalidScheduleError(InvalidTaskError):
+    """A schedule is invalid: a bad cron expression, an unknown time zone, a time in the past."""
+
+
+class TaskCodeError(TaskError):
+    """A task module could not be imported."""
+
+
+class TaskFileError(TaskError, ValueError):
+    """The task file is malformed: bad TOML, an unknown key, a bad value, a clash of names."""
+
+
+class CommandFailed(TaskError):
+    """A command task's process exited with a code other than 0."""
+
+    def __init__(self, returncode: int, last_line: str) -> None:
+        text = f"exit code {returncode}"
+        if returncode < 0:
+            text = f"killed by signal {-returncode}"
+        super().__init__(text + (f": {last_line}" if last_line else ""))
+        self.returncode = returncode
+
+
 class ComponentError(NanobotError):
     """Base of the heartbeat monitor's errors."""
 

@@ -16,6 +16,16 @@ and so one clock. Tests inject ``clock``, which then replaces both.
 The holder id must be unique per process, not per host: two services on one host must not
 believe they both hold the lease. :func:`holder_id` gives ``<node>:<pid>``.
 
+A holder that is known to be dead does not keep the lease until it expires: when the holder is
+this node (the same home, so the same host) or, on SQLite, any process of this host, and its
+process no longer exists, the lease is taken at once (a restart right after ``kill -9`` leads
+without waiting ``ttl``). A live process, even a frozen one, is never displaced this way.
+
+Every acquisition by a process that does not already hold the lease gets a new epoch, also when
+the row still names it (a re-acquire after a release or a loss): a release (or any write fenced
+by epoch) that was delayed past it, for example one that timed out on a locked database and
+completed later, cannot undo it.
+
 On PostgreSQL the leader also holds :class:`AdvisoryLock`, a session-level advisory lock on a
 connection of its own, which it checks every second or so. The lock makes the loss of the
 leader's connection visible at once (a network cut, a database restart, a terminated backend),
@@ -30,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import threading
 import time
 import zlib
@@ -64,6 +75,44 @@ Clock = Callable[[], datetime]
 def holder_id(node: str, pid: int | None = None) -> str:
     """The lease holder id of this process: its node name and process id."""
     return f"{node}:{os.getpid() if pid is None else pid}"
+
+
+def _split_holder(holder: str) -> tuple[str, int] | None:
+    node, sep, pid = holder.rpartition(":")
+    if not sep or not pid.isdigit():
+        return None
+    return node, int(pid)
+
+
+def process_exists(pid: int) -> bool:
+    """True if a process ``pid`` exists on this host (a zombie or a frozen one included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def holder_is_dead(holder: str, own: str, *, same_host_database: bool) -> bool:
+    """True if ``holder`` is certainly a process of this host that no longer exists.
+
+    ``own`` is this process's holder id. The holder counts as local when its node is this
+    process's node (one home, one host) or, with ``same_host_database`` (SQLite: every process
+    of the file shares this host), when its node is any node named after this host. Anything
+    else (another host, a pid of another process namespace) is never judged: it waits for the
+    lease to expire.
+    """
+    theirs, mine = _split_holder(holder), _split_holder(own)
+    if theirs is None or mine is None or theirs == mine:
+        return False
+    node, pid = theirs
+    host = socket.gethostname()
+    local = node == mine[0] or (
+        same_host_database and (node == host or node.startswith(f"{host}:"))
+    )
+    return local and pid > 0 and not process_exists(pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +231,23 @@ class SchedulerLease:
                     epoch = 1
                 else:
                     current = _row_info(row)
-                    if current.holder == self.node:
+                    if current.holder == self.node and current.epoch == self.epoch:
                         # Ours already (perhaps expired, but nobody took it): same holder, same
                         # epoch.
                         epoch = current.epoch
                         values: dict[str, Any] = {"renewed_at": now, "expires_at": expires}
-                    elif not current.is_held(now):
+                    elif (
+                        current.holder == self.node
+                        or not current.is_held(now)
+                        or self._holder_dead(conn, current.holder)
+                    ):
+                        if current.holder not in (None, self.node) and current.is_held(now):
+                            log.info(
+                                "lease.dead_holder_replaced",
+                                lease=self.name,
+                                dead=current.holder,
+                                holder=self.node,
+                            )
                         epoch = current.epoch + 1
                         values = {
                             "holder": self.node,
@@ -213,6 +273,12 @@ class SchedulerLease:
         if previous != epoch:
             log.info("lease.acquired", lease=self.name, holder=self.node, epoch=epoch)
         return True
+
+    def _holder_dead(self, conn: Connection, holder: str | None) -> bool:
+        if holder is None or self._clock is not None:
+            # An injected clock means a test of expiry: leave the process table out of it.
+            return False
+        return holder_is_dead(holder, self.node, same_host_database=conn.dialect.name == "sqlite")
 
     def renew(self) -> bool:
         """Extend the lease we hold. False if it is no longer ours (or has expired)."""
@@ -272,9 +338,16 @@ class SchedulerLease:
         self._since = None
 
     def release(self) -> bool:
-        """Give the lease up now, so that a standby can take it at once. False if not ours."""
-        if self.epoch is None:
+        """Give the lease up now, so that a standby can take it at once. False if not ours.
+
+        This process stops believing it holds the lease before the database answers: an
+        acquire made while this release waits (on a locked database, say) takes a new epoch,
+        which this release, fenced by the old one, then leaves alone.
+        """
+        epoch = self.epoch
+        if epoch is None:
             return False
+        self._forget()
         with write_transaction(self.engine) as conn:
             now = self._now(conn)
             result = conn.execute(
@@ -282,14 +355,13 @@ class SchedulerLease:
                 .where(
                     LeaseRow.name == self.name,
                     LeaseRow.holder == self.node,
-                    LeaseRow.epoch == self.epoch,
+                    LeaseRow.epoch == epoch,
                 )
                 .values(holder=None, renewed_at=now, expires_at=now)
             )
             released = result.rowcount == 1
         if released:
-            log.info("lease.released", lease=self.name, holder=self.node, epoch=self.epoch)
-        self._forget()
+            log.info("lease.released", lease=self.name, holder=self.node, epoch=epoch)
         return released
 
     def holder(self) -> LeaseInfo | None:

@@ -63,6 +63,21 @@ class TaskOutcome(enum.StrEnum):
     INTERRUPTED = "interrupted"
 
 
+class TaskSource(enum.StrEnum):
+    """Who defined a task: stored in ``tasks.source``; the task file's sync touches only its own."""
+
+    CLI = "cli"  # nanobot cron add
+    FILE = "file"  # the task file, tasks.toml
+    CODE = "code"  # CronManager.register_task in Python
+
+
+class CodeKind(enum.StrEnum):
+    """What a row of ``task_code`` describes."""
+
+    MODULE = "module"  # a task module the service imported (or failed to)
+    TASK_FILE = "task_file"  # the task file the service synced (or refused)
+
+
 class ComponentStatus(enum.StrEnum):
     """The health of one component, as in the seed."""
 
@@ -127,7 +142,15 @@ class Task(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
     task_class: Mapped[str] = mapped_column(String(500))
+    # Interval tasks: the interval. Cron tasks: the longest gap between fires (informational);
+    # one-shot tasks: 0. The schedule itself is schedule_kind with cron, timezone or run_at.
     interval_s: Mapped[float] = mapped_column(Float)
+    schedule_kind: Mapped[str] = mapped_column(
+        String(16), default="interval", server_default="interval"
+    )
+    cron: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    run_at: Mapped[datetime | None] = mapped_column(nullable=True)
     kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     jitter_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -140,6 +163,10 @@ class Task(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     broken_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     run_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    source: Mapped[str] = mapped_column(String(8), default=TaskSource.CLI, server_default="cli")
+    # Why a task is paused when nanobot paused it (e.g. "removed from tasks.toml"); None when an
+    # operator did.
+    pause_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -168,6 +195,26 @@ class TaskRun(Base):
     slots: Mapped[int] = mapped_column(Integer, default=1)
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
     node: Mapped[str | None] = mapped_column(String(NAME_MAX), nullable=True)
+    # The tail of a shell command's output (stdout and stderr), capped by the command task.
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TaskCode(Base):
+    """What task code each node runs: the modules it imported and the task file it synced.
+
+    Written by the service at start (and by each sync of the task file); read by ``status``, which
+    compares ``mtime`` with the file on disk to tell that the code running is older.
+    """
+
+    __tablename__ = "task_code"
+
+    node: Mapped[str] = mapped_column(String(NAME_MAX), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(500), primary_key=True)
+    origin: Mapped[str | None] = mapped_column(Text, nullable=True)
+    mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    loaded_at: Mapped[datetime]
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Component(Base):

@@ -12,7 +12,19 @@ Lifecycle (``Service.run``):
 5. run until SIGINT or SIGTERM. The first signal stops gracefully: no new runs, runs in flight
    get ``service.shutdown_grace`` seconds and are then cancelled (recorded ``cancelled``), the
    monitor records a last heartbeat, the lease is released, exit code 0. A second signal exits
-   at once with code 1.
+   at once with code 1. Until its last run has ended (or been cancelled) and been recorded, a
+   stopping leader keeps renewing its lease and checking its lock, so that no standby starts a
+   task whose run still goes; if it loses the lease meanwhile, it cancels its runs at once.
+
+Before all this (:mod:`nanobot.preflight`): every path must be usable and no other service may
+run as this node from the same home; the start ends with one line and the documented exit code
+otherwise (also when the database cannot be opened or written: exit 3).
+
+Each lease period the service also checks that the SQLite file at the configured path is still
+the one it opened (:mod:`nanobot.database_file`); a deleted or replaced file stops scheduling,
+puts status in error (and /readyz down), logs ``service.database_replaced`` and publishes
+``database.replaced`` on the bus. The leader checkpoints and truncates SQLite's write-ahead log
+every ``CHECKPOINT_EVERY_S``, so that a burst does not leave it tens of megabytes long.
 
 The leader renews the lease every ``lease_ttl / 3`` seconds; when a renewal fails, or cannot
 finish before less than ``lease_ttl / 3`` seconds of the lease are left, it stops dispatching at
@@ -49,11 +61,14 @@ import structlog
 
 from nanobot.bus import get_bus
 from nanobot.config import Config
-from nanobot.db import dispose_engines, get_engine, upgrade_database
+from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
+from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.metrics import Metrics
+from nanobot.models import utcnow
 from nanobot.node import node_name
+from nanobot.preflight import EXIT_UNREADABLE, NodeClaim, StartupError, claim_node, sqlite_file
 from nanobot.status import build_status, nanobot_version
 
 log = structlog.get_logger(__name__)
@@ -62,6 +77,11 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 # Liveness: the lease loop must have come round within this many of its periods.
 _LOOP_STALE_PERIODS: Final = 2.5
+# The leader folds SQLite's write-ahead log into the database and truncates it this often.
+CHECKPOINT_EVERY_S: Final = 10.0
+# Topics published on the bus when the database is lost (payload: database, reason, node).
+DATABASE_REPLACED: Final = "database.replaced"
+DATABASE_RECREATED: Final = "database.recreated"
 
 
 class Role(enum.StrEnum):
@@ -95,6 +115,7 @@ class Service:
         self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
         self.http: HttpServer | None = None
         self._manager: Any = None
+        self._sources: Any = None
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -105,6 +126,32 @@ class Service:
         # loses the lead, so that a healthy standby takes over first).
         self._compete_after = 0.0
         self._signals = 0
+        # The exit code when the run ends for a reason of its own (a port in use).
+        self._exit_code = EXIT_OK
+        # Set by _shutdown: the lease loop and the lock loop run until then, also while a
+        # stopping leader waits for its runs.
+        self._lease_done: asyncio.Event | None = None
+        self._draining = False
+        # The one lease call (acquire) in flight in a thread, if any: a call that outlives its
+        # timeout is waited for, never doubled, so that a silent database cannot pile up threads.
+        self._lease_call: asyncio.Future[bool] | None = None
+        # Problems of this process that the database cannot tell (it is the problem): shown
+        # first in status; ``fatal`` ones put it in error and stop scheduling.
+        self._fatal: str | None = None
+        self._warnings: dict[str, str] = {}
+        # What status() shows of them: rebuilt whole on each change, so that a reader thread
+        # (the endpoint's) never iterates a dict that the loop changes.
+        self._warning_list: tuple[str, ...] = ()
+        path = sqlite_file(config)
+        self._file_watch: DatabaseFileWatch | None = None
+        self._sqlite_path = path
+        self._marker = DatabaseMarker(
+            config.home, self.engine.url.render_as_string(hide_password=True), path
+        )
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_call: asyncio.Future[int] | None = None
+        self._pending_events: list[tuple[str, dict[str, Any]]] = []
+        self._claim: NodeClaim | None = None
 
     # --- probes (the HTTP endpoint) -------------------------------------------------------------
 
@@ -131,7 +178,26 @@ class Service:
         }
 
     def status(self) -> dict[str, Any]:
-        return build_status(self.engine)
+        fatal = self._fatal
+        if fatal is not None:
+            # The database at the path is not the one in use: reading it would show (or create)
+            # another database's state. Say what is wrong, without touching it.
+            return {
+                "status": "error",
+                "problems": [fatal],
+                "checked_at": utcnow().isoformat(),
+                "version": nanobot_version(),
+                "service": {"running": True, "node": self.node, "role": self.role.value},
+                "components": [],
+                "tasks": [],
+            }
+        data = build_status(self.engine)
+        warnings = self._warning_list
+        if warnings:
+            data["problems"] = [*warnings, *data.get("problems", [])]
+            if data.get("status") == "healthy":
+                data["status"] = "degraded"
+        return data
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -141,12 +207,35 @@ class Service:
     async def run(self) -> int:
         """Run until a signal (or :meth:`request_stop`); the process exit code."""
         self._stop = asyncio.Event()
+        self._lease_done = asyncio.Event()
         self._install_signal_handlers()
+        self._claim = claim_node(self.config, self.node, self._port())
         try:
-            await asyncio.to_thread(upgrade_database, self.engine)
-        except Exception as exc:
-            log.error("service.database_unusable", error=f"{exc.__class__.__name__}: {exc}")
-            return EXIT_FAILED
+            try:
+                await asyncio.to_thread(upgrade_database, self.engine)
+                await asyncio.to_thread(self._check_database_at_start)
+                # The scheduler's modules are imported now, not between taking the lease and
+                # starting the scheduler: on a loaded machine that took seconds of the lease.
+                await asyncio.to_thread(_import_scheduler)
+            except StartupError:
+                raise
+            except Exception as exc:
+                error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                log.error("service.database_unusable", error=error, exit_code=EXIT_UNREADABLE)
+                raise StartupError(
+                    f"database {self.engine.url.render_as_string(hide_password=True)} "
+                    f"is not usable: {error}",
+                    EXIT_UNREADABLE,
+                ) from None
+            return await self._run_started()
+        finally:
+            self._claim.release()
+
+    def _port(self) -> int | None:
+        return int(self.config["http.port"]) if self.config["http.enabled"] else None
+
+    async def _run_started(self) -> int:
+        assert self._stop is not None
         if self._stop.is_set():
             log.info("service.stopped", exit_code=EXIT_OK, reason="signal during start")
             return EXIT_OK
@@ -163,6 +252,11 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
+            from nanobot.cron.sources import TaskSources
+
+            # Before the lease: the scheduler's first pass already sees the task file's tasks.
+            self._sources = TaskSources(self.engine, self.node, self.config)
+            await self._sources.start()
             if self.config["http.enabled"]:
                 self.http = HttpServer(
                     _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
@@ -177,6 +271,7 @@ class Service:
                         error=str(exc),
                     )
                     self.http = None
+                    self._exit_code = EXIT_FAILED
                     return EXIT_FAILED
             await self._lease_step()
             from nanobot.heartbeat import initialize_heartbeat
@@ -224,20 +319,24 @@ class Service:
         return max(0.0, min(self.period, self.period - since_renewal))
 
     async def _lease_loop(self) -> None:
-        assert self._stop is not None
-        while not self._stop.is_set():
+        """Until the lease is given up at the end of :meth:`_shutdown` (not at the signal: a
+        stopping leader renews while its runs finish)."""
+        done = self._lease_done
+        assert done is not None
+        while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self._next_lease_step_in())
-            if self._stop.is_set():
+                await asyncio.wait_for(done.wait(), timeout=self._next_lease_step_in())
+            if done.is_set():
                 return
             await self._lease_step()
+            await self._health_cycle()
 
     async def _lease_step(self) -> None:
         """One round: a standby tries to take the lease, the leader renews it."""
         try:
             if self._stepping_down is not None:
                 return
-            if self.role is Role.LEADER:
+            if self.role is Role.LEADER or self._draining:
                 await self._renew()
             elif self.role in (Role.STANDBY, Role.STARTING):
                 await self._try_acquire()
@@ -261,16 +360,39 @@ class Service:
         return acquired
 
     async def _try_acquire(self) -> None:
-        if time.monotonic() < self._compete_after:
+        assert self._stop is not None
+        if self._stop.is_set():
+            return  # stopping: a standby does not take the lead any more
+        if time.monotonic() < self._compete_after or self._fatal is not None:
+            acquired = False
+        elif self._lease_call is not None and not self._lease_call.done():
+            # The last attempt still waits on the database: never a second thread beside it.
+            log.warning("service.lease_call_pending", action="skip_round")
             acquired = False
         else:
+            call = asyncio.ensure_future(asyncio.to_thread(self._acquire))
+            self._lease_call = call
             try:
-                acquired = await asyncio.wait_for(
-                    asyncio.to_thread(self._acquire), timeout=self.period
-                )
+                acquired = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
             except Exception as exc:
-                log.warning("service.lease_unavailable", error=f"{exc.__class__.__name__}: {exc}")
+                error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                log.warning("service.lease_unavailable", error=error)
                 acquired = False
+                if _is_read_only(error):
+                    self._warn(
+                        "read_only",
+                        "the database is read-only: this node cannot lead until it can write "
+                        f"({error})",
+                    )
+                    if self.role is Role.STARTING:
+                        self._exit_code = EXIT_UNREADABLE
+                        raise StartupError(
+                            f"database {self.engine.url.render_as_string(hide_password=True)} "
+                            f"is read-only: {error}",
+                            EXIT_UNREADABLE,
+                        ) from None
+            else:
+                self._warn("read_only", None)
         if not acquired:
             if self.role is not Role.STANDBY:
                 holder = await self._holder_name()
@@ -301,18 +423,41 @@ class Service:
                 log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
         if renewed and self.lease.seconds_left() > self.period:
             return
+        if self._draining:
+            self._lost_while_draining("lease_lost")
+            return
         await self._step_down(reason="lease_lost")
 
+    def _lost_while_draining(self, reason: str) -> None:
+        """A stopping leader lost its lease (or lock) while runs were still going: another node
+        may lead at any moment, so they are cancelled now rather than at the end of the grace."""
+        if not self._draining:
+            return
+        self._draining = False
+        manager = self._manager
+        running = manager.running_tasks() if manager is not None else []
+        log.warning(
+            "service.leadership_lost",
+            holder=self.holder,
+            reason=reason,
+            action="cancel_runs",
+            running=running,
+        )
+        if manager is not None:
+            manager.cancel_runs(f"the node lost the lease while stopping ({reason})")
+
     async def _lock_loop(self) -> None:
-        """The leader checks its lock connection every ``lock_check`` seconds."""
-        assert self._stop is not None
+        """The leader (a stopping one too, until its runs have ended) checks its lock
+        connection every ``lock_check`` seconds."""
+        done = self._lease_done
+        assert done is not None
         assert self.lock is not None
-        while not self._stop.is_set():
+        while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.lock_check)
-            if self._stop.is_set():
+                await asyncio.wait_for(done.wait(), timeout=self.lock_check)
+            if done.is_set():
                 return
-            if self.role is not Role.LEADER or self._stepping_down is not None:
+            if not (self.role is Role.LEADER or self._draining) or self._stepping_down is not None:
                 continue
             try:
                 held = await asyncio.wait_for(
@@ -321,7 +466,11 @@ class Service:
             except Exception as exc:
                 log.warning("service.lock_check_failed", error=f"{exc.__class__.__name__}: {exc}")
                 held = False
-            if not held and self.role is Role.LEADER:
+            if held:
+                continue
+            if self._draining:
+                self._lost_while_draining("lock_lost")
+            elif self.role is Role.LEADER:
                 await self._step_down(reason="lock_lost")
 
     async def _step_down(self, *, reason: str) -> None:
@@ -413,17 +562,25 @@ class Service:
 
     async def _shutdown(self) -> int:
         was_leader = self.role is Role.LEADER
+        # A leader keeps renewing its lease (and checking its lock) while its runs finish: a
+        # standby must not start a task whose run still goes here.
+        self._draining = was_leader and self._lease_task is not None
         self.role = Role.STOPPING
         log.info("service.stopping", grace_s=self.grace, leader=was_leader)
-        code = EXIT_OK
+        code = self._exit_code
+        if self._stepping_down is not None:
+            await asyncio.gather(self._stepping_down, return_exceptions=True)
+        if self._sources is not None:
+            await self._sources.stop()
+        if was_leader or self._manager is not None:
+            await self._stop_scheduling(reason="shutdown", grace=self.grace)
+        self._draining = False
+        if self._lease_done is not None:
+            self._lease_done.set()
         for task in (self._lease_task, self._lock_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if self._stepping_down is not None:
-            await asyncio.gather(self._stepping_down, return_exceptions=True)
-        if was_leader or self._manager is not None:
-            await self._stop_scheduling(reason="shutdown", grace=self.grace)
         if self._monitor is not None:
             try:
                 await self._monitor.stop()
@@ -441,6 +598,120 @@ class Service:
         self.role = Role.STOPPED
         log.info("service.stopped", exit_code=code)
         return code
+
+    # --- the database under the service -------------------------------------------------------
+
+    def _check_database_at_start(self) -> None:
+        """In a thread, after the migrations: remember which file is open, and say so loudly
+        when the database is new and empty where the last one had tasks."""
+        if self._sqlite_path is not None:
+            self._file_watch = DatabaseFileWatch(self._sqlite_path)
+        tasks = count_tasks(self.engine)
+        lost = self._marker.lost_database(tasks)
+        if lost is None:
+            self._marker.write(tasks)
+            return
+        # In the start-up thread, before the loops run: nothing reads or writes it meanwhile.
+        self._warn("database_recreated", lost)
+        log.error(
+            "service.database_recreated",
+            database=self._marker.url,
+            problem=lost,
+            marker=str(self._marker.file),
+        )
+        self._publish_later(DATABASE_RECREATED, {"reason": "empty_after_restart", "problem": lost})
+
+    def _warn(self, key: str, problem: str | None) -> None:
+        """Show ``problem`` in status (degraded) under ``key``; None clears it."""
+        if problem is None:
+            if self._warnings.pop(key, None) is None:
+                return
+        else:
+            self._warnings[key] = problem
+        self._warning_list = tuple(self._warnings.values())
+
+    def _publish_later(self, topic: str, payload: dict[str, Any]) -> None:
+        self._pending_events.append((topic, payload))
+
+    async def _health_cycle(self) -> None:
+        """Each lease period: is the database file still ours; the marker; the checkpoint."""
+        for topic, payload in self._pending_events:
+            await self._publish(topic, payload)
+        self._pending_events.clear()
+        watch = self._file_watch
+        if watch is not None and self._fatal is None:
+            problem = await asyncio.to_thread(watch.problem)
+            if problem is not None:
+                await self._database_lost(problem, watch.reason() or "replaced")
+                return
+        if self._fatal is not None:
+            return
+        if self.role is Role.LEADER:
+            await self._maintain_database()
+
+    async def _database_lost(self, problem: str, reason: str) -> None:
+        self._fatal = problem
+        log.critical(
+            "service.database_replaced",
+            database=self._marker.url,
+            reason=reason,
+            problem=problem,
+            action="scheduling_stopped",
+        )
+        await self._publish(DATABASE_REPLACED, {"reason": reason, "problem": problem})
+        if self.role is Role.LEADER:
+            await self._step_down(reason=f"database_{reason}")
+
+    async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        try:
+            await get_bus().publish(
+                topic, {"database": self._marker.url, "node": self.node, **payload}
+            )
+        except Exception as exc:
+            log.error("service.publish_failed", topic=topic, error=f"{exc.__class__.__name__}")
+
+    async def _maintain_database(self) -> None:
+        """The leader's share of keeping the database healthy: the marker (stored task count)
+        while nothing is wrong, and the write-ahead log's checkpoint. Bounded, in threads, one
+        at a time."""
+        call = self._checkpoint_call
+        if call is not None and not call.done():
+            return
+        due = time.monotonic() - self._last_checkpoint >= CHECKPOINT_EVERY_S
+        if due:
+            self._last_checkpoint = time.monotonic()
+        recreated = "database_recreated" in self._warnings
+        call = asyncio.ensure_future(asyncio.to_thread(self._maintain, due, not recreated))
+        self._checkpoint_call = call
+        try:
+            tasks = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
+        except Exception as exc:
+            error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            log.warning("service.database_maintenance_failed", error=error)
+            return
+        if recreated and tasks > 0:
+            # Tasks again: the operator has restored or re-created what matters.
+            self._warn("database_recreated", None)
+
+    def _maintain(self, checkpoint_due: bool, remember: bool) -> int:
+        """In a thread: the stored task count (remembered in the marker), and the checkpoint."""
+        tasks = count_tasks(self.engine)
+        if remember:
+            self._marker.write(tasks)
+        if checkpoint_due:
+            checkpoint(self.engine)
+        return tasks
+
+
+def _import_scheduler() -> None:
+    import nanobot.cron
+    import nanobot.heartbeat  # noqa: F401
+
+
+def _is_read_only(error: str) -> bool:
+    """A write refused because the database (or PostgreSQL server: a hot standby) is read-only."""
+    text = error.lower()
+    return "readonly database" in text or "read-only" in text
 
 
 def settle_after_start() -> None:
@@ -476,6 +747,8 @@ def run_service(config: Config) -> int:
     """Run the service in a new event loop until it stops; the exit code."""
     try:
         return asyncio.run(Service(config).run())
+    except StartupError:
+        raise  # one line and its exit code, from the command line
     except Exception:
         # A bug, not an input: the traceback goes to the log, the exit code says it failed.
         log.exception("service.crashed")

@@ -151,6 +151,8 @@ def _task_json(row: Any) -> dict[str, Any]:
         "consecutive_failures": row.consecutive_failures,
         "error": row.broken_reason,
         "broken": row.broken_reason is not None,
+        "source": row.source,
+        "pause_reason": row.pause_reason,
     }
 
 
@@ -190,9 +192,16 @@ def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
         Task.last_outcome,
         Task.consecutive_failures,
         Task.broken_reason,
+        Task.source,
+        Task.pause_reason,
     )
     tasks = [_task_json(row) for row in conn.execute(select(*columns).order_by(Task.name)).all()]
+    from nanobot.cron.taskcode import code_records
+
+    # The task code of the nodes that run now; a stopped node's record is history.
+    code = code_records(conn, running_nodes)
     return {
+        "code": code,
         "nodes": nodes,
         "running_nodes": running_nodes,
         "lease": lease,
@@ -234,6 +243,10 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
             problems.append(f"task {t['name']} is broken: {t['error']}")
         elif t["last_outcome"] in FAILED_OUTCOMES:
             problems.append(f"task {t['name']} last ended {t['last_outcome']}")
+    for record in state["code"]:
+        problem = record.problem()
+        if problem:
+            problems.append(problem)
     if problems:
         return SystemStatus.DEGRADED, problems
     return SystemStatus.HEALTHY, []
@@ -261,7 +274,10 @@ def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, An
           "components": [{"name", "node", "status", "last_heartbeat", "age_s", "last_error",
                           "current"}],
           "tasks": [{"name", "task", "interval", "timeout", "paused", "next_run_at",
-                     "last_run_at", "last_outcome", "consecutive_failures", "error", "broken"}]
+                     "last_run_at", "last_outcome", "consecutive_failures", "error", "broken",
+                     "source", "pause_reason"}],
+          "code": [{"node", "kind" (module | task_file), "name", "file", "loaded_at", "error",
+                    "newer_on_disk"}]
         }
     """
     now = now or utcnow()
@@ -310,6 +326,7 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
         "system": system,
         "components": state["components"],
         "tasks": state["tasks"],
+        "code": [record.to_json() for record in state["code"]],
     }
 
 

@@ -26,6 +26,23 @@ REQUIRE_PG = os.environ.get("NANOBOT_REQUIRE_POSTGRES", "") == "1"
 
 _pg_state: dict[str, str | None] = {}
 
+FAULTS_DIR = Path(__file__).parent / "faults"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The fault suite (tests/faults/, minutes of real faults) runs when asked for: named on
+    the command line or selected with ``-m faults`` (as ``.ci/run`` does); a plain ``pytest``
+    runs the rest."""
+    if collection_path != FAULTS_DIR:
+        return None
+    if "faults" in (config.option.markexpr or ""):
+        return None
+    for arg in config.args:
+        path = Path(arg.split("::")[0]).absolute()
+        if path == FAULTS_DIR or FAULTS_DIR in path.parents:
+            return None
+    return True
+
 
 def _pg_unavailable() -> str | None:
     """None when PostgreSQL answers, else why not (checked once per run)."""

@@ -250,10 +250,10 @@ def test_values_are_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _readme_defaults() -> dict[str, str]:
-    """The configuration reference table of README.md: key -> default cell."""
+    """The settings table of docs/configuration.md: key -> default cell."""
     rows: dict[str, str] = {}
     pattern = re.compile(r"^\|\s*`([a-z_]+\.[a-z_]+)`\s*\|\s*(.*?)\s*\|(.*)\|\s*$")
-    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+    for line in (REPO / "docs" / "configuration.md").read_text(encoding="utf-8").splitlines():
         match = pattern.match(line)
         if match:
             rows[match.group(1)] = match.group(2).strip("`")
@@ -269,7 +269,7 @@ def _render_default(value: Any) -> str:
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:
-    """README.md's configuration table lists exactly the keys of SETTINGS, each with its default."""
+    """docs/configuration.md's settings table lists every key of SETTINGS with its default."""
     documented = _readme_defaults()
     assert sorted(documented) == sorted(s.key for s in SETTINGS)
     for setting in SETTINGS:

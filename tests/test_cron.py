@@ -15,10 +15,9 @@ from sqlalchemy import Engine, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
-from nanobot.cron._aps import due_slots, grid_slot_at_or_after
 from nanobot.db import get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
-from nanobot.models import MisfirePolicy, Task, TaskRun, apscheduler_jobs
+from nanobot.models import Task, TaskRun, apscheduler_jobs
 
 POLL = 0.05
 WAIT = 10.0  # the bound of every wait below
@@ -128,39 +127,7 @@ def test_seed_register_without_event_loop(db_url: str) -> None:
 # --- scheduling -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("first", "now", "policy", "expected"),
-    [
-        # (first due, now) in seconds from 0, interval 10: (run, missed first, missed, next)
-        (0, 0, MisfirePolicy.CATCH_UP_ONCE, (0, None, 0, 10)),
-        (0, 9.9, MisfirePolicy.CATCH_UP_ONCE, (0, None, 0, 10)),
-        (0, 10, MisfirePolicy.CATCH_UP_ONCE, (10, 0, 1, 20)),
-        (0, 1000.5, MisfirePolicy.CATCH_UP_ONCE, (1000, 0, 100, 1010)),
-        (0, 1, MisfirePolicy.SKIP, (0, None, 0, 10)),
-        (0, 1000.5, MisfirePolicy.SKIP, (1000, 0, 100, 1010)),
-        (0, 1006, MisfirePolicy.SKIP, (None, 0, 101, 1010)),
-    ],
-)
-def test_due_slots_table(
-    first: float, now: float, policy: MisfirePolicy, expected: tuple[Any, ...]
-) -> None:
-    """Slots split into one to run and the missed ones, on a fixed grid (grace 5 s for SKIP)."""
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def at(s: float | None) -> datetime | None:
-        return None if s is None else t0 + timedelta(seconds=s)
-
-    result = due_slots(at(first), 10.0, at(now), policy, 5.0)  # type: ignore[arg-type]
-    run, missed_first, missed, nxt = expected
-    assert result == (at(run), at(missed_first), missed, at(nxt))
-
-
-def test_grid_slot_at_or_after() -> None:
-    """Resuming finds the next slot of the original grid, never one before now."""
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    assert grid_slot_at_or_after(t0, 10, t0 - timedelta(seconds=5)) == t0
-    assert grid_slot_at_or_after(t0, 10, t0 + timedelta(seconds=10)) == t0 + timedelta(seconds=10)
-    assert grid_slot_at_or_after(t0, 10, t0 + timedelta(seconds=11)) == t0 + timedelta(seconds=20)
+# The slot arithmetic (due slots, the grid) is tested with the schedules, in test_schedules.py.
 
 
 async def test_fixed_rate_does_not_drift(manager: CronManager, outcomes: Outcomes) -> None:

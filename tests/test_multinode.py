@@ -12,215 +12,47 @@ The fail-over times measured here are the ones the README quotes (``-s`` prints 
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text
-from test_service import REPO, TESTS, free_port, http, run_cli, wait_for
+from faults.harness import (
+    Cluster,
+    add_append,
+    check_accounting,
+    check_no_overlap_across_nodes,
+    executions_match_claims,
+    http,
+    report,
+    run_cli,
+    runs_file,
+    wait_for,
+)
+from sqlalchemy import Engine, create_engine, text
 
 from nanobot.db import create_db_engine
-from nanobot.models import Task, TaskRun
 
 pytestmark = pytest.mark.slow
 
 TTL = 3.0
 PERIOD = TTL / 3
-BASE_ENV = {
-    "NANOBOT_HEARTBEAT__INTERVAL": "1",
-    "NANOBOT_CRON__POLL_INTERVAL": "0.2",
-    "NANOBOT_SERVICE__LEASE_TTL": str(TTL),
-    "NANOBOT_SERVICE__SHUTDOWN_GRACE": "2",
-    "NANOBOT_LOGGING__FORMAT": "json",
-}
 # The documented worst case after a crash: the lease expires (ttl), then a standby's next poll
 # (ttl/3); plus the new leader's start and first pass, and slack for a loaded 2-core machine.
 CRASH_TAKEOVER_BOUND = TTL + PERIOD + 2.0
-SLOT_TOLERANCE = timedelta(milliseconds=2)
 
 postgres_only = pytest.mark.parametrize(
     "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
 
 
-def log_events(path: Path, *names: str) -> list[dict[str, Any]]:
-    """The JSON log lines of ``path`` whose event is one of ``names``, in order."""
-    events: list[dict[str, Any]] = []
-    if not path.exists():
-        return events
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if event.get("event") in names:
-            event["at"] = datetime.fromisoformat(event["timestamp"]).timestamp()
-            events.append(event)
-    return events
-
-
-def runs_file(path: Path) -> list[tuple[float, int]]:
-    """``(time, pid)`` of every run an AppendLine task recorded in ``path``."""
-    if not path.exists():
-        return []
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    return [(float(r[1]), int(r[2])) for r in rows if len(r) == 3 and r[0] == "run"]
-
-
-@dataclass
-class Node:
-    """One service of the cluster; ``start`` again after a kill restarts the same node."""
-
-    index: int
-    home: Path
-    logs: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-    starts: int = 0
-    name: str | None = None
-    _log: Any = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> Node:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.close_log()
-        self.log_path = self.logs / f"node{self.index}-{self.starts}.log"
-        self.starts += 1
-        full = dict(os.environ) | BASE_ENV | self.env
-        full["NANOBOT_HOME"] = str(self.home)
-        full["NANOBOT_HTTP__PORT"] = str(self.port)
-        full["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanobot"],
-            env=full,
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def health(self) -> dict[str, Any] | None:
-        if not self.alive():
-            return None
-        try:
-            status, body = http(self.base + "/healthz")
-        except OSError:
-            return None
-        if status != 200:
-            return None
-        data: dict[str, Any] = json.loads(body)
-        self.name = data["node"]
-        return data
-
-    def role(self) -> str | None:
-        health = self.health()
-        return None if health is None else str(health["role"])
-
-    def wait_up(self, timeout: float = 30.0) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"node {self.index} exited {self.proc.returncode}")
-            health = self.health()
-            return health if health and health["role"] in ("leader", "standby") else None
-
-        return wait_for(f"node {self.index} up", check, timeout)
-
-    def kill(self) -> float:
-        """SIGKILL; the time it was sent."""
-        assert self.proc is not None
-        at = time.time()
-        self.proc.kill()
-        self.proc.wait(10)
-        return at
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def events(self, *names: str) -> list[dict[str, Any]]:
-        if self._log is not None:
-            self._log.flush()
-        return log_events(self.log_path, *names) if self.log_path else []
-
-    def close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-class Cluster:
-    def __init__(self, root: Path, url: str) -> None:
-        self.root = root
-        self.url = url
-        self.nodes: list[Node] = []
-
-    def add(self, **env: str) -> Node:
-        index = len(self.nodes)
-        node = Node(
-            index=index,
-            home=self.root / f"home{index}",
-            logs=self.root,
-            env={"NANOBOT_DATABASE__URL": self.url} | env,
-        )
-        self.nodes.append(node)
-        return node
-
-    def start(self, count: int) -> list[Node]:
-        started = [self.add().start() for _ in range(count)]
-        for node in started:
-            node.wait_up()
-        return started
-
-    def leaders(self) -> list[Node]:
-        return [n for n in self.nodes if n.role() == "leader"]
-
-    def wait_leader(self, timeout: float, *, among: list[Node] | None = None) -> Node:
-        def one() -> Node | None:
-            leaders = [n for n in (among or self.nodes) if n.role() == "leader"]
-            assert len(leaders) <= 1, f"two leaders: {[n.index for n in leaders]}"
-            return leaders[0] if leaders else None
-
-        return wait_for("a leader", one, timeout)
-
-    def kill_all(self) -> None:
-        for node in self.nodes:
-            if node.alive():
-                node.kill()
-            node.close_log()
-
-
 @pytest.fixture
 def cluster(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     """Nodes on ``db_url``; whatever still runs is killed afterwards."""
-    c = Cluster(tmp_path, db_url)
+    c = Cluster(tmp_path, db_url, NANOBOT_SERVICE__SHUTDOWN_GRACE="2")
     try:
         yield c
     finally:
@@ -234,95 +66,6 @@ def db(db_url: str) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
-
-
-def add_append(name: str, path: Path, interval: float) -> None:
-    code, out = run_cli(
-        "cron", "add", name, "--task", "e2e_tasks:AppendLine",
-        "--interval", str(interval), "--kwargs", json.dumps({"path": str(path)}), "--json",
-    )  # fmt: skip
-    assert code == 0, out
-
-
-def task_runs(engine: Engine, names: list[str]) -> list[Any]:
-    with engine.connect() as conn:
-        return list(
-            conn.execute(
-                select(TaskRun.__table__)
-                .where(TaskRun.task_name.in_(names))
-                .order_by(TaskRun.task_name, TaskRun.scheduled_at)
-            ).all()
-        )
-
-
-def check_accounting(engine: Engine, names: list[str], *, finished: bool = True) -> list[Any]:
-    """Every slot of each task's grid, from its anchor to its last recorded slot, is one row:
-    a run (success, error, ...) or skipped slot exactly once, or inside exactly one missed row
-    (``slots`` consecutive slots from its ``scheduled_at``); never two rows for one slot.
-
-    ``finished``: every service has stopped, so no row may still say ``running``.
-    Returns the rows.
-    """
-    with engine.connect() as conn:
-        tasks = {
-            t.name: t
-            for t in conn.execute(
-                select(Task.name, Task.anchor_at, Task.interval_s).where(Task.name.in_(names))
-            ).all()
-        }
-    rows = task_runs(engine, names)
-    problems: list[str] = []
-    for name in names:
-        task = tasks[name]
-        interval = timedelta(seconds=task.interval_s)
-        own = [r for r in rows if r.task_name == name and not r.manual]
-        assert own, f"task {name} never ran"
-        slots = [r.scheduled_at for r in own]
-        assert len(slots) == len(set(slots)), f"task {name}: a slot recorded twice"
-        expected = task.anchor_at
-        for row in own:
-            if abs(row.scheduled_at - expected) > SLOT_TOLERANCE:
-                kind = "unaccounted" if row.scheduled_at > expected else "covered twice"
-                problems.append(
-                    f"{name}: slot {expected.isoformat()} {kind} "
-                    f"(next row at {row.scheduled_at.isoformat()}, {row.outcome})"
-                )
-            if finished and row.outcome == "running":
-                problems.append(f"{name}: slot {row.scheduled_at.isoformat()} still running")
-            if row.outcome != "missed":
-                assert row.slots == 1, row
-            expected = row.scheduled_at + row.slots * interval
-    assert not problems, "\n".join(problems[:20])
-    return rows
-
-
-def check_no_overlap_across_nodes(rows: list[Any]) -> None:
-    """Successful runs, in the order they started, form blocks by node; each block finished
-    before the next node's first run started: two nodes never ran tasks at the same time."""
-    ran = sorted((r for r in rows if r.outcome == "success"), key=lambda r: r.started_at)
-    blocks: list[tuple[str, datetime, datetime]] = []  # node, first start, last finish
-    for r in ran:
-        if blocks and blocks[-1][0] == r.node:
-            node, first, last = blocks[-1]
-            blocks[-1] = (node, first, max(last, r.finished_at))
-        else:
-            blocks.append((r.node, r.started_at, r.finished_at))
-    for (a, _, a_last), (b, b_first, _) in itertools.pairwise(blocks):
-        assert a_last <= b_first, f"{a} still ran until {a_last} when {b} started at {b_first}"
-
-
-def executions_match_claims(rows: list[Any], out: Path) -> None:
-    """No slot executed twice: the runs a task really made (lines in ``out``) are at least its
-    successes and at most its claimed slots."""
-    claimed = [r for r in rows if r.outcome not in ("missed", "skipped")]
-    success = [r for r in rows if r.outcome == "success"]
-    executed = len(runs_file(out))
-    assert len(success) <= executed <= len(claimed), (len(success), executed, len(claimed))
-
-
-def report(what: str, seconds: float) -> None:
-    # Shown with -s: the numbers the README quotes.
-    sys.stdout.write(f"\nMEASURED {what}: {seconds:.2f}s\n")
 
 
 # --- node names ---------------------------------------------------------------------------------

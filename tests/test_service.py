@@ -8,113 +8,27 @@ command line runs in this process (click's runner) against the same database.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from faults.harness import (
+    BASE_ENV,
+    ServiceProcess,
+    add_append,
+    http,
+    lines,
+    run_cli,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
-
-from nanobot.cli import cli
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).parent
-REPO = TESTS.parent
-T = TypeVar("T")
-
-BASE_ENV = {
-    "NANOBOT_HEARTBEAT__INTERVAL": "1",
-    "NANOBOT_CRON__POLL_INTERVAL": "0.2",
-    "NANOBOT_SERVICE__LEASE_TTL": "3",
-    "NANOBOT_LOGGING__FORMAT": "json",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 10.0) -> T:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def http(url: str, method: str = "GET") -> tuple[int, bytes]:
-    request = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-class Service:
-    """One ``python -m nanobot`` subprocess."""
-
-    def __init__(self, home: Path, log: Path, **env: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        full = dict(os.environ) | BASE_ENV | env
-        full["NANOBOT_HOME"] = str(home)
-        full["NANOBOT_HTTP__PORT"] = str(self.port)
-        full["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanobot"],
-            env=full,
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            status, body = http(self.base + "/healthz")
-        except OSError:
-            return None
-        return json.loads(body) if status == 200 else None
-
-    def wait_healthy(self, timeout: float = 20.0) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"service exited {self.proc.returncode}:\n{self.output()}")
-            return self.health()
-
-        return wait_for("/healthz", check, timeout)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def output(self, tail: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
+Service = ServiceProcess
 
 
 @pytest.fixture
@@ -127,39 +41,15 @@ def services(
     started: list[Service] = []
 
     def start(**env: str) -> Service:
-        service = Service(nanobot_home, tmp_path / f"service{len(started)}.log", **env)
+        service = Service(home=nanobot_home, logs=tmp_path, label=f"service{len(started)}", env=env)
         started.append(service)
-        return service
+        return service.start()
 
     try:
         yield start
     finally:
         for service in started:
-            service.kill()
-
-
-def run_cli(*args: str) -> tuple[int, Any]:
-    """Run a command in this process; its exit code and its stdout parsed as JSON if it is."""
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    try:
-        return result.exit_code, json.loads(result.stdout)
-    except json.JSONDecodeError:
-        return result.exit_code, result.stdout + result.stderr
-
-
-def lines(path: Path, word: str | None = None) -> list[list[str]]:
-    if not path.exists():
-        return []
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if word is None or r[0] == word]
-
-
-def add_append(name: str, path: Path, interval: float) -> None:
-    code, out = run_cli(
-        "cron", "add", name, "--task", "e2e_tasks:AppendLine",
-        "--interval", str(interval), "--kwargs", json.dumps({"path": str(path)}), "--json",
-    )  # fmt: skip
-    assert code == 0, out
+            service.close()
 
 
 def history(name: str) -> list[dict[str, Any]]:

@@ -3,7 +3,12 @@
 APScheduler 3 is untyped and has traps that nanobot must not inherit; each is handled here:
 
 - Its default misfire grace of 1 s silently drops a run that is late by more than a second (a
-  catch-up after downtime). nanobot computes the due slots itself (:func:`due_slots`).
+  catch-up after downtime). nanobot computes the due slots itself
+  (:func:`nanobot.cron.schedules.due_slots`).
+- Its ``CronTrigger`` fires twice or loops around DST changes (its issues 606 and 1021). Cron
+  and one-shot jobs carry a :class:`ScheduleTrigger` that holds nanobot's own schedule record;
+  every slot of every kind is computed by :mod:`nanobot.cron.schedules`. Interval jobs keep
+  APScheduler's ``IntervalTrigger``, so jobs stored before schedules existed load unchanged.
 - ``replace_existing=True`` resets a job's phase (its issue 696). nanobot never replaces: it adds
   a missing job, and modifies an existing one only when its definition changed.
 - ``SQLAlchemyJobStore`` deletes a job it cannot unpickle, with one log line.
@@ -20,12 +25,11 @@ The rest of nanobot sees typed records (:class:`DueJob`, :class:`JobState`), not
 from __future__ import annotations
 
 import asyncio
-import math
 import pickle
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
@@ -35,11 +39,21 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
 from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
 
 from nanobot.cron.control import build_task
+from nanobot.cron.schedules import (
+    AtSchedule,
+    CronSchedule,
+    IntervalSchedule,
+    Schedule,
+    due_slots,
+    load_schedule,
+    next_after,
+)
 from nanobot.exceptions import NotLeaderError
 from nanobot.models import MisfirePolicy
 
@@ -75,11 +89,12 @@ class JobState:
     interval: float
     anchor: datetime
     next_run_at: datetime | None
+    schedule: Schedule
 
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:
-    """A job to add: a task's schedule."""
+    """A job to add: a task's schedule (None: every ``interval`` seconds)."""
 
     name: str
     task_class: str
@@ -87,6 +102,7 @@ class JobSpec:
     interval: float
     anchor: datetime
     next_run_at: datetime | None
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,36 +116,53 @@ class DueJob:
     run_slot: datetime | None
     missed_first: datetime | None
     missed_count: int
-    next_run_at: datetime
+    # None: the schedule has no later slot (a one-shot that came due).
+    next_run_at: datetime | None
+    # True when missed_count is a lower bound (see schedules.MISSED_COUNT_MAX).
+    missed_capped: bool = False
 
 
-def grid_slot_at_or_after(anchor: datetime, interval: float, when: datetime) -> datetime:
-    """The first slot ``anchor + k * interval`` (k >= 0) that is not before ``when``."""
-    if when <= anchor:
-        return anchor
-    k = math.ceil((when - anchor).total_seconds() / interval - 1e-9)
-    return anchor + timedelta(seconds=k * interval)
+class ScheduleTrigger(BaseTrigger):  # type: ignore[misc]
+    """The trigger of a cron or one-shot job: nanobot's schedule record, stored as plain data
+    (kind, expression, zone, instant) so that a job row never depends on a pickled class
+    layout beyond this one."""
 
+    __slots__ = ("schedule",)
 
-def due_slots(
-    first_due: datetime,
-    interval: float,
-    now: datetime,
-    policy: MisfirePolicy,
-    skip_grace: float,
-) -> tuple[datetime | None, datetime | None, int, datetime]:
-    """Split the slots from ``first_due`` up to ``now`` into one to run and the missed ones.
+    def __init__(self, schedule: CronSchedule | AtSchedule) -> None:
+        self.schedule = schedule
 
-    Returns ``(run_slot, missed_first, missed_count, next_slot)``. Fixed rate: slots are
-    ``first_due + k * interval`` whatever the runs took, so nothing drifts.
-    """
-    k = math.floor((now - first_due).total_seconds() / interval + 1e-9)
-    k = max(k, 0)
-    last_due = first_due + timedelta(seconds=k * interval)
-    next_slot = first_due + timedelta(seconds=(k + 1) * interval)
-    if policy is MisfirePolicy.SKIP and (now - last_due).total_seconds() > skip_grace:
-        return None, first_due, k + 1, next_slot
-    return last_due, (first_due if k else None), k, next_slot
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        # APScheduler asks this only when a job is added without a next run time; nanobot
+        # always gives one, and moves jobs itself (see NanobotScheduler.due).
+        return next_after(self.schedule, previous_fire_time or now)
+
+    def __getstate__(self) -> dict[str, Any]:
+        schedule = self.schedule
+        return {
+            "version": 1,
+            "kind": schedule.kind.value,
+            "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
+            "timezone": schedule.timezone,
+            "run_at": schedule.at.isoformat() if isinstance(schedule, AtSchedule) else None,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        run_at = state.get("run_at")
+        schedule = load_schedule(
+            state["kind"],
+            interval=None,
+            cron=state.get("cron"),
+            timezone=state.get("timezone"),
+            run_at=datetime.fromisoformat(run_at) if run_at else None,
+        )
+        assert isinstance(schedule, CronSchedule | AtSchedule)
+        self.schedule = schedule
+
+    def __str__(self) -> str:
+        return f"schedule[{self.schedule}]"
 
 
 class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
@@ -258,23 +291,39 @@ def _with_column_time(job: Job, stamp: float | None) -> Job:
     return job
 
 
-def _job_state(job: Job, store: str) -> JobState:
+def _job_schedule(job: Job) -> tuple[Schedule, datetime | None]:
+    """A job's schedule and, for an interval job, its anchor (the grid's origin)."""
     trigger = job.trigger
+    if isinstance(trigger, ScheduleTrigger):
+        return trigger.schedule, None
+    return (
+        IntervalSchedule(seconds=float(trigger.interval_length)),
+        trigger.start_date.astimezone(UTC),
+    )
+
+
+def _job_state(job: Job, store: str) -> JobState:
+    schedule, anchor = _job_schedule(job)
+    next_run_at = job.next_run_time.astimezone(UTC) if job.next_run_time else None
     return JobState(
         name=job.id,
         store=store,
         task_class=job.args[0],
         kwargs=dict(job.args[1]),
-        interval=float(trigger.interval_length),
-        anchor=trigger.start_date.astimezone(UTC),
-        next_run_at=job.next_run_time.astimezone(UTC) if job.next_run_time else None,
+        interval=schedule.seconds if isinstance(schedule, IntervalSchedule) else 0.0,
+        # Cron and one-shot schedules have no grid: their anchor is not used.
+        anchor=anchor or next_run_at or datetime.min.replace(tzinfo=UTC),
+        next_run_at=next_run_at,
+        schedule=schedule,
     )
 
 
-def _trigger(interval: float, anchor: datetime) -> IntervalTrigger:
+def _trigger(schedule: Schedule, anchor: datetime) -> BaseTrigger:
     # No jitter in the trigger: a slot's time must be the same in every process, since it is
     # the slot's identity in task_runs. Jitter is applied when a run starts.
-    return IntervalTrigger(seconds=interval, start_date=anchor, timezone=UTC)
+    if isinstance(schedule, IntervalSchedule):
+        return IntervalTrigger(seconds=schedule.seconds, start_date=anchor, timezone=UTC)
+    return ScheduleTrigger(schedule)
 
 
 PassFunction = Callable[["NanobotScheduler", datetime], float | None]
@@ -309,7 +358,7 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
         self._pass_task: asyncio.Task[None] | None = None
         self._again = False
         self.last_pass_at: datetime | None = None
-        self._due_jobs: list[tuple[str, Job, datetime]] = []
+        self._due_jobs: list[tuple[str, Job, datetime | None]] = []
         self.pass_failures = 0
 
     # --- the wakeup cycle ---------------------------------------------------------------------
@@ -414,24 +463,22 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
             self._due_jobs = []
             for alias, store in ((PERSISTENT, self.store), (EPHEMERAL, self.memory)):
                 for job in store.get_due_jobs(horizon):
-                    interval = float(job.trigger.interval_length)
-                    policy, grace = policies.get(
-                        job.id, (MisfirePolicy.CATCH_UP_ONCE, interval / 2)
-                    )
-                    run_slot, missed_first, missed, next_slot = due_slots(
-                        job.next_run_time.astimezone(UTC), interval, now, policy, grace
-                    )
-                    self._due_jobs.append((alias, job, next_slot))
+                    schedule, _ = _job_schedule(job)
+                    # The SKIP grace comes from the schedule (half the gap to the next slot).
+                    policy, _grace = policies.get(job.id, (MisfirePolicy.CATCH_UP_ONCE, 0.0))
+                    slots = due_slots(schedule, job.next_run_time.astimezone(UTC), now, policy)
+                    self._due_jobs.append((alias, job, slots.next_slot))
                     result.append(
                         DueJob(
                             name=job.id,
                             store=alias,
                             task_class=job.args[0],
                             kwargs=dict(job.args[1]),
-                            run_slot=run_slot,
-                            missed_first=missed_first,
-                            missed_count=missed,
-                            next_run_at=next_slot,
+                            run_slot=slots.run_slot,
+                            missed_first=slots.missed_first,
+                            missed_count=slots.missed_count,
+                            next_run_at=slots.next_slot,
+                            missed_capped=slots.missed_capped,
                         )
                     )
         return result
@@ -455,6 +502,8 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
                         if current is not None and current.next_run_time is not None:
                             current._modify(next_run_time=next_slot)
                             self.memory.update_job(current)
+                            if next_slot is None:
+                                log.info("cron.job_done", task=job.id)
                     except JobLookupError:
                         pass
             self._due_jobs = []
@@ -501,12 +550,13 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
         interval: float,
         anchor: datetime,
         next_run_at: datetime | None,
+        schedule: Schedule | None = None,
     ) -> None:
         """Add a job; an existing job of that name is left alone (never replaced)."""
         try:
             self.add_job(
                 run_stored_task,
-                trigger=_trigger(interval, anchor),
+                trigger=_trigger(schedule or IntervalSchedule(seconds=interval), anchor),
                 args=(task_class, kwargs),
                 id=name,
                 name=name,
@@ -529,7 +579,9 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
                 "version": 1,
                 "id": spec.name,
                 "func": RUN_STORED_TASK_REF,
-                "trigger": _trigger(spec.interval, spec.anchor),
+                "trigger": _trigger(
+                    spec.schedule or IntervalSchedule(seconds=spec.interval), spec.anchor
+                ),
                 "executor": "default",
                 "args": (spec.task_class, spec.kwargs),
                 "kwargs": {},
@@ -556,6 +608,7 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
         interval: float | None = None,
         anchor: datetime | None = None,
         next_run_at: datetime | object | None = ...,
+        schedule: Schedule | None = None,
     ) -> None:
         current = self.lookup(name, store)
         if current is None:
@@ -566,8 +619,12 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
                 task_class or current.task_class,
                 current.kwargs if kwargs is None else kwargs,
             )
-        if interval is not None or anchor is not None:
-            changes["trigger"] = _trigger(interval or current.interval, anchor or current.anchor)
+        if schedule is not None:
+            changes["trigger"] = _trigger(schedule, anchor or current.anchor)
+        elif interval is not None or anchor is not None:
+            changes["trigger"] = _trigger(
+                IntervalSchedule(seconds=interval or current.interval), anchor or current.anchor
+            )
         if next_run_at is not ...:
             changes["next_run_time"] = next_run_at
         if changes:

@@ -18,10 +18,29 @@ from typing import Any, Final
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from nanobot.cron.task import CronTask, TaskDefinition, check_interval
+from nanobot.cron.schedules import (
+    AtSchedule,
+    CronSchedule,
+    IntervalSchedule,
+    Schedule,
+    describe,
+    fire_times,
+    load_schedule,
+    slot_at_or_after,
+    zone,
+)
+from nanobot.cron.task import CronTask, TaskDefinition, check_interval, nominal_period
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
-from nanobot.models import NAME_MAX, MisfirePolicy, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import (
+    NAME_MAX,
+    MisfirePolicy,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    TaskSource,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +59,46 @@ class TaskInfo:
     consecutive_failures: int
     error: str | None
     version: int
+    schedule: Schedule
+    # The origin of an interval task's grid (None until first started).
+    anchor_at: datetime | None = None
+
+    def upcoming(self, count: int, now: datetime) -> list[datetime]:
+        """The next ``count`` slots (UTC) as the scheduler will run them: from the stored next
+        run; for a paused task, from where resuming it now would put it. Reads nothing."""
+        if self.next_run_at is not None:
+            first: datetime | None = self.next_run_at
+        elif self.done:
+            return []
+        elif self.paused:
+            first = slot_at_or_after(self.schedule, now, anchor=self.anchor_at or now)
+        else:
+            first = None
+        if first is None or count <= 0:
+            return []
+        return [first, *fire_times(self.schedule, first, count - 1, anchor=first)]
+
+    @property
+    def done(self) -> bool:
+        """True for a one-shot task whose time has come and gone (it is kept in history)."""
+        return (
+            isinstance(self.schedule, AtSchedule)
+            and self.next_run_at is None
+            and self.last_run_at is not None
+        )
+
+    source: str = "cli"
+    pause_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
+            "pause_reason": self.pause_reason,
             "task": self.task_class,
             "interval": self.interval,
+            **schedule_json(self.schedule),
+            "next_run_local": _local_iso(self.next_run_at, self.schedule),
             "kwargs": self.kwargs,
             "timeout": self.timeout,
             "paused": self.paused,
@@ -72,6 +125,7 @@ class RunInfo:
     slots: int
     manual: bool
     node: str | None
+    output: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,11 +140,42 @@ class RunInfo:
             "slots": self.slots,
             "manual": self.manual,
             "node": self.node,
+            "output": self.output,
         }
 
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _local_iso(value: datetime | None, schedule: Schedule) -> str | None:
+    """``value`` on the clock of the schedule's zone (UTC for an interval), with its offset."""
+    if value is None:
+        return None
+    tz = "UTC" if isinstance(schedule, IntervalSchedule) else schedule.timezone
+    return value.astimezone(zone(tz)).isoformat()
+
+
+def schedule_json(schedule: Schedule) -> dict[str, Any]:
+    """The schedule's fields as the JSON outputs show them."""
+    return {
+        "schedule_kind": schedule.kind.value,
+        "schedule": describe(schedule),
+        "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
+        "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
+        "run_at": _iso(schedule.at) if isinstance(schedule, AtSchedule) else None,
+    }
+
+
+def row_schedule(row: Any) -> Schedule:
+    """The schedule of a ``tasks`` row."""
+    return load_schedule(
+        row.schedule_kind,
+        interval=row.interval_s,
+        cron=row.cron,
+        timezone=row.timezone,
+        run_at=row.run_at,
+    )
 
 
 # A task is also the heartbeat component "task:<name>", whose name has NAME_MAX characters.
@@ -160,34 +245,76 @@ def parse_kwargs(raw: str | None) -> dict[str, Any]:
     return value
 
 
+def _optional_seconds(value: Any, what: str) -> float | None:
+    return None if value is None else check_interval(value, what)
+
+
 def definition_from_class(
-    name: str, path: str, interval: Any, kwargs: dict[str, Any] | None = None
+    name: str,
+    path: str,
+    interval: Any = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    schedule: Schedule | None = None,
+    timeout: float | None = None,
+    jitter: float | None = None,
+    misfire_policy: MisfirePolicy | str | None = None,
 ) -> TaskDefinition:
-    """Validate a task given by class path (the command line's ``cron add``) and define it."""
+    """Validate a task given by class path (the command line's ``cron add``) and define it.
+
+    The schedule is ``schedule``, or every ``interval`` seconds; ``timeout``, ``jitter`` and
+    ``misfire_policy`` override the class's own when given.
+    """
     check_name(name)
-    seconds = check_interval(interval)
+    if schedule is None:
+        schedule = IntervalSchedule(seconds=check_interval(interval))
+    elif interval is not None:
+        raise InvalidTaskError("a task has one schedule: give an interval or a schedule, not both")
     kwargs = dict(kwargs or {})
     cls = import_task_class(path)
     params = inspect.signature(cls).parameters
-    if "interval" in params:
-        if "interval" in kwargs and kwargs["interval"] != interval:
+    if isinstance(schedule, IntervalSchedule):
+        seconds = schedule.seconds
+        if "interval" in params:
+            given = interval if interval is not None else seconds
+            if isinstance(given, float) and given.is_integer():
+                given = int(given)  # stored as the user wrote it: 10, not 10.0
+            if "interval" in kwargs and kwargs["interval"] != given:
+                raise InvalidTaskError(
+                    f"kwargs give interval {kwargs['interval']!r} but --interval is {given!r}"
+                )
+            kwargs["interval"] = given
+    else:
+        seconds = nominal_period(schedule)
+        if "interval" in kwargs:
             raise InvalidTaskError(
-                f"kwargs give interval {kwargs['interval']!r} but --interval is {interval!r}"
+                f"kwargs give interval {kwargs['interval']!r} but the schedule is "
+                f"{describe(schedule)}: keep one"
             )
-        kwargs["interval"] = interval
     try:
         json.dumps(kwargs)
     except (TypeError, ValueError):
         raise InvalidTaskError("kwargs must be plain JSON data") from None
     task = build_task(path, kwargs)
+    if misfire_policy is not None:
+        try:
+            policy = MisfirePolicy(misfire_policy)
+        except ValueError:
+            choices = ", ".join(p.value for p in MisfirePolicy)
+            raise InvalidTaskError(
+                f"misfire policy must be one of {choices}, got {misfire_policy!r}"
+            ) from None
+    else:
+        policy = MisfirePolicy(task.misfire_policy)
     return TaskDefinition(
         name=name,
         task_class=path,
         interval=seconds,
         kwargs=kwargs,
-        timeout=task.timeout,
-        jitter=task.jitter,
-        misfire_policy=MisfirePolicy(task.misfire_policy),
+        timeout=task.timeout if timeout is None else _optional_seconds(timeout, "timeout"),
+        jitter=task.jitter if jitter is None else _optional_seconds(jitter, "jitter"),
+        misfire_policy=policy,
+        schedule=schedule,
     )
 
 
@@ -208,6 +335,10 @@ def _info(row: Any) -> TaskInfo:
         consecutive_failures=row.consecutive_failures,
         error=row.broken_reason,
         version=row.version,
+        schedule=row_schedule(row),
+        anchor_at=row.anchor_at,
+        source=row.source,
+        pause_reason=row.pause_reason,
     )
 
 
@@ -252,6 +383,7 @@ def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
             slots=r.slots,
             manual=r.manual,
             node=r.node,
+            output=r.output,
         )
         for r in rows
     ]
@@ -260,8 +392,13 @@ def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _definition_values(d: TaskDefinition) -> dict[str, Any]:
+def definition_values(d: TaskDefinition) -> dict[str, Any]:
+    schedule = d.the_schedule
     return {
+        "schedule_kind": schedule.kind.value,
+        "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
+        "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
+        "run_at": schedule.at if isinstance(schedule, AtSchedule) else None,
         "task_class": d.task_class,
         "interval_s": d.interval,
         "kwargs": d.kwargs,
@@ -280,17 +417,28 @@ def stored_definition(row: Any) -> TaskDefinition:
         timeout=row.timeout_s,
         jitter=row.jitter_s,
         misfire_policy=MisfirePolicy(row.misfire_policy),
+        schedule=row_schedule(row),
     )
+
+
+def first_run(schedule: Schedule, now: datetime) -> datetime | None:
+    """When a task started at ``now`` first runs: an interval task at once, a cron task at its
+    next fire time, a one-shot at its instant (even if past: it then runs once, at start)."""
+    if isinstance(schedule, IntervalSchedule):
+        return now
+    if isinstance(schedule, AtSchedule):
+        return schedule.at
+    return slot_at_or_after(schedule, now)
 
 
 def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
     """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
     now = utcnow()
-    values = _definition_values(definition) | {
+    values = definition_values(definition) | {
         "name": definition.name,
         "paused": paused,
         "anchor_at": None if paused else now,
-        "next_run_at": None if paused else now,
+        "next_run_at": None if paused else first_run(definition.the_schedule, now),
         "created_at": now,
         "updated_at": now,
         "version": 1,
@@ -317,8 +465,9 @@ def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, 
         if row is None:
             conn.execute(
                 insert(Task).values(
-                    **_definition_values(definition),
+                    **definition_values(definition),
                     name=definition.name,
+                    source=TaskSource.CODE.value,
                     paused=True,
                     created_at=now,
                     updated_at=now,
@@ -332,12 +481,22 @@ def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, 
             if stored_definition(current).same_schedule_as(definition):
                 outcome = "unchanged"
             else:
-                values = _definition_values(definition) | {
+                values = definition_values(definition) | {
                     "updated_at": now,
                     "version": Task.version + 1,
                     "broken_reason": None,
                 }
-                if current.interval_s != definition.interval and current.next_run_at is not None:
+                before = stored_definition(current).the_schedule
+                if before != definition.the_schedule and not (
+                    isinstance(before, IntervalSchedule)
+                    and isinstance(definition.the_schedule, IntervalSchedule)
+                ):
+                    # Another kind of schedule, another expression or time: the next run is the
+                    # new schedule's first (the scheduler recomputes it from the new schedule).
+                    if current.next_run_at is not None:
+                        values["anchor_at"] = now
+                        values["next_run_at"] = first_run(definition.the_schedule, now)
+                elif current.interval_s != definition.interval and current.next_run_at is not None:
                     # Keep the phase: the next slot stays where it was, later ones follow the
                     # new interval from there.
                     values["anchor_at"] = current.next_run_at
@@ -364,12 +523,19 @@ def start_task(engine: Engine, name: str) -> TaskInfo:
     if not info.paused:
         return info
     now = utcnow()
-    return _change(engine, name, paused=False, anchor_at=now, next_run_at=now)
+    return _change(
+        engine,
+        name,
+        paused=False,
+        anchor_at=now,
+        next_run_at=first_run(info.schedule, now),
+        pause_reason=None,
+    )
 
 
 def pause_task(engine: Engine, name: str) -> TaskInfo:
     """Stop scheduling a task; a run in flight finishes. No next run until resumed."""
-    return _change(engine, name, paused=True, next_run_at=None)
+    return _change(engine, name, paused=True, next_run_at=None, pause_reason=None)
 
 
 def resume_task(engine: Engine, name: str) -> TaskInfo:
@@ -384,7 +550,7 @@ def resume_task(engine: Engine, name: str) -> TaskInfo:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == name)).scalar()
     if anchor is None:
         return start_task(engine, name)
-    return _change(engine, name, paused=False)
+    return _change(engine, name, paused=False, pause_reason=None)
 
 
 def request_run(engine: Engine, name: str) -> TaskInfo:

@@ -6,9 +6,9 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
    command line in another process) become added, changed, paused or removed jobs; run-now
    requests become manual claims.
 2. Find the due jobs, split each one's slots into the one to run and the missed ones
-   (:func:`nanobot.cron._aps.due_slots`), and in ONE transaction: advance the jobs in the job
-   store, claim the slots to run in ``task_runs``, record missed and skipped slots, and mirror
-   the next run times into ``tasks``.
+   (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
+   transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
+   record missed and skipped slots, and mirror the next run times into ``tasks``.
 3. Hand each slot this transaction claimed to the event loop, which runs the task.
 
 Outcomes are written in batches by the same worker thread, so history never blocks the loop.
@@ -39,10 +39,10 @@ from nanobot.cron._aps import (
     JobSpec,
     JobState,
     NanobotScheduler,
-    grid_slot_at_or_after,
 )
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.retention import HistoryTrimmer
+from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidTaskError, NotLeaderError, UnknownTaskError
@@ -89,6 +89,10 @@ MAX_LEAD: Final = 5.0
 # A pass's cost per due slot is learnt from passes with at least this many (first guess below).
 COST_SAMPLE_MIN: Final = 50
 INITIAL_COST_PER_JOB: Final = 0.0002
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def task_component(name: str) -> str:
@@ -407,6 +411,15 @@ class CronManager:
     def running_tasks(self) -> list[str]:
         return [n for n, t in self._inflight.items() if not t.done()]
 
+    def cancel_runs(self, reason: str) -> None:
+        """Cancel every run in flight now (each is recorded ``cancelled`` with ``reason``); a
+        :meth:`shutdown` waiting for them then goes on at once. For a node that lost its lease
+        while stopping: another node may start these tasks at any moment."""
+        for name, run in list(self._inflight.items()):
+            if not run.done():
+                self._cancel_reasons[name] = reason
+                run.cancel()
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, *, takeover: bool = False) -> None:
@@ -523,7 +536,10 @@ class CronManager:
                         outcome=TaskOutcome.MISSED,
                         started_at=None,
                         finished_at=now,
-                        error=f"{job.missed_count} slot(s) passed while nothing could run them",
+                        error=(
+                            f"{'at least ' if job.missed_capped else ''}{job.missed_count} "
+                            "slot(s) passed while nothing could run them"
+                        ),
                         slots=job.missed_count,
                         node=self.node,
                     )
@@ -696,8 +712,13 @@ class CronManager:
                 log.info("cron.job_paused", task=row.name)
             return None
         anchor: datetime = row.anchor_at or now
+        schedule = definition.the_schedule
+        next_run: datetime | None
         if job is None:
-            next_run = row.next_run_at or grid_slot_at_or_after(anchor, definition.interval, now)
+            next_run = row.next_run_at or slot_at_or_after(schedule, now, anchor=anchor)
+            if isinstance(schedule, AtSchedule) and row.last_run_at is not None:
+                # A one-shot that ran is done, even if its job went missing.
+                next_run = None
             to_add.append(
                 JobSpec(
                     name=row.name,
@@ -706,23 +727,36 @@ class CronManager:
                     interval=definition.interval,
                     anchor=anchor,
                     next_run_at=next_run,
+                    schedule=schedule,
                 )
             )
-            log.debug("cron.job_added", task=row.name, next_run_at=next_run.isoformat())
+            log.debug("cron.job_added", task=row.name, next_run_at=_iso(next_run))
             return next_run
         changes: dict[str, Any] = {}
         if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
             changes["task_class"] = definition.task_class
             changes["kwargs"] = definition.kwargs
         next_run = job.next_run_at
-        if job.interval != definition.interval or job.anchor != anchor:
-            changes["interval"] = definition.interval
+        if job.schedule != schedule or (
+            isinstance(schedule, IntervalSchedule) and job.anchor != anchor
+        ):
+            changes["schedule"] = schedule
             changes["anchor"] = anchor
             if job.next_run_at is not None:
-                next_run = anchor
+                # An interval keeps its phase (the control plane moved the anchor to the next
+                # slot); another schedule starts from its own next slot.
+                next_run = (
+                    anchor
+                    if isinstance(schedule, IntervalSchedule)
+                    else row.next_run_at or slot_at_or_after(schedule, now)
+                )
                 changes["next_run_at"] = next_run
-        if job.next_run_at is None:
-            next_run = grid_slot_at_or_after(anchor, definition.interval, now)
+        if job.next_run_at is None and not (
+            isinstance(schedule, AtSchedule) and row.last_run_at is not None
+        ):
+            # Resumed: the next slot of the schedule from now (interval: on its grid). A
+            # one-shot whose time passed while it was paused has none.
+            next_run = slot_at_or_after(schedule, now, anchor=anchor)
             changes["next_run_at"] = next_run
         if changes:
             scheduler.change(row.name, store=PERSISTENT, **changes)
@@ -741,7 +775,8 @@ class CronManager:
             kwargs=definition.kwargs,
             interval=definition.interval,
             anchor=now,
-            next_run_at=now,
+            next_run_at=control.first_run(definition.the_schedule, now),
+            schedule=definition.the_schedule,
         )
 
     def _claim_manual_ephemeral(self, definition: TaskDefinition) -> None:

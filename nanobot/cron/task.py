@@ -10,14 +10,61 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
+from nanobot.cron.schedules import (
+    AtSchedule,
+    CronSchedule,
+    IntervalSchedule,
+    Schedule,
+    fire_times,
+    parse_at,
+    resolve_schedule,
+)
 from nanobot.exceptions import InvalidTaskError
-from nanobot.models import MisfirePolicy
+from nanobot.models import MisfirePolicy, utcnow
+
+DEFAULT_INTERVAL: Final = 60.0
+# Cron tasks: the longest gap among this many fires after PERIOD_FROM is their nominal period
+# (health staleness, the informational tasks.interval_s); fixed so that it never changes.
+PERIOD_SAMPLE: Final = 32
+PERIOD_FROM: Final = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def nominal_period(schedule: Schedule) -> float:
+    """Seconds between runs as far as one number can say: the interval; for a cron schedule
+    the longest gap among its first fires of 2026; 0 for a one-shot."""
+    if isinstance(schedule, IntervalSchedule):
+        return schedule.seconds
+    if isinstance(schedule, AtSchedule):
+        return 0.0
+    times = fire_times(schedule, PERIOD_FROM, PERIOD_SAMPLE)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    return max(gaps, default=DEFAULT_INTERVAL)
+
+
+class _NotGiven:
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+# The default of ``interval``: "not given" (60 s unless cron or at is declared); None given
+# explicitly is a bad interval, as it always was.
+NOT_GIVEN: Final[Any] = _NotGiven()
+
+
+def default_timezone() -> str:
+    """The configured ``scheduler.timezone`` (UTC unless set)."""
+    from nanobot.config import get_config  # the configuration is read only when needed
+
+    return str(get_config().get("scheduler.timezone", "UTC"))
 
 
 def check_interval(value: Any, what: str = "interval") -> float:
@@ -44,11 +91,24 @@ class CronTask(ABC):
       (None: the configured ``cron.default_timeout``, whose 0 means no limit).
     - ``jitter``: up to this many seconds added at random to each start, to spread load.
     - ``misfire_policy``: what to do with slots that passed while nothing ran them.
+    - ``cron``: a cron expression (``"0 9 * * 1-5"``, ``"@daily"``) instead of an interval,
+      read in ``tz`` (an IANA zone; default ``scheduler.timezone``, itself UTC by default).
+    - ``at``: one instant (an aware ``datetime``, or naive and read in ``tz``) instead of an
+      interval: the task runs once, then it is done.
+
+    Precedence: a constructor keyword wins over the class attribute of the same name. A task
+    has one schedule: ``cron`` and ``at`` together, or either with an ``interval`` passed to the
+    constructor, are refused (:class:`InvalidTaskError`), as is ``tz`` on an interval task.
+    Without ``cron`` or ``at``, the task runs every ``interval`` seconds (60 by default).
+    ``self.schedule`` holds the resulting schedule.
     """
 
     timeout: float | None = None
     jitter: float | None = None
     misfire_policy: MisfirePolicy = MisfirePolicy.CATCH_UP_ONCE
+    cron: str | None = None
+    tz: str | None = None
+    at: datetime | str | None = None
 
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -60,13 +120,20 @@ class CronTask(ABC):
 
     def __init__(
         self,
-        interval: float = 60,
+        interval: float = NOT_GIVEN,
         *,
         timeout: float | None = None,
         jitter: float | None = None,
         misfire_policy: MisfirePolicy | str | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        at: datetime | str | None = None,
     ) -> None:
-        self.interval = check_interval(interval)
+        self.schedule = _declared_schedule(self, interval, cron, tz, at)
+        self.cron = self.schedule.expression if isinstance(self.schedule, CronSchedule) else None
+        self.at = self.schedule.at if isinstance(self.schedule, AtSchedule) else None
+        self.tz = None if isinstance(self.schedule, IntervalSchedule) else self.schedule.timezone
+        self.interval = nominal_period(self.schedule)
         if timeout is not None:
             self.timeout = _check_optional_seconds(timeout, "timeout")
         else:
@@ -89,7 +156,11 @@ class CronTask(ABC):
         """Do the work of one run."""
 
     def get_interval(self) -> float:
+        """Seconds between runs (for a cron task its longest gap; 0 for a one-shot)."""
         return self.interval
+
+    def get_schedule(self) -> Schedule:
+        return self.schedule
 
     def is_running(self) -> bool:
         """True while the task is started (scheduled) in this process, as in the seed."""
@@ -106,6 +177,59 @@ class CronTask(ABC):
         return self.task
 
 
+def _declared_schedule(
+    task: CronTask,
+    interval: Any,
+    cron: str | None,
+    tz: str | None,
+    at: datetime | str | None,
+) -> Schedule:
+    """The one schedule a task declares by constructor keywords and class attributes."""
+    cls = type(task)
+    cron = cron if cron is not None else cls.cron
+    at = at if at is not None else cls.at
+    tz = tz if tz is not None else cls.tz
+    if cron is not None and at is not None:
+        raise InvalidTaskError(
+            f"task {cls.__qualname__} declares both cron {cron!r} and at {at!r}: keep one"
+        )
+    if interval is not NOT_GIVEN and (cron is not None or at is not None):
+        other = "cron" if cron is not None else "at"
+        raise InvalidTaskError(
+            f"task {cls.__qualname__} is given interval {interval!r} and {other}: keep one"
+        )
+    if cron is None and at is None:
+        if tz is not None:
+            raise InvalidTaskError(
+                f"task {cls.__qualname__} has tz {tz!r} but no cron or at: a time zone applies "
+                "to wall-clock schedules only"
+            )
+        return IntervalSchedule(
+            seconds=check_interval(DEFAULT_INTERVAL if interval is NOT_GIVEN else interval)
+        )
+    zone_name = tz if tz is not None else default_timezone()
+    if cron is not None:
+        resolved = resolve_schedule(cron=cron, tz=zone_name, now=utcnow())
+        assert isinstance(resolved, CronSchedule)
+        return resolved
+    if isinstance(at, datetime) and at.tzinfo is not None:
+        return AtSchedule(at=at, timezone=zone_name)
+    if isinstance(at, str) and _CLOCK_ONLY.match(at.strip()):
+        raise InvalidTaskError(
+            f"task {cls.__qualname__} has at {at!r}: give a date and time, such as "
+            "2026-12-24T17:30 (a clock time alone would mean another day at every start)"
+        )
+    # Not refused when past: code registers its tasks at every start, and a one-shot that has
+    # run must still build; the scheduler runs it at most once (the command line refuses the
+    # past). A naive time is read in the zone; one the clocks skip is refused.
+    assert at is not None
+    return parse_at(at, zone_name, now=_EPOCH).schedule
+
+
+_CLOCK_ONLY: Final = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class TaskDefinition:
     """What is stored of a task: enough to build and schedule it in any process."""
@@ -119,10 +243,23 @@ class TaskDefinition:
     misfire_policy: MisfirePolicy = MisfirePolicy.CATCH_UP_ONCE
     # Why the task cannot be rebuilt in another process, or None if it can.
     not_persistable: str | None = None
+    # None: every ``interval`` seconds (as before schedules existed).
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule is None:
+            object.__setattr__(self, "schedule", IntervalSchedule(seconds=self.interval))
+
+    @property
+    def the_schedule(self) -> Schedule:
+        """The schedule (never None after construction)."""
+        assert self.schedule is not None
+        return self.schedule
 
     def same_schedule_as(self, other: TaskDefinition) -> bool:
         return (
             self.task_class == other.task_class
+            and self.the_schedule == other.the_schedule
             and self.interval == other.interval
             and self.kwargs == other.kwargs
             and self.timeout == other.timeout
@@ -152,6 +289,11 @@ def _captured_kwargs(task: CronTask) -> tuple[dict[str, Any], str | None]:
             result.update(value)
         else:
             result[pname] = value
+    schedule = getattr(task, "schedule", None)
+    if isinstance(schedule, AtSchedule) and isinstance(result.get("at"), datetime | str):
+        # Stored as the resolved instant, so that a rebuild means the same moment whatever
+        # the configured zone becomes.
+        result["at"] = schedule.at.isoformat()
     try:
         if json.loads(json.dumps(result)) != result:
             return {}, "its constructor arguments do not survive a JSON round trip"
@@ -176,10 +318,27 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
     return TaskDefinition(
         name=name,
         task_class=path,
-        interval=check_interval(task.get_interval()),
+        interval=_stored_interval(task),
         kwargs=kwargs,
         timeout=task.timeout,
         jitter=task.jitter,
         misfire_policy=MisfirePolicy(task.misfire_policy),
         not_persistable=reason,
+        schedule=_schedule_of(task),
     )
+
+
+def _schedule_of(task: CronTask) -> Schedule:
+    schedule = getattr(task, "schedule", None)
+    if isinstance(schedule, IntervalSchedule):
+        # A subclass may change self.interval after super().__init__ (or override
+        # get_interval): the interval it reports is the one scheduled, as before schedules.
+        return IntervalSchedule(seconds=check_interval(task.get_interval()))
+    if isinstance(schedule, CronSchedule | AtSchedule):
+        return schedule
+    return IntervalSchedule(seconds=check_interval(task.get_interval()))
+
+
+def _stored_interval(task: CronTask) -> float:
+    schedule = _schedule_of(task)
+    return schedule.seconds if isinstance(schedule, IntervalSchedule) else nominal_period(schedule)

@@ -1,0 +1,321 @@
+"""The task file: tasks declared in ``$NANOBOT_HOME/tasks.toml`` (``tasks.file``), like Celery
+beat's ``beat_schedule`` or a crontab.
+
+.. code-block:: toml
+
+    [tasks.digest]
+    task = "myapp.jobs:DigestTask"
+    every = 300
+    kwargs = { channel = "ops" }
+    timeout = 60
+
+    [tasks.backup]
+    command = ["pg_dump", "-f", "/backups/app.sql", "app"]
+    every = "1d"
+
+:func:`read_task_file` validates the whole file first: a malformed file, an unknown key, a bad
+value or an unimportable class raises :class:`~nanobot.exceptions.TaskFileError`, one line naming
+the file, the task and the key, and nothing is applied. :func:`sync_task_file` then applies it in
+one transaction, touching only tasks whose ``source`` is ``file``:
+
+- a new task is stored and started (first run at once) unless ``paused = true``;
+- an unchanged task is not written at all, so its ``next_run_at`` does not move;
+- a changed task is updated; its next run stays where it was (a changed interval applies from
+  that run on), so its phase is kept;
+- a task no longer in the file is paused with the reason "removed from tasks.toml", never
+  deleted: its history stays, and putting it back resumes it on its grid;
+- a name also used by a task from the command line or from code is left alone and reported as a
+  clash (:attr:`SyncResult.clashes`); the other tasks are applied.
+
+A missing file changes nothing (an empty file removes every task of the file).
+
+Functions here do blocking file and database I/O on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import Engine, insert, select, update
+
+from nanobot.config import Config
+from nanobot.cron import control
+from nanobot.cron.task import TaskDefinition, check_interval
+from nanobot.db import write_transaction
+from nanobot.exceptions import InvalidTaskError, TaskFileError
+from nanobot.models import MisfirePolicy, Task, TaskSource, utcnow
+
+TASK_FILE_NAME: Final = "tasks.toml"
+REMOVED_REASON: Final = "removed from tasks.toml"
+PAUSED_REASON: Final = "paused in tasks.toml"
+COMMAND_CLASS: Final = "nanobot.cron.command:CommandTask"
+
+_SCHEDULE_KEYS: Final = ("every", "interval")
+# Keys of the schedules module (cron expressions, time zones, one-off times): accepted by name,
+# refused with a clear message until that module is present.
+_CALENDAR_KEYS: Final = ("cron", "tz", "at")
+_COMMON_KEYS: Final = frozenset(
+    {*_SCHEDULE_KEYS, *_CALENDAR_KEYS, "kwargs", "timeout", "jitter", "misfire", "paused"}
+)
+_CLASS_KEYS: Final = frozenset({"task"})
+_COMMAND_KEYS: Final = frozenset({"command", "shell", "cwd", "env", "kill_grace"})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNITS: Final = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def task_file_path(config: Config) -> Path:
+    raw = config.get("tasks.file")
+    return Path(raw).expanduser() if raw else config.home / TASK_FILE_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class FileTask:
+    """One task of the file, validated."""
+
+    definition: TaskDefinition
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    clashes: list[str] = field(default_factory=list)
+
+    def clash_error(self, path: Path) -> str | None:
+        if not self.clashes:
+            return None
+        names = ", ".join(repr(n) for n in self.clashes)
+        return (
+            f"{path}: task {names} also added by the command line or by code; "
+            "the file's definition is not applied: rename it in the file, or "
+            "'nanobot cron remove' the other"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "resumed": self.resumed,
+            "clashes": self.clashes,
+        }
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise InvalidTaskError(
+                f"{what} must be seconds or a duration like '90s', '5m', '2h', '1d', got {value!r}"
+            )
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+    return check_interval(value, what)
+
+
+def _accepts(cls: type, name: str) -> bool:
+    params = inspect.signature(cls).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _definition(name: str, body: dict[str, Any], path: Path) -> FileTask:
+    def fail(key: str, message: str) -> TaskFileError:
+        return TaskFileError(f"{path}: task {name!r}: key {key!r}: {message}")
+
+    try:
+        control.check_name(name)
+    except InvalidTaskError as exc:
+        raise TaskFileError(f"{path}: task {name!r}: {exc}") from None
+    is_command = "command" in body
+    allowed = _COMMON_KEYS | (_COMMAND_KEYS if is_command else _CLASS_KEYS)
+    for key in body:
+        if key not in allowed:
+            if key in _COMMAND_KEYS or key in _CLASS_KEYS:
+                raise fail(key, "a task has either 'task' (a class) or 'command', not both")
+            known = ", ".join(sorted(allowed))
+            raise fail(key, f"unknown key (known: {known})")
+    if not is_command and "task" not in body:
+        raise fail("task", "missing: give 'task = \"pkg.module:Class\"' or 'command = ...'")
+    for key in _CALENDAR_KEYS:
+        if key in body:
+            raise fail(key, "cron, tz and at schedules are not supported by this nanobot yet")
+    given = [k for k in _SCHEDULE_KEYS if k in body]
+    if len(given) != 1:
+        raise fail("every", "give exactly one of 'every' or 'interval' (seconds, or '5m')")
+    try:
+        interval = _seconds(body[given[0]], given[0])
+    except InvalidTaskError as exc:
+        raise fail(given[0], str(exc)) from None
+    kwargs = body.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise fail("kwargs", f"must be a table, got {kwargs!r}")
+    kwargs = dict(kwargs)
+    paused = body.get("paused", False)
+    if not isinstance(paused, bool):
+        raise fail("paused", f"must be true or false, got {paused!r}")
+
+    options: dict[str, Any] = {}
+    for key in ("timeout", "jitter"):
+        if key in body:
+            try:
+                options[key] = _seconds(body[key], key)
+            except InvalidTaskError as exc:
+                raise fail(key, str(exc)) from None
+    if "misfire" in body:
+        try:
+            options["misfire_policy"] = MisfirePolicy(body["misfire"]).value
+        except ValueError:
+            choices = ", ".join(p.value for p in MisfirePolicy)
+            raise fail("misfire", f"must be one of {choices}, got {body['misfire']!r}") from None
+
+    if is_command:
+        task_class = COMMAND_CLASS
+        kwargs = {k: body[k] for k in ("command", "shell", "cwd", "env", "kill_grace") if k in body}
+        if body.get("kwargs"):
+            raise fail("kwargs", "a command task takes command, shell, cwd and env instead")
+        kwargs |= options
+    else:
+        task_class = body["task"]
+        if not isinstance(task_class, str):
+            raise fail("task", f"must be a string pkg.module:Class, got {task_class!r}")
+        try:
+            cls = control.import_task_class(task_class)
+        except InvalidTaskError as exc:
+            raise fail("task", str(exc)) from None
+        for key, value in options.items():
+            if not _accepts(cls, key):
+                raise fail(
+                    "misfire" if key == "misfire_policy" else key,
+                    f"{task_class} does not take {key} in its constructor; "
+                    "set it as a class attribute instead",
+                )
+            kwargs[key] = value
+    try:
+        definition = control.definition_from_class(name, task_class, interval, kwargs)
+    except InvalidTaskError as exc:
+        raise fail("command" if is_command else "kwargs", str(exc)) from None
+    return FileTask(definition=definition, paused=paused)
+
+
+def parse_task_file(text: str, path: Path) -> dict[str, FileTask]:
+    """Validate the text of a task file: every task, or :class:`TaskFileError`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TaskFileError(f"{path}: not valid TOML: {exc}") from None
+    for key in data:
+        if key != "tasks":
+            raise TaskFileError(f"{path}: key {key!r}: unknown (tasks go in [tasks.NAME] tables)")
+    tasks = data.get("tasks", {})
+    if not isinstance(tasks, dict):
+        raise TaskFileError(f"{path}: key 'tasks': must be tables [tasks.NAME]")
+    result: dict[str, FileTask] = {}
+    for name, body in tasks.items():
+        if not isinstance(body, dict):
+            raise TaskFileError(f"{path}: task {name!r}: must be a table [tasks.{name}]")
+        result[name] = _definition(name, body, path)
+    return result
+
+
+def read_task_file(path: Path) -> dict[str, FileTask] | None:
+    """The validated tasks of the file, or None when there is no file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskFileError(f"{path}: cannot be read: {exc}") from None
+    return parse_task_file(text, path)
+
+
+def apply_tasks(engine: Engine, tasks: dict[str, FileTask]) -> SyncResult:
+    """Make the file's tasks in the database match ``tasks``, in one transaction."""
+    result = SyncResult()
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        rows = {row.name: row for row in conn.execute(select(Task.__table__))}
+        for name, wanted in tasks.items():
+            definition = wanted.definition
+            row = rows.get(name)
+            if row is None:
+                conn.execute(
+                    insert(Task).values(
+                        **control.definition_values(definition),
+                        name=name,
+                        source=TaskSource.FILE.value,
+                        paused=wanted.paused,
+                        pause_reason=PAUSED_REASON if wanted.paused else None,
+                        anchor_at=None if wanted.paused else now,
+                        next_run_at=None if wanted.paused else now,
+                        created_at=now,
+                        updated_at=now,
+                        version=1,
+                        consecutive_failures=0,
+                    )
+                )
+                result.created.append(name)
+                continue
+            if row.source != TaskSource.FILE.value:
+                result.clashes.append(name)
+                continue
+            values: dict[str, Any] = {}
+            if not control.stored_definition(row).same_schedule_as(definition):
+                values |= control.definition_values(definition) | {"broken_reason": None}
+                if row.interval_s != definition.interval and row.next_run_at is not None:
+                    # The next run stays where it was; the new interval applies from there.
+                    values["anchor_at"] = row.next_run_at
+                result.updated.append(name)
+            ours = row.pause_reason in (REMOVED_REASON, PAUSED_REASON)
+            if wanted.paused and not row.paused:
+                values |= {"paused": True, "next_run_at": None, "pause_reason": PAUSED_REASON}
+            elif not wanted.paused and row.paused and ours:
+                values |= {"paused": False, "pause_reason": None}
+                if row.anchor_at is None:
+                    values |= {"anchor_at": now, "next_run_at": now}
+                result.resumed.append(name)
+            if values:
+                conn.execute(
+                    update(Task)
+                    .where(Task.name == name)
+                    .values(**values, version=Task.version + 1, updated_at=now)
+                )
+            if name not in result.updated:
+                result.unchanged.append(name)
+        for name, row in rows.items():
+            if name in tasks or row.source != TaskSource.FILE.value:
+                continue
+            if row.paused and row.pause_reason == REMOVED_REASON:
+                continue
+            conn.execute(
+                update(Task)
+                .where(Task.name == name)
+                .values(
+                    paused=True,
+                    next_run_at=None,
+                    pause_reason=REMOVED_REASON,
+                    version=Task.version + 1,
+                    updated_at=now,
+                )
+            )
+            result.removed.append(name)
+    return result
+
+
+def sync_task_file(engine: Engine, path: Path) -> SyncResult | None:
+    """Read, validate and apply the task file; None when there is no file.
+
+    Raises :class:`TaskFileError` (nothing applied) when the file is not valid.
+    """
+    tasks = read_task_file(path)
+    if tasks is None:
+        return None
+    return apply_tasks(engine, tasks)
