@@ -23,7 +23,7 @@ from nanobot.cron.history import Claim, Finish
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
 from nanobot.db import write_transaction
-from nanobot.models import Task, TaskRun, apscheduler_jobs
+from nanobot.models import Task, TaskRun, apscheduler_job_states
 
 POLL = 0.05
 WAIT = 10.0
@@ -251,7 +251,7 @@ def _job_state(engine: Engine) -> bytes:
     with engine.connect() as conn:
         return bytes(
             conn.execute(
-                select(apscheduler_jobs.c.job_state).where(apscheduler_jobs.c.id == "j")
+                select(apscheduler_job_states.c.job_state).where(apscheduler_job_states.c.id == "j")
             ).scalar_one()
         )
 
