@@ -3,9 +3,9 @@
 Each run is a new process. nanobot: ``python -m nanobot`` at default settings
 (:class:`bench.proc.ServiceProcess`) on SQLite or on PostgreSQL, with N tasks stored as
 ``nanobot cron add`` stores them (:func:`bench.common.insert_stored_tasks`), all with their
-first slot at one instant a few seconds after the process starts, interval ``I``. Each run
-appends ``time.time()`` to a file as its first act (:class:`bench.tasks.StampFile`). Measured:
-instant -> last start of the first burst after start, and of the next one, ``I`` later
+first slot at one instant a few seconds after the process starts, interval ``I`` (3, 5 and
+8 s for N = 1000, 5000 and 20000). Each run appends ``time.time()`` to a file as its first
+act (:class:`bench.tasks.StampFile`). Measured: instant -> last start of the first burst after start, and of the next one, ``I`` later
 (steady). Afterwards every slot is checked to be recorded ``success`` in ``task_runs``.
 
 Baselines, each in a process of its own (:mod:`bench.aps_process`), same jobs, same instant:
@@ -48,7 +48,7 @@ LINE = len(b"%.6f %.6f\n" % (time.time(), time.time()))
 
 
 def interval_for(n: int) -> float:
-    return 4.0 if n <= 1000 else 6.0 if n <= 5000 else 10.0
+    return 3.0 if n <= 1000 else 5.0 if n <= 5000 else 8.0
 
 
 def _stamps(path: Path) -> int:

@@ -75,6 +75,8 @@ class _Launch:
     build_error: str | None = None
 
 
+# Health updates and task.finished events of finished runs handled per loop iteration.
+AFTER_RUNS_CHUNK: Final = 200
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
 # of thousands of due tasks never holds the event loop for long.
 LAUNCH_CHUNK: Final = 25
@@ -152,7 +154,6 @@ class CronManager:
         self._health_pending: list[tuple[str, float, TaskOutcome, str | None]] = []
         self._announce_pending: list[Finish] = []
         self._after_runs_task: asyncio.Task[None] | None = None
-        self._publishing: list[dict[str, Any]] = []
         self._trimmer: HistoryTrimmer | None = None
         # Next-run mirrors waiting for their run's outcome (see _pass); worker thread only.
         self._next_mirrors: dict[str, tuple[datetime | None, int]] = {}
@@ -1019,21 +1020,23 @@ class CronManager:
     async def _after_runs(self) -> None:
         """Health updates and ``task.finished`` events of the runs that ended in the last few
         milliseconds, in one task: during a burst, one pass over thousands of outcomes instead
-        of a task, a publish and a lock per run while the burst's launches wait."""
+        of a task, a publish and a lock per run while the burst's launches wait. A few hundred
+        at a time, yielding in between, so that the event loop is never held for long; every
+        pending health update is applied before the next events are published, so that a
+        subscriber sees the task's component as its run left it."""
         await asyncio.sleep(FLUSH_WINDOW_S)
-        self._drain_after_runs()
-        while self._publishing:
-            batch, self._publishing = self._publishing, []
-            await self.bus.publish_many("task.finished", batch)
-
-    def _drain_after_runs(self) -> None:
-        """Apply the pending health updates (in order) and queue their events for publishing."""
-        health, self._health_pending = self._health_pending, []
-        for name, interval, outcome, error in health:
-            self._health(name, interval, outcome, error)
-        finishes, self._announce_pending = self._announce_pending, []
-        if finishes and self.bus.subscribers("task.finished"):
-            self._publishing = self._publishing + [self._payload(f) for f in finishes]
+        while self._health_pending or self._announce_pending:
+            while self._health_pending:
+                health = self._health_pending[:AFTER_RUNS_CHUNK]
+                del self._health_pending[:AFTER_RUNS_CHUNK]
+                for name, interval, outcome, error in health:
+                    self._health(name, interval, outcome, error)
+                await asyncio.sleep(0)
+            finishes = self._announce_pending[:AFTER_RUNS_CHUNK]
+            del self._announce_pending[:AFTER_RUNS_CHUNK]
+            if finishes and self.bus.subscribers("task.finished"):
+                await self.bus.publish_many("task.finished", [self._payload(f) for f in finishes])
+            await asyncio.sleep(0)
 
     @staticmethod
     def _payload(finish: Finish) -> dict[str, Any]:
