@@ -5,8 +5,9 @@ Each run is a new process. nanobot: ``python -m nanobot`` at default settings
 ``nanobot cron add`` stores them (:func:`bench.common.insert_stored_tasks`), all with their
 first slot at one instant a few seconds after the process starts, interval ``I`` (3, 5 and
 8 s for N = 1000, 5000 and 20000). Each run appends ``time.time()`` to a file as its first
-act (:class:`bench.tasks.StampFile`). Measured: instant -> last start of the first burst after start, and of the next one, ``I`` later
-(steady). Afterwards every slot is checked to be recorded ``success`` in ``task_runs``.
+act (:class:`bench.tasks.StampFile`). Measured: instant -> last start of the first burst after
+start, and of the next one, ``I`` later (steady). Afterwards every slot is checked to be
+recorded ``success`` in ``task_runs``.
 
 Baselines, each in a process of its own (:mod:`bench.aps_process`), same jobs, same instant:
 APScheduler's MemoryJobStore (the target's reference) and, at N <= 5000, its stock
