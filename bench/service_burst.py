@@ -13,8 +13,9 @@ Baselines, each in a process of its own (:mod:`bench.aps_process`), same jobs, s
 APScheduler's MemoryJobStore (the target's reference) and, at N <= 5000, its stock
 SQLAlchemyJobStore on SQLite with WAL and ``synchronous=NORMAL`` as nanobot's engine has.
 
-Repetitions are interleaved (rep 1 of every configuration, then rep 2...); each ratio is the
-median of the per-repetition ratios, with their range.
+Repetitions are interleaved (rep 1 of every configuration, then rep 2...): two, or
+``BENCH_REPETITIONS``; each value is the median over repetitions, with the range of the
+per-repetition ratios.
 
 ``healthz``: the same nanobot burst (SQLite; N = 5000 and 20000) while another process asks
 ``/healthz`` back to back (:class:`bench.proc.Prober`): the longest answer between half a
@@ -231,7 +232,9 @@ def _ratio_row(
 
 def _run(quick: bool, res: Result) -> None:
     sizes = (1000, 5000) if quick else (1000, 5000, 20000)
-    reps = 1 if quick else 3
+    # Two interleaved repetitions keep the full run near 15 minutes; BENCH_REPETITIONS=3 (or
+    # more) for a tighter range.
+    reps = int(os.environ.get("BENCH_REPETITIONS", "1" if quick else "2"))
     databases = ["sqlite"] + (["postgresql"] if pg_available() else [])
     res.settings = {
         "N": list(sizes),

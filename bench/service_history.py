@@ -2,7 +2,7 @@
 
 ``history``: 200 tasks at 0.5 s on the service (SQLite) with ``cron.history_max_rows=50`` (so
 that the limit is reached within the run; everything else default, the hourly cleanup
-included) for 60 s (quick: 30 s). Sampled every 2 s from outside: the most rows any task has
+included) for 60 s (quick: 45 s). Sampled every 2 s from outside: the most rows any task has
 in ``task_runs``, and the size of the SQLite file (with its WAL). Bounded: the most rows never
 exceed the limit plus the trim margin (:func:`nanobot.cron.retention.margin_for`); plateau: the
 file grows by less than 10 % over the last third of the run, once every task reached its limit.
@@ -45,7 +45,7 @@ def run(quick: bool) -> Result:
 
     res = Result("history")
     count, interval, max_rows = 200, 0.5, 50
-    window = 45.0 if quick else 75.0
+    window = 45.0 if quick else 60.0
     bound = max_rows + margin_for(max_rows)
     res.settings = {
         "tasks": count,

@@ -179,6 +179,12 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         # column (the copy inside the pickle is the one of the job's last full write).
         self.jobs_t = apscheduler_jobs
         self.states_t = apscheduler_job_states
+        # Built once: a pass runs it many times a second.
+        self._move_stmt = (
+            self.jobs_t.update()
+            .where(self.jobs_t.c.id == bindparam("b_id"))
+            .values(next_run_time=bindparam("b_next"))
+        )
         # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
         self.unloadable: dict[str, str] = {}
 
@@ -322,14 +328,8 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         params = [
             {"b_id": job.id, "b_next": datetime_to_utc_timestamp(job.next_run_time)} for job in jobs
         ]
-        if not params:
-            return
-        stmt = (
-            self.jobs_t.update()
-            .where(self.jobs_t.c.id == bindparam("b_id"))
-            .values(next_run_time=bindparam("b_next"))
-        )
-        conn.execute(stmt, params)
+        if params:
+            conn.execute(self._move_stmt, params)
 
 
 def _with_column_time(job: Job, stamp: float | None) -> Job:
