@@ -63,6 +63,8 @@ QUIET_LOGGERS: Final[dict[str, int]] = {
     # Alembic says "Context impl SQLiteImpl" at every schema check; nanobot logs db.migrated
     # with the revisions before and after when a migration really ran.
     "alembic.runtime.migration": logging.WARNING,
+    # "setup plugin alembic.autogenerate..." seven times at every start (Alembic 1.16+).
+    "alembic.runtime.plugins": logging.WARNING,
 }
 
 
