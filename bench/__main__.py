@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import FIGURES
+from bench import DEFAULT, FIGURES
 from bench.common import REPO, Result, machine, markdown_table, text_table
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -27,8 +27,9 @@ KEPT = "## History and diagnosis"
 
 
 def _child(name: str, quick: bool, out: Path) -> None:
-    module = importlib.import_module(f"bench.{FIGURES[name]}")
-    result: Result = module.run(quick)
+    module_name, function = FIGURES[name].split(":")
+    module = importlib.import_module(f"bench.{module_name}")
+    result: Result = getattr(module, function)(quick)
     out.write_text(json.dumps(result.to_json()))
 
 
@@ -96,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller settings, each < 1 min")
     parser.add_argument("--only", default="", help=f"comma-separated: {','.join(FIGURES)}")
+    parser.add_argument("--all", action="store_true", help="every figure, in-process ones too")
     parser.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md")
     parser.add_argument("--verbose", action="store_true", help="print every figure's notes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -104,7 +106,9 @@ def main() -> None:
     if args.child:
         _child(args.child, args.quick, Path(args.out))
         return
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(FIGURES)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(
+        FIGURES if args.all else DEFAULT
+    )
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")

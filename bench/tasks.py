@@ -9,6 +9,7 @@ function for the APScheduler baselines. Both append ``(time.time(), anchor)`` to
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -91,3 +92,49 @@ class Count(CronTask):
 
 async def count(key: str) -> None:
     COUNTS[key] = COUNTS.get(key, 0) + 1
+
+
+# --- runs in another process: the service's and the baselines' -------------------------------
+
+_FILES: dict[str, int] = {}
+
+
+def _append(path: str, line: bytes) -> None:
+    # One O_APPEND descriptor per file and process: each run is one write(2) of one short line,
+    # which the kernel appends atomically; no buffering that a killed process could lose.
+    fd = _FILES.get(path)
+    if fd is None:
+        fd = _FILES[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line)
+
+
+class StampFile(CronTask):
+    """Appends ``time.time() anchor`` to ``path`` as its first act (a run of the service).
+
+    ``anchor`` (epoch seconds) is the task's first slot: with the interval it gives the slot of
+    each run, hence its lateness, from outside the process.
+    """
+
+    def __init__(self, interval: float = 60, path: str = "stamps.txt", anchor: float = 0.0):
+        super().__init__(interval)
+        self.path = path
+        self.anchor = anchor
+
+    async def run(self) -> None:
+        _append(self.path, b"%.6f %.6f\n" % (time.time(), self.anchor))
+
+
+async def stamp_file(path: str, anchor: float = 0.0) -> None:
+    """:class:`StampFile` as a plain coroutine function, for the APScheduler baselines."""
+    _append(path, b"%.6f %.6f\n" % (time.time(), anchor))
+
+
+def read_stamps(path: Path) -> list[tuple[float, float]]:
+    """The ``(start, anchor)`` pairs written to ``path`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    pairs = []
+    for line in path.read_bytes().splitlines():
+        start, anchor = line.split()
+        pairs.append((float(start), float(anchor)))
+    return pairs

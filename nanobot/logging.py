@@ -14,6 +14,15 @@ through the same processors and reaches two places:
 Keys bound with ``structlog.contextvars.bound_contextvars(task=..., run_id=...)`` appear on every
 line written inside the block, by nanobot or by a library.
 
+Threads: the thread that logs (the event loop, the scheduler's worker...) only runs structlog's
+cheap processors (level filter, context, level and logger names, timestamp) and puts the record
+on a queue (:class:`_QueueHandler`); one listener thread (``nanobot-log``, a
+:class:`logging.handlers.QueueListener`) renders each record ONCE as JSON and writes that same
+line to the file and to standard error (a terminal gets its own readable rendering of the same
+event instead). Formatting and writing never happen on the event loop: a burst of runs that
+each log a line costs the loop a queue put per line. :func:`flush_logging` waits until every
+queued line is written (tests, and before a process exits on purpose).
+
 This replaces the seed's ``setup_logging`` (section 5.3.1), whose guard against duplicate
 handlers was ``if logger.handlers``; here a second call does nothing unless ``force=True``.
 Before :func:`setup_logging` runs, structlog's defaults apply (readable lines on standard
@@ -31,6 +40,7 @@ import contextlib
 import json
 import logging
 import logging.handlers
+import queue
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -39,7 +49,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from nanobot.config import Config, get_config
 
@@ -56,6 +66,8 @@ QUIET_LOGGERS: Final[dict[str, int]] = {
     # Alembic says "Context impl SQLiteImpl" at every schema check; nanobot logs db.migrated
     # with the revisions before and after when a migration really ran.
     "alembic.runtime.migration": logging.WARNING,
+    # "setup plugin alembic.autogenerate..." seven times at every start (Alembic 1.16+).
+    "alembic.runtime.plugins": logging.WARNING,
 }
 
 
@@ -117,9 +129,119 @@ def _stderr_event(event: str, level: str, **fields: Any) -> None:
         sys.stderr.flush()
 
 
+# Attributes a record carries from the logging thread to the listener thread.
+_CONTEXT_ATTR: Final = "_nanobot_context"
+_JSON_ATTR: Final = "_nanobot_json"
+_CONSOLE_ATTR: Final = "_nanobot_console"
+
+
+def _merge_record_context(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """The context variables of the thread that logged a standard-library record.
+
+    Such records are rendered in the listener thread, where ``merge_contextvars`` would see that
+    thread's (empty) context: :meth:`_QueueHandler.prepare` saved the caller's on the record.
+    """
+    record = event_dict.get("_record")
+    context = getattr(record, _CONTEXT_ATTR, None)
+    if context:
+        for key, value in context.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
+
+def _capture_exc_info(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """Take the exception being handled now, on the thread that logs: ``log.exception`` says
+    ``exc_info=True``, which means nothing by the time the listener thread renders the line."""
+    exc_info = event_dict.get("exc_info")
+    if exc_info is True:
+        event_dict["exc_info"] = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        event_dict["exc_info"] = (exc_info.__class__, exc_info, exc_info.__traceback__)
+    return event_dict
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the listener thread, unformatted.
+
+    The standard ``QueueHandler.prepare`` formats the message on the logging thread (and turns
+    structlog's event dict into a string); here the record goes as it is and is rendered once,
+    by the listener. Only the caller's context variables are taken along, for records of the
+    standard library's loggers (structlog's own events merged them already).
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if not isinstance(record.msg, dict):
+            context = structlog.contextvars.get_contextvars()
+            if context:
+                setattr(record, _CONTEXT_ATTR, context)
+        return record
+
+    listener: _Listener | None = None
+
+    def flush(self) -> None:
+        """Wait until the listener wrote every record queued so far."""
+        listener = self.listener
+        thread = None if listener is None else listener._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return
+        if isinstance(self.queue, queue.Queue):
+            self.queue.join()
+
+
+_LISTENER_THREAD: Final = "nanobot-log"
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The thread that renders each record once and writes it to every handler."""
+
+    def __init__(
+        self,
+        records: queue.Queue[logging.LogRecord],
+        handlers: list[logging.Handler],
+        json_formatter: logging.Formatter,
+        console_formatter: logging.Formatter | None,
+    ) -> None:
+        super().__init__(records, *handlers)
+        self.json_formatter = json_formatter
+        self.console_formatter = console_formatter
+
+    def start(self) -> None:
+        super().start()
+        if self._thread is not None:
+            self._thread.name = _LISTENER_THREAD
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The one rendering of this event (plus the readable one for a terminal).
+        try:
+            setattr(record, _JSON_ATTR, self.json_formatter.format(record))
+            if self.console_formatter is not None:
+                setattr(record, _CONSOLE_ATTR, self.console_formatter.format(record))
+        except Exception as exc:  # never let a bad record stop the listener thread
+            fallback = f'{{"event": "logging.render_failed", "error": {str(exc)!r:.200}}}'
+            setattr(record, _JSON_ATTR, fallback)
+            setattr(record, _CONSOLE_ATTR, fallback)
+        return record
+
+
+class _Prerendered(logging.Formatter):
+    """Returns the line the listener rendered (the rotating handler formats twice per record:
+    once to decide whether to roll over, once to write; both get the same string for free)."""
+
+    def __init__(self, attribute: str) -> None:
+        super().__init__()
+        self.attribute = attribute
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = getattr(record, self.attribute, None)
+        if line is None:
+            line = getattr(record, _JSON_ATTR, None)
+        return line if isinstance(line, str) else super().format(record)
+
+
 @dataclass
 class _State:
     handlers: list[logging.Handler] = field(default_factory=list)
+    listener: _Listener | None = None
     # Levels of the loggers setup_logging changed, to restore them in reset_logging.
     saved_levels: dict[str, int] = field(default_factory=dict)
     log_file: Path | None = None
@@ -141,9 +263,17 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+def _foreign_pre_chain() -> list[Processor]:
+    # Run in the listener thread: the caller's context comes from the record, not the thread.
+    return [
+        _merge_record_context,
+        *[p for p in _shared_processors() if p is not structlog.contextvars.merge_contextvars],
+    ]
+
+
 def _json_formatter() -> structlog.stdlib.ProcessorFormatter:
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(),
+        foreign_pre_chain=_foreign_pre_chain(),
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -155,7 +285,7 @@ def _json_formatter() -> structlog.stdlib.ProcessorFormatter:
 def _console_formatter() -> structlog.stdlib.ProcessorFormatter:
     # ConsoleRenderer formats exceptions itself; format_exc_info before it would spoil them.
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(),
+        foreign_pre_chain=_foreign_pre_chain(),
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.dev.ConsoleRenderer(),
@@ -201,10 +331,12 @@ def _configure(cfg: Config, *, file: bool) -> _State:
     root = logging.getLogger()
     state.saved_levels[""] = root.level
 
+    # The handlers that write run in the listener thread; the root logger only has the queue.
     console = _StderrHandler()
     fmt = str(cfg.get("logging.format", "auto"))
-    console.setFormatter(_console_formatter() if _wants_console(fmt) else _json_formatter())
-    state.handlers.append(console)
+    pretty = _wants_console(fmt)
+    console.setFormatter(_Prerendered(_CONSOLE_ATTR if pretty else _JSON_ATTR))
+    writers: list[logging.Handler] = [console]
 
     if file:
         path = log_file_path(cfg)
@@ -215,12 +347,19 @@ def _configure(cfg: Config, *, file: bool) -> _State:
             backupCount=int(cfg.get("logging.backup_count", 5)),
             encoding="utf-8",
         )
-        file_handler.setFormatter(_json_formatter())
-        state.handlers.append(file_handler)
+        file_handler.setFormatter(_Prerendered(_JSON_ATTR))
+        writers.append(file_handler)
         state.log_file = path
 
-    for handler in state.handlers:
-        root.addHandler(handler)
+    records: queue.Queue[logging.LogRecord] = queue.Queue()
+    state.listener = _Listener(
+        records, writers, _json_formatter(), _console_formatter() if pretty else None
+    )
+    state.listener.start()
+    handler = _QueueHandler(records)
+    handler.listener = state.listener
+    state.handlers = [handler, *writers]
+    root.addHandler(state.handlers[0])
     root.setLevel(level)
 
     quiet = dict(QUIET_LOGGERS)
@@ -236,6 +375,7 @@ def _configure(cfg: Config, *, file: bool) -> _State:
         processors=[
             structlog.stdlib.filter_by_level,
             *_shared_processors(),
+            _capture_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -251,8 +391,10 @@ def _reset_locked() -> None:
     state, _state = _state, None
     if state is not None:
         root = logging.getLogger()
+        root.removeHandler(state.handlers[0])
+        if state.listener is not None:
+            state.listener.stop()  # writes what is queued, then ends the thread
         for handler in state.handlers:
-            root.removeHandler(handler)
             handler.close()
         for name, level in state.saved_levels.items():
             logging.getLogger(name or None).setLevel(level)
@@ -263,6 +405,15 @@ def reset_logging() -> None:
     """Undo :func:`setup_logging`: remove its handlers, restore levels, reset structlog."""
     with _lock:
         _reset_locked()
+
+
+def flush_logging() -> None:
+    """Wait until every line logged so far is written (to the file and standard error)."""
+    with _lock:
+        state = _state
+    if state is not None:
+        for handler in state.handlers:
+            handler.flush()
 
 
 def is_configured() -> bool:

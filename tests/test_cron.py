@@ -17,7 +17,7 @@ from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
 from nanobot.db import get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
-from nanobot.models import Task, TaskRun, apscheduler_jobs
+from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs
 
 POLL = 0.05
 WAIT = 10.0  # the bound of every wait below
@@ -592,9 +592,12 @@ async def test_unloadable_job_is_kept_and_reported(
     await outcomes.wait(lambda: bool(outcomes.of("u")))
     with write_transaction(engine) as conn:
         conn.execute(
-            update(apscheduler_jobs)
-            .where(apscheduler_jobs.c.id == "u")
-            .values(job_state=b"not a pickle", next_run_time=0)
+            update(apscheduler_jobs).where(apscheduler_jobs.c.id == "u").values(next_run_time=0)
+        )
+        conn.execute(
+            update(apscheduler_job_states)
+            .where(apscheduler_job_states.c.id == "u")
+            .values(job_state=b"not a pickle")
         )
     async with asyncio.timeout(WAIT):
         while task_row(engine, "u").broken_reason is None:

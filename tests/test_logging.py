@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ import structlog
 
 from nanobot.config import Config, load_config
 from nanobot.logging import (
+    _QueueHandler,
     configured_log_file,
+    flush_logging,
     is_configured,
     log_file_path,
     reset_logging,
@@ -32,8 +35,7 @@ def _config(monkeypatch: pytest.MonkeyPatch, **settings: str) -> Config:
 
 
 def _flush() -> None:
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    flush_logging()
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -42,11 +44,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _our_handlers() -> list[logging.Handler]:
-    return [
-        h
-        for h in logging.getLogger().handlers
-        if isinstance(h.formatter, structlog.stdlib.ProcessorFormatter)
-    ]
+    return [h for h in logging.getLogger().handlers if isinstance(h, _QueueHandler)]
 
 
 def test_setup_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,12 +52,12 @@ def test_setup_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(monkeypatch)
     setup_logging(cfg)
     first = _our_handlers()
-    assert len(first) == 2
+    assert len(first) == 1
     setup_logging(cfg)
     assert _our_handlers() == first
     setup_logging(cfg, force=True)
     again = _our_handlers()
-    assert len(again) == 2
+    assert len(again) == 1
     assert not set(again) & set(first)
 
 
@@ -238,6 +236,7 @@ def test_console_is_json_when_not_a_terminal(
     """With logging.format=auto and stderr not a terminal, standard error gets JSON lines."""
     setup_logging(_config(monkeypatch))
     structlog.get_logger("nanobot.tests").info("to.stderr", n=3)
+    flush_logging()
     (line,) = capsys.readouterr().err.splitlines()
     assert json.loads(line)["event"] == "to.stderr"
 
@@ -248,6 +247,7 @@ def test_console_format_can_be_forced(
     """logging.format=console renders pretty lines on stderr; the file stays JSON."""
     setup_logging(_config(monkeypatch, logging__format="console"))
     structlog.get_logger("nanobot.tests").info("pretty", n=3)
+    flush_logging()
     err = capsys.readouterr().err
     assert "pretty" in err
     with pytest.raises(json.JSONDecodeError):
@@ -271,3 +271,45 @@ def test_capture_logs_sees_events_after_setup(monkeypatch: pytest.MonkeyPatch) -
     with structlog.testing.capture_logs() as captured:
         structlog.get_logger("nanobot.tests").info("captured", k="v")
     assert captured == [{"event": "captured", "k": "v", "log_level": "info"}]
+
+
+class _RenderProbe:
+    """A field value that notes which thread renders it, and how many times."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def __repr__(self) -> str:
+        self.threads.append(threading.current_thread().name)
+        return "probe"
+
+
+def test_lines_are_rendered_once_off_the_logging_thread(
+    monkeypatch: pytest.MonkeyPatch, nanobot_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event is rendered once, in the listener thread, and that one line goes to both the
+    file and standard error: the thread that logs (the event loop) never formats or writes."""
+    setup_logging(_config(monkeypatch))
+    # pytest's own capture handler formats on this thread: leave only nanobot's handler.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", _our_handlers())
+    probe = _RenderProbe()
+    structlog.get_logger("nanobot.tests").info("rendered.once", probe=probe)
+    flush_logging()
+    assert probe.threads == ["nanobot-log"]
+    (in_file,) = _lines(nanobot_home / "logs" / "nanobot.log")
+    (on_stderr,) = capsys.readouterr().err.splitlines()
+    assert json.loads(on_stderr) == in_file
+    assert in_file["probe"] == "probe"
+
+
+def test_reset_writes_what_is_queued(monkeypatch: pytest.MonkeyPatch, nanobot_home: Path) -> None:
+    """Lines logged just before reset_logging (or process exit) are written, none lost."""
+    setup_logging(_config(monkeypatch))
+    log = structlog.get_logger("nanobot.tests")
+    for i in range(500):
+        log.info("queued", i=i)
+    reset_logging()
+    path = nanobot_home / "logs" / "nanobot.log"
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [line["i"] for line in lines] == list(range(500))

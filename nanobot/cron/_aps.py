@@ -43,6 +43,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
 from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
+from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron.control import build_task
 from nanobot.cron.schedules import (
@@ -55,7 +56,7 @@ from nanobot.cron.schedules import (
     next_after,
 )
 from nanobot.exceptions import NotLeaderError
-from nanobot.models import MisfirePolicy
+from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs
 
 log = structlog.get_logger(__name__)
 
@@ -170,6 +171,20 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine=engine)
+        # nanobot's layout (migration 0008): the job table keeps the id and the next run time,
+        # each job's pickled state is in a table of its own. A pass moves jobs to their next slot
+        # by writing their ``next_run_time`` alone (:meth:`update_jobs`): not a new pickle per
+        # job and run, and on PostgreSQL the dead row each UPDATE leaves is a few dozen bytes,
+        # not the 600 of a row holding the state. Every read takes the next run time from the
+        # column (the copy inside the pickle is the one of the job's last full write).
+        self.jobs_t = apscheduler_jobs
+        self.states_t = apscheduler_job_states
+        # Built once: a pass runs it many times a second.
+        self._move_stmt = (
+            self.jobs_t.update()
+            .where(self.jobs_t.c.id == bindparam("b_id"))
+            .values(next_run_time=bindparam("b_next"))
+        )
         # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
         self.unloadable: dict[str, str] = {}
 
@@ -177,18 +192,32 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         # The engine is nanobot's, shared with everything else: not ours to dispose.
         pass
 
+    def _select(self) -> Any:
+        jobs, states = self.jobs_t, self.states_t
+        return select(jobs.c.id, states.c.job_state, jobs.c.next_run_time).select_from(
+            jobs.outerjoin(states, states.c.id == jobs.c.id)
+        )
+
+    def lookup_job(self, job_id: str) -> Job | None:
+        with self.engine.begin() as connection:
+            row = connection.execute(self._select().where(self.jobs_t.c.id == job_id)).first()
+        if row is None or row.job_state is None:
+            return None
+        return _with_column_time(self._reconstitute_job(row.job_state), row.next_run_time)
+
     def _get_jobs(self, *conditions: Any) -> list[Job]:
         jobs: list[Job] = []
-        selectable = select(self.jobs_t.c.id, self.jobs_t.c.job_state).order_by(
-            self.jobs_t.c.next_run_time
-        )
+        selectable = self._select().order_by(self.jobs_t.c.next_run_time)
         if conditions:
             selectable = selectable.where(and_(*conditions))
         with self.engine.begin() as connection:
             rows = connection.execute(selectable).all()
         for row in rows:
             try:
-                jobs.append(self._reconstitute_job(row.job_state))
+                if row.job_state is None:
+                    raise LookupError("its state is missing")
+                job = _with_column_time(self._reconstitute_job(row.job_state), row.next_run_time)
+                jobs.append(job)
             except Exception as exc:
                 reason = f"stored job cannot be loaded: {exc.__class__.__name__}: {exc}"
                 if self.unloadable.get(row.id) != reason:
@@ -197,6 +226,45 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             else:
                 self.unloadable.pop(row.id, None)
         return jobs
+
+    def add_job(self, job: Job) -> None:
+        state = pickle.dumps(job.__getstate__(), self.pickle_protocol)
+        with self.engine.begin() as connection:
+            try:
+                connection.execute(
+                    self.jobs_t.insert().values(
+                        id=job.id, next_run_time=datetime_to_utc_timestamp(job.next_run_time)
+                    )
+                )
+            except IntegrityError:
+                raise ConflictingIdError(job.id) from None
+            connection.execute(self.states_t.delete().where(self.states_t.c.id == job.id))
+            connection.execute(self.states_t.insert().values(id=job.id, job_state=state))
+
+    def update_job(self, job: Job) -> None:
+        state = pickle.dumps(job.__getstate__(), self.pickle_protocol)
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                self.jobs_t.update()
+                .where(self.jobs_t.c.id == job.id)
+                .values(next_run_time=datetime_to_utc_timestamp(job.next_run_time))
+            )
+            if result.rowcount == 0:
+                raise JobLookupError(job.id)
+            connection.execute(self.states_t.delete().where(self.states_t.c.id == job.id))
+            connection.execute(self.states_t.insert().values(id=job.id, job_state=state))
+
+    def remove_job(self, job_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(self.states_t.delete().where(self.states_t.c.id == job_id))
+            result = connection.execute(self.jobs_t.delete().where(self.jobs_t.c.id == job_id))
+            if result.rowcount == 0:
+                raise JobLookupError(job_id)
+
+    def remove_all_jobs(self) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(self.states_t.delete())
+            connection.execute(self.jobs_t.delete())
 
     def get_next_run_time(self) -> datetime | None:
         selectable = select(self.jobs_t.c.next_run_time).where(
@@ -232,14 +300,21 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             for state in states
         ]
         with self.engine.begin() as connection:
-            # A plain driver executemany: ten thousand rows of three columns need none of
-            # SQLAlchemy's per-row processing, which would triple the time of a cold start.
+            # A plain driver executemany: ten thousand rows need none of SQLAlchemy's per-row
+            # processing, which would triple the time of a cold start.
             mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-            table = connection.dialect.identifier_preparer.format_table(self.jobs_t)
+            name = connection.dialect.identifier_preparer.format_table
+            # Both halves of a job are written together (add, remove), so a job whose row
+            # exists has its state too: neither is touched.
             connection.exec_driver_sql(
-                f"INSERT INTO {table} (id, next_run_time, job_state) "
-                f"VALUES ({mark}, {mark}, {mark}) ON CONFLICT (id) DO NOTHING",
-                rows,
+                f"INSERT INTO {name(self.jobs_t)} (id, next_run_time) VALUES ({mark}, {mark}) "
+                "ON CONFLICT (id) DO NOTHING",
+                [(job_id, next_run) for job_id, next_run, _ in rows],
+            )
+            connection.exec_driver_sql(
+                f"INSERT INTO {name(self.states_t)} (id, job_state) VALUES ({mark}, {mark}) "
+                "ON CONFLICT (id) DO NOTHING",
+                [(job_id, state) for job_id, _, state in rows],
             )
 
     def job_ids(self) -> set[str]:
@@ -247,23 +322,25 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             return set(connection.execute(select(self.jobs_t.c.id)).scalars())
 
     def update_jobs(self, conn: Connection, jobs: Iterable[Job]) -> None:
-        """Write several jobs in the caller's transaction (one wakeup, one transaction)."""
+        """Write the next run time of several jobs in the caller's transaction (one wakeup, one
+        transaction). Only that column: a pass moves jobs to their next slot and changes
+        nothing else of them (see the note above :meth:`lookup_job`)."""
         params = [
-            {
-                "b_id": job.id,
-                "b_next": datetime_to_utc_timestamp(job.next_run_time),
-                "b_state": pickle.dumps(job.__getstate__(), self.pickle_protocol),
-            }
-            for job in jobs
+            {"b_id": job.id, "b_next": datetime_to_utc_timestamp(job.next_run_time)} for job in jobs
         ]
-        if not params:
-            return
-        stmt = (
-            self.jobs_t.update()
-            .where(self.jobs_t.c.id == bindparam("b_id"))
-            .values(next_run_time=bindparam("b_next"), job_state=bindparam("b_state"))
-        )
-        conn.execute(stmt, params)
+        if params:
+            conn.execute(self._move_stmt, params)
+
+
+def _with_column_time(job: Job, stamp: float | None) -> Job:
+    """``job`` with the next run time of its row's column (its pickle may hold an older one)."""
+    if stamp is None:
+        job.next_run_time = None
+    elif job.next_run_time is None or datetime_to_utc_timestamp(job.next_run_time) != stamp:
+        # The exact datetime: a slot's time is its identity in task_runs. A double holds epoch
+        # seconds to well under a microsecond, so rounding to the microsecond gives it back.
+        job.next_run_time = datetime.fromtimestamp(stamp, UTC)
+    return job
 
 
 def _job_schedule(job: Job) -> tuple[Schedule, datetime | None]:

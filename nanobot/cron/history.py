@@ -185,12 +185,22 @@ def _settled(conn: Connection, run_ids: Sequence[int]) -> dict[int, str | None]:
 _IN_CHUNK: Final = 2000
 
 
-def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> list[Fenced]:
+def write_finishes(
+    engine: Engine,
+    finishes: Sequence[Finish],
+    *,
+    next_runs: dict[str, tuple[datetime | None, int]] | None = None,
+) -> list[Fenced]:
     """Write a batch of run outcomes and the tasks' last-run mirror, in one transaction.
 
     A finish whose row is no longer ``running`` (another node recorded it meanwhile) is not
     written, and not mirrored: it is returned, with what the row says, for the caller to log.
+
+    ``next_runs`` (as for :func:`set_next_runs`) are next-run mirrors of these runs' tasks that
+    the scheduler left to be written with the outcome: in the same row write as the last-run
+    mirror, so that a run makes one new version of its ``tasks`` row, not two.
     """
+    next_runs = dict(next_runs or {})
     unrun = [f for f in finishes if f.run_id is None]
     with write_transaction(engine) as conn:
         settled = _settled(conn, [f.run_id for f in finishes if f.run_id is not None])
@@ -236,26 +246,37 @@ def write_finishes(engine: Engine, finishes: Sequence[Finish]) -> list[Fenced]:
         # that consecutive_failures counts across the batch.
         mirrored = [f for f in ran if f.outcome is not TaskOutcome.SKIPPED]
         if mirrored:
-            conn.execute(
-                update(_TASKS)
-                .where(_TASKS.c.name == bindparam("b_name"))
-                .values(
-                    last_run_at=bindparam("b_last"),
-                    last_outcome=bindparam("b_outcome"),
-                    consecutive_failures=case(
-                        (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1), else_=0
-                    ),
+            values: dict[str, Any] = {
+                "last_run_at": bindparam("b_last"),
+                "last_outcome": bindparam("b_outcome"),
+                "consecutive_failures": case(
+                    (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1), else_=0
                 ),
-                [
-                    {
-                        "b_name": f.task,
-                        "b_last": f.started_at or f.finished_at,
-                        "b_outcome": f.outcome.value,
-                        "b_failed": f.outcome.value in _FAILED,
-                    }
-                    for f in mirrored
-                ],
+            }
+            if next_runs:
+                # Version-guarded as in set_next_runs; version -1 (no mirror) never matches.
+                values["next_run_at"] = case(
+                    (_TASKS.c.version == bindparam("b_version"), bindparam("b_next")),
+                    else_=_TASKS.c.next_run_at,
+                )
+            params = []
+            for f in mirrored:
+                row = {
+                    "b_name": f.task,
+                    "b_last": f.started_at or f.finished_at,
+                    "b_outcome": f.outcome.value,
+                    "b_failed": f.outcome.value in _FAILED,
+                }
+                if next_runs:
+                    row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
+                params.append(row)
+            conn.execute(
+                update(_TASKS).where(_TASKS.c.name == bindparam("b_name")).values(values), params
             )
+            for f in mirrored:
+                next_runs.pop(f.task, None)
+        # Mirrors of runs that were not mirrored above (skipped slots, for one).
+        set_next_runs(conn, next_runs)
     return fenced
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import logging
 import random
 import threading
@@ -59,6 +60,7 @@ from nanobot.cron._aps import (
     NanobotScheduler,
 )
 from nanobot.cron.history import Claim, Fenced, Finish
+from nanobot.cron.retention import HistoryTrimmer
 from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
@@ -117,6 +119,8 @@ class RunInFlight:
     overrunning: bool
 
 
+# Health updates and task.finished events of finished runs handled per loop iteration.
+AFTER_RUNS_CHUNK: Final = 200
 # Launches handed to the loop in one go are started this many per loop iteration, so that a burst
 # of thousands of due tasks never holds the event loop for long.
 LAUNCH_CHUNK: Final = 25
@@ -203,6 +207,14 @@ class CronManager:
         self._last_reconcile = 0.0
         self._pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Per-run bookkeeping of the event loop done once per burst, not once per run
+        # (see _after_runs): health updates of task components and task.finished events.
+        self._health_pending: list[tuple[str, float, TaskOutcome, str | None]] = []
+        self._announce_pending: list[Finish] = []
+        self._after_runs_task: asyncio.Task[None] | None = None
+        self._trimmer: HistoryTrimmer | None = None
+        # Next-run mirrors waiting for their run's outcome (see _pass); worker thread only.
+        self._next_mirrors: dict[str, tuple[datetime | None, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._delayed: dict[datetime, tuple[asyncio.Handle, list[_Launch]]] = {}
         self._lead = SCHEDULE_LEAD
@@ -313,6 +325,8 @@ class CronManager:
             log.exception("cron.health_update_failed", task=name)
 
     def _forget_health(self, name: str) -> None:
+        # A health update still waiting for _after_runs must not register the component again.
+        self._health_pending = [h for h in self._health_pending if h[0] != name]
         # Whether or not this process registered it: a component left by an earlier process
         # (known to the monitor from the database) must go too.
         component = task_component(name)
@@ -857,12 +871,15 @@ class CronManager:
                 lease.release()
 
     async def flush(self) -> None:
-        """Wait until every recorded outcome is written to the database."""
+        """Wait until every recorded outcome is written to the database (and its health update
+        and ``task.finished`` event are done)."""
         while self._pending or (self._flusher is not None and not self._flusher.done()):
             if self._flusher is None or self._flusher.done():
                 self._start_flusher()
             assert self._flusher is not None
             await asyncio.shield(self._flusher)
+        if self._after_runs_task is not None and not self._after_runs_task.done():
+            await asyncio.shield(self._after_runs_task)
 
     # --- the pass (worker thread) --------------------------------------------------------------
 
@@ -915,12 +932,20 @@ class CronManager:
             claims.append(Claim(name, slot, manual=True))
             launches[(name, slot)] = (task_class, kwargs, True, True)
         claimed: dict[tuple[str, datetime], int] = {}
+        deferred: dict[str, tuple[datetime | None, int]] = {}
         if due or claims or unrun:
             with write_transaction(engine) as conn:
                 self._check_fence(conn)
                 scheduler.advance_due(conn)
                 history.record_unrun(conn, unrun)
                 claimed = history.claim_slots(conn, claims, node=self.node)
+                # The next-run mirror of a task whose slot this pass claimed is written with
+                # that run's outcome, in the same row write as its last-run mirror: one new
+                # version of the tasks row per run instead of two (on PostgreSQL each one is a
+                # dead row of the whole row's size). The others are written now.
+                for name, _slot in claimed:
+                    if name in next_runs:
+                        deferred[name] = next_runs.pop(name)
                 history.set_next_runs(conn, next_runs)
                 # A run request is consumed in the transaction that claims its run, so a pass
                 # that fails (a lost lease, a locked database) leaves it for the next one.
@@ -931,6 +956,9 @@ class CronManager:
                         .values(run_requested_at=None)
                     )
             scheduler.advance_memory()
+            self._next_mirrors.update(deferred)
+            # Rows inserted for each task, for the history trimmer (see _write_outcomes).
+            self.trimmer.count([name for name, _slot in claimed] + [f.task for f in unrun])
         # Grouped by instant here, in the worker, so that the loop only arms one timer per
         # instant: sorting thousands of launches there would hold it for tens of milliseconds.
         groups: dict[datetime, list[_Launch]] = {}
@@ -1434,15 +1462,19 @@ class CronManager:
                     # Every step of the run is fenced by the lease and timed (a step that
                     # blocks the loop is named as the cause of the loop's lag).
                     await Stepper(task.run(), f"task {launch.name}", fence=self._step_fence())
+            # A run that did not succeed is logged once, here, with its duration; a success is
+            # only a debug line below (task_runs records every run with its times).
             except TimeoutError as exc:
                 if deadline.expired():
                     outcome = TaskOutcome.TIMEOUT
                     error = f"the run took longer than its timeout of {timeout} s"
-                    log.warning("task.timed_out", timeout_s=timeout)
+                    log.warning(
+                        "task.timed_out", timeout_s=timeout, duration_s=self._since(started)
+                    )
                 else:
                     outcome = TaskOutcome.ERROR
                     error = f"TimeoutError: {exc}"
-                    log.exception("task.failed")
+                    log.exception("task.failed", duration_s=self._since(started))
             except FencedError:
                 outcome = TaskOutcome.CANCELLED
                 error = "this node lost the scheduling lease while the run was in flight"
@@ -1450,11 +1482,11 @@ class CronManager:
             except asyncio.CancelledError:
                 outcome = TaskOutcome.CANCELLED
                 error = self._cancel_reasons.pop(launch.name, "the run was cancelled")
-                log.warning("task.cancelled", reason=error)
+                log.warning("task.cancelled", reason=error, duration_s=self._since(started))
             except Exception as exc:
                 outcome = TaskOutcome.ERROR
                 error = f"{exc.__class__.__name__}: {exc}"
-                log.exception("task.failed")
+                log.exception("task.failed", duration_s=self._since(started))
             finally:
                 finished = self._clock()
                 if self._inflight.get(launch.name) is asyncio.current_task():
@@ -1462,10 +1494,12 @@ class CronManager:
                     self._run_started.pop(launch.name, None)
                     self._overrunning.discard(launch.name)
                 task.set_task(None)
-                duration = (finished - started).total_seconds()
-                log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
+                if _stdlib_log.isEnabledFor(logging.DEBUG):
+                    duration = (finished - started).total_seconds()
+                    log.debug("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
                 period = self._periods.get(launch.name, task.get_interval())
-                self._health(launch.name, period, outcome, error)
+                # The task's component is updated with the burst's other runs (_after_runs).
+                self._health_pending.append((launch.name, period, outcome, error))
                 self._record(
                     Finish(
                         task=launch.name,
@@ -1520,10 +1554,41 @@ class CronManager:
             self._start_flusher()
         self._announce(finish)
 
+    def _since(self, started: datetime) -> float:
+        return round((self._clock() - started).total_seconds(), 6)
+
     def _announce(self, finish: Finish) -> None:
-        if not self.bus.subscribers("task.finished"):
-            return
-        payload = {
+        self._announce_pending.append(finish)
+        if self._after_runs_task is None or self._after_runs_task.done():
+            # In a context of its own: not the bound task/run_id of the run that started it.
+            self._after_runs_task = asyncio.get_running_loop().create_task(
+                self._after_runs(), context=contextvars.Context()
+            )
+
+    async def _after_runs(self) -> None:
+        """Health updates and ``task.finished`` events of the runs that ended in the last few
+        milliseconds, in one task: during a burst, one pass over thousands of outcomes instead
+        of a task, a publish and a lock per run while the burst's launches wait. A few hundred
+        at a time, yielding in between, so that the event loop is never held for long; every
+        pending health update is applied before the next events are published, so that a
+        subscriber sees the task's component as its run left it."""
+        await asyncio.sleep(FLUSH_WINDOW_S)
+        while self._health_pending or self._announce_pending:
+            while self._health_pending:
+                health = self._health_pending[:AFTER_RUNS_CHUNK]
+                del self._health_pending[:AFTER_RUNS_CHUNK]
+                for name, interval, outcome, error in health:
+                    self._health(name, interval, outcome, error)
+                await asyncio.sleep(0)
+            finishes = self._announce_pending[:AFTER_RUNS_CHUNK]
+            del self._announce_pending[:AFTER_RUNS_CHUNK]
+            if finishes and self.bus.subscribers("task.finished"):
+                await self.bus.publish_many("task.finished", [self._payload(f) for f in finishes])
+            await asyncio.sleep(0)
+
+    @staticmethod
+    def _payload(finish: Finish) -> dict[str, Any]:
+        return {
             "task": finish.task,
             "outcome": finish.outcome.value,
             "duration": (
@@ -1536,7 +1601,6 @@ class CronManager:
             "slots": finish.slots,
             "error": finish.error,
         }
-        self._spawn(self.bus.publish("task.finished", payload))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1555,11 +1619,9 @@ class CronManager:
             try:
                 scheduler = self._scheduler
                 if scheduler is not None and not scheduler.worker._shutdown:
-                    fenced = await scheduler.run_in_worker(
-                        history.write_finishes, self.engine, batch
-                    )
+                    fenced = await scheduler.run_in_worker(self._write_outcomes, batch)
                 else:
-                    fenced = await asyncio.to_thread(history.write_finishes, self.engine, batch)
+                    fenced = await asyncio.to_thread(self._write_outcomes, batch)
                 self._log_fenced(fenced)
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
@@ -1586,6 +1648,22 @@ class CronManager:
                 node=self.node,
                 reason="another node settled this run first; its record stands",
             )
+
+    def _write_outcomes(self, batch: list[Finish]) -> list[Fenced]:
+        """Write a batch of outcomes, then trim the history of the tasks that are due for it,
+        so that no task's history outgrows its limit between two cleanups (worker thread;
+        passes count the rows they insert)."""
+        mirrors = {f.task: m for f in batch if (m := self._next_mirrors.pop(f.task, None))}
+        fenced = history.write_finishes(self.engine, batch, next_runs=mirrors)
+        self.trimmer.trim(self.engine)
+        return fenced
+
+    @property
+    def trimmer(self) -> HistoryTrimmer:
+        """Counts the task_runs rows each pass inserts; trims with each batch of outcomes."""
+        if self._trimmer is None:
+            self._trimmer = HistoryTrimmer(int(get_config().get("cron.history_max_rows", 1000)))
+        return self._trimmer
 
     def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
         self._cancel_delayed(name, reason)

@@ -280,7 +280,9 @@ class HeartbeatMonitor:
                 comp.stale = False
                 comp.dirty = True
                 self._transition(comp, from_status, ComponentStatus.HEALTHY, "registered", now)
-        log.info(
+        # Debug: every task's first run registers its component; thousands of lines at a
+        # burst's first run said nothing an operator needs (status and `components` show them).
+        log.debug(
             "heartbeat.component_registered",
             component=component_name,
             node=self.node,
@@ -481,7 +483,14 @@ class HeartbeatMonitor:
     def _queue_change(self, change: ChangeRow) -> None:
         self._queue(self._pending_changes, change)
         self._queue(self._pending_events, change)
-        level = log.warning if change.to_status == ComponentStatus.ERROR else log.info
+        if change.to_status == ComponentStatus.ERROR:
+            level = log.warning
+        elif change.from_status is None:
+            # A new component's first status (healthy on registration): not a change worth a
+            # line per task at a burst's first run; the change row is still written.
+            level = log.debug
+        else:
+            level = log.info
         level(
             "heartbeat.status_changed",
             component=change.component,

@@ -1,0 +1,307 @@
+"""Figures ``steady`` and ``phase``: many tasks running every second, on the real service.
+
+``steady``: 200 tasks at 1 s, their slots spread evenly over the second, for 20 s after a 5 s
+warm-up (quick: 10 s). Measured in the window: CPU time of the process per run (from
+/proc/PID/stat: every thread, the log listener's included), and the lateness of each run (its
+start minus its slot, from the stamps runs write). nanobot on SQLite and on PostgreSQL (client
+and server: the CPU of the PostgreSQL backends serving the service's connections, found by their
+``application_name``); baseline APScheduler's MemoryJobStore in its own process.
+
+``phase``: 2000 tasks at 1 s, all in phase (2000 runs at every whole second), for 2 minutes
+(quick: 20 s), nanobot on SQLite against the memory store: lateness p99 and whether every run
+was done (every slot of the window started by every task; nanobot also records each in
+``task_runs``, none ``missed``).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from bench.common import Result, bench_home, epoch_to_dt, insert_stored_tasks, percentile
+from bench.proc import (
+    ApsProcess,
+    ServiceProcess,
+    admin_engine,
+    cpu_seconds,
+    nanobot_db,
+    pg_available,
+    pg_schema,
+)
+from bench.tasks import read_stamps
+
+INTERVAL = 1.0
+
+
+def _lateness(stamps: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    late = []
+    for t, anchor in stamps:
+        if start <= t < end:
+            late.append((t - anchor) % INTERVAL)
+    return late
+
+
+def _slot_counts(stamps: list[tuple[float, float]], anchor0: float) -> collections.Counter[int]:
+    """Runs per slot index (slot k at ``anchor0 + k``), for tasks in phase."""
+    counts: collections.Counter[int] = collections.Counter()
+    for t, anchor in stamps:
+        counts[round(anchor - anchor0 + ((t - anchor) // INTERVAL) * INTERVAL)] += 1
+    return counts
+
+
+def _backend_pids(app: str) -> list[int]:
+    engine = admin_engine()
+    with engine.connect() as conn:
+        pids = list(
+            conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"), {"a": app}
+            ).scalars()
+        )
+    engine.dispose()
+    return [int(p) for p in pids]
+
+
+def nanobot_steady(
+    home: Path, count: int, spread: float, warmup: float, window: float, database: str
+) -> dict[str, Any]:
+    stamp = home / "stamps.txt"
+    app = f"nanobot-bench-{home.name}"
+    schema = pg_schema() if database == "postgresql" else None
+    try:
+        if schema is not None:
+            url = f"{schema.__enter__()}&application_name={app}"
+        else:
+            url = f"sqlite:///{home / 'nanobot.db'}"
+        engine = nanobot_db(url)
+        service = ServiceProcess(home, None if database == "sqlite" else url)
+        with service:
+            # Started first, then the tasks are stored (as `cron add` does while it runs): a
+            # slow start on a loaded machine cannot make their first slots pass unrun.
+            service.start()
+            service.wait_status("/healthz", 200)
+            anchor0 = float(int(time.time()) + 3)
+            insert_stored_tasks(
+                engine,
+                [f"t{i:06d}" for i in range(count)],
+                task_class="bench.tasks:StampFile",
+                interval=INTERVAL,
+                kwargs_of=lambda i: {
+                    "interval": INTERVAL,
+                    "path": str(stamp),
+                    "anchor": anchor0 + spread * i / count,
+                },
+                anchor_of=lambda i: epoch_to_dt(anchor0 + spread * i / count),
+            )
+            start = max(time.time(), anchor0) + warmup
+            time.sleep(max(0.0, start - time.time()))
+            pids = _backend_pids(app) if schema is not None else []
+            cpu0 = service.cpu()
+            server0 = {pid: cpu_seconds(pid) for pid in pids}
+            time.sleep(window)
+            end = time.time()
+            cpu1 = service.cpu()
+            server1 = {pid: cpu_seconds(pid) for pid in _backend_pids(app)} if schema else {}
+            service.stop()
+            lines = service.log_lines()
+        with engine.connect() as conn:
+            outcomes = dict(
+                conn.execute(
+                    text(
+                        "SELECT outcome, count(*) FROM task_runs WHERE task_name LIKE 't0%' "
+                        "GROUP BY outcome"
+                    )
+                ).all()
+            )
+        engine.dispose()
+    finally:
+        if schema is not None:
+            schema.__exit__(None, None, None)
+    stamps = read_stamps(stamp)
+    runs = sum(1 for t, _ in stamps if start <= t < end)
+    server = sum(v - server0.get(pid, 0.0) for pid, v in server1.items())
+    return {
+        "cpu_per_run": (cpu1 - cpu0) / runs if runs else None,
+        "server_per_run": server / runs if runs and server1 else None,
+        "runs": runs,
+        "lateness": _lateness(stamps, start, end),
+        "stamps": stamps,
+        "anchor0": anchor0,
+        "window": (start, end),
+        "outcomes": outcomes,
+        "log_lines": lines,
+    }
+
+
+def aps_steady(
+    home: Path, count: int, spread: float, warmup: float, window: float
+) -> dict[str, Any]:
+    stamp = home / "stamps.txt"
+    anchor0 = float(int(time.time()) + 3)
+    spec = {
+        "store": "memory",
+        "stamp": str(stamp),
+        "groups": [
+            {
+                "prefix": "t",
+                "count": count,
+                "interval": INTERVAL,
+                "anchor": anchor0,
+                "spread": spread,
+            }
+        ],
+    }
+    proc = ApsProcess(home, spec)
+    with proc:
+        proc.start()
+        proc.wait_ready()
+        start = max(time.time(), anchor0) + warmup
+        time.sleep(max(0.0, start - time.time()))
+        cpu0 = proc.cpu()
+        time.sleep(window)
+        end = time.time()
+        cpu1 = proc.cpu()
+        proc.stop()
+    stamps = read_stamps(stamp)
+    runs = sum(1 for t, _ in stamps if start <= t < end)
+    return {
+        "cpu_per_run": (cpu1 - cpu0) / runs if runs else None,
+        "runs": runs,
+        "lateness": _lateness(stamps, start, end),
+        "stamps": stamps,
+        "anchor0": anchor0,
+        "window": (start, end),
+    }
+
+
+def run(quick: bool) -> Result:
+    res = Result("steady")
+    count, warmup, window = 200, 5.0, (10.0 if quick else 20.0)
+    databases = ["sqlite"] + (["postgresql"] if pg_available() else [])
+    res.settings = {"tasks": count, "interval_s": INTERVAL, "warmup_s": warmup, "window_s": window}
+    with bench_home("steady") as base:
+        nb = {}
+        for database in databases:
+            home = base / f"nanobot-{database}"
+            home.mkdir()
+            nb[database] = nanobot_steady(home, count, INTERVAL, warmup, window, database)
+        home = base / "aps-memory"
+        home.mkdir()
+        mem = aps_steady(home, count, INTERVAL, warmup, window)
+    label = "APScheduler MemoryJobStore (own process)"
+    for database, r in nb.items():
+        res.add(
+            f"CPU per run, nanobot service, {database} ({r['runs']} runs)",
+            _ms(r["cpu_per_run"]),
+            "ms",
+            label,
+            _ms(mem["cpu_per_run"]),
+            "<= 2x memory" if database == "sqlite" else "",
+            (r["cpu_per_run"] or 1e9) <= 2 * mem["cpu_per_run"] if database == "sqlite" else None,
+        )
+        if r.get("server_per_run") is not None:
+            res.add(
+                "CPU per run, PostgreSQL server (backends of the service's connections)",
+                _ms(r["server_per_run"]),
+                "ms",
+                label,
+                _ms(mem["cpu_per_run"]),
+            )
+            res.add(
+                "CPU per run, nanobot service + PostgreSQL server",
+                _ms((r["cpu_per_run"] or 0) + r["server_per_run"]),
+                "ms",
+                label,
+                _ms(mem["cpu_per_run"]),
+            )
+        p99 = percentile(r["lateness"], 99)
+        base_p99 = percentile(mem["lateness"], 99)
+        res.add(
+            f"lateness p99, nanobot service, {database}",
+            p99,
+            "s",
+            label,
+            base_p99,
+            "<= 1.2x memory" if database == "sqlite" else "",
+            p99 <= 1.2 * base_p99 if database == "sqlite" else None,
+        )
+        res.add(
+            f"lateness p50, nanobot service, {database}",
+            percentile(r["lateness"], 50),
+            "s",
+            label,
+            percentile(mem["lateness"], 50),
+        )
+        res.notes.append(
+            f"nanobot on {database}: task_runs outcomes {r['outcomes']}; log lines written "
+            f"{r['log_lines']} (for about {len(r['stamps'])} runs)."
+        )
+    res.notes.append(
+        f"APScheduler memory: {mem['runs']} runs in the window; lateness max "
+        f"{1000 * max(mem['lateness'], default=0):.1f} ms."
+    )
+    return res
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
+def run_phase(quick: bool) -> Result:
+    res = Result("phase")
+    count, warmup, window = 2000, 3.0, (20.0 if quick else 120.0)
+    res.settings = {"tasks": count, "interval_s": INTERVAL, "window_s": window}
+    with bench_home("phase") as base:
+        home = base / "nanobot"
+        home.mkdir()
+        nb = nanobot_steady(home, count, 0.0, warmup, window, "sqlite")
+        home = base / "aps-memory"
+        home.mkdir()
+        # The baseline's p99 needs no two minutes: 40 s is plenty (and the run stays short).
+        mem = aps_steady(home, count, 0.0, warmup, min(window, 40.0))
+    label = "APScheduler MemoryJobStore (own process)"
+    for r in (nb, mem):
+        counts = _slot_counts(r["stamps"], r["anchor0"])
+        start, end = r["window"]
+        # Slots wholly inside the window: every task must have started each of them.
+        first = int(start - r["anchor0"]) + 1
+        last = int(end - r["anchor0"]) - 2
+        short = {k: count - counts.get(k, 0) for k in range(first, last + 1)}
+        r["missing"] = sum(v for v in short.values() if v > 0)
+        r["slots"] = last - first + 1
+    p99 = percentile(nb["lateness"], 99)
+    base_p99 = percentile(mem["lateness"], 99)
+    missed = nb["outcomes"].get("missed", 0)
+    res.add(
+        f"lateness p99, {count} tasks in phase at 1 s, nanobot service, sqlite "
+        f"({nb['runs']} runs; runs missing {nb['missing']} of {nb['slots']} slots; "
+        f"missed rows {missed})",
+        p99,
+        "s",
+        label,
+        base_p99,
+        "<= 2x memory, every run done",
+        p99 <= 2 * base_p99 and nb["missing"] == 0 and missed == 0,
+    )
+    res.add(
+        "lateness max, nanobot service",
+        max(nb["lateness"], default=None),
+        "s",
+        label,
+        max(mem["lateness"], default=None),
+    )
+    res.add(
+        "CPU per run, nanobot service",
+        _ms(nb["cpu_per_run"]),
+        "ms",
+        label,
+        _ms(mem["cpu_per_run"]),
+    )
+    res.notes.append(
+        f"nanobot: task_runs outcomes {nb['outcomes']}; APScheduler memory: runs missing "
+        f"{mem['missing']} of {mem['slots']} slots x {count} tasks."
+    )
+    return res

@@ -1,0 +1,301 @@
+"""What each run costs the service: log lines, rows written, history kept, events delivered.
+
+On a real SQLite file and on PostgreSQL (``db_url`` / ``engine``), with a real scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import structlog
+from cron_tasks import Counter, Failing
+from sqlalchemy import Engine, event, func, select
+
+from nanobot.bus import MessageBus
+from nanobot.cron import CronManager, TaskOutcome, control, history
+from nanobot.cron._aps import PERSISTENT, JobSpec, NanobotScheduler
+from nanobot.cron.history import Claim, Finish
+from nanobot.cron.retention import HistoryTrimmer, margin_for
+from nanobot.cron.task import TaskDefinition
+from nanobot.db import write_transaction
+from nanobot.models import Task, TaskRun, apscheduler_job_states
+
+POLL = 0.05
+WAIT = 10.0
+
+
+async def _until(predicate: Callable[[], bool], within: float = WAIT) -> None:
+    async with asyncio.timeout(within):
+        while not predicate():
+            await asyncio.sleep(POLL)
+
+
+def _count(engine: Engine, task: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(TaskRun).where(TaskRun.task_name == task)
+            ).scalar_one()
+        )
+
+
+# --- history kept within its limit as outcomes are written -----------------------------------
+
+
+def _run_once(engine: Engine, trimmer: HistoryTrimmer, task: str, slot: datetime) -> None:
+    with write_transaction(engine) as conn:
+        run_id = history.claim_slots(conn, [Claim(task, slot)], node="n")[(task, slot)]
+    finish = Finish(task, run_id, slot, TaskOutcome.SUCCESS, slot, slot + timedelta(seconds=1))
+    history.write_finishes(engine, [finish])
+    trimmer.after_write(engine, [task])
+
+
+def test_history_stays_within_limit_plus_margin(engine: Engine) -> None:
+    """Every task keeps at most max_rows + margin rows at all times while it runs, and reaches
+    its limit: the newest rows are the ones kept, a run in progress is never deleted."""
+    trimmer = HistoryTrimmer(20, margin=5, seed=1)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        history.claim_slots(conn, [Claim("a", t0 - timedelta(days=1))], node="n")  # in progress
+    most = 0
+    for k in range(80):
+        for task in ("a", "b", "c"):
+            _run_once(engine, trimmer, task, t0 + timedelta(seconds=k))
+            most = max(most, _count(engine, task))
+    assert most <= 20 + 5 + 1  # + 1: the run in progress of "a", never deleted
+    for task in ("b", "c"):
+        assert 20 <= _count(engine, task) <= 25
+    with engine.connect() as conn:
+        newest_b = conn.execute(
+            select(func.max(TaskRun.scheduled_at)).where(TaskRun.task_name == "b")
+        ).scalar_one()
+        running = conn.execute(
+            select(func.count())
+            .select_from(TaskRun)
+            .where(TaskRun.task_name == "a", TaskRun.outcome == TaskOutcome.RUNNING.value)
+        ).scalar_one()
+    assert newest_b == t0 + timedelta(seconds=79)
+    assert running == 1
+
+
+def test_tasks_in_phase_are_trimmed_in_different_batches() -> None:
+    """Thousands of tasks that run together are not all trimmed in the same batch: the first
+    count of each is random, so each batch trims about 1/margin of them."""
+    trimmer = HistoryTrimmer(1000, seed=7)
+    names = [f"t{i}" for i in range(2000)]
+    per_batch = [len(trimmer.due(names)) for _ in range(margin_for(1000))]
+    assert sum(per_batch) == 2000  # each task once per margin rows
+    assert max(per_batch) < 2000 * 3 / margin_for(1000)
+
+
+def test_margin_is_a_tenth_of_the_limit_at_least_ten() -> None:
+    assert margin_for(1000) == 100
+    assert margin_for(50) == 10
+    with pytest.raises(ValueError, match="max_rows"):
+        HistoryTrimmer(0)
+
+
+async def test_service_trims_history_as_it_runs(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With cron.history_max_rows = 10, a task running every 50 ms never holds much more than
+    its limit, long before the hourly cleanup runs."""
+    from nanobot.config import reset_config
+    from nanobot.db import get_engine
+
+    monkeypatch.setenv("NANOBOT_CRON__HISTORY_MAX_ROWS", "10")
+    reset_config()
+    bus = MessageBus()
+    manager = CronManager(poll_interval=POLL, bus=bus)
+    done: list[str] = []
+    bus.subscribe("task.finished", lambda _t, p: done.append(p["outcome"]))
+    try:
+        manager.register_task("quick", Counter(0.05, label="quick"))
+        await manager.start_task("quick")
+        engine = get_engine()
+        most = 0
+        async with asyncio.timeout(WAIT * 3):
+            while len(done) < 60:
+                most = max(most, await asyncio.to_thread(_count, engine, "quick"))
+                await asyncio.sleep(0.02)
+        await manager.flush()
+        most = max(most, _count(engine, "quick"))
+        # The limit, the trim margin, and the few slots claimed ahead whose outcome is not yet
+        # written (they are counted at the next write).
+        assert most <= 10 + margin_for(10) + 5
+        assert _count(engine, "quick") >= 10
+    finally:
+        await manager.shutdown(grace=0)
+
+
+# --- one line per run that matters -------------------------------------------------------------
+
+
+async def test_success_logs_nothing_at_info_failure_logs_one_line(db_url: str) -> None:
+    """At the default level a successful run writes no line (task_runs has it); a failed run
+    writes one line at error, with its duration, and no task.finished line above debug."""
+    bus = MessageBus()
+    manager = CronManager(poll_interval=POLL, bus=bus)
+    outcomes: list[dict[str, Any]] = []
+    bus.subscribe("task.finished", lambda _t, p: outcomes.append(p))
+    try:
+        with structlog.testing.capture_logs() as captured:
+            manager.register_task("ok", Counter(0.05, label="ok"))
+            manager.register_task("bad", Failing(0.05))
+            await manager.start_task("ok")
+            await manager.start_task("bad")
+            await _until(
+                lambda: (
+                    {"success", "error"} <= {p["outcome"] for p in outcomes} and len(outcomes) >= 6
+                )
+            )
+            await manager.flush()
+    finally:
+        await manager.shutdown(grace=0)
+    # capture_logs leaves out the bound context (task, run_id): events are told apart here by
+    # what they are.
+    per_run = [
+        e
+        for e in captured
+        if e["log_level"] != "debug" and e["event"].startswith(("task.", "heartbeat."))
+    ]
+    failed = [e for e in per_run if e["event"] == "task.failed"]
+    assert failed
+    assert all(isinstance(e["duration_s"], float) for e in failed)
+    assert all(e["log_level"] == "error" for e in failed)
+    # What is left: the failed task's component going to error.
+    others = [e for e in per_run if e["event"] != "task.failed"]
+    assert {e["event"] for e in others} <= {"heartbeat.component_error", "heartbeat.status_changed"}
+    assert all(e.get("component") == "task:bad" for e in others)
+    assert not [e for e in per_run if e["event"] == "task.finished"]
+    assert not [e for e in per_run if e["event"] == "heartbeat.component_registered"]
+
+
+# --- one tasks row version per run -------------------------------------------------------------
+
+
+async def test_a_run_updates_its_tasks_row_once(engine: Engine, db_url: str) -> None:
+    """The next-run mirror of a claimed slot is written with the run's outcome: a run makes one
+    UPDATE of its tasks row, and the row ends with both its last run and its next run."""
+    updates: list[str] = []
+
+    def _count_updates(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TASKS"):
+            updates.append(statement)
+
+    control.add_task(engine, TaskDefinition(name="m", task_class="cron_tasks:Counter", interval=60))
+    from nanobot.db import get_engine
+
+    nanobot_engine = get_engine()
+    bus = MessageBus()
+    manager = CronManager(nanobot_engine, poll_interval=POLL, bus=bus)
+    seen: list[dict[str, Any]] = []
+    bus.subscribe("task.finished", lambda _t, p: seen.append(p))
+    await manager.start()
+    try:
+        await _until(lambda: bool(seen))
+        await manager.flush()
+        event.listen(nanobot_engine, "before_cursor_execute", _count_updates)
+        await manager.run_task_now("m")  # a manual run: no schedule change
+        await _until(lambda: len(seen) >= 2)
+        await manager.flush()
+    finally:
+        event.remove(nanobot_engine, "before_cursor_execute", _count_updates)
+        await manager.shutdown(grace=0)
+    with engine.connect() as conn:
+        row = conn.execute(select(Task.__table__).where(Task.name == "m")).one()
+    assert row.last_outcome == "success"
+    assert row.next_run_at is not None
+    assert row.next_run_at > row.last_run_at
+    # The manual run: one mirror UPDATE for its outcome, and the consumed run request.
+    assert len([u for u in updates if "last_run_at" in u]) == 1
+    assert not [u for u in updates if "last_run_at" not in u and "next_run_at" in u]
+
+
+# --- the job store writes only the next run time on every run ------------------------------
+
+
+def test_a_pass_writes_only_the_next_run_time(engine: Engine) -> None:
+    """Moving a job to its next slot rewrites its next_run_time column, not its pickled state;
+    every read gives the column's time, to the microsecond."""
+    scheduler = NanobotScheduler(engine, process=lambda *_: None, poll_interval=1, clock=_now)
+    scheduler.store.start(scheduler, PERSISTENT)  # what starting the scheduler does to it
+    t0 = datetime(2026, 1, 1, 9, 0, 0, 123456, tzinfo=UTC)
+    scheduler.add_many([JobSpec("j", "cron_tasks:Counter", {"interval": 10}, 10.0, t0, t0)])
+    state_before = _job_state(engine)
+    due = scheduler.due(t0, t0, {})
+    assert [d.run_slot for d in due] == [t0]
+    with write_transaction(engine) as conn:
+        scheduler.advance_due(conn)
+    assert _job_state(engine) == state_before, "the pickled state is not rewritten"
+    later = t0 + timedelta(seconds=10)
+    assert pickle.loads(state_before)["next_run_time"] == t0
+    assert scheduler.lookup("j") is not None
+    assert scheduler.lookup("j").next_run_at == later  # type: ignore[union-attr]
+    assert scheduler.store.lookup_job("j").next_run_time == later
+    assert scheduler.next_run_at() == later
+    assert [d.run_slot for d in scheduler.due(later, later, {})] == [later]
+    scheduler.worker.shutdown(wait=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _job_state(engine: Engine) -> bytes:
+    with engine.connect() as conn:
+        return bytes(
+            conn.execute(
+                select(apscheduler_job_states.c.job_state).where(apscheduler_job_states.c.id == "j")
+            ).scalar_one()
+        )
+
+
+# --- events of a burst delivered in one task ---------------------------------------------------
+
+
+async def test_publish_many_delivers_in_order_to_every_subscriber() -> None:
+    """publish_many gives each subscriber every message in order; one that raises is logged
+    and the others still get everything."""
+    bus = MessageBus()
+    plain: list[int] = []
+    awaited: list[int] = []
+
+    async def slow(_topic: str, payload: int) -> None:
+        await asyncio.sleep(0)
+        awaited.append(payload)
+
+    def broken(_topic: str, payload: int) -> None:
+        raise RuntimeError("subscriber bug")
+
+    bus.subscribe("t", lambda _t, p: plain.append(p))
+    bus.subscribe("t", slow)
+    bus.subscribe("t", broken)
+    with structlog.testing.capture_logs() as captured:
+        delivered = await bus.publish_many("t", list(range(500)))
+    assert plain == awaited == list(range(500))
+    assert delivered == 1000
+    assert len([e for e in captured if e["event"] == "bus.subscriber_failed"]) == 500
+
+
+async def test_publish_many_abandons_a_stuck_subscriber_once() -> None:
+    """A subscriber that does not answer within the timeout costs one timeout for the whole
+    batch, not one per message; the others get every message."""
+    bus = MessageBus(handler_timeout=0.05)
+    got: list[int] = []
+
+    async def stuck(_topic: str, _payload: int) -> None:
+        await asyncio.Event().wait()
+
+    bus.subscribe("t", stuck)
+    bus.subscribe("t", lambda _t, p: got.append(p))
+    with structlog.testing.capture_logs() as captured:
+        async with asyncio.timeout(2):
+            await bus.publish_many("t", list(range(100)))
+    assert got == list(range(100))
+    assert len([e for e in captured if e["event"] == "bus.subscriber_timeout"]) == 1
