@@ -377,11 +377,11 @@ def _status_text(data: dict[str, Any]) -> str:
     lines += ["", "tasks:"]
     lines.append(
         _table(
-            ["NAME", "INTERVAL", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME", "FAILURES"],
+            ["NAME", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME", "FAILURES"],
             [
                 [
                     t["name"],
-                    _seconds(t["interval"]),
+                    t.get("schedule") or _seconds(t["interval"]),
                     "yes" if t["paused"] else "no",
                     _when(t["next_run_at"], now),
                     _when(t["last_run_at"], now),
@@ -566,7 +566,11 @@ def cron_list(as_json: bool) -> None:
                     t.name,
                     t.task_class,
                     describe(t.schedule),
-                    "done" if t.done else "paused" if t.paused else "active",
+                    "done"
+                    if t.done
+                    else (f"paused: {t.pause_reason}" if t.pause_reason else "paused")
+                    if t.paused
+                    else "active",
                     _instant(t.next_run_at, t)
                     + (
                         f" ({_span((t.next_run_at - now).total_seconds())})"

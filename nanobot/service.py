@@ -469,9 +469,12 @@ class Service:
             if lost:
                 continue
             try:
+                # Nothing is dispatched before the start ends, and every claim is fenced by the
+                # lease: the renewal may use what is left of it (a loaded machine's start holds
+                # the event loop for a second at a time).
                 renewed = await asyncio.wait_for(
                     asyncio.to_thread(self._renew_and_check),
-                    timeout=max(0.1, self.lease.seconds_left() - self.period),
+                    timeout=max(0.1, self.lease.seconds_left() * 0.9),
                 )
             except Exception as exc:
                 log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
