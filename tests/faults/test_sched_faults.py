@@ -120,7 +120,7 @@ def add_burst(db: Engine, ledger: Ledger, prefix: str, at: datetime) -> list[str
     definition = control.definition_from_class(
         "x", "faults.ledger_task:LedgerTask", BURST_EVERY, ledger.kwargs()
     )
-    values = control._definition_values(definition)
+    values = control.definition_values(definition)
     now = utcnow()
     names = [f"{prefix}{i:04d}" for i in range(BURST)]
     with db.begin() as conn:
@@ -295,6 +295,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.timeout(120)
 def test_script_next_to_the_service_hands_its_task_over(
     cluster: Cluster, db: Engine, ledger: Ledger, tmp_path: Path
 ) -> None:
@@ -306,14 +307,18 @@ def test_script_next_to_the_service_hands_its_task_over(
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     env = node.full_env()
-    done = subprocess.run(
-        [sys.executable, str(script), str(ledger.path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), str(ledger.path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace")
+        raise AssertionError(f"the script hung:\n{out[-3000:]}") from None
     assert done.returncode == 0, done.stderr[-3000:]
     assert "refused: TaskNotStorableError" in done.stdout
     assert f"client of: {node.health()['holder']}" in done.stdout  # type: ignore[index]
