@@ -347,3 +347,15 @@ async def test_the_api_takes_a_browser_session_only_with_its_csrf_header(engine:
         ) as r:
             assert r.status == 200
     assert control.get_task(engine, "job").paused
+
+
+async def test_a_task_name_with_a_slash_links_to_its_own_page(engine: Engine) -> None:
+    """A name is one path segment in every link: "a/b" is /tasks/a%2Fb, which opens it."""
+    add_task_row(engine, "reports/daily")
+    async with serve(engine) as served, session() as http:
+        async with http.get(served.base + "/tasks") as r:
+            html = await r.text()
+        assert 'href="/tasks/reports%2Fdaily"' in html
+        async with http.get(served.base + "/tasks/reports%2Fdaily") as r:
+            assert r.status == 200
+            assert "reports/daily" in await r.text()
