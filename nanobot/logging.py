@@ -56,6 +56,8 @@ QUIET_LOGGERS: Final[dict[str, int]] = {
     # Alembic says "Context impl SQLiteImpl" at every schema check; nanobot logs db.migrated
     # with the revisions before and after when a migration really ran.
     "alembic.runtime.migration": logging.WARNING,
+    # Alembic 1.16+ says "setup plugin alembic.autogenerate..." seven times at each start.
+    "alembic.runtime.plugins": logging.WARNING,
 }
 
 

@@ -271,3 +271,20 @@ def test_capture_logs_sees_events_after_setup(monkeypatch: pytest.MonkeyPatch) -
     with structlog.testing.capture_logs() as captured:
         structlog.get_logger("nanobot.tests").info("captured", k="v")
     assert captured == [{"event": "captured", "k": "v", "log_level": "info"}]
+
+
+def test_a_migration_logs_no_alembic_chatter(
+    monkeypatch: pytest.MonkeyPatch, nanobot_home: Path
+) -> None:
+    """Creating the database logs db.migrated, not Alembic's plugin and context lines."""
+    from nanobot.db import get_engine, upgrade_database
+
+    cfg = _config(monkeypatch)
+    setup_logging(cfg)
+    engine = get_engine(cfg)
+    try:
+        upgrade_database(engine)
+    finally:
+        engine.dispose()
+    lines = _lines(nanobot_home / "logs" / "nanobot.log")
+    assert [line["logger"] for line in lines if line["logger"].startswith("alembic")] == []
