@@ -1177,8 +1177,12 @@ def http_token(name: str, read_only: bool, from_stdin: bool) -> None:
 
     Only the hash is stored in the configuration; keep the token itself somewhere safe.
     """
-    from nanobot.web.tokens import hash_token, new_token, parse_token_entries
+    from nanobot.web.tokens import check_token_name, hash_token, new_token, parse_token_entries
 
+    try:
+        check_token_name(name)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
     token = sys.stdin.readline().strip() if from_stdin else new_token()
     if not token:
         _fail("no token on standard input", EXIT_USAGE)
