@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -609,6 +610,31 @@ def _command_kwargs(
     return kwargs
 
 
+def _shell_syntax_note(command: str) -> str | None:
+    """Why an argv command (no ``--shell``) may not do what it reads as, if it uses shell syntax.
+
+    Without a shell, ``echo a; exit 3`` runs ``echo`` with the arguments ``a;``, ``exit`` and
+    ``3`` and succeeds: the run would say ``success`` for what the user meant to fail.
+    """
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError:
+        return None  # unbalanced quotes: the task itself reports them
+    syntax = [w for w in words if w in _SHELL_OPERATORS or w.startswith("$")]
+    if not syntax:
+        return None
+    return (
+        f"the command runs without a shell, so {syntax[0]!r} reaches the program as a word; "
+        "add --shell for pipes, redirections, ';', '&&' or $VARIABLES"
+    )
+
+
+# The shell's operators, as shlex's punctuation_chars splits them out of a command.
+_SHELL_OPERATORS: Final = frozenset({";", "|", "||", "&", "&&", ">", ">>", "<", "<<", "2>", ";;"})
+
+
 def _wait_for_service(engine: Engine, name: str, poll: float) -> str | None:
     """After an add while the service runs: why the service could not build the task, if so.
 
@@ -828,6 +854,9 @@ def cron_add(
             broken = _wait_for_service(engine, name, float(cfg["cron.poll_interval"]))
     if note is not None:
         click.echo(f"nanobot: note: {note}", err=True)
+    shell_note = None if command is None or shell else _shell_syntax_note(command)
+    if shell_note is not None:
+        click.echo(f"nanobot: note: {shell_note}", err=True)
     if as_json:
         _echo_json(info.to_json() | {"note": note})
     else:
@@ -1148,8 +1177,12 @@ def http_token(name: str, read_only: bool, from_stdin: bool) -> None:
 
     Only the hash is stored in the configuration; keep the token itself somewhere safe.
     """
-    from nanobot.web.tokens import hash_token, new_token, parse_token_entries
+    from nanobot.web.tokens import check_token_name, hash_token, new_token, parse_token_entries
 
+    try:
+        check_token_name(name)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
     token = sys.stdin.readline().strip() if from_stdin else new_token()
     if not token:
         _fail("no token on standard input", EXIT_USAGE)

@@ -400,6 +400,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
 )
 
 _BY_KEY: Final = {s.key: s for s in SETTINGS}
+# Where an operator finds every setting (the README links it).
+_EVERY_KEY: Final = "see docs/configuration.md for every key"
 
 
 def nanobot_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -488,11 +490,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     raw: dict[str, tuple[Any, str]] = {s.key: (s.default, "default") for s in SETTINGS}
     for key, value in _read_file(path).items():
         if key not in _BY_KEY:
-            raise ConfigError(f"{path}: unknown setting {key!r} (see the README for every key)")
+            raise ConfigError(f"{path}: unknown setting {key!r} ({_EVERY_KEY})")
         raw[key] = (value, str(path))
     for key, (value, var) in _read_env(env).items():
         if key not in _BY_KEY:
-            raise ConfigError(f"{var}: unknown setting {key!r} (see the README for every key)")
+            raise ConfigError(f"{var}: unknown setting {key!r} ({_EVERY_KEY})")
         raw[key] = (value, var)
 
     values: dict[str, Any] = {}

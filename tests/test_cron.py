@@ -507,7 +507,14 @@ def test_unknown_name_raises_key_error(db_url: str, call: Callable[[CronManager]
 
 @pytest.mark.parametrize(
     ("name", "task"),
-    [("", Counter()), ("x" * 196, Counter()), (" pad", Counter()), ("ok", object())],
+    [
+        ("", Counter()),
+        ("x" * 196, Counter()),
+        (" pad", Counter()),
+        ("two\nlines", Counter()),
+        ("tab\there", Counter()),
+        ("ok", object()),
+    ],
 )
 def test_bad_registration_is_refused(db_url: str, name: str, task: Any) -> None:
     """A bad name or a task that is not a CronTask is refused with InvalidTaskError."""

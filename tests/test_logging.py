@@ -313,3 +313,20 @@ def test_reset_writes_what_is_queued(monkeypatch: pytest.MonkeyPatch, nanobot_ho
     path = nanobot_home / "logs" / "nanobot.log"
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [line["i"] for line in lines] == list(range(500))
+
+
+def test_a_migration_logs_no_alembic_chatter(
+    monkeypatch: pytest.MonkeyPatch, nanobot_home: Path
+) -> None:
+    """Creating the database logs db.migrated, not Alembic's plugin and context lines."""
+    from nanobot.db import get_engine, upgrade_database
+
+    cfg = _config(monkeypatch)
+    setup_logging(cfg)
+    engine = get_engine(cfg)
+    try:
+        upgrade_database(engine)
+    finally:
+        engine.dispose()
+    lines = _lines(nanobot_home / "logs" / "nanobot.log")
+    assert [line["logger"] for line in lines if line["logger"].startswith("alembic")] == []

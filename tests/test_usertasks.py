@@ -400,6 +400,27 @@ def _command_task(nb: Callable[..., Any], name: str, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_cron_add_notes_shell_syntax_in_a_command_run_without_a_shell(
+    nb: Callable[..., Any],
+) -> None:
+    """'echo a; exit 3' without --shell would run echo and succeed: cron add says so, once."""
+    assert nb("db", "upgrade").returncode == 0
+    result = nb("cron", "add", "plain", "--command", "echo a; exit 3", "--every", "1h", "--paused")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("nanobot: note:")]
+    assert len(notes) == 1
+    assert "';'" in notes[0]
+    assert "--shell" in notes[0]
+    for name, args in (
+        ("shelled", ("--shell", "--command", "echo a; exit 3")),
+        ("argv", ("--command", "df -h /")),
+        ("quoted", ("--command", "echo 'a;b'")),
+    ):
+        result = nb("cron", "add", name, *args, "--every", "1h", "--paused")
+        assert result.returncode == 0, result.stderr
+        assert "nanobot: note" not in result.stderr
+
+
 def test_command_exit_codes_and_output_tail(
     home: Path, nb: Callable[..., Any], services: list[Service]
 ) -> None:

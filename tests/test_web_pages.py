@@ -396,3 +396,15 @@ async def test_the_alerts_page_shows_each_alert_and_its_deliveries(engine: Engin
     assert '<span class="badge dl-sent">sent</span> chat' in html
     assert '<span class="badge dl-pending">pending</span> mail' in html
     assert "SMTP 451: try later" in html
+
+
+async def test_a_task_name_with_a_slash_links_to_its_own_page(engine: Engine) -> None:
+    """A name is one path segment in every link: "a/b" is /tasks/a%2Fb, which opens it."""
+    add_task_row(engine, "reports/daily")
+    async with serve(engine) as served, session() as http:
+        async with http.get(served.base + "/tasks") as r:
+            html = await r.text()
+        assert 'href="/tasks/reports%2Fdaily"' in html
+        async with http.get(served.base + "/tasks/reports%2Fdaily") as r:
+            assert r.status == 200
+            assert "reports/daily" in await r.text()

@@ -131,7 +131,9 @@ def test_the_token_command_prints_a_token_once_and_the_entry_with_its_hash() -> 
     assert hash_token("nbt_given") in result.stdout
     result = CliRunner().invoke(cli, ["http", "token", "two words"])
     assert result.exit_code == 2
-    assert result.stderr.startswith("nanobot: error: token name")
+    assert result.stderr == (
+        "nanobot: error: a token name is 1-64 letters, digits or _.@-, got 'two words'\n"
+    )
 
 
 def test_sessions_expire_after_their_ttl_without_use_and_end_at_close() -> None:

@@ -190,6 +190,10 @@ def check_name(name: Any) -> str:
         raise InvalidTaskError(f"a task name may have at most {TASK_NAME_MAX} characters")
     if name != name.strip():
         raise InvalidTaskError(f"a task name may not start or end with spaces: {name!r}")
+    # A newline or other control character would split the lines of cron list, the log and
+    # the alert messages that show the name.
+    if not name.isprintable():
+        raise InvalidTaskError(f"a task name may not hold control characters: {name!r}")
     return name
 
 

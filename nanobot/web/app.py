@@ -14,6 +14,7 @@ import asyncio
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 import aiohttp_jinja2
 import jinja2
@@ -179,6 +180,8 @@ def setup_dashboard(
     env.globals.update(_environment())
     env.filters["duration"] = duration
     env.filters["todatetime"] = _todatetime
+    # A task name is one path segment: Jinja's urlencode keeps "/", which would split it.
+    env.filters["segment"] = lambda value: quote(str(value), safe="")
     app.middlewares.append(auth.access_middleware(policy, _denied_handler("/login")))
     app.middlewares.append(api_errors)
     app.middlewares.append(_page_errors)

@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp_jinja2
 import structlog
@@ -304,7 +304,7 @@ class Pages:
             await self._db(lambda: change(self.engine, name, who, "browser"))
         except UnknownTaskError:
             raise web.HTTPSeeOther("/tasks") from None
-        raise web.HTTPSeeOther(f"/tasks/{name}?" + urlencode({"done": action}))
+        raise web.HTTPSeeOther(f"/tasks/{quote(name, safe='')}?" + urlencode({"done": action}))
 
     async def remove(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -67,6 +67,12 @@ def hash_token(token: str) -> str:
     return HASH_PREFIX + hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def check_token_name(name: str) -> None:
+    """:class:`ValueError` unless ``name`` can name a token."""
+    if not _NAME_RE.match(name):
+        raise ValueError(f"a token name is 1-64 letters, digits or _.@-, got {name!r}")
+
+
 def _entry(raw: Any, where: str) -> TokenEntry:
     if not isinstance(raw, dict):
         raise ValueError(f'{where}: an object {{"name", "hash", "read_only"}}')
