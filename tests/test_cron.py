@@ -402,6 +402,20 @@ async def test_task_added_by_class_path_runs(manager: CronManager, outcomes: Out
     assert manager.get_task("byname").interval == 3600
 
 
+async def test_stored_timeout_applies_to_a_task_built_by_class_path(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """A timeout stored with the task (cron add --timeout) applies to the instance built from
+    its class path, although the class's constructor takes no timeout."""
+    await manager.start()
+    definition = control.definition_from_class(
+        "bounded", "cron_tasks:Sleeper", 3600, {"seconds": 30.0}, timeout=0.2
+    )
+    await asyncio.to_thread(control.add_task, get_engine(), definition)
+    await outcomes.wait(lambda: bool(outcomes.of("bounded", "timeout")))
+    assert manager.get_task("bounded").timeout == 0.2
+
+
 async def test_removed_task_job_is_removed(manager: CronManager, outcomes: Outcomes) -> None:
     """A task removed in the database loses its job in the running scheduler."""
     engine = get_engine()

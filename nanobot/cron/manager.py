@@ -193,6 +193,9 @@ class CronManager:
         self._registered: dict[str, CronTask] = {}
         self._ephemeral: dict[str, TaskDefinition] = {}
         self._built: dict[str, tuple[str, str, CronTask]] = {}
+        # The stored timeout and jitter of each task (cron add --timeout, the API): options that
+        # a class path and its kwargs do not carry, applied to every instance built from them.
+        self._stored_options: dict[str, tuple[float | None, float | None]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._applied: dict[str, int] = {}
@@ -365,6 +368,7 @@ class CronManager:
         with self._lock:
             self._registered[name] = task
             self._built.pop(name, None)
+            self._stored_options.pop(name, None)
         if definition.not_persistable is not None:
             with self._lock:
                 self._ephemeral[name] = definition
@@ -396,6 +400,7 @@ class CronManager:
             task = self._registered.pop(name, None)
             ephemeral = self._ephemeral.pop(name, None)
             self._built.pop(name, None)
+            self._stored_options.pop(name, None)
         if task is not None:
             task.set_running(False)
         self._forget_health(name)
@@ -1115,6 +1120,8 @@ class CronManager:
     ) -> datetime | None:
         """Make the job of one task match its row (a new job is appended to ``to_add``); the
         job's next run time afterwards."""
+        with self._lock:
+            self._stored_options[row.name] = (definition.timeout, definition.jitter)
         if row.paused:
             if job is not None and job.next_run_at is not None:
                 scheduler.change(row.name, store=PERSISTENT, next_run_at=None)
@@ -1227,11 +1234,15 @@ class CronManager:
                 return task
             key = repr(sorted(kwargs.items()))
             cached = self._built.get(name)
-            if cached is not None and cached[0] == task_class and cached[1] == key:
-                return cached[2]
-        task = control.build_task(task_class, kwargs)
-        with self._lock:
-            self._built[name] = (task_class, key, task)
+            options = self._stored_options.get(name)
+        if cached is not None and cached[0] == task_class and cached[1] == key:
+            task = cached[2]
+        else:
+            task = control.build_task(task_class, kwargs)
+            with self._lock:
+                self._built[name] = (task_class, key, task)
+        if options is not None:
+            task.timeout, task.jitter = options
         return task
 
     def _prepare(
