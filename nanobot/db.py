@@ -83,13 +83,18 @@ class SessionLimits:
 
     @classmethod
     def for_lease(cls, ttl: float, statement_timeout: float) -> SessionLimits:
-        """Limits that keep fail-over within the lease's bound: no statement waits for a lock
-        longer than a lease (the lease's own acquire sets a much shorter one), and a session
-        idle inside a transaction (a frozen leader holding the lease row FOR SHARE) ends after
-        one ttl."""
+        """Limits that keep fail-over within the lease's bound (ttl + ttl/3):
+
+        - a session idle inside a transaction (a frozen leader holding the lease row FOR SHARE)
+          is ended by the server after one ttl;
+        - no statement waits for a lock longer than a ninth of the lease: a statement of the
+          frozen leader already waiting behind its own idle transaction would otherwise get the
+          locks when that one ends, and hold the lease row for another ttl (measured: more than
+          twice the bound); a standby's acquire gives up in time for its next poll.
+        """
         period = ttl / 3
         return cls(
-            lock_timeout=ttl,
+            lock_timeout=period / 3,
             idle_in_transaction_timeout=ttl,
             statement_timeout=statement_timeout,
             keepalive_idle=max(1, math.ceil(period)),
