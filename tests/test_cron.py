@@ -141,13 +141,14 @@ async def test_fixed_rate_does_not_drift(manager: CronManager, outcomes: Outcome
     recorded = runs(get_engine(), "slow")
     rows = [r for r in recorded if r.outcome == "success"]
     first = recorded[0].scheduled_at
-    for i, row in enumerate(rows):
+    for row in rows:
         k = (row.scheduled_at - first).total_seconds() / 0.1
         assert math.isclose(k, round(k), abs_tol=1e-6), "slots are on the grid"
-        # The first slot is "now" at start_task, so it also waits for the first (fenced) pass;
-        # later ones would be late by 30 ms more per run if the schedule drifted.
-        limit = 0.5 if i == 0 else 0.1
-        assert (row.started_at - row.scheduled_at).total_seconds() < limit, "no accumulated delay"
+    # A drifting schedule would start each run 30 ms later than the one before (165 ms for the
+    # median of runs 3 to 8); on time, a run starts within milliseconds of its slot, tens of
+    # them on a loaded machine. The first two runs also wait for the first passes.
+    lateness = sorted((r.started_at - r.scheduled_at).total_seconds() for r in rows[2:])
+    assert lateness[len(lateness) // 2] < 0.1, f"accumulated delay: {lateness}"
     # Every slot from the first to the last is one row (a loaded machine may skip or miss one).
     covered = sum(r.slots for r in recorded)
     span = (recorded[-1].scheduled_at - first).total_seconds()
