@@ -304,7 +304,13 @@ class Service:
                     )
                     self.http = None
                     self._exit_code = EXIT_FAILED
-                    return EXIT_FAILED
+                    # The shutdown in finally still runs; the command line prints this line.
+                    raise StartupError(
+                        f"cannot listen on {self.config['http.host']}:{self.config['http.port']}"
+                        f": {os.strerror(exc.errno) if exc.errno else exc}"
+                        " (set http.port, or http.enabled = false)",
+                        EXIT_FAILED,
+                    ) from None
             await self._lease_step()
             from nanobot.heartbeat import initialize_heartbeat
 

@@ -136,6 +136,10 @@ def test_port_in_use_exit_code_and_logged_exit_code_agree(tmp_path: Path) -> Non
         )
     log.write_text(result.stderr)
     assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"nanobot: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        " (set http.port, or http.enabled = false)"
+    )
     (bind_failed,) = log_events(log, "service.http_bind_failed")
     assert bind_failed["port"] == port
     (stopped,) = log_events(log, "service.stopped")
