@@ -408,3 +408,17 @@ async def test_a_task_name_with_a_slash_links_to_its_own_page(engine: Engine) ->
         async with http.get(served.base + "/tasks/reports%2Fdaily") as r:
             assert r.status == 200
             assert "reports/daily" in await r.text()
+
+
+async def test_a_task_page_shows_the_output_tail_of_a_command_run(engine: Engine) -> None:
+    """A command task's stored output tail is on its page, escaped, under its history row."""
+    add_task_row(engine, "backup")
+    add_run(
+        engine, "backup", 5, "error", error="CommandFailed: exit code 2", output="<b>disk</b>\n"
+    )
+    async with serve(engine) as served, session() as http:
+        async with http.get(served.base + "/tasks/backup") as r:
+            assert r.status == 200
+            html = await r.text()
+    assert "&lt;b&gt;disk&lt;/b&gt;" in html
+    assert "<b>disk</b>" not in html
