@@ -416,9 +416,12 @@ async def test_a_task_page_shows_the_output_tail_of_a_command_run(engine: Engine
     add_run(
         engine, "backup", 5, "error", error="CommandFailed: exit code 2", output="<b>disk</b>\n"
     )
-    async with serve(engine) as served, session() as http:
-        async with http.get(served.base + "/tasks/backup") as r:
-            assert r.status == 200
-            html = await r.text()
+    async with (
+        serve(engine) as served,
+        session() as http,
+        http.get(served.base + "/tasks/backup") as r,
+    ):
+        assert r.status == 200
+        html = await r.text()
     assert "&lt;b&gt;disk&lt;/b&gt;" in html
     assert "<b>disk</b>" not in html
