@@ -44,6 +44,17 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return True
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The soak (minutes of several nodes under churn) runs when selected with ``-m soak``, as
+    ``.ci/run`` does; a plain ``pytest`` leaves it out to stay quick."""
+    if "soak" in (config.option.markexpr or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("soak") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
+
+
 def _pg_unavailable() -> str | None:
     """None when PostgreSQL answers, else why not (checked once per run)."""
     if "reason" not in _pg_state:
