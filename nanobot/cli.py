@@ -537,6 +537,16 @@ def _applied_note(engine: Engine) -> str:
     return "the service is not running: it applies this at its next start"
 
 
+def _state(info: Any) -> str:
+    if info.done:
+        return "done"
+    if not info.paused:
+        return "active"
+    if info.auto_paused_at is not None:
+        return "PAUSED: " + _short(info.pause_reason, 60)
+    return "paused: " + _short(info.pause_reason, 60) if info.pause_reason else "paused"
+
+
 @cron.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of tasks.")
 def cron_list(as_json: bool) -> None:
@@ -560,7 +570,7 @@ def cron_list(as_json: bool) -> None:
                     t.name,
                     t.task_class,
                     describe(t.schedule),
-                    "done" if t.done else "paused" if t.paused else "active",
+                    _state(t),
                     _instant(t.next_run_at, t)
                     + (
                         f" ({_span((t.next_run_at - now).total_seconds())})"
@@ -746,6 +756,13 @@ def _schedule_option(
     default=None,
     help="Slots missed while nothing ran: run the latest once (default), or skip them all.",
 )
+@click.option(
+    "--pause-after-failures",
+    "pause_after_failures",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Pause it after N consecutive failed slots (0: never; default cron.pause_after_failures).",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
@@ -764,6 +781,7 @@ def cron_add(
     timeout: float | None,
     jitter: float | None,
     misfire: str | None,
+    pause_after_failures: int | None,
     raw_kwargs: str | None,
     paused: bool,
     as_json: bool,
@@ -808,6 +826,7 @@ def cron_add(
             timeout=timeout,
             jitter=jitter,
             misfire_policy=misfire,
+            pause_after_failures=pause_after_failures,
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)
@@ -865,19 +884,20 @@ def cron_remove(name: str, as_json: bool) -> None:
 
 @cron.command("pause")
 @click.argument("name")
+@click.option("--note", default=None, help="Why: shown by 'cron list' and 'status' until resumed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
-def cron_pause(name: str, as_json: bool) -> None:
+def cron_pause(name: str, note: str | None, as_json: bool) -> None:
     """Pause task NAME: no next run until resumed; a run in flight finishes."""
     from nanobot.cron.control import pause_task
 
-    _simple_change(name, as_json, "paused", pause_task)
+    _simple_change(name, as_json, "paused", lambda engine, n: pause_task(engine, n, note))
 
 
 @cron.command("resume")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
 def cron_resume(name: str, as_json: bool) -> None:
-    """Resume task NAME on its original grid."""
+    """Resume task NAME on its original grid (clearing why it was paused)."""
     from nanobot.cron.control import resume_task
 
     _simple_change(name, as_json, "resumed", resume_task)

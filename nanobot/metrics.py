@@ -8,6 +8,7 @@ Two kinds of values:
 * read from the database at each scrape (one read transaction, bounded queries), so that they
   hold whatever process wrote them: ``nanobot_task_next_run_timestamp_seconds{task}``,
   ``nanobot_task_last_success_timestamp_seconds{task}``, ``nanobot_task_paused{task}``,
+  ``nanobot_task_auto_paused{task}``,
   ``nanobot_task_consecutive_failures{task}``, ``nanobot_component_up{component}`` (this node's
   components), ``nanobot_heartbeat_timestamp_seconds`` (this node's newest heartbeat) and
   ``nanobot_leader{node}`` (1 while this process holds the scheduling lease);
@@ -90,6 +91,11 @@ class _DatabaseCollector:
         paused = GaugeMetricFamily(
             "nanobot_task_paused", "1 if the task is paused", labels=["task"]
         )
+        auto_paused = GaugeMetricFamily(
+            "nanobot_task_auto_paused",
+            "1 if nanobot paused the task for its consecutive failures (until resumed)",
+            labels=["task"],
+        )
         failures = GaugeMetricFamily(
             "nanobot_task_consecutive_failures",
             "failed runs of the task since its last success",
@@ -105,10 +111,17 @@ class _DatabaseCollector:
         )
         with read_transaction(self.engine) as conn:
             tasks = conn.execute(
-                select(Task.name, Task.paused, Task.next_run_at, Task.consecutive_failures)
+                select(
+                    Task.name,
+                    Task.paused,
+                    Task.next_run_at,
+                    Task.consecutive_failures,
+                    Task.auto_paused_at,
+                )
             ).all()
             for t in tasks:
                 paused.add_metric([t.name], 1.0 if t.paused else 0.0)
+                auto_paused.add_metric([t.name], 0.0 if t.auto_paused_at is None else 1.0)
                 failures.add_metric([t.name], float(t.consecutive_failures))
                 if (ts := _ts(t.next_run_at)) is not None:
                     next_run.add_metric([t.name], ts)
@@ -136,7 +149,7 @@ class _DatabaseCollector:
             ).scalar()
             if (ts := _ts(at)) is not None:
                 heartbeat.add_metric([], ts)
-        return [next_run, last_success, paused, failures, component_up, heartbeat]
+        return [next_run, last_success, paused, auto_paused, failures, component_up, heartbeat]
 
 
 def _process_families() -> Iterator[GaugeMetricFamily]:

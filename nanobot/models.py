@@ -167,6 +167,10 @@ class Task(Base):
     # Why a task is paused when nanobot paused it (e.g. "removed from tasks.toml"); None when an
     # operator did.
     pause_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Pause the task after this many consecutive failed slots (None: cron.pause_after_failures;
+    # 0: never), and when nanobot last did so (None once resumed or paused by an operator).
+    pause_after_failures: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    auto_paused_at: Mapped[datetime | None] = mapped_column(nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -153,6 +153,7 @@ def _task_json(row: Any) -> dict[str, Any]:
         "broken": row.broken_reason is not None,
         "source": row.source,
         "pause_reason": row.pause_reason,
+        "auto_paused_at": _iso(row.auto_paused_at),
     }
 
 
@@ -194,6 +195,7 @@ def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
         Task.broken_reason,
         Task.source,
         Task.pause_reason,
+        Task.auto_paused_at,
     )
     tasks = [_task_json(row) for row in conn.execute(select(*columns).order_by(Task.name)).all()]
     from nanobot.cron.taskcode import code_records
@@ -241,6 +243,9 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
     for t in state["tasks"]:
         if t["error"] is not None:
             problems.append(f"task {t['name']} is broken: {t['error']}")
+        elif t["auto_paused_at"] is not None:
+            # Paused for its failures: nothing runs it until an operator resumes it.
+            problems.append(f"task {t['name']} was {t['pause_reason']}")
         elif t["last_outcome"] in FAILED_OUTCOMES:
             problems.append(f"task {t['name']} last ended {t['last_outcome']}")
     for record in state["code"]:
@@ -275,7 +280,7 @@ def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, An
                           "current"}],
           "tasks": [{"name", "task", "interval", "timeout", "paused", "next_run_at",
                      "last_run_at", "last_outcome", "consecutive_failures", "error", "broken",
-                     "source", "pause_reason"}],
+                     "source", "pause_reason", "auto_paused_at"}],
           "code": [{"node", "kind" (module | task_file), "name", "file", "loaded_at", "error",
                     "newer_on_disk"}]
         }

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -50,7 +51,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
-from nanobot.cron import control, history
+from nanobot.cron import autopause, control, history
 from nanobot.cron._aps import (
     EPHEMERAL,
     PERSISTENT,
@@ -208,6 +209,7 @@ class CronManager:
         self._lead = SCHEDULE_LEAD
         self._cost_per_job = INITIAL_COST_PER_JOB
         self._default_timeout: float | None = None
+        self._pause_default = 0
         self._schema_ready = False
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
@@ -584,6 +586,7 @@ class CronManager:
             # 0 in the configuration means no limit.
             self._default_timeout = float(config.get("cron.default_timeout", 0.0)) or None
             self._overrun_intervals = float(config.get("cron.overrun_intervals", 3.0))
+            self._pause_default = int(config.get("cron.pause_after_failures", 0))
             engine = await asyncio.to_thread(lambda: self.engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
@@ -1537,6 +1540,7 @@ class CronManager:
                 else:
                     fenced = await asyncio.to_thread(history.write_finishes, self.engine, batch)
                 self._log_fenced(fenced)
+                await self._auto_pause(batch)
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
                 self._pending = batch + self._pending
@@ -1546,6 +1550,49 @@ class CronManager:
                 log.exception("cron.history_write_failed", pending=len(batch))
                 self._pending = batch + self._pending
                 await asyncio.sleep(FLUSH_RETRY_S)
+
+    async def _auto_pause(self, batch: list[Finish]) -> None:
+        """Pause the tasks of ``batch`` whose failed slots in a row reached their threshold
+        (:mod:`nanobot.cron.autopause`), and apply the pause to the scheduler at once."""
+        names = {f.task for f in batch if f.run_id is not None and f.outcome in autopause.FAILED}
+        if not names:
+            return
+        scheduler = self._scheduler
+        in_worker = scheduler is not None and not scheduler.worker._shutdown
+        try:
+            call = functools.partial(
+                autopause.pause_failing,
+                self.engine,
+                names,
+                default=self._pause_default,
+                now=self._clock(),
+            )
+            if scheduler is not None and in_worker:
+                paused = await scheduler.run_in_worker(call)
+            else:
+                paused = await asyncio.to_thread(call)
+        except Exception as exc:
+            # The next failure tries again: the count stays in the database.
+            log.error("cron.auto_pause_failed", tasks=sorted(names), error=_text(exc))
+            return
+        for item in paused:
+            log.warning(
+                "task.auto_paused",
+                task=item.task,
+                failures=item.failures,
+                threshold=item.threshold,
+                reason=item.reason,
+            )
+            payload = {
+                "task": item.task,
+                "reason": item.reason,
+                "failures": item.failures,
+                "threshold": item.threshold,
+                "paused_at": item.paused_at.isoformat(),
+            }
+            self._spawn(self.bus.publish("task.auto_paused", payload))
+        if paused and scheduler is not None and in_worker:
+            await scheduler.run_in_worker(self._reconcile_now, scheduler)
 
     def _log_fenced(self, fenced: list[Fenced]) -> None:
         for item in fenced:
