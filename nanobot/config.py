@@ -246,6 +246,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "pause a task after this many consecutive failed slots unless it sets its own; 0: never",
     ),
     Setting(
+        "cron.overdue_grace_share",
+        0.1,
+        _non_negative_number,
+        "a task is overdue when its slot is this share of its interval late and not claimed",
+    ),
+    Setting(
+        "cron.overdue_grace_min",
+        5.0,
+        _non_negative_number,
+        "... and at least this many seconds late (also the slack past a run's expected end)",
+    ),
+    Setting(
         "scheduler.timezone",
         "UTC",
         _time_zone,

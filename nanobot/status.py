@@ -202,7 +202,13 @@ def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
 
     # The task code of the nodes that run now; a stopped node's record is history.
     code = code_records(conn, running_nodes)
+    from nanobot.config import get_config
+    from nanobot.cron.overdue import overdue_from_config
+
     return {
+        # The tasks table only: status never reads run history (a run past its bound shows
+        # through its overrunning component).
+        "overdue": overdue_from_config(conn, get_config(), now, include_runs=False),
         "code": code,
         "nodes": nodes,
         "running_nodes": running_nodes,
@@ -231,8 +237,11 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
     for c in current:
         if c["status"] == ComponentStatus.ERROR:
             problems.append(f"component {c['name']} on {c['node']} is in error: {c['last_error']}")
+    # What should have happened by now and has not (nanobot.cron.overdue): degraded on its
+    # own, and listed with the errors that are its likely cause.
+    overdue = [item.describe() for item in state.get("overdue", [])]
     if problems:
-        return SystemStatus.ERROR, problems
+        return SystemStatus.ERROR, problems + overdue
     if any(c["status"] == ComponentStatus.UNKNOWN for c in current):
         problems.extend(
             f"component {c['name']} on {c['node']} is unknown"
@@ -252,6 +261,7 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         problem = record.problem()
         if problem:
             problems.append(problem)
+    problems.extend(overdue)
     if problems:
         return SystemStatus.DEGRADED, problems
     return SystemStatus.HEALTHY, []
@@ -282,7 +292,9 @@ def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, An
                      "last_run_at", "last_outcome", "consecutive_failures", "error", "broken",
                      "source", "pause_reason", "auto_paused_at"}],
           "code": [{"node", "kind" (module | task_file), "name", "file", "loaded_at", "error",
-                    "newer_on_disk"}]
+                    "newer_on_disk"}],
+          "overdue": [{"task", "kind" (not_claimed | run_too_long), "expected_at", "late_s",
+                       "grace_s"}]
         }
     """
     now = now or utcnow()
@@ -332,6 +344,7 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
         "components": state["components"],
         "tasks": state["tasks"],
         "code": [record.to_json() for record in state["code"]],
+        "overdue": [item.to_json() for item in state.get("overdue", [])],
     }
 
 
