@@ -270,11 +270,17 @@ def cli(ctx: click.Context) -> None:
 def run() -> None:
     """Run the service until SIGINT or SIGTERM."""
     cfg = _config()
+    from nanobot.alerts import parse_destinations
     from nanobot.logging import setup_logging
     from nanobot.preflight import StartupError, check_paths
     from nanobot.service import run_service
 
     try:
+        # A destination that cannot work is refused now, not at the first alert at 3 a.m.
+        try:
+            parse_destinations(cfg)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_USAGE)
         # Before logging: the log folder may be the path that cannot be used.
         check_paths(cfg)
         setup_logging(cfg)
@@ -958,6 +964,132 @@ def cron_history(name: str, limit: int, show_output: bool, as_json: bool) -> Non
     )
 
 
+# --- alerts ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def alerts() -> None:
+    """Alerts: what was raised and delivered, and a test message (see docs/alerts.md)."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@alerts.command("list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="Print the alerts as JSON.")
+def alerts_list(limit: int, as_json: bool) -> None:
+    """The newest alerts, with each destination's delivery state and attempts."""
+    from nanobot.alerts.store import recent
+
+    views = _with_engine(lambda engine: recent(engine, limit=limit))
+    if as_json:
+        _echo_json(
+            [
+                {
+                    "id": v.id,
+                    "key": v.alert.key,
+                    "kind": v.alert.kind.value,
+                    "subject": v.alert.subject,
+                    "severity": v.alert.severity.value,
+                    "title": v.alert.title,
+                    "body": v.alert.body,
+                    "link": v.alert.link,
+                    "count": v.alert.count,
+                    "members": list(v.alert.members),
+                    "created_at": v.alert.created_at.isoformat(),
+                    "deliveries": [
+                        {
+                            "destination": d.destination,
+                            "state": d.state.value,
+                            "attempts": d.attempts,
+                            "last_attempt_at": _iso(d.last_attempt_at),
+                            "next_attempt_at": _iso(d.next_attempt_at),
+                            "sent_at": _iso(d.sent_at),
+                            "last_error": d.last_error,
+                        }
+                        for d in v.deliveries
+                    ],
+                }
+                for v in views
+            ]
+        )
+        return
+    if not views:
+        click.echo("no alert yet")
+        return
+    now = utcnow()
+    rows: list[list[str]] = []
+    for v in views:
+        deliveries = (
+            "; ".join(
+                f"{d.destination} {d.state.value} x{d.attempts}"
+                + (f" ({_short(d.last_error, 40)})" if d.last_error and d.state != "sent" else "")
+                for d in v.deliveries
+            )
+            or "no destination"
+        )
+        rows.append(
+            [
+                _when(v.alert.created_at.isoformat(), now),
+                v.alert.severity.value,
+                v.alert.kind.value,
+                _short(v.alert.subject, 40),
+                deliveries,
+            ]
+        )
+    click.echo(_table(["created", "severity", "kind", "subject", "deliveries"], rows))
+
+
+@alerts.command("test")
+@click.argument("destination", required=False)
+def alerts_test(destination: str | None) -> None:
+    """Send a test message to DESTINATION (a name) or to every destination, now.
+
+    Exit code 0 if every one accepted it, 1 if one did not.
+    """
+    import uuid
+
+    from nanobot.alerts import Alert, AlertKind, Severity, alert_key, parse_destinations
+    from nanobot.alerts.destinations import send
+
+    cfg = _prepare()
+    try:
+        destinations = parse_destinations(cfg)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if not destinations:
+        _fail("no destination is configured (alerts.destinations)", EXIT_USAGE)
+    if destination is not None:
+        chosen = [d for d in destinations if d.name == destination]
+        if not chosen:
+            names = ", ".join(d.name for d in destinations)
+            _fail(f"unknown destination {destination!r} (configured: {names})", EXIT_USAGE)
+        destinations = tuple(chosen)
+    from nanobot.node import node_name
+
+    alert = Alert(
+        key=alert_key("test", uuid.uuid4().hex),
+        kind=AlertKind.TEST,
+        subject="test",
+        severity=Severity.INFO,
+        title="nanobot: test message",
+        body=f"A test message from nanobot on {node_name(cfg)}: alerts reach this destination.",
+        created_at=utcnow(),
+    )
+    failed = 0
+    for d in destinations:
+        result = send(d, alert, timeout=float(cfg["alerts.send_timeout"]))
+        if result.ok:
+            click.echo(f"{d.name}: sent ({d.shown})")
+        else:
+            failed += 1
+            click.echo(f"{d.name}: FAILED ({d.shown}): {result.error}")
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
 # --- tasks -------------------------------------------------------------------------------------
 
 
@@ -1011,6 +1143,43 @@ def tasks_sync(as_json: bool) -> None:
     clash = result.clash_error(path)
     if clash:
         _fail(clash, EXIT_USAGE)
+
+
+# --- http --------------------------------------------------------------------------------------
+
+
+@cli.group("http")
+def http_group() -> None:
+    """The HTTP endpoint: tokens of the dashboard and the REST API."""
+
+
+@http_group.command("token")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="The token may read, not change anything.")
+@click.option(
+    "--stdin", "from_stdin", is_flag=True, help="Hash a token read from standard input instead."
+)
+def http_token(name: str, read_only: bool, from_stdin: bool) -> None:
+    """Make a new token NAME: print it once, and the entry that goes in http.tokens.
+
+    Only the hash is stored in the configuration; keep the token itself somewhere safe.
+    """
+    from nanobot.web.tokens import hash_token, new_token, parse_token_entries
+
+    token = sys.stdin.readline().strip() if from_stdin else new_token()
+    if not token:
+        _fail("no token on standard input", EXIT_USAGE)
+    entry = {"name": name, "hash": hash_token(token), "read_only": read_only}
+    try:
+        parse_token_entries([entry])
+    except ValueError as exc:
+        _fail(f"token name: {exc}", EXIT_USAGE)
+    if not from_stdin:
+        click.echo(f"token (shown once): {token}")
+    click.echo(f"http.tokens entry: {json.dumps(entry)}")
+    click.echo(
+        "token file line: " + f"{name} {entry['hash']}" + (" read-only" if read_only else "")
+    )
 
 
 # --- db ----------------------------------------------------------------------------------------

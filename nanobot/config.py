@@ -122,6 +122,27 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _token_list(value: Any) -> tuple[Any, ...]:
+    # Checked in full by nanobot.web.tokens (names, hashes); here only the shape, so that the
+    # configuration module does not import the web package.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                'a JSON list of {"name", "hash", "read_only"} objects '
+                "(make one with 'nanobot http token NAME')"
+            ) from None
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            'a list of {"name", "hash", "read_only"} objects '
+            "(make one with 'nanobot http token NAME')"
+        )
+    from nanobot.web.tokens import parse_token_entries
+
+    return tuple(parse_token_entries(value))
+
+
 def _string_list(value: Any) -> tuple[str, ...]:
     """A list of non-empty strings; from an environment variable, comma-separated text."""
     if isinstance(value, str):
@@ -149,12 +170,33 @@ def _database_url(value: Any) -> str:
     return url
 
 
+def _json_list(value: Any) -> tuple[Any, ...]:
+    # From an environment variable the list comes as JSON text.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("a JSON list") from None
+    if not isinstance(value, list | tuple):
+        raise ValueError("a JSON list")
+    return tuple(value)
+
+
+def _optional_url(value: Any) -> str | None:
+    url = _optional_string(value)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ValueError("an http:// or https:// URL")
+    return url.rstrip("/") if url is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     key: str
     default: Any
     check: Callable[[Any], Any]
     doc: str
+    # A value that may hold a secret (a token pasted where its hash belongs) is never echoed.
+    secret: bool = False
 
 
 # The reference table of every setting. README.md documents the same keys; a test keeps them equal.
@@ -289,6 +331,64 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "seconds between the leader's checks of its PostgreSQL lock connection (at most ttl/3)",
     ),
     Setting(
+        "alerts.destinations",
+        None,
+        _json_list,
+        "where alerts go: a list of Apprise URLs or objects with url, name and a filter",
+    ),
+    Setting(
+        "alerts.after",
+        1,
+        _positive_int,
+        "consecutive failed runs after which a task is reported failing",
+    ),
+    Setting(
+        "alerts.cooldown",
+        300.0,
+        _positive_number,
+        "seconds between two alerts about one subject; changes meanwhile are counted",
+    ),
+    Setting(
+        "alerts.group_window",
+        10.0,
+        _non_negative_number,
+        "seconds task alerts are held so that tasks failing together give one alert",
+    ),
+    Setting(
+        "alerts.check_interval",
+        5.0,
+        _positive_number,
+        "seconds between two evaluations of the alert rules and the outbox",
+    ),
+    Setting(
+        "alerts.retry_base", 5.0, _positive_number, "seconds before the first retry of a delivery"
+    ),
+    Setting(
+        "alerts.retry_max",
+        600.0,
+        _positive_number,
+        "longest wait between two attempts of a delivery (the backoff doubles up to it)",
+    ),
+    Setting(
+        "alerts.give_up_after",
+        86400.0,
+        _positive_number,
+        "seconds after which an undelivered alert is given up for a destination",
+    ),
+    Setting(
+        "alerts.send_timeout",
+        30.0,
+        _positive_number,
+        "seconds one attempt to send an alert may take",
+    ),
+    Setting("alerts.retention_days", 30.0, _positive_number, "days alerts are kept"),
+    Setting(
+        "alerts.dashboard_url",
+        None,
+        _optional_url,
+        "base URL of the dashboard; alerts link to its page of their subject",
+    ),
+    Setting(
         "tasks.modules",
         None,
         _string_list,
@@ -309,6 +409,25 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("http.enabled", True, _boolean, "serve /healthz, /readyz, /status and /metrics"),
     Setting("http.host", "127.0.0.1", _string, "address the HTTP endpoint binds"),
     Setting("http.port", 8765, _port, "port of the HTTP endpoint"),
+    Setting(
+        "http.dashboard",
+        True,
+        _boolean,
+        "serve the dashboard (/) and the REST API (/api/v1) on the HTTP endpoint",
+    ),
+    Setting(
+        "http.tokens",
+        None,
+        _token_list,
+        "named API tokens, stored hashed: a list of {name, hash, read_only}",
+        secret=True,
+    ),
+    Setting(
+        "http.token_file",
+        None,
+        _optional_string,
+        "file of more tokens, one 'NAME HASH [read-only]' per line",
+    ),
 )
 
 _BY_KEY: Final = {s.key: s for s in SETTINGS}
@@ -418,7 +537,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[key] = setting.check(value)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected {exc}") from None
+            shown = "(not shown)" if setting.secret else repr(value)
+            raise ConfigError(f"{source}: {key} = {shown} is invalid: expected {exc}") from None
     if values["database.url"] is None:
         values["database.url"] = f"sqlite:///{home / 'nanobot.db'}"
     return Config(values, home, sources)

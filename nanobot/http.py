@@ -11,7 +11,9 @@ path      answers                                                               
 /metrics  Prometheus text exposition                                                   200
 ========  ===========================================================================  =========
 
-Other paths answer 404, other methods 405 (HEAD is allowed wherever GET is). A handler that fails
+With ``http.dashboard`` (the default), the same endpoint serves the dashboard and the REST API
+(:mod:`nanobot.web`). Other paths answer 404, other methods 405 (HEAD is allowed wherever GET
+is). A handler that fails
 answers 500 with a short JSON error and logs one line; nothing a client sends reaches a traceback
 or stops the service. Database reads run in a thread, never on the event loop.
 """
@@ -73,8 +75,17 @@ async def _read(func: Callable[[], Any]) -> Any:
     return await asyncio.wait_for(asyncio.to_thread(func), READ_TIMEOUT_S)
 
 
-def make_app(probe: Probe) -> web.Application:
-    """The aiohttp application of the endpoint, answering from ``probe``."""
+# Request bodies past this many bytes are refused with 413 (aiohttp's client_max_size).
+MAX_BODY_BYTES: Final = 64 * 1024
+
+
+def make_app(
+    probe: Probe, configure: Callable[[web.Application], None] | None = None
+) -> web.Application:
+    """The aiohttp application of the endpoint, answering from ``probe``.
+
+    ``configure`` adds more to it before it starts (the dashboard and its API).
+    """
 
     async def healthz(_request: web.Request) -> web.Response:
         body = probe.liveness()
@@ -109,21 +120,29 @@ def make_app(probe: Probe) -> web.Application:
         response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
         return response
 
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    if configure is not None:
+        configure(app)
     return app
 
 
 class HttpServer:
     """The endpoint bound to a host and port; ``start`` raises OSError if it cannot bind."""
 
-    def __init__(self, probe: Probe, host: str, port: int) -> None:
+    def __init__(
+        self,
+        probe: Probe,
+        host: str,
+        port: int,
+        configure: Callable[[web.Application], None] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
-        self._runner = web.AppRunner(make_app(probe), handle_signals=False)
+        self._runner = web.AppRunner(make_app(probe, configure), handle_signals=False)
         self._started = False
 
     async def start(self) -> None:

@@ -45,6 +45,8 @@ NAMING_CONVENTION: Final = {
 # megabyte of message must not grow the database by a megabyte per run.
 ERROR_TEXT_MAX: Final = 4000
 NAME_MAX: Final = 200
+ALERT_KEY_MAX: Final = 400
+ALERT_TITLE_MAX: Final = 300
 
 # SQLite only gives an auto-incrementing rowid to INTEGER PRIMARY KEY; BIGINT elsewhere.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -304,6 +306,69 @@ class SchedulerLease(Base):
     acquired_at: Mapped[datetime | None] = mapped_column(nullable=True)
     renewed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class AlertRecord(Base):
+    """One alert of the outbox (:mod:`nanobot.alerts.store`): written in the transaction that
+    decided it, delivered later to each destination (``alert_deliveries``)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # The idempotency key: the same transition always gets the same key, so it is written once
+    # and a receiver that stores keys sees it once, whatever is retried.
+    key: Mapped[str] = mapped_column(String(ALERT_KEY_MAX), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(ALERT_KEY_MAX))
+    severity: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(ALERT_TITLE_MAX))
+    body: Mapped[str] = mapped_column(Text)
+    link: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # How many transitions the alert stands for (flips of a flapping subject, members of a group).
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    members: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class AlertDelivery(Base):
+    """The delivery of one alert to one destination: its state, attempts and last error."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (
+        UniqueConstraint("alert_id", "destination"),
+        Index("ix_alert_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(BigId)
+    destination: Mapped[str] = mapped_column(String(NAME_MAX))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class AlertSubject(Base):
+    """What the alert rules last told about one subject (a task, a component, the lead).
+
+    ``alerted`` is the state that people were last told, ``observed`` the latest one seen;
+    ``flips`` counts changes held back by the cooldown since ``last_alert_at``; ``seq`` numbers
+    the subject's alerts (part of their idempotency keys).
+    """
+
+    __tablename__ = "alert_subjects"
+
+    key: Mapped[str] = mapped_column(String(ALERT_KEY_MAX), primary_key=True)
+    alerted: Mapped[str] = mapped_column(String(NAME_MAX))
+    observed: Mapped[str] = mapped_column(String(NAME_MAX))
+    flips: Mapped[int] = mapped_column(Integer, default=0)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    last_alert_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # The time of the newest event consumed for this subject (a status change's ``at``).
+    cursor_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 # APScheduler 3's job table, with the layout its SQLAlchemyJobStore creates (id up to 191

@@ -55,7 +55,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import structlog
@@ -64,7 +64,7 @@ from nanobot.bus import get_bus
 from nanobot.config import Config
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
 from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
-from nanobot.exceptions import NotLeaderError
+from nanobot.exceptions import ConfigError, NotLeaderError
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.metrics import Metrics
@@ -120,6 +120,7 @@ class Service:
         self._sources: Any = None
         self._overdue: Any = None
         self._monitor: Any = None
+        self._alerter: Any = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lock_task: asyncio.Task[None] | None = None
@@ -206,6 +207,26 @@ class Service:
     def metrics_text(self) -> bytes:
         return self.metrics.render()
 
+    def _dashboard_setup(self) -> Callable[[Any], None] | None:
+        """What adds the dashboard and the API to the endpoint (None with http.dashboard off).
+
+        The tokens are read here, before the endpoint binds: a bad token file stops the start.
+        """
+        if not self.config["http.dashboard"]:
+            return None
+        from nanobot.web.app import setup_dashboard
+        from nanobot.web.tokens import TokenStore
+
+        tokens = TokenStore.from_config(
+            self.config.get("http.tokens", ()), self.config.get("http.token_file")
+        )
+        host = self.config["http.host"]
+
+        def configure(app: Any) -> None:
+            setup_dashboard(app, self.engine, host=host, tokens=tokens)
+
+        return configure
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -262,8 +283,16 @@ class Service:
             self._sources = TaskSources(self.engine, self.node, self.config)
             await self._sources.start()
             if self.config["http.enabled"]:
+                try:
+                    configure = self._dashboard_setup()
+                except ConfigError as exc:
+                    log.error("service.config_invalid", error=str(exc))
+                    return EXIT_FAILED
                 self.http = HttpServer(
-                    _ProbeAdapter(self), self.config["http.host"], self.config["http.port"]
+                    _ProbeAdapter(self),
+                    self.config["http.host"],
+                    self.config["http.port"],
+                    configure=configure,
                 )
                 try:
                     await self.http.start()
@@ -296,6 +325,9 @@ class Service:
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
             if self.lock is not None:
                 self._lock_task = asyncio.create_task(self._lock_loop(), name="nanobot-lock")
+            # After the first lease step (a node starting up is not "a standby without a
+            # leader") and once the lease loop runs (the start must not eat the lease's margin).
+            await self._start_alerts()
             settle_after_start()
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
@@ -586,6 +618,20 @@ class Service:
         if self.lock is not None:
             await asyncio.to_thread(self.lock.release, self.period)
 
+    # --- alerts --------------------------------------------------------------------------------
+
+    async def _start_alerts(self) -> None:
+        """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
+        from nanobot.alerts.alerter import Alerter
+
+        self._alerter = await Alerter.create(
+            self.config,
+            self.engine,
+            holder=self.holder,
+            is_leader=self.is_leader,
+            registry=self.metrics.registry,
+        )
+
     # --- the scheduler --------------------------------------------------------------------------
 
     async def _start_scheduling(self) -> None:
@@ -648,6 +694,9 @@ class Service:
             except Exception as exc:
                 log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
                 code = EXIT_FAILED
+        if self._alerter is not None:
+            # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
+            await self._alerter.stop(released=was_leader)
         if self.lease.epoch is not None or (self.lock is not None and self.lock.held):
             await self._release()
         if self.lock is not None:

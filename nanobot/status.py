@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import enum
 import importlib.metadata
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, or_, select
 
 from nanobot.db import read_transaction
 from nanobot.lease import read_lease
@@ -157,7 +158,14 @@ def _task_json(row: Any) -> dict[str, Any]:
     }
 
 
-def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
+# The heartbeat component of each task is named so.
+TASK_COMPONENT_PREFIX: Final = "task:"
+
+
+def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False) -> dict[str, Any]:
+    """Everything the verdict weighs. ``problems_only`` leaves out the rows that cannot add a
+    problem (healthy task components, tasks neither broken nor failed), which gives the same
+    verdict and problems without reading every row of a system of many tasks."""
     heartbeats = _latest_heartbeats(conn)
     lease = read_lease(conn)
     leader_held = lease is not None and lease.is_held(now)
@@ -167,9 +175,15 @@ def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
     newest = max(heartbeats.values(), key=lambda r: r.at, default=None)
 
     components = []
-    for row in conn.execute(
-        select(Component.__table__).order_by(Component.node, Component.name)
-    ).all():
+    component_query = select(Component.__table__).order_by(Component.node, Component.name)
+    if problems_only:
+        component_query = component_query.where(
+            or_(
+                ~Component.name.startswith(TASK_COMPONENT_PREFIX, autoescape=True),
+                Component.status != ComponentStatus.HEALTHY.value,
+            )
+        )
+    for row in conn.execute(component_query).all():
         components.append(
             {
                 "name": row.name,
@@ -197,7 +211,12 @@ def _read_state(conn: Connection, now: datetime) -> dict[str, Any]:
         Task.pause_reason,
         Task.auto_paused_at,
     )
-    tasks = [_task_json(row) for row in conn.execute(select(*columns).order_by(Task.name)).all()]
+    task_query = select(*columns).order_by(Task.name)
+    if problems_only:
+        task_query = task_query.where(
+            or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
+        )
+    tasks = [_task_json(row) for row in conn.execute(task_query).all()]
     from nanobot.cron.taskcode import code_records
 
     # The task code of the nodes that run now; a stopped node's record is history.
@@ -267,8 +286,14 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
     return SystemStatus.HEALTHY, []
 
 
-def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, Any]:
+def build_status(
+    engine: Engine, *, now: datetime | None = None, problems_only: bool = False
+) -> dict[str, Any]:
     """The state of the whole system, as ``nanobot status --json`` prints it.
+
+    With ``problems_only`` (the dashboard, on systems of thousands of tasks), the same status
+    and problems, but ``components`` lists only the service's own components and the task
+    components that are not healthy, and ``tasks`` only the broken and failed tasks.
 
     Shape (every timestamp ISO-8601 with a UTC offset, every age in seconds)::
 
@@ -299,7 +324,7 @@ def build_status(engine: Engine, *, now: datetime | None = None) -> dict[str, An
     """
     now = now or utcnow()
     with read_transaction(engine) as conn:
-        state = _read_state(conn, now)
+        state = _read_state(conn, now, problems_only=problems_only)
     return _assemble(state, now)
 
 
@@ -353,13 +378,26 @@ def service_running(engine: Engine, *, now: datetime | None = None) -> bool:
     return bool(build_status(engine, now=now)["service"]["running"])
 
 
-def build_heartbeat_status(engine: Engine, *, now: datetime | None = None) -> dict[str, Any]:
+def build_heartbeat_status(
+    engine: Engine,
+    *,
+    now: datetime | None = None,
+    only: Callable[[dict[str, Any]], bool] | None = None,
+    problems_only: bool = False,
+) -> dict[str, Any]:
     """``nanobot heartbeat status --json``: :func:`build_status` without tasks, and for each
-    component its last :data:`DETAIL_ROWS` errors and status changes, newest first."""
+    component its last :data:`DETAIL_ROWS` errors and status changes, newest first.
+
+    ``only`` keeps the components it returns true for (the dashboard leaves out thousands of
+    healthy ``task:`` components, whose details would cost two statements each);
+    ``problems_only`` does not even read them (as for :func:`build_status`).
+    """
     now = now or utcnow()
     with read_transaction(engine) as conn:
-        state = _read_state(conn, now)
-        for component in state["components"]:
+        state = _read_state(conn, now, problems_only=problems_only)
+        # The verdict still weighs every component; only the answer is narrowed.
+        selected = [c for c in state["components"] if only is None or only(c)]
+        for component in selected:
             key = (component["name"], component["node"])
             errors = conn.execute(
                 select(ComponentErrorRecord.at, ComponentErrorRecord.error)
@@ -390,4 +428,5 @@ def build_heartbeat_status(engine: Engine, *, now: datetime | None = None) -> di
             ]
     result = _assemble(state, now)
     del result["tasks"]
+    result["components"] = selected
     return result

@@ -15,7 +15,7 @@ log = structlog.get_logger(__name__)
 
 
 class CleanupTask(CronTask):
-    """Removes expired sessions, and history older than the retention settings."""
+    """Removes expired sessions, and history and alerts older than the retention settings."""
 
     def __init__(self, interval: float = 3600) -> None:
         super().__init__(interval)
@@ -41,6 +41,11 @@ class CleanupTask(CronTask):
                 max_rows=int(config.get("cron.history_max_rows", 1000)),
             ),
         }
+        from nanobot.alerts.store import prune as prune_alerts
+
+        removed["alerts"] = prune_alerts(
+            get_engine(), now=now, retention_days=float(config.get("alerts.retention_days", 30.0))
+        )
         try:
             from nanobot.heartbeat.store import prune as prune_health
         except ImportError:  # pragma: no cover - the monitor ships with nanobot

@@ -359,6 +359,15 @@ def _info(row: Any) -> TaskInfo:
     )
 
 
+def stored_definition_of(engine: Engine, name: str) -> TaskDefinition:
+    """The definition stored for task ``name`` (its options included)."""
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
+    if row is None:
+        raise UnknownTaskError(name)
+    return stored_definition(row)
+
+
 def list_tasks(engine: Engine) -> list[TaskInfo]:
     with read_transaction(engine) as conn:
         rows = conn.execute(select(Task.__table__).order_by(Task.name)).all()
@@ -373,18 +382,22 @@ def get_task(engine: Engine, name: str) -> TaskInfo:
     return _info(row)
 
 
-def task_history(engine: Engine, name: str, limit: int = 20) -> list[RunInfo]:
-    """The last ``limit`` rows of a task's run history, newest first."""
+def task_history(
+    engine: Engine, name: str, limit: int = 20, *, before: datetime | None = None
+) -> list[RunInfo]:
+    """The last ``limit`` rows of a task's run history, newest first.
+
+    With ``before``, only slots scheduled before it: the next page after a page whose oldest
+    row was scheduled at ``before`` (slots of one task are unique, so no row is shown twice).
+    """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
+    query = select(TaskRun.__table__).where(TaskRun.task_name == name)
+    if before is not None:
+        query = query.where(TaskRun.scheduled_at < before)
     with read_transaction(engine) as conn:
         known = conn.execute(select(Task.id).where(Task.name == name)).first()
-        rows = conn.execute(
-            select(TaskRun.__table__)
-            .where(TaskRun.task_name == name)
-            .order_by(TaskRun.scheduled_at.desc())
-            .limit(limit)
-        ).all()
+        rows = conn.execute(query.order_by(TaskRun.scheduled_at.desc()).limit(limit)).all()
     if known is None and not rows:
         raise UnknownTaskError(name)
     return [
@@ -471,16 +484,21 @@ def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False
     return get_task(engine, definition.name)
 
 
-def upsert_definition(engine: Engine, definition: TaskDefinition) -> tuple[str, TaskInfo]:
+def upsert_definition(
+    engine: Engine, definition: TaskDefinition, *, create: bool = True
+) -> tuple[str, TaskInfo]:
     """Store a task registered in code: ``"created"``, ``"unchanged"`` or ``"updated"``.
 
     A new task is stored stopped (paused, no schedule) until it is started, as in the seed,
     where registering a task does not run it. Registering the same definition again changes
-    nothing, so the schedule keeps its phase across restarts.
+    nothing, so the schedule keeps its phase across restarts. With ``create=False`` (an update
+    through the API) an unknown name raises :class:`UnknownTaskError` and nothing is stored.
     """
     now = utcnow()
     with write_transaction(engine) as conn:
         row = conn.execute(select(Task.__table__).where(Task.name == definition.name)).first()
+        if row is None and not create:
+            raise UnknownTaskError(definition.name)
         if row is None:
             conn.execute(
                 insert(Task).values(
