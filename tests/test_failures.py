@@ -342,10 +342,10 @@ def test_task_file_key(tmp_path: Path) -> None:
 
 
 def test_migration_0009_keeps_tasks(db_url: str) -> None:
-    """A database at 0005 with a task: after the upgrade the task is unchanged, with no
+    """A database at 0006 with a task: after the upgrade the task is unchanged, with no
     threshold of its own (the setting's default) and not auto-paused."""
     empty_engine = create_db_engine(db_url)
-    upgrade_database(empty_engine, "0005")
+    upgrade_database(empty_engine, "0006")
     now = datetime(2026, 11, 30, tzinfo=UTC)
     from sqlalchemy import text
 
