@@ -769,6 +769,12 @@ def _schedule_option(
     default=None,
     help="Pause it after N consecutive failed slots (0: never; default cron.pause_after_failures).",
 )
+@click.option(
+    "--ping-url",
+    "ping_url",
+    default=None,
+    help="Ping this healthchecks.io-style URL at each run's start (/start) and end (/fail).",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
@@ -788,6 +794,7 @@ def cron_add(
     jitter: float | None,
     misfire: str | None,
     pause_after_failures: int | None,
+    ping_url: str | None,
     raw_kwargs: str | None,
     paused: bool,
     as_json: bool,
@@ -833,6 +840,7 @@ def cron_add(
             jitter=jitter,
             misfire_policy=misfire,
             pause_after_failures=pause_after_failures,
+            ping_url=ping_url,
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)

@@ -173,6 +173,8 @@ class Task(Base):
     # 0: never), and when nanobot last did so (None once resumed or paused by an operator).
     pause_after_failures: Mapped[int | None] = mapped_column(Integer, nullable=True)
     auto_paused_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # healthchecks.io-style pings of each run (nanobot.cron.pings); None: no pings.
+    ping_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

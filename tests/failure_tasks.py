@@ -15,8 +15,9 @@ class Breaking(CronTask):
         interval: float = 1,
         message: str = "boom",
         pause_after_failures: int | None = None,
+        ping_url: str | None = None,
     ) -> None:
-        super().__init__(interval, pause_after_failures=pause_after_failures)
+        super().__init__(interval, pause_after_failures=pause_after_failures, ping_url=ping_url)
         self.message = message
 
     async def run(self) -> None:

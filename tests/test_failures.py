@@ -343,7 +343,7 @@ def test_task_file_key(tmp_path: Path) -> None:
 
 def test_migration_0009_keeps_tasks(db_url: str) -> None:
     """A database at 0006 with a task: after the upgrade the task is unchanged, with no
-    threshold of its own (the setting's default) and not auto-paused."""
+    threshold of its own (the setting's default), not auto-paused and without pings."""
     empty_engine = create_db_engine(db_url)
     upgrade_database(empty_engine, "0006")
     now = datetime(2026, 11, 30, tzinfo=UTC)
@@ -364,4 +364,5 @@ def test_migration_0009_keeps_tasks(db_url: str) -> None:
     assert (row.consecutive_failures, row.version, row.paused) == (2, 3, False)
     assert row.pause_after_failures is None
     assert row.auto_paused_at is None
+    assert row.ping_url is None
     empty_engine.dispose()

@@ -18,6 +18,7 @@ from typing import Any, Final
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from nanobot.cron.pings import check_ping_url
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,
@@ -99,6 +100,7 @@ class TaskInfo:
     pause_reason: str | None = None
     pause_after_failures: int | None = None
     auto_paused_at: datetime | None = None
+    ping_url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +109,7 @@ class TaskInfo:
             "pause_reason": self.pause_reason,
             "pause_after_failures": self.pause_after_failures,
             "auto_paused_at": _iso(self.auto_paused_at),
+            "ping_url": self.ping_url,
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
@@ -272,6 +275,7 @@ def definition_from_class(
     jitter: float | None = None,
     misfire_policy: MisfirePolicy | str | None = None,
     pause_after_failures: int | None = None,
+    ping_url: str | None = None,
 ) -> TaskDefinition:
     """Validate a task given by class path (the command line's ``cron add``) and define it.
 
@@ -279,6 +283,7 @@ def definition_from_class(
     ``misfire_policy`` and ``pause_after_failures`` override the class's own when given.
     """
     failures = check_failure_count(pause_after_failures)
+    ping = check_ping_url(ping_url)
     check_name(name)
     if schedule is None:
         schedule = IntervalSchedule(seconds=check_interval(interval))
@@ -330,6 +335,7 @@ def definition_from_class(
         misfire_policy=policy,
         schedule=schedule,
         pause_after_failures=task.pause_after_failures if failures is None else failures,
+        ping_url=task.ping_url if ping is None else ping,
     )
 
 
@@ -356,6 +362,7 @@ def _info(row: Any) -> TaskInfo:
         pause_reason=row.pause_reason,
         pause_after_failures=row.pause_after_failures,
         auto_paused_at=row.auto_paused_at,
+        ping_url=row.ping_url,
     )
 
 
@@ -436,6 +443,7 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
         "jitter_s": d.jitter,
         "misfire_policy": d.misfire_policy.value,
         "pause_after_failures": d.pause_after_failures,
+        "ping_url": d.ping_url,
     }
 
 
@@ -450,6 +458,7 @@ def stored_definition(row: Any) -> TaskDefinition:
         misfire_policy=MisfirePolicy(row.misfire_policy),
         schedule=row_schedule(row),
         pause_after_failures=row.pause_after_failures,
+        ping_url=row.ping_url,
     )
 
 

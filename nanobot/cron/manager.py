@@ -60,6 +60,7 @@ from nanobot.cron._aps import (
     NanobotScheduler,
 )
 from nanobot.cron.history import Claim, Fenced, Finish
+from nanobot.cron.pings import Pinger
 from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
@@ -210,6 +211,9 @@ class CronManager:
         self._cost_per_job = INITIAL_COST_PER_JOB
         self._default_timeout: float | None = None
         self._pause_default = 0
+        # healthchecks.io-style pings of runs (event loop), and each stored task's URL.
+        self._pings = Pinger()
+        self._ping_urls: dict[str, str | None] = {}
         self._schema_ready = False
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
@@ -353,6 +357,7 @@ class CronManager:
                 self._ephemeral[name] = definition
                 self._policies[name] = _policy(definition.misfire_policy, definition.interval)
                 self._periods[name] = definition.interval
+                self._ping_urls[name] = definition.ping_url
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -752,6 +757,7 @@ class CronManager:
                     self._flusher.cancel()
                 self._pending = []
             await asyncio.to_thread(scheduler.close)
+            await self._pings.close()
             self._scheduler = None
             for task in self._registered.values():
                 task.set_running(False)
@@ -1034,6 +1040,7 @@ class CronManager:
             definition = control.stored_definition(row)
             self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
             self._periods[row.name] = definition.interval
+            self._ping_urls[row.name] = definition.ping_url
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -1402,6 +1409,8 @@ class CronManager:
                 if task.jitter:
                     await asyncio.sleep(random.uniform(0, task.jitter))
                 started = self._clock()
+                ping_url = self._ping_urls.get(launch.name) or task.ping_url
+                self._pings.started(launch.name, ping_url)
                 if _stdlib_log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "task.started",
@@ -1445,6 +1454,12 @@ class CronManager:
                 log.info("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
                 period = self._periods.get(launch.name, task.get_interval())
                 self._health(launch.name, period, outcome, error)
+                self._pings.finished(
+                    launch.name,
+                    self._ping_urls.get(launch.name) or task.ping_url,
+                    outcome,
+                    error,
+                )
                 self._record(
                     Finish(
                         task=launch.name,

@@ -106,6 +106,7 @@ class CronTask(ABC):
       interval: the task runs once, then it is done.
     - ``pause_after_failures``: pause the task after this many consecutive failed slots (None:
       the ``cron.pause_after_failures`` setting; 0: never). See docs/failures.md.
+    - ``ping_url``: a healthchecks.io-style URL pinged at each run's start and end.
 
     Precedence: a constructor keyword wins over the class attribute of the same name. A task
     has one schedule: ``cron`` and ``at`` together, or either with an ``interval`` passed to the
@@ -121,6 +122,7 @@ class CronTask(ABC):
     tz: str | None = None
     at: datetime | str | None = None
     pause_after_failures: int | None = None
+    ping_url: str | None = None
 
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -141,6 +143,7 @@ class CronTask(ABC):
         tz: str | None = None,
         at: datetime | str | None = None,
         pause_after_failures: int | None = None,
+        ping_url: str | None = None,
     ) -> None:
         self.schedule = _declared_schedule(self, interval, cron, tz, at)
         self.cron = self.schedule.expression if isinstance(self.schedule, CronSchedule) else None
@@ -165,6 +168,9 @@ class CronTask(ABC):
         self.pause_after_failures = check_failure_count(
             given if given is not None else type(self).pause_after_failures
         )
+        from nanobot.cron.pings import check_ping_url
+
+        self.ping_url = check_ping_url(ping_url if ping_url is not None else type(self).ping_url)
         self.running = False
         self.task: asyncio.Task[Any] | None = None
 
@@ -264,6 +270,7 @@ class TaskDefinition:
     schedule: Schedule | None = None
     # None: the cron.pause_after_failures setting; 0: never.
     pause_after_failures: int | None = None
+    ping_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -285,6 +292,7 @@ class TaskDefinition:
             and self.jitter == other.jitter
             and self.misfire_policy == other.misfire_policy
             and self.pause_after_failures == other.pause_after_failures
+            and self.ping_url == other.ping_url
         )
 
 
@@ -346,6 +354,7 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
         not_persistable=reason,
         schedule=_schedule_of(task),
         pause_after_failures=getattr(task, "pause_after_failures", None),
+        ping_url=getattr(task, "ping_url", None),
     )
 
 

@@ -47,6 +47,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from nanobot.config import Config
 from nanobot.cron import control
+from nanobot.cron.pings import check_ping_url
 from nanobot.cron.schedules import (
     AtSchedule,
     IntervalSchedule,
@@ -76,6 +77,7 @@ _COMMON_KEYS: Final = frozenset(
         "misfire",
         "paused",
         "pause_after_failures",
+        "ping_url",
     }
 )
 _CLASS_KEYS: Final = frozenset({"task"})
@@ -214,6 +216,11 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
     except InvalidTaskError as exc:
         raise fail("pause_after_failures", str(exc)) from None
 
+    try:
+        ping_url = check_ping_url(body.get("ping_url"))
+    except InvalidTaskError as exc:
+        raise fail("ping_url", str(exc)) from None
+
     options: dict[str, Any] = {}
     for key in ("timeout", "jitter"):
         if key in body:
@@ -260,6 +267,7 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             jitter=options.get("jitter"),
             misfire_policy=options.get("misfire_policy"),
             pause_after_failures=failures,
+            ping_url=ping_url,
         )
     except InvalidTaskError as exc:
         raise fail("command" if is_command else "kwargs", str(exc)) from None
