@@ -488,6 +488,21 @@ def cron() -> None:
     """
 
 
+def _window(raw: str | None) -> float | None:
+    """--catch-up-window: seconds or a duration such as 10m."""
+    from nanobot.cron.schedules import parse_every
+    from nanobot.exceptions import InvalidTaskError
+
+    if raw is None:
+        return None
+    try:
+        return parse_every(raw).seconds
+    except InvalidTaskError:
+        raise InvalidTaskError(
+            f"--catch-up-window must be seconds or a duration like 90s, 10m, 1h, got {raw!r}"
+        ) from None
+
+
 def _parse_interval(raw: str) -> float | int:
     from nanobot.exceptions import InvalidTaskError
 
@@ -775,6 +790,12 @@ def _schedule_option(
     default=None,
     help="Ping this healthchecks.io-style URL at each run's start (/start) and end (/fail).",
 )
+@click.option(
+    "--catch-up-window",
+    "catch_up_window",
+    default=None,
+    help="A missed slot later than this (10m, 1h, seconds) is recorded missed, not caught up.",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
@@ -795,6 +816,7 @@ def cron_add(
     misfire: str | None,
     pause_after_failures: int | None,
     ping_url: str | None,
+    catch_up_window: str | None,
     raw_kwargs: str | None,
     paused: bool,
     as_json: bool,
@@ -841,6 +863,7 @@ def cron_add(
             misfire_policy=misfire,
             pause_after_failures=pause_after_failures,
             ping_url=ping_url,
+            catch_up_window=_window(catch_up_window),
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)

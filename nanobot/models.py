@@ -175,6 +175,8 @@ class Task(Base):
     auto_paused_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # healthchecks.io-style pings of each run (nanobot.cron.pings); None: no pings.
     ping_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    # Seconds: a slot reached later than this after its time is recorded missed, not caught up.
+    catch_up_window_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

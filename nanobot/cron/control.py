@@ -101,6 +101,7 @@ class TaskInfo:
     pause_after_failures: int | None = None
     auto_paused_at: datetime | None = None
     ping_url: str | None = None
+    catch_up_window: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +111,7 @@ class TaskInfo:
             "pause_after_failures": self.pause_after_failures,
             "auto_paused_at": _iso(self.auto_paused_at),
             "ping_url": self.ping_url,
+            "catch_up_window": self.catch_up_window,
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
@@ -276,6 +278,7 @@ def definition_from_class(
     misfire_policy: MisfirePolicy | str | None = None,
     pause_after_failures: int | None = None,
     ping_url: str | None = None,
+    catch_up_window: float | None = None,
 ) -> TaskDefinition:
     """Validate a task given by class path (the command line's ``cron add``) and define it.
 
@@ -284,6 +287,7 @@ def definition_from_class(
     """
     failures = check_failure_count(pause_after_failures)
     ping = check_ping_url(ping_url)
+    window = _optional_seconds(catch_up_window, "catch_up_window")
     check_name(name)
     if schedule is None:
         schedule = IntervalSchedule(seconds=check_interval(interval))
@@ -336,6 +340,7 @@ def definition_from_class(
         schedule=schedule,
         pause_after_failures=task.pause_after_failures if failures is None else failures,
         ping_url=task.ping_url if ping is None else ping,
+        catch_up_window=task.catch_up_window if window is None else window,
     )
 
 
@@ -363,6 +368,7 @@ def _info(row: Any) -> TaskInfo:
         pause_after_failures=row.pause_after_failures,
         auto_paused_at=row.auto_paused_at,
         ping_url=row.ping_url,
+        catch_up_window=row.catch_up_window_s,
     )
 
 
@@ -444,6 +450,7 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
         "misfire_policy": d.misfire_policy.value,
         "pause_after_failures": d.pause_after_failures,
         "ping_url": d.ping_url,
+        "catch_up_window_s": d.catch_up_window,
     }
 
 
@@ -459,6 +466,7 @@ def stored_definition(row: Any) -> TaskDefinition:
         schedule=row_schedule(row),
         pause_after_failures=row.pause_after_failures,
         ping_url=row.ping_url,
+        catch_up_window=row.catch_up_window_s,
     )
 
 

@@ -155,8 +155,10 @@ def task_component(name: str) -> str:
     return f"{TASK_PREFIX}{name}"
 
 
-def _policy(policy: MisfirePolicy, interval: float) -> tuple[MisfirePolicy, float]:
-    return policy, min(interval * SKIP_GRACE_SHARE, SKIP_GRACE_MAX)
+def _policy(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
+    """What the scheduler's due() needs of a task: its misfire policy and its catch-up window
+    (0: none; the SKIP grace comes from the schedule)."""
+    return policy, window or 0.0
 
 
 class CronManager:
@@ -355,7 +357,9 @@ class CronManager:
         if definition.not_persistable is not None:
             with self._lock:
                 self._ephemeral[name] = definition
-                self._policies[name] = _policy(definition.misfire_policy, definition.interval)
+                self._policies[name] = _policy(
+                    definition.misfire_policy, definition.catch_up_window
+                )
                 self._periods[name] = definition.interval
                 self._ping_urls[name] = definition.ping_url
             log.warning(
@@ -1038,7 +1042,9 @@ class CronManager:
         to_add: list[JobSpec] = []
         for row in rows:
             definition = control.stored_definition(row)
-            self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
+            self._policies[row.name] = _policy(
+                definition.misfire_policy, definition.catch_up_window
+            )
             self._periods[row.name] = definition.interval
             self._ping_urls[row.name] = definition.ping_url
             if self._applied.get(row.name) != row.version:

@@ -107,6 +107,8 @@ class CronTask(ABC):
     - ``pause_after_failures``: pause the task after this many consecutive failed slots (None:
       the ``cron.pause_after_failures`` setting; 0: never). See docs/failures.md.
     - ``ping_url``: a healthchecks.io-style URL pinged at each run's start and end.
+    - ``catch_up_window``: seconds; a missed slot reached later than this is recorded missed
+      instead of caught up (None: the latest missed slot is caught up however late).
 
     Precedence: a constructor keyword wins over the class attribute of the same name. A task
     has one schedule: ``cron`` and ``at`` together, or either with an ``interval`` passed to the
@@ -123,6 +125,7 @@ class CronTask(ABC):
     at: datetime | str | None = None
     pause_after_failures: int | None = None
     ping_url: str | None = None
+    catch_up_window: float | None = None
 
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -144,6 +147,7 @@ class CronTask(ABC):
         at: datetime | str | None = None,
         pause_after_failures: int | None = None,
         ping_url: str | None = None,
+        catch_up_window: float | None = None,
     ) -> None:
         self.schedule = _declared_schedule(self, interval, cron, tz, at)
         self.cron = self.schedule.expression if isinstance(self.schedule, CronSchedule) else None
@@ -171,6 +175,10 @@ class CronTask(ABC):
         from nanobot.cron.pings import check_ping_url
 
         self.ping_url = check_ping_url(ping_url if ping_url is not None else type(self).ping_url)
+        self.catch_up_window = _check_optional_seconds(
+            catch_up_window if catch_up_window is not None else type(self).catch_up_window,
+            "catch_up_window",
+        )
         self.running = False
         self.task: asyncio.Task[Any] | None = None
 
@@ -271,6 +279,7 @@ class TaskDefinition:
     # None: the cron.pause_after_failures setting; 0: never.
     pause_after_failures: int | None = None
     ping_url: str | None = None
+    catch_up_window: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -293,6 +302,7 @@ class TaskDefinition:
             and self.misfire_policy == other.misfire_policy
             and self.pause_after_failures == other.pause_after_failures
             and self.ping_url == other.ping_url
+            and self.catch_up_window == other.catch_up_window
         )
 
 
@@ -355,6 +365,7 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
         schedule=_schedule_of(task),
         pause_after_failures=getattr(task, "pause_after_failures", None),
         ping_url=getattr(task, "ping_url", None),
+        catch_up_window=getattr(task, "catch_up_window", None),
     )
 
 

@@ -78,6 +78,7 @@ _COMMON_KEYS: Final = frozenset(
         "paused",
         "pause_after_failures",
         "ping_url",
+        "catch_up_window",
     }
 )
 _CLASS_KEYS: Final = frozenset({"task"})
@@ -221,6 +222,13 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
     except InvalidTaskError as exc:
         raise fail("ping_url", str(exc)) from None
 
+    window = None
+    if "catch_up_window" in body:
+        try:
+            window = _seconds(body["catch_up_window"], "catch_up_window")
+        except InvalidTaskError as exc:
+            raise fail("catch_up_window", str(exc)) from None
+
     options: dict[str, Any] = {}
     for key in ("timeout", "jitter"):
         if key in body:
@@ -268,6 +276,7 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             misfire_policy=options.get("misfire_policy"),
             pause_after_failures=failures,
             ping_url=ping_url,
+            catch_up_window=window,
         )
     except InvalidTaskError as exc:
         raise fail("command" if is_command else "kwargs", str(exc)) from None
