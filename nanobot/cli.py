@@ -377,11 +377,11 @@ def _status_text(data: dict[str, Any]) -> str:
     lines += ["", "tasks:"]
     lines.append(
         _table(
-            ["NAME", "INTERVAL", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME", "FAILURES"],
+            ["NAME", "SCHEDULE", "PAUSED", "NEXT RUN", "LAST RUN", "OUTCOME", "FAILURES"],
             [
                 [
                     t["name"],
-                    _seconds(t["interval"]),
+                    t.get("schedule") or _seconds(t["interval"]),
                     "yes" if t["paused"] else "no",
                     _when(t["next_run_at"], now),
                     _when(t["last_run_at"], now),

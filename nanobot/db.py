@@ -83,12 +83,13 @@ class SessionLimits:
 
     @classmethod
     def for_lease(cls, ttl: float, statement_timeout: float) -> SessionLimits:
-        """Limits that keep fail-over within the lease's bound: a standby waits for a row lock
-        at most a third of a period (so its poll ends in time), and a session idle inside a
-        transaction (a frozen leader holding the lease row FOR SHARE) ends after one ttl."""
+        """Limits that keep fail-over within the lease's bound: no statement waits for a lock
+        longer than a lease (the lease's own acquire sets a much shorter one), and a session
+        idle inside a transaction (a frozen leader holding the lease row FOR SHARE) ends after
+        one ttl."""
         period = ttl / 3
         return cls(
-            lock_timeout=period / 3,
+            lock_timeout=ttl,
             idle_in_transaction_timeout=ttl,
             statement_timeout=statement_timeout,
             keepalive_idle=max(1, math.ceil(period)),
@@ -372,7 +373,9 @@ def _upgrade(engine: Engine, revision: str) -> None:
 
 
 def downgrade_database(engine: Engine, revision: str) -> None:
-    with _migration_lock(engine):
+    # Without the session limits, as for upgrades: waiting for the migration lock held by a
+    # migration elsewhere is not a lock timeout.
+    with _unlimited(engine) as plain, _migration_lock(plain):
         from alembic import command
 
-        command.downgrade(alembic_config(engine), revision)
+        command.downgrade(alembic_config(plain), revision)

@@ -216,6 +216,13 @@ class SchedulerLease:
         self.refused_for = None
         try:
             with write_transaction(self.engine) as conn:
+                if conn.dialect.name == "postgresql":
+                    # A row locked by a leader frozen inside its claim transaction must not hold
+                    # this poll: give up after a ninth of the lease and try at the next one.
+                    conn.execute(
+                        text("SELECT set_config('lock_timeout', :ms, true)"),
+                        {"ms": str(max(1, int(self.ttl / 9 * 1000)))},
+                    )
                 now = self._now(conn)
                 expires = now + timedelta(seconds=self.ttl)
                 row = conn.execute(

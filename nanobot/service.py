@@ -481,9 +481,12 @@ class Service:
             if lost:
                 continue
             try:
+                # Nothing is dispatched before the start ends, and every claim is fenced by the
+                # lease: the renewal may use what is left of it (a loaded machine's start holds
+                # the event loop for a second at a time).
                 renewed = await asyncio.wait_for(
                     asyncio.to_thread(self._renew_and_check),
-                    timeout=max(0.1, self.lease.seconds_left() - self.period),
+                    timeout=max(0.1, self.lease.seconds_left() * 0.9),
                 )
             except Exception as exc:
                 log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
@@ -652,7 +655,8 @@ class Service:
         if manager is None:
             return
         try:
-            await manager.shutdown(grace=grace)
+            # Losing the lead (not stopping): the task components go, a standby runs no task.
+            await manager.shutdown(grace=grace, standby=reason != "shutdown")
         except Exception as exc:
             log.error(
                 "service.scheduler_shutdown_failed",

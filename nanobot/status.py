@@ -137,6 +137,16 @@ def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, An
     }
 
 
+def _schedule_json(row: Any) -> dict[str, Any]:
+    from nanobot.cron.control import row_schedule, schedule_json
+
+    try:
+        return schedule_json(row_schedule(row))
+    except Exception:
+        # A row this nanobot cannot read (edited by hand): status still answers.
+        return {"schedule_kind": row.schedule_kind, "schedule": None}
+
+
 def _task_json(row: Any) -> dict[str, Any]:
     # The same keys as TaskInfo.to_json() (cron list --json), without the constructor
     # arguments, which may hold anything: status shows the schedule and the last outcome.
@@ -144,6 +154,7 @@ def _task_json(row: Any) -> dict[str, Any]:
         "name": row.name,
         "task": row.task_class,
         "interval": row.interval_s,
+        **_schedule_json(row),
         "timeout": row.timeout_s,
         "paused": row.paused,
         "next_run_at": _iso(row.next_run_at),
@@ -200,6 +211,10 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
         Task.name,
         Task.task_class,
         Task.interval_s,
+        Task.schedule_kind,
+        Task.cron,
+        Task.timezone,
+        Task.run_at,
         Task.timeout_s,
         Task.paused,
         Task.next_run_at,
@@ -253,9 +268,18 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         )
     elif not state["leader_held"]:
         problems.append("no node holds the scheduling lease: tasks are not being scheduled")
+    # A task's component is in error after a failed or overrunning run: that is the task's
+    # problem (degraded), not the service's; an error here would fail /readyz and say "down"
+    # (exit 2) because one user command exited non-zero.
+    failing_tasks: list[str] = []
     for c in current:
-        if c["status"] == ComponentStatus.ERROR:
-            problems.append(f"component {c['name']} on {c['node']} is in error: {c['last_error']}")
+        if c["status"] != ComponentStatus.ERROR:
+            continue
+        problem = f"component {c['name']} on {c['node']} is in error: {c['last_error']}"
+        if c["name"].startswith(TASK_COMPONENT_PREFIX):
+            failing_tasks.append(problem)
+        else:
+            problems.append(problem)
     # What should have happened by now and has not (nanobot.cron.overdue): degraded on its
     # own, and listed with the errors that are its likely cause.
     overdue = [item.describe() for item in state.get("overdue", [])]
@@ -267,7 +291,7 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
             for c in current
             if c["status"] == ComponentStatus.UNKNOWN
         )
-        return SystemStatus.UNKNOWN, problems
+        return SystemStatus.UNKNOWN, problems + overdue
     for t in state["tasks"]:
         if t["error"] is not None:
             problems.append(f"task {t['name']} is broken: {t['error']}")
@@ -280,6 +304,7 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         problem = record.problem()
         if problem:
             problems.append(problem)
+    problems.extend(failing_tasks)
     problems.extend(overdue)
     if problems:
         return SystemStatus.DEGRADED, problems

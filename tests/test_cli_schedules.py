@@ -165,3 +165,15 @@ def test_add_refuses_bad_schedules(engine: Engine, args: list[str], fragment: st
 )
 def test_next_bad_input(engine: Engine, args: list[str], fragment: str) -> None:
     assert_one_line_error(invoke(*args), 2, fragment)
+
+
+def test_status_shows_each_schedule(engine: Engine) -> None:
+    """status --json carries each task's schedule; the text shows it in words."""
+    _add("standup", "--cron", "0 9 * * 1-5", "--tz", "Europe/Berlin")
+    result = invoke("status", "--json")
+    data = json.loads(result.stdout)
+    (standup,) = [t for t in data["tasks"] if t["name"] == "standup"]
+    assert standup["schedule_kind"] == "cron"
+    assert standup["schedule"] == "at 09:00 on Monday through Friday (Europe/Berlin)"
+    assert standup["timezone"] == "Europe/Berlin"
+    assert "at 09:00 on Monday through Friday (Europe/Berlin)" in invoke("status").stdout

@@ -138,17 +138,20 @@ async def test_fixed_rate_does_not_drift(manager: CronManager, outcomes: Outcome
     await outcomes.wait(lambda: len(outcomes.of("slow", "success")) >= 8)
     await manager.stop_task("slow")
     await manager.flush()
-    rows = [r for r in runs(get_engine(), "slow") if r.outcome == "success"]
-    first = rows[0].scheduled_at
+    recorded = runs(get_engine(), "slow")
+    rows = [r for r in recorded if r.outcome == "success"]
+    first = recorded[0].scheduled_at
     for i, row in enumerate(rows):
         k = (row.scheduled_at - first).total_seconds() / 0.1
         assert math.isclose(k, round(k), abs_tol=1e-6), "slots are on the grid"
-        # The first slot is "now" at start_task, so it also waits for the first (fenced) pass.
-        limit = 0.15 if i == 0 else 0.05
+        # The first slot is "now" at start_task, so it also waits for the first (fenced) pass;
+        # later ones would be late by 30 ms more per run if the schedule drifted.
+        limit = 0.5 if i == 0 else 0.1
         assert (row.started_at - row.scheduled_at).total_seconds() < limit, "no accumulated delay"
-    assert (rows[-1].scheduled_at - first).total_seconds() == pytest.approx(
-        0.1 * (len(rows) - 1), abs=1e-6
-    )
+    # Every slot from the first to the last is one row (a loaded machine may skip or miss one).
+    covered = sum(r.slots for r in recorded)
+    span = (recorded[-1].scheduled_at - first).total_seconds()
+    assert covered == round(span / 0.1) + 1
 
 
 class _SlowTask(CronTask):
@@ -238,7 +241,8 @@ async def test_error_is_recorded_and_schedule_goes_on(
     assert failed[0]["task"] == "f"
     assert "run_id" in failed[0]
     assert failed[0].get("exc_info")
-    rows = runs(get_engine(), "f")
+    # A slow start may turn the first slot into a missed one: the first run is what counts.
+    rows = [r for r in runs(get_engine(), "f") if r.outcome != "missed"]
     assert rows[0].outcome == "error"
     assert rows[0].error == "RuntimeError: kaput"
     row = task_row(get_engine(), "f")
@@ -664,7 +668,9 @@ async def test_unimportable_class_is_kept_and_recovers(
                 await asyncio.sleep(POLL)
         assert "cannot import module 'vanishing_mod'" in task_row(engine, "v").broken_reason
         assert job_next_run(engine, "v") is not None, "the job is kept"
-        assert "cannot import" in runs(engine, "v")[0].error
+        # A slow start may have turned the first slot into a missed one: the first run counts.
+        first_run = next(r for r in runs(engine, "v") if r.outcome != "missed")
+        assert "cannot import" in first_run.error
 
         module.write_text(source)
         importlib.invalidate_caches()

@@ -34,3 +34,31 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "set -euo pipefail" in script
     assert "export NANOBOT_REQUIRE_POSTGRES=1" in script
     assert os.access(REPO / ".ci" / "run", os.X_OK)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_between_the_readme_and_docs_resolve() -> None:
+    """Every relative link of README.md and docs/*.md names a file that exists and, with an
+    anchor, a heading of that file."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path_part, _, anchor = target.partition("#")
+            linked = (page.parent / path_part).resolve() if path_part else page
+            if not linked.is_file():
+                broken.append(f"{page.name}: {target} (no file)")
+                continue
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no heading)")
+    assert broken == []

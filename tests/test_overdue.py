@@ -237,7 +237,7 @@ def test_frozen_leader_shows_overdue_to_another_process(
         assert tick["kind"] == "not_claimed"
         assert tick["late_s"] > 2
         assert any("task tick is overdue" in p for p in data["problems"])
-        assert data["status"] in ("degraded", "error")
+        assert data["status"] in ("degraded", "unknown", "error")
     finally:
         service.thaw()
     wait_for(

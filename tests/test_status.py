@@ -279,3 +279,27 @@ def test_status_reads_are_bounded(engine: Engine) -> None:
     heartbeat_reads = [s for s in seen if "from heartbeats" in s]
     assert heartbeat_reads
     assert all("limit" in s for s in heartbeat_reads)
+
+
+def test_failing_task_component_makes_degraded_not_error(engine: Engine) -> None:
+    """A task's own component in error (a failed or overrunning run) is the task's problem: the
+    service is degraded, not in error (so /readyz stays ready and status does not say down)."""
+    running_service(engine)
+    add_task(engine, "disk", last_outcome="error", consecutive_failures=1)
+    add_component(engine, "task:disk", "n1", status="error", error="CommandFailed: exit code 3")
+    add_component(engine, "task:slow", "n1", status="error", error="a run in flight for 95.0s")
+    status = build_status(engine, now=NOW)
+    assert status["status"] == "degraded"
+    assert exit_code(status) == 1
+    assert any("task:slow" in p for p in status["problems"])
+
+
+def test_service_component_in_error_still_makes_error_next_to_a_failing_task(
+    engine: Engine,
+) -> None:
+    running_service(engine)
+    add_component(engine, "task:disk", "n1", status="error", error="exit code 3")
+    add_component(engine, "bus", "n1", status="error", error="probe lost")
+    status = build_status(engine, now=NOW)
+    assert status["status"] == "error"
+    assert [p for p in status["problems"] if "task:disk" in p] == []

@@ -4,11 +4,14 @@ SQLite and PostgreSQL; and revision 0005 upgrading a database that holds rows.""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, insert, select, text, update
 
 from nanobot.cron import control
@@ -21,7 +24,7 @@ from nanobot.cron.taskfile import (
     read_task_file,
     sync_task_file,
 )
-from nanobot.db import create_db_engine, upgrade_database
+from nanobot.db import alembic_config, create_db_engine, upgrade_database
 from nanobot.exceptions import TaskFileError
 from nanobot.models import Task, TaskRun, TaskSource, utcnow
 
@@ -253,10 +256,13 @@ def test_apply_is_one_transaction(engine: Engine) -> None:
 
 
 def test_revision_0005_upgrades_a_database_with_rows(db_url: str) -> None:
-    """A database at 0001 holding a task and a run keeps both; the task is marked 'cli'."""
+    """A database at the revision before 0005 holding a task and a run keeps both; the task is
+    marked 'cli'."""
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision("0005").down_revision
+    assert isinstance(previous, str)
     engine = create_db_engine(db_url)
     try:
-        upgrade_database(engine, "0001")
+        upgrade_database(engine, previous)
         now = utcnow()
         with engine.begin() as conn:
             conn.execute(
@@ -337,3 +343,46 @@ def test_a_changed_schedule_kind_moves_the_next_run(engine: Engine, tmp_path: Pa
     row = _rows(engine)["t"]
     assert (row.schedule_kind, row.cron) == ("cron", "30 4 * * *")
     assert (row.next_run_at.hour, row.next_run_at.minute) == (4, 30)
+
+
+def test_tasks_check_and_sync_commands(engine: Engine, nanobot_home: Path) -> None:
+    """'tasks check' validates without applying; 'tasks sync' applies and says what changed;
+    a bad file or a clash is one line and exit 2."""
+    from click.testing import CliRunner
+
+    from nanobot.cli import cli
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    nanobot_home.mkdir(parents=True, exist_ok=True)
+    path = nanobot_home / "tasks.toml"
+    missing = run("tasks", "check")
+    assert missing.exit_code == 2
+    assert "no task file" in missing.stderr
+    path.write_text(V1)
+    checked = run("tasks", "check")
+    assert checked.exit_code == 0, checked.stderr
+    assert "3 task(s), valid" in checked.stdout
+    assert _rows(engine) == {}
+    synced = run("tasks", "sync", "--json")
+    assert synced.exit_code == 0, synced.stderr
+    assert sorted(json.loads(synced.stdout)["created"]) == ["change", "gone", "keep"]
+    again = run("tasks", "sync")
+    assert again.exit_code == 0
+    assert "3 unchanged" in again.stdout
+    control.add_task(
+        engine,
+        control.definition_from_class(
+            "mine", "nanobot.cron.command:CommandTask", 60, {"command": "true"}
+        ),
+    )
+    path.write_text(V1 + '[tasks.mine]\ncommand = "false"\nevery = 5\n')
+    clash = run("tasks", "sync")
+    assert clash.exit_code == 2
+    assert clash.stderr.count("\n") == 1
+    assert "'mine'" in clash.stderr
+    path.write_text(V1 + "[tasks.bad]\nevery = 5\n")
+    bad = run("tasks", "sync")
+    assert bad.exit_code == 2
+    assert f"{path}: task 'bad': key 'task'" in bad.stderr

@@ -349,6 +349,7 @@ def test_the_service_syncs_the_task_file_when_it_changes(
     )
     after = wait_for("the change applied", lambda: (t := _tasks(nb))["gone"]["paused"] and t)
     assert after["gone"]["pause_reason"] == "removed from tasks.toml"
+    assert "paused: removed from tasks.toml" in nb("cron", "list").stdout
     assert len(_history(nb, "gone")) == 1
     assert after["keep"]["next_run_at"] == before["keep"]["next_run_at"]
     assert after["change"]["kwargs"]["command"] == ["echo", "new"]
@@ -460,6 +461,11 @@ def test_command_past_its_timeout_is_killed_with_its_group(
     assert 1.0 <= run["duration"] < 1.0 + 1.0 + 1.5
     child = int(pids.read_text())
     wait_for("the trapping child gone", lambda: not _alive(child), timeout=3)
+    # The same from the command line's --timeout.
+    _command_task(nb, "slow", "--command", "sleep 30", "--timeout", "0.5")
+    run = _finished(nb, "slow")[0]
+    assert run["outcome"] == "timeout"
+    assert run["duration"] < 0.5 + 1.5
 
 
 def _hwm_kib(pid: int) -> int:
@@ -487,6 +493,7 @@ def test_ten_megabytes_of_output_keep_memory_flat(
     assert run["output"].startswith("[... ")
     assert len(run["output"].encode()) < 64 * 1024 + 100
     grown = _hwm_kib(service.proc.pid) - before
+    print(f"10 MB of output: the service's peak RSS grew by {grown} KiB")  # shown with -s
     assert grown < 4 * 1024, f"peak memory grew by {grown} KiB"
 
 

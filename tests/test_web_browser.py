@@ -215,6 +215,9 @@ def test_an_operator_logs_in_and_manages_a_task_added_by_the_command_line(
     browser.get(base + "/components")
     assert "task:bad" in text(browser)
     screenshot(browser, "components")
+    browser.get(base + "/alerts")
+    assert "Alerts" in browser.title
+    screenshot(browser, "alerts")
 
     # Narrow window: nothing wider than the screen but the tables' own scroll areas.
     browser.set_window_size(420, 900)

@@ -347,3 +347,52 @@ async def test_the_api_takes_a_browser_session_only_with_its_csrf_header(engine:
         ) as r:
             assert r.status == 200
     assert control.get_task(engine, "job").paused
+
+
+async def test_the_alerts_page_shows_each_alert_and_its_deliveries(engine: Engine) -> None:
+    """An alert with a sent and a failing delivery: its title, kind, subject, message, and
+    each destination's state with the last error."""
+    from nanobot.models import AlertDelivery, AlertRecord
+
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        alert_id = conn.execute(
+            insert(AlertRecord)
+            .values(
+                key="k1",
+                kind="task.failing",
+                subject="task:job",
+                severity="error",
+                title="Task job is failing",
+                body="RuntimeError: disk full",
+                link=None,
+                count=1,
+                members=["task:job"],
+                created_at=now,
+            )
+            .returning(AlertRecord.id)
+        ).scalar_one()
+        conn.execute(
+            insert(AlertDelivery),
+            [
+                {"alert_id": alert_id, "destination": "chat", "state": "sent", "attempts": 1,
+                 "sent_at": now, "next_attempt_at": None, "last_attempt_at": now,
+                 "last_error": None},
+                {"alert_id": alert_id, "destination": "mail", "state": "pending", "attempts": 2,
+                 "sent_at": None, "next_attempt_at": now + timedelta(minutes=1),
+                 "last_attempt_at": now, "last_error": "SMTP 451: try later"},
+            ],
+        )  # fmt: skip
+    async with (
+        serve(engine) as served,
+        session() as http,
+        http.get(served.base + "/alerts") as r,
+    ):
+        assert r.status == 200
+        html = await r.text()
+    assert "Task job is failing" in html
+    assert "task.failing · task:job" in html
+    assert "RuntimeError: disk full" in html
+    assert '<span class="badge dl-sent">sent</span> chat' in html
+    assert '<span class="badge dl-pending">pending</span> mail' in html
+    assert "SMTP 451: try later" in html

@@ -336,27 +336,31 @@ def release_undispatched(conn: Connection, *, node: str | None) -> list[tuple[st
 
 def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool]]) -> None:
     """Mirror released slots back into ``tasks``: the earliest one is the next run again, and a
-    released run-now request is requested again."""
+    released run-now request is requested again. Two statements, whatever the number."""
     earliest: dict[str, datetime] = {}
+    requests: dict[str, datetime] = {}
     for name, slot, manual in released:
-        if manual:
-            conn.execute(
-                update(Task)
-                .where(Task.name == name, Task.run_requested_at.is_(None))
-                .values(run_requested_at=slot)
-            )
-        elif name not in earliest or slot < earliest[name]:
-            earliest[name] = slot
-    for name, slot in earliest.items():
+        chosen = requests if manual else earliest
+        if name not in chosen or slot < chosen[name]:
+            chosen[name] = slot
+    if requests:
         conn.execute(
-            update(Task)
+            update(_TASKS)
+            .where(_TASKS.c.name == bindparam("b_name"), _TASKS.c.run_requested_at.is_(None))
+            .values(run_requested_at=bindparam("b_slot")),
+            [{"b_name": n, "b_slot": t} for n, t in requests.items()],
+        )
+    if earliest:
+        conn.execute(
+            update(_TASKS)
             .where(
-                Task.name == name,
-                Task.paused.is_(False),
-                Task.next_run_at.is_not(None),
-                Task.next_run_at > slot,
+                _TASKS.c.name == bindparam("b_name"),
+                _TASKS.c.paused.is_(False),
+                _TASKS.c.next_run_at.is_not(None),
+                _TASKS.c.next_run_at > bindparam("b_slot"),
             )
-            .values(next_run_at=slot)
+            .values(next_run_at=bindparam("b_slot")),
+            [{"b_name": n, "b_slot": t} for n, t in earliest.items()],
         )
 
 

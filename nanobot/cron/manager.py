@@ -234,6 +234,7 @@ class CronManager:
         self._handed: dict[int, _Launch] = {}
         # Slots that reached the loop while it was stopping: released, never started.
         self._held_back: list[_Launch] = []
+        self._queued: dict[int, list[_Launch]] = {}
         self._marking: set[asyncio.Task[None]] = set()
         self._undispatch: list[int] = []
         # name -> (run id, slot, monotonic start, interval) of each run in flight.
@@ -328,6 +329,10 @@ class CronManager:
             self.monitor.unregister_component(component)
         except Exception:
             log.exception("cron.health_update_failed", task=name)
+
+    def _forget_task_components(self) -> None:
+        for component in sorted(self._health_registered):
+            self._forget_health(component[len(TASK_PREFIX) :])
 
     def _known(self, name: str) -> bool:
         if name in self._registered or name in self._ephemeral:
@@ -691,6 +696,7 @@ class CronManager:
                 await asyncio.shield(
                     self._stop_dispatching(0.0, "the node lost the scheduling lease")
                 )
+                self._forget_task_components()
                 self._lease, self.fence, self._own_lease = None, None, False
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.to_thread(lease.release), timeout=period)
@@ -707,16 +713,22 @@ class CronManager:
                 self._adopt(lease)
                 await asyncio.shield(self.start(takeover=True))
 
-    async def shutdown(self, grace: float | None = None) -> None:
+    async def shutdown(self, grace: float | None = None, *, standby: bool = False) -> None:
         """Stop dispatching, let runs in flight finish for up to ``grace`` seconds, cancel the
         rest (recorded ``cancelled``) and write all history; slots claimed ahead of their
         instant are released (caught up at the next start). Schedules stay stored. A lease this
-        manager took itself is released. Idempotent."""
+        manager took itself is released. Idempotent.
+
+        ``standby``: the process goes on as a standby (it lost the lead); the ``task:<name>``
+        components it kept are unregistered, since a standby runs no task and they would go
+        stale there (the leader's own components stand for the tasks)."""
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
         await self._stop_dispatching(grace, "the scheduler shut down")
+        if standby:
+            self._forget_task_components()
         self._candidate = None
         if self._own_lease and self._lease is not None:
             lease, self._lease, self.fence, self._own_lease = self._lease, None, None, False
@@ -776,6 +788,9 @@ class CronManager:
         self._delayed.clear()
         unstarted.extend(self._held_back)
         self._held_back = []
+        for launches in self._queued.values():
+            unstarted.extend(launches)
+        self._queued.clear()
         with self._lock:
             unstarted.extend(self._handed.values())
             self._handed.clear()
@@ -1266,8 +1281,17 @@ class CronManager:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:
             self._launch(launch)
-        if len(launches) > LAUNCH_CHUNK:
-            asyncio.get_running_loop().call_soon(self._launch_chunks, launches[LAUNCH_CHUNK:])
+        rest = launches[LAUNCH_CHUNK:]
+        if rest:
+            # Kept where a stop finds them: a slot not started when the scheduler stops is
+            # released, not left behind.
+            self._queued[id(rest)] = rest
+            asyncio.get_running_loop().call_soon(self._launch_queued, id(rest))
+
+    def _launch_queued(self, key: int) -> None:
+        rest = self._queued.pop(key, None)
+        if rest is not None:  # else taken by a stop
+            self._launch_chunks(rest)
 
     def _launch_delayed(self, slot: datetime) -> None:
         group = self._delayed.pop(slot, None)

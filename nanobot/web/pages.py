@@ -11,6 +11,7 @@ path                            what
 ``/tasks/{name}/remove``        GET: the confirmation; POST: remove
 ``/tasks/{name}/{action}``      POST pause, resume, run (a form with the CSRF token)
 ``/components``                 components: status, last errors, status changes
+``/alerts``                     the newest alerts and each destination's delivery
 ``/login``, ``/logout``         a browser session from a token
 ==============================  ===========================================================
 
@@ -49,6 +50,7 @@ HISTORY_PAGE: Final = 25
 CHART_RUNS: Final = 60
 TASK_COMPONENT: Final = "task:"
 TASK_COMPONENTS_SHOWN: Final = 50
+ALERTS_SHOWN: Final = 100
 ACTIONS: Final = {
     "pause": (actions.pause, "paused"),
     "resume": (actions.resume, "resumed"),
@@ -93,6 +95,7 @@ class Pages:
             web.post("/tasks/{name}/remove", self.remove),
             web.post("/tasks/{name}/{action:pause|resume|run}", self.action),
             web.get("/components", self.components),
+            web.get("/alerts", self.alerts),
             web.get("/login", self.login_form),
             web.post("/login", self.login),
             web.post("/logout", self.logout),
@@ -355,6 +358,19 @@ class Pages:
                 task_components=data["task_components"],
                 task_components_shown=TASK_COMPONENTS_SHOWN,
             ),
+        )
+
+    # --- alerts ---------------------------------------------------------------------------------
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        from nanobot.alerts.store import recent
+
+        now = utcnow()
+        views = await self._db(lambda: recent(self.engine, limit=ALERTS_SHOWN))
+        return self._render(
+            "alerts.html",
+            request,
+            self._context(request, "alerts", now=now, alerts=views, shown=ALERTS_SHOWN),
         )
 
     # --- login ----------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def test_network_partition_of_the_leader_fails_over_within_the_bound_without_thr
         assert max(r.start for r in old_runs) < first, "the old leader ran after the new one led"
         proxy.restore()
         wait_for("the old node rejoins as a standby", lambda: old.role() == "standby", 30)
-        assert new.role() == "leader"
+        # One leader again (whichever: on a loaded machine leadership may move once more).
+        cluster.wait_leader(TAKEOVER_BOUND)
 
 
 def pg_target_host(db_url: str) -> tuple[str, int]:
