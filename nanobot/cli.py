@@ -489,6 +489,21 @@ def cron() -> None:
     """
 
 
+def _window(raw: str | None) -> float | None:
+    """--catch-up-window: seconds or a duration such as 10m."""
+    from nanobot.cron.schedules import parse_every
+    from nanobot.exceptions import InvalidTaskError
+
+    if raw is None:
+        return None
+    try:
+        return parse_every(raw).seconds
+    except InvalidTaskError:
+        raise InvalidTaskError(
+            f"--catch-up-window must be seconds or a duration like 90s, 10m, 1h, got {raw!r}"
+        ) from None
+
+
 def _parse_interval(raw: str) -> float | int:
     from nanobot.exceptions import InvalidTaskError
 
@@ -544,6 +559,16 @@ def _applied_note(engine: Engine) -> str:
     return "the service is not running: it applies this at its next start"
 
 
+def _state(info: Any) -> str:
+    if info.done:
+        return "done"
+    if not info.paused:
+        return "active"
+    if info.auto_paused_at is not None:
+        return "PAUSED: " + _short(info.pause_reason, 60)
+    return "paused: " + _short(info.pause_reason, 60) if info.pause_reason else "paused"
+
+
 @cron.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of tasks.")
 def cron_list(as_json: bool) -> None:
@@ -567,11 +592,7 @@ def cron_list(as_json: bool) -> None:
                     t.name,
                     t.task_class,
                     describe(t.schedule),
-                    "done"
-                    if t.done
-                    else (f"paused: {t.pause_reason}" if t.pause_reason else "paused")
-                    if t.paused
-                    else "active",
+                    _state(t),
                     _instant(t.next_run_at, t)
                     + (
                         f" ({_span((t.next_run_at - now).total_seconds())})"
@@ -782,6 +803,25 @@ def _schedule_option(
     default=None,
     help="Slots missed while nothing ran: run the latest once (default), or skip them all.",
 )
+@click.option(
+    "--pause-after-failures",
+    "pause_after_failures",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Pause it after N consecutive failed slots (0: never; default cron.pause_after_failures).",
+)
+@click.option(
+    "--ping-url",
+    "ping_url",
+    default=None,
+    help="Ping this healthchecks.io-style URL at each run's start (/start) and end (/fail).",
+)
+@click.option(
+    "--catch-up-window",
+    "catch_up_window",
+    default=None,
+    help="A missed slot later than this (10m, 1h, seconds) is recorded missed, not caught up.",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
@@ -800,6 +840,9 @@ def cron_add(
     timeout: float | None,
     jitter: float | None,
     misfire: str | None,
+    pause_after_failures: int | None,
+    ping_url: str | None,
+    catch_up_window: str | None,
     raw_kwargs: str | None,
     paused: bool,
     as_json: bool,
@@ -844,6 +887,9 @@ def cron_add(
             timeout=timeout,
             jitter=jitter,
             misfire_policy=misfire,
+            pause_after_failures=pause_after_failures,
+            ping_url=ping_url,
+            catch_up_window=_window(catch_up_window),
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)
@@ -904,19 +950,20 @@ def cron_remove(name: str, as_json: bool) -> None:
 
 @cron.command("pause")
 @click.argument("name")
+@click.option("--note", default=None, help="Why: shown by 'cron list' and 'status' until resumed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
-def cron_pause(name: str, as_json: bool) -> None:
+def cron_pause(name: str, note: str | None, as_json: bool) -> None:
     """Pause task NAME: no next run until resumed; a run in flight finishes."""
     from nanobot.cron.control import pause_task
 
-    _simple_change(name, as_json, "paused", pause_task)
+    _simple_change(name, as_json, "paused", lambda engine, n: pause_task(engine, n, note))
 
 
 @cron.command("resume")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
 def cron_resume(name: str, as_json: bool) -> None:
-    """Resume task NAME on its original grid."""
+    """Resume task NAME on its original grid (clearing why it was paused)."""
     from nanobot.cron.control import resume_task
 
     _simple_change(name, as_json, "resumed", resume_task)

@@ -66,6 +66,19 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a whole number >= 0")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError("a whole number >= 0") from None
+    if not isinstance(value, int) or value < 0:
+        raise ValueError("a whole number >= 0")
+    return value
+
+
 def _port(value: Any) -> int:
     try:
         port = _positive_int(value)
@@ -267,6 +280,24 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         3.0,
         _non_negative_number,
         "a run in flight longer than this many intervals shows as overrunning; 0 turns it off",
+    ),
+    Setting(
+        "cron.pause_after_failures",
+        0,
+        _non_negative_int,
+        "pause a task after this many consecutive failed slots unless it sets its own; 0: never",
+    ),
+    Setting(
+        "cron.overdue_grace_share",
+        0.1,
+        _non_negative_number,
+        "a task is overdue when its slot is this share of its interval late and not claimed",
+    ),
+    Setting(
+        "cron.overdue_grace_min",
+        5.0,
+        _non_negative_number,
+        "... and at least this many seconds late (also the slack past a run's expected end)",
     ),
     Setting(
         "scheduler.timezone",

@@ -6,7 +6,7 @@ path      answers                                                               
 /healthz  liveness: the event loop answers and the scheduler loop (the lease loop on   200, 503
           a standby) woke up recently; JSON ``{"alive", "role", ...}``
 /readyz   readiness: 503 while the system status is ``error``; JSON                    200, 503
-          ``{"ready", "status", "problems"}``
+          ``{"ready", "status", "problems", "overdue"}``
 /status   the JSON of ``nanobot status --json``                                        200, 503
 /metrics  Prometheus text exposition                                                   200
 ========  ===========================================================================  =========
@@ -101,10 +101,10 @@ def make_app(
                 status=503,
             )
         ready = status["status"] != "error"
-        return web.json_response(
-            {"ready": ready, "status": status["status"], "problems": status["problems"]},
-            status=200 if ready else 503,
-        )
+        body = {"ready": ready, "status": status["status"], "problems": status["problems"]}
+        # Overdue tasks (degraded, still ready): what should have run by now and has not.
+        body["overdue"] = status.get("overdue", [])
+        return web.json_response(body, status=200 if ready else 503)
 
     async def status(_request: web.Request) -> web.Response:
         try:

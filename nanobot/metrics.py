@@ -8,9 +8,12 @@ Two kinds of values:
 * read from the database at each scrape (one read transaction, bounded queries), so that they
   hold whatever process wrote them: ``nanobot_task_next_run_timestamp_seconds{task}``,
   ``nanobot_task_last_success_timestamp_seconds{task}``, ``nanobot_task_paused{task}``,
+  ``nanobot_task_auto_paused{task}``,
   ``nanobot_task_consecutive_failures{task}``, ``nanobot_component_up{component}`` (this node's
   components), ``nanobot_heartbeat_timestamp_seconds`` (this node's newest heartbeat) and
-  ``nanobot_leader{node}`` (1 while this process holds the scheduling lease);
+  ``nanobot_leader{node}`` (1 while this process holds the scheduling lease),
+  ``nanobot_task_overdue`` (how many tasks are overdue, :mod:`nanobot.cron.overdue`) and
+  ``nanobot_task_overdue_max_seconds`` (the worst lateness);
 * read from this process's memory at each scrape: ``nanobot_event_loop_lag_seconds`` (the
   event loop's worst lag over the last health cycle), ``nanobot_task_run_age_seconds{task}``
   (how long the run in flight has been going) and ``nanobot_task_overrunning{task}`` (1 while
@@ -32,6 +35,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, gener
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, select
 
+from nanobot.config import get_config
+from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
 from nanobot.models import Component, ComponentStatus, Heartbeat, Task, TaskOutcome, TaskRun
 from nanobot.status import nanobot_version
@@ -90,6 +95,11 @@ class _DatabaseCollector:
         paused = GaugeMetricFamily(
             "nanobot_task_paused", "1 if the task is paused", labels=["task"]
         )
+        auto_paused = GaugeMetricFamily(
+            "nanobot_task_auto_paused",
+            "1 if nanobot paused the task for its consecutive failures (until resumed)",
+            labels=["task"],
+        )
         failures = GaugeMetricFamily(
             "nanobot_task_consecutive_failures",
             "failed runs of the task since its last success",
@@ -103,12 +113,28 @@ class _DatabaseCollector:
         heartbeat = GaugeMetricFamily(
             "nanobot_heartbeat_timestamp_seconds", "Unix time of this node's newest heartbeat"
         )
+        # A count and the worst lateness: no per-task series that come and go.
+        overdue = GaugeMetricFamily(
+            "nanobot_task_overdue",
+            "tasks overdue now: a slot past its grace not claimed, or a run past its bound",
+        )
+        overdue_late = GaugeMetricFamily(
+            "nanobot_task_overdue_max_seconds",
+            "seconds the latest overdue task is past its expected instant (0: none overdue)",
+        )
         with read_transaction(self.engine) as conn:
             tasks = conn.execute(
-                select(Task.name, Task.paused, Task.next_run_at, Task.consecutive_failures)
+                select(
+                    Task.name,
+                    Task.paused,
+                    Task.next_run_at,
+                    Task.consecutive_failures,
+                    Task.auto_paused_at,
+                )
             ).all()
             for t in tasks:
                 paused.add_metric([t.name], 1.0 if t.paused else 0.0)
+                auto_paused.add_metric([t.name], 0.0 if t.auto_paused_at is None else 1.0)
                 failures.add_metric([t.name], float(t.consecutive_failures))
                 if (ts := _ts(t.next_run_at)) is not None:
                     next_run.add_metric([t.name], ts)
@@ -136,7 +162,20 @@ class _DatabaseCollector:
             ).scalar()
             if (ts := _ts(at)) is not None:
                 heartbeat.add_metric([], ts)
-        return [next_run, last_success, paused, failures, component_up, heartbeat]
+            late = overdue_from_config(conn, get_config())
+            overdue.add_metric([], float(len({item.task for item in late})))
+            overdue_late.add_metric([], max((item.late_s for item in late), default=0.0))
+        return [
+            next_run,
+            last_success,
+            paused,
+            auto_paused,
+            failures,
+            component_up,
+            heartbeat,
+            overdue,
+            overdue_late,
+        ]
 
 
 def _process_families() -> Iterator[GaugeMetricFamily]:

@@ -169,6 +169,14 @@ class Task(Base):
     # Why a task is paused when nanobot paused it (e.g. "removed from tasks.toml"); None when an
     # operator did.
     pause_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Pause the task after this many consecutive failed slots (None: cron.pause_after_failures;
+    # 0: never), and when nanobot last did so (None once resumed or paused by an operator).
+    pause_after_failures: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    auto_paused_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # healthchecks.io-style pings of each run (nanobot.cron.pings); None: no pings.
+    ping_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    # Seconds: a slot reached later than this after its time is recorded missed, not caught up.
+    catch_up_window_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

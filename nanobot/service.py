@@ -118,6 +118,7 @@ class Service:
         self.http: HttpServer | None = None
         self._manager: Any = None
         self._sources: Any = None
+        self._overdue: Any = None
         self._monitor: Any = None
         self._alerter: Any = None
         self._stop: asyncio.Event | None = None
@@ -315,6 +316,17 @@ class Service:
             from nanobot.heartbeat import initialize_heartbeat
 
             self._monitor = initialize_heartbeat()
+            from nanobot.cron.overdue import OverdueWatch
+
+            # On every node: a frozen leader cannot say that its tasks are overdue.
+            self._overdue = OverdueWatch(
+                self.engine,
+                get_bus(),
+                self.config,
+                node=self.node,
+                period=max(1.0, float(self.config["cron.poll_interval"])),
+            )
+            self._overdue.start()
             self._sync_cron_component()
             self._lease_task = asyncio.create_task(self._lease_loop(), name="nanobot-lease")
             if self.lock is not None:
@@ -675,6 +687,8 @@ class Service:
             await asyncio.gather(self._stepping_down, return_exceptions=True)
         if self._sources is not None:
             await self._sources.stop()
+        if self._overdue is not None:
+            await self._overdue.stop()
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         self._draining = False

@@ -165,6 +165,7 @@ def _task_json(row: Any) -> dict[str, Any]:
         "broken": row.broken_reason is not None,
         "source": row.source,
         "pause_reason": row.pause_reason,
+        "auto_paused_at": _iso(row.auto_paused_at),
     }
 
 
@@ -223,6 +224,7 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
         Task.broken_reason,
         Task.source,
         Task.pause_reason,
+        Task.auto_paused_at,
     )
     task_query = select(*columns).order_by(Task.name)
     if problems_only:
@@ -234,7 +236,13 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
 
     # The task code of the nodes that run now; a stopped node's record is history.
     code = code_records(conn, running_nodes)
+    from nanobot.config import get_config
+    from nanobot.cron.overdue import overdue_from_config
+
     return {
+        # The tasks table only: status never reads run history (a run past its bound shows
+        # through its overrunning component).
+        "overdue": overdue_from_config(conn, get_config(), now, include_runs=False),
         "code": code,
         "nodes": nodes,
         "running_nodes": running_nodes,
@@ -272,18 +280,24 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
             failing_tasks.append(problem)
         else:
             problems.append(problem)
+    # What should have happened by now and has not (nanobot.cron.overdue): degraded on its
+    # own, and listed with the errors that are its likely cause.
+    overdue = [item.describe() for item in state.get("overdue", [])]
     if problems:
-        return SystemStatus.ERROR, problems
+        return SystemStatus.ERROR, problems + overdue
     if any(c["status"] == ComponentStatus.UNKNOWN for c in current):
         problems.extend(
             f"component {c['name']} on {c['node']} is unknown"
             for c in current
             if c["status"] == ComponentStatus.UNKNOWN
         )
-        return SystemStatus.UNKNOWN, problems
+        return SystemStatus.UNKNOWN, problems + overdue
     for t in state["tasks"]:
         if t["error"] is not None:
             problems.append(f"task {t['name']} is broken: {t['error']}")
+        elif t["auto_paused_at"] is not None:
+            # Paused for its failures: nothing runs it until an operator resumes it.
+            problems.append(f"task {t['name']} was {t['pause_reason']}")
         elif t["last_outcome"] in FAILED_OUTCOMES:
             problems.append(f"task {t['name']} last ended {t['last_outcome']}")
     for record in state["code"]:
@@ -291,6 +305,7 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         if problem:
             problems.append(problem)
     problems.extend(failing_tasks)
+    problems.extend(overdue)
     if problems:
         return SystemStatus.DEGRADED, problems
     return SystemStatus.HEALTHY, []
@@ -325,9 +340,11 @@ def build_status(
                           "current"}],
           "tasks": [{"name", "task", "interval", "timeout", "paused", "next_run_at",
                      "last_run_at", "last_outcome", "consecutive_failures", "error", "broken",
-                     "source", "pause_reason"}],
+                     "source", "pause_reason", "auto_paused_at"}],
           "code": [{"node", "kind" (module | task_file), "name", "file", "loaded_at", "error",
-                    "newer_on_disk"}]
+                    "newer_on_disk"}],
+          "overdue": [{"task", "kind" (not_claimed | run_too_long), "expected_at", "late_s",
+                       "grace_s"}]
         }
     """
     now = now or utcnow()
@@ -377,6 +394,7 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
         "components": state["components"],
         "tasks": state["tasks"],
         "code": [record.to_json() for record in state["code"]],
+        "overdue": [item.to_json() for item in state.get("overdue", [])],
     }
 
 

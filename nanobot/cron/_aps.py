@@ -516,9 +516,16 @@ class NanobotScheduler(AsyncIOScheduler):  # type: ignore[misc]
             for alias, store in ((PERSISTENT, self.store), (EPHEMERAL, self.memory)):
                 for job in store.get_due_jobs(horizon):
                     schedule, _ = _job_schedule(job)
-                    # The SKIP grace comes from the schedule (half the gap to the next slot).
-                    policy, _grace = policies.get(job.id, (MisfirePolicy.CATCH_UP_ONCE, 0.0))
-                    slots = due_slots(schedule, job.next_run_time.astimezone(UTC), now, policy)
+                    # The SKIP grace comes from the schedule (half the gap to the next slot);
+                    # the second value is the task's catch-up window (0: none).
+                    policy, window = policies.get(job.id, (MisfirePolicy.CATCH_UP_ONCE, 0.0))
+                    slots = due_slots(
+                        schedule,
+                        job.next_run_time.astimezone(UTC),
+                        now,
+                        policy,
+                        window=window or None,
+                    )
                     self._due_jobs.append((alias, job, slots.next_slot))
                     result.append(
                         DueJob(

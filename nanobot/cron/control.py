@@ -18,6 +18,7 @@ from typing import Any, Final
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from nanobot.cron.pings import check_ping_url
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,
@@ -29,7 +30,13 @@ from nanobot.cron.schedules import (
     slot_at_or_after,
     zone,
 )
-from nanobot.cron.task import CronTask, TaskDefinition, check_interval, nominal_period
+from nanobot.cron.task import (
+    CronTask,
+    TaskDefinition,
+    check_failure_count,
+    check_interval,
+    nominal_period,
+)
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
 from nanobot.models import (
@@ -39,6 +46,7 @@ from nanobot.models import (
     TaskOutcome,
     TaskRun,
     TaskSource,
+    bound_error,
     utcnow,
 )
 
@@ -90,12 +98,20 @@ class TaskInfo:
 
     source: str = "cli"
     pause_reason: str | None = None
+    pause_after_failures: int | None = None
+    auto_paused_at: datetime | None = None
+    ping_url: str | None = None
+    catch_up_window: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "source": self.source,
             "pause_reason": self.pause_reason,
+            "pause_after_failures": self.pause_after_failures,
+            "auto_paused_at": _iso(self.auto_paused_at),
+            "ping_url": self.ping_url,
+            "catch_up_window": self.catch_up_window,
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
@@ -264,12 +280,18 @@ def definition_from_class(
     timeout: float | None = None,
     jitter: float | None = None,
     misfire_policy: MisfirePolicy | str | None = None,
+    pause_after_failures: int | None = None,
+    ping_url: str | None = None,
+    catch_up_window: float | None = None,
 ) -> TaskDefinition:
     """Validate a task given by class path (the command line's ``cron add``) and define it.
 
     The schedule is ``schedule``, or every ``interval`` seconds; ``timeout``, ``jitter`` and
-    ``misfire_policy`` override the class's own when given.
+    ``misfire_policy`` and ``pause_after_failures`` override the class's own when given.
     """
+    failures = check_failure_count(pause_after_failures)
+    ping = check_ping_url(ping_url)
+    window = _optional_seconds(catch_up_window, "catch_up_window")
     check_name(name)
     if schedule is None:
         schedule = IntervalSchedule(seconds=check_interval(interval))
@@ -320,6 +342,9 @@ def definition_from_class(
         jitter=task.jitter if jitter is None else _optional_seconds(jitter, "jitter"),
         misfire_policy=policy,
         schedule=schedule,
+        pause_after_failures=task.pause_after_failures if failures is None else failures,
+        ping_url=task.ping_url if ping is None else ping,
+        catch_up_window=task.catch_up_window if window is None else window,
     )
 
 
@@ -344,6 +369,10 @@ def _info(row: Any) -> TaskInfo:
         anchor_at=row.anchor_at,
         source=row.source,
         pause_reason=row.pause_reason,
+        pause_after_failures=row.pause_after_failures,
+        auto_paused_at=row.auto_paused_at,
+        ping_url=row.ping_url,
+        catch_up_window=row.catch_up_window_s,
     )
 
 
@@ -423,6 +452,9 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
         "timeout_s": d.timeout,
         "jitter_s": d.jitter,
         "misfire_policy": d.misfire_policy.value,
+        "pause_after_failures": d.pause_after_failures,
+        "ping_url": d.ping_url,
+        "catch_up_window_s": d.catch_up_window,
     }
 
 
@@ -436,6 +468,9 @@ def stored_definition(row: Any) -> TaskDefinition:
         jitter=row.jitter_s,
         misfire_policy=MisfirePolicy(row.misfire_policy),
         schedule=row_schedule(row),
+        pause_after_failures=row.pause_after_failures,
+        ping_url=row.ping_url,
+        catch_up_window=row.catch_up_window_s,
     )
 
 
@@ -553,12 +588,21 @@ def start_task(engine: Engine, name: str) -> TaskInfo:
         anchor_at=now,
         next_run_at=first_run(info.schedule, now),
         pause_reason=None,
+        auto_paused_at=None,
     )
 
 
-def pause_task(engine: Engine, name: str) -> TaskInfo:
-    """Stop scheduling a task; a run in flight finishes. No next run until resumed."""
-    return _change(engine, name, paused=True, next_run_at=None, pause_reason=None)
+def pause_task(engine: Engine, name: str, note: str | None = None) -> TaskInfo:
+    """Stop scheduling a task; a run in flight finishes. No next run until resumed.
+
+    ``note`` is the operator's reason, kept until the task is resumed (``cron list``,
+    ``status``)."""
+    if note is not None and not note.strip():
+        raise InvalidTaskError("a pause note must not be empty")
+    reason = bound_error(note.strip()) if note is not None else None
+    return _change(
+        engine, name, paused=True, next_run_at=None, pause_reason=reason, auto_paused_at=None
+    )
 
 
 def resume_task(engine: Engine, name: str) -> TaskInfo:
@@ -573,7 +617,7 @@ def resume_task(engine: Engine, name: str) -> TaskInfo:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == name)).scalar()
     if anchor is None:
         return start_task(engine, name)
-    return _change(engine, name, paused=False, pause_reason=None)
+    return _change(engine, name, paused=False, pause_reason=None, auto_paused_at=None)
 
 
 def request_run(engine: Engine, name: str) -> TaskInfo:

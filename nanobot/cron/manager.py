@@ -36,6 +36,7 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import functools
 import logging
 import random
 import threading
@@ -51,7 +52,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
-from nanobot.cron import control, history
+from nanobot.cron import autopause, control, history
 from nanobot.cron._aps import (
     EPHEMERAL,
     PERSISTENT,
@@ -61,6 +62,7 @@ from nanobot.cron._aps import (
 )
 from nanobot.cron.history import Claim, Fenced, Finish
 from nanobot.cron.retention import HistoryTrimmer
+from nanobot.cron.pings import Pinger
 from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
@@ -157,8 +159,10 @@ def task_component(name: str) -> str:
     return f"{TASK_PREFIX}{name}"
 
 
-def _policy(policy: MisfirePolicy, interval: float) -> tuple[MisfirePolicy, float]:
-    return policy, min(interval * SKIP_GRACE_SHARE, SKIP_GRACE_MAX)
+def _policy(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
+    """What the scheduler's due() needs of a task: its misfire policy and its catch-up window
+    (0: none; the SKIP grace comes from the schedule)."""
+    return policy, window or 0.0
 
 
 class CronManager:
@@ -223,6 +227,10 @@ class CronManager:
         self._lead = SCHEDULE_LEAD
         self._cost_per_job = INITIAL_COST_PER_JOB
         self._default_timeout: float | None = None
+        self._pause_default = 0
+        # healthchecks.io-style pings of runs (event loop), and each stored task's URL.
+        self._pings = Pinger()
+        self._ping_urls: dict[str, str | None] = {}
         self._schema_ready = False
         self._lock = threading.RLock()
         self._start_lock: asyncio.Lock | None = None
@@ -372,8 +380,11 @@ class CronManager:
         if definition.not_persistable is not None:
             with self._lock:
                 self._ephemeral[name] = definition
-                self._policies[name] = _policy(definition.misfire_policy, definition.interval)
+                self._policies[name] = _policy(
+                    definition.misfire_policy, definition.catch_up_window
+                )
                 self._periods[name] = definition.interval
+                self._ping_urls[name] = definition.ping_url
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -608,6 +619,7 @@ class CronManager:
             # 0 in the configuration means no limit.
             self._default_timeout = float(config.get("cron.default_timeout", 0.0)) or None
             self._overrun_intervals = float(config.get("cron.overrun_intervals", 3.0))
+            self._pause_default = int(config.get("cron.pause_after_failures", 0))
             engine = await asyncio.to_thread(lambda: self.engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
@@ -780,6 +792,7 @@ class CronManager:
                     self._flusher.cancel()
                 self._pending = []
             await asyncio.to_thread(scheduler.close)
+            await self._pings.close()
             self._scheduler = None
             for task in self._registered.values():
                 task.set_running(False)
@@ -1077,8 +1090,11 @@ class CronManager:
         to_add: list[JobSpec] = []
         for row in rows:
             definition = control.stored_definition(row)
-            self._policies[row.name] = _policy(definition.misfire_policy, definition.interval)
+            self._policies[row.name] = _policy(
+                definition.misfire_policy, definition.catch_up_window
+            )
             self._periods[row.name] = definition.interval
+            self._ping_urls[row.name] = definition.ping_url
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -1462,6 +1478,8 @@ class CronManager:
                 if task.jitter:
                     await asyncio.sleep(random.uniform(0, task.jitter))
                 started = self._clock()
+                ping_url = self._ping_urls.get(launch.name) or task.ping_url
+                self._pings.started(launch.name, ping_url)
                 if _stdlib_log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "task.started",
@@ -1511,6 +1529,12 @@ class CronManager:
                 period = self._periods.get(launch.name, task.get_interval())
                 # The task's component is updated with the burst's other runs (_after_runs).
                 self._health_pending.append((launch.name, period, outcome, error))
+                self._pings.finished(
+                    launch.name,
+                    self._ping_urls.get(launch.name) or task.ping_url,
+                    outcome,
+                    error,
+                )
                 self._record(
                     Finish(
                         task=launch.name,
@@ -1634,6 +1658,7 @@ class CronManager:
                 else:
                     fenced = await asyncio.to_thread(self._write_outcomes, batch)
                 self._log_fenced(fenced)
+                await self._auto_pause(batch)
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
                 self._pending = batch + self._pending
@@ -1643,6 +1668,49 @@ class CronManager:
                 log.exception("cron.history_write_failed", pending=len(batch))
                 self._pending = batch + self._pending
                 await asyncio.sleep(FLUSH_RETRY_S)
+
+    async def _auto_pause(self, batch: list[Finish]) -> None:
+        """Pause the tasks of ``batch`` whose failed slots in a row reached their threshold
+        (:mod:`nanobot.cron.autopause`), and apply the pause to the scheduler at once."""
+        names = {f.task for f in batch if f.run_id is not None and f.outcome in autopause.FAILED}
+        if not names:
+            return
+        scheduler = self._scheduler
+        in_worker = scheduler is not None and not scheduler.worker._shutdown
+        try:
+            call = functools.partial(
+                autopause.pause_failing,
+                self.engine,
+                names,
+                default=self._pause_default,
+                now=self._clock(),
+            )
+            if scheduler is not None and in_worker:
+                paused = await scheduler.run_in_worker(call)
+            else:
+                paused = await asyncio.to_thread(call)
+        except Exception as exc:
+            # The next failure tries again: the count stays in the database.
+            log.error("cron.auto_pause_failed", tasks=sorted(names), error=_text(exc))
+            return
+        for item in paused:
+            log.warning(
+                "task.auto_paused",
+                task=item.task,
+                failures=item.failures,
+                threshold=item.threshold,
+                reason=item.reason,
+            )
+            payload = {
+                "task": item.task,
+                "reason": item.reason,
+                "failures": item.failures,
+                "threshold": item.threshold,
+                "paused_at": item.paused_at.isoformat(),
+            }
+            self._spawn(self.bus.publish("task.auto_paused", payload))
+        if paused and scheduler is not None and in_worker:
+            await scheduler.run_in_worker(self._reconcile_now, scheduler)
 
     def _log_fenced(self, fenced: list[Fenced]) -> None:
         for item in fenced:

@@ -567,7 +567,12 @@ def _last_at_or_before(schedule: CronSchedule, after: datetime, now: datetime) -
 
 
 def due_slots(
-    schedule: Schedule, first_due: datetime, now: datetime, policy: MisfirePolicy
+    schedule: Schedule,
+    first_due: datetime,
+    now: datetime,
+    policy: MisfirePolicy,
+    *,
+    window: float | None = None,
 ) -> DueSlots:
     """Split the slots from ``first_due`` (a slot of ``schedule``) up to ``now`` into the one to
     run and the missed ones, and find the next slot.
@@ -575,6 +580,8 @@ def due_slots(
     Fixed rate: the slots are the schedule's whatever the runs took, so nothing drifts. Under
     CATCH_UP_ONCE the latest due slot runs and the earlier ones are missed; under SKIP the
     latest runs only if it is reached within :func:`skip_grace`, else every one is missed.
+    A catch-up ``window`` (seconds) bounds either policy: a latest slot reached later than
+    that is missed too, with the others, and nothing runs.
     """
     first_due = first_due.astimezone(UTC)
     capped = False
@@ -598,8 +605,9 @@ def due_slots(
             missed += 1
             last_due = next_slot
             next_slot = next_after(schedule, next_slot)
-    if policy is MisfirePolicy.SKIP and (now - last_due).total_seconds() > skip_grace(
-        last_due, next_slot
+    late = (now - last_due).total_seconds()
+    if (policy is MisfirePolicy.SKIP and late > skip_grace(last_due, next_slot)) or (
+        window is not None and late > window
     ):
         return DueSlots(None, first_due, missed + 1, next_slot, capped)
     return DueSlots(last_due, first_due if missed else None, missed, next_slot, capped)

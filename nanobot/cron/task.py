@@ -76,6 +76,15 @@ def check_interval(value: Any, what: str = "interval") -> float:
     return float(value)
 
 
+def check_failure_count(value: Any, what: str = "pause_after_failures") -> int | None:
+    """None, or a whole number of failures >= 0 (0: never pause), else InvalidTaskError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidTaskError(f"{what} must be a whole number >= 0 (0: never), got {value!r}")
+    return value
+
+
 def _check_optional_seconds(value: Any, what: str) -> float | None:
     if value is None:
         return None
@@ -95,6 +104,11 @@ class CronTask(ABC):
       read in ``tz`` (an IANA zone; default ``scheduler.timezone``, itself UTC by default).
     - ``at``: one instant (an aware ``datetime``, or naive and read in ``tz``) instead of an
       interval: the task runs once, then it is done.
+    - ``pause_after_failures``: pause the task after this many consecutive failed slots (None:
+      the ``cron.pause_after_failures`` setting; 0: never). See docs/failures.md.
+    - ``ping_url``: a healthchecks.io-style URL pinged at each run's start and end.
+    - ``catch_up_window``: seconds; a missed slot reached later than this is recorded missed
+      instead of caught up (None: the latest missed slot is caught up however late).
 
     Precedence: a constructor keyword wins over the class attribute of the same name. A task
     has one schedule: ``cron`` and ``at`` together, or either with an ``interval`` passed to the
@@ -109,6 +123,9 @@ class CronTask(ABC):
     cron: str | None = None
     tz: str | None = None
     at: datetime | str | None = None
+    pause_after_failures: int | None = None
+    ping_url: str | None = None
+    catch_up_window: float | None = None
 
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -128,6 +145,9 @@ class CronTask(ABC):
         cron: str | None = None,
         tz: str | None = None,
         at: datetime | str | None = None,
+        pause_after_failures: int | None = None,
+        ping_url: str | None = None,
+        catch_up_window: float | None = None,
     ) -> None:
         self.schedule = _declared_schedule(self, interval, cron, tz, at)
         self.cron = self.schedule.expression if isinstance(self.schedule, CronSchedule) else None
@@ -148,6 +168,17 @@ class CronTask(ABC):
                 raise InvalidTaskError(
                     f"misfire_policy must be one of {choices}, got {misfire_policy!r}"
                 ) from None
+        given = pause_after_failures
+        self.pause_after_failures = check_failure_count(
+            given if given is not None else type(self).pause_after_failures
+        )
+        from nanobot.cron.pings import check_ping_url
+
+        self.ping_url = check_ping_url(ping_url if ping_url is not None else type(self).ping_url)
+        self.catch_up_window = _check_optional_seconds(
+            catch_up_window if catch_up_window is not None else type(self).catch_up_window,
+            "catch_up_window",
+        )
         self.running = False
         self.task: asyncio.Task[Any] | None = None
 
@@ -245,6 +276,10 @@ class TaskDefinition:
     not_persistable: str | None = None
     # None: every ``interval`` seconds (as before schedules existed).
     schedule: Schedule | None = None
+    # None: the cron.pause_after_failures setting; 0: never.
+    pause_after_failures: int | None = None
+    ping_url: str | None = None
+    catch_up_window: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -265,6 +300,9 @@ class TaskDefinition:
             and self.timeout == other.timeout
             and self.jitter == other.jitter
             and self.misfire_policy == other.misfire_policy
+            and self.pause_after_failures == other.pause_after_failures
+            and self.ping_url == other.ping_url
+            and self.catch_up_window == other.catch_up_window
         )
 
 
@@ -325,6 +363,9 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
         misfire_policy=MisfirePolicy(task.misfire_policy),
         not_persistable=reason,
         schedule=_schedule_of(task),
+        pause_after_failures=getattr(task, "pause_after_failures", None),
+        ping_url=getattr(task, "ping_url", None),
+        catch_up_window=getattr(task, "catch_up_window", None),
     )
 
 

@@ -47,6 +47,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from nanobot.config import Config
 from nanobot.cron import control
+from nanobot.cron.pings import check_ping_url
 from nanobot.cron.schedules import (
     AtSchedule,
     IntervalSchedule,
@@ -55,7 +56,7 @@ from nanobot.cron.schedules import (
     parse_cron,
     parse_every,
 )
-from nanobot.cron.task import TaskDefinition, check_interval
+from nanobot.cron.task import TaskDefinition, check_failure_count, check_interval
 from nanobot.db import write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskFileError
 from nanobot.models import MisfirePolicy, Task, TaskSource, utcnow
@@ -67,7 +68,18 @@ COMMAND_CLASS: Final = "nanobot.cron.command:CommandTask"
 
 _SCHEDULE_KEYS: Final = ("every", "interval", "cron", "at")
 _COMMON_KEYS: Final = frozenset(
-    {*_SCHEDULE_KEYS, "tz", "kwargs", "timeout", "jitter", "misfire", "paused"}
+    {
+        *_SCHEDULE_KEYS,
+        "tz",
+        "kwargs",
+        "timeout",
+        "jitter",
+        "misfire",
+        "paused",
+        "pause_after_failures",
+        "ping_url",
+        "catch_up_window",
+    }
 )
 _CLASS_KEYS: Final = frozenset({"task"})
 _COMMAND_KEYS: Final = frozenset({"command", "shell", "cwd", "env", "kill_grace"})
@@ -198,6 +210,25 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
     if not isinstance(paused, bool):
         raise fail("paused", f"must be true or false, got {paused!r}")
 
+    # A scheduling option of the stored task, not a constructor argument.
+    failures = body.get("pause_after_failures")
+    try:
+        failures = check_failure_count(failures)
+    except InvalidTaskError as exc:
+        raise fail("pause_after_failures", str(exc)) from None
+
+    try:
+        ping_url = check_ping_url(body.get("ping_url"))
+    except InvalidTaskError as exc:
+        raise fail("ping_url", str(exc)) from None
+
+    window = None
+    if "catch_up_window" in body:
+        try:
+            window = _seconds(body["catch_up_window"], "catch_up_window")
+        except InvalidTaskError as exc:
+            raise fail("catch_up_window", str(exc)) from None
+
     options: dict[str, Any] = {}
     for key in ("timeout", "jitter"):
         if key in body:
@@ -243,6 +274,9 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             timeout=options.get("timeout"),
             jitter=options.get("jitter"),
             misfire_policy=options.get("misfire_policy"),
+            pause_after_failures=failures,
+            ping_url=ping_url,
+            catch_up_window=window,
         )
     except InvalidTaskError as exc:
         raise fail("command" if is_command else "kwargs", str(exc)) from None

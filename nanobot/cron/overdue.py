@@ -1,0 +1,235 @@
+"""Overdue tasks: the dead man's switch inside nanobot.
+
+A failed run shows itself; a scheduler that stopped dispatching (a frozen leader, a lost lease
+nobody took, a saturated loop) shows nothing, because nothing runs. This module finds what
+should have happened by now and has not, from the database alone, so that any process (a
+standby, ``nanobot status``, a scrape of ``/metrics``) sees it:
+
+- ``not_claimed``: a started task whose next slot (``tasks.next_run_at``) is more than its grace
+  in the past. The leader advances ``next_run_at`` in the transaction that claims the slot, so
+  a slot still there after the grace was claimed by nobody.
+- ``run_too_long``: a run recorded ``running`` (dispatched) for longer than its expected bound
+  plus the grace. The bound is the task's timeout if it has one, else ``cron.overrun_intervals``
+  times its interval (no bound when that is 0).
+
+The grace of a task is ``cron.overdue_grace_share`` of its interval (a cron task: its longest
+gap), and at least ``cron.overdue_grace_min`` seconds. A paused task is never overdue.
+
+:func:`read_overdue` is a pure read with the instant passed in. :class:`OverdueWatch` runs on
+the event loop of the service (every node, leader or standby: a frozen leader cannot report
+itself) and publishes the changes on the bus: ``task.overdue`` when a task becomes overdue,
+``task.overdue_cleared`` when it no longer is. Its database reads run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import structlog
+from sqlalchemy import Connection, Engine, select
+
+from nanobot.bus import MessageBus
+from nanobot.config import Config
+from nanobot.db import read_transaction
+from nanobot.models import Task, TaskOutcome, TaskRun, utcnow
+
+log = structlog.get_logger(__name__)
+
+OVERDUE: Final = "task.overdue"
+OVERDUE_CLEARED: Final = "task.overdue_cleared"
+DEFAULT_GRACE_SHARE: Final = 0.1
+DEFAULT_GRACE_MIN: Final = 5.0
+
+
+class OverdueKind(enum.StrEnum):
+    """Why a task is overdue (logged and published)."""
+
+    NOT_CLAIMED = "not_claimed"  # its slot passed and no scheduler claimed it
+    RUN_TOO_LONG = "run_too_long"  # its run has gone past its expected bound
+
+
+@dataclass(frozen=True, slots=True)
+class Grace:
+    """How late a slot or a run may be before its task is overdue."""
+
+    share: float = DEFAULT_GRACE_SHARE
+    minimum: float = DEFAULT_GRACE_MIN
+
+    def of(self, interval: float) -> float:
+        return max(self.minimum, self.share * interval)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Grace:
+        return cls(
+            share=float(config.get("cron.overdue_grace_share", DEFAULT_GRACE_SHARE)),
+            minimum=float(config.get("cron.overdue_grace_min", DEFAULT_GRACE_MIN)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    """One overdue task: since when it is expected (the slot, or the end of the run's bound),
+    and how late it is now (seconds past that instant)."""
+
+    task: str
+    kind: OverdueKind
+    expected_at: datetime
+    late_s: float
+    grace_s: float
+
+    def describe(self) -> str:
+        if self.kind is OverdueKind.NOT_CLAIMED:
+            return (
+                f"task {self.task} is overdue: its slot of {self.expected_at.isoformat()} is "
+                f"{self.late_s:.0f}s late and no scheduler claimed it"
+            )
+        return (
+            f"task {self.task} is overdue: its run has gone {self.late_s:.0f}s past its "
+            f"expected end ({self.expected_at.isoformat()})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "kind": self.kind.value,
+            "expected_at": self.expected_at.isoformat(),
+            "late_s": round(self.late_s, 3),
+            "grace_s": self.grace_s,
+        }
+
+
+def read_overdue(
+    conn: Connection,
+    *,
+    now: datetime,
+    grace: Grace,
+    overrun_intervals: float,
+    include_runs: bool = True,
+) -> list[Overdue]:
+    """Every overdue task at ``now``, by task name (a task overdue both ways is listed twice).
+
+    ``include_runs=False`` reads the ``tasks`` table only (``not_claimed``), for ``status``,
+    which never reads run history; a run past its bound shows there through its overrunning
+    component (``cron.overrun_intervals``) as long as its node beats.
+    """
+    found: list[Overdue] = []
+    # Only slots past the smallest grace can be overdue: the database filters the rest.
+    horizon = now - timedelta(seconds=grace.minimum)
+    for task in conn.execute(
+        select(Task.name, Task.interval_s, Task.next_run_at).where(
+            Task.paused.is_(False), Task.next_run_at.is_not(None), Task.next_run_at < horizon
+        )
+    ):
+        allowed = grace.of(task.interval_s)
+        late = (now - task.next_run_at).total_seconds()
+        if late > allowed:
+            found.append(
+                Overdue(task.name, OverdueKind.NOT_CLAIMED, task.next_run_at, late, allowed)
+            )
+    if not include_runs:
+        found.sort(key=lambda o: o.task)
+        return found
+    for row in conn.execute(
+        select(TaskRun.task_name, TaskRun.started_at, Task.interval_s, Task.timeout_s)
+        .join(Task, Task.name == TaskRun.task_name)
+        .where(
+            TaskRun.outcome == TaskOutcome.RUNNING.value,
+            TaskRun.started_at.is_not(None),
+            TaskRun.started_at < horizon,
+        )
+    ):
+        bound = row.timeout_s or overrun_intervals * row.interval_s
+        if bound <= 0:
+            continue
+        allowed = grace.of(row.interval_s)
+        expected = row.started_at + timedelta(seconds=bound)
+        late = (now - expected).total_seconds()
+        if late > allowed:
+            found.append(Overdue(row.task_name, OverdueKind.RUN_TOO_LONG, expected, late, allowed))
+    found.sort(key=lambda o: (o.task, o.kind.value))
+    return found
+
+
+def overdue_from_config(
+    conn: Connection, config: Config, now: datetime | None = None, *, include_runs: bool = True
+) -> list[Overdue]:
+    """:func:`read_overdue` with the configured grace and bound."""
+    return read_overdue(
+        conn,
+        now=now or utcnow(),
+        grace=Grace.from_config(config),
+        overrun_intervals=float(config.get("cron.overrun_intervals", 3.0)),
+        include_runs=include_runs,
+    )
+
+
+class OverdueWatch:
+    """Publishes ``task.overdue`` and ``task.overdue_cleared`` as tasks become and stop being
+    overdue, checking every ``period`` seconds (event loop; reads in a thread)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        bus: MessageBus,
+        config: Config,
+        *,
+        node: str,
+        period: float,
+    ) -> None:
+        self._engine = engine
+        self._bus = bus
+        self._config = config
+        self._node = node
+        self._period = period
+        self._current: dict[tuple[str, OverdueKind], Overdue] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name="nanobot-overdue"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except Exception as exc:
+                # The database may be unreachable: other checks say so; try again later.
+                log.warning("cron.overdue_check_failed", error=f"{exc.__class__.__name__}: {exc}")
+            await asyncio.sleep(self._period)
+
+    def _read(self) -> list[Overdue]:
+        with read_transaction(self._engine) as conn:
+            return overdue_from_config(conn, self._config)
+
+    async def check(self) -> list[Overdue]:
+        """Read once, publish the changes since the last check; what is overdue now."""
+        found = await asyncio.to_thread(self._read)
+        now = {(o.task, o.kind): o for o in found}
+        for key, item in now.items():
+            if key not in self._current:
+                log.warning(
+                    "task.overdue",
+                    task=item.task,
+                    kind=item.kind.value,
+                    late_s=round(item.late_s, 3),
+                )
+                await self._bus.publish(OVERDUE, item.to_json() | {"node": self._node})
+        for key, item in self._current.items():
+            if key not in now:
+                log.info("task.overdue_cleared", task=item.task, kind=item.kind.value)
+                payload = {"task": item.task, "kind": item.kind.value, "node": self._node}
+                await self._bus.publish(OVERDUE_CLEARED, payload)
+        self._current = now
+        return found
