@@ -342,8 +342,9 @@ def test_task_file_key(tmp_path: Path) -> None:
 
 
 def test_migration_0009_keeps_tasks(db_url: str) -> None:
-    """A database at 0008 (the revision before 0009) with a task: after the upgrade the task is unchanged, with no
-    threshold of its own (the setting's default), not auto-paused and without pings."""
+    """A database at 0008 (the revision before 0009) with a task: after the upgrade the task is
+    unchanged, with no threshold of its own (the setting's default), not auto-paused and without
+    pings."""
     empty_engine = create_db_engine(db_url)
     upgrade_database(empty_engine, "0008")
     now = datetime(2026, 11, 30, tzinfo=UTC)

@@ -61,8 +61,8 @@ from nanobot.cron._aps import (
     NanobotScheduler,
 )
 from nanobot.cron.history import Claim, Fenced, Finish
-from nanobot.cron.retention import HistoryTrimmer
 from nanobot.cron.pings import Pinger
+from nanobot.cron.retention import HistoryTrimmer
 from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
