@@ -199,16 +199,20 @@ class ServiceProcess(_Process):
         return self
 
     def wait_status(self, path: str, status: int = 200, within: float = 120.0) -> float:
-        """Poll ``path`` every 10 ms until it answers ``status``; when it did (epoch)."""
+        """Poll ``path`` every 20 ms until it answers ``status``; when it did (epoch).
+
+        One request at a time, each given 15 s: a shorter client timeout would leave the
+        service's reads (``/readyz`` reads the database) piling up behind a slow start.
+        """
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
                     f"the service exited ({self.proc.returncode}); see {self.stderr_path}"
                 )
-            if http_get(self.port, path, timeout=2.0) == status:
+            if http_get(self.port, path, timeout=15.0) == status:
                 return time.time()
-            time.sleep(0.01)
+            time.sleep(0.02)
         raise RuntimeError(f"{path} did not answer {status} within {within} s")
 
     def log_lines(self) -> int:

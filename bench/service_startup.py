@@ -2,8 +2,8 @@
 
 The parent notes ``time.time()`` and starts ``python -m nanobot`` (default settings) on a SQLite
 file holding N tasks stored as ``nanobot cron add`` stores them, due in an hour, plus one task
-due now. Measured: process start -> ``/readyz`` answering 200 (polled every 10 ms), and process
-start -> the due task's first run (it appends ``time.time()`` to a file).
+due now. Measured: process start -> ``/readyz`` answering 200 (polled every 20 ms, one request
+at a time), and process start -> the due task's first run (it appends ``time.time()`` to a file).
 
 - cold: the stored tasks are only rows of ``tasks`` (stored while no service ran), so this
   start makes their jobs; warm: the same database started again (their jobs exist, as after
