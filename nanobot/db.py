@@ -354,6 +354,13 @@ def _unlimited(engine: Engine) -> Iterator[Engine]:
 
 def upgrade_database(engine: Engine, revision: str = "head") -> None:
     """Apply pending migrations up to ``revision``; refuse a database newer than the code."""
+    if revision == "head":
+        try:
+            current = current_revision(engine)
+        except SQLAlchemyError:
+            current = None  # the migration below says what is wrong
+        if current is not None and current == head_revision():
+            return  # nothing to do: no second connection, no migration lock
     with _unlimited(engine) as plain:
         _upgrade(plain, revision)
 

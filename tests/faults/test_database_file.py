@@ -70,12 +70,15 @@ def test_database_file_deleted_or_replaced_is_detected_within_a_health_cycle(
         event = wait_for("the service notices", noticed, timeout=PERIOD + 3)
         report(f"database file {how} -> noticed", event["at"] - done_at)
         assert event["level"] == "critical"
-        assert event["reason"] == how
+        # A deleted file may already be replaced by the time it is noticed: a new connection of
+        # the pool opens the path, and SQLite creates an empty file there.
+        expected = {"deleted", "replaced"} if how == "deleted" else {"replaced"}
+        assert event["reason"] in expected
         assert event["at"] - done_at <= PERIOD + 2
         _code, status = service.get("/status")
         assert status["status"] == "error"
         assert str(path) in status["problems"][0]
-        assert how in status["problems"][0]
+        assert event["reason"] in status["problems"][0]
         code, ready = service.get("/readyz")
         assert code == 503
         assert ready["ready"] is False
