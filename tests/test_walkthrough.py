@@ -66,7 +66,9 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 service = subprocess.Popen(
                     ["bash", "-c", body],
                     cwd=home,
-                    env=env,
+                    # At debug the service logs each run it finishes (a success is a debug
+                    # line): how the Python example below tells the service's runs apart.
+                    env=env | {"NANOBOT_LOGGING__LEVEL": "debug"},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
