@@ -54,6 +54,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -67,6 +68,7 @@ from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upg
 from nanobot.exceptions import ConfigError, NotLeaderError
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
+from nanobot.logging import flush_logging
 from nanobot.metrics import Metrics
 from nanobot.models import utcnow
 from nanobot.node import node_name
@@ -358,6 +360,11 @@ class Service:
             self.request_stop()
             return
         log.warning("service.signal", signal=sig.name, action="exit_now", exit_code=EXIT_FAILED)
+        # Lines are written by the logging thread: give it a moment to write this one, not more
+        # (a second signal means now, even if that thread is stuck on a full disk).
+        flusher = threading.Thread(target=flush_logging, name="nanobot-exit-flush", daemon=True)
+        flusher.start()
+        flusher.join(timeout=1.0)
         sys.stderr.flush()
         os._exit(EXIT_FAILED)
 
