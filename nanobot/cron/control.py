@@ -417,23 +417,25 @@ def task_history(
         rows = conn.execute(query.order_by(TaskRun.scheduled_at.desc()).limit(limit)).all()
     if known is None and not rows:
         raise UnknownTaskError(name)
-    return [
-        RunInfo(
-            id=r.id,
-            task_name=r.task_name,
-            scheduled_at=r.scheduled_at,
-            started_at=r.started_at,
-            finished_at=r.finished_at,
-            duration=r.duration_s,
-            outcome=TaskOutcome(r.outcome),
-            error=r.error,
-            slots=r.slots,
-            manual=r.manual,
-            node=r.node,
-            output=r.output,
-        )
-        for r in rows
-    ]
+    return [run_info(r) for r in rows]
+
+
+def run_info(r: Any) -> RunInfo:
+    """A ``task_runs`` row as a record (``output`` where the query selected it)."""
+    return RunInfo(
+        id=r.id,
+        task_name=r.task_name,
+        scheduled_at=r.scheduled_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        duration=r.duration_s,
+        outcome=TaskOutcome(r.outcome),
+        error=r.error,
+        slots=r.slots,
+        manual=r.manual,
+        node=r.node,
+        output=getattr(r, "output", None),
+    )
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -206,25 +206,9 @@ def recent_failures(engine: Engine, *, limit: int = 10) -> list[Failure]:
                 newest[row.task_name] = row
         existing = set(conn.execute(select(Task.name).where(Task.name.in_(list(newest)))).scalars())
     return [
-        Failure(run=_run(row), count=counts[name], removed=name not in existing)
+        Failure(run=control.run_info(row), count=counts[name], removed=name not in existing)
         for name, row in newest.items()
     ]
-
-
-def _run(r: Any) -> RunInfo:
-    return RunInfo(
-        id=r.id,
-        task_name=r.task_name,
-        scheduled_at=r.scheduled_at,
-        started_at=r.started_at,
-        finished_at=r.finished_at,
-        duration=r.duration_s,
-        outcome=TaskOutcome(r.outcome),
-        error=r.error,
-        slots=r.slots,
-        manual=r.manual,
-        node=r.node,
-    )
 
 
 def next_runs(info: TaskInfo, count: int = NEXT_RUNS) -> list[datetime]:
