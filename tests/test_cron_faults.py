@@ -19,6 +19,7 @@ import pytest
 import structlog
 from cron_tasks import Counter
 from sqlalchemy import Engine, insert, select, update
+from test_cron import Outcomes
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
@@ -35,32 +36,6 @@ from nanobot.models import SchedulerLease as LeaseRow
 POLL = 0.05
 WAIT = 10.0
 TESTS = Path(__file__).parent
-
-
-class Outcomes:
-    """The scheduler's task.finished events, waited for with a bound."""
-
-    def __init__(self, bus: MessageBus) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
-        bus.subscribe("task.finished", self._on)
-
-    async def _on(self, topic: str, payload: dict[str, Any]) -> None:
-        self.events.append(payload)
-        self._changed.set()
-
-    def of(self, task: str, outcome: str | None = None) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events
-            if e["task"] == task and (outcome is None or e["outcome"] == outcome)
-        ]
-
-    async def wait(self, predicate: Callable[[], bool], within: float = WAIT) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
 
 
 async def until(predicate: Callable[[], bool], within: float = WAIT) -> None:
