@@ -51,7 +51,7 @@ from typing import Any, Final
 
 import structlog
 from sqlalchemy import Connection, Engine, create_engine, func, insert, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from nanobot.db import read_transaction, write_transaction
@@ -70,6 +70,11 @@ LOCK_CLASS_ID: Final = 0x6E62
 LOCK_APPLICATION_PREFIX: Final = "nanobot-lock:"
 
 Clock = Callable[[], datetime]
+
+
+def _lock_not_available(exc: OperationalError) -> bool:
+    """True for PostgreSQL's lock timeout (SQLSTATE 55P03), as ``lock_timeout`` raises it."""
+    return getattr(exc.orig, "sqlstate", None) == "55P03"
 
 
 def holder_id(node: str, pid: int | None = None) -> str:
@@ -211,7 +216,65 @@ class SchedulerLease:
     # --- operations ---------------------------------------------------------------------------
 
     def try_acquire(self) -> bool:
-        """Take the lease if it is free, expired, or ours already. True if we hold it now."""
+        """Take the lease if it is free, expired, or ours already. True if we hold it now.
+
+        On PostgreSQL, an acquire that finds the row locked by a session the server should have
+        ended already (see :meth:`_end_stale_sessions`) ends it and tries once more.
+        """
+        try:
+            return self._try_acquire()
+        except OperationalError as exc:
+            if not _lock_not_available(exc) or not self._end_stale_sessions():
+                raise
+        return self._try_acquire()
+
+    def _end_stale_sessions(self) -> bool:
+        """End the sessions that hold the expired lease's row inside an abandoned transaction.
+
+        PostgreSQL ends a session idle in a transaction after ``idle_in_transaction_session_
+        timeout`` (one ttl, :class:`nanobot.db.SessionLimits`), which frees the row a frozen
+        leader read FOR SHARE. A leader cut off in the middle of a pipelined batch, behind a
+        proxy or load balancer that keeps the TCP connection open, leaves the server waiting
+        for the rest of a message instead: that wait is not "idle", the timeout never fires,
+        the keepalives are answered, and the row stayed locked until the statement timeout
+        (a minute), blocking every take-over (seen: a standby still waiting 12 s after the
+        cut). Such a session is ended here, only when the lease has expired by the database's
+        clock (its holder has stepped down or is gone) and the session has sent nothing for
+        longer than one ttl: no live nanobot process keeps a transaction open that long.
+        True if a session was ended.
+        """
+        with write_transaction(self.engine) as conn:
+            if conn.dialect.name != "postgresql":
+                return False
+            row = conn.execute(select(LeaseRow.__table__).where(LeaseRow.name == self.name)).first()
+            if row is None or _row_info(row).is_held(self._now(conn)):
+                return False
+            stale = conn.execute(
+                text(
+                    "SELECT a.pid, a.state, extract(epoch FROM now() - a.state_change) AS quiet"
+                    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.locktype = 'relation' AND l.granted"
+                    " AND l.relation = CAST(:table AS regclass)"
+                    " AND l.mode = 'RowShareLock' AND a.pid <> pg_backend_pid()"
+                    " AND a.state <> 'active'"
+                    " AND a.state_change < now() - make_interval(secs => :ttl)"
+                ),
+                {"table": LeaseRow.__tablename__, "ttl": self.ttl},
+            ).all()
+            ended = []
+            for pid, state, quiet in stale:
+                if conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar():
+                    ended.append(pid)
+                    log.warning(
+                        "lease.stale_session_ended",
+                        lease=self.name,
+                        pid=pid,
+                        state=state,
+                        quiet_s=round(float(quiet), 3),
+                    )
+        return bool(ended)
+
+    def _try_acquire(self) -> bool:
         started = time.monotonic()
         self.refused_for = None
         try:

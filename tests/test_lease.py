@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from nanobot.db import create_db_engine
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id, lock_key
@@ -272,3 +274,43 @@ def test_verify_inside_a_transaction(engine: Engine) -> None:
     with write_transaction(engine) as conn:
         assert not first.verify(conn)
         assert second.verify(conn)
+
+
+@postgres_only
+def test_a_session_left_in_a_transaction_past_the_lease_is_ended_by_the_next_leader(
+    engine: Engine,
+) -> None:
+    """A leader cut off in the middle of a pipelined batch leaves its session waiting for the
+    rest of a message, which PostgreSQL's idle-in-transaction timeout does not end (simulated by
+    switching that timeout off for the session). Once the lease has expired and the session has
+    been silent for a ttl, a standby's acquire ends it and leads; before that it does not."""
+    ttl = 1.0
+    leader = SchedulerLease(engine, "cut-off:1", ttl)
+    standby = SchedulerLease(engine, "standby:2", ttl)
+    assert leader.try_acquire()
+    stuck = engine.connect()
+    stuck.begin()
+    stuck.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+    backend = stuck.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    stuck.execute(text("SELECT * FROM scheduler_lease FOR SHARE"))
+    silent_from = time.monotonic()
+    deadline = silent_from + 10
+    try:
+        # The lease is still held: the row stays locked and the session is left alone.
+        with pytest.raises(OperationalError, match="lock timeout"):
+            standby.try_acquire()
+        acquired = False
+        while not acquired:
+            assert time.monotonic() < deadline, "the stuck session kept the lease row"
+            with contextlib.suppress(OperationalError):
+                acquired = standby.try_acquire()
+        waited = time.monotonic() - silent_from
+        assert ttl <= waited < ttl + 2
+        with engine.connect() as conn:
+            alive = conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": backend}
+            ).scalar_one()
+        assert alive == 0
+        assert standby.epoch == 2
+    finally:
+        stuck.invalidate()
