@@ -1098,7 +1098,8 @@ class CronManager:
             if later is None or later > retry.at:
                 # A slot after this one already claimed (a schedule changed meanwhile).
                 later = claimed if claimed is not None and claimed > retry.slot else later
-            if later is not None and later <= retry.at:
+            # The retry would start at its instant, or now if that has passed (a restart).
+            if later is not None and later <= max(retry.at, now):
                 result.given_up.append((retry, later))
                 continue
             policy, window = self._policies[name]
@@ -1820,8 +1821,6 @@ class CronManager:
             "slots": finish.slots,
             "error": finish.error,
             "attempt": finish.attempt,
-            # A failed attempt that a retry follows (at this instant): the slot goes on.
-            "retry_at": finish.retry_at.isoformat() if finish.retry_at is not None else None,
         }
 
     def _spawn(self, coro: Any) -> None:
