@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -697,3 +697,117 @@ def test_migration_0010_numbers_existing_runs(db_url: str) -> None:
             )  # fmt: skip
     finally:
         engine.dispose()
+
+
+# --- a real service -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def services(
+    nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Any]]:
+    from faults.harness import BASE_ENV, ServiceProcess
+
+    for name, value in BASE_ENV.items():
+        monkeypatch.setenv(name, value)
+    started: list[ServiceProcess] = []
+
+    def start() -> ServiceProcess:
+        service = ServiceProcess(home=nanobot_home, logs=tmp_path, label=f"s{len(started)}")
+        started.append(service)
+        return service.start()
+
+    try:
+        yield start
+    finally:
+        for service in started:
+            service.close()
+
+
+def add_flaky(name: str, path: Path, failures: int, backoff: str) -> None:
+    from faults.harness import run_cli
+
+    code, out = run_cli(
+        "cron", "add", name, "--task", "failure_tasks:Flaky", "--every", "1h",
+        "--kwargs", json.dumps({"path": str(path), "failures": failures}),
+        "--retries", "3", "--retry-backoff", backoff, "--json",
+    )  # fmt: skip
+    assert code == 0, out
+
+
+def start_lines(path: Path) -> list[tuple[float, int]]:
+    """(time, pid) of each attempt's start, as the task itself wrote them."""
+    if not path.exists():
+        return []
+    return [
+        (float(parts[1]), int(parts[2]))
+        for parts in (line.split() for line in path.read_text().splitlines())
+        if parts and parts[0] == "start"
+    ]
+
+
+def history_of(name: str) -> list[control.RunInfo]:
+    from nanobot.db import get_engine
+
+    return list(reversed(control.task_history(get_engine(), name, 20)))
+
+
+@pytest.mark.slow
+def test_example_on_a_real_service(services: Callable[..., Any], tmp_path: Path) -> None:
+    """The issue's example on the service as operators run it: fails twice, then succeeds;
+    attempts 1 s and then 2 s apart (plus the scheduler's own lateness), one slot, success."""
+    from faults.harness import wait_for
+
+    services().wait_up()
+    path = tmp_path / "runs.txt"
+    add_flaky("nightly", path, failures=2, backoff="1s,2,60s")
+    wait_for(
+        "three attempts written",
+        lambda: [r.outcome for r in history_of("nightly")] == ["error", "error", "success"],
+        timeout=40,
+    )
+    runs = history_of("nightly")
+    assert [r.attempt for r in runs] == [1, 2, 3]
+    assert len({r.scheduled_at for r in runs}) == 1
+    times = [t for t, _ in start_lines(path)]
+    assert len(times) == 3
+    # Counted from each failed attempt's end; late by the pass and the loop at most.
+    assert 1.0 <= times[1] - times[0] <= 1.6, times
+    assert 2.0 <= times[2] - times[1] <= 2.6, times
+
+
+@pytest.mark.slow
+def test_kill_9_between_attempts(services: Callable[..., Any], tmp_path: Path) -> None:
+    """kill -9 after attempt 1 failed, before its retry: the restarted service runs attempt 2
+    once, not before its time, under the same slot; the slot's outcome is its success."""
+    from faults.harness import wait_for
+
+    from nanobot.db import get_engine
+
+    service = services()
+    service.wait_up()
+    path = tmp_path / "runs.txt"
+    add_flaky("survivor", path, failures=1, backoff="5s,1,5s")
+    engine = get_engine()
+    retry_at = wait_for(
+        "the pending retry stored", lambda: task_row(engine, "survivor").retry_at, timeout=30
+    )
+    service.kill()
+    assert len(start_lines(path)) == 1
+    assert [r.outcome for r in history_of("survivor")] == ["error"]
+
+    service.start()
+    wait_for(
+        "attempt 2 written",
+        lambda: [r.outcome for r in history_of("survivor")] == ["error", "success"],
+        timeout=40,
+    )
+    runs = history_of("survivor")
+    slot = runs[0].scheduled_at
+    assert [(r.attempt, r.scheduled_at) for r in runs] == [(1, slot), (2, slot)]
+    lines = start_lines(path)
+    assert len(lines) == 2
+    assert lines[0][1] != lines[1][1]  # the second attempt ran in the restarted process
+    assert lines[1][0] >= retry_at.timestamp()
+    row = task_row(engine, "survivor")
+    assert (row.retry_at, row.consecutive_failures, row.last_outcome) == (None, 0, "success")
