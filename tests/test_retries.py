@@ -553,6 +553,64 @@ async def test_pausing_drops_the_pending_retry(
     assert task_row(engine, "held").retry_at is None
 
 
+async def test_a_timed_out_attempt_has_stopped_before_the_retry(
+    engine: Engine, bus: MessageBus, tmp_path: Path
+) -> None:
+    """A command that ignores SIGTERM times out: its retry starts only once the first
+    attempt's process is gone (SIGKILL after kill_grace), and both are recorded timeout."""
+    pids, log = tmp_path / "pids", tmp_path / "log"
+    script = (
+        f"for p in $(cat {pids} 2>/dev/null); do kill -0 $p 2>/dev/null && echo alive $p >> {log}; "
+        f"done; echo $$ >> {pids}; trap '' TERM; sleep 30"
+    )
+    definition = control.definition_from_class(
+        "hang",
+        "nanobot.cron.command:CommandTask",
+        kwargs={"command": script, "shell": True, "timeout": 0.5, "kill_grace": 0.5},
+        schedule=IntervalSchedule(seconds=3600),
+        retries=1,
+        retry_backoff="0s,1,0s",
+    )
+    control.add_task(engine, definition)
+    outcomes = Outcomes(bus)
+    manager = CronManager(poll_interval=POLL, bus=bus)
+    await manager.start()
+    try:
+        await outcomes.wait(lambda: len(outcomes.of("hang")) >= 2, within=30)
+        await manager.flush()
+    finally:
+        await manager.shutdown(grace=0)
+    assert [(n, outcome) for _, n, outcome, _ in attempts(engine, "hang")] == [
+        (1, "timeout"),
+        (2, "timeout"),
+    ]
+    assert len(pids.read_text().split()) == 2
+    assert not log.exists(), log.read_text()
+
+
+def test_history_pages_keep_a_slots_attempts_together(engine: Engine) -> None:
+    """A page that ends inside a slot's attempts takes the slot's earlier attempts too, and
+    the next page (before that slot) starts with the slot before: nothing twice, nothing lost."""
+    control.add_task(
+        engine, control.definition_from_class("p", "failure_tasks:Flaky", 60, kwargs={"path": "x"})
+    )
+    rows = [(at(0), 1), (at(60), 1), (at(60), 2), (at(60), 3), (at(120), 1)]
+    with write_transaction(engine) as conn:
+        for slot, n in rows:
+            conn.execute(
+                insert(TaskRun).values(
+                    task_name="p", scheduled_at=slot, attempt=n, outcome="error", slots=1,
+                    manual=False,
+                )
+            )  # fmt: skip
+    first = control.task_history(engine, "p", 2)
+    assert [(r.scheduled_at, r.attempt) for r in first] == [
+        (at(120), 1), (at(60), 3), (at(60), 2), (at(60), 1),
+    ]  # fmt: skip
+    second = control.task_history(engine, "p", 2, before=first[-1].scheduled_at)
+    assert [(r.scheduled_at, r.attempt) for r in second] == [(at(0), 1)]
+
+
 # --- the command line and the task file --------------------------------------------------------
 
 

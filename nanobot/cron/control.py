@@ -447,7 +447,9 @@ def task_history(
     """The last ``limit`` rows of a task's run history, newest first.
 
     With ``before``, only slots scheduled before it: the next page after a page whose oldest
-    row was scheduled at ``before`` (slots of one task are unique, so no row is shown twice).
+    row was scheduled at ``before``. The attempts of a slot (retries) are never split between
+    two pages: a page holds at least ``limit`` rows when there are that many, so that no row is
+    shown twice or skipped.
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
@@ -456,9 +458,23 @@ def task_history(
         query = query.where(TaskRun.scheduled_at < before)
     with read_transaction(engine) as conn:
         known = conn.execute(select(Task.id).where(Task.name == name)).first()
-        rows = conn.execute(
-            query.order_by(TaskRun.scheduled_at.desc(), TaskRun.attempt.desc()).limit(limit)
-        ).all()
+        rows = list(
+            conn.execute(
+                query.order_by(TaskRun.scheduled_at.desc(), TaskRun.attempt.desc()).limit(limit)
+            ).all()
+        )
+        if len(rows) == limit and rows[-1].attempt > 1:
+            # A page ends inside a slot's attempts: its earlier attempts come with it, since
+            # the next page starts before that slot (a page may hold a few rows more).
+            rows += conn.execute(
+                select(TaskRun.__table__)
+                .where(
+                    TaskRun.task_name == name,
+                    TaskRun.scheduled_at == rows[-1].scheduled_at,
+                    TaskRun.attempt < rows[-1].attempt,
+                )
+                .order_by(TaskRun.attempt.desc())
+            ).all()
     if known is None and not rows:
         raise UnknownTaskError(name)
     return [run_info(r) for r in rows]
