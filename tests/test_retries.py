@@ -3,8 +3,10 @@ restarts between attempts, the command line, the task file and revision 0010."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -609,6 +611,74 @@ def test_history_pages_keep_a_slots_attempts_together(engine: Engine) -> None:
     ]  # fmt: skip
     second = control.task_history(engine, "p", 2, before=first[-1].scheduled_at)
     assert [(r.scheduled_at, r.attempt) for r in second] == [(at(0), 1)]
+
+
+def spans(path: Path) -> list[tuple[float, float]]:
+    """(start, end) of each attempt as the task wrote them, in order."""
+    starts_, ends = [], []
+    for line in path.read_text().splitlines():
+        word, when, _pid = line.split()
+        (starts_ if word == "start" else ends).append(float(when))
+    return list(zip(starts_, ends, strict=True))
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    failures=st.integers(min_value=0, max_value=4),
+    retries=st.integers(min_value=0, max_value=3),
+    backoff=st.sampled_from(["1s,2,60s", "2s,1,2s", "0s,1,0s", "500ms,3,10s,1s"]),
+    seconds=st.sampled_from([0.0, 0.05]),
+)
+def test_property_the_scheduler_never_runs_two_attempts_at_once(
+    engine: Engine, tmp_path: Path, failures: int, retries: int, backoff: str, seconds: float
+) -> None:
+    """On the real scheduler (injected clock, moved to each pending retry): whatever the
+    failures, retries and backoff, each attempt starts after the previous one ended (as the
+    task itself records), a slot has min(failures, retries) + 1 attempts, and its outcome is
+    its last attempt's."""
+    name = f"p{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.txt"
+    definition = control.definition_from_class(
+        name,
+        "failure_tasks:Flaky",
+        kwargs={"path": str(path), "failures": failures, "seconds": seconds},
+        schedule=IntervalSchedule(seconds=3600),
+        retries=retries,
+        retry_backoff=backoff,
+    )
+    control.add_task(engine, definition)
+    with write_transaction(engine) as conn:
+        conn.execute(update(Task).where(Task.name == name).values(next_run_at=T, anchor_at=T))
+    expected = min(failures, retries) + 1
+
+    async def scenario() -> None:
+        bus = MessageBus()
+        outcomes = Outcomes(bus)
+        clock = Clock(T)
+        manager = CronManager(engine=engine, poll_interval=POLL, bus=bus, clock=clock)
+        await manager.start()
+        try:
+            for done in range(1, expected + 1):
+                await step(manager, outcomes, name, done)
+                retry_at = task_row(engine, name).retry_at
+                if done < expected:
+                    assert retry_at is not None
+                    clock.now = retry_at
+            assert task_row(engine, name).retry_at is None
+        finally:
+            await manager.shutdown(grace=0)
+
+    asyncio.run(scenario())
+    ran = spans(path)
+    assert len(ran) == expected
+    for (_, end), (start, _) in itertools.pairwise(ran):
+        assert start >= end
+    rows = attempts(engine, name)
+    assert [n for _, n, _, _ in rows] == list(range(1, expected + 1))
+    assert rows[-1][2] == ("success" if failures <= retries else "error")
+    assert task_row(engine, name).consecutive_failures == (0 if failures <= retries else 1)
 
 
 # --- the command line and the task file --------------------------------------------------------

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -175,8 +175,10 @@ class _DueRetries:
     missed: list[tuple[PendingRetry, float]]
     # The task's next slot came first: the slot's remaining attempts are given up.
     given_up: list[tuple[PendingRetry, datetime]]
-    # Of a task removed or paused meanwhile: forgotten.
+    # Of a task removed, stopped or paused meanwhile: forgotten.
     dropped: list[PendingRetry]
+    # The job of each retry to claim (its task class and arguments).
+    jobs: dict[str, JobState] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.claims or self.missed or self.given_up or self.dropped)
@@ -982,7 +984,7 @@ class CronManager:
         for name, slot, task_class, kwargs in manual:
             claims.append(Claim(name, slot, manual=True))
             launches[(name, slot)] = (task_class, kwargs, True, True)
-        due_retries = self._due_retries(due, now, horizon)
+        due_retries = self._due_retries(scheduler, due, now, horizon)
         unrun.extend(self._missed_retries(due_retries, now))
         claimed: dict[tuple[str, datetime], int] = {}
         retried: dict[tuple[str, datetime], int] = {}
@@ -1044,18 +1046,10 @@ class CronManager:
                     attempt=retry.attempt,
                 )
                 continue
-            # The task class and arguments are the job's; a task removed meanwhile was dropped.
-            job_state = scheduler.lookup(retry.task, PERSISTENT) or scheduler.lookup(
-                retry.task, EPHEMERAL
+            job_state = due_retries.jobs[retry.task]
+            launch = self._prepare(
+                retry.task, job_state.task_class, job_state.kwargs, retry.slot, run_id, False
             )
-            if job_state is None:
-                launch = _Launch(
-                    retry.task, retry.slot, run_id, False, None, "the task's job is gone"
-                )
-            else:
-                launch = self._prepare(
-                    retry.task, job_state.task_class, job_state.kwargs, retry.slot, run_id, False
-                )
             groups.setdefault(max(retry.at, now), []).append(replace(launch, attempt=retry.attempt))
         # A missed or given-up retry settled its slot as failed: auto-pause may apply.
         settled = {r.task for r, _ in due_retries.missed + due_retries.given_up}
@@ -1076,7 +1070,9 @@ class CronManager:
 
     # --- retries in the pass (worker thread) ------------------------------------------------
 
-    def _due_retries(self, due: list[Any], now: datetime, horizon: datetime) -> _DueRetries:
+    def _due_retries(
+        self, scheduler: NanobotScheduler, due: list[Any], now: datetime, horizon: datetime
+    ) -> _DueRetries:
         """Sort the pending retries due by ``horizon``: to claim, missed (too late after a
         restart), given up (the task's next slot came first) or dropped (task gone or paused)."""
         result = _DueRetries([], [], [], [])
@@ -1107,6 +1103,11 @@ class CronManager:
             if late is not None:
                 result.missed.append((retry, late))
                 continue
+            job = scheduler.lookup(name, PERSISTENT) or scheduler.lookup(name, EPHEMERAL)
+            if job is None:
+                result.dropped.append(retry)  # a task stopped in this process only
+                continue
+            result.jobs[name] = job
             result.claims.append(retry)
         return result
 
