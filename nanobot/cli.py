@@ -563,6 +563,10 @@ def _state(info: Any) -> str:
     if info.done:
         return "done"
     if not info.paused:
+        if info.retry_at is not None:
+            # A failed slot waiting for its next attempt (docs/failures.md).
+            due = _when(info.retry_at.isoformat(), utcnow())
+            return f"retrying: attempt {info.retry_attempt} {due}"
         return "active"
     if info.auto_paused_at is not None:
         return "PAUSED: " + _short(info.pause_reason, 60)

@@ -459,6 +459,10 @@ async def test_a_pending_retry_survives_a_restart(
 
     await with_manager(clock, bus, first)
     assert task_row(engine, "survivor").retry_at == at(1)
+    listed = CliRunner().invoke(cli, ["cron", "list"])
+    assert "retrying: attempt 2 2026-11-30 03:00:01" in listed.stdout
+    [shown] = json.loads(CliRunner().invoke(cli, ["cron", "list", "--json"]).stdout)
+    assert shown["retry"] == {"at": at(1).isoformat(), "slot": T.isoformat(), "attempt": 2}
     clock.now = at(1)
 
     async def second(manager: CronManager) -> None:
@@ -588,6 +592,19 @@ async def test_a_timed_out_attempt_has_stopped_before_the_retry(
     ]
     assert len(pids.read_text().split()) == 2
     assert not log.exists(), log.read_text()
+
+
+def test_an_attempt_is_claimed_once(engine: Engine) -> None:
+    """Two schedulers claiming the same retry (a leader and one fenced off): one claim wins."""
+    from nanobot.cron.history import Claim, claim_slots
+
+    claim = Claim("t", T, attempt=2, started_at=at(1))
+    with write_transaction(engine) as conn:
+        first = claim_slots(conn, [claim], node="a")
+    with write_transaction(engine) as conn:
+        second = claim_slots(conn, [claim], node="b")
+    assert list(first) == [("t", T)]
+    assert second == {}
 
 
 def test_history_pages_keep_a_slots_attempts_together(engine: Engine) -> None:
