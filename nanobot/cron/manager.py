@@ -9,7 +9,9 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
    (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
    transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
    record missed and skipped slots, and mirror the next run times into ``tasks``.
-3. Hand each slot this transaction claimed to the event loop, which runs the task.
+   The same transaction claims the pending retries that are due (attempt 2, 3... of a failed
+   slot, :mod:`nanobot.cron.retries`), or records them missed or given up.
+3. Hand each slot (and attempt) this transaction claimed to the event loop, which runs it.
 
 Outcomes are written in batches by the same worker thread, so history never blocks the loop.
 
@@ -26,7 +28,9 @@ monotonic clock (no database round trip): a leader frozen past its lease (SIGSTO
 VM) starts nothing when it resumes, and not one more step of its runs in flight executes.
 
 Threads: the event loop owns ``_inflight``, ``_delayed``, ``_pending`` and the runs; the worker
-thread owns the passes, the job store and ``_applied``; ``_lock`` guards the registrations that
+thread owns the passes, the job store, ``_applied`` and the retries' bookkeeping (``_retries``,
+``_next_slots``, ``_claimed_slots``, ``_paused_names``), since it also writes the outcomes that
+plan retries; ``_lock`` guards the registrations that
 both read.
 """
 
