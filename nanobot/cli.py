@@ -563,6 +563,10 @@ def _state(info: Any) -> str:
     if info.done:
         return "done"
     if not info.paused:
+        if info.retry_at is not None:
+            # A failed slot waiting for its next attempt (docs/failures.md).
+            due = _when(info.retry_at.isoformat(), utcnow())
+            return f"retrying: attempt {info.retry_attempt} {due}"
         return "active"
     if info.auto_paused_at is not None:
         return "PAUSED: " + _short(info.pause_reason, 60)
@@ -822,6 +826,19 @@ def _schedule_option(
     default=None,
     help="A missed slot later than this (10m, 1h, seconds) is recorded missed, not caught up.",
 )
+@click.option(
+    "--retries",
+    "retries",
+    type=int,
+    default=None,
+    help="Attempts of a failed slot after its first (0: none, the default).",
+)
+@click.option(
+    "--retry-backoff",
+    "retry_backoff",
+    default=None,
+    help="Wait before each retry: BASE,FACTOR,MAX[,JITTER], e.g. 1s,2,60s (default 30s,2,1h).",
+)
 @click.option("--kwargs", "raw_kwargs", default=None, help="Constructor arguments: a JSON object.")
 @click.option("--paused", is_flag=True, help="Store it paused: no run until 'cron resume'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored task as JSON.")
@@ -843,6 +860,8 @@ def cron_add(
     pause_after_failures: int | None,
     ping_url: str | None,
     catch_up_window: str | None,
+    retries: int | None,
+    retry_backoff: str | None,
     raw_kwargs: str | None,
     paused: bool,
     as_json: bool,
@@ -890,6 +909,8 @@ def cron_add(
             pause_after_failures=pause_after_failures,
             ping_url=ping_url,
             catch_up_window=_window(catch_up_window),
+            retries=retries,
+            retry_backoff=retry_backoff,
         )
         engine = _existing_engine(cfg)
         info = add_task(engine, definition, paused=paused)
@@ -996,10 +1017,16 @@ def cron_history(name: str, limit: int, show_output: bool, as_json: bool) -> Non
         click.echo(f"task {name!r} has no runs yet")
         return
     now = utcnow()
+    # Attempts of one slot are listed together, each with its number.
+    retried = {r.scheduled_at for r in runs if r.attempt > 1}
+
+    def attempt(r: Any) -> str:
+        return f" (attempt {r.attempt})" if r.scheduled_at in retried else ""
+
     if show_output:
         for r in runs:
             click.echo(
-                f"--- {r.scheduled_at.isoformat()} {r.outcome.value}"
+                f"--- {r.scheduled_at.isoformat()}{attempt(r)} {r.outcome.value}"
                 + (f": {_short(r.error, 200)}" if r.error else "")
             )
             if r.output:
@@ -1015,7 +1042,8 @@ def cron_history(name: str, limit: int, show_output: bool, as_json: bool) -> Non
                     f"{r.duration:.3f}s" if r.duration is not None else "-",
                     r.outcome.value
                     + (f" x{r.slots}" if r.slots > 1 else "")
-                    + (" (manual)" if r.manual else ""),
+                    + (" (manual)" if r.manual else "")
+                    + attempt(r),
                     _short(r.error),
                 ]
                 for r in runs

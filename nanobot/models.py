@@ -177,6 +177,15 @@ class Task(Base):
     ping_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     # Seconds: a slot reached later than this after its time is recorded missed, not caught up.
     catch_up_window_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Retries of a failed slot (nanobot.cron.retries): how many (0: none) and their backoff as
+    # "BASE,FACTOR,MAX[,JITTER]" (None: the default backoff).
+    retries: Mapped[int] = mapped_column(Integer, server_default="0")
+    retry_backoff: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # The pending retry, written with the failed attempt's outcome so that it survives a
+    # restart: attempt retry_attempt of the slot retry_slot, due at retry_at (None: none).
+    retry_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    retry_slot: Mapped[datetime | None] = mapped_column(nullable=True)
+    retry_attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -187,8 +196,9 @@ class TaskRun(Base):
 
     __tablename__ = "task_runs"
     __table_args__ = (
-        # One slot can never run twice, not even with two processes on one database.
-        UniqueConstraint("task_name", "scheduled_at"),
+        # One attempt of a slot can never run twice, not even with two processes on one
+        # database (attempt 1 is the slot's run; retries are 2, 3...).
+        UniqueConstraint("task_name", "scheduled_at", "attempt"),
         Index("ix_task_runs_scheduled_at", "scheduled_at"),
         Index("ix_task_runs_outcome", "outcome"),
     )
@@ -207,6 +217,8 @@ class TaskRun(Base):
     node: Mapped[str | None] = mapped_column(String(NAME_MAX), nullable=True)
     # The tail of a shell command's output (stdout and stderr), capped by the command task.
     output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Which attempt of its slot this row is: 1 for the slot's run, 2... for its retries.
+    attempt: Mapped[int] = mapped_column(Integer, server_default="1")
 
 
 class TaskCode(Base):

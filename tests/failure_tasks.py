@@ -38,3 +38,50 @@ class Quiet(CronTask):
 
     async def run(self) -> None:
         return None
+
+
+class Flaky(CronTask):
+    """Fails its first ``failures`` runs (counted across processes in the file ``path``), then
+    succeeds. Each run appends ``start <time> <pid>`` and ``end <time> <pid>`` lines to
+    ``path``, so a test can tell when each attempt ran, in which process, and that no two
+    overlapped."""
+
+    def __init__(
+        self,
+        interval: float = 3600,
+        path: str = "",
+        failures: int = 2,
+        seconds: float = 0.0,
+        retries: int | None = None,
+        retry_backoff: str | None = None,
+        pause_after_failures: int | None = None,
+        catch_up_window: float | None = None,
+    ) -> None:
+        super().__init__(
+            interval,
+            retries=retries,
+            retry_backoff=retry_backoff,
+            pause_after_failures=pause_after_failures,
+            catch_up_window=catch_up_window,
+        )
+        self.path = path
+        self.failures = failures
+        self.seconds = seconds
+
+    async def run(self) -> None:
+        import asyncio
+        import os
+        import time
+
+        with open(self.path, "a+") as f:
+            f.seek(0)
+            done = sum(1 for line in f if line.startswith("start "))
+            f.write(f"start {time.time():.6f} {os.getpid()}\n")
+        try:
+            if self.seconds:
+                await asyncio.sleep(self.seconds)
+            if done < self.failures:
+                raise RuntimeError(f"failure {done + 1}")
+        finally:
+            with open(self.path, "a") as f:
+                f.write(f"end {time.time():.6f} {os.getpid()}\n")

@@ -30,8 +30,7 @@ class AlertKind(enum.StrEnum):
     TASK_RECOVERED = "task.recovered"
     TASK_BROKEN = "task.broken"
     TASK_MENDED = "task.mended"
-    # Issue 13's policies (auto-pause, overdue) plug in here: their rules map those task states
-    # to these kinds; nothing raises them yet.
+    # The task policies: raised by the rules from a task's auto-pause and overdue states.
     TASK_AUTO_PAUSED = "task.auto_paused"
     TASK_RESUMED = "task.resumed"
     TASK_OVERDUE = "task.overdue"

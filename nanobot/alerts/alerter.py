@@ -61,7 +61,8 @@ DATABASE_RECREATED: Final = "database.recreated"
 # Hooks for any other code that finds the database unusable, and usable again.
 DATABASE_UNUSABLE: Final = "database.unusable"
 DATABASE_USABLE: Final = "database.usable"
-WAKE_TOPICS: Final = ("health.changed",)
+# Events after which the rules are evaluated at once rather than at the next check_interval.
+WAKE_TOPICS: Final = ("health.changed", "task.auto_paused", "task.overdue", "task.overdue_cleared")
 DATABASE_TOPICS: Final = (DATABASE_REPLACED, DATABASE_RECREATED, DATABASE_UNUSABLE, DATABASE_USABLE)
 # Alerts about the database that holds the outbox: sent directly as well, since the outbox may be
 # in a file nobody will read again.

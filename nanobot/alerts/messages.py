@@ -44,6 +44,10 @@ def _since(change: Change, now: datetime, what: str) -> str:
     return f", {span} after {what}"
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def link(base: str | None, path: str) -> str | None:
     """The dashboard page ``path`` under ``alerts.dashboard_url``, if one is configured."""
     return None if base is None else base + path
@@ -82,6 +86,29 @@ def task_alert(
             Severity.INFO,
             f"Task {name} can be loaded again and runs on its schedule.",
         ),
+        AlertKind.TASK_AUTO_PAUSED: (
+            f"nanobot: task {name} was paused after its failures",
+            Severity.ERROR,
+            f"Task {name} does not run until someone resumes it (nanobot cron resume {name}): "
+            f"{detail or 'paused after consecutive failures'}",
+        ),
+        AlertKind.TASK_RESUMED: (
+            f"nanobot: task {name} was resumed",
+            Severity.INFO,
+            f"Task {name} runs on its schedule again"
+            f"{_since(change, now, 'it was paused for its failures')}.",
+        ),
+        AlertKind.TASK_OVERDUE: (
+            f"nanobot: task {name} is overdue",
+            Severity.ERROR,
+            f"{_sentence(detail or f'task {name} is overdue')}. Check that a node leads "
+            "and that its scheduler is not blocked (nanobot status).",
+        ),
+        AlertKind.TASK_ON_TIME: (
+            f"nanobot: task {name} is on time again",
+            Severity.INFO,
+            f"Task {name} is no longer overdue{_since(change, now, 'it was reported overdue')}.",
+        ),
     }[kind]
     if change.flips > 1:
         text += f" It changed state {change.flips} times in the last cooldown."
@@ -113,6 +140,13 @@ def grouped_task_alert(
         AlertKind.TASK_BROKEN: (f"nanobot: {n} tasks are broken", Severity.ERROR),
         AlertKind.TASK_RECOVERED: (f"nanobot: {n} tasks recovered", Severity.INFO),
         AlertKind.TASK_MENDED: (f"nanobot: {n} tasks are loaded again", Severity.INFO),
+        AlertKind.TASK_AUTO_PAUSED: (
+            f"nanobot: {n} tasks were paused after their failures",
+            Severity.ERROR,
+        ),
+        AlertKind.TASK_RESUMED: (f"nanobot: {n} tasks were resumed", Severity.INFO),
+        AlertKind.TASK_OVERDUE: (f"nanobot: {n} tasks are overdue", Severity.ERROR),
+        AlertKind.TASK_ON_TIME: (f"nanobot: {n} tasks are on time again", Severity.INFO),
     }[kind]
     lines = [f"{n} tasks changed together ({kind.value}):"]
     for c in group[:GROUP_SHOWN]:

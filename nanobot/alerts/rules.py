@@ -26,8 +26,12 @@ Each task is also a component (``task:<name>``) that goes to error at its first 
 those components, and a system status in error only because of them, are left to the task
 rules, so that ``alerts.after`` holds and one failing task is one alert, not three.
 
-Issue 13's policies (auto-pause, overdue) plug in as further task states mapped to their kinds
-in :data:`_TASK_KINDS`.
+A task's state, by precedence: ``broken``, ``auto_paused`` (nanobot paused it after its failed
+slots: ``tasks.auto_paused_at``), ``overdue`` (:func:`nanobot.cron.overdue.read_overdue` finds
+it, from the database alone), ``failing``, ``ok``. Each change is a transition of the task's one
+subject, so the cooldown, grouping and idempotency keys are the same for every kind: into
+``auto_paused`` is ``task.auto_paused``, out of it (``cron resume``) ``task.resumed``; into
+``overdue`` is ``task.overdue``, out of it (claimed at last) ``task.on_time``.
 
 Thread ownership: a :class:`Rules` is used by one thread at a time (the alerter runs one
 evaluation at a time, in a worker thread); :meth:`Rules.raise_alert` may be called from any
@@ -51,6 +55,7 @@ from nanobot.alerts.alert import Alert, AlertKind, Severity, alert_key
 from nanobot.alerts.destinations import Destination
 from nanobot.alerts.messages import Change
 from nanobot.alerts.store import SubjectState
+from nanobot.cron.overdue import Grace, read_overdue
 from nanobot.db import read_transaction, write_transaction
 from nanobot.heartbeat.store import SYSTEM_COMPONENT
 from nanobot.lease import read_lease
@@ -61,6 +66,8 @@ log = structlog.get_logger(__name__)
 OK: Final = "ok"
 FAILING: Final = "failing"
 BROKEN: Final = "broken"
+AUTO_PAUSED: Final = "auto_paused"
+OVERDUE: Final = "overdue"
 HEALTHY: Final = "healthy"
 HELD: Final = "held"
 RELEASED: Final = "released"
@@ -79,6 +86,15 @@ _PENDING_MAX: Final = 100
 _TASK_KINDS: Final = {
     FAILING: AlertKind.TASK_FAILING,
     BROKEN: AlertKind.TASK_BROKEN,
+    AUTO_PAUSED: AlertKind.TASK_AUTO_PAUSED,
+    OVERDUE: AlertKind.TASK_OVERDUE,
+}
+# What leaving a state is called, when the state left says more than the state reached: a task
+# resumed after an auto-pause is "resumed" even while its failures still count.
+_LEFT_KINDS: Final = {
+    AUTO_PAUSED: AlertKind.TASK_RESUMED,
+    BROKEN: AlertKind.TASK_MENDED,
+    OVERDUE: AlertKind.TASK_ON_TIME,
 }
 
 Clock = Callable[[], datetime]
@@ -92,6 +108,10 @@ class RuleSettings:
     dashboard_url: str | None = None
     # No leader for longer than this is alerted (by a standby).
     leaderless_after: timedelta = timedelta(seconds=20)
+    # When a task is overdue (cron.overdue_grace_share, cron.overdue_grace_min,
+    # cron.overrun_intervals), as status and /readyz say it.
+    grace: Grace = dataclasses.field(default_factory=Grace)
+    overrun_intervals: float = 3.0
 
 
 def step(
@@ -267,12 +287,38 @@ class Rules:
     def _tasks(self, conn: Connection, now: datetime) -> tuple[list[Alert], list[SubjectState]]:
         s = self.settings
         bad = conn.execute(
-            select(Task.name, Task.consecutive_failures, Task.broken_reason).where(
-                or_(Task.consecutive_failures >= s.after, Task.broken_reason.is_not(None))
+            select(
+                Task.name,
+                Task.consecutive_failures,
+                Task.broken_reason,
+                Task.paused,
+                Task.auto_paused_at,
+                Task.pause_reason,
+            ).where(
+                or_(
+                    Task.consecutive_failures >= s.after,
+                    Task.broken_reason.is_not(None),
+                    Task.auto_paused_at.is_not(None),
+                )
             )
         ).all()
-        observed = {f"task:{t.name}": BROKEN if t.broken_reason else FAILING for t in bad}
-        reasons = {f"task:{t.name}": t.broken_reason for t in bad if t.broken_reason}
+        observed: dict[str, str] = {}
+        reasons: dict[str, str | None] = {}
+        for t in bad:
+            key = f"task:{t.name}"
+            if t.broken_reason:
+                observed[key], reasons[key] = BROKEN, t.broken_reason
+            elif t.paused and t.auto_paused_at is not None:
+                observed[key], reasons[key] = AUTO_PAUSED, t.pause_reason
+            elif t.consecutive_failures >= s.after:
+                observed[key] = FAILING
+        for late in read_overdue(
+            conn, now=now, grace=s.grace, overrun_intervals=s.overrun_intervals
+        ):
+            key = f"task:{late.task}"
+            if observed.get(key, FAILING) == FAILING:
+                observed[key] = OVERDUE
+                reasons[key] = late.describe()
         subjects = store.load_subjects(conn, "task:")
         keys = set(observed) | {
             k for k, st in subjects.items() if st.observed != OK or st.alerted != OK or st.flips
@@ -324,9 +370,11 @@ class Rules:
         return f"{row.outcome} (slot {row.scheduled_at:%Y-%m-%d %H:%M:%S} UTC): {row.error or '-'}"
 
     def _task_kind(self, change: Change) -> AlertKind:
+        if change.before == AUTO_PAUSED and change.after in (OK, FAILING):
+            return AlertKind.TASK_RESUMED
         if change.after in _TASK_KINDS:
             return _TASK_KINDS[change.after]
-        return AlertKind.TASK_MENDED if change.before == BROKEN else AlertKind.TASK_RECOVERED
+        return _LEFT_KINDS.get(change.before, AlertKind.TASK_RECOVERED)
 
     def _task_alerts(
         self,
@@ -343,7 +391,8 @@ class Rules:
             details = {
                 c.key: (
                     reasons.get(c.key)
-                    if kind is AlertKind.TASK_BROKEN
+                    if kind in (AlertKind.TASK_BROKEN, AlertKind.TASK_AUTO_PAUSED)
+                    or kind is AlertKind.TASK_OVERDUE
                     else self._last_error(conn, c.key.removeprefix("task:"))
                     if kind is AlertKind.TASK_FAILING
                     else None
@@ -491,4 +540,6 @@ def settings_from(config: Any) -> RuleSettings:
         dashboard_url=config["alerts.dashboard_url"],
         # The worst-case fail-over is about ttl + ttl/3; twice the ttl is past any normal one.
         leaderless_after=timedelta(seconds=2 * ttl),
+        grace=Grace.from_config(config),
+        overrun_intervals=float(config.get("cron.overrun_intervals", 3.0)),
     )

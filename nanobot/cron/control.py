@@ -19,6 +19,7 @@ from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron.pings import check_ping_url
+from nanobot.cron.retries import DEFAULT_BACKOFF, RetryBackoff, check_retries, parse_backoff
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,
@@ -102,6 +103,12 @@ class TaskInfo:
     auto_paused_at: datetime | None = None
     ping_url: str | None = None
     catch_up_window: float | None = None
+    retries: int = 0
+    retry_backoff: RetryBackoff | None = None
+    # The pending retry: attempt ``retry_attempt`` of slot ``retry_slot`` at ``retry_at``.
+    retry_at: datetime | None = None
+    retry_slot: datetime | None = None
+    retry_attempt: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +119,17 @@ class TaskInfo:
             "auto_paused_at": _iso(self.auto_paused_at),
             "ping_url": self.ping_url,
             "catch_up_window": self.catch_up_window,
+            "retries": self.retries,
+            "retry_backoff": (self.retry_backoff or DEFAULT_BACKOFF).text(),
+            "retry": (
+                {
+                    "at": _iso(self.retry_at),
+                    "slot": _iso(self.retry_slot),
+                    "attempt": self.retry_attempt,
+                }
+                if self.retry_at is not None
+                else None
+            ),
             "task": self.task_class,
             "interval": self.interval,
             **schedule_json(self.schedule),
@@ -143,6 +161,8 @@ class RunInfo:
     manual: bool
     node: str | None
     output: str | None = None
+    # Which attempt of its slot (1: the slot's run; 2...: its retries).
+    attempt: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -158,6 +178,7 @@ class RunInfo:
             "manual": self.manual,
             "node": self.node,
             "output": self.output,
+            "attempt": self.attempt,
         }
 
 
@@ -283,6 +304,8 @@ def definition_from_class(
     pause_after_failures: int | None = None,
     ping_url: str | None = None,
     catch_up_window: float | None = None,
+    retries: int | None = None,
+    retry_backoff: RetryBackoff | str | None = None,
 ) -> TaskDefinition:
     """Validate a task given by class path (the command line's ``cron add``) and define it.
 
@@ -292,6 +315,8 @@ def definition_from_class(
     failures = check_failure_count(pause_after_failures)
     ping = check_ping_url(ping_url)
     window = _optional_seconds(catch_up_window, "catch_up_window")
+    own_retries = None if retries is None else check_retries(retries)
+    backoff = None if retry_backoff is None else parse_backoff(retry_backoff)
     check_name(name)
     if schedule is None:
         schedule = IntervalSchedule(seconds=check_interval(interval))
@@ -345,6 +370,14 @@ def definition_from_class(
         pause_after_failures=task.pause_after_failures if failures is None else failures,
         ping_url=task.ping_url if ping is None else ping,
         catch_up_window=task.catch_up_window if window is None else window,
+        retries=task.retries if own_retries is None else own_retries,
+        retry_backoff=(
+            backoff
+            if backoff is not None
+            else None
+            if task.retry_backoff is None
+            else parse_backoff(task.retry_backoff)
+        ),
     )
 
 
@@ -373,7 +406,16 @@ def _info(row: Any) -> TaskInfo:
         auto_paused_at=row.auto_paused_at,
         ping_url=row.ping_url,
         catch_up_window=row.catch_up_window_s,
+        retries=row.retries,
+        retry_backoff=_stored_backoff(row.retry_backoff),
+        retry_at=row.retry_at,
+        retry_slot=row.retry_slot,
+        retry_attempt=row.retry_attempt,
     )
+
+
+def _stored_backoff(text: str | None) -> RetryBackoff | None:
+    return None if text is None else parse_backoff(text)
 
 
 def stored_definition_of(engine: Engine, name: str) -> TaskDefinition:
@@ -405,7 +447,9 @@ def task_history(
     """The last ``limit`` rows of a task's run history, newest first.
 
     With ``before``, only slots scheduled before it: the next page after a page whose oldest
-    row was scheduled at ``before`` (slots of one task are unique, so no row is shown twice).
+    row was scheduled at ``before``. The attempts of a slot (retries) are never split between
+    two pages: a page holds at least ``limit`` rows when there are that many, so that no row is
+    shown twice or skipped.
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
@@ -414,7 +458,23 @@ def task_history(
         query = query.where(TaskRun.scheduled_at < before)
     with read_transaction(engine) as conn:
         known = conn.execute(select(Task.id).where(Task.name == name)).first()
-        rows = conn.execute(query.order_by(TaskRun.scheduled_at.desc()).limit(limit)).all()
+        rows = list(
+            conn.execute(
+                query.order_by(TaskRun.scheduled_at.desc(), TaskRun.attempt.desc()).limit(limit)
+            ).all()
+        )
+        if len(rows) == limit and rows[-1].attempt > 1:
+            # A page ends inside a slot's attempts: its earlier attempts come with it, since
+            # the next page starts before that slot (a page may hold a few rows more).
+            rows += conn.execute(
+                select(TaskRun.__table__)
+                .where(
+                    TaskRun.task_name == name,
+                    TaskRun.scheduled_at == rows[-1].scheduled_at,
+                    TaskRun.attempt < rows[-1].attempt,
+                )
+                .order_by(TaskRun.attempt.desc())
+            ).all()
     if known is None and not rows:
         raise UnknownTaskError(name)
     return [run_info(r) for r in rows]
@@ -435,6 +495,7 @@ def run_info(r: Any) -> RunInfo:
         manual=r.manual,
         node=r.node,
         output=getattr(r, "output", None),
+        attempt=getattr(r, "attempt", 1),
     )
 
 
@@ -457,6 +518,8 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
         "pause_after_failures": d.pause_after_failures,
         "ping_url": d.ping_url,
         "catch_up_window_s": d.catch_up_window,
+        "retries": d.retries,
+        "retry_backoff": d.retry_backoff.text() if d.retry_backoff is not None else None,
     }
 
 
@@ -473,6 +536,8 @@ def stored_definition(row: Any) -> TaskDefinition:
         pause_after_failures=row.pause_after_failures,
         ping_url=row.ping_url,
         catch_up_window=row.catch_up_window_s,
+        retries=row.retries,
+        retry_backoff=_stored_backoff(row.retry_backoff),
     )
 
 
@@ -602,8 +667,17 @@ def pause_task(engine: Engine, name: str, note: str | None = None) -> TaskInfo:
     if note is not None and not note.strip():
         raise InvalidTaskError("a pause note must not be empty")
     reason = bound_error(note.strip()) if note is not None else None
+    # A pending retry goes too: a paused task runs nothing, and resuming it starts afresh.
     return _change(
-        engine, name, paused=True, next_run_at=None, pause_reason=reason, auto_paused_at=None
+        engine,
+        name,
+        paused=True,
+        next_run_at=None,
+        pause_reason=reason,
+        auto_paused_at=None,
+        retry_at=None,
+        retry_slot=None,
+        retry_attempt=None,
     )
 
 

@@ -43,8 +43,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from nanobot.cron.retries import PendingRetry
 from nanobot.db import write_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, bound_error
+from nanobot.models import Task, TaskOutcome, TaskRun, bound_error, utcnow
 
 _RUNS = cast(Table, TaskRun.__table__)
 _TASKS = cast(Table, Task.__table__)
@@ -58,6 +59,10 @@ class Claim:
     scheduled_at: datetime
     manual: bool = False
     dispatched: bool = True
+    # A retry is attempt 2, 3... of its slot (nanobot.cron.retries), dispatched for its own
+    # instant ``started_at`` rather than the slot's.
+    attempt: int = 1
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +86,24 @@ class Finish:
     error: str | None = None
     slots: int = 1
     node: str | None = None
+    # Which attempt of its slot this is (1: the slot's run; 2...: its retries).
+    attempt: int = 1
+    # False for a failed attempt that a retry follows: the slot is not settled yet, so it does
+    # not count in consecutive_failures (auto-pause counts failed slots, not attempts).
+    final: bool = True
+    # The retry that follows (attempt + 1 at this instant), stored with this outcome.
+    retry_at: datetime | None = None
+
+
+# The unique claim: one row per attempt of a slot.
+CLAIM_KEY: Final = ["task_name", "scheduled_at", "attempt"]
 
 
 def _insert_ignoring_conflicts(conn: Connection) -> Any:
     table = _RUNS
     if conn.dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(
-            index_elements=["task_name", "scheduled_at"]
-        )
-    return sqlite.insert(table).on_conflict_do_nothing(index_elements=["task_name", "scheduled_at"])
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=CLAIM_KEY)
+    return sqlite.insert(table).on_conflict_do_nothing(index_elements=CLAIM_KEY)
 
 
 def claim_slots(
@@ -111,10 +125,11 @@ def claim_slots(
             "task_name": c.task,
             "scheduled_at": c.scheduled_at,
             "outcome": TaskOutcome.RUNNING.value,
-            "started_at": c.scheduled_at if c.dispatched else None,
+            "started_at": (c.started_at or c.scheduled_at) if c.dispatched else None,
             "slots": 1,
             "manual": c.manual,
             "node": node,
+            "attempt": c.attempt,
         }
         for c in claims
     ]
@@ -136,6 +151,7 @@ def record_unrun(conn: Connection, finishes: Sequence[Finish]) -> None:
             "slots": f.slots,
             "manual": False,
             "node": f.node,
+            "attempt": f.attempt,
         }
         for f in finishes
     ]
@@ -249,8 +265,12 @@ def write_finishes(
             values: dict[str, Any] = {
                 "last_run_at": bindparam("b_last"),
                 "last_outcome": bindparam("b_outcome"),
+                # A failed attempt that a retry follows leaves the count as it is: only the
+                # slot's last attempt settles it.
                 "consecutive_failures": case(
-                    (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1), else_=0
+                    (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1),
+                    (bindparam("b_pending"), _TASKS.c.consecutive_failures),
+                    else_=0,
                 ),
             }
             if next_runs:
@@ -265,7 +285,8 @@ def write_finishes(
                     "b_name": f.task,
                     "b_last": f.started_at or f.finished_at,
                     "b_outcome": f.outcome.value,
-                    "b_failed": f.outcome.value in _FAILED,
+                    "b_failed": f.final and f.outcome.value in _FAILED,
+                    "b_pending": not f.final,
                 }
                 if next_runs:
                     row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
@@ -275,6 +296,7 @@ def write_finishes(
             )
             for f in mirrored:
                 next_runs.pop(f.task, None)
+        store_retries(conn, [f for f in ran if f.retry_at is not None])
         # Mirrors of runs that were not mirrored above (skipped slots, for one).
         set_next_runs(conn, next_runs)
     return fenced
@@ -335,10 +357,44 @@ def release_claims(conn: Connection, run_ids: Sequence[int]) -> list[tuple[str, 
         rows = conn.execute(
             delete(TaskRun)
             .where(TaskRun.id.in_(chunk), TaskRun.outcome == TaskOutcome.RUNNING.value)
-            .returning(TaskRun.task_name, TaskRun.scheduled_at, TaskRun.manual)
+            .returning(*_RELEASED)
         ).all()
-        released.extend((str(r.task_name), r.scheduled_at, bool(r.manual)) for r in rows)
+        released.extend(_slots_of(conn, rows))
     return released
+
+
+_RELEASED: Final = (
+    TaskRun.task_name,
+    TaskRun.scheduled_at,
+    TaskRun.manual,
+    TaskRun.attempt,
+    TaskRun.started_at,
+)
+
+
+def _slots_of(conn: Connection, rows: Sequence[Any]) -> list[tuple[str, datetime, bool]]:
+    """The released claims that were slots; a released retry (attempt 2...) is not a slot to
+    catch up: it becomes its task's pending retry again (at its instant, or now)."""
+    retries = [r for r in rows if int(r.attempt) > 1]
+    if retries:
+        store_retries(
+            conn,
+            [
+                Finish(
+                    task=str(r.task_name),
+                    run_id=None,
+                    scheduled_at=r.scheduled_at,
+                    outcome=TaskOutcome.ERROR,
+                    started_at=None,
+                    finished_at=utcnow(),
+                    attempt=int(r.attempt) - 1,
+                    final=False,
+                    retry_at=r.started_at or utcnow(),
+                )
+                for r in retries
+            ],
+        )
+    return [(str(r.task_name), r.scheduled_at, bool(r.manual)) for r in rows if int(r.attempt) <= 1]
 
 
 def release_undispatched(conn: Connection, *, node: str | None) -> list[tuple[str, datetime, bool]]:
@@ -347,12 +403,8 @@ def release_undispatched(conn: Connection, *, node: str | None) -> list[tuple[st
     where = [TaskRun.outcome == TaskOutcome.RUNNING.value, TaskRun.started_at.is_(None)]
     if node is not None:
         where.append(TaskRun.node == node)
-    rows = conn.execute(
-        delete(TaskRun)
-        .where(*where)
-        .returning(TaskRun.task_name, TaskRun.scheduled_at, TaskRun.manual)
-    ).all()
-    return [(str(r.task_name), r.scheduled_at, bool(r.manual)) for r in rows]
+    rows = conn.execute(delete(TaskRun).where(*where).returning(*_RELEASED)).all()
+    return _slots_of(conn, rows)
 
 
 def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool]]) -> None:
@@ -383,6 +435,88 @@ def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool
             .values(next_run_at=bindparam("b_slot")),
             [{"b_name": n, "b_slot": t} for n, t in earliest.items()],
         )
+
+
+# --- retries (nanobot.cron.retries) -----------------------------------------------------------
+
+
+def store_retries(conn: Connection, finishes: Sequence[Finish]) -> None:
+    """Store the pending retry that follows each of ``finishes`` on its task's row (attempt
+    ``attempt + 1`` of its slot at ``retry_at``): it survives a restart."""
+    if not finishes:
+        return
+    conn.execute(
+        update(_TASKS)
+        .where(_TASKS.c.name == bindparam("b_name"))
+        .values(
+            retry_at=bindparam("b_at"),
+            retry_slot=bindparam("b_slot"),
+            retry_attempt=bindparam("b_attempt"),
+        ),
+        [
+            {
+                "b_name": f.task,
+                "b_at": f.retry_at,
+                "b_slot": f.scheduled_at,
+                "b_attempt": f.attempt + 1,
+            }
+            for f in finishes
+        ],
+    )
+
+
+def clear_retries(conn: Connection, retries: Sequence[PendingRetry]) -> None:
+    """Forget pending retries that were claimed, missed or given up: only those still stored
+    (a newer one of the same task stays)."""
+    if not retries:
+        return
+    conn.execute(
+        update(_TASKS)
+        .where(
+            _TASKS.c.name == bindparam("b_name"),
+            _TASKS.c.retry_slot == bindparam("b_slot"),
+            _TASKS.c.retry_attempt == bindparam("b_attempt"),
+        )
+        .values(retry_at=None, retry_slot=None, retry_attempt=None),
+        [{"b_name": r.task, "b_slot": r.slot, "b_attempt": r.attempt} for r in retries],
+    )
+
+
+def pending_retries(conn: Connection) -> dict[str, PendingRetry]:
+    """Every stored pending retry, by task (read by a scheduler at its start)."""
+    rows = conn.execute(
+        select(Task.name, Task.retry_at, Task.retry_slot, Task.retry_attempt).where(
+            Task.retry_at.is_not(None)
+        )
+    ).all()
+    return {
+        str(r.name): PendingRetry(str(r.name), r.retry_slot, int(r.retry_attempt), r.retry_at)
+        for r in rows
+        if r.retry_slot is not None and r.retry_attempt is not None
+    }
+
+
+def settle_failed_slots(conn: Connection, names: Sequence[str]) -> None:
+    """Count one more failed slot for each of ``names``: a slot whose pending retry was given
+    up or missed, so its last attempt (already written) was its last."""
+    if not names:
+        return
+    conn.execute(
+        update(_TASKS)
+        .where(_TASKS.c.name == bindparam("b_name"))
+        .values(consecutive_failures=_TASKS.c.consecutive_failures + 1),
+        [{"b_name": n} for n in names],
+    )
+
+
+def note_given_up(conn: Connection, task: str, slot: datetime, attempt: int, text: str) -> None:
+    """Add why a slot's remaining attempts were given up to its last attempt's error."""
+    row = _RUNS
+    conn.execute(
+        update(row)
+        .where(row.c.task_name == task, row.c.scheduled_at == slot, row.c.attempt == attempt)
+        .values(error=func.coalesce(row.c.error + "; ", "") + text)
+    )
 
 
 def set_broken(engine: Engine, reasons: dict[str, str | None]) -> None:

@@ -9,7 +9,9 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
    (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
    transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
    record missed and skipped slots, and mirror the next run times into ``tasks``.
-3. Hand each slot this transaction claimed to the event loop, which runs the task.
+   The same transaction claims the pending retries that are due (attempt 2, 3... of a failed
+   slot, :mod:`nanobot.cron.retries`), or records them missed or given up.
+3. Hand each slot (and attempt) this transaction claimed to the event loop, which runs it.
 
 Outcomes are written in batches by the same worker thread, so history never blocks the loop.
 
@@ -26,7 +28,9 @@ monotonic clock (no database round trip): a leader frozen past its lease (SIGSTO
 VM) starts nothing when it resumes, and not one more step of its runs in flight executes.
 
 Threads: the event loop owns ``_inflight``, ``_delayed``, ``_pending`` and the runs; the worker
-thread owns the passes, the job store and ``_applied``; ``_lock`` guards the registrations that
+thread owns the passes, the job store, ``_applied`` and the retries' bookkeeping (``_retries``,
+``_next_slots``, ``_claimed_slots``, ``_paused_names``), since it also writes the outcomes that
+plan retries; ``_lock`` guards the registrations that
 both read.
 """
 
@@ -43,7 +47,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -52,7 +56,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
-from nanobot.cron import autopause, control, history
+from nanobot.cron import autopause, control, history, retries
 from nanobot.cron._aps import (
     EPHEMERAL,
     PERSISTENT,
@@ -63,6 +67,7 @@ from nanobot.cron._aps import (
 from nanobot.cron.history import Claim, Fenced, Finish
 from nanobot.cron.pings import Pinger
 from nanobot.cron.retention import HistoryTrimmer
+from nanobot.cron.retries import DEFAULT_BACKOFF, NO_RETRIES, PendingRetry, RetryPolicy
 from nanobot.cron.schedules import AtSchedule, IntervalSchedule, slot_at_or_after
 from nanobot.cron.task import CronTask, TaskDefinition, definition_of
 from nanobot.db import get_engine, read_transaction, upgrade_database, write_transaction
@@ -107,6 +112,8 @@ class _Launch:
     task: CronTask | None
     build_error: str | None = None
     dispatched: bool = True
+    # 1: the slot's run; 2...: its retries (nanobot.cron.retries).
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,28 @@ def task_component(name: str) -> str:
     return f"{TASK_PREFIX}{name}"
 
 
+def _retry_policy(definition: TaskDefinition) -> RetryPolicy:
+    return RetryPolicy(definition.retries, definition.retry_backoff or DEFAULT_BACKOFF)
+
+
+@dataclass(frozen=True, slots=True)
+class _DueRetries:
+    """What a pass does with the pending retries that are due (worker thread)."""
+
+    claims: list[PendingRetry]
+    # Too late after a restart, by the task's misfire policy: recorded missed.
+    missed: list[tuple[PendingRetry, float]]
+    # The task's next slot came first: the slot's remaining attempts are given up.
+    given_up: list[tuple[PendingRetry, datetime]]
+    # Of a task removed, stopped or paused meanwhile: forgotten.
+    dropped: list[PendingRetry]
+    # The job of each retry to claim (its task class and arguments).
+    jobs: dict[str, JobState] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.claims or self.missed or self.given_up or self.dropped)
+
+
 def _policy(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
     """What the scheduler's due() needs of a task: its misfire policy and its catch-up window
     (0: none; the SKIP grace comes from the schedule)."""
@@ -204,6 +233,14 @@ class CronManager:
         self._cancel_reasons: dict[str, str] = {}
         self._applied: dict[str, int] = {}
         self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
+        self._retry_policies: dict[str, RetryPolicy] = {}
+        # Worker thread: each task's pending retry (a mirror of tasks.retry_*, loaded at
+        # start), its next slot and latest claimed slot as the passes left them, and the
+        # paused tasks (a paused task gets no retry).
+        self._retries: dict[str, PendingRetry] = {}
+        self._next_slots: dict[str, datetime | None] = {}
+        self._claimed_slots: dict[str, datetime] = {}
+        self._paused_names: set[str] = set()
         # Seconds between runs by each task's stored schedule (a cron task's longest gap, 0 for
         # a one-shot): the instance built from stored arguments may not know its schedule.
         self._periods: dict[str, float] = {}
@@ -385,6 +422,7 @@ class CronManager:
                 )
                 self._periods[name] = definition.interval
                 self._ping_urls[name] = definition.ping_url
+                self._retry_policies[name] = _retry_policy(definition)
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -878,7 +916,7 @@ class CronManager:
         pending, self._pending = self._pending, []
         if pending:
             try:
-                fenced = history.write_finishes(self.engine, pending)
+                fenced = history.write_finishes(self.engine, self._plan_retries(pending))
             except Exception as exc:
                 log.error("cron.history_unwritten", count=len(pending), error=_text(exc))
             else:
@@ -924,6 +962,7 @@ class CronManager:
             version = self._applied.get(job.name)
             if job.store == PERSISTENT and version is not None:
                 next_runs[job.name] = (job.next_run_at, version)
+            self._next_slots[job.name] = job.next_run_at
             if job.missed_count and job.missed_first is not None:
                 unrun.append(
                     Finish(
@@ -949,14 +988,18 @@ class CronManager:
         for name, slot, task_class, kwargs in manual:
             claims.append(Claim(name, slot, manual=True))
             launches[(name, slot)] = (task_class, kwargs, True, True)
+        due_retries = self._due_retries(scheduler, due, now, horizon)
+        unrun.extend(self._missed_retries(due_retries, now))
         claimed: dict[tuple[str, datetime], int] = {}
+        retried: dict[tuple[str, datetime], int] = {}
         deferred: dict[str, tuple[datetime | None, int]] = {}
-        if due or claims or unrun:
+        if due or claims or unrun or due_retries:
             with write_transaction(engine) as conn:
                 self._check_fence(conn)
                 scheduler.advance_due(conn)
                 history.record_unrun(conn, unrun)
                 claimed = history.claim_slots(conn, claims, node=self.node)
+                retried = self._settle_retries(conn, due_retries)
                 # The next-run mirror of a task whose slot this pass claimed is written with
                 # that run's outcome, in the same row write as its last-run mirror: one new
                 # version of the tasks row per run instead of two (on PostgreSQL each one is a
@@ -975,8 +1018,16 @@ class CronManager:
                     )
             scheduler.advance_memory()
             self._next_mirrors.update(deferred)
+            for name, slot in claimed:
+                if name not in self._claimed_slots or slot > self._claimed_slots[name]:
+                    self._claimed_slots[name] = slot
+            self._forget_retries(due_retries)
             # Rows inserted for each task, for the history trimmer (see _write_outcomes).
-            self.trimmer.count([name for name, _slot in claimed] + [f.task for f in unrun])
+            self.trimmer.count(
+                [name for name, _slot in claimed]
+                + [f.task for f in unrun]
+                + [name for name, _slot in retried]
+            )
         # Grouped by instant here, in the worker, so that the loop only arms one timer per
         # instant: sorting thousands of launches there would hold it for tens of milliseconds.
         groups: dict[datetime, list[_Launch]] = {}
@@ -989,6 +1040,25 @@ class CronManager:
             if not dispatched:
                 launch = replace(launch, dispatched=False)
             groups.setdefault(NOW_SLOT if is_manual else key[1], []).append(launch)
+        for retry in due_retries.claims:
+            run_id = retried.get((retry.task, retry.slot))
+            if run_id is None:
+                log.info(
+                    "cron.retry_already_claimed",
+                    task=retry.task,
+                    scheduled_at=retry.slot.isoformat(),
+                    attempt=retry.attempt,
+                )
+                continue
+            job_state = due_retries.jobs[retry.task]
+            launch = self._prepare(
+                retry.task, job_state.task_class, job_state.kwargs, retry.slot, run_id, False
+            )
+            groups.setdefault(max(retry.at, now), []).append(replace(launch, attempt=retry.attempt))
+        # A missed or given-up retry settled its slot as failed: auto-pause may apply.
+        settled = {r.task for r, _ in due_retries.missed + due_retries.given_up}
+        if settled:
+            scheduler.call_soon(self._pause_soon, sorted(settled))
         if groups:
             with self._lock:
                 for group in groups.values():
@@ -1002,14 +1072,122 @@ class CronManager:
             self._cost_per_job = 0.5 * self._cost_per_job + 0.5 * per_job
         return self._next_wait(scheduler)
 
+    # --- retries in the pass (worker thread) ------------------------------------------------
+
+    def _due_retries(
+        self, scheduler: NanobotScheduler, due: list[Any], now: datetime, horizon: datetime
+    ) -> _DueRetries:
+        """Sort the pending retries due by ``horizon``: to claim, missed (too late after a
+        restart), given up (the task's next slot came first) or dropped (task gone or paused)."""
+        result = _DueRetries([], [], [], [])
+        if not self._retries:
+            return result
+        first_due: dict[str, datetime] = {}
+        for job in due:
+            slots = [s for s in (job.missed_first, job.run_slot) if s is not None]
+            if slots:
+                first_due[job.name] = min(slots)
+        for name, retry in self._retries.items():
+            if name not in self._policies or name in self._paused_names:
+                result.dropped.append(retry)
+                continue
+            if retry.at > horizon:
+                continue
+            claimed = self._claimed_slots.get(name)
+            later = first_due.get(name)
+            if later is None or later > retry.at:
+                # A slot after this one already claimed (a schedule changed meanwhile).
+                later = claimed if claimed is not None and claimed > retry.slot else later
+            # The retry would start at its instant, or now if that has passed (a restart).
+            if later is not None and later <= max(retry.at, now):
+                result.given_up.append((retry, later))
+                continue
+            policy, window = self._policies[name]
+            late = retries.retry_is_late(retry, now, policy, window or None)
+            if late is not None:
+                result.missed.append((retry, late))
+                continue
+            job = scheduler.lookup(name, PERSISTENT) or scheduler.lookup(name, EPHEMERAL)
+            if job is None:
+                result.dropped.append(retry)  # a task stopped in this process only
+                continue
+            result.jobs[name] = job
+            result.claims.append(retry)
+        return result
+
+    def _missed_retries(self, due_retries: _DueRetries, now: datetime) -> list[Finish]:
+        return [
+            Finish(
+                task=retry.task,
+                run_id=None,
+                scheduled_at=retry.slot,
+                outcome=TaskOutcome.MISSED,
+                started_at=None,
+                finished_at=now,
+                error=retries.missed_text(retry.attempt, retry.at, late),
+                node=self.node,
+                attempt=retry.attempt,
+            )
+            for retry, late in due_retries.missed
+        ]
+
+    def _settle_retries(
+        self, conn: Connection, due_retries: _DueRetries
+    ) -> dict[tuple[str, datetime], int]:
+        """In the pass's transaction: claim the due retries like slots (unique per attempt),
+        note the given-up ones on their slot's last attempt, count the slots that a missed or
+        given-up retry settled as failed, and clear every handled retry from the tasks rows."""
+        claims = [
+            Claim(r.task, r.slot, attempt=r.attempt, started_at=r.at) for r in due_retries.claims
+        ]
+        claimed = history.claim_slots(conn, claims, node=self.node)
+        for retry, next_slot in due_retries.given_up:
+            policy = self._retry_policies.get(retry.task, NO_RETRIES)
+            text = retries.given_up_text(retry.attempt, policy.retries, retry.at, next_slot)
+            history.note_given_up(conn, retry.task, retry.slot, retry.attempt - 1, text)
+            log.warning(
+                "task.retry_given_up",
+                task=retry.task,
+                scheduled_at=retry.slot.isoformat(),
+                attempt=retry.attempt,
+                next_slot=next_slot.isoformat(),
+            )
+        history.settle_failed_slots(
+            conn,
+            [r.task for r, _ in due_retries.missed] + [r.task for r, _ in due_retries.given_up],
+        )
+        history.clear_retries(
+            conn,
+            due_retries.claims
+            + [r for r, _ in due_retries.missed]
+            + [r for r, _ in due_retries.given_up]
+            + due_retries.dropped,
+        )
+        return claimed
+
+    def _forget_retries(self, due_retries: _DueRetries) -> None:
+        handled = (
+            due_retries.claims
+            + [r for r, _ in due_retries.missed]
+            + [r for r, _ in due_retries.given_up]
+            + due_retries.dropped
+        )
+        for retry in handled:
+            if self._retries.get(retry.task) == retry:
+                del self._retries[retry.task]
+
     def _next_wait(self, scheduler: NanobotScheduler) -> float | None:
         """How long to sleep before the next pass, and the lead that pass will claim with.
 
         The lead grows with the number of slots due at the next instant, by what a pass has
         been measured to cost per slot, so that a burst of thousands is claimed before its
-        instant and starts on time instead of after one long pass.
+        instant and starts on time instead of after one long pass. A pending retry wakes the
+        pass at its instant too.
         """
         next_run = scheduler.next_run_at()
+        if self._retries:
+            earliest = min(r.at for r in self._retries.values())
+            next_run = earliest if next_run is None else min(next_run, earliest)
         if next_run is None:
             self._lead = SCHEDULE_LEAD
             return None
@@ -1025,6 +1203,8 @@ class CronManager:
             self._check_fence(conn)
             released = history.release_undispatched(conn, node=None if takeover else self.node)
             self._rewind(conn, scheduler, released)
+            # The retries a gone leader (or this process before a restart) left pending.
+            self._retries = history.pending_retries(conn)
             names = set(conn.execute(select(Task.name)).scalars())
             with self._lock:
                 names.update(self._ephemeral)
@@ -1095,10 +1275,16 @@ class CronManager:
             )
             self._periods[row.name] = definition.interval
             self._ping_urls[row.name] = definition.ping_url
+            self._retry_policies[row.name] = _retry_policy(definition)
+            if row.paused:
+                self._paused_names.add(row.name)
+            else:
+                self._paused_names.discard(row.name)
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
                 )
+                self._next_slots[row.name] = next_run
                 if next_run != row.next_run_at:
                     next_runs[row.name] = (next_run, row.version)
                 self._applied[row.name] = row.version
@@ -1115,6 +1301,8 @@ class CronManager:
             self._applied.pop(name, None)
             self._policies.pop(name, None)
             self._periods.pop(name, None)
+            self._retry_policies.pop(name, None)
+            self._retries.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
             scheduler.call_soon(self._forget_health, name)
@@ -1421,6 +1609,7 @@ class CronManager:
                 started_at=now if outcome is TaskOutcome.ERROR else None,
                 finished_at=now,
                 error=error,
+                attempt=launch.attempt,
             )
         )
 
@@ -1544,6 +1733,7 @@ class CronManager:
                         started_at=started,
                         finished_at=finished,
                         error=error,
+                        attempt=launch.attempt,
                     )
                 )
 
@@ -1635,6 +1825,7 @@ class CronManager:
             "finished_at": finish.finished_at.isoformat(),
             "slots": finish.slots,
             "error": finish.error,
+            "attempt": finish.attempt,
         }
 
     def _spawn(self, coro: Any) -> None:
@@ -1654,11 +1845,12 @@ class CronManager:
             try:
                 scheduler = self._scheduler
                 if scheduler is not None and not scheduler.worker._shutdown:
-                    fenced = await scheduler.run_in_worker(self._write_outcomes, batch)
+                    planned, fenced = await scheduler.run_in_worker(self._write_outcomes, batch)
                 else:
-                    fenced = await asyncio.to_thread(self._write_outcomes, batch)
+                    planned, fenced = await asyncio.to_thread(self._write_outcomes, batch)
                 self._log_fenced(fenced)
-                await self._auto_pause(batch)
+                self._announce_retries(planned)
+                await self._auto_pause(planned)
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
                 self._pending = batch + self._pending
@@ -1669,10 +1861,23 @@ class CronManager:
                 self._pending = batch + self._pending
                 await asyncio.sleep(FLUSH_RETRY_S)
 
+    def _pause_soon(self, names: list[str]) -> None:
+        """From a pass: slots settled as failed without a run (retries missed or given up)."""
+        self._spawn(self._auto_pause_tasks(set(names)))
+
     async def _auto_pause(self, batch: list[Finish]) -> None:
         """Pause the tasks of ``batch`` whose failed slots in a row reached their threshold
-        (:mod:`nanobot.cron.autopause`), and apply the pause to the scheduler at once."""
-        names = {f.task for f in batch if f.run_id is not None and f.outcome in autopause.FAILED}
+        (:mod:`nanobot.cron.autopause`), and apply the pause to the scheduler at once. A failed
+        attempt that a retry follows does not settle its slot: it is not counted."""
+        await self._auto_pause_tasks(
+            {
+                f.task
+                for f in batch
+                if f.run_id is not None and f.final and f.outcome in autopause.FAILED
+            }
+        )
+
+    async def _auto_pause_tasks(self, names: set[str]) -> None:
         if not names:
             return
         scheduler = self._scheduler
@@ -1728,14 +1933,69 @@ class CronManager:
                 reason="another node settled this run first; its record stands",
             )
 
-    def _write_outcomes(self, batch: list[Finish]) -> list[Fenced]:
-        """Write a batch of outcomes, then trim the history of the tasks that are due for it,
-        so that no task's history outgrows its limit between two cleanups (worker thread;
-        passes count the rows they insert)."""
+    def _write_outcomes(self, batch: list[Finish]) -> tuple[list[Finish], list[Fenced]]:
+        """Write a batch of outcomes with the retries that follow failed attempts, then trim
+        the history of the tasks that are due for it, so that no task's history outgrows its
+        limit between two cleanups (worker thread; passes count the rows they insert). The
+        batch as written (each failed attempt's retry planned), and the fenced finishes."""
+        batch = self._plan_retries(batch)
         mirrors = {f.task: m for f in batch if (m := self._next_mirrors.pop(f.task, None))}
         fenced = history.write_finishes(self.engine, batch, next_runs=mirrors)
+        lost = {item.finish.run_id for item in fenced}
+        for f in batch:
+            if f.retry_at is not None and f.run_id not in lost:
+                self._retries[f.task] = PendingRetry(
+                    f.task, f.scheduled_at, f.attempt + 1, f.retry_at
+                )
         self.trimmer.trim(self.engine)
-        return fenced
+        return batch, fenced
+
+    def _plan_retries(self, batch: list[Finish]) -> list[Finish]:
+        """Each failed attempt of a task with retries either gets its retry (not final: its
+        slot is not settled) or, when the task's next slot would come first, the note that the
+        slot's remaining attempts are given up (:mod:`nanobot.cron.retries`)."""
+        planned = []
+        for f in batch:
+            with self._lock:
+                policy = self._retry_policies.get(f.task, NO_RETRIES)
+            if f.run_id is None or policy.retries == 0 or f.task in self._paused_names:
+                planned.append(f)
+                continue
+            next_slot = self._next_slots.get(f.task)
+            plan = retries.plan_retry(
+                task=f.task,
+                slot=f.scheduled_at,
+                attempt=f.attempt,
+                outcome=f.outcome,
+                failed_at=f.finished_at,
+                policy=policy,
+                next_slot=next_slot,
+                u=random.random(),
+            )
+            if plan is None or plan.verdict is retries.RetryVerdict.EXHAUSTED:
+                planned.append(f)
+            elif plan.retry is not None:
+                planned.append(replace(f, final=False, retry_at=plan.retry.at))
+            else:
+                assert next_slot is not None
+                assert plan.would_be_at is not None
+                text = retries.given_up_text(
+                    f.attempt + 1, policy.retries, plan.would_be_at, next_slot
+                )
+                error = f"{f.error}; {text}" if f.error else text
+                planned.append(replace(f, error=error))
+        return planned
+
+    def _announce_retries(self, planned: list[Finish]) -> None:
+        for f in planned:
+            if f.retry_at is not None:
+                log.info(
+                    "task.retry_scheduled",
+                    task=f.task,
+                    scheduled_at=f.scheduled_at.isoformat(),
+                    attempt=f.attempt + 1,
+                    retry_at=f.retry_at.isoformat(),
+                )
 
     @property
     def trimmer(self) -> HistoryTrimmer:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from nanobot.cron.retries import RetryBackoff, check_retries, parse_backoff
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,
@@ -109,6 +110,10 @@ class CronTask(ABC):
     - ``ping_url``: a healthchecks.io-style URL pinged at each run's start and end.
     - ``catch_up_window``: seconds; a missed slot reached later than this is recorded missed
       instead of caught up (None: the latest missed slot is caught up however late).
+    - ``retries``: attempts of a failed slot after its first (0: none), and ``retry_backoff``:
+      their backoff, a :class:`nanobot.cron.retries.RetryBackoff` or its text
+      ``"BASE,FACTOR,MAX[,JITTER]"`` such as ``"1s,2,60s"`` (None: 30s,2,1h). See
+      docs/failures.md.
 
     Precedence: a constructor keyword wins over the class attribute of the same name. A task
     has one schedule: ``cron`` and ``at`` together, or either with an ``interval`` passed to the
@@ -126,6 +131,8 @@ class CronTask(ABC):
     pause_after_failures: int | None = None
     ping_url: str | None = None
     catch_up_window: float | None = None
+    retries: int = 0
+    retry_backoff: RetryBackoff | str | None = None
 
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -148,6 +155,8 @@ class CronTask(ABC):
         pause_after_failures: int | None = None,
         ping_url: str | None = None,
         catch_up_window: float | None = None,
+        retries: int | None = None,
+        retry_backoff: RetryBackoff | str | None = None,
     ) -> None:
         self.schedule = _declared_schedule(self, interval, cron, tz, at)
         self.cron = self.schedule.expression if isinstance(self.schedule, CronSchedule) else None
@@ -179,6 +188,9 @@ class CronTask(ABC):
             catch_up_window if catch_up_window is not None else type(self).catch_up_window,
             "catch_up_window",
         )
+        self.retries = check_retries(retries if retries is not None else type(self).retries)
+        backoff = retry_backoff if retry_backoff is not None else type(self).retry_backoff
+        self.retry_backoff = None if backoff is None else parse_backoff(backoff)
         self.running = False
         self.task: asyncio.Task[Any] | None = None
 
@@ -280,6 +292,9 @@ class TaskDefinition:
     pause_after_failures: int | None = None
     ping_url: str | None = None
     catch_up_window: float | None = None
+    retries: int = 0
+    # None: the default backoff (nanobot.cron.retries.DEFAULT_BACKOFF).
+    retry_backoff: RetryBackoff | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is None:
@@ -303,6 +318,8 @@ class TaskDefinition:
             and self.pause_after_failures == other.pause_after_failures
             and self.ping_url == other.ping_url
             and self.catch_up_window == other.catch_up_window
+            and self.retries == other.retries
+            and self.retry_backoff == other.retry_backoff
         )
 
 
@@ -366,6 +383,8 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
         pause_after_failures=getattr(task, "pause_after_failures", None),
         ping_url=getattr(task, "ping_url", None),
         catch_up_window=getattr(task, "catch_up_window", None),
+        retries=getattr(task, "retries", 0),
+        retry_backoff=getattr(task, "retry_backoff", None),
     )
 
 

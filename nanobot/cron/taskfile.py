@@ -48,6 +48,7 @@ from sqlalchemy import Engine, insert, select, update
 from nanobot.config import Config
 from nanobot.cron import control
 from nanobot.cron.pings import check_ping_url
+from nanobot.cron.retries import check_retries, parse_backoff
 from nanobot.cron.schedules import (
     AtSchedule,
     IntervalSchedule,
@@ -79,6 +80,8 @@ _COMMON_KEYS: Final = frozenset(
         "pause_after_failures",
         "ping_url",
         "catch_up_window",
+        "retries",
+        "retry_backoff",
     }
 )
 _CLASS_KEYS: Final = frozenset({"task"})
@@ -229,6 +232,18 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
         except InvalidTaskError as exc:
             raise fail("catch_up_window", str(exc)) from None
 
+    retries = body.get("retries")
+    try:
+        retries = None if retries is None else check_retries(retries)
+    except InvalidTaskError as exc:
+        raise fail("retries", str(exc)) from None
+    backoff = None
+    if "retry_backoff" in body:
+        try:
+            backoff = parse_backoff(body["retry_backoff"])
+        except InvalidTaskError as exc:
+            raise fail("retry_backoff", str(exc)) from None
+
     options: dict[str, Any] = {}
     for key in ("timeout", "jitter"):
         if key in body:
@@ -277,6 +292,8 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             pause_after_failures=failures,
             ping_url=ping_url,
             catch_up_window=window,
+            retries=retries,
+            retry_backoff=backoff,
         )
     except InvalidTaskError as exc:
         raise fail("command" if is_command else "kwargs", str(exc)) from None

@@ -251,7 +251,7 @@ class Api:
         runs: list[RunInfo] = await self._db(
             lambda: control.task_history(self.engine, name, limit, before=params.get("before"))
         )
-        next_before = runs[-1].scheduled_at.isoformat() if len(runs) == limit else None
+        next_before = runs[-1].scheduled_at.isoformat() if len(runs) >= limit else None
         return web.json_response({"items": [r.to_json() for r in runs], "next_before": next_before})
 
     # --- changes --------------------------------------------------------------------------------

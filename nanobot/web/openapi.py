@@ -149,6 +149,11 @@ SCHEMAS: Final[dict[str, Any]] = {
             "slots": {"type": "integer", "minimum": 1},
             "manual": {"type": "boolean"},
             "node": {"type": ["string", "null"]},
+            "attempt": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "1 for the slot's run, 2... for its retries",
+            },
         },
     },
     "RunPage": {

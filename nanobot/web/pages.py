@@ -256,7 +256,7 @@ class Pages:
         history = data["history"]
         older = (
             f"/tasks/{name}?" + urlencode({"before": history[-1].scheduled_at.isoformat()})
-            if len(history) == HISTORY_PAGE
+            if len(history) >= HISTORY_PAGE
             else None
         )
         return self._render(
