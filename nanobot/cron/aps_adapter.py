@@ -548,13 +548,18 @@ class NanobotScheduler:
 
     def close(self) -> None:
         """Stop passes and end the worker thread once what it runs is done. Not on the loop."""
-        started = self._state is not SchedulerState.NEW
         self._state = SchedulerState.CLOSED
-        if started:
-            self._stop_timer()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # The timer and the pass task are the loop's, and this runs in another thread:
+            # stop them there. Until then, a timer that fires finds the scheduler closed.
+            loop.call_soon_threadsafe(self._stop_on_loop)
+        self._worker.shutdown(wait=True)
+
+    def _stop_on_loop(self) -> None:
+        self._stop_timer()
         if self._pass_task is not None and not self._pass_task.done():
             self._pass_task.cancel()
-        self._worker.shutdown(wait=True)
 
     def _start_timer(self, wait: float) -> None:
         self._stop_timer()
