@@ -387,10 +387,11 @@ class AlertSubject(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-# APScheduler 3's job table as nanobot's job store (nanobot.cron._aps.NanobotJobStore) keeps it:
-# the columns of the layout SQLAlchemyJobStore creates (id up to 191 characters for MySQL's key
-# limit, an 8-byte float epoch) except the pickled job state, kept in apscheduler_job_states
-# below. Declared here so that the migrations create them and ``alembic check`` sees no drift.
+# APScheduler 3's job table as nanobot's job store (nanobot.cron.aps_adapter.NanobotJobStore)
+# keeps it: the columns of the layout SQLAlchemyJobStore creates (id up to 191 characters for
+# MySQL's key limit, an 8-byte float epoch) except the pickled job state, kept in
+# apscheduler_job_states below. Declared here so that the migrations create them and
+# ``alembic check`` sees no drift.
 apscheduler_jobs = Table(
     "apscheduler_jobs",
     Base.metadata,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, inspect, text
 
-from nanobot.cron._aps import PERSISTENT, NanobotScheduler
+from nanobot.cron.aps_adapter import NanobotScheduler
 from nanobot.db import create_db_engine, downgrade_database, upgrade_database
 
 ANCHOR = datetime(2026, 6, 1, 12, 0, 0, 250_000, tzinfo=UTC)
@@ -68,13 +68,12 @@ def test_upgrade_moves_states_and_keeps_jobs(db_url: str) -> None:
         scheduler = NanobotScheduler(
             engine, process=lambda *_: None, poll_interval=1, clock=lambda: ANCHOR
         )
-        scheduler.store.start(scheduler, PERSISTENT)
         job = scheduler.lookup("b")
         assert job is not None
         assert job.next_run_at == datetime.fromtimestamp(ANCHOR.timestamp() + 1, UTC)
         assert scheduler.persistent_job_ids() == {"a", "b"}
-        scheduler.store.remove_job("a")  # both halves go
-        scheduler.worker.shutdown(wait=True)
+        assert scheduler.remove("a")  # both halves go
+        scheduler.close()
 
         downgrade_database(engine, "0005")
         assert "job_state" in _columns(engine, "apscheduler_jobs")

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, event, func, select
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, TaskOutcome, control, history
-from nanobot.cron._aps import PERSISTENT, JobSpec, NanobotScheduler
+from nanobot.cron.aps_adapter import JobSpec, NanobotScheduler
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
@@ -224,7 +224,6 @@ def test_a_pass_writes_only_the_next_run_time(engine: Engine) -> None:
     """Moving a job to its next slot rewrites its next_run_time column, not its pickled state;
     every read gives the column's time, to the microsecond."""
     scheduler = NanobotScheduler(engine, process=lambda *_: None, poll_interval=1, clock=_now)
-    scheduler.store.start(scheduler, PERSISTENT)  # what starting the scheduler does to it
     t0 = datetime(2026, 1, 1, 9, 0, 0, 123456, tzinfo=UTC)
     scheduler.add_many([JobSpec("j", "cron_tasks:Counter", {"interval": 10}, 10.0, t0, t0)])
     state_before = _job_state(engine)
@@ -237,10 +236,9 @@ def test_a_pass_writes_only_the_next_run_time(engine: Engine) -> None:
     assert pickle.loads(state_before)["next_run_time"] == t0
     assert scheduler.lookup("j") is not None
     assert scheduler.lookup("j").next_run_at == later  # type: ignore[union-attr]
-    assert scheduler.store.lookup_job("j").next_run_time == later
     assert scheduler.next_run_at() == later
     assert [d.run_slot for d in scheduler.due(later, later, {})] == [later]
-    scheduler.worker.shutdown(wait=True)
+    scheduler.close()
 
 
 def _now() -> datetime:

@@ -57,7 +57,7 @@ from sqlalchemy import Connection, Engine, select, update
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
 from nanobot.cron import autopause, control, history, retries
-from nanobot.cron._aps import (
+from nanobot.cron.aps_adapter import (
     EPHEMERAL,
     PERSISTENT,
     JobSpec,
@@ -676,9 +676,7 @@ class CronManager:
             # Before the first pass, in the worker: a pass's own claims must not be mistaken
             # for a gone process's undispatched ones.
             try:
-                orphans = await asyncio.get_running_loop().run_in_executor(
-                    scheduler.worker, self._recover, scheduler, takeover
-                )
+                orphans = await scheduler.run_in_worker(self._recover, scheduler, takeover)
             except Exception as exc:
                 log.error("cron.recovery_failed", error=_text(exc))
                 orphans = []
@@ -1416,7 +1414,7 @@ class CronManager:
             scheduler.call_soon(self._launch_batch, [launch])
 
     def _sync_unloadable(self, scheduler: NanobotScheduler) -> None:
-        reasons: dict[str, str | None] = dict(scheduler.store.unloadable)
+        reasons: dict[str, str | None] = dict(scheduler.unloadable())
         with self._lock:
             reasons.update(self._broken)
             self._broken.clear()
@@ -1555,7 +1553,7 @@ class CronManager:
 
     def _release_soon(self, launches: list[_Launch]) -> None:
         scheduler = self._scheduler
-        if scheduler is not None and not scheduler.worker._shutdown:
+        if scheduler is not None and not scheduler.closed:
             self._spawn(scheduler.run_in_worker(self._release_unstarted, scheduler, launches))
         else:
             self._held_back.extend(launches)
@@ -1844,7 +1842,7 @@ class CronManager:
             batch, self._pending = self._pending, []
             try:
                 scheduler = self._scheduler
-                if scheduler is not None and not scheduler.worker._shutdown:
+                if scheduler is not None and not scheduler.closed:
                     planned, fenced = await scheduler.run_in_worker(self._write_outcomes, batch)
                 else:
                     planned, fenced = await asyncio.to_thread(self._write_outcomes, batch)
@@ -1881,7 +1879,7 @@ class CronManager:
         if not names:
             return
         scheduler = self._scheduler
-        in_worker = scheduler is not None and not scheduler.worker._shutdown
+        in_worker = scheduler is not None and not scheduler.closed
         try:
             call = functools.partial(
                 autopause.pause_failing,
