@@ -307,11 +307,9 @@ def definition_from_class(
     ``misfire_policy``, ``overlap`` (with ``max_concurrent``) and ``pause_after_failures``
     override the class's own when given.
     """
-    chosen_overlap = (
+    if overlap is not None:
+        # A bad policy or a contradiction is refused before anything is imported.
         check_overlap(overlap, max_concurrent)
-        if overlap is not None or max_concurrent is not None
-        else None
-    )
     failures = check_failure_count(pause_after_failures)
     ping = check_ping_url(ping_url)
     window = _optional_seconds(catch_up_window, "catch_up_window")
@@ -364,16 +362,24 @@ def definition_from_class(
         timeout=task.timeout if timeout is None else _optional_seconds(timeout, "timeout"),
         jitter=task.jitter if jitter is None else _optional_seconds(jitter, "jitter"),
         misfire_policy=policy,
-        overlap=(
-            chosen_overlap
-            if chosen_overlap is not None
-            else Overlap(overlaps.OverlapPolicy(task.overlap), task.max_concurrent or 1)
-        ),
+        overlap=_chosen_overlap(task, overlap, max_concurrent),
         schedule=schedule,
         pause_after_failures=task.pause_after_failures if failures is None else failures,
         ping_url=task.ping_url if ping is None else ping,
         catch_up_window=task.catch_up_window if window is None else window,
     )
+
+
+def _chosen_overlap(task: CronTask, policy: str | None, max_concurrent: int | None) -> Overlap:
+    """The overlap given (``cron add --overlap``, a task-file key) over the class's own; a
+    maximum given alone applies to a class whose own policy is allow."""
+    own = overlaps.OverlapPolicy(task.overlap)
+    if policy is None and max_concurrent is None:
+        return Overlap(own, task.max_concurrent or 1)
+    chosen = policy if policy is not None else own
+    if max_concurrent is None and chosen == own:
+        max_concurrent = task.max_concurrent if own is overlaps.OverlapPolicy.ALLOW else None
+    return check_overlap(chosen, max_concurrent)
 
 
 # --- reading ---------------------------------------------------------------------------------
