@@ -19,7 +19,7 @@ from cron_tasks import Busy
 from sqlalchemy import Engine, select
 
 from nanobot.bus import MessageBus
-from nanobot.cron import CronManager
+from nanobot.cron import CronManager, control
 from nanobot.cron.overlap import (
     CANCELLED_BY_NEXT,
     Action,
@@ -329,3 +329,32 @@ def _observed_rows(engine: Engine, name: str, slots: int, origin: datetime) -> l
         for r in _rows(engine, name)
         if round((r.scheduled_at - origin).total_seconds() / INTERVAL) < slots
     ]
+
+
+async def test_run_now_obeys_the_policy_unless_forced(db_url: str) -> None:
+    """A run-now request that comes while a run goes is recorded skipped under skip (manual,
+    with the reason); a forced one runs beside the run in flight."""
+    manager = CronManager(poll_interval=0.05, bus=MessageBus())
+    manager.register_task("long", Busy(3600, 30))
+    engine = manager.engine
+    Busy.started = 0
+    try:
+        await manager.start_task("long")
+        async with asyncio.timeout(WAIT):
+            while Busy.started < 1:
+                await asyncio.sleep(0.02)
+            control.request_run(engine, "long")
+            while not [r for r in _rows(engine, "long") if r.outcome == "skipped"]:
+                await asyncio.sleep(0.02)
+            control.request_run(engine, "long", force=True)
+            while Busy.started < 2:
+                await asyncio.sleep(0.02)
+        assert [r.outcome for r in _rows(engine, "long")] == ["running", "skipped", "running"]
+        skipped = _rows(engine, "long")[1]
+        assert skipped.manual
+        assert skipped.error == "the previous run was still going"
+        assert sorted(r.task for r in manager.runs_in_flight()) == ["long"]
+        assert manager.running_tasks() == ["long"]
+    finally:
+        await manager.shutdown(grace=0)
+    assert [r.outcome for r in _rows(engine, "long")] == ["cancelled", "skipped", "cancelled"]
