@@ -1040,6 +1040,88 @@ def cron_run(name: str, force: bool, as_json: bool) -> None:
         click.echo(f"{what}: {_task_line(info)}; {note}")
 
 
+@cron.command("backfill")
+@click.argument("name")
+@click.option(
+    "--from", "start", required=True, help="First instant of the range, as --at takes it."
+)
+@click.option("--to", "end", required=True, help="Last instant of the range (not in the future).")
+@click.option(
+    "--tz", default=None, help="IANA zone of naive times (default: the task's, else UTC)."
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many of the range's slots run at once.",
+)
+@click.option("--yes", is_flag=True, help="Run more than scheduler.backfill_max_slots slots.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was requested as JSON.")
+def cron_backfill(
+    name: str,
+    start: str,
+    end: str,
+    tz: str | None,
+    concurrency: int,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Run each past slot of task NAME from --from to --to that never ran.
+
+    A slot with no history row (or recorded missed) runs once, recorded with its own
+    scheduled time; slots that ran are left alone, so running the same backfill again does
+    nothing more. The running service's leader runs them, one at a time (or --concurrency at
+    once); 'cron history NAME' shows them as they end.
+    """
+    from nanobot.cron import backfill, control
+    from nanobot.cron.schedules import IntervalSchedule
+
+    cfg = _prepare()
+    with _domain_errors():
+        engine = _existing_engine(cfg)
+        info = control.get_task(engine, name)
+        if tz is None:
+            tz = (
+                str(cfg.get("scheduler.timezone", "UTC"))
+                if isinstance(info.schedule, IntervalSchedule)
+                else info.schedule.timezone
+            )
+        first = backfill.parse_time(start, tz, "--from")
+        last = backfill.parse_time(end, tz, "--to")
+        plan = backfill.request_backfill(
+            engine,
+            name,
+            first,
+            last,
+            concurrency=concurrency,
+            max_slots=int(cfg.get("scheduler.backfill_max_slots", 100)),
+            confirmed=yes,
+            now=utcnow(),
+        )
+        note = _applied_note(engine) if plan.stored else None
+    if as_json:
+        _echo_json(plan.to_json())
+        return
+    from nanobot.cron.schedules import zone
+
+    def local(value: datetime) -> str:
+        return value.astimezone(zone(tz)).isoformat()
+
+    span = f"from {local(first)} to {local(last)}"
+    if not plan.stored:
+        click.echo(
+            f"nothing to backfill: task {name!r} has {plan.slots} slot(s) {span}, "
+            "and every one has run or been recorded"
+        )
+        return
+    click.echo(
+        f"backfill requested: task {name!r}, {len(plan.to_run)} of {plan.slots} slot(s) {span} "
+        f"(first {local(plan.to_run[0])}, last {local(plan.to_run[-1])}), {concurrency} at a "
+        f"time; {note}"
+    )
+
+
 @cron.command("history")
 @click.argument("name")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)

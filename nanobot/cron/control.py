@@ -671,6 +671,19 @@ def request_run(engine: Engine, name: str, *, force: bool = False) -> TaskInfo:
     return _change(engine, name, run_requested_at=utcnow(), run_forced=force)
 
 
+def set_backfill(
+    engine: Engine, name: str, start: datetime, end: datetime, concurrency: int
+) -> TaskInfo:
+    """Store a backfill for the leader to run (:mod:`nanobot.cron.backfill` checks it first)."""
+    return _change(
+        engine,
+        name,
+        backfill_from=start,
+        backfill_to=end,
+        backfill_concurrency=concurrency,
+    )
+
+
 def runs_in_flight(engine: Engine, name: str) -> list[RunInfo]:
     """The task's rows still ``running`` (runs in flight, or slots claimed to run), oldest
     first."""

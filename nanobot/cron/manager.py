@@ -57,7 +57,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
-from nanobot.cron import autopause, control, history
+from nanobot.cron import autopause, backfill, control, history
 from nanobot.cron._aps import (
     EPHEMERAL,
     PERSISTENT,
@@ -233,6 +233,10 @@ class CronManager:
         self._buffered: dict[str, _Launch] = {}
         # Each task's overlap policy (written by the worker thread, read by the loop).
         self._overlaps: dict[str, Overlap] = {}
+        # Pending backfills (nanobot.cron.backfill) and the last slot each one claimed here;
+        # worker thread only.
+        self._backfills: dict[str, backfill.BackfillJob] = {}
+        self._backfill_after: dict[str, datetime] = {}
         self._cancel_reasons: dict[int, str] = {}
         self._applied: dict[str, int] = {}
         self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
@@ -873,7 +877,13 @@ class CronManager:
             with write_transaction(self.engine) as conn:
                 self._check_fence(conn)
                 released = history.release_claims(conn, ids)
-                stored = [r for r in released if r[0] not in self._ephemeral]
+                # A backfill's slot released is claimed again by the backfill, not requested.
+                backfilled = {(x.name, x.slot) for x in launches if x.kind is RunKind.BACKFILL}
+                stored = [
+                    r
+                    for r in released
+                    if r[0] not in self._ephemeral and (r[0], r[1]) not in backfilled
+                ]
                 self._rewind(conn, scheduler, stored)
         except NotLeaderError:
             log.warning("cron.claims_left", count=len(ids), reason="this node no longer leads")
@@ -950,7 +960,8 @@ class CronManager:
         # The control plane is read at most once per poll interval: passes for due slots can
         # come many times a second, and changes made in this process apply at once anyway.
         manual: list[tuple[str, datetime, str, dict[str, Any], bool]] = []
-        if time.monotonic() - self._last_reconcile >= self.poll_interval * 0.9:
+        reconciled = time.monotonic() - self._last_reconcile >= self.poll_interval * 0.9
+        if reconciled:
             manual = self._reconcile(scheduler, now)
         # Slots due within the lead are claimed now and started by the loop at their exact time,
         # so that the pass's own duration does not make every start late.
@@ -1044,11 +1055,62 @@ class CronManager:
             scheduler.call_soon(self._launch_groups, groups)
         if unrun:
             scheduler.call_soon(self._announce_batch, unrun)
+        if reconciled and self._backfills:
+            try:
+                self._run_backfills(scheduler)
+            except NotLeaderError:
+                raise
+            except Exception as exc:
+                # The scheduling goes on; the backfills are tried again at the next poll.
+                log.error("cron.backfill_failed", error=_text(exc))
         self._sync_unloadable(scheduler)
         if len(due) >= COST_SAMPLE_MIN:
             per_job = (time.perf_counter() - started) / len(due)
             self._cost_per_job = 0.5 * self._cost_per_job + 0.5 * per_job
         return self._next_wait(scheduler)
+
+    def _run_backfills(self, scheduler: NanobotScheduler) -> None:
+        """Claim the next slots of each pending backfill and hand them to the loop (worker
+        thread, at most once per poll interval; fenced by the lease like every claim)."""
+        launches: list[_Launch] = []
+        done: list[backfill.BackfillJob] = []
+        with write_transaction(self.engine) as conn:
+            self._check_fence(conn)
+            for name, job in list(self._backfills.items()):
+                claimed, finished = backfill.claim_next(
+                    conn, job, node=self.node, after=self._backfill_after.get(name)
+                )
+                if finished:
+                    done.append(job)
+                for slot, run_id in claimed:
+                    self._backfill_after[name] = max(slot, self._backfill_after.get(name, slot))
+                    launches.append(
+                        self._prepare(
+                            name, job.task_class, job.kwargs, slot, run_id, True, RunKind.BACKFILL
+                        )
+                    )
+        for job in done:
+            name = job.backfill.task
+            self._backfills.pop(name, None)
+            self._backfill_after.pop(name, None)
+            log.info(
+                "cron.backfill_done",
+                task=name,
+                start=job.backfill.start.isoformat(),
+                end=job.backfill.end.isoformat(),
+            )
+        if launches:
+            self.trimmer.count([launch.name for launch in launches])
+            for launch in launches:
+                log.info(
+                    "cron.backfill_claimed",
+                    task=launch.name,
+                    run_id=launch.run_id,
+                    scheduled_at=launch.slot.isoformat(),
+                )
+            with self._lock:
+                self._handed.update((launch.run_id, launch) for launch in launches)
+            scheduler.call_soon(self._launch_batch, launches)
 
     def _next_wait(self, scheduler: NanobotScheduler) -> float | None:
         """How long to sleep before the next pass, and the lead that pass will claim with.
@@ -1143,6 +1205,13 @@ class CronManager:
             self._periods[row.name] = definition.interval
             self._ping_urls[row.name] = definition.ping_url
             self._overlaps[row.name] = definition.overlap
+            job = backfill.job_of(row)
+            if job is None:
+                self._backfills.pop(row.name, None)
+                self._backfill_after.pop(row.name, None)
+            elif self._backfills.get(row.name) != job:
+                self._backfills[row.name] = job
+                self._backfill_after.pop(row.name, None)
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -1172,6 +1241,7 @@ class CronManager:
             self._policies.pop(name, None)
             self._periods.pop(name, None)
             self._overlaps.pop(name, None)
+            self._backfills.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
             scheduler.call_soon(self._forget_health, name)
