@@ -16,7 +16,7 @@ from test_cli import APPEND, assert_one_line_error, invoke
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, backfill, control
 from nanobot.cron.schedules import IntervalSchedule, parse_cron
-from nanobot.db import write_transaction
+from nanobot.db import get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, UnknownTaskError
 from nanobot.models import Task, TaskRun, utcnow
 
@@ -252,3 +252,65 @@ async def test_backfill_with_concurrency_runs_side_by_side(db_url: str) -> None:
     assert [r.outcome for r in rows] == ["success"] * 6
     most = max(sum(1 for o in rows if o.started_at <= r.started_at < o.finished_at) for r in rows)
     assert 2 <= most <= 3
+
+
+# --- on real services -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_backfill_on_two_services_runs_on_the_leader_and_survives_its_kill(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Two services: the backfill requested from the command line runs on the leader only;
+    killed (-9) in the middle, the new leader goes on with the slots that have no row, so each
+    slot of the range has exactly one row and started at most once; a second backfill of the
+    range finds nothing to run."""
+    from faults.harness import Cluster, lines, run_cli, wait_for
+
+    cluster = Cluster(tmp_path, db_url, NANOBOT_SERVICE__SHUTDOWN_GRACE="2")
+    out = tmp_path / "slow.txt"
+    try:
+        nodes = cluster.start(2)
+        leader = cluster.wait_leader(10)
+        code, added = run_cli(
+            "cron", "add", "bf", "--task", "e2e_tasks:SlowTask", "--cron", "* * * * *",
+            "--paused", "--kwargs", json.dumps({"path": str(out), "seconds": 0.4}), "--json",
+        )  # fmt: skip
+        assert code == 0, added
+        end = _minute(utcnow()) - timedelta(minutes=1)
+        start = end - timedelta(minutes=11)
+        code, plan = run_cli(
+            "cron", "backfill", "bf", "--from", start.isoformat(), "--to", end.isoformat(),
+            "--json",
+        )  # fmt: skip
+        assert code == 0, plan
+        assert (plan["requested"], plan["to_run"]) == (True, 12)
+        wait_for("three backfilled runs", lambda: len(lines(out, "start")) >= 3 or None, 20)
+        leader.kill()
+        successor = cluster.wait_leader(15, among=[n for n in nodes if n is not leader])
+
+        def finished() -> bool | None:
+            _code, tasks = run_cli("cron", "list", "--json")
+            return tasks[0]["backfill"] is None or None
+
+        wait_for("the backfill to end on the new leader", finished, 40)
+    finally:
+        cluster.kill_all()
+    engine = get_engine()
+    rows = _rows(engine, "bf")
+    slots = [start + timedelta(minutes=k) for k in range(12)]
+    assert [r.scheduled_at for r in rows] == slots
+    assert {r.outcome for r in rows} <= {"success", "interrupted"}
+    assert sum(r.outcome == "interrupted" for r in rows) <= 1
+    starts = lines(out, "start")
+    assert len(starts) == len(rows), "each slot started once"
+    assert {int(s[2]) for s in starts} <= {leader.pid, successor.pid}
+    assert any(int(s[2]) == successor.pid for s in starts)
+    code, again = run_cli(
+        "cron", "backfill", "bf", "--from", start.isoformat(), "--to", end.isoformat(), "--json"
+    )
+    assert (code, again["requested"], again["to_run"]) == (0, False, 0)
