@@ -314,3 +314,25 @@ def test_backfill_on_two_services_runs_on_the_leader_and_survives_its_kill(
         "cron", "backfill", "bf", "--from", start.isoformat(), "--to", end.isoformat(), "--json"
     )
     assert (code, again["requested"], again["to_run"]) == (0, False, 0)
+
+
+def test_interval_slots_match_rows_the_scheduler_stepped(engine: Engine) -> None:
+    """An interval task's slots are its grid from its anchor; rows the scheduler wrote a few
+    microseconds off the grid (it steps from slot to slot) count as those slots' rows."""
+    definition = control.definition_from_class(
+        "tick", BUSY, kwargs={"seconds": 0.1}, schedule=IntervalSchedule(seconds=10)
+    )
+    control.add_task(engine, definition, paused=True)
+    anchor = _minute(utcnow()) - timedelta(minutes=10)
+    with write_transaction(engine) as conn:
+        conn.execute(Task.__table__.update().where(Task.name == "tick").values(anchor_at=anchor))
+        for k in (0, 1, 5):
+            at = anchor + timedelta(seconds=10 * k, microseconds=3 * k)
+            conn.execute(
+                insert(TaskRun).values(
+                    task_name="tick", scheduled_at=at, started_at=at, outcome="success"
+                )
+            )
+    plan = _request(engine, "tick", anchor - timedelta(minutes=5), anchor + timedelta(seconds=59))
+    assert plan.slots == 6  # none before the anchor
+    assert plan.to_run == [anchor + timedelta(seconds=10 * k) for k in (2, 3, 4)]
