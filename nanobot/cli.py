@@ -1120,6 +1120,12 @@ def cron_backfill(
         f"(first {local(plan.to_run[0])}, last {local(plan.to_run[-1])}), {concurrency} at a "
         f"time; {note}"
     )
+    if info.paused:
+        click.echo(
+            f"nanobot: note: task {name!r} is paused: its backfill starts when it is resumed "
+            f"(nanobot cron resume {name})",
+            err=True,
+        )
 
 
 @cron.command("history")

@@ -28,26 +28,27 @@ def _minute(dt: datetime) -> datetime:
     return dt.replace(second=0, microsecond=0)
 
 
-def _add_cron(engine: Engine, name: str, seconds: float = 0.1) -> None:
-    """A task that runs every minute and takes ``seconds``, stored paused: no run of its own."""
+def _add_cron(engine: Engine, name: str, seconds: float = 0.1, *, paused: bool = False) -> None:
+    """A task that runs every minute and takes ``seconds`` (its own runs, at the next minutes,
+    are after any backfilled range)."""
     definition = control.definition_from_class(
         name,
         BUSY,
         kwargs={"seconds": seconds},
         schedule=parse_cron("* * * * *", "UTC"),
     )
-    control.add_task(engine, definition, paused=True)
+    control.add_task(engine, definition, paused=paused)
 
 
-def _rows(engine: Engine, name: str) -> list[Any]:
+def _rows(
+    engine: Engine, name: str, start: datetime | None = None, end: datetime | None = None
+) -> list[Any]:
+    """The task's rows (those scheduled in ``[start, end]`` when given), in slot order."""
+    query = select(TaskRun.__table__).where(TaskRun.task_name == name)
+    if start is not None and end is not None:
+        query = query.where(TaskRun.scheduled_at >= start, TaskRun.scheduled_at <= end)
     with engine.connect() as conn:
-        return list(
-            conn.execute(
-                select(TaskRun.__table__)
-                .where(TaskRun.task_name == name)
-                .order_by(TaskRun.scheduled_at)
-            ).all()
-        )
+        return list(conn.execute(query.order_by(TaskRun.scheduled_at)).all())
 
 
 def _pending(engine: Engine, name: str) -> bool:
@@ -146,6 +147,9 @@ def test_cli_backfill_errors_are_one_line(engine: Engine, tmp_path: Path) -> Non
         invoke("cron", "backfill", "ghost", "--from", past, "--to", soon), 2, "unknown task"
     )
     assert_one_line_error(
+        invoke("cron", "backfill", "job", "--from", "03:00", "--to", soon), 2, "a date and time"
+    )
+    assert_one_line_error(
         invoke("cron", "backfill", "job", "--from", soon, "--to", past), 2, "is after --to"
     )
     assert_one_line_error(
@@ -216,7 +220,7 @@ async def test_backfill_runs_each_slot_once_with_its_time(db_url: str) -> None:
     try:
         await manager.start()
         await _until_done(engine, "bf")
-        rows = _rows(engine, "bf")
+        rows = _rows(engine, "bf", start, end)
         assert [(r.scheduled_at, r.outcome) for r in rows] == [(s, "success") for s in slots]
         ran = [r for r in rows if r.node != "old"]
         assert len(ran) == 5
@@ -227,10 +231,10 @@ async def test_backfill_runs_each_slot_once_with_its_time(db_url: str) -> None:
         assert (again.stored, len(again.to_run)) == (True, 1)  # only the slot before the range
         await _until_done(engine, "bf")
         assert _request(engine, "bf", start - timedelta(minutes=1), end).stored is False
-        count = len(_rows(engine, "bf"))
+        count = len(_rows(engine, "bf", start, end))
         control.set_backfill(engine, "bf", start, end, 2)  # as if requested twice
         await _until_done(engine, "bf")
-        assert len(_rows(engine, "bf")) == count
+        assert len(_rows(engine, "bf", start, end)) == count
     finally:
         await manager.shutdown(grace=WAIT)
 
@@ -248,7 +252,7 @@ async def test_backfill_with_concurrency_runs_side_by_side(db_url: str) -> None:
         await _until_done(engine, "par")
     finally:
         await manager.shutdown(grace=WAIT)
-    rows = _rows(engine, "par")
+    rows = _rows(engine, "par", start, end)
     assert [r.outcome for r in rows] == ["success"] * 6
     most = max(sum(1 for o in rows if o.started_at <= r.started_at < o.finished_at) for r in rows)
     assert 2 <= most <= 3
@@ -278,7 +282,7 @@ def test_backfill_on_two_services_runs_on_the_leader_and_survives_its_kill(
         leader = cluster.wait_leader(10)
         code, added = run_cli(
             "cron", "add", "bf", "--task", "e2e_tasks:SlowTask", "--cron", "* * * * *",
-            "--paused", "--kwargs", json.dumps({"path": str(out), "seconds": 0.4}), "--json",
+            "--kwargs", json.dumps({"path": str(out), "seconds": 0.4}), "--json",
         )  # fmt: skip
         assert code == 0, added
         end = _minute(utcnow()) - timedelta(minutes=1)
@@ -301,13 +305,15 @@ def test_backfill_on_two_services_runs_on_the_leader_and_survives_its_kill(
     finally:
         cluster.kill_all()
     engine = get_engine()
-    rows = _rows(engine, "bf")
+    rows = _rows(engine, "bf", start, end)
     slots = [start + timedelta(minutes=k) for k in range(12)]
     assert [r.scheduled_at for r in rows] == slots
     assert {r.outcome for r in rows} <= {"success", "interrupted"}
     assert sum(r.outcome == "interrupted" for r in rows) <= 1
+    # The schedule's own runs (at the minutes after the range) started too.
+    started = [r for r in _rows(engine, "bf") if r.outcome not in ("missed", "skipped")]
     starts = lines(out, "start")
-    assert len(starts) == len(rows), "each slot started once"
+    assert len(starts) == len(started), "each slot started once"
     assert {int(s[2]) for s in starts} <= {leader.pid, successor.pid}
     assert any(int(s[2]) == successor.pid for s in starts)
     code, again = run_cli(
@@ -336,3 +342,25 @@ def test_interval_slots_match_rows_the_scheduler_stepped(engine: Engine) -> None
     plan = _request(engine, "tick", anchor - timedelta(minutes=5), anchor + timedelta(seconds=59))
     assert plan.slots == 6  # none before the anchor
     assert plan.to_run == [anchor + timedelta(seconds=10 * k) for k in (2, 3, 4)]
+
+
+async def test_a_paused_task_s_backfill_waits_for_its_resume(db_url: str) -> None:
+    """The leader claims nothing of a paused task's backfill (a pause is its brake); once the
+    task is resumed, the backfill runs."""
+    manager = CronManager(poll_interval=0.05, bus=MessageBus())
+    engine = manager.engine
+    _add_cron(engine, "held", paused=True)
+    end = _minute(utcnow()) - timedelta(minutes=1)
+    start = end - timedelta(minutes=2)
+    assert _request(engine, "held", start, end).stored
+    try:
+        await manager.start()
+        # Ten passes that read the control plane: none claims a slot of the paused task.
+        await asyncio.sleep(10 * 0.05)
+        assert _rows(engine, "held") == []
+        assert _pending(engine, "held")
+        control.resume_task(engine, "held")
+        await _until_done(engine, "held")
+    finally:
+        await manager.shutdown(grace=WAIT)
+    assert [r.outcome for r in _rows(engine, "held", start, end)] == ["success"] * 3

@@ -10,6 +10,10 @@ runs a backfill, each slot runs at most once even with two nodes, a backfill sur
 restart of the leader (or a fail-over) and goes on where it was, and repeating a backfill runs
 nothing more.
 
+A paused task's backfill waits: the leader claims nothing of it until the task is resumed, so
+that ``nanobot cron pause`` stops a backfill that does harm, and an auto-pause after failed
+runs stops a backfill whose every run fails.
+
 Which slots. The slots of the task's schedule (interval: its grid, from its anchor on; cron;
 at) in ``[from, to]`` that have no row, or whose row is ``missed`` (nothing ran them: a missed
 row stands for its first slot and counts the following ones, so it is taken over by the run of
@@ -97,6 +101,9 @@ class BackfillJob:
     anchor: datetime | None
     task_class: str
     kwargs: dict[str, Any]
+    # A paused task's backfill waits for it to be resumed (a pause, or an auto-pause after
+    # failed runs, is a brake on the backfill too).
+    paused: bool = False
 
 
 def parse_time(value: str, timezone: str, option: str) -> datetime:
@@ -348,4 +355,5 @@ def job_of(row: Any) -> BackfillJob | None:
         anchor=row.anchor_at,
         task_class=row.task_class,
         kwargs=dict(row.kwargs or {}),
+        paused=bool(row.paused),
     )

@@ -30,9 +30,8 @@ policy (:mod:`nanobot.cron.overlap`) when the loop is about to start it: started
 buffered until the run ends, or started once the run in flight is cancelled.
 
 Threads: the event loop owns ``_inflight``, ``_buffered``, ``_delayed``, ``_pending`` and the
-runs; the worker
-thread owns the passes, the job store and ``_applied``; ``_lock`` guards the registrations that
-both read.
+runs; the worker thread owns the passes, the job store, ``_applied`` and ``_backfills``;
+``_lock`` guards the registrations that both read.
 """
 
 from __future__ import annotations
@@ -1077,18 +1076,23 @@ class CronManager:
         with write_transaction(self.engine) as conn:
             self._check_fence(conn)
             for name, job in list(self._backfills.items()):
+                if job.paused:
+                    continue
                 claimed, finished = backfill.claim_next(
                     conn, job, node=self.node, after=self._backfill_after.get(name)
                 )
                 if finished:
                     done.append(job)
-                for slot, run_id in claimed:
-                    self._backfill_after[name] = max(slot, self._backfill_after.get(name, slot))
-                    launches.append(
-                        self._prepare(
-                            name, job.task_class, job.kwargs, slot, run_id, True, RunKind.BACKFILL
-                        )
+                launches.extend(
+                    self._prepare(
+                        name, job.task_class, job.kwargs, slot, run_id, True, RunKind.BACKFILL
                     )
+                    for slot, run_id in claimed
+                )
+        # Only once committed: a slot whose claim was rolled back is claimed again.
+        for launch in launches:
+            after = self._backfill_after.get(launch.name, launch.slot)
+            self._backfill_after[launch.name] = max(after, launch.slot)
         for job in done:
             name = job.backfill.task
             self._backfills.pop(name, None)
@@ -1209,9 +1213,11 @@ class CronManager:
             if job is None:
                 self._backfills.pop(row.name, None)
                 self._backfill_after.pop(row.name, None)
-            elif self._backfills.get(row.name) != job:
+            else:
+                before = self._backfills.get(row.name)
                 self._backfills[row.name] = job
-                self._backfill_after.pop(row.name, None)
+                if before is None or before.backfill != job.backfill:
+                    self._backfill_after.pop(row.name, None)
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
