@@ -1012,6 +1012,10 @@ def cron_run(name: str, force: bool, as_json: bool) -> None:
         # Rows left running by a service that is not running are not runs in flight (they
         # are recorded interrupted when it starts): only a running service's count.
         running = control.runs_in_flight(engine, name) if service_running(engine) else []
+        if info.backfill is not None:
+            # A backfill's runs do not count for the policy (as in the scheduler).
+            first, last, _ = info.backfill
+            running = [r for r in running if not first <= r.scheduled_at <= last]
         action = (
             Action.START
             if force

@@ -148,3 +148,24 @@ def test_task_file_overlap_keys(engine: Engine, nanobot_home: Path) -> None:
     with pytest.raises(TaskFileError, match="max_concurrent") as info:
         parse_task_file(f'[tasks.a]\ntask = "{APPEND}"\nevery = "5m"\nmax_concurrent = 3\n', path)
     assert "\n" not in str(info.value)
+
+
+def test_a_backfill_s_run_in_flight_does_not_refuse_cron_run(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A run of a pending backfill does not count for the policy, as in the scheduler."""
+    from nanobot.cron import control
+
+    assert add("job", tmp_path).exit_code == 0
+    _service_up(engine)
+    at = utcnow() - timedelta(hours=1)
+    control.set_backfill(engine, "job", at - timedelta(minutes=1), at + timedelta(minutes=1), 1)
+    with write_transaction(engine) as conn:
+        conn.execute(
+            insert(TaskRun).values(
+                task_name="job", scheduled_at=at, started_at=utcnow(), outcome="running"
+            )
+        )
+    result = invoke("cron", "run", "job")
+    assert result.exit_code == 0, result.stderr
+    assert _request(engine, "job")[0] is not None
