@@ -808,6 +808,20 @@ def _schedule_option(
     help="Slots missed while nothing ran: run the latest once (default), or skip them all.",
 )
 @click.option(
+    "--overlap",
+    type=click.Choice(["skip", "buffer_one", "cancel_previous", "allow"]),
+    default=None,
+    help="A slot that comes while a run still goes: skip it (default), buffer one, cancel the "
+    "run in flight, or allow runs side by side.",
+)
+@click.option(
+    "--max-concurrent",
+    "max_concurrent",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --overlap allow: at most N runs at once (default 2); more slots are skipped.",
+)
+@click.option(
     "--pause-after-failures",
     "pause_after_failures",
     type=click.IntRange(min=0),
@@ -857,6 +871,8 @@ def cron_add(
     timeout: float | None,
     jitter: float | None,
     misfire: str | None,
+    overlap: str | None,
+    max_concurrent: int | None,
     pause_after_failures: int | None,
     ping_url: str | None,
     catch_up_window: str | None,
@@ -906,6 +922,8 @@ def cron_add(
             timeout=timeout,
             jitter=jitter,
             misfire_policy=misfire,
+            overlap=overlap,
+            max_concurrent=max_concurrent,
             pause_after_failures=pause_after_failures,
             ping_url=ping_url,
             catch_up_window=_window(catch_up_window),
@@ -992,12 +1010,147 @@ def cron_resume(name: str, as_json: bool) -> None:
 
 @cron.command("run")
 @click.argument("name")
+@click.option(
+    "--force", is_flag=True, help="Run it now even beside a run in flight (ignore --overlap)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
-def cron_run(name: str, as_json: bool) -> None:
-    """Run task NAME once now, outside its schedule."""
-    from nanobot.cron.control import request_run
+def cron_run(name: str, force: bool, as_json: bool) -> None:
+    """Run task NAME once now, outside its schedule.
 
-    _simple_change(name, as_json, "run requested", request_run)
+    The run obeys the task's overlap policy: with skip (the default) and a run in flight, it is
+    refused here (exit code 1, nothing requested); if a run starts between this check and the
+    service's next pass, the requested run is recorded skipped in 'cron history'. --force runs
+    it whatever the policy, beside the run in flight.
+    """
+    from nanobot.cron import control
+    from nanobot.cron.overlap import Action, RunKind, decide
+    from nanobot.status import service_running
+
+    cfg = _prepare()
+    with _domain_errors():
+        engine = _existing_engine(cfg)
+        info = control.get_task(engine, name)
+        # Rows left running by a service that is not running are not runs in flight (they
+        # are recorded interrupted when it starts): only a running service's count.
+        running = control.runs_in_flight(engine, name) if service_running(engine) else []
+        if info.backfill is not None:
+            # A backfill's runs do not count for the policy (as in the scheduler).
+            first, last, _ = info.backfill
+            running = [r for r in running if not first <= r.scheduled_at <= last]
+        action = (
+            Action.START
+            if force
+            else decide(info.overlap, RunKind.MANUAL, running=len(running), buffered=False)
+        )
+        if action is Action.SKIP:
+            since = running[0].scheduled_at.isoformat()
+            _fail(
+                f"task {name!r} has {len(running)} run(s) in flight (the oldest scheduled at "
+                f"{since}) and its overlap policy is {info.overlap.describe()}: no run "
+                "requested (--force runs it beside them)",
+                EXIT_FAILED,
+            )
+        info = control.request_run(engine, name, force=force)
+        note = _applied_note(engine)
+    what = {
+        Action.START: "run requested",
+        Action.BUFFER: "run requested (a run is in flight: it starts when that run ends)",
+        Action.CANCEL_AND_START: "run requested (the run in flight is cancelled first)",
+    }[action]
+    if force and running:
+        what = f"forced run requested (beside {len(running)} run(s) in flight)"
+    if as_json:
+        _echo_json(info.to_json() | {"request": action.value, "forced": force})
+    else:
+        click.echo(f"{what}: {_task_line(info)}; {note}")
+
+
+@cron.command("backfill")
+@click.argument("name")
+@click.option(
+    "--from", "start", required=True, help="First instant of the range, as --at takes it."
+)
+@click.option("--to", "end", required=True, help="Last instant of the range (not in the future).")
+@click.option(
+    "--tz", default=None, help="IANA zone of naive times (default: the task's, else UTC)."
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many of the range's slots run at once.",
+)
+@click.option("--yes", is_flag=True, help="Run more than scheduler.backfill_max_slots slots.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was requested as JSON.")
+def cron_backfill(
+    name: str,
+    start: str,
+    end: str,
+    tz: str | None,
+    concurrency: int,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Run each past slot of task NAME from --from to --to that never ran.
+
+    A slot with no history row (or recorded missed) runs once, recorded with its own
+    scheduled time; slots that ran are left alone, so running the same backfill again does
+    nothing more. The running service's leader runs them, one at a time (or --concurrency at
+    once); 'cron history NAME' shows them as they end.
+    """
+    from nanobot.cron import backfill, control
+    from nanobot.cron.schedules import IntervalSchedule
+
+    cfg = _prepare()
+    with _domain_errors():
+        engine = _existing_engine(cfg)
+        info = control.get_task(engine, name)
+        if tz is None:
+            tz = (
+                str(cfg.get("scheduler.timezone", "UTC"))
+                if isinstance(info.schedule, IntervalSchedule)
+                else info.schedule.timezone
+            )
+        first = backfill.parse_time(start, tz, "--from")
+        last = backfill.parse_time(end, tz, "--to")
+        plan = backfill.request_backfill(
+            engine,
+            name,
+            first,
+            last,
+            concurrency=concurrency,
+            max_slots=int(cfg.get("scheduler.backfill_max_slots", 100)),
+            confirmed=yes,
+            now=utcnow(),
+        )
+        note = _applied_note(engine) if plan.stored else None
+    if as_json:
+        _echo_json(plan.to_json())
+        return
+    from nanobot.cron.schedules import zone
+
+    def local(value: datetime) -> str:
+        return value.astimezone(zone(tz)).isoformat()
+
+    span = f"from {local(first)} to {local(last)}"
+    if not plan.stored:
+        click.echo(
+            f"nothing to backfill: task {name!r} has {plan.slots} slot(s) {span}, "
+            "and every one has run or been recorded"
+        )
+        return
+    click.echo(
+        f"backfill requested: task {name!r}, {len(plan.to_run)} of {plan.slots} slot(s) {span} "
+        f"(first {local(plan.to_run[0])}, last {local(plan.to_run[-1])}), {concurrency} at a "
+        f"time; {note}"
+    )
+    if info.paused:
+        click.echo(
+            f"nanobot: note: task {name!r} is paused: its backfill starts when it is resumed "
+            f"(nanobot cron resume {name})",
+            err=True,
+        )
 
 
 @cron.command("history")

@@ -305,6 +305,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _time_zone,
         "IANA zone of cron expressions and naive --at times when a task gives none",
     ),
+    Setting(
+        "scheduler.backfill_max_slots",
+        100,
+        _positive_int,
+        "most slots 'nanobot cron backfill' runs without --yes",
+    ),
     Setting("session.ttl", 86400.0, _positive_number, "seconds a session lives after its last use"),
     Setting(
         "service.node",

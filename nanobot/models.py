@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     Unicode,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -157,6 +158,16 @@ class Task(Base):
     timeout_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     jitter_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     misfire_policy: Mapped[str] = mapped_column(String(32), default=MisfirePolicy.CATCH_UP_ONCE)
+    # The slot that comes while a run still goes (nanobot.cron.overlap); NULL: skip. Under
+    # allow, max_concurrent is the most runs at once.
+    overlap_policy: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A run-now request (run_requested_at) given --force: it runs whatever the overlap policy.
+    run_forced: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A pending backfill (nanobot.cron.backfill): the range of slots to run, how many at once.
+    backfill_from: Mapped[datetime | None] = mapped_column(nullable=True)
+    backfill_to: Mapped[datetime | None] = mapped_column(nullable=True)
+    backfill_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     paused: Mapped[bool] = mapped_column(Boolean, default=True)
     anchor_at: Mapped[datetime | None] = mapped_column(nullable=True)
     next_run_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -87,3 +87,24 @@ class Flaky(CronTask):
     async def run(self) -> None:
         if Flaky.failing:
             raise RuntimeError("flaky")
+
+
+class Busy(CronTask):
+    """Runs for ``seconds`` each time, with an overlap policy given by keyword: the task that
+    takes longer than its interval of the overlap policies' golden tables."""
+
+    started: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        interval: float = 1,
+        seconds: float = 2.5,
+        overlap: str | None = None,
+        max_concurrent: int | None = None,
+    ) -> None:
+        super().__init__(interval, overlap=overlap, max_concurrent=max_concurrent)
+        self.seconds = seconds
+
+    async def run(self) -> None:
+        Busy.started += 1
+        await asyncio.sleep(self.seconds)

@@ -18,6 +18,8 @@ from typing import Any, Final
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from nanobot.cron import overlap as overlaps
+from nanobot.cron.overlap import Overlap, check_overlap
 from nanobot.cron.pings import check_ping_url
 from nanobot.cron.retries import DEFAULT_BACKOFF, RetryBackoff, check_retries, parse_backoff
 from nanobot.cron.schedules import (
@@ -71,6 +73,9 @@ class TaskInfo:
     schedule: Schedule
     # The origin of an interval task's grid (None until first started).
     anchor_at: datetime | None = None
+    overlap: Overlap = overlaps.DEFAULT
+    # A backfill the leader has still to run: (from, to, concurrency), or None.
+    backfill: tuple[datetime, datetime, int] | None = None
 
     def upcoming(self, count: int, now: datetime) -> list[datetime]:
         """The next ``count`` slots (UTC) as the scheduler will run them: from the stored next
@@ -128,6 +133,16 @@ class TaskInfo:
                     "attempt": self.retry_attempt,
                 }
                 if self.retry_at is not None
+                else None
+            ),
+            **self.overlap.to_json(),
+            "backfill": (
+                {
+                    "from": self.backfill[0].isoformat(),
+                    "to": self.backfill[1].isoformat(),
+                    "concurrency": self.backfill[2],
+                }
+                if self.backfill is not None
                 else None
             ),
             "task": self.task_class,
@@ -301,6 +316,8 @@ def definition_from_class(
     timeout: float | None = None,
     jitter: float | None = None,
     misfire_policy: MisfirePolicy | str | None = None,
+    overlap: str | None = None,
+    max_concurrent: int | None = None,
     pause_after_failures: int | None = None,
     ping_url: str | None = None,
     catch_up_window: float | None = None,
@@ -310,8 +327,12 @@ def definition_from_class(
     """Validate a task given by class path (the command line's ``cron add``) and define it.
 
     The schedule is ``schedule``, or every ``interval`` seconds; ``timeout``, ``jitter`` and
-    ``misfire_policy`` and ``pause_after_failures`` override the class's own when given.
+    ``misfire_policy``, ``overlap`` (with ``max_concurrent``) and ``pause_after_failures``
+    override the class's own when given.
     """
+    if overlap is not None:
+        # A bad policy or a contradiction is refused before anything is imported.
+        check_overlap(overlap, max_concurrent)
     failures = check_failure_count(pause_after_failures)
     ping = check_ping_url(ping_url)
     window = _optional_seconds(catch_up_window, "catch_up_window")
@@ -366,6 +387,7 @@ def definition_from_class(
         timeout=task.timeout if timeout is None else _optional_seconds(timeout, "timeout"),
         jitter=task.jitter if jitter is None else _optional_seconds(jitter, "jitter"),
         misfire_policy=policy,
+        overlap=_chosen_overlap(task, overlap, max_concurrent),
         schedule=schedule,
         pause_after_failures=task.pause_after_failures if failures is None else failures,
         ping_url=task.ping_url if ping is None else ping,
@@ -379,6 +401,18 @@ def definition_from_class(
             else parse_backoff(task.retry_backoff)
         ),
     )
+
+
+def _chosen_overlap(task: CronTask, policy: str | None, max_concurrent: int | None) -> Overlap:
+    """The overlap given (``cron add --overlap``, a task-file key) over the class's own; a
+    maximum given alone applies to a class whose own policy is allow."""
+    own = overlaps.OverlapPolicy(task.overlap)
+    if policy is None and max_concurrent is None:
+        return Overlap(own, task.max_concurrent or 1)
+    chosen = policy if policy is not None else own
+    if max_concurrent is None and chosen == own:
+        max_concurrent = task.max_concurrent if own is overlaps.OverlapPolicy.ALLOW else None
+    return check_overlap(chosen, max_concurrent)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -400,6 +434,12 @@ def _info(row: Any) -> TaskInfo:
         version=row.version,
         schedule=row_schedule(row),
         anchor_at=row.anchor_at,
+        overlap=overlaps.stored(row.overlap_policy, row.max_concurrent),
+        backfill=(
+            (row.backfill_from, row.backfill_to, row.backfill_concurrency or 1)
+            if row.backfill_from is not None and row.backfill_to is not None
+            else None
+        ),
         source=row.source,
         pause_reason=row.pause_reason,
         pause_after_failures=row.pause_after_failures,
@@ -515,6 +555,8 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
         "timeout_s": d.timeout,
         "jitter_s": d.jitter,
         "misfire_policy": d.misfire_policy.value,
+        "overlap_policy": d.overlap.policy.value,
+        "max_concurrent": d.overlap.max_concurrent,
         "pause_after_failures": d.pause_after_failures,
         "ping_url": d.ping_url,
         "catch_up_window_s": d.catch_up_window,
@@ -532,6 +574,7 @@ def stored_definition(row: Any) -> TaskDefinition:
         timeout=row.timeout_s,
         jitter=row.jitter_s,
         misfire_policy=MisfirePolicy(row.misfire_policy),
+        overlap=overlaps.stored(row.overlap_policy, row.max_concurrent),
         schedule=row_schedule(row),
         pause_after_failures=row.pause_after_failures,
         ping_url=row.ping_url,
@@ -696,9 +739,35 @@ def resume_task(engine: Engine, name: str) -> TaskInfo:
     return _change(engine, name, paused=False, pause_reason=None, auto_paused_at=None)
 
 
-def request_run(engine: Engine, name: str) -> TaskInfo:
-    """Ask the running scheduler to run the task once now, outside its schedule."""
-    return _change(engine, name, run_requested_at=utcnow())
+def request_run(engine: Engine, name: str, *, force: bool = False) -> TaskInfo:
+    """Ask the running scheduler to run the task once now, outside its schedule. The run obeys
+    the task's overlap policy unless ``force`` (:mod:`nanobot.cron.overlap`)."""
+    return _change(engine, name, run_requested_at=utcnow(), run_forced=force)
+
+
+def set_backfill(
+    engine: Engine, name: str, start: datetime, end: datetime, concurrency: int
+) -> TaskInfo:
+    """Store a backfill for the leader to run (:mod:`nanobot.cron.backfill` checks it first)."""
+    return _change(
+        engine,
+        name,
+        backfill_from=start,
+        backfill_to=end,
+        backfill_concurrency=concurrency,
+    )
+
+
+def runs_in_flight(engine: Engine, name: str) -> list[RunInfo]:
+    """The task's rows still ``running`` (runs in flight, or slots claimed to run), oldest
+    first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(TaskRun.__table__)
+            .where(TaskRun.task_name == name, TaskRun.outcome == TaskOutcome.RUNNING.value)
+            .order_by(TaskRun.scheduled_at)
+        ).all()
+    return [run_info(r) for r in rows]
 
 
 def remove_task(engine: Engine, name: str) -> None:

@@ -27,10 +27,14 @@ Before any run starts and at every step of a run, the lease is checked by this p
 monotonic clock (no database round trip): a leader frozen past its lease (SIGSTOP, a paused
 VM) starts nothing when it resumes, and not one more step of its runs in flight executes.
 
-Threads: the event loop owns ``_inflight``, ``_delayed``, ``_pending`` and the runs; the worker
-thread owns the passes, the job store, ``_applied`` and the retries' bookkeeping (``_retries``,
-``_next_slots``, ``_claimed_slots``, ``_paused_names``), since it also writes the outcomes that
-plan retries; ``_lock`` guards the registrations that
+A claimed slot that comes while a run of its task still goes is decided by the task's overlap
+policy (:mod:`nanobot.cron.overlap`) when the loop is about to start it: started, skipped,
+buffered until the run ends, or started once the run in flight is cancelled.
+
+Threads: the event loop owns ``_inflight``, ``_buffered``, ``_delayed``, ``_pending`` and the
+runs; the worker thread owns the passes, the job store, ``_applied``, ``_backfills`` and the
+retries' bookkeeping (``_retries``, ``_next_slots``, ``_claimed_slots``, ``_paused_names``),
+since it also writes the outcomes that plan retries; ``_lock`` guards the registrations that
 both read.
 """
 
@@ -56,7 +60,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import get_config
-from nanobot.cron import autopause, control, history, retries
+from nanobot.cron import autopause, backfill, control, history, retries
 from nanobot.cron.aps_adapter import (
     EPHEMERAL,
     PERSISTENT,
@@ -65,6 +69,15 @@ from nanobot.cron.aps_adapter import (
     NanobotScheduler,
 )
 from nanobot.cron.history import Claim, Fenced, Finish
+from nanobot.cron.overlap import (
+    CANCELLED_BY_NEXT,
+    Action,
+    Overlap,
+    RunKind,
+    decide,
+    skip_reason,
+)
+from nanobot.cron.overlap import DEFAULT as DEFAULT_OVERLAP
 from nanobot.cron.pings import Pinger
 from nanobot.cron.retention import HistoryTrimmer
 from nanobot.cron.retries import DEFAULT_BACKOFF, NO_RETRIES, PendingRetry, RetryPolicy
@@ -114,6 +127,18 @@ class _Launch:
     dispatched: bool = True
     # 1: the slot's run; 2...: its retries (nanobot.cron.retries).
     attempt: int = 1
+    kind: RunKind = RunKind.SCHEDULED
+
+
+@dataclass(slots=True)
+class _Running:
+    """A run in flight (event loop): its asyncio task, slot, monotonic start and interval."""
+
+    run: asyncio.Task[None]
+    slot: datetime
+    started: float
+    interval: float
+    kind: RunKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +254,18 @@ class CronManager:
         # The stored timeout and jitter of each task (cron add --timeout, the API): options that
         # a class path and its kwargs do not carry, applied to every instance built from them.
         self._stored_options: dict[str, tuple[float | None, float | None]] = {}
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._cancel_reasons: dict[str, str] = {}
+        # name -> run id -> run, for every run in flight (several under the overlap policy
+        # allow, a forced run or a backfill).
+        self._inflight: dict[str, dict[int, _Running]] = {}
+        # The slot of each buffer_one task held to start when its run in flight ends.
+        self._buffered: dict[str, _Launch] = {}
+        # Each task's overlap policy (written by the worker thread, read by the loop).
+        self._overlaps: dict[str, Overlap] = {}
+        # Pending backfills (nanobot.cron.backfill) and the last slot each one claimed here;
+        # worker thread only.
+        self._backfills: dict[str, backfill.BackfillJob] = {}
+        self._backfill_after: dict[str, datetime] = {}
+        self._cancel_reasons: dict[int, str] = {}
         self._applied: dict[str, int] = {}
         self._policies: dict[str, tuple[MisfirePolicy, float]] = {}
         self._retry_policies: dict[str, RetryPolicy] = {}
@@ -289,9 +324,8 @@ class CronManager:
         self._queued: dict[int, list[_Launch]] = {}
         self._marking: set[asyncio.Task[None]] = set()
         self._undispatch: list[int] = []
-        # name -> (run id, slot, monotonic start, interval) of each run in flight.
-        self._run_started: dict[str, tuple[int, datetime, float, float]] = {}
-        self._overrunning: set[str] = set()
+        # Run ids of the runs in flight past their bound (see _watch_runs).
+        self._overrunning: set[int] = set()
         self._overrun_intervals = 0.0
         self._watch: asyncio.TimerHandle | None = None
         self._exit_hook = False
@@ -423,6 +457,7 @@ class CronManager:
                 self._periods[name] = definition.interval
                 self._ping_urls[name] = definition.ping_url
                 self._retry_policies[name] = _retry_policy(definition)
+                self._overlaps[name] = definition.overlap
             log.warning(
                 "cron.task_not_persistent",
                 task=name,
@@ -599,22 +634,32 @@ class CronManager:
         return self._scheduler.last_pass_at if self._scheduler is not None else None
 
     def running_tasks(self) -> list[str]:
-        return [n for n, t in self._inflight.items() if not t.done()]
+        return [n for n in self._inflight if self._runs_of(n)]
+
+    def _runs_of(self, name: str) -> dict[int, _Running]:
+        """The runs of ``name`` in flight, by run id."""
+        return {i: r for i, r in self._inflight.get(name, {}).items() if not r.run.done()}
 
     def runs_in_flight(self) -> list[RunInFlight]:
-        """The runs of this process in flight, with their age and overrun bound."""
+        """The runs of this process in flight, with their age and overrun bound: one per task,
+        its oldest (a task may have several under the overlap policy allow)."""
         now = time.monotonic()
         result = []
-        for name, (run_id, slot, started, interval) in list(self._run_started.items()):
-            bound = self._overrun_intervals * interval if self._overrun_intervals > 0 else None
+        for name, runs in list(self._inflight.items()):
+            if not runs:
+                continue
+            run_id, oldest = min(runs.items(), key=lambda item: item[1].started)
+            bound = (
+                self._overrun_intervals * oldest.interval if self._overrun_intervals > 0 else None
+            )
             result.append(
                 RunInFlight(
                     task=name,
                     run_id=run_id,
-                    scheduled_at=slot,
-                    age_s=now - started,
+                    scheduled_at=oldest.slot,
+                    age_s=now - oldest.started,
                     bound_s=bound,
-                    overrunning=name in self._overrunning,
+                    overrunning=run_id in self._overrunning,
                 )
             )
         return result
@@ -623,10 +668,10 @@ class CronManager:
         """Cancel every run in flight now (each is recorded ``cancelled`` with ``reason``); a
         :meth:`shutdown` waiting for them then goes on at once. For a node that lost its lease
         while stopping: another node may start these tasks at any moment."""
-        for name, run in list(self._inflight.items()):
-            if not run.done():
-                self._cancel_reasons[name] = reason
-                run.cancel()
+        for name in list(self._inflight):
+            for run_id, running in self._runs_of(name).items():
+                self._cancel_reasons[run_id] = reason
+                running.run.cancel()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -811,7 +856,7 @@ class CronManager:
             unstarted = self._take_unstarted()
             if unstarted:
                 await scheduler.run_in_worker(self._release_unstarted, scheduler, unstarted)
-            running = [t for t in self._inflight.values() if not t.done()]
+            running = [r.run for n in list(self._inflight) for r in self._runs_of(n).values()]
             if running and grace > 0:
                 log.info("cron.waiting_for_runs", count=len(running), grace_s=grace)
                 await asyncio.wait(running, timeout=grace)
@@ -846,6 +891,8 @@ class CronManager:
         for launches in self._queued.values():
             unstarted.extend(launches)
         self._queued.clear()
+        unstarted.extend(self._buffered.values())
+        self._buffered.clear()
         with self._lock:
             unstarted.extend(self._handed.values())
             self._handed.clear()
@@ -865,7 +912,13 @@ class CronManager:
             with write_transaction(self.engine) as conn:
                 self._check_fence(conn)
                 released = history.release_claims(conn, ids)
-                stored = [r for r in released if r[0] not in self._ephemeral]
+                # A backfill's slot released is claimed again by the backfill, not requested.
+                backfilled = {(x.name, x.slot) for x in launches if x.kind is RunKind.BACKFILL}
+                stored = [
+                    r
+                    for r in released
+                    if r[0] not in self._ephemeral and (r[0], r[1]) not in backfilled
+                ]
                 self._rewind(conn, scheduler, stored)
         except NotLeaderError:
             log.warning("cron.claims_left", count=len(ids), reason="this node no longer leads")
@@ -941,8 +994,9 @@ class CronManager:
         engine = self.engine
         # The control plane is read at most once per poll interval: passes for due slots can
         # come many times a second, and changes made in this process apply at once anyway.
-        manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
-        if time.monotonic() - self._last_reconcile >= self.poll_interval * 0.9:
+        manual: list[tuple[str, datetime, str, dict[str, Any], bool]] = []
+        reconciled = time.monotonic() - self._last_reconcile >= self.poll_interval * 0.9
+        if reconciled:
             manual = self._reconcile(scheduler, now)
         # Slots due within the lead are claimed now and started by the loop at their exact time,
         # so that the pass's own duration does not make every start late.
@@ -983,9 +1037,11 @@ class CronManager:
             dispatched = job.run_slot <= dispatch_by
             claims.append(Claim(job.name, job.run_slot, dispatched=dispatched))
             launches[(job.name, job.run_slot)] = (job.task_class, job.kwargs, False, dispatched)
-        for name, slot, task_class, kwargs in manual:
+        kinds: dict[tuple[str, datetime], RunKind] = {}
+        for name, slot, task_class, kwargs, forced in manual:
             claims.append(Claim(name, slot, manual=True))
             launches[(name, slot)] = (task_class, kwargs, True, True)
+            kinds[(name, slot)] = RunKind.FORCED if forced else RunKind.MANUAL
         due_retries = self._due_retries(scheduler, due, now, horizon)
         unrun.extend(self._missed_retries(due_retries, now))
         claimed: dict[tuple[str, datetime], int] = {}
@@ -1012,7 +1068,7 @@ class CronManager:
                     conn.execute(
                         update(Task)
                         .where(Task.name == name, Task.run_requested_at == requested)
-                        .values(run_requested_at=None)
+                        .values(run_requested_at=None, run_forced=False)
                     )
             scheduler.advance_memory()
             self._next_mirrors.update(deferred)
@@ -1034,7 +1090,9 @@ class CronManager:
             if run_id is None:
                 log.info("cron.slot_already_claimed", task=key[0], scheduled_at=key[1].isoformat())
                 continue
-            launch = self._prepare(key[0], task_class, kwargs, key[1], run_id, is_manual)
+            launch = self._prepare(
+                key[0], task_class, kwargs, key[1], run_id, is_manual, kinds.get(key)
+            )
             if not dispatched:
                 launch = replace(launch, dispatched=False)
             groups.setdefault(NOW_SLOT if is_manual else key[1], []).append(launch)
@@ -1064,6 +1122,14 @@ class CronManager:
             scheduler.call_soon(self._launch_groups, groups)
         if unrun:
             scheduler.call_soon(self._announce_batch, unrun)
+        if reconciled and self._backfills:
+            try:
+                self._run_backfills(scheduler)
+            except NotLeaderError:
+                raise
+            except Exception as exc:
+                # The scheduling goes on; the backfills are tried again at the next poll.
+                log.error("cron.backfill_failed", error=_text(exc))
         self._sync_unloadable(scheduler)
         if len(due) >= COST_SAMPLE_MIN:
             per_job = (time.perf_counter() - started) / len(due)
@@ -1174,6 +1240,54 @@ class CronManager:
             if self._retries.get(retry.task) == retry:
                 del self._retries[retry.task]
 
+    def _run_backfills(self, scheduler: NanobotScheduler) -> None:
+        """Claim the next slots of each pending backfill and hand them to the loop (worker
+        thread, at most once per poll interval; fenced by the lease like every claim)."""
+        launches: list[_Launch] = []
+        done: list[backfill.BackfillJob] = []
+        with write_transaction(self.engine) as conn:
+            self._check_fence(conn)
+            for name, job in list(self._backfills.items()):
+                if job.paused:
+                    continue
+                claimed, finished = backfill.claim_next(
+                    conn, job, node=self.node, after=self._backfill_after.get(name)
+                )
+                if finished:
+                    done.append(job)
+                launches.extend(
+                    self._prepare(
+                        name, job.task_class, job.kwargs, slot, run_id, True, RunKind.BACKFILL
+                    )
+                    for slot, run_id in claimed
+                )
+        # Only once committed: a slot whose claim was rolled back is claimed again.
+        for launch in launches:
+            after = self._backfill_after.get(launch.name, launch.slot)
+            self._backfill_after[launch.name] = max(after, launch.slot)
+        for job in done:
+            name = job.backfill.task
+            self._backfills.pop(name, None)
+            self._backfill_after.pop(name, None)
+            log.info(
+                "cron.backfill_done",
+                task=name,
+                start=job.backfill.start.isoformat(),
+                end=job.backfill.end.isoformat(),
+            )
+        if launches:
+            self.trimmer.count([launch.name for launch in launches])
+            for launch in launches:
+                log.info(
+                    "cron.backfill_claimed",
+                    task=launch.name,
+                    run_id=launch.run_id,
+                    scheduled_at=launch.slot.isoformat(),
+                )
+            with self._lock:
+                self._handed.update((launch.run_id, launch) for launch in launches)
+            scheduler.call_soon(self._launch_batch, launches)
+
     def _next_wait(self, scheduler: NanobotScheduler) -> float | None:
         """How long to sleep before the next pass, and the lead that pass will claim with.
 
@@ -1224,8 +1338,7 @@ class CronManager:
             )
 
     def _busy(self, name: str) -> bool:
-        task = self._inflight.get(name)
-        return task is not None and not task.done()
+        return bool(self._runs_of(name))
 
     def _reconcile_now(self, scheduler: NanobotScheduler) -> None:
         # Run requests are left to the next pass, which claims them with the due slots.
@@ -1234,7 +1347,7 @@ class CronManager:
 
     def _reconcile(
         self, scheduler: NanobotScheduler, now: datetime, *, take_requests: bool = True
-    ) -> list[tuple[str, datetime, str, dict[str, Any]]]:
+    ) -> list[tuple[str, datetime, str, dict[str, Any], bool]]:
         """Apply changed ``tasks`` rows to the job store; return the run-now requests."""
         self._last_reconcile = time.monotonic()
         engine = self.engine
@@ -1259,7 +1372,7 @@ class CronManager:
                 )
             else:
                 rows = []
-        manual: list[tuple[str, datetime, str, dict[str, Any]]] = []
+        manual: list[tuple[str, datetime, str, dict[str, Any], bool]] = []
         next_runs: dict[str, tuple[datetime | None, int]] = {}
         to_apply = [row for row in rows if self._applied.get(row.name) != row.version]
         jobs = scheduler.lookup_many(
@@ -1278,6 +1391,16 @@ class CronManager:
                 self._paused_names.add(row.name)
             else:
                 self._paused_names.discard(row.name)
+            self._overlaps[row.name] = definition.overlap
+            job = backfill.job_of(row)
+            if job is None:
+                self._backfills.pop(row.name, None)
+                self._backfill_after.pop(row.name, None)
+            else:
+                before = self._backfills.get(row.name)
+                self._backfills[row.name] = job
+                if before is None or before.backfill != job.backfill:
+                    self._backfill_after.pop(row.name, None)
             if self._applied.get(row.name) != row.version:
                 next_run = self._apply_row(
                     scheduler, row, definition, now, jobs.get(row.name), to_add
@@ -1287,7 +1410,15 @@ class CronManager:
                     next_runs[row.name] = (next_run, row.version)
                 self._applied[row.name] = row.version
             if row.run_requested_at is not None and take_requests:
-                manual.append((row.name, row.run_requested_at, row.task_class, dict(row.kwargs)))
+                manual.append(
+                    (
+                        row.name,
+                        row.run_requested_at,
+                        row.task_class,
+                        dict(row.kwargs),
+                        bool(row.run_forced),
+                    )
+                )
         if to_add:
             scheduler.add_many(to_add)
             log.info("cron.jobs_added", count=len(to_add))
@@ -1301,6 +1432,8 @@ class CronManager:
             self._periods.pop(name, None)
             self._retry_policies.pop(name, None)
             self._retries.pop(name, None)
+            self._overlaps.pop(name, None)
+            self._backfills.pop(name, None)
             if scheduler.remove(name, PERSISTENT):
                 log.info("cron.job_removed", task=name)
             scheduler.call_soon(self._forget_health, name)
@@ -1455,14 +1588,17 @@ class CronManager:
         slot: datetime,
         run_id: int,
         manual: bool,
+        kind: RunKind | None = None,
     ) -> _Launch:
         """Build (or find) the task of a claimed slot, in the worker thread: importing a class
         and constructing a task is no work for the event loop."""
+        if kind is None:
+            kind = RunKind.MANUAL if manual else RunKind.SCHEDULED
         try:
             task = self._instance(name, task_class, kwargs)
         except InvalidTaskError as exc:
-            return _Launch(name, slot, run_id, manual, None, str(exc))
-        return _Launch(name, slot, run_id, manual, task)
+            return _Launch(name, slot, run_id, manual, None, str(exc), kind=kind)
+        return _Launch(name, slot, run_id, manual, task, kind=kind)
 
     def _launch_batch(self, batch: list[_Launch]) -> None:
         """Start claimed slots: those due now at once, later ones at their exact time."""
@@ -1573,6 +1709,9 @@ class CronManager:
                 handle.cancel()
                 del self._delayed[slot]
             self._release_soon(mine)
+        buffered = self._buffered.pop(name, None)
+        if buffered is not None:
+            self._release_soon([buffered])
 
     def _undispatch_soon(self, run_id: int) -> None:
         self._undispatch.append(run_id)
@@ -1626,10 +1765,34 @@ class CronManager:
             )
             self._undispatch_soon(launch.run_id)
             return
-        if self._busy(launch.name):
-            # Runs never overlap: the slot is recorded skipped, and the run in flight goes on.
-            self._end_unstarted(launch, TaskOutcome.SKIPPED, "the previous run was still going")
+        # The runs the overlap policy counts: a backfill's runs are bounded by the backfill.
+        counted = {
+            i: r for i, r in self._runs_of(launch.name).items() if r.kind is not RunKind.BACKFILL
+        }
+        overlap = self._overlaps.get(launch.name, DEFAULT_OVERLAP)
+        buffered = launch.name in self._buffered
+        action = decide(overlap, launch.kind, running=len(counted), buffered=buffered)
+        if action is Action.SKIP:
+            self._end_unstarted(
+                launch, TaskOutcome.SKIPPED, skip_reason(overlap, buffered=buffered)
+            )
             return
+        if action is Action.BUFFER:
+            # Started by _start_buffered when the run in flight ends; released by a stop.
+            self._buffered[launch.name] = launch
+            log.info(
+                "task.buffered",
+                task=launch.name,
+                run_id=launch.run_id,
+                scheduled_at=launch.slot.isoformat(),
+            )
+            return
+        after: list[asyncio.Task[None]] = []
+        if action is Action.CANCEL_AND_START:
+            for run_id, running in counted.items():
+                self._cancel_reasons[run_id] = CANCELLED_BY_NEXT
+                running.run.cancel()
+                after.append(running.run)
         task = launch.task
         if task is None:
             error = launch.build_error or "the task could not be built"
@@ -1642,19 +1805,17 @@ class CronManager:
             with self._lock:
                 self._broken[launch.name] = None
         run = asyncio.get_running_loop().create_task(
-            self._execute(launch, task), name=f"nanobot-task:{launch.name}"
+            self._execute(launch, task, after), name=f"nanobot-task:{launch.name}"
         )
-        self._inflight[launch.name] = run
-        self._run_started[launch.name] = (
-            launch.run_id,
-            launch.slot,
-            time.monotonic(),
-            task.get_interval(),
+        self._inflight.setdefault(launch.name, {})[launch.run_id] = _Running(
+            run, launch.slot, time.monotonic(), task.get_interval(), launch.kind
         )
         task.set_task(run)
         task.set_running(True)
 
-    async def _execute(self, launch: _Launch, task: CronTask) -> None:
+    async def _execute(
+        self, launch: _Launch, task: CronTask, after: list[asyncio.Task[None]] | None = None
+    ) -> None:
         timeout = task.timeout if task.timeout is not None else self._default_timeout
         outcome = TaskOutcome.SUCCESS
         error: str | None = None
@@ -1662,6 +1823,10 @@ class CronManager:
         deadline = asyncio.timeout(timeout)
         with structlog.contextvars.bound_contextvars(task=launch.name, run_id=launch.run_id):
             try:
+                if after:
+                    # cancel_previous: the cancelled run really stops (a command's process is
+                    # gone) before this one starts.
+                    await asyncio.wait(after)
                 if task.jitter:
                     await asyncio.sleep(random.uniform(0, task.jitter))
                 started = self._clock()
@@ -1697,7 +1862,7 @@ class CronManager:
                 log.warning("task.fenced", reason=error)
             except asyncio.CancelledError:
                 outcome = TaskOutcome.CANCELLED
-                error = self._cancel_reasons.pop(launch.name, "the run was cancelled")
+                error = self._cancel_reasons.pop(launch.run_id, "the run was cancelled")
                 log.warning("task.cancelled", reason=error, duration_s=self._since(started))
             except Exception as exc:
                 outcome = TaskOutcome.ERROR
@@ -1705,11 +1870,20 @@ class CronManager:
                 log.exception("task.failed", duration_s=self._since(started))
             finally:
                 finished = self._clock()
-                if self._inflight.get(launch.name) is asyncio.current_task():
-                    del self._inflight[launch.name]
-                    self._run_started.pop(launch.name, None)
-                    self._overrunning.discard(launch.name)
-                task.set_task(None)
+                runs = self._inflight.get(launch.name)
+                if runs is not None:
+                    runs.pop(launch.run_id, None)
+                    if not runs:
+                        del self._inflight[launch.name]
+                self._overrunning.discard(launch.run_id)
+                self._cancel_reasons.pop(launch.run_id, None)
+                if task.get_task() is asyncio.current_task():
+                    task.set_task(None)
+                if launch.name in self._buffered:
+                    # Outside this run's context (its bound task and run_id).
+                    asyncio.get_running_loop().call_soon(
+                        self._start_buffered, launch.name, context=contextvars.Context()
+                    )
                 if _stdlib_log.isEnabledFor(logging.DEBUG):
                     duration = (finished - started).total_seconds()
                     log.debug("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
@@ -1735,6 +1909,15 @@ class CronManager:
                     )
                 )
 
+    def _start_buffered(self, name: str) -> None:
+        """Start the slot buffered behind a run that ended (buffer_one), once no counted run
+        of its task is left; a stopping scheduler releases it instead (_take_unstarted)."""
+        if self._closing or name not in self._buffered:
+            return
+        if any(r.kind is not RunKind.BACKFILL for r in self._runs_of(name).values()):
+            return  # another run still goes (a forced one): the last to end starts it
+        self._launch(self._buffered.pop(name))
+
     def _step_fence(self) -> Callable[[], bool] | None:
         return self._holds_lease if self._lease is not None else None
 
@@ -1757,19 +1940,23 @@ class CronManager:
         if self._closing or self._scheduler is None:
             return
         now = time.monotonic()
-        for name, (run_id, _slot, started, interval) in list(self._run_started.items()):
-            bound = self._overrun_intervals * interval
-            age = now - started
-            if name in self._overrunning or age <= bound:
-                continue
-            self._overrunning.add(name)
-            text = (
-                f"a run in flight for {age:.1f}s, longer than its bound of {bound:g}s "
-                f"({self._overrun_intervals:g} intervals)"
-            )
-            log.warning("task.overrunning", task=name, run_id=run_id, age_s=round(age, 3))
-            self._health(name, interval, TaskOutcome.TIMEOUT, text)
+        for name, runs in list(self._inflight.items()):
+            for run_id, running in list(runs.items()):
+                self._watch_run(name, run_id, running, now)
         self._arm_watch()
+
+    def _watch_run(self, name: str, run_id: int, running: _Running, now: float) -> None:
+        bound = self._overrun_intervals * running.interval
+        age = now - running.started
+        if run_id in self._overrunning or age <= bound:
+            return
+        self._overrunning.add(run_id)
+        text = (
+            f"a run in flight for {age:.1f}s, longer than its bound of {bound:g}s "
+            f"({self._overrun_intervals:g} intervals)"
+        )
+        log.warning("task.overrunning", task=name, run_id=run_id, age_s=round(age, 3))
+        self._health(name, running.interval, TaskOutcome.TIMEOUT, text)
 
     def _record(self, finish: Finish) -> None:
         self._pending.append(finish)
@@ -2002,19 +2189,20 @@ class CronManager:
             self._trimmer = HistoryTrimmer(int(get_config().get("cron.history_max_rows", 1000)))
         return self._trimmer
 
-    def _cancel_run(self, name: str, reason: str) -> asyncio.Task[None] | None:
+    def _cancel_run(self, name: str, reason: str) -> list[asyncio.Task[None]]:
+        """Cancel every run of ``name`` in flight (and release its slots not started)."""
         self._cancel_delayed(name, reason)
-        run = self._inflight.get(name)
-        if run is None or run.done():
-            return None
-        self._cancel_reasons[name] = reason
-        run.cancel()
-        return run
+        cancelled = []
+        for run_id, running in self._runs_of(name).items():
+            self._cancel_reasons[run_id] = reason
+            running.run.cancel()
+            cancelled.append(running.run)
+        return cancelled
 
     async def _cancel_and_wait(self, name: str, reason: str) -> None:
-        run = self._cancel_run(name, reason)
-        if run is not None:
-            await asyncio.wait([run])
+        runs = self._cancel_run(name, reason)
+        if runs:
+            await asyncio.wait(runs)
 
     def _set_running(self, name: str, running: bool) -> None:
         with self._lock:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from nanobot.cron.overlap import DEFAULT as DEFAULT_OVERLAP
+from nanobot.cron.overlap import Overlap, OverlapPolicy, check_overlap
 from nanobot.cron.retries import RetryBackoff, check_retries, parse_backoff
 from nanobot.cron.schedules import (
     AtSchedule,
@@ -101,6 +103,9 @@ class CronTask(ABC):
       (None: the configured ``cron.default_timeout``, whose 0 means no limit).
     - ``jitter``: up to this many seconds added at random to each start, to spread load.
     - ``misfire_policy``: what to do with slots that passed while nothing ran them.
+    - ``overlap`` and ``max_concurrent``: what a slot that comes while the previous run still
+      goes does (:mod:`nanobot.cron.overlap`: ``skip``, the default, ``buffer_one``,
+      ``cancel_previous`` or ``allow`` with at most ``max_concurrent`` runs at once).
     - ``cron``: a cron expression (``"0 9 * * 1-5"``, ``"@daily"``) instead of an interval,
       read in ``tz`` (an IANA zone; default ``scheduler.timezone``, itself UTC by default).
     - ``at``: one instant (an aware ``datetime``, or naive and read in ``tz``) instead of an
@@ -125,6 +130,8 @@ class CronTask(ABC):
     timeout: float | None = None
     jitter: float | None = None
     misfire_policy: MisfirePolicy = MisfirePolicy.CATCH_UP_ONCE
+    overlap: OverlapPolicy | str = OverlapPolicy.SKIP
+    max_concurrent: int | None = None
     cron: str | None = None
     tz: str | None = None
     at: datetime | str | None = None
@@ -149,6 +156,8 @@ class CronTask(ABC):
         timeout: float | None = None,
         jitter: float | None = None,
         misfire_policy: MisfirePolicy | str | None = None,
+        overlap: OverlapPolicy | str | None = None,
+        max_concurrent: int | None = None,
         cron: str | None = None,
         tz: str | None = None,
         at: datetime | str | None = None,
@@ -177,6 +186,13 @@ class CronTask(ABC):
                 raise InvalidTaskError(
                     f"misfire_policy must be one of {choices}, got {misfire_policy!r}"
                 ) from None
+        policy = overlap if overlap is not None else type(self).overlap
+        if max_concurrent is None and policy == OverlapPolicy.ALLOW:
+            # The class's maximum goes with the class's (or a keyword's) allow only: a keyword
+            # choosing another policy is no contradiction of it.
+            max_concurrent = type(self).max_concurrent
+        chosen = check_overlap(policy, max_concurrent)
+        self.overlap, self.max_concurrent = chosen.policy, chosen.max_concurrent
         given = pause_after_failures
         self.pause_after_failures = check_failure_count(
             given if given is not None else type(self).pause_after_failures
@@ -284,6 +300,7 @@ class TaskDefinition:
     timeout: float | None = None
     jitter: float | None = None
     misfire_policy: MisfirePolicy = MisfirePolicy.CATCH_UP_ONCE
+    overlap: Overlap = DEFAULT_OVERLAP
     # Why the task cannot be rebuilt in another process, or None if it can.
     not_persistable: str | None = None
     # None: every ``interval`` seconds (as before schedules existed).
@@ -315,6 +332,7 @@ class TaskDefinition:
             and self.timeout == other.timeout
             and self.jitter == other.jitter
             and self.misfire_policy == other.misfire_policy
+            and self.overlap == other.overlap
             and self.pause_after_failures == other.pause_after_failures
             and self.ping_url == other.ping_url
             and self.catch_up_window == other.catch_up_window
@@ -378,6 +396,7 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
         timeout=task.timeout,
         jitter=task.jitter,
         misfire_policy=MisfirePolicy(task.misfire_policy),
+        overlap=_overlap_of(task),
         not_persistable=reason,
         schedule=_schedule_of(task),
         pause_after_failures=getattr(task, "pause_after_failures", None),
@@ -386,6 +405,14 @@ def definition_of(name: str, task: CronTask) -> TaskDefinition:
         retries=getattr(task, "retries", 0),
         retry_backoff=getattr(task, "retry_backoff", None),
     )
+
+
+def _overlap_of(task: CronTask) -> Overlap:
+    policy = getattr(task, "overlap", None)
+    count = getattr(task, "max_concurrent", None)
+    if policy is not None and OverlapPolicy(policy) is not OverlapPolicy.ALLOW:
+        count = None  # a subclass's attribute left at 1 is no contradiction
+    return check_overlap(policy, count)
 
 
 def _schedule_of(task: CronTask) -> Schedule:

@@ -47,6 +47,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from nanobot.config import Config
 from nanobot.cron import control
+from nanobot.cron.overlap import check_overlap
 from nanobot.cron.pings import check_ping_url
 from nanobot.cron.retries import check_retries, parse_backoff
 from nanobot.cron.schedules import (
@@ -76,6 +77,8 @@ _COMMON_KEYS: Final = frozenset(
         "timeout",
         "jitter",
         "misfire",
+        "overlap",
+        "max_concurrent",
         "paused",
         "pause_after_failures",
         "ping_url",
@@ -225,6 +228,13 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
     except InvalidTaskError as exc:
         raise fail("ping_url", str(exc)) from None
 
+    overlap = None
+    if "overlap" in body or "max_concurrent" in body:
+        try:
+            overlap = check_overlap(body.get("overlap"), body.get("max_concurrent"))
+        except InvalidTaskError as exc:
+            raise fail("overlap" if "overlap" in body else "max_concurrent", str(exc)) from None
+
     window = None
     if "catch_up_window" in body:
         try:
@@ -289,6 +299,8 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             timeout=options.get("timeout"),
             jitter=options.get("jitter"),
             misfire_policy=options.get("misfire_policy"),
+            overlap=overlap.policy.value if overlap is not None else None,
+            max_concurrent=overlap.max_concurrent if overlap is not None else None,
             pause_after_failures=failures,
             ping_url=ping_url,
             catch_up_window=window,
