@@ -38,6 +38,7 @@ from sqlalchemy import Engine, select
 from nanobot.config import get_config
 from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
+from nanobot.heartbeat.process import current_loop_lag
 from nanobot.models import Component, ComponentStatus, Heartbeat, Task, TaskOutcome, TaskRun
 from nanobot.status import nanobot_version
 
@@ -181,7 +182,6 @@ class _DatabaseCollector:
 def _process_families() -> Iterator[GaugeMetricFamily]:
     """Gauges of this process's event loop and runs in flight (no database read)."""
     from nanobot.cron.manager import runs_in_flight
-    from nanobot.heartbeat.monitor import current_loop_lag
 
     lag = current_loop_lag()
     if lag is not None:
