@@ -32,6 +32,7 @@ from nanobot.config import Config, get_config
 from nanobot.exceptions import ConfigError, DatabaseError, NanobotError, TaskError
 from nanobot.models import utcnow
 from nanobot.status import nanobot_version
+from nanobot.times import iso
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -1032,10 +1033,6 @@ def alerts() -> None:
     """Alerts: what was raised and delivered, and a test message (see docs/alerts.md)."""
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 @alerts.command("list")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True, help="Print the alerts as JSON.")
@@ -1064,9 +1061,9 @@ def alerts_list(limit: int, as_json: bool) -> None:
                             "destination": d.destination,
                             "state": d.state.value,
                             "attempts": d.attempts,
-                            "last_attempt_at": _iso(d.last_attempt_at),
-                            "next_attempt_at": _iso(d.next_attempt_at),
-                            "sent_at": _iso(d.sent_at),
+                            "last_attempt_at": iso(d.last_attempt_at),
+                            "next_attempt_at": iso(d.next_attempt_at),
+                            "sent_at": iso(d.sent_at),
                             "last_error": d.last_error,
                         }
                         for d in v.deliveries

@@ -44,7 +44,6 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -57,6 +56,7 @@ from sqlalchemy.pool import NullPool
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import SchedulerLease as LeaseRow
 from nanobot.models import utcnow
+from nanobot.times import Clock, iso
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +68,6 @@ LOCK_CLASS_ID: Final = 0x6E62
 # The lock connection's application_name is this prefix and the holder id, so that an operator
 # (or a test) can find it in pg_stat_activity.
 LOCK_APPLICATION_PREFIX: Final = "nanobot-lock:"
-
-Clock = Callable[[], datetime]
 
 
 def holder_id(node: str, pid: int | None = None) -> str:
@@ -135,14 +133,10 @@ class LeaseInfo:
             "holder": self.holder,
             "epoch": self.epoch,
             "held": self.is_held(now),
-            "acquired_at": _iso(self.acquired_at),
-            "renewed_at": _iso(self.renewed_at),
-            "expires_at": _iso(self.expires_at),
+            "acquired_at": iso(self.acquired_at),
+            "renewed_at": iso(self.renewed_at),
+            "expires_at": iso(self.expires_at),
         }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _row_info(row: Any) -> LeaseInfo:

@@ -15,7 +15,7 @@ import json
 import math
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -27,6 +27,7 @@ from nanobot.config import get_config
 from nanobot.db import get_engine, read_transaction, write_transaction
 from nanobot.exceptions import InvalidSessionError, UnknownSessionError
 from nanobot.models import SessionRecord, utcnow
+from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +35,6 @@ DEFAULT_TTL: Final = 86400.0
 # 32 random bytes: 43 URL-safe characters, within the 64 of sessions.id.
 TOKEN_BYTES: Final = 32
 
-Clock = Callable[[], datetime]
 Ttl = float | int | timedelta
 
 

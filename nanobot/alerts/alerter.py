@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, Final
 
 import structlog
@@ -48,10 +47,10 @@ from nanobot.alerts.worker import Deliverer, RetryPolicy
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import Config
 from nanobot.models import utcnow
+from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], datetime]
 
 # Published by the service (nanobot.service.DATABASE_REPLACED / DATABASE_RECREATED): the database
 # file was deleted or replaced under a running service; a new, empty database was found after a

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -80,8 +80,6 @@ _TASK_KINDS: Final = {
     FAILING: AlertKind.TASK_FAILING,
     BROKEN: AlertKind.TASK_BROKEN,
 }
-
-Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

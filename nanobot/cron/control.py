@@ -49,6 +49,7 @@ from nanobot.models import (
     bound_error,
     utcnow,
 )
+from nanobot.times import iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ class TaskInfo:
             "source": self.source,
             "pause_reason": self.pause_reason,
             "pause_after_failures": self.pause_after_failures,
-            "auto_paused_at": _iso(self.auto_paused_at),
+            "auto_paused_at": iso(self.auto_paused_at),
             "ping_url": self.ping_url,
             "catch_up_window": self.catch_up_window,
             "task": self.task_class,
@@ -119,8 +120,8 @@ class TaskInfo:
             "kwargs": self.kwargs,
             "timeout": self.timeout,
             "paused": self.paused,
-            "next_run_at": _iso(self.next_run_at),
-            "last_run_at": _iso(self.last_run_at),
+            "next_run_at": iso(self.next_run_at),
+            "last_run_at": iso(self.last_run_at),
             "last_outcome": self.last_outcome,
             "consecutive_failures": self.consecutive_failures,
             "error": self.error,
@@ -148,9 +149,9 @@ class RunInfo:
         return {
             "id": self.id,
             "task": self.task_name,
-            "scheduled_at": _iso(self.scheduled_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "scheduled_at": iso(self.scheduled_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
             "duration": self.duration,
             "outcome": self.outcome.value,
             "error": self.error,
@@ -159,10 +160,6 @@ class RunInfo:
             "node": self.node,
             "output": self.output,
         }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _local_iso(value: datetime | None, schedule: Schedule) -> str | None:
@@ -180,7 +177,7 @@ def schedule_json(schedule: Schedule) -> dict[str, Any]:
         "schedule": describe(schedule),
         "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
         "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
-        "run_at": _iso(schedule.at) if isinstance(schedule, AtSchedule) else None,
+        "run_at": iso(schedule.at) if isinstance(schedule, AtSchedule) else None,
     }
 
 

@@ -78,6 +78,7 @@ from nanobot.lease import SchedulerLease, holder_id
 from nanobot.loopwatch import FencedError, Stepper
 from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
 from nanobot.node import node_name
+from nanobot.times import iso
 
 log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)
@@ -145,10 +146,6 @@ WATCH_PERIOD_S: Final = 1.0
 # A pass's cost per due slot is learnt from passes with at least this many (first guess below).
 COST_SAMPLE_MIN: Final = 50
 INITIAL_COST_PER_JOB: Final = 0.0002
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 TASK_PREFIX: Final = "task:"
@@ -1165,7 +1162,7 @@ class CronManager:
                     schedule=schedule,
                 )
             )
-            log.debug("cron.job_added", task=row.name, next_run_at=_iso(next_run))
+            log.debug("cron.job_added", task=row.name, next_run_at=iso(next_run))
             return next_run
         changes: dict[str, Any] = {}
         if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
