@@ -14,7 +14,6 @@ unreachable, schema behind or ahead of this nanobot). Errors are one line on sta
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from nanobot.config import Config, get_config
 from nanobot.exceptions import ConfigError, DatabaseError, NanobotError, TaskError
 from nanobot.models import utcnow
 from nanobot.status import nanobot_version
-from nanobot.times import iso
+from nanobot.times import iso, positive_seconds
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -509,13 +508,11 @@ def _parse_interval(raw: str) -> float | int:
     from nanobot.exceptions import InvalidTaskError
 
     try:
-        value = float(raw)
+        value = positive_seconds(float(raw), "--interval", InvalidTaskError)
     except ValueError:
         raise InvalidTaskError(
             f"--interval must be a positive number of seconds, got {raw!r}"
         ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidTaskError(f"--interval must be a positive number of seconds, got {raw!r}")
     return int(value) if value.is_integer() else value
 
 

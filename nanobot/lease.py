@@ -56,7 +56,7 @@ from sqlalchemy.pool import NullPool
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import SchedulerLease as LeaseRow
 from nanobot.models import utcnow
-from nanobot.times import Clock, iso
+from nanobot.times import Clock, iso, positive_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -173,11 +173,9 @@ class SchedulerLease:
         *,
         name: str = SCHEDULER_LEASE,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+        self.ttl = positive_seconds(ttl, "lease ttl")
         self.engine = engine
         self.node = node
-        self.ttl = float(ttl)
         self.name = name
         self._clock = clock
         # What this process last knew it held: the epoch, and the expiry written by its last
@@ -415,11 +413,9 @@ class AdvisoryLock:
     ) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError(f"advisory locks need PostgreSQL, not {engine.dialect.name}")
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+        self.ttl = positive_seconds(ttl, "lease ttl")
         self.holder = holder
         self.name = name
-        self.ttl = float(ttl)
         self.application_name = (LOCK_APPLICATION_PREFIX + holder)[:63]
         period = max(1, math.ceil(self.ttl / 3))
         self._engine = create_engine(

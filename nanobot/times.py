@@ -22,8 +22,9 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def is_positive_seconds(value: object) -> TypeGuard[int | float]:
-    """A number of seconds greater than 0: an int or a float (not a bool), finite."""
+def is_positive_number(value: object) -> TypeGuard[int | float]:
+    """An int or a float (not a bool), finite and greater than 0: the rule of every span of
+    time nanobot is given (seconds, days)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return math.isfinite(value) and value > 0
@@ -34,6 +35,6 @@ def positive_seconds(
 ) -> float:
     """``value`` as a float if it is a positive number of seconds, else ``error`` (the caller's
     own type of the hierarchy) with a one-line message naming ``what`` and the value."""
-    if not is_positive_seconds(value):
+    if not is_positive_number(value):
         raise error(f"{what} must be a positive number of seconds, got {value!r}")
     return float(value)
