@@ -55,7 +55,7 @@ from sqlalchemy.pool import NullPool
 
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import SchedulerLease as LeaseRow
-from nanobot.models import utcnow
+from nanobot.models import error_text, utcnow
 from nanobot.times import Clock, iso, positive_seconds
 
 log = structlog.get_logger(__name__)
@@ -540,7 +540,7 @@ class AdvisoryLock:
                 log.warning(
                     "lease.lock_setting_refused",
                     setting=key,
-                    error=f"{exc.__class__.__name__}: {exc}".splitlines()[0],
+                    error=error_text(exc).splitlines()[0],
                 )
         return str(conn.execute(text("SELECT current_schema()")).scalar_one())
 
@@ -561,7 +561,7 @@ class AdvisoryLock:
                 ).scalar_one()
             )
         except DBAPIError as exc:
-            error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            error = error_text(exc).splitlines()[0]
             held = False
         if held and self._wanted:
             return True

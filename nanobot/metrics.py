@@ -39,7 +39,15 @@ from nanobot.config import get_config
 from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
 from nanobot.heartbeat.process import current_loop_lag
-from nanobot.models import Component, ComponentStatus, Heartbeat, Task, TaskOutcome, TaskRun
+from nanobot.models import (
+    Component,
+    ComponentStatus,
+    Heartbeat,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    error_text,
+)
 from nanobot.status import nanobot_version
 
 log = structlog.get_logger(__name__)
@@ -72,7 +80,7 @@ class _DatabaseCollector:
         except Exception as exc:
             # A scrape must answer even when the database does not: the gauges are left out,
             # and nanobot_database_up is 0.
-            log.warning("metrics.database_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("metrics.database_unreadable", error=error_text(exc))
             up = GaugeMetricFamily("nanobot_database_up", "1 if the last scrape read the database")
             up.add_metric([], 0.0)
             yield up

@@ -70,7 +70,7 @@ from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.logging import flush_logging
 from nanobot.metrics import Metrics
-from nanobot.models import utcnow
+from nanobot.models import error_text, utcnow
 from nanobot.node import node_name
 from nanobot.preflight import EXIT_UNREADABLE, NodeClaim, StartupError, claim_node, sqlite_file
 from nanobot.status import build_status, nanobot_version
@@ -247,7 +247,7 @@ class Service:
             except StartupError:
                 raise
             except Exception as exc:
-                error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                error = error_text(exc).splitlines()[0]
                 log.error("service.database_unusable", error=error, exit_code=EXIT_UNREADABLE)
                 raise StartupError(
                     f"database {self.engine.url.render_as_string(hide_password=True)} "
@@ -445,7 +445,7 @@ class Service:
             try:
                 acquired = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
             except Exception as exc:
-                error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                error = error_text(exc).splitlines()[0]
                 log.warning("service.lease_unavailable", error=error)
                 acquired = False
                 if _is_read_only(error):
@@ -472,7 +472,7 @@ class Service:
         try:
             await self._renewing_while(self._start_scheduling())
         except Exception as exc:
-            log.error("service.scheduler_start_failed", error=f"{exc.__class__.__name__}: {exc}")
+            log.error("service.scheduler_start_failed", error=error_text(exc))
             await self._stop_scheduling(reason="start_failed")
             await self._release()
             self.role = Role.STANDBY
@@ -502,7 +502,7 @@ class Service:
                     timeout=max(0.1, self.lease.seconds_left() * 0.9),
                 )
             except Exception as exc:
-                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("service.lease_renew_failed", error=error_text(exc))
                 renewed = False
             lost = not renewed
         task.result()
@@ -525,7 +525,7 @@ class Service:
                     asyncio.to_thread(self.lease.renew), timeout=budget
                 )
             except Exception as exc:
-                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("service.lease_renew_failed", error=error_text(exc))
         if renewed and self.lease.seconds_left() > self.period:
             return
         if self._draining:
@@ -569,7 +569,7 @@ class Service:
                     asyncio.to_thread(self.lock.check), timeout=self.period
                 )
             except Exception as exc:
-                log.warning("service.lock_check_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("service.lock_check_failed", error=error_text(exc))
                 held = False
             if held:
                 continue
@@ -630,7 +630,7 @@ class Service:
             await asyncio.wait_for(asyncio.to_thread(self.lease.release), timeout=self.period)
         except Exception as exc:
             # The row expires on its own: a standby then waits for the expiry.
-            log.warning("service.lease_release_failed", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("service.lease_release_failed", error=error_text(exc))
         if self.lock is not None:
             await asyncio.to_thread(self.lock.release, self.period)
 
@@ -674,7 +674,7 @@ class Service:
             log.error(
                 "service.scheduler_shutdown_failed",
                 reason=reason,
-                error=f"{exc.__class__.__name__}: {exc}",
+                error=error_text(exc),
             )
         # The same manager leads again at a later promotion: the tasks registered in this
         # process, those it cannot store included, are scheduled again then.
@@ -709,7 +709,7 @@ class Service:
             try:
                 await self._monitor.stop()
             except Exception as exc:
-                log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.error("service.monitor_stop_failed", error=error_text(exc))
                 code = EXIT_FAILED
         if self._alerter is not None:
             # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
@@ -813,7 +813,7 @@ class Service:
         try:
             tasks = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
         except Exception as exc:
-            error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            error = error_text(exc).splitlines()[0]
             log.warning("service.database_maintenance_failed", error=error)
             return
         if recreated and tasks > 0:

@@ -46,7 +46,7 @@ from nanobot.alerts.rules import Rules, settings_from
 from nanobot.alerts.worker import Deliverer, RetryPolicy
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import Config
-from nanobot.models import utcnow
+from nanobot.models import error_text, utcnow
 from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
@@ -229,7 +229,7 @@ class Alerter:
             if dropped:
                 log.warning("alerts.dropped_unconfigured", deliveries=dropped)
         except Exception as exc:
-            log.warning("alerts.start_failed", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("alerts.start_failed", error=error_text(exc))
         self._task = asyncio.create_task(self._loop(), name="nanobot-alerts")
         log.info(
             "alerts.started",
@@ -256,7 +256,7 @@ class Alerter:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.rules.mark_released), 5.0)
             except Exception as exc:
-                log.warning("alerts.release_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("alerts.release_failed", error=error_text(exc))
         self.deliverer.close()
         if self.metrics is not None:
             self.metrics.unregister()
@@ -283,7 +283,7 @@ class Alerter:
             except TimeoutError:
                 log.error("alerts.step_timeout", timeout_s=STEP_TIMEOUT)
             except Exception as exc:
-                log.error("alerts.step_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.error("alerts.step_failed", error=error_text(exc))
             # Woken in a burst (a health cycle with many transitions): at most one step a second.
             await asyncio.sleep(max(0.0, min(1.0, self.interval) - (loop.time() - started)))
 

@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from nanobot.alerts import store
 from nanobot.alerts.alert import AlertKind
 from nanobot.db import read_transaction
+from nanobot.models import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +39,7 @@ class _OutboxCollector:
                 pending, oldest = store.pending_stats(conn)
         except Exception as exc:
             # The scrape answers without these gauges; nanobot_database_up says why.
-            log.warning("metrics.alerts_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("metrics.alerts_unreadable", error=error_text(exc))
             return
         gauge = GaugeMetricFamily(
             "nanobot_alerts_pending", "alert deliveries waiting in the outbox"

@@ -47,6 +47,7 @@ from nanobot.models import (
     TaskRun,
     TaskSource,
     bound_error,
+    error_text,
     utcnow,
 )
 from nanobot.times import iso
@@ -219,8 +220,7 @@ def import_task_class(path: str) -> type[CronTask]:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:
         raise InvalidTaskError(
-            f"cannot import module {module_name!r} of task class {path!r}: "
-            f"{exc.__class__.__name__}: {exc}"
+            f"cannot import module {module_name!r} of task class {path!r}: {error_text(exc)}"
         ) from exc
     for part in qualname.split("."):
         try:
@@ -244,7 +244,7 @@ def build_task(path: str, kwargs: dict[str, Any]) -> CronTask:
         raise
     except Exception as exc:
         raise InvalidTaskError(
-            f"{path!r} cannot be built with {kwargs!r}: {exc.__class__.__name__}: {exc}"
+            f"{path!r} cannot be built with {kwargs!r}: {error_text(exc)}"
         ) from exc
 
 

@@ -76,7 +76,7 @@ from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
 from nanobot.heartbeat.store import drop_components
 from nanobot.lease import SchedulerLease, holder_id
 from nanobot.loopwatch import FencedError, Stepper
-from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
+from nanobot.models import MisfirePolicy, Task, TaskOutcome, error_text, utcnow
 from nanobot.node import node_name
 from nanobot.times import iso
 
@@ -639,7 +639,7 @@ class CronManager:
                     scheduler.worker, self._recover, scheduler, takeover
                 )
             except Exception as exc:
-                log.error("cron.recovery_failed", error=_text(exc))
+                log.error("cron.recovery_failed", error=error_text(exc))
                 orphans = []
             scheduler.start()
             self._scheduler = scheduler
@@ -705,7 +705,7 @@ class CronManager:
                             asyncio.to_thread(lease.renew), timeout=budget
                         )
                     except Exception as exc:
-                        log.warning("cron.lease_renew_failed", error=_text(exc))
+                        log.warning("cron.lease_renew_failed", error=error_text(exc))
                 if renewed and lease.seconds_left() > period:
                     continue
                 log.warning("cron.lease_lost", holder=lease.node, action="stop dispatching")
@@ -722,7 +722,7 @@ class CronManager:
                     asyncio.to_thread(lease.try_acquire), timeout=period
                 )
             except Exception as exc:
-                log.warning("cron.lease_unavailable", error=_text(exc))
+                log.warning("cron.lease_unavailable", error=error_text(exc))
                 acquired = False
             if acquired:
                 log.info("cron.lease_taken", holder=lease.node, epoch=lease.epoch)
@@ -751,7 +751,7 @@ class CronManager:
             try:
                 await asyncio.to_thread(lease.release)
             except Exception as exc:
-                log.warning("cron.lease_release_failed", error=_text(exc))
+                log.warning("cron.lease_release_failed", error=error_text(exc))
 
     async def _stop_dispatching(self, grace: float | None, reason: str) -> None:
         if self._start_lock is None:
@@ -833,10 +833,10 @@ class CronManager:
             try:
                 history.undispatch(self.engine, ids)
             except Exception as exc:
-                log.error("cron.release_failed", count=len(ids), error=_text(exc))
+                log.error("cron.release_failed", count=len(ids), error=error_text(exc))
             return
         except Exception as exc:
-            log.error("cron.release_failed", count=len(ids), error=_text(exc))
+            log.error("cron.release_failed", count=len(ids), error=error_text(exc))
             return
         if released:
             log.info(
@@ -877,7 +877,7 @@ class CronManager:
             try:
                 fenced = history.write_finishes(self.engine, pending)
             except Exception as exc:
-                log.error("cron.history_unwritten", count=len(pending), error=_text(exc))
+                log.error("cron.history_unwritten", count=len(pending), error=error_text(exc))
             else:
                 self._log_fenced([f for f in fenced if f.recorded != f.finish.outcome.value])
         if self._own_lease and self._lease is not None:
@@ -1349,7 +1349,7 @@ class CronManager:
             marked = await asyncio.to_thread(history.mark_dispatched, self.engine, ids, self.fence)
         except Exception as exc:
             # Not marked, so not started: released (and caught up) rather than lost.
-            log.error("cron.dispatch_failed", count=len(ids), error=_text(exc))
+            log.error("cron.dispatch_failed", count=len(ids), error=error_text(exc))
             self._release_soon(launches)
             return
         if len(marked) < len(ids):
@@ -1397,7 +1397,7 @@ class CronManager:
             try:
                 history.undispatch(self.engine, ids)
             except Exception as exc:
-                log.error("cron.undispatch_failed", count=len(ids), error=_text(exc))
+                log.error("cron.undispatch_failed", count=len(ids), error=error_text(exc))
 
         self._spawn(asyncio.to_thread(write))
 
@@ -1511,7 +1511,7 @@ class CronManager:
                 log.warning("task.cancelled", reason=error, duration_s=self._since(started))
             except Exception as exc:
                 outcome = TaskOutcome.ERROR
-                error = f"{exc.__class__.__name__}: {exc}"
+                error = error_text(exc)
                 log.exception("task.failed", duration_s=self._since(started))
             finally:
                 finished = self._clock()
@@ -1688,7 +1688,7 @@ class CronManager:
                 paused = await asyncio.to_thread(call)
         except Exception as exc:
             # The next failure tries again: the count stays in the database.
-            log.error("cron.auto_pause_failed", tasks=sorted(names), error=_text(exc))
+            log.error("cron.auto_pause_failed", tasks=sorted(names), error=error_text(exc))
             return
         for item in paused:
             log.warning(
@@ -1784,10 +1784,6 @@ def _at_exit(ref: weakref.ref[CronManager]) -> None:
             manager._exit_flush()
         except Exception:
             log.exception("cron.exit_flush_failed")
-
-
-def _text(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
 
 
 def runs_in_flight() -> list[RunInFlight]:
