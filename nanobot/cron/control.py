@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron.pings import check_ping_url
@@ -630,8 +630,3 @@ def remove_task(engine: Engine, name: str) -> None:
         result = conn.execute(delete(Task).where(Task.name == name))
         if result.rowcount == 0:
             raise UnknownTaskError(name)
-
-
-def count_tasks(engine: Engine) -> int:
-    with read_transaction(engine) as conn:
-        return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())

@@ -8,7 +8,7 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
 2. Find the due jobs, split each one's slots into the one to run and the missed ones
    (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
    transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
-   record missed and skipped slots, and mirror the next run times into ``tasks``.
+   record the missed slots, and mirror the next run times into ``tasks``.
 3. Hand each slot this transaction claimed to the event loop, which runs the task.
 
 Outcomes are written in batches by the same worker thread, so history never blocks the loop.
@@ -83,10 +83,6 @@ from nanobot.times import iso
 log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)
 
-# A slot under the SKIP policy runs only if the scheduler reaches it within this share of the
-# interval (at most SKIP_GRACE_MAX seconds); later than that, it is recorded missed.
-SKIP_GRACE_SHARE: Final = 0.5
-SKIP_GRACE_MAX: Final = 60.0
 FLUSH_RETRY_S: Final = 1.0
 FLUSH_WINDOW_S: Final = 0.02
 # How long a shutdown waits for outcomes to be written while the database does not answer.
