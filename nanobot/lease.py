@@ -167,7 +167,7 @@ class SchedulerLease:
     def __init__(
         self,
         engine: Engine,
-        node: str,
+        holder_id: str,
         ttl: float,
         clock: Clock | None = None,
         *,
@@ -175,7 +175,7 @@ class SchedulerLease:
     ) -> None:
         self.ttl = positive_seconds(ttl, "lease ttl")
         self.engine = engine
-        self.node = node
+        self.holder_id = holder_id
         self.name = name
         self._clock = clock
         # What this process last knew it held: the epoch, and the expiry written by its last
@@ -224,7 +224,7 @@ class SchedulerLease:
                     conn.execute(
                         insert(LeaseRow).values(
                             name=self.name,
-                            holder=self.node,
+                            holder=self.holder_id,
                             epoch=1,
                             acquired_at=now,
                             renewed_at=now,
@@ -234,26 +234,26 @@ class SchedulerLease:
                     epoch = 1
                 else:
                     current = _row_info(row)
-                    if current.holder == self.node and current.epoch == self.epoch:
+                    if current.holder == self.holder_id and current.epoch == self.epoch:
                         # Ours already (perhaps expired, but nobody took it): same holder, same
                         # epoch.
                         epoch = current.epoch
                         values: dict[str, Any] = {"renewed_at": now, "expires_at": expires}
                     elif (
-                        current.holder == self.node
+                        current.holder == self.holder_id
                         or not current.is_held(now)
                         or self._holder_dead(conn, current.holder)
                     ):
-                        if current.holder not in (None, self.node) and current.is_held(now):
+                        if current.holder not in (None, self.holder_id) and current.is_held(now):
                             log.info(
                                 "lease.dead_holder_replaced",
                                 lease=self.name,
                                 dead=current.holder,
-                                holder=self.node,
+                                holder=self.holder_id,
                             )
                         epoch = current.epoch + 1
                         values = {
-                            "holder": self.node,
+                            "holder": self.holder_id,
                             "epoch": epoch,
                             "acquired_at": now,
                             "renewed_at": now,
@@ -276,14 +276,16 @@ class SchedulerLease:
         previous, self.epoch, self.expires_at = self.epoch, epoch, expires
         self._since = started
         if previous != epoch:
-            log.info("lease.acquired", lease=self.name, holder=self.node, epoch=epoch)
+            log.info("lease.acquired", lease=self.name, holder=self.holder_id, epoch=epoch)
         return True
 
     def _holder_dead(self, conn: Connection, holder: str | None) -> bool:
         if holder is None or self._clock is not None:
             # An injected clock means a test of expiry: leave the process table out of it.
             return False
-        return holder_is_dead(holder, self.node, same_host_database=conn.dialect.name == "sqlite")
+        return holder_is_dead(
+            holder, self.holder_id, same_host_database=conn.dialect.name == "sqlite"
+        )
 
     def renew(self) -> bool:
         """Extend the lease we hold. False if it is no longer ours (or has expired)."""
@@ -297,7 +299,7 @@ class SchedulerLease:
                 update(LeaseRow)
                 .where(
                     LeaseRow.name == self.name,
-                    LeaseRow.holder == self.node,
+                    LeaseRow.holder == self.holder_id,
                     LeaseRow.epoch == self.epoch,
                     LeaseRow.expires_at > now,
                 )
@@ -308,7 +310,7 @@ class SchedulerLease:
             self.expires_at = expires
             self._since = started
             return True
-        log.warning("lease.lost", lease=self.name, holder=self.node, epoch=self.epoch)
+        log.warning("lease.lost", lease=self.name, holder=self.holder_id, epoch=self.epoch)
         self._forget()
         return False
 
@@ -331,7 +333,7 @@ class SchedulerLease:
         row = conn.execute(query).first()
         return bool(
             row is not None
-            and row.holder == self.node
+            and row.holder == self.holder_id
             and row.epoch == epoch
             and row.expires_at is not None
             and row.expires_at > self._now(conn)
@@ -359,14 +361,14 @@ class SchedulerLease:
                 update(LeaseRow)
                 .where(
                     LeaseRow.name == self.name,
-                    LeaseRow.holder == self.node,
+                    LeaseRow.holder == self.holder_id,
                     LeaseRow.epoch == epoch,
                 )
                 .values(holder=None, renewed_at=now, expires_at=now)
             )
             released = result.rowcount == 1
         if released:
-            log.info("lease.released", lease=self.name, holder=self.node, epoch=epoch)
+            log.info("lease.released", lease=self.name, holder=self.holder_id, epoch=epoch)
         return released
 
     def holder(self) -> LeaseInfo | None:

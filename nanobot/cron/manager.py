@@ -152,7 +152,7 @@ def task_component(name: str) -> str:
     return f"{TASK_PREFIX}{name}"
 
 
-def _policy(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
+def _misfire_and_window(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
     """What the scheduler's due() needs of a task: its misfire policy and its catch-up window
     (0: none; the SKIP grace comes from the schedule)."""
     return policy, window or 0.0
@@ -373,7 +373,7 @@ class CronManager:
         if definition.not_persistable is not None:
             with self._lock:
                 self._ephemeral[name] = definition
-                self._policies[name] = _policy(
+                self._policies[name] = _misfire_and_window(
                     definition.misfire_policy, definition.catch_up_window
                 )
                 self._periods[name] = definition.interval
@@ -704,7 +704,7 @@ class CronManager:
                         log.warning("cron.lease_renew_failed", error=error_text(exc))
                 if renewed and lease.seconds_left() > period:
                     continue
-                log.warning("cron.lease_lost", holder=lease.node, action="stop dispatching")
+                log.warning("cron.lease_lost", holder=lease.holder_id, action="stop dispatching")
                 await asyncio.shield(
                     self._stop_dispatching(0.0, "the node lost the scheduling lease")
                 )
@@ -721,7 +721,7 @@ class CronManager:
                 log.warning("cron.lease_unavailable", error=error_text(exc))
                 acquired = False
             if acquired:
-                log.info("cron.lease_taken", holder=lease.node, epoch=lease.epoch)
+                log.info("cron.lease_taken", holder=lease.holder_id, epoch=lease.epoch)
                 self._adopt(lease)
                 await asyncio.shield(self.start(takeover=True))
 
@@ -1083,7 +1083,7 @@ class CronManager:
         to_add: list[JobSpec] = []
         for row in rows:
             definition = control.stored_definition(row)
-            self._policies[row.name] = _policy(
+            self._policies[row.name] = _misfire_and_window(
                 definition.misfire_policy, definition.catch_up_window
             )
             self._periods[row.name] = definition.interval
