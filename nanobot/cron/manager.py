@@ -69,6 +69,7 @@ from nanobot.db import get_engine, read_transaction, upgrade_database, write_tra
 from nanobot.exceptions import (
     InvalidTaskError,
     NotLeaderError,
+    TaskError,
     TaskNotStorableError,
     UnknownTaskError,
 )
@@ -1802,3 +1803,16 @@ def reset_cron_manager() -> None:
     global _manager
     with _manager_lock:
         _manager = None
+
+
+def install_cron_manager(manager: CronManager) -> None:
+    """Make ``manager`` the process-wide one (the service builds it from its configuration).
+    Refused if another one exists already: its registered tasks would be lost."""
+    global _manager
+    with _manager_lock:
+        if _manager is not None and _manager is not manager:
+            raise TaskError(
+                "a process-wide cron manager exists already: install yours before anything "
+                "calls get_cron_manager(), or reset_cron_manager() first"
+            )
+        _manager = manager

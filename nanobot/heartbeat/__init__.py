@@ -21,6 +21,7 @@ from nanobot.heartbeat.monitor import HeartbeatMonitor
 from nanobot.heartbeat.process import (
     get_heartbeat_monitor,
     initialize_heartbeat,
+    install_heartbeat_monitor,
     reset_heartbeat_monitor,
 )
 from nanobot.heartbeat.runner import CHECK_BUSY_REASON, HealthCheck
@@ -36,6 +37,7 @@ __all__ = [
     "NoRunningLoopError",
     "get_heartbeat_monitor",
     "initialize_heartbeat",
+    "install_heartbeat_monitor",
     "prune",
     "reset_heartbeat_monitor",
 ]

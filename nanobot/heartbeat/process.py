@@ -1,8 +1,10 @@
 """The process-wide monitor of section 5.2.2 of the seed: one per process, on the process's bus.
 
 ``get_heartbeat_monitor()`` makes it on first use, from the configuration (``heartbeat.interval``)
-and the process-wide bus; ``initialize_heartbeat()`` registers this process's built-in
-components (:mod:`nanobot.heartbeat.checks`) and starts it in the running event loop.
+and the process-wide bus, unless a composition root (the service) installed one it built from
+its own configuration (:func:`install_heartbeat_monitor`); ``initialize_heartbeat()`` registers
+this process's built-in components (:mod:`nanobot.heartbeat.checks`) and starts it in the
+running event loop.
 
 Threads: ``_monitor`` is set and reset under ``_monitor_lock``, so any thread may ask for it;
 ``initialize_heartbeat`` must be called on the event loop the monitor will run on, which then
@@ -16,7 +18,7 @@ import threading
 
 from nanobot.bus import get_bus
 from nanobot.config import get_config
-from nanobot.exceptions import NoRunningLoopError
+from nanobot.exceptions import ComponentError, NoRunningLoopError
 from nanobot.heartbeat.checks import register_builtin_components
 from nanobot.heartbeat.monitor import HeartbeatMonitor
 
@@ -36,6 +38,19 @@ def get_heartbeat_monitor() -> HeartbeatMonitor:
         return _monitor
 
 
+def install_heartbeat_monitor(monitor: HeartbeatMonitor) -> None:
+    """Make ``monitor`` the process-wide one: what the scheduler's heartbeat task beats and
+    metrics read. Refused if another one exists already (its components would be lost)."""
+    global _monitor
+    with _monitor_lock:
+        if _monitor is not None and _monitor is not monitor:
+            raise ComponentError(
+                "a process-wide heartbeat monitor exists already: install yours before anything "
+                "calls get_heartbeat_monitor(), or reset_heartbeat_monitor() first"
+            )
+        _monitor = monitor
+
+
 def reset_heartbeat_monitor() -> None:
     """Forget the process-wide monitor without I/O (for tests)."""
     global _monitor
@@ -53,8 +68,11 @@ def current_loop_lag() -> float | None:
     return monitor.loop_lag()
 
 
-def initialize_heartbeat() -> HeartbeatMonitor:
+def initialize_heartbeat(monitor: HeartbeatMonitor | None = None) -> HeartbeatMonitor:
     """Register the components this process runs and start the monitor in the running loop.
+
+    ``monitor`` is the process-wide one (:func:`get_heartbeat_monitor`) unless given; one given
+    is installed as the process-wide one (:func:`install_heartbeat_monitor`).
 
     The components are ``config``, ``bus``, ``session``, ``database`` (each with a real check,
     see :mod:`nanobot.heartbeat.checks`), ``cron`` (beaten by the scheduler's heartbeat task)
@@ -69,7 +87,10 @@ def initialize_heartbeat() -> HeartbeatMonitor:
             "no loop is running: call it from async code (inside asyncio.run(...)), or create "
             "the monitor with get_heartbeat_monitor() and `await monitor.start()` later"
         ) from None
-    monitor = get_heartbeat_monitor()
+    if monitor is None:
+        monitor = get_heartbeat_monitor()
+    else:
+        install_heartbeat_monitor(monitor)
     register_builtin_components(monitor)
     task = loop.create_task(monitor.start(), name="heartbeat-start")
     _background.add(task)
