@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from nanobot.heartbeat import component
-from nanobot.heartbeat.component import STALE_REASON, ComponentState
+from nanobot.heartbeat.component import STALE_REASON, ComponentState, Options
 from nanobot.heartbeat.store import ChangeRow, ErrorRow
 from nanobot.models import ComponentStatus
 
@@ -17,15 +17,10 @@ HEALTHY, ERROR = ComponentStatus.HEALTHY, ComponentStatus.ERROR
 
 
 def _registered(**options: int) -> ComponentState:
-    comp, recorded = component.register(
-        None,
-        "db",
-        T0,
-        check=None,
-        failure_threshold=options.get("failures", 1),
-        success_threshold=options.get("successes", 1),
-        stale_after=None,
+    chosen = Options(
+        failure_threshold=options.get("failures", 1), success_threshold=options.get("successes", 1)
     )
+    comp, recorded = component.register(None, "db", T0, chosen)
     assert recorded == [ChangeRow("db", T0, None, HEALTHY, "registered")]
     return comp
 
@@ -65,22 +60,22 @@ def test_staleness_is_recorded_once_per_episode_and_read_without_recording() -> 
         ChangeRow("db", late, HEALTHY, ERROR, STALE_REASON),  # at once, whatever the threshold
     ]
     assert component.mark_stale(comp, late + timedelta(seconds=60), 20) == []
-    assert component.succeed(comp, late, "heartbeat")[-1].to_status == HEALTHY
+    assert component.succeed(comp, late, "heartbeat") == [
+        ChangeRow("db", late, ERROR, HEALTHY, "heartbeat")
+    ]
     assert component.overdue(comp, late + timedelta(seconds=20), 20) is None
 
 
 def test_registering_again_records_nothing_and_a_stored_component_starts_from_its_status() -> None:
     comp = _registered()
     same, recorded = component.register(
-        comp, "db", T0, check=None, failure_threshold=3, success_threshold=1, stale_after=60
+        comp, "db", T0, Options(failure_threshold=3, stale_after=60)
     )
     assert same is comp
     assert recorded == []
     assert comp.failure_threshold == 3
     stored = ComponentState(name="old", status=ERROR, last_heartbeat=None, registered_at=T0)
-    _, recorded = component.register(
-        stored, "old", T0, check=None, failure_threshold=1, success_threshold=1, stale_after=None
-    )
+    _, recorded = component.register(stored, "old", T0, Options())
     assert recorded == [ChangeRow("old", T0, ERROR, HEALTHY, "registered")]
 
 

@@ -1,6 +1,7 @@
 """A component's health as a state machine: succeed, fail, go stale, and what each one changed.
 
-The functions here are pure in the sense that matters: they change only the
+:meth:`Options.checked` validates a registration (one clear error, nothing changed). The
+functions here are pure in the sense that matters: they change only the
 :class:`ComponentState` they are given, do no I/O, log nothing and read no clock (the caller
 passes ``now``). Each returns the records of what it changed (:class:`ErrorRow` for an error
 recorded, :class:`ChangeRow` for a status transition), in order; the monitor queues them to be
@@ -17,15 +18,24 @@ from whichever thread calls its synchronous API.
 
 from __future__ import annotations
 
+import reprlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
+from nanobot.exceptions import InvalidComponentError
 from nanobot.heartbeat.runner import CheckSlot, HealthCheck
-from nanobot.heartbeat.store import ERRORS_SHOWN, ChangeRow, ComponentRow, ErrorRow
-from nanobot.models import ComponentStatus
+from nanobot.heartbeat.store import (
+    ERRORS_SHOWN,
+    SYSTEM_COMPONENT,
+    ChangeRow,
+    ComponentRow,
+    ErrorRow,
+)
+from nanobot.models import NAME_MAX, ComponentStatus
+from nanobot.times import positive_seconds
 
 STALE_REASON: Final = "heartbeat timeout"
 
@@ -119,15 +129,63 @@ def _transition(
     return [] if old is new else [ChangeRow(comp.name, now, old, new, reason)]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """What a registration sets: the health check and the thresholds (see
+    :meth:`nanobot.heartbeat.HeartbeatMonitor.register_component`)."""
+
+    check: HealthCheck | None = None
+    failure_threshold: int = 1
+    success_threshold: int = 1
+    stale_after: float | None = None
+
+    @classmethod
+    def checked(
+        cls,
+        name: object,
+        check: object,
+        *,
+        failure_threshold: object = 1,
+        success_threshold: object = 1,
+        stale_after: object = None,
+    ) -> Options:
+        """The options of a registration of ``name``, or :class:`InvalidComponentError` with a
+        one-line reason for the first bad value."""
+        _check_name(name)
+        if check is not None and not callable(check):
+            raise InvalidComponentError(
+                f"health check of component {name!r} is not callable: {reprlib.repr(check)}"
+            )
+        return cls(
+            check=check,
+            failure_threshold=_threshold("failure_threshold", failure_threshold),
+            success_threshold=_threshold("success_threshold", success_threshold),
+            stale_after=None
+            if stale_after is None
+            else positive_seconds(stale_after, "stale_after", InvalidComponentError),
+        )
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidComponentError(f"component name must be a non-empty string, got {name!r}")
+    if len(name) > NAME_MAX:
+        raise InvalidComponentError(
+            f"component name {name[:40]!r}... is {len(name)} characters; "
+            f"at most {NAME_MAX} are allowed"
+        )
+    if name == SYSTEM_COMPONENT:
+        raise InvalidComponentError(f"{SYSTEM_COMPONENT!r} is reserved for the system's own status")
+
+
+def _threshold(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidComponentError(f"{what} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def register(
-    comp: ComponentState | None,
-    name: str,
-    now: datetime,
-    *,
-    check: HealthCheck | None,
-    failure_threshold: int,
-    success_threshold: int,
-    stale_after: float | None,
+    comp: ComponentState | None, name: str, now: datetime, options: Options
 ) -> tuple[ComponentState, list[Recorded]]:
     """The component ``name`` (``comp``, or a new one) with its check and options set.
 
@@ -140,10 +198,10 @@ def register(
         comp = ComponentState(
             name=name, status=ComponentStatus.UNKNOWN, last_heartbeat=None, registered_at=now
         )
-    comp.slot = None if check is None else CheckSlot(check, name)
-    comp.failure_threshold = failure_threshold
-    comp.success_threshold = success_threshold
-    comp.stale_after = stale_after
+    comp.slot = None if options.check is None else CheckSlot(options.check, name)
+    comp.failure_threshold = options.failure_threshold
+    comp.success_threshold = options.success_threshold
+    comp.stale_after = options.stale_after
     if comp.registered:
         return comp, []
     comp.registered = True

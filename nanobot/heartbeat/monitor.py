@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import inspect
 import math
-import reprlib
 import threading
 from datetime import datetime
 from typing import Any, Final
@@ -44,14 +43,14 @@ from sqlalchemy import Engine
 
 from nanobot.config import get_config
 from nanobot.db import get_engine, upgrade_database
-from nanobot.exceptions import InvalidComponentError, InvalidDurationError
+from nanobot.exceptions import InvalidDurationError
 from nanobot.heartbeat import component, store
 from nanobot.heartbeat.component import ComponentState, Recorded, Summary
-from nanobot.heartbeat.outbox import Outbox, merge_stored
+from nanobot.heartbeat.outbox import BatchWriter, Outbox, merge_stored
 from nanobot.heartbeat.runner import HealthCheck, Outcome, run_checks
 from nanobot.heartbeat.store import SYSTEM_COMPONENT, ChangeRow, ErrorRow, HeartbeatRow
 from nanobot.loopwatch import LagProbe, last_hold
-from nanobot.models import NAME_MAX, ComponentStatus, error_text, utcnow
+from nanobot.models import ComponentStatus, error_text, utcnow
 from nanobot.node import node_name
 from nanobot.times import Clock, positive_seconds
 
@@ -67,24 +66,6 @@ LOOP_LAG_ERROR_S: Final = 1.0
 # Unknown names warned about once each, up to this many (a beat every few seconds must not
 # flood the log, and a flood of names must not grow memory).
 _WARNED_MAX: Final = 1000
-
-
-def _threshold(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidComponentError(f"{name} must be a whole number >= 1, got {value!r}")
-    return value
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidComponentError(f"component name must be a non-empty string, got {name!r}")
-    if len(name) > NAME_MAX:
-        raise InvalidComponentError(
-            f"component name {name[:40]!r}... is {len(name)} characters; "
-            f"at most {NAME_MAX} are allowed"
-        )
-    if name == SYSTEM_COMPONENT:
-        raise InvalidComponentError(f"{SYSTEM_COMPONENT!r} is reserved for the system's own status")
 
 
 def _epoch(value: datetime | None) -> float:
@@ -132,15 +113,14 @@ class HeartbeatMonitor:
         self._lock = threading.RLock()
         self._components: dict[str, ComponentState] = {}
         self._outbox = Outbox(self.node)
+        self._writer = BatchWriter(self.node)
         # The system status last recorded (None until the first cycle or the stored one).
         self._system_status: ComponentStatus | None = None
         self._loaded = False
         self._warned_unknown: set[str] = set()
         # The event loop's; created on first use, inside the loop that uses them.
-        self._persist_lock: asyncio.Lock | None = None
         self._load_lock: asyncio.Lock | None = None
         self._cycle_lock: asyncio.Lock | None = None
-        self._inflight: asyncio.Future[None] | None = None
         # The event loop's lag, measured on the loop while the monitor runs.
         self._probe = LagProbe()
         self.last_loop_lag = 0.0
@@ -191,29 +171,18 @@ class HeartbeatMonitor:
         status and history. A component known only from the database (an earlier process)
         becomes healthy: its registration is a sign of life.
         """
-        _check_name(component_name)
-        if health_check is not None and not callable(health_check):
-            raise InvalidComponentError(
-                f"health check of component {component_name!r} is not callable: "
-                f"{reprlib.repr(health_check)}"
-            )
-        failure_threshold = _threshold("failure_threshold", failure_threshold)
-        success_threshold = _threshold("success_threshold", success_threshold)
-        if stale_after is not None:
-            stale_after = positive_seconds(stale_after, "stale_after", InvalidComponentError)
+        options = component.Options.checked(
+            component_name,
+            health_check,
+            failure_threshold=failure_threshold,
+            success_threshold=success_threshold,
+            stale_after=stale_after,
+        )
         now = self._now()
         with self._lock:
             known = self._components.get(component_name)
             again = known is not None and known.registered
-            comp, recorded = component.register(
-                known,
-                component_name,
-                now,
-                check=health_check,
-                failure_threshold=failure_threshold,
-                success_threshold=success_threshold,
-                stale_after=stale_after,
-            )
+            comp, recorded = component.register(known, component_name, now, options)
             self._components[component_name] = comp
             self._record(recorded)
         # Debug: every task's first run registers its component; thousands of lines at a
@@ -533,51 +502,19 @@ class HeartbeatMonitor:
 
     # --- persistence and publication -----------------------------------------------------
 
-    def _written(self, batch: store.Batch, future: asyncio.Future[None]) -> None:
-        if self._inflight is future:
-            self._inflight = None
-        error = None if future.cancelled() else future.exception()
-        if future.cancelled() or error is not None:
-            with self._lock:
-                self._outbox.put_back(batch, self._components)
-            log.error(
-                "heartbeat.persist_failed",
-                node=self.node,
-                error=error_text(error) if error is not None else "cancelled",
-                errors=len(batch.errors),
-                changes=len(batch.changes),
-            )
-
     async def _persist(self, heartbeat: HeartbeatRow | None) -> bool:
-        """Write the queued state (and a heartbeats row) in one transaction, off the loop.
+        """Write the queued state (and a heartbeats row) in one transaction, off the loop."""
+        return await self._writer.write(
+            self._get_engine, lambda: self._take(heartbeat), self._put_back
+        )
 
-        The write is shielded: a caller cancelled meanwhile (``stop()``) does not abandon it,
-        and the next caller waits for it, so a batch is written once, never twice.
-        """
-        if self._persist_lock is None:
-            self._persist_lock = asyncio.Lock()
-        async with self._persist_lock:
-            inflight = self._inflight
-            if inflight is not None and not inflight.done():
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(inflight)
-            try:
-                engine = await self._get_engine()
-            except Exception as exc:
-                log.error("heartbeat.persist_failed", node=self.node, error=error_text(exc))
-                return False
-            with self._lock:
-                batch = self._outbox.take(self._components.values(), heartbeat, self._now())
-            if not batch:
-                return True
-            future = asyncio.ensure_future(asyncio.to_thread(store.write_batch, engine, batch))
-            self._inflight = future
-            future.add_done_callback(lambda f: self._written(batch, f))
-            try:
-                await asyncio.shield(future)
-            except Exception:
-                return False  # logged, and the batch put back, by _written
-            return True
+    def _take(self, heartbeat: HeartbeatRow | None) -> store.Batch:
+        with self._lock:
+            return self._outbox.take(self._components.values(), heartbeat, self._now())
+
+    def _put_back(self, batch: store.Batch) -> None:
+        with self._lock:
+            self._outbox.put_back(batch, self._components)
 
     async def _publish_events(self) -> None:
         with self._lock:

@@ -7,19 +7,26 @@ A write that fails puts its batch back in front of what was queued since, so not
 or reordered; while the database cannot be written the queues are bounded
 (:data:`MAX_PENDING`), the oldest records dropped and counted.
 
+:class:`BatchWriter` writes one batch at a time in a worker thread, shielded from its caller's
+cancellation, and hands a batch that failed back to be put in the outbox again.
+
 Threads: an :class:`Outbox` has no lock of its own; the monitor calls it only while holding its
 lock (from the event loop or from a thread calling its synchronous API), and
-:func:`merge_stored` likewise.
+:func:`merge_stored` likewise. A :class:`BatchWriter` belongs to the event loop; only the write
+itself runs in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Final, TypeVar
 
 import structlog
+from sqlalchemy import Engine
 
 from nanobot.heartbeat.component import ComponentState, Recorded
 from nanobot.heartbeat.store import (
@@ -29,8 +36,9 @@ from nanobot.heartbeat.store import (
     ErrorRow,
     HeartbeatRow,
     StoredState,
+    write_batch,
 )
-from nanobot.models import ComponentStatus
+from nanobot.models import ComponentStatus, error_text
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +138,67 @@ class Outbox:
         before, self.dropped = self.dropped, self.dropped + excess
         if before == 0 or before // 1000 != self.dropped // 1000:  # not one line per drop
             log.error("heartbeat.pending_dropped", node=self.node, total=self.dropped)
+
+
+class BatchWriter:
+    """Writes batches one at a time, each in one transaction in a worker thread.
+
+    A write is shielded: a caller cancelled meanwhile (the monitor's ``stop()``) does not
+    abandon it, and the next caller waits for it, so a batch is written once, never twice.
+    """
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._lock: asyncio.Lock | None = None  # created in the loop that uses it
+        self._inflight: asyncio.Future[None] | None = None
+
+    async def write(
+        self,
+        engine: Callable[[], Awaitable[Engine]],
+        take: Callable[[], Batch],
+        put_back: Callable[[Batch], None],
+    ) -> bool:
+        """Write what ``take()`` gives; False if it could not be written (logged, and handed to
+        ``put_back``) or the engine could not be had (logged; nothing was taken)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            inflight = self._inflight
+            if inflight is not None and not inflight.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(inflight)
+            try:
+                target = await engine()
+            except Exception as exc:
+                log.error("heartbeat.persist_failed", node=self.node, error=error_text(exc))
+                return False
+            batch = take()
+            if not batch:
+                return True
+            future = asyncio.ensure_future(asyncio.to_thread(write_batch, target, batch))
+            self._inflight = future
+            future.add_done_callback(lambda f: self._written(batch, f, put_back))
+            try:
+                await asyncio.shield(future)
+            except Exception:
+                return False  # logged, and the batch put back, by _written
+            return True
+
+    def _written(
+        self, batch: Batch, future: asyncio.Future[None], put_back: Callable[[Batch], None]
+    ) -> None:
+        if self._inflight is future:
+            self._inflight = None
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            put_back(batch)
+            log.error(
+                "heartbeat.persist_failed",
+                node=self.node,
+                error=error_text(error) if error is not None else "cancelled",
+                errors=len(batch.errors),
+                changes=len(batch.changes),
+            )
 
 
 def stored_status(value: str) -> ComponentStatus:
