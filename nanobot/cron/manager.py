@@ -79,7 +79,7 @@ from nanobot.lease import SchedulerLease, holder_id
 from nanobot.loopwatch import FencedError, Stepper
 from nanobot.models import MisfirePolicy, Task, TaskOutcome, error_text, utcnow
 from nanobot.node import node_name
-from nanobot.times import iso
+from nanobot.times import Clock, iso
 
 log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class CronManager:
         engine: Engine | None = None,
         *,
         node: str | None = None,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock | None = None,
         poll_interval: float | None = None,
         bus: MessageBus | None = None,
         monitor: HeartbeatMonitor | None = None,
