@@ -6,6 +6,10 @@ cannot be killed, so it is abandoned at the timeout, and a daemon thread (not th
 executor, which ``asyncio.run`` and the interpreter wait for at exit) never keeps the process
 from exiting. A :class:`CheckSlot` remembers the run that may still be going on, so that a hung
 check is reported instead of started a second time.
+
+Threads: :func:`run_checks` and every :class:`CheckSlot` belong to the event loop; a plain check
+runs in its own thread and hands its outcome back to the loop (``call_soon_threadsafe``), never
+touching the slot itself.
 """
 
 from __future__ import annotations
