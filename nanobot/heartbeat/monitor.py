@@ -77,7 +77,7 @@ class HeartbeatMonitor:
 
     ``HeartbeatMonitor(message_bus, interval=30)`` is the seed's constructor. The keyword-only
     arguments are for tests and embedding: ``engine`` (default: the configured database, opened
-    and migrated by the first write, never in the constructor), ``node`` (default
+    and migrated by the first load or write, never in the constructor), ``node`` (default
     :func:`nanobot.node.node_name`), ``check_timeout`` (default ``heartbeat.check_timeout``;
     capped at 0.8 x interval either way) and ``clock`` (returns an aware UTC datetime).
     """
