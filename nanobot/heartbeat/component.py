@@ -294,6 +294,13 @@ def view(comp: ComponentState, now: datetime, default_limit: float) -> Component
     )
 
 
+def status_at(comp: ComponentState, now: datetime, default_limit: float) -> ComponentStatus:
+    """The status ``comp`` reads as at ``now`` (:func:`view`'s, without copying its errors)."""
+    if overdue(comp, now, default_limit) is not None:
+        return ComponentStatus.ERROR
+    return comp.status
+
+
 def summarize(statuses: Iterable[ComponentStatus]) -> Summary:
     """The system status over the statuses of the registered components."""
     counts = dict.fromkeys(ComponentStatus, 0)

@@ -270,7 +270,7 @@ class HeartbeatMonitor:
         limit = 2 * self.interval
         with self._lock:
             summary = component.summarize(
-                component.view(comp, now, limit).status
+                component.status_at(comp, now, limit)
                 for comp in self._components.values()
                 if comp.registered
             )
