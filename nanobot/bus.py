@@ -21,6 +21,8 @@ from typing import Any, Final
 
 import structlog
 
+from nanobot.times import positive_seconds
+
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[str, Any], Awaitable[None] | None]
@@ -34,8 +36,7 @@ class MessageBus:
     """Topic-based publish/subscribe inside one process."""
 
     def __init__(self, *, handler_timeout: float = DEFAULT_HANDLER_TIMEOUT) -> None:
-        if handler_timeout <= 0:
-            raise ValueError(f"handler_timeout must be positive, got {handler_timeout!r}")
+        positive_seconds(handler_timeout, "handler_timeout")
         self._handlers: dict[str, list[Handler]] = {}
         self._lock = threading.Lock()
         self.handler_timeout = handler_timeout

@@ -14,7 +14,6 @@ unreachable, schema behind or ahead of this nanobot). Errors are one line on sta
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from nanobot.config import Config, get_config
 from nanobot.exceptions import ConfigError, DatabaseError, NanobotError, TaskError
 from nanobot.models import utcnow
 from nanobot.status import nanobot_version
+from nanobot.times import iso, positive_seconds
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -508,13 +508,11 @@ def _parse_interval(raw: str) -> float | int:
     from nanobot.exceptions import InvalidTaskError
 
     try:
-        value = float(raw)
+        value = positive_seconds(float(raw), "--interval", InvalidTaskError)
     except ValueError:
         raise InvalidTaskError(
             f"--interval must be a positive number of seconds, got {raw!r}"
         ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidTaskError(f"--interval must be a positive number of seconds, got {raw!r}")
     return int(value) if value.is_integer() else value
 
 
@@ -1213,10 +1211,6 @@ def alerts() -> None:
     """Alerts: what was raised and delivered, and a test message (see docs/alerts.md)."""
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 @alerts.command("list")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True, help="Print the alerts as JSON.")
@@ -1245,9 +1239,9 @@ def alerts_list(limit: int, as_json: bool) -> None:
                             "destination": d.destination,
                             "state": d.state.value,
                             "attempts": d.attempts,
-                            "last_attempt_at": _iso(d.last_attempt_at),
-                            "next_attempt_at": _iso(d.next_attempt_at),
-                            "sent_at": _iso(d.sent_at),
+                            "last_attempt_at": iso(d.last_attempt_at),
+                            "next_attempt_at": iso(d.next_attempt_at),
+                            "sent_at": iso(d.sent_at),
                             "last_error": d.last_error,
                         }
                         for d in v.deliveries

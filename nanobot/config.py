@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from nanobot.exceptions import ConfigError
+from nanobot.times import is_positive_number
 
 ENV_PREFIX: Final = "NANOBOT_"
 HOME_ENV: Final = "NANOBOT_HOME"
@@ -28,14 +29,12 @@ CONFIG_FILE_NAME: Final = "config.json"
 
 
 def _positive_number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("a positive number")
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
             raise ValueError("a positive number") from None
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if not is_positive_number(value):
         raise ValueError("a positive number")
     return float(value)
 

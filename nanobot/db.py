@@ -38,6 +38,7 @@ from sqlalchemy.pool import NullPool
 
 from nanobot.config import Config, get_config
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
+from nanobot.models import error_text
 
 if TYPE_CHECKING:  # Alembic is imported where it is used: a process that does not migrate
     # (the scheduler's worker, the command line's readers) saves a quarter of a second.
@@ -377,9 +378,7 @@ def _upgrade(engine: Engine, revision: str) -> None:
     except SchemaTooNewError:
         raise
     except SQLAlchemyError as exc:
-        raise DatabaseError(
-            f"cannot migrate {engine.url!r}: {exc.__class__.__name__}: {exc}"
-        ) from exc
+        raise DatabaseError(f"cannot migrate {engine.url!r}: {error_text(exc)}") from exc
     if before != after:
         log.info("db.migrated", url=engine.url.render_as_string(), before=before, after=after)
 

@@ -12,6 +12,10 @@ class NanobotError(Exception):
     """Base of every error raised by nanobot."""
 
 
+class InvalidDurationError(NanobotError, ValueError):
+    """A span of time that is not a positive, finite number of seconds."""
+
+
 class ConfigError(NanobotError, ValueError):
     """The configuration could not be loaded: a malformed file, an unknown key, a bad value."""
 
@@ -87,19 +91,12 @@ class ComponentError(NanobotError):
     """Base of the heartbeat monitor's errors."""
 
 
-class UnknownComponentError(ComponentError, KeyError):
-    """No component of that name is registered."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-    def __str__(self) -> str:
-        return f"unknown component {self.name!r}"
-
-
 class InvalidComponentError(ComponentError, ValueError):
     """A component registration is invalid, for example a health check that is not callable."""
+
+
+class NoRunningLoopError(ComponentError, RuntimeError):
+    """The heartbeat monitor needs a running event loop and none is running."""
 
 
 class SessionError(NanobotError):

@@ -28,6 +28,8 @@ import structlog
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from nanobot.models import error_text
+
 log = structlog.get_logger(__name__)
 
 # A read that takes longer than this answers 503: a stuck database must not pile up requests.
@@ -66,7 +68,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             "http.handler_failed",
             path=request.path,
             method=request.method,
-            error=f"{exc.__class__.__name__}: {exc}",
+            error=error_text(exc),
         )
         return web.json_response({"error": "internal error"}, status=500)
 
@@ -95,7 +97,7 @@ def make_app(
         try:
             status = await _read(probe.status)
         except Exception as exc:
-            log.warning("http.status_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("http.status_unreadable", error=error_text(exc))
             return web.json_response(
                 {"ready": False, "status": None, "problems": ["state could not be read"]},
                 status=503,
@@ -110,7 +112,7 @@ def make_app(
         try:
             body = await _read(probe.status)
         except Exception as exc:
-            log.warning("http.status_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("http.status_unreadable", error=error_text(exc))
             return web.json_response({"error": "state could not be read"}, status=503)
         return web.json_response(body)
 

@@ -44,7 +44,6 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -56,7 +55,8 @@ from sqlalchemy.pool import NullPool
 
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import SchedulerLease as LeaseRow
-from nanobot.models import utcnow
+from nanobot.models import error_text, utcnow
+from nanobot.times import Clock, iso, positive_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +68,6 @@ LOCK_CLASS_ID: Final = 0x6E62
 # The lock connection's application_name is this prefix and the holder id, so that an operator
 # (or a test) can find it in pg_stat_activity.
 LOCK_APPLICATION_PREFIX: Final = "nanobot-lock:"
-
-Clock = Callable[[], datetime]
 
 
 def _lock_not_available(exc: OperationalError) -> bool:
@@ -140,14 +138,10 @@ class LeaseInfo:
             "holder": self.holder,
             "epoch": self.epoch,
             "held": self.is_held(now),
-            "acquired_at": _iso(self.acquired_at),
-            "renewed_at": _iso(self.renewed_at),
-            "expires_at": _iso(self.expires_at),
+            "acquired_at": iso(self.acquired_at),
+            "renewed_at": iso(self.renewed_at),
+            "expires_at": iso(self.expires_at),
         }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _row_info(row: Any) -> LeaseInfo:
@@ -178,17 +172,15 @@ class SchedulerLease:
     def __init__(
         self,
         engine: Engine,
-        node: str,
+        holder_id: str,
         ttl: float,
         clock: Clock | None = None,
         *,
         name: str = SCHEDULER_LEASE,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+        self.ttl = positive_seconds(ttl, "lease ttl")
         self.engine = engine
-        self.node = node
-        self.ttl = float(ttl)
+        self.holder_id = holder_id
         self.name = name
         self._clock = clock
         # What this process last knew it held: the epoch, and the expiry written by its last
@@ -295,7 +287,7 @@ class SchedulerLease:
                     conn.execute(
                         insert(LeaseRow).values(
                             name=self.name,
-                            holder=self.node,
+                            holder=self.holder_id,
                             epoch=1,
                             acquired_at=now,
                             renewed_at=now,
@@ -305,26 +297,26 @@ class SchedulerLease:
                     epoch = 1
                 else:
                     current = _row_info(row)
-                    if current.holder == self.node and current.epoch == self.epoch:
+                    if current.holder == self.holder_id and current.epoch == self.epoch:
                         # Ours already (perhaps expired, but nobody took it): same holder, same
                         # epoch.
                         epoch = current.epoch
                         values: dict[str, Any] = {"renewed_at": now, "expires_at": expires}
                     elif (
-                        current.holder == self.node
+                        current.holder == self.holder_id
                         or not current.is_held(now)
                         or self._holder_dead(conn, current.holder)
                     ):
-                        if current.holder not in (None, self.node) and current.is_held(now):
+                        if current.holder not in (None, self.holder_id) and current.is_held(now):
                             log.info(
                                 "lease.dead_holder_replaced",
                                 lease=self.name,
                                 dead=current.holder,
-                                holder=self.node,
+                                holder=self.holder_id,
                             )
                         epoch = current.epoch + 1
                         values = {
-                            "holder": self.node,
+                            "holder": self.holder_id,
                             "epoch": epoch,
                             "acquired_at": now,
                             "renewed_at": now,
@@ -347,14 +339,16 @@ class SchedulerLease:
         previous, self.epoch, self.expires_at = self.epoch, epoch, expires
         self._since = started
         if previous != epoch:
-            log.info("lease.acquired", lease=self.name, holder=self.node, epoch=epoch)
+            log.info("lease.acquired", lease=self.name, holder=self.holder_id, epoch=epoch)
         return True
 
     def _holder_dead(self, conn: Connection, holder: str | None) -> bool:
         if holder is None or self._clock is not None:
             # An injected clock means a test of expiry: leave the process table out of it.
             return False
-        return holder_is_dead(holder, self.node, same_host_database=conn.dialect.name == "sqlite")
+        return holder_is_dead(
+            holder, self.holder_id, same_host_database=conn.dialect.name == "sqlite"
+        )
 
     def renew(self) -> bool:
         """Extend the lease we hold. False if it is no longer ours (or has expired)."""
@@ -368,7 +362,7 @@ class SchedulerLease:
                 update(LeaseRow)
                 .where(
                     LeaseRow.name == self.name,
-                    LeaseRow.holder == self.node,
+                    LeaseRow.holder == self.holder_id,
                     LeaseRow.epoch == self.epoch,
                     LeaseRow.expires_at > now,
                 )
@@ -379,7 +373,7 @@ class SchedulerLease:
             self.expires_at = expires
             self._since = started
             return True
-        log.warning("lease.lost", lease=self.name, holder=self.node, epoch=self.epoch)
+        log.warning("lease.lost", lease=self.name, holder=self.holder_id, epoch=self.epoch)
         self._forget()
         return False
 
@@ -402,7 +396,7 @@ class SchedulerLease:
         row = conn.execute(query).first()
         return bool(
             row is not None
-            and row.holder == self.node
+            and row.holder == self.holder_id
             and row.epoch == epoch
             and row.expires_at is not None
             and row.expires_at > self._now(conn)
@@ -430,14 +424,14 @@ class SchedulerLease:
                 update(LeaseRow)
                 .where(
                     LeaseRow.name == self.name,
-                    LeaseRow.holder == self.node,
+                    LeaseRow.holder == self.holder_id,
                     LeaseRow.epoch == epoch,
                 )
                 .values(holder=None, renewed_at=now, expires_at=now)
             )
             released = result.rowcount == 1
         if released:
-            log.info("lease.released", lease=self.name, holder=self.node, epoch=epoch)
+            log.info("lease.released", lease=self.name, holder=self.holder_id, epoch=epoch)
         return released
 
     def holder(self) -> LeaseInfo | None:
@@ -484,11 +478,9 @@ class AdvisoryLock:
     ) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError(f"advisory locks need PostgreSQL, not {engine.dialect.name}")
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, got {ttl!r}")
+        self.ttl = positive_seconds(ttl, "lease ttl")
         self.holder = holder
         self.name = name
-        self.ttl = float(ttl)
         self.application_name = (LOCK_APPLICATION_PREFIX + holder)[:63]
         period = max(1, math.ceil(self.ttl / 3))
         self._engine = create_engine(
@@ -613,7 +605,7 @@ class AdvisoryLock:
                 log.warning(
                     "lease.lock_setting_refused",
                     setting=key,
-                    error=f"{exc.__class__.__name__}: {exc}".splitlines()[0],
+                    error=error_text(exc).splitlines()[0],
                 )
         return str(conn.execute(text("SELECT current_schema()")).scalar_one())
 
@@ -634,7 +626,7 @@ class AdvisoryLock:
                 ).scalar_one()
             )
         except DBAPIError as exc:
-            error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            error = error_text(exc).splitlines()[0]
             held = False
         if held and self._wanted:
             return True

@@ -52,6 +52,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from nanobot.config import Config, get_config
+from nanobot.models import error_text
 
 LOG_FILE_NAME: Final = "nanobot.log"
 
@@ -115,7 +116,7 @@ class _FileHandler(logging.handlers.RotatingFileHandler):
                 "logging.file_unwritable",
                 "error",
                 path=self.baseFilename,
-                error=f"{error.__class__.__name__}: {error}" if error else "unknown",
+                error=error_text(error) if error else "unknown",
                 consequence="records go to standard error only until the file can be written",
             )
 

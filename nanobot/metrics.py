@@ -38,7 +38,16 @@ from sqlalchemy import Engine, select
 from nanobot.config import get_config
 from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
-from nanobot.models import Component, ComponentStatus, Heartbeat, Task, TaskOutcome, TaskRun
+from nanobot.heartbeat.process import current_loop_lag
+from nanobot.models import (
+    Component,
+    ComponentStatus,
+    Heartbeat,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    error_text,
+)
 from nanobot.status import nanobot_version
 
 log = structlog.get_logger(__name__)
@@ -71,7 +80,7 @@ class _DatabaseCollector:
         except Exception as exc:
             # A scrape must answer even when the database does not: the gauges are left out,
             # and nanobot_database_up is 0.
-            log.warning("metrics.database_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("metrics.database_unreadable", error=error_text(exc))
             up = GaugeMetricFamily("nanobot_database_up", "1 if the last scrape read the database")
             up.add_metric([], 0.0)
             yield up
@@ -181,7 +190,6 @@ class _DatabaseCollector:
 def _process_families() -> Iterator[GaugeMetricFamily]:
     """Gauges of this process's event loop and runs in flight (no database read)."""
     from nanobot.cron.manager import runs_in_flight
-    from nanobot.heartbeat.monitor import current_loop_lag
 
     lag = current_loop_lag()
     if lag is not None:

@@ -107,6 +107,21 @@ def bound_error(text: str | None) -> str | None:
     return text[: ERROR_TEXT_MAX - 20] + " ... [truncated]"
 
 
+def error_text(error: object) -> str:
+    """A bounded, readable text of an error: ``Type: message`` for an exception (its type alone
+    when the message is empty), the text itself otherwise. Never raises."""
+    try:
+        if isinstance(error, BaseException):
+            message = str(error)
+            text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        else:
+            text = str(error)
+    except Exception:
+        # Its own __str__ raised: name its type rather than fail the caller.
+        text = f"{type(error).__name__} (its text cannot be shown)"
+    return bound_error(text) or "(no message)"
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC datetime on every dialect; naive datetimes are refused."""
 

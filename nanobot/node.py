@@ -23,6 +23,7 @@ from typing import Final
 import structlog
 
 from nanobot.config import Config, get_config
+from nanobot.models import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +88,7 @@ def _load_or_create(home: Path) -> str | None:
         log.warning(
             "node.id_unavailable",
             path=str(path),
-            error=f"{exc.__class__.__name__}: {exc}",
+            error=error_text(exc),
             consequence="the node is named after the host alone; set service.node",
         )
         return None

@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -70,10 +70,21 @@ from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
 from nanobot.logging import flush_logging
 from nanobot.metrics import Metrics
-from nanobot.models import utcnow
+from nanobot.models import error_text, utcnow
 from nanobot.node import node_name
 from nanobot.preflight import EXIT_UNREADABLE, NodeClaim, StartupError, claim_node, sqlite_file
 from nanobot.status import build_status, nanobot_version
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    # Imported for their types only: the modules themselves are imported in a thread at the
+    # start (_import_scheduler), so that the event loop never waits for them.
+    from nanobot.alerts.alerter import Alerter
+    from nanobot.cron.manager import CronManager
+    from nanobot.cron.overdue import OverdueWatch
+    from nanobot.cron.sources import TaskSources
+    from nanobot.heartbeat import HeartbeatMonitor
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +108,12 @@ class Role(enum.StrEnum):
 
 
 class Service:
-    """One service process. ``await Service(config).run()`` returns the exit code."""
+    """One service process. ``await Service(config).run()`` returns the exit code.
+
+    The composition root: the database engine, the lease, the heartbeat monitor and the
+    scheduler are built here from ``config`` (the monitor and the scheduler are then installed
+    as the process-wide ones, which the built-in tasks and task code reach).
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -118,11 +134,13 @@ class Service:
         self.role = Role.STARTING
         self.metrics = Metrics(self.engine, self.node, is_leader=self.is_leader)
         self.http: HttpServer | None = None
-        self._manager: Any = None
-        self._sources: Any = None
-        self._overdue: Any = None
-        self._monitor: Any = None
-        self._alerter: Any = None
+        # The scheduler while leading, and the one it leads with (built at the first promotion).
+        self._manager: CronManager | None = None
+        self._scheduler: CronManager | None = None
+        self._sources: TaskSources | None = None
+        self._overdue: OverdueWatch | None = None
+        self._monitor: HeartbeatMonitor | None = None
+        self._alerter: Alerter | None = None
         self._stop: asyncio.Event | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lock_task: asyncio.Task[None] | None = None
@@ -209,7 +227,7 @@ class Service:
     def metrics_text(self) -> bytes:
         return self.metrics.render()
 
-    def _dashboard_setup(self) -> Callable[[Any], None] | None:
+    def _dashboard_setup(self) -> Callable[[web.Application], None] | None:
         """What adds the dashboard and the API to the endpoint (None with http.dashboard off).
 
         The tokens are read here, before the endpoint binds: a bad token file stops the start.
@@ -224,7 +242,7 @@ class Service:
         )
         host = self.config["http.host"]
 
-        def configure(app: Any) -> None:
+        def configure(app: web.Application) -> None:
             setup_dashboard(app, self.engine, host=host, tokens=tokens)
 
         return configure
@@ -247,7 +265,7 @@ class Service:
             except StartupError:
                 raise
             except Exception as exc:
-                error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                error = error_text(exc).splitlines()[0]
                 log.error("service.database_unusable", error=error, exit_code=EXIT_UNREADABLE)
                 raise StartupError(
                     f"database {self.engine.url.render_as_string(hide_password=True)} "
@@ -257,6 +275,30 @@ class Service:
             return await self._run_started()
         finally:
             self._claim.release()
+
+    async def _start_http(self) -> bool:
+        """Bind the endpoint; False for a bad dashboard configuration (logged). A port in use
+        raises :class:`StartupError` (the shutdown still runs; the command line prints it)."""
+        try:
+            configure = self._dashboard_setup()
+        except ConfigError as exc:
+            log.error("service.config_invalid", error=str(exc))
+            return False
+        host, port = self.config["http.host"], self.config["http.port"]
+        self.http = HttpServer(_ProbeAdapter(self), host, port, configure=configure)
+        try:
+            await self.http.start()
+        except OSError as exc:
+            log.error("service.http_bind_failed", host=host, port=port, error=str(exc))
+            self.http = None
+            self._exit_code = EXIT_FAILED
+            raise StartupError(
+                f"cannot listen on {host}:{port}"
+                f": {os.strerror(exc.errno) if exc.errno else exc}"
+                " (set http.port, or http.enabled = false)",
+                EXIT_FAILED,
+            ) from None
+        return True
 
     def _port(self) -> int | None:
         return int(self.config["http.port"]) if self.config["http.enabled"] else None
@@ -280,44 +322,20 @@ class Service:
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
             from nanobot.cron.sources import TaskSources
+            from nanobot.heartbeat import initialize_heartbeat, install_heartbeat_monitor
+
+            # Built from this configuration and installed before anything asks for the
+            # process-wide monitor (the scheduler registers task components on it).
+            self._monitor = self._build_monitor()
+            install_heartbeat_monitor(self._monitor)
 
             # Before the lease: the scheduler's first pass already sees the task file's tasks.
             self._sources = TaskSources(self.engine, self.node, self.config)
             await self._sources.start()
-            if self.config["http.enabled"]:
-                try:
-                    configure = self._dashboard_setup()
-                except ConfigError as exc:
-                    log.error("service.config_invalid", error=str(exc))
-                    return EXIT_FAILED
-                self.http = HttpServer(
-                    _ProbeAdapter(self),
-                    self.config["http.host"],
-                    self.config["http.port"],
-                    configure=configure,
-                )
-                try:
-                    await self.http.start()
-                except OSError as exc:
-                    log.error(
-                        "service.http_bind_failed",
-                        host=self.config["http.host"],
-                        port=self.config["http.port"],
-                        error=str(exc),
-                    )
-                    self.http = None
-                    self._exit_code = EXIT_FAILED
-                    # The shutdown in finally still runs; the command line prints this line.
-                    raise StartupError(
-                        f"cannot listen on {self.config['http.host']}:{self.config['http.port']}"
-                        f": {os.strerror(exc.errno) if exc.errno else exc}"
-                        " (set http.port, or http.enabled = false)",
-                        EXIT_FAILED,
-                    ) from None
+            if self.config["http.enabled"] and not await self._start_http():
+                return EXIT_FAILED
             await self._lease_step()
-            from nanobot.heartbeat import initialize_heartbeat
-
-            self._monitor = initialize_heartbeat()
+            initialize_heartbeat(self._monitor)
             from nanobot.cron.overdue import OverdueWatch
 
             # On every node: a frozen leader cannot say that its tasks are overdue.
@@ -445,7 +463,7 @@ class Service:
             try:
                 acquired = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
             except Exception as exc:
-                error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                error = error_text(exc).splitlines()[0]
                 log.warning("service.lease_unavailable", error=error)
                 acquired = False
                 if _is_read_only(error):
@@ -472,7 +490,7 @@ class Service:
         try:
             await self._renewing_while(self._start_scheduling())
         except Exception as exc:
-            log.error("service.scheduler_start_failed", error=f"{exc.__class__.__name__}: {exc}")
+            log.error("service.scheduler_start_failed", error=error_text(exc))
             await self._stop_scheduling(reason="start_failed")
             await self._release()
             self.role = Role.STANDBY
@@ -502,7 +520,7 @@ class Service:
                     timeout=max(0.1, self.lease.seconds_left() * 0.9),
                 )
             except Exception as exc:
-                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("service.lease_renew_failed", error=error_text(exc))
                 renewed = False
             lost = not renewed
         task.result()
@@ -525,7 +543,7 @@ class Service:
                     asyncio.to_thread(self.lease.renew), timeout=budget
                 )
             except Exception as exc:
-                log.warning("service.lease_renew_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("service.lease_renew_failed", error=error_text(exc))
         if renewed and self.lease.seconds_left() > self.period:
             return
         if self._draining:
@@ -569,7 +587,7 @@ class Service:
                     asyncio.to_thread(self.lock.check), timeout=self.period
                 )
             except Exception as exc:
-                log.warning("service.lock_check_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("service.lock_check_failed", error=error_text(exc))
                 held = False
             if held:
                 continue
@@ -630,7 +648,7 @@ class Service:
             await asyncio.wait_for(asyncio.to_thread(self.lease.release), timeout=self.period)
         except Exception as exc:
             # The row expires on its own: a standby then waits for the expiry.
-            log.warning("service.lease_release_failed", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("service.lease_release_failed", error=error_text(exc))
         if self.lock is not None:
             await asyncio.to_thread(self.lock.release, self.period)
 
@@ -650,10 +668,39 @@ class Service:
 
     # --- the scheduler --------------------------------------------------------------------------
 
-    async def _start_scheduling(self) -> None:
-        from nanobot.cron import get_cron_manager, register_builtin_tasks
+    def _build_monitor(self) -> HeartbeatMonitor:
+        """The heartbeat monitor of this service: its configuration, database, node and bus."""
+        from nanobot.heartbeat import HeartbeatMonitor
 
-        manager = get_cron_manager()
+        return HeartbeatMonitor(
+            get_bus(),
+            float(self.config["heartbeat.interval"]),
+            engine=self.engine,
+            node=self.node,
+            check_timeout=float(self.config["heartbeat.check_timeout"]),
+        )
+
+    def _build_scheduler(self) -> CronManager:
+        """The scheduler of this service, installed as the process-wide one (the built-in tasks
+        and task code registered through get_cron_manager() reach it)."""
+        from nanobot.cron.manager import CronManager, install_cron_manager
+
+        manager = CronManager(
+            self.engine,
+            node=self.node,
+            poll_interval=float(self.config["cron.poll_interval"]),
+            bus=get_bus(),
+            monitor=self._monitor,
+        )
+        install_cron_manager(manager)
+        return manager
+
+    async def _start_scheduling(self) -> None:
+        from nanobot.cron import register_builtin_tasks
+
+        if self._scheduler is None:
+            self._scheduler = self._build_scheduler()
+        manager = self._scheduler
         # Every claim is fenced by the lease, every start and step of a run by its remaining
         # time: a leader frozen past its lease claims, starts and runs nothing.
         manager.use_lease(self.lease)
@@ -674,7 +721,7 @@ class Service:
             log.error(
                 "service.scheduler_shutdown_failed",
                 reason=reason,
-                error=f"{exc.__class__.__name__}: {exc}",
+                error=error_text(exc),
             )
         # The same manager leads again at a later promotion: the tasks registered in this
         # process, those it cannot store included, are scheduled again then.
@@ -709,7 +756,7 @@ class Service:
             try:
                 await self._monitor.stop()
             except Exception as exc:
-                log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.error("service.monitor_stop_failed", error=error_text(exc))
                 code = EXIT_FAILED
         if self._alerter is not None:
             # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
@@ -813,7 +860,7 @@ class Service:
         try:
             tasks = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
         except Exception as exc:
-            error = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            error = error_text(exc).splitlines()[0]
             log.warning("service.database_maintenance_failed", error=error)
             return
         if recreated and tasks > 0:

@@ -12,10 +12,9 @@ Time comes from an injected ``clock`` so that expiry is tested without sleeping.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -27,6 +26,7 @@ from nanobot.config import get_config
 from nanobot.db import get_engine, read_transaction, write_transaction
 from nanobot.exceptions import InvalidSessionError, UnknownSessionError
 from nanobot.models import SessionRecord, utcnow
+from nanobot.times import Clock, is_positive_number
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +34,6 @@ DEFAULT_TTL: Final = 86400.0
 # 32 random bytes: 43 URL-safe characters, within the 64 of sessions.id.
 TOKEN_BYTES: Final = 32
 
-Clock = Callable[[], datetime]
 Ttl = float | int | timedelta
 
 
@@ -50,15 +49,10 @@ class SessionInfo:
 
 
 def _ttl_seconds(ttl: Ttl) -> float:
-    if isinstance(ttl, timedelta):
-        seconds = ttl.total_seconds()
-    elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
-        seconds = float(ttl)
-    else:
-        raise InvalidSessionError(f"session ttl must be a number of seconds, got {ttl!r}")
-    if not math.isfinite(seconds) or seconds <= 0:
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
+    if not is_positive_number(seconds):
         raise InvalidSessionError(f"session ttl must be a positive number of seconds, got {ttl!r}")
-    return seconds
+    return float(seconds)
 
 
 def _json_object(data: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from nanobot.models import (
     TaskOutcome,
     utcnow,
 )
+from nanobot.times import iso
 
 STALE_FACTOR: Final = 2.5
 STALE_SLACK_S: Final = 1.0
@@ -78,10 +79,6 @@ def exit_code(status: dict[str, Any]) -> int:
     if status["status"] == SystemStatus.HEALTHY:
         return 0
     return 1
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _age(now: datetime, then: datetime | None) -> float | None:
@@ -130,7 +127,7 @@ def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, An
         "node": row.node,
         "fresh": fresh,
         "leader": row.node == leader_node,
-        "last_heartbeat": _iso(row.at),
+        "last_heartbeat": iso(row.at),
         "age_s": age,
         "interval_s": row.interval_s,
         "status": row.status,
@@ -157,15 +154,15 @@ def _task_json(row: Any) -> dict[str, Any]:
         **_schedule_json(row),
         "timeout": row.timeout_s,
         "paused": row.paused,
-        "next_run_at": _iso(row.next_run_at),
-        "last_run_at": _iso(row.last_run_at),
+        "next_run_at": iso(row.next_run_at),
+        "last_run_at": iso(row.last_run_at),
         "last_outcome": row.last_outcome,
         "consecutive_failures": row.consecutive_failures,
         "error": row.broken_reason,
         "broken": row.broken_reason is not None,
         "source": row.source,
         "pause_reason": row.pause_reason,
-        "auto_paused_at": _iso(row.auto_paused_at),
+        "auto_paused_at": iso(row.auto_paused_at),
     }
 
 
@@ -200,7 +197,7 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
                 "name": row.name,
                 "node": row.node,
                 "status": row.status,
-                "last_heartbeat": _iso(row.last_heartbeat),
+                "last_heartbeat": iso(row.last_heartbeat),
                 "age_s": _age(now, row.last_heartbeat),
                 "last_error": row.last_error,
                 # Components of a node that stopped beating are history, not current state.
@@ -264,7 +261,7 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
     lease = state["lease"]
     if lease is not None and lease.holder is None:
         problems.append(
-            f"service stopped: the scheduling lease was released at {_iso(lease.renewed_at)}"
+            f"service stopped: the scheduling lease was released at {iso(lease.renewed_at)}"
         )
     elif not state["leader_held"]:
         problems.append("no node holds the scheduling lease: tasks are not being scheduled")
@@ -369,17 +366,17 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
                 "error": newest.error,
                 "unknown": newest.unknown,
             },
-            "last_heartbeat": _iso(newest.at),
-            "timestamp": _iso(now),
+            "last_heartbeat": iso(newest.at),
+            "timestamp": iso(now),
         }
     return {
         "status": status.value,
         "problems": problems,
-        "checked_at": _iso(now),
+        "checked_at": iso(now),
         "version": nanobot_version(),
         "service": {
             "running": running,
-            "last_heartbeat": _iso(newest.at) if newest is not None else None,
+            "last_heartbeat": iso(newest.at) if newest is not None else None,
             "age_s": _age(now, newest.at) if newest is not None else None,
             "interval_s": newest.interval_s if newest is not None else None,
             "node": newest.node if newest is not None else None,
@@ -446,9 +443,9 @@ def build_heartbeat_status(
                 .order_by(ComponentStatusChange.at.desc())
                 .limit(DETAIL_ROWS)
             ).all()
-            component["errors"] = [{"at": _iso(e.at), "error": e.error} for e in errors]
+            component["errors"] = [{"at": iso(e.at), "error": e.error} for e in errors]
             component["status_changes"] = [
-                {"at": _iso(c.at), "from": c.from_status, "to": c.to_status, "reason": c.reason}
+                {"at": iso(c.at), "from": c.from_status, "to": c.to_status, "reason": c.reason}
                 for c in changes
             ]
     result = _assemble(state, now)

@@ -16,9 +16,15 @@ from sqlalchemy import Engine, insert, select, update
 from nanobot import config as config_module
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
-from nanobot.cron import CronManager, control
+from nanobot.cron import CronManager
 from nanobot.cron.autopause import pause_failing, reason_text
-from nanobot.db import create_db_engine, get_engine, upgrade_database, write_transaction
+from nanobot.db import (
+    count_tasks,
+    create_db_engine,
+    get_engine,
+    upgrade_database,
+    write_transaction,
+)
 from nanobot.exceptions import InvalidTaskError
 from nanobot.models import Task, TaskRun
 from nanobot.status import SystemStatus, _verdict
@@ -316,7 +322,7 @@ def test_cli_bad_threshold_changes_nothing(engine: Engine, bad: str) -> None:
     assert result.exit_code == 2
     assert "pause-after-failures" in result.output
     assert "Traceback" not in result.output
-    assert control.count_tasks(get_engine()) == 0
+    assert count_tasks(get_engine()) == 0
 
 
 def test_cli_empty_note_is_refused(engine: Engine) -> None:

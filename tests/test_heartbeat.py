@@ -32,7 +32,7 @@ from nanobot.bus import MessageBus
 from nanobot.db import create_db_engine, upgrade_database
 from nanobot.exceptions import InvalidComponentError
 from nanobot.heartbeat import STALE_REASON, SYSTEM_COMPONENT, HeartbeatMonitor, prune
-from nanobot.heartbeat import monitor as monitor_module
+from nanobot.heartbeat import outbox as outbox_module
 from nanobot.models import ERROR_TEXT_MAX
 
 WAIT = 10  # seconds: the bound of every wait in these tests
@@ -235,6 +235,29 @@ async def test_a_component_beaten_in_time_never_goes_stale(
     clock.advance(0.001)
     assert monitor.get_component_status("cron")["status"] == "error"
     assert monitor.get_component_status("cron")["last_error"] == STALE_REASON
+
+
+async def test_reading_status_records_nothing_and_the_next_cycle_records_staleness(
+    monitor: HeartbeatMonitor, clock: FakeClock, engine: Engine
+) -> None:
+    """get_system_status and get_component_status only read: a stale component reads in error
+    at once, and its error and the transitions are recorded by the next cycle, at its time."""
+    monitor.register_component("quiet")
+    await monitor.run_cycle()
+    clock.advance(25)
+    for _ in range(3):
+        assert monitor.get_system_status()["status"] == "error"
+        quiet = monitor.get_component_status("quiet")
+        assert (quiet["status"], quiet["last_error"]) == ("error", STALE_REASON)
+        assert len(quiet["errors"]) == 1
+    clock.advance(5)
+    await monitor.run_cycle()
+    assert [(r.at, r.error) for r in error_rows(engine, "quiet")] == [(clock.now, STALE_REASON)]
+    stale = [r for r in change_rows(engine) if r.to_status == "error"]
+    assert [(r.component, r.at) for r in stale] == [
+        ("quiet", clock.now),
+        (SYSTEM_COMPONENT, clock.now),
+    ]
 
 
 async def test_a_stale_component_recovers_with_its_next_heartbeat(
@@ -466,7 +489,7 @@ async def test_a_long_outage_keeps_the_newest_pending_records_and_says_so(
     tmp_path: Any, bus: MessageBus, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Memory is bounded while nothing can be written: the oldest queued errors go, counted."""
-    monkeypatch.setattr(monitor_module, "MAX_PENDING", 5)
+    monkeypatch.setattr(outbox_module, "MAX_PENDING", 5)
     engine = create_db_engine(f"sqlite:///{tmp_path / 'late.db'}")
     try:
         monitor = make_monitor(engine, bus, clock)

@@ -20,6 +20,7 @@ from heartbeat_helpers import FakeClock, Recorder, error_rows, make_monitor
 from sqlalchemy import Engine
 
 from nanobot.bus import MessageBus, get_bus
+from nanobot.exceptions import ComponentError
 from nanobot.heartbeat import (
     CHECK_BUSY_REASON,
     STALE_REASON,
@@ -27,6 +28,7 @@ from nanobot.heartbeat import (
     NoRunningLoopError,
     get_heartbeat_monitor,
     initialize_heartbeat,
+    install_heartbeat_monitor,
 )
 
 WAIT = 10  # seconds: the bound of every wait in these tests
@@ -251,3 +253,16 @@ def test_check_timeout_never_reaches_the_next_cycle() -> None:
 def test_a_bad_interval_is_refused(interval: Any) -> None:
     with pytest.raises(ValueError, match="interval"):
         HeartbeatMonitor(Mock(), interval=interval)
+
+
+async def test_an_installed_monitor_is_the_process_wide_one_and_is_not_replaced() -> None:
+    """A composition root's monitor becomes the one get_heartbeat_monitor() returns (what the
+    scheduler's heartbeat task beats); a second one is refused, naming the way out."""
+    bus = MessageBus()
+    mine = HeartbeatMonitor(bus, interval=5, node="composed")
+    install_heartbeat_monitor(mine)
+    install_heartbeat_monitor(mine)  # the same one again: nothing changes
+    assert get_heartbeat_monitor() is mine
+    with pytest.raises(ComponentError, match="reset_heartbeat_monitor"):
+        install_heartbeat_monitor(HeartbeatMonitor(bus, interval=5, node="other"))
+    assert get_heartbeat_monitor() is mine

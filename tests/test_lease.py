@@ -157,7 +157,7 @@ def test_concurrent_acquirers_never_both_win(db_url: str, engine: Engine) -> Non
             assert sum(results) == 1, f"round {round_no}: winners {results}"
             info = leases[0].holder()
             assert info is not None
-            assert info.holder == leases[results.index(True)].node
+            assert info.holder == leases[results.index(True)].holder_id
             assert info.epoch == round_no + 1
     finally:
         for e in engines:

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, Final
 
 import structlog
@@ -47,11 +46,11 @@ from nanobot.alerts.rules import Rules, settings_from
 from nanobot.alerts.worker import Deliverer, RetryPolicy
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import Config
-from nanobot.models import utcnow
+from nanobot.models import error_text, utcnow
+from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], datetime]
 
 # Published by the service (nanobot.service.DATABASE_REPLACED / DATABASE_RECREATED): the database
 # file was deleted or replaced under a running service; a new, empty database was found after a
@@ -231,7 +230,7 @@ class Alerter:
             if dropped:
                 log.warning("alerts.dropped_unconfigured", deliveries=dropped)
         except Exception as exc:
-            log.warning("alerts.start_failed", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("alerts.start_failed", error=error_text(exc))
         self._task = asyncio.create_task(self._loop(), name="nanobot-alerts")
         log.info(
             "alerts.started",
@@ -258,7 +257,7 @@ class Alerter:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.rules.mark_released), 5.0)
             except Exception as exc:
-                log.warning("alerts.release_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("alerts.release_failed", error=error_text(exc))
         self.deliverer.close()
         if self.metrics is not None:
             self.metrics.unregister()
@@ -285,7 +284,7 @@ class Alerter:
             except TimeoutError:
                 log.error("alerts.step_timeout", timeout_s=STEP_TIMEOUT)
             except Exception as exc:
-                log.error("alerts.step_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.error("alerts.step_failed", error=error_text(exc))
             # Woken in a burst (a health cycle with many transitions): at most one step a second.
             await asyncio.sleep(max(0.0, min(1.0, self.interval) - (loop.time() - started)))
 

@@ -35,6 +35,7 @@ from typing import Any, Final
 from nanobot.alerts.alert import Alert, AlertKind, Severity
 from nanobot.config import Config
 from nanobot.exceptions import ConfigError
+from nanobot.models import error_text
 
 SETTING: Final = "alerts.destinations"
 _KEYS: Final = frozenset({"url", "name", "kinds", "min_severity", "subjects"})
@@ -253,7 +254,7 @@ def send(destination: Destination, alert: Alert, *, timeout: float) -> SendResul
                 )
             )
         except Exception as exc:
-            return SendResult(False, _bounded(f"{exc.__class__.__name__}: {exc}"))
+            return SendResult(False, _bounded(error_text(exc)))
     if ok:
         return SendResult(True)
     return SendResult(False, _bounded("; ".join(errors.messages) or "the service refused it"))

@@ -12,8 +12,7 @@ The gauges read the database when the registry is collected: from a thread, as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Iterator
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
@@ -23,12 +22,14 @@ from sqlalchemy import Engine
 from nanobot.alerts import store
 from nanobot.alerts.alert import AlertKind
 from nanobot.db import read_transaction
+from nanobot.models import error_text
+from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
 
 class _OutboxCollector:
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, clock: Clock) -> None:
         self.engine = engine
         self.clock = clock
 
@@ -38,7 +39,7 @@ class _OutboxCollector:
                 pending, oldest = store.pending_stats(conn)
         except Exception as exc:
             # The scrape answers without these gauges; nanobot_database_up says why.
-            log.warning("metrics.alerts_unreadable", error=f"{exc.__class__.__name__}: {exc}")
+            log.warning("metrics.alerts_unreadable", error=error_text(exc))
             return
         gauge = GaugeMetricFamily(
             "nanobot_alerts_pending", "alert deliveries waiting in the outbox"
@@ -58,9 +59,7 @@ class _OutboxCollector:
 class AlertMetrics:
     """The counter of this process's attempts and the outbox gauges."""
 
-    def __init__(
-        self, registry: CollectorRegistry, engine: Engine, clock: Callable[[], datetime]
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry, engine: Engine, clock: Clock) -> None:
         self.attempts = Counter(
             "nanobot_alerts",
             "alert delivery attempts of this process, by kind and result",

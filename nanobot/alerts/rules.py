@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -96,8 +96,6 @@ _LEFT_KINDS: Final = {
     BROKEN: AlertKind.TASK_MENDED,
     OVERDUE: AlertKind.TASK_ON_TIME,
 }
-
-Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

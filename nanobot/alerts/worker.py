@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -34,10 +34,10 @@ from nanobot.alerts.alert import Alert, AlertKind, DeliveryState
 from nanobot.alerts.destinations import Destination, SendResult, send
 from nanobot.alerts.metrics import AlertMetrics
 from nanobot.alerts.store import Due
+from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
-Clock = Callable[[], datetime]
 DEFAULT_BATCH: Final = 100
 DEFAULT_WORKERS: Final = 4
 

@@ -46,10 +46,8 @@ class CleanupTask(CronTask):
         removed["alerts"] = prune_alerts(
             get_engine(), now=now, retention_days=float(config.get("alerts.retention_days", 30.0))
         )
-        try:
-            from nanobot.heartbeat.store import prune as prune_health
-        except ImportError:  # pragma: no cover - the monitor ships with nanobot
-            return removed
+        from nanobot.heartbeat.store import prune as prune_health
+
         # Its retention defaults come from heartbeat.*_retention_days.
         removed.update(prune_health(get_engine(), now=now))
         return removed

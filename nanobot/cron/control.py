@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron import overlap as overlaps
@@ -50,8 +50,10 @@ from nanobot.models import (
     TaskRun,
     TaskSource,
     bound_error,
+    error_text,
     utcnow,
 )
+from nanobot.times import iso
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,15 +123,15 @@ class TaskInfo:
             "source": self.source,
             "pause_reason": self.pause_reason,
             "pause_after_failures": self.pause_after_failures,
-            "auto_paused_at": _iso(self.auto_paused_at),
+            "auto_paused_at": iso(self.auto_paused_at),
             "ping_url": self.ping_url,
             "catch_up_window": self.catch_up_window,
             "retries": self.retries,
             "retry_backoff": (self.retry_backoff or DEFAULT_BACKOFF).text(),
             "retry": (
                 {
-                    "at": _iso(self.retry_at),
-                    "slot": _iso(self.retry_slot),
+                    "at": iso(self.retry_at),
+                    "slot": iso(self.retry_slot),
                     "attempt": self.retry_attempt,
                 }
                 if self.retry_at is not None
@@ -152,8 +154,8 @@ class TaskInfo:
             "kwargs": self.kwargs,
             "timeout": self.timeout,
             "paused": self.paused,
-            "next_run_at": _iso(self.next_run_at),
-            "last_run_at": _iso(self.last_run_at),
+            "next_run_at": iso(self.next_run_at),
+            "last_run_at": iso(self.last_run_at),
             "last_outcome": self.last_outcome,
             "consecutive_failures": self.consecutive_failures,
             "error": self.error,
@@ -183,9 +185,9 @@ class RunInfo:
         return {
             "id": self.id,
             "task": self.task_name,
-            "scheduled_at": _iso(self.scheduled_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "scheduled_at": iso(self.scheduled_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
             "duration": self.duration,
             "outcome": self.outcome.value,
             "error": self.error,
@@ -195,10 +197,6 @@ class RunInfo:
             "output": self.output,
             "attempt": self.attempt,
         }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _local_iso(value: datetime | None, schedule: Schedule) -> str | None:
@@ -216,7 +214,7 @@ def schedule_json(schedule: Schedule) -> dict[str, Any]:
         "schedule": describe(schedule),
         "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
         "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
-        "run_at": _iso(schedule.at) if isinstance(schedule, AtSchedule) else None,
+        "run_at": iso(schedule.at) if isinstance(schedule, AtSchedule) else None,
     }
 
 
@@ -258,8 +256,7 @@ def import_task_class(path: str) -> type[CronTask]:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:
         raise InvalidTaskError(
-            f"cannot import module {module_name!r} of task class {path!r}: "
-            f"{exc.__class__.__name__}: {exc}"
+            f"cannot import module {module_name!r} of task class {path!r}: {error_text(exc)}"
         ) from exc
     for part in qualname.split("."):
         try:
@@ -283,7 +280,7 @@ def build_task(path: str, kwargs: dict[str, Any]) -> CronTask:
         raise
     except Exception as exc:
         raise InvalidTaskError(
-            f"{path!r} cannot be built with {kwargs!r}: {exc.__class__.__name__}: {exc}"
+            f"{path!r} cannot be built with {kwargs!r}: {error_text(exc)}"
         ) from exc
 
 
@@ -776,8 +773,3 @@ def remove_task(engine: Engine, name: str) -> None:
         result = conn.execute(delete(Task).where(Task.name == name))
         if result.rowcount == 0:
             raise UnknownTaskError(name)
-
-
-def count_tasks(engine: Engine) -> int:
-    with read_transaction(engine) as conn:
-        return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())

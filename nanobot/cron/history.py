@@ -597,14 +597,3 @@ def prune(engine: Engine, *, now: datetime, retention_days: float, max_rows: int
             )
             removed += int(result.rowcount or 0)
     return removed
-
-
-def outcome_counts(engine: Engine, name: str) -> dict[str, int]:
-    """How many rows of each outcome a task has (for tests and the command line)."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(TaskRun.outcome, func.sum(TaskRun.slots))
-            .where(TaskRun.task_name == name)
-            .group_by(TaskRun.outcome)
-        ).all()
-    return {str(o): int(n) for o, n in rows}

@@ -8,7 +8,7 @@ How a pass works (in the scheduler's worker thread, never on the event loop):
 2. Find the due jobs, split each one's slots into the one to run and the missed ones
    (:func:`nanobot.cron.schedules.due_slots`, by the task's schedule), and in ONE
    transaction: advance the jobs in the job store, claim the slots to run in ``task_runs``,
-   record missed and skipped slots, and mirror the next run times into ``tasks``.
+   record the missed slots, and mirror the next run times into ``tasks``.
    The same transaction claims the pending retries that are due (attempt 2, 3... of a failed
    slot, :mod:`nanobot.cron.retries`), or records them missed or given up.
 3. Hand each slot (and attempt) this transaction claimed to the event loop, which runs it.
@@ -87,6 +87,7 @@ from nanobot.db import get_engine, read_transaction, upgrade_database, write_tra
 from nanobot.exceptions import (
     InvalidTaskError,
     NotLeaderError,
+    TaskError,
     TaskNotStorableError,
     UnknownTaskError,
 )
@@ -94,16 +95,13 @@ from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
 from nanobot.heartbeat.store import drop_components
 from nanobot.lease import SchedulerLease, holder_id
 from nanobot.loopwatch import FencedError, Stepper
-from nanobot.models import MisfirePolicy, Task, TaskOutcome, utcnow
+from nanobot.models import MisfirePolicy, Task, TaskOutcome, error_text, utcnow
 from nanobot.node import node_name
+from nanobot.times import Clock, iso
 
 log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)
 
-# A slot under the SKIP policy runs only if the scheduler reaches it within this share of the
-# interval (at most SKIP_GRACE_MAX seconds); later than that, it is recorded missed.
-SKIP_GRACE_SHARE: Final = 0.5
-SKIP_GRACE_MAX: Final = 60.0
 FLUSH_RETRY_S: Final = 1.0
 FLUSH_WINDOW_S: Final = 0.02
 # How long a shutdown waits for outcomes to be written while the database does not answer.
@@ -179,10 +177,6 @@ COST_SAMPLE_MIN: Final = 50
 INITIAL_COST_PER_JOB: Final = 0.0002
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 TASK_PREFIX: Final = "task:"
 
 
@@ -213,7 +207,7 @@ class _DueRetries:
         return bool(self.claims or self.missed or self.given_up or self.dropped)
 
 
-def _policy(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
+def _misfire_and_window(policy: MisfirePolicy, window: float | None) -> tuple[MisfirePolicy, float]:
     """What the scheduler's due() needs of a task: its misfire policy and its catch-up window
     (0: none; the SKIP grace comes from the schedule)."""
     return policy, window or 0.0
@@ -232,7 +226,7 @@ class CronManager:
         engine: Engine | None = None,
         *,
         node: str | None = None,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock | None = None,
         poll_interval: float | None = None,
         bus: MessageBus | None = None,
         monitor: HeartbeatMonitor | None = None,
@@ -451,7 +445,7 @@ class CronManager:
         if definition.not_persistable is not None:
             with self._lock:
                 self._ephemeral[name] = definition
-                self._policies[name] = _policy(
+                self._policies[name] = _misfire_and_window(
                     definition.misfire_policy, definition.catch_up_window
                 )
                 self._periods[name] = definition.interval
@@ -723,7 +717,7 @@ class CronManager:
             try:
                 orphans = await scheduler.run_in_worker(self._recover, scheduler, takeover)
             except Exception as exc:
-                log.error("cron.recovery_failed", error=_text(exc))
+                log.error("cron.recovery_failed", error=error_text(exc))
                 orphans = []
             scheduler.start()
             self._scheduler = scheduler
@@ -789,10 +783,10 @@ class CronManager:
                             asyncio.to_thread(lease.renew), timeout=budget
                         )
                     except Exception as exc:
-                        log.warning("cron.lease_renew_failed", error=_text(exc))
+                        log.warning("cron.lease_renew_failed", error=error_text(exc))
                 if renewed and lease.seconds_left() > period:
                     continue
-                log.warning("cron.lease_lost", holder=lease.node, action="stop dispatching")
+                log.warning("cron.lease_lost", holder=lease.holder_id, action="stop dispatching")
                 await asyncio.shield(
                     self._stop_dispatching(0.0, "the node lost the scheduling lease")
                 )
@@ -806,10 +800,10 @@ class CronManager:
                     asyncio.to_thread(lease.try_acquire), timeout=period
                 )
             except Exception as exc:
-                log.warning("cron.lease_unavailable", error=_text(exc))
+                log.warning("cron.lease_unavailable", error=error_text(exc))
                 acquired = False
             if acquired:
-                log.info("cron.lease_taken", holder=lease.node, epoch=lease.epoch)
+                log.info("cron.lease_taken", holder=lease.holder_id, epoch=lease.epoch)
                 self._adopt(lease)
                 await asyncio.shield(self.start(takeover=True))
 
@@ -835,7 +829,7 @@ class CronManager:
             try:
                 await asyncio.to_thread(lease.release)
             except Exception as exc:
-                log.warning("cron.lease_release_failed", error=_text(exc))
+                log.warning("cron.lease_release_failed", error=error_text(exc))
 
     async def _stop_dispatching(self, grace: float | None, reason: str) -> None:
         if self._start_lock is None:
@@ -925,10 +919,10 @@ class CronManager:
             try:
                 history.undispatch(self.engine, ids)
             except Exception as exc:
-                log.error("cron.release_failed", count=len(ids), error=_text(exc))
+                log.error("cron.release_failed", count=len(ids), error=error_text(exc))
             return
         except Exception as exc:
-            log.error("cron.release_failed", count=len(ids), error=_text(exc))
+            log.error("cron.release_failed", count=len(ids), error=error_text(exc))
             return
         if released:
             log.info(
@@ -969,7 +963,7 @@ class CronManager:
             try:
                 fenced = history.write_finishes(self.engine, self._plan_retries(pending))
             except Exception as exc:
-                log.error("cron.history_unwritten", count=len(pending), error=_text(exc))
+                log.error("cron.history_unwritten", count=len(pending), error=error_text(exc))
             else:
                 self._log_fenced([f for f in fenced if f.recorded != f.finish.outcome.value])
         if self._own_lease and self._lease is not None:
@@ -1129,7 +1123,7 @@ class CronManager:
                 raise
             except Exception as exc:
                 # The scheduling goes on; the backfills are tried again at the next poll.
-                log.error("cron.backfill_failed", error=_text(exc))
+                log.error("cron.backfill_failed", error=error_text(exc))
         self._sync_unloadable(scheduler)
         if len(due) >= COST_SAMPLE_MIN:
             per_job = (time.perf_counter() - started) / len(due)
@@ -1381,7 +1375,7 @@ class CronManager:
         to_add: list[JobSpec] = []
         for row in rows:
             definition = control.stored_definition(row)
-            self._policies[row.name] = _policy(
+            self._policies[row.name] = _misfire_and_window(
                 definition.misfire_policy, definition.catch_up_window
             )
             self._periods[row.name] = definition.interval
@@ -1484,7 +1478,7 @@ class CronManager:
                     schedule=schedule,
                 )
             )
-            log.debug("cron.job_added", task=row.name, next_run_at=_iso(next_run))
+            log.debug("cron.job_added", task=row.name, next_run_at=iso(next_run))
             return next_run
         changes: dict[str, Any] = {}
         if job.task_class != definition.task_class or job.kwargs != definition.kwargs:
@@ -1674,7 +1668,7 @@ class CronManager:
             marked = await asyncio.to_thread(history.mark_dispatched, self.engine, ids, self.fence)
         except Exception as exc:
             # Not marked, so not started: released (and caught up) rather than lost.
-            log.error("cron.dispatch_failed", count=len(ids), error=_text(exc))
+            log.error("cron.dispatch_failed", count=len(ids), error=error_text(exc))
             self._release_soon(launches)
             return
         if len(marked) < len(ids):
@@ -1725,7 +1719,7 @@ class CronManager:
             try:
                 history.undispatch(self.engine, ids)
             except Exception as exc:
-                log.error("cron.undispatch_failed", count=len(ids), error=_text(exc))
+                log.error("cron.undispatch_failed", count=len(ids), error=error_text(exc))
 
         self._spawn(asyncio.to_thread(write))
 
@@ -1866,7 +1860,7 @@ class CronManager:
                 log.warning("task.cancelled", reason=error, duration_s=self._since(started))
             except Exception as exc:
                 outcome = TaskOutcome.ERROR
-                error = f"{exc.__class__.__name__}: {exc}"
+                error = error_text(exc)
                 log.exception("task.failed", duration_s=self._since(started))
             finally:
                 finished = self._clock()
@@ -2081,7 +2075,7 @@ class CronManager:
                 paused = await asyncio.to_thread(call)
         except Exception as exc:
             # The next failure tries again: the count stays in the database.
-            log.error("cron.auto_pause_failed", tasks=sorted(names), error=_text(exc))
+            log.error("cron.auto_pause_failed", tasks=sorted(names), error=error_text(exc))
             return
         for item in paused:
             log.warning(
@@ -2235,10 +2229,6 @@ def _at_exit(ref: weakref.ref[CronManager]) -> None:
             log.exception("cron.exit_flush_failed")
 
 
-def _text(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
-
-
 def runs_in_flight() -> list[RunInFlight]:
     """The runs in flight of the process-wide manager (none if there is no manager)."""
     manager = _manager
@@ -2259,3 +2249,16 @@ def reset_cron_manager() -> None:
     global _manager
     with _manager_lock:
         _manager = None
+
+
+def install_cron_manager(manager: CronManager) -> None:
+    """Make ``manager`` the process-wide one (the service builds it from its configuration).
+    Refused if another one exists already: its registered tasks would be lost."""
+    global _manager
+    with _manager_lock:
+        if _manager is not None and _manager is not manager:
+            raise TaskError(
+                "a process-wide cron manager exists already: install yours before anything "
+                "calls get_cron_manager(), or reset_cron_manager() first"
+            )
+        _manager = manager

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Engine, select
 from nanobot.bus import MessageBus
 from nanobot.config import Config
 from nanobot.db import read_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import Task, TaskOutcome, TaskRun, error_text, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -206,7 +206,7 @@ class OverdueWatch:
                 await self.check()
             except Exception as exc:
                 # The database may be unreachable: other checks say so; try again later.
-                log.warning("cron.overdue_check_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("cron.overdue_check_failed", error=error_text(exc))
             await asyncio.sleep(self._period)
 
     def _read(self) -> list[Overdue]:

@@ -41,6 +41,7 @@ from cronsim import CronSim, CronSimError
 
 from nanobot.exceptions import InvalidScheduleError
 from nanobot.models import MisfirePolicy
+from nanobot.times import positive_seconds
 
 __all__ = [
     "DEFAULT_TIMEZONE",
@@ -105,15 +106,7 @@ class IntervalSchedule:
     seconds: float
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.seconds, bool)
-            or not isinstance(self.seconds, int | float)
-            or not math.isfinite(self.seconds)
-            or self.seconds <= 0
-        ):
-            raise InvalidScheduleError(
-                f"interval must be a positive number of seconds, got {self.seconds!r}"
-            )
+        positive_seconds(self.seconds, "interval", InvalidScheduleError)
 
     @property
     def kind(self) -> ScheduleKind:

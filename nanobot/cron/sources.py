@@ -23,6 +23,7 @@ from nanobot.config import Config
 from nanobot.cron.taskcode import loaded_modules, record_modules, record_task_file
 from nanobot.cron.taskfile import SyncResult, sync_task_file, task_file_path
 from nanobot.exceptions import TaskFileError
+from nanobot.models import error_text
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +66,7 @@ class TaskSources:
                 await self.sync_if_changed()
             except Exception as exc:
                 # The database may be away for a moment: the next poll tries again.
-                log.warning("tasks.file_sync_failed", error=f"{exc.__class__.__name__}: {exc}")
+                log.warning("tasks.file_sync_failed", error=error_text(exc))
                 self._digest = None
 
     async def sync_if_changed(self, *, force: bool = False) -> SyncResult | None:

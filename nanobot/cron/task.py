@@ -12,7 +12,6 @@ import asyncio
 import inspect
 import itertools
 import json
-import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from nanobot.cron.schedules import (
 )
 from nanobot.exceptions import InvalidTaskError
 from nanobot.models import MisfirePolicy, utcnow
+from nanobot.times import positive_seconds
 
 DEFAULT_INTERVAL: Final = 60.0
 # Cron tasks: the longest gap among this many fires after PERIOD_FROM is their nominal period
@@ -72,11 +72,7 @@ def default_timezone() -> str:
 
 def check_interval(value: Any, what: str = "interval") -> float:
     """A positive finite number of seconds, or :class:`InvalidTaskError` naming the value."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidTaskError(f"{what} must be a positive number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidTaskError(f"{what} must be a positive number of seconds, got {value!r}")
-    return float(value)
+    return positive_seconds(value, what, InvalidTaskError)
 
 
 def check_failure_count(value: Any, what: str = "pause_after_failures") -> int | None:

@@ -37,7 +37,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select
 from nanobot.config import Config
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import TaskCodeError
-from nanobot.models import CodeKind, TaskCode, bound_error, utcnow
+from nanobot.models import CodeKind, TaskCode, bound_error, error_text, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +146,7 @@ def load_task_code(config: Config, *, stop_on_error: bool | None = None) -> list
             if ep is not None:
                 ep.load()  # the attribute it names, if any, must exist too
         except Exception as exc:
-            error = f"{exc.__class__.__name__}: {exc}"
+            error = error_text(exc)
             if stop_on_error:
                 raise TaskCodeError(
                     f"cannot import task module {name!r} ({via}): {error}"

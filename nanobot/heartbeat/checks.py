@@ -1,13 +1,17 @@
 """The built-in health checks of the components this process runs.
 
 Each check is cheap, answers truthy when its component works and raises with the reason when it
-does not (the monitor records the reason). Plain checks run in a worker thread, so blocking I/O
-is fine in them; the bus check is async because the bus lives on the event loop.
+does not (the monitor records the reason). Each plain check runs in a thread of its own (see
+:mod:`nanobot.heartbeat.runner`), so blocking I/O is fine in them; the bus check is async
+because the bus lives on the event loop.
 
 ``cron`` has no check: the scheduler's heartbeat task beats it every ``heartbeat.interval``
 seconds from the scheduler's own loop, so a scheduler that never started, or whose loop is
-stuck, goes stale, which is the truth. Other parts of nanobot register their own components
-when they are present.
+stuck, goes stale, which is the truth. ``event_loop`` has no check either: the monitor beats it
+from each cycle while the loop's lag stays low. Other parts of nanobot register their own
+components when they are present.
+
+Threads: nothing here holds state; each check runs where the runner puts it.
 """
 
 from __future__ import annotations
@@ -15,15 +19,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, select, text
 
 from nanobot.config import load_config
+from nanobot.heartbeat.monitor import EVENT_LOOP_COMPONENT, HeartbeatMonitor
 from nanobot.models import SessionRecord
-
-if TYPE_CHECKING:
-    from nanobot.heartbeat.monitor import HeartbeatMonitor
 
 PROBE_TOPIC_PREFIX = "heartbeat.probe."
 
@@ -86,14 +88,11 @@ def make_session_check(engine: Callable[[], Engine]) -> Callable[[], bool]:
 def register_builtin_components(monitor: HeartbeatMonitor) -> None:
     """Register the components every nanobot process runs, with their checks."""
 
-    def engine() -> Engine:
-        return monitor.engine
-
     monitor.register_component("config", check_config)
     monitor.register_component("bus", make_bus_check(monitor.message_bus))
-    monitor.register_component("session", make_session_check(engine))
-    monitor.register_component("database", make_database_check(engine))
+    monitor.register_component("session", make_session_check(monitor.open_engine))
+    monitor.register_component("database", make_database_check(monitor.open_engine))
     monitor.register_component("cron")
     # Beaten by each cycle while the loop's lag stays low; in error, naming the cause, when
     # something blocked the loop (see nanobot.loopwatch).
-    monitor.register_component("event_loop")
+    monitor.register_component(EVENT_LOOP_COMPONENT)

@@ -6,6 +6,10 @@ cannot be killed, so it is abandoned at the timeout, and a daemon thread (not th
 executor, which ``asyncio.run`` and the interpreter wait for at exit) never keeps the process
 from exiting. A :class:`CheckSlot` remembers the run that may still be going on, so that a hung
 check is reported instead of started a second time.
+
+Threads: :func:`run_checks` and every :class:`CheckSlot` belong to the event loop; a plain check
+runs in its own thread and hands its outcome back to the loop (``call_soon_threadsafe``), never
+touching the slot itself.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from nanobot.loopwatch import HOLD_REPORT_S, Stepper
-from nanobot.models import bound_error
+from nanobot.models import bound_error, error_text
 
 # A health check: no arguments; a truthy result (or awaited result) means healthy.
 HealthCheck = Callable[[], Any]
@@ -40,20 +44,6 @@ def is_async_callable(func: Any) -> bool:
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
         getattr(func, "__call__", None)  # noqa: B004 - the object's own __call__ is what we test
     )
-
-
-def error_text(error: Any) -> str:
-    """A bounded, readable text of an error: ``Type: message`` for an exception."""
-    try:
-        if isinstance(error, BaseException):
-            message = str(error)
-            text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-        else:
-            text = str(error)
-    except Exception:
-        # Its own __str__ raised: name its type rather than fail the caller.
-        text = f"{type(error).__name__} (its text cannot be shown)"
-    return bound_error(text) or "(no message)"
 
 
 def _call_in_thread(
@@ -96,6 +86,8 @@ class CheckSlot:
         self.name = name
         self._task: asyncio.Task[Any] | None = None
         self._thread: threading.Thread | None = None
+        # Where the thread hands its result: done (not cancelled) once the check has returned.
+        self._result: asyncio.Future[Any] | None = None
         # The longest step of the last async run: how long it held the event loop at once.
         self.held = 0.0
 
@@ -103,7 +95,11 @@ class CheckSlot:
         """The previous run has not finished (a hung thread, a task that ignores cancelling)."""
         if self._task is not None and not self._task.done():
             return True
-        return self._thread is not None and self._thread.is_alive()
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        # A thread whose result was delivered is only exiting: the check itself has returned.
+        result = self._result
+        return result is None or not result.done() or result.cancelled()
 
     def start(self) -> asyncio.Task[Any]:
         self._task = asyncio.get_running_loop().create_task(
@@ -118,6 +114,7 @@ class CheckSlot:
         else:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[Any] = loop.create_future()
+            self._result = future
             self._thread = threading.Thread(
                 target=_call_in_thread,
                 args=(self.check, loop, future),

@@ -37,7 +37,7 @@ from nanobot.exceptions import (
     TaskExistsError,
     UnknownTaskError,
 )
-from nanobot.models import MisfirePolicy, utcnow
+from nanobot.models import MisfirePolicy, error_text, utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, queries
 from nanobot.web.openapi import PREFIX, QUERY, document, schema_errors
@@ -165,9 +165,7 @@ async def api_errors(request: web.Request, handler: auth.Handler) -> web.StreamR
     except web.HTTPMethodNotAllowed:
         return error_response(405, f"{request.method} is not allowed here")
     except (TimeoutError, SQLAlchemyError) as exc:
-        log.warning(
-            "web.api_unreadable", path=request.path, error=f"{exc.__class__.__name__}: {exc}"
-        )
+        log.warning("web.api_unreadable", path=request.path, error=error_text(exc))
         return error_response(503, "the database did not answer")
 
 

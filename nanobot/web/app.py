@@ -24,6 +24,7 @@ from markupsafe import Markup
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from nanobot.models import error_text
 from nanobot.status import nanobot_version
 from nanobot.web import auth
 from nanobot.web.api import Api, api_errors, error_response
@@ -128,7 +129,7 @@ async def _page_errors(request: web.Request, handler: auth.Handler) -> web.Strea
             "web.page_failed",
             path=request.path,
             method=request.method,
-            error=f"{exc.__class__.__name__}: {exc}",
+            error=error_text(exc),
         )
         unreachable = isinstance(exc, TimeoutError | SQLAlchemyError)
         return aiohttp_jinja2.render_template(
