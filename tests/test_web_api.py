@@ -195,6 +195,45 @@ async def test_changes_through_the_api_reach_the_control_plane(engine: Engine) -
     ]
 
 
+async def test_a_change_through_the_api_keeps_the_options_set_on_the_command_line(
+    engine: Engine,
+) -> None:
+    """A task added with retries, an overlap policy and failure handling (as `cron add` stores
+    them), then given a new interval through the API, keeps every one of those options."""
+    control.add_task(
+        engine,
+        control.definition_from_class(
+            "kept",
+            "cron_tasks:Counter",
+            30,
+            overlap="allow",
+            max_concurrent=3,
+            pause_after_failures=4,
+            catch_up_window=600,
+            retries=2,
+            retry_backoff="1s,2,60s",
+            timeout=20,
+        ),
+    )
+    before = control.stored_definition_of(engine, "kept")
+    async with serve(engine) as served, aiohttp.ClientSession(headers=bearer(OPERATOR)) as http:
+        async with http.patch(served.base + PREFIX + "/tasks/kept", json={"interval": 90}) as r:
+            assert r.status == 200, await r.text()
+        after = control.stored_definition_of(engine, "kept")
+        assert after.interval == 90
+        assert (after.overlap, after.retries, after.retry_backoff) == (
+            before.overlap,
+            2,
+            before.retry_backoff,
+        )
+        assert after.overlap.max_concurrent == 3
+        assert (after.pause_after_failures, after.catch_up_window, after.timeout) == (4, 600, 20)
+        async with http.patch(served.base + PREFIX + "/tasks/kept", json={"timeout": 5}) as r:
+            assert r.status == 200, await r.text()
+        changed = control.stored_definition_of(engine, "kept")
+        assert (changed.timeout, changed.retries, changed.overlap) == (5, 2, before.overlap)
+
+
 async def test_cron_and_one_shot_tasks_through_the_api(engine: Engine) -> None:
     """A cron task in a zone: its schedule in words, its next five runs from the expression; a
     PATCH to an interval keeps the class; a one-shot task has one next run."""

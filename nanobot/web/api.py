@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nanobot.cron import control
 from nanobot.cron.control import RunInfo, TaskInfo
+from nanobot.cron.overlap import OverlapPolicy
 from nanobot.cron.schedules import ParsedAt, Schedule, resolve_schedule
 from nanobot.cron.task import TaskDefinition, check_interval, default_timezone
 from nanobot.exceptions import (
@@ -297,10 +298,12 @@ class Api:
             elif "kwargs" not in body:
                 # The stored arguments carry the old interval: the new schedule replaces it.
                 kwargs.pop("interval", None)
-            options = {key: body.get(key, stored[key]) for key in OPTIONS}
-            definition = _definition(
-                name, body.get("task", current.task_class), schedule, kwargs, options
-            )
+            path = body.get("task", current.task_class)
+            # Options the body does not give are kept as stored (set by `cron add`, the class
+            # or an earlier change); a new task class brings its own, except those given.
+            kept = stored if path == current.task_class else {}
+            options = kept | {key: body[key] for key in OPTIONS if key in body}
+            definition = _definition(name, path, schedule, kwargs, options)
             return actions.update(self.engine, definition, who, "api")
 
         info = await self._db(update)
@@ -341,12 +344,24 @@ OPTIONS: Final = ("timeout", "jitter", "misfire_policy")
 
 
 def _stored_options(engine: Engine, name: str) -> dict[str, Any]:
-    """The options stored for a task, which an update keeps unless it gives new ones."""
+    """Every option stored for a task, which an update keeps unless it gives new ones: a change
+    of the schedule through the API must not reset the retries, the overlap policy or the
+    failure handling that `cron add` or the class set."""
     definition = control.stored_definition_of(engine, name)
+    overlap = definition.overlap
     return {
         "timeout": definition.timeout,
         "jitter": definition.jitter,
         "misfire_policy": definition.misfire_policy.value,
+        "overlap": overlap.policy.value,
+        "max_concurrent": (
+            overlap.max_concurrent if overlap.policy is OverlapPolicy.ALLOW else None
+        ),
+        "pause_after_failures": definition.pause_after_failures,
+        "ping_url": definition.ping_url,
+        "catch_up_window": definition.catch_up_window,
+        "retries": definition.retries,
+        "retry_backoff": definition.retry_backoff,
     }
 
 
@@ -408,6 +423,13 @@ def _definition(
             timeout=options.get("timeout"),
             jitter=options.get("jitter"),
             misfire_policy=options.get("misfire_policy"),
+            overlap=options.get("overlap"),
+            max_concurrent=options.get("max_concurrent"),
+            pause_after_failures=options.get("pause_after_failures"),
+            ping_url=options.get("ping_url"),
+            catch_up_window=options.get("catch_up_window"),
+            retries=options.get("retries"),
+            retry_backoff=options.get("retry_backoff"),
         )
     except InvalidTaskError as exc:
         raise ApiError(422, str(exc), field="kwargs", reason=str(exc)) from None
