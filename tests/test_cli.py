@@ -319,7 +319,7 @@ def test_status_text_lists_every_node_and_the_leader(engine: Engine) -> None:
     with write_transaction(engine) as conn:
         for node, age in (("alpha", 1), ("beta", 1), ("gamma", 600)):
             conn.execute(
-                Component.__table__.insert().values(
+                insert(Component).values(
                     name="database",
                     node=node,
                     status="healthy",
@@ -329,7 +329,7 @@ def test_status_text_lists_every_node_and_the_leader(engine: Engine) -> None:
                 )
             )
             conn.execute(
-                Heartbeat.__table__.insert().values(
+                insert(Heartbeat).values(
                     at=now - timedelta(seconds=age),
                     node=node,
                     status="healthy",

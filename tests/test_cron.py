@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import structlog
 from cron_tasks import Counter, Failing, Flaky, Gate
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
@@ -66,7 +66,7 @@ def outcomes(bus: MessageBus) -> Outcomes:
     return Outcomes(bus)
 
 
-def runs(engine: Engine, task: str) -> list[Any]:
+def runs(engine: Engine, task: str) -> Sequence[Row[Any]]:
     with engine.connect() as conn:
         return conn.execute(
             select(TaskRun.__table__)
@@ -82,9 +82,10 @@ def task_row(engine: Engine, name: str) -> Any:
 
 def job_next_run(engine: Engine, name: str) -> float | None:
     with engine.connect() as conn:
-        return conn.execute(
+        value: float | None = conn.execute(
             select(apscheduler_jobs.c.next_run_time).where(apscheduler_jobs.c.id == name)
         ).scalar_one()
+        return value
 
 
 # --- the seed's tests, made real ------------------------------------------------------------

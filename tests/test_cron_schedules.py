@@ -33,8 +33,10 @@ POLL = 0.05
 WAIT = 10.0
 
 
-def utc(*args: int, micro: int = 0) -> datetime:
-    return datetime(*args, microsecond=micro, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, micro: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
 
 
 class Clock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -26,7 +27,7 @@ JOIN_S = 15.0
 
 
 @pytest.fixture
-def sqlite_engine(tmp_path: Path) -> Engine:
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'db' / 'nanobot.db'}")
     with write_transaction(engine) as conn:
         conn.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))

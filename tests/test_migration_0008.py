@@ -58,10 +58,12 @@ def test_upgrade_moves_states_and_keeps_jobs(db_url: str) -> None:
         upgrade_database(engine, "0008")
         assert "job_state" not in _columns(engine, "apscheduler_jobs")
         with engine.connect() as conn:
-            moved = dict(
+            moved: dict[str, bytes] = dict(
                 conn.execute(text("SELECT id, job_state FROM apscheduler_job_states")).all()
             )
-            times = dict(conn.execute(text("SELECT id, next_run_time FROM apscheduler_jobs")).all())
+            times: dict[str, float] = dict(
+                conn.execute(text("SELECT id, next_run_time FROM apscheduler_jobs")).all()
+            )
         assert {k: bytes(v) for k, v in moved.items()} == states
         assert times == {"a": ANCHOR.timestamp(), "b": ANCHOR.timestamp() + 1}
 
@@ -79,7 +81,9 @@ def test_upgrade_moves_states_and_keeps_jobs(db_url: str) -> None:
         downgrade_database(engine, "0005")
         assert "job_state" in _columns(engine, "apscheduler_jobs")
         with engine.connect() as conn:
-            back = dict(conn.execute(text("SELECT id, job_state FROM apscheduler_jobs")).all())
+            back: dict[str, bytes] = dict(
+                conn.execute(text("SELECT id, job_state FROM apscheduler_jobs")).all()
+            )
         assert {k: bytes(v) for k, v in back.items()} == {"b": states["b"]}
     finally:
         engine.dispose()

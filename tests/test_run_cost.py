@@ -235,9 +235,12 @@ def test_a_pass_writes_only_the_next_run_time(engine: Engine) -> None:
     assert _job_state(engine) == state_before, "the pickled state is not rewritten"
     later = t0 + timedelta(seconds=10)
     assert pickle.loads(state_before)["next_run_time"] == t0
-    assert scheduler.lookup("j") is not None
-    assert scheduler.lookup("j").next_run_at == later  # type: ignore[union-attr]
-    assert scheduler.store.lookup_job("j").next_run_time == later
+    state = scheduler.lookup("j")
+    assert state is not None
+    assert state.next_run_at == later
+    job = scheduler.store.lookup_job("j")
+    assert job is not None
+    assert job.next_run_time == later
     assert scheduler.next_run_at() == later
     assert [d.run_slot for d in scheduler.due(later, later, {})] == [later]
     scheduler.worker.shutdown(wait=True)

@@ -73,7 +73,7 @@ def test_status_and_every_endpoint_while_running_then_after_stop(
     data = wait_for("status healthy", healthy)
     assert data["status"] == "healthy"
     assert data["service"]["running"] is True
-    assert data["service"]["leader"]["holder"].endswith(f":{service.proc.pid}")
+    assert data["service"]["leader"]["holder"].endswith(f":{service.pid}")
     assert {c["name"] for c in data["components"]} >= {"database", "cron", "bus"}
     assert {t["name"] for t in data["tasks"]} == {"cleanup", "heartbeat"}
 
@@ -192,7 +192,7 @@ def test_kill_9_and_restart_loses_nothing_and_catches_up_once(
     slots = [r["scheduled_at"] for r in runs]
     assert len(slots) == len(set(slots)), "no slot was recorded twice"
     pids = {row[2] for row in lines(out)}
-    assert pids == {str(first.proc.pid), str(second.proc.pid)}
+    assert pids == {str(first.pid), str(second.pid)}
     _code, tasks = run_cli("cron", "list", "--json")
     assert [t["name"] for t in tasks if t["name"] == "tick"] == ["tick"]
     assert second.stop() == 0
@@ -210,7 +210,7 @@ def test_second_instance_stands_by_and_takes_over(
     out = tmp_path / "tick.txt"
     add_append("tick", out, 0.5)
     wait_for("runs", lambda: len(lines(out)) >= 3, timeout=4.0)
-    assert {row[2] for row in lines(out)} == {str(first.proc.pid)}
+    assert {row[2] for row in lines(out)} == {str(first.pid)}
     _status, body = http(second.base + "/metrics")
     assert b'nanobot_leader{node="second"} 0.0' in body
 
@@ -224,7 +224,7 @@ def test_second_instance_stands_by_and_takes_over(
     takeover = time.monotonic() - stopped_at
     count = len(lines(out))
     wait_for("runs by the new leader", lambda: len(lines(out)) > count + 1, timeout=4.0)
-    assert str(second.proc.pid) in {row[2] for row in lines(out)}
+    assert str(second.pid) in {row[2] for row in lines(out)}
     runs = history("tick")
     slots = [r["scheduled_at"] for r in runs]
     assert len(slots) == len(set(slots))
@@ -245,7 +245,7 @@ def test_a_second_signal_exits_at_once(services: Callable[..., Service], tmp_pat
     )  # fmt: skip
     assert code == 0
     wait_for("the slow run starts", lambda: lines(out, "start"), timeout=3.0)
-    service.proc.send_signal(signal.SIGTERM)
+    service.send(signal.SIGTERM)
     wait_for("the stop begins", lambda: '"service.stopping"' in service.output(10**7), 3.0)
     t0 = time.monotonic()
     assert service.stop(signal.SIGINT, timeout=5) == 1

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, insert, select, text, update
+from sqlalchemy import Engine, Row, insert, select, text, update
 
 from nanobot.cron import control
 from nanobot.cron.command import CommandTask
@@ -114,7 +114,7 @@ def test_a_missing_file_reads_as_none(tmp_path: Path) -> None:
     assert read_task_file(tmp_path / "tasks.toml") is None
 
 
-def _rows(engine: Engine) -> dict[str, object]:
+def _rows(engine: Engine) -> dict[str, Row[Any]]:
     with engine.connect() as conn:
         return {r.name: r for r in conn.execute(select(Task.__table__))}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import aiohttp
@@ -277,7 +278,7 @@ def test_problems_only_status_has_the_same_verdict_and_problems(engine: Engine) 
     add_node(engine)
     add_task_row(engine, "fine", last_outcome="success")
     now = utcnow()
-    steps = [
+    steps: list[Callable[[], object]] = [
         lambda: add_task_row(engine, "failed", last_outcome="timeout", consecutive_failures=1),
         lambda: add_task_row(engine, "broken", broken_reason="gone"),
         lambda: _component(engine, "task:failed", "error"),

@@ -290,6 +290,11 @@ class ServiceProcess:
             self.proc.wait(10)
         return at
 
+    def send(self, sig: int) -> None:
+        """Send ``sig`` without waiting for its effect."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` (SIGTERM: a clean stop) and wait for the exit code."""
         assert self.proc is not None
@@ -619,15 +624,15 @@ class Ledger:
             (starts if e["event"] == "start" else ends)[key] = e
         runs = []
         for key, s in starts.items():
-            e = ends.get(key)
+            end = ends.get(key)
             runs.append(
                 LedgerRun(
                     task=s["task"],
                     run_id=s.get("run_id"),
                     pid=s["pid"],
                     start=s["start"],
-                    end=None if e is None else e["at"],
-                    outcome="unfinished" if e is None else e["event"],
+                    end=None if end is None else end["at"],
+                    outcome="unfinished" if end is None else end["event"],
                 )
             )
         runs.sort(key=lambda r: r.start)

@@ -84,6 +84,7 @@ def test_full_disk_is_reported_once_and_survived(
             from nanobot.db import dispose_engines
 
             dispose_engines()  # before the tmpfs goes
+    assert service.log_path is not None
     events = log_events(service.log_path, "logging.file_unwritable", "logging.file_writable")
     assert [e["event"] for e in events][:2] == ["logging.file_unwritable", "logging.file_writable"]
     assert sum(1 for e in events if e["event"] == "logging.file_unwritable") <= 2

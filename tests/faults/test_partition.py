@@ -168,4 +168,4 @@ def test_frozen_leader_is_replaced_within_the_bound_wherever_it_froze(
                    time.time() - frozen_at)  # fmt: skip
         finally:
             leader.thaw()
-        wait_for("the thawed node steps down", lambda node=leader: node.role() == "standby", 15)
+        leader.wait_role("standby", 15)  # the thawed node steps down
