@@ -61,19 +61,29 @@ from typing import Any, Final
 
 import structlog
 
+# Everything the service runs is imported with this module, the scheduler and the monitor too:
+# never between taking the lease and starting the scheduler, where on a loaded machine the import
+# took seconds of the lease.
+from nanobot.alerts.alerter import Alerter
 from nanobot.bus import get_bus
 from nanobot.config import Config
+from nanobot.cron import get_cron_manager, register_builtin_tasks
+from nanobot.cron.overdue import OverdueWatch
+from nanobot.cron.sources import TaskSources
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
 from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
 from nanobot.exceptions import ConfigError, NotLeaderError
+from nanobot.heartbeat import initialize_heartbeat
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
-from nanobot.logging import flush_logging
+from nanobot.logging import configured_log_file, flush_logging
 from nanobot.metrics import Metrics
 from nanobot.models import utcnow
 from nanobot.node import node_name
 from nanobot.preflight import EXIT_UNREADABLE, NodeClaim, StartupError, claim_node, sqlite_file
 from nanobot.status import build_status, nanobot_version
+from nanobot.web.app import setup_dashboard
+from nanobot.web.tokens import TokenStore
 
 log = structlog.get_logger(__name__)
 
@@ -216,9 +226,6 @@ class Service:
         """
         if not self.config["http.dashboard"]:
             return None
-        from nanobot.web.app import setup_dashboard
-        from nanobot.web.tokens import TokenStore
-
         tokens = TokenStore.from_config(
             self.config.get("http.tokens", ()), self.config.get("http.token_file")
         )
@@ -241,9 +248,6 @@ class Service:
             try:
                 await asyncio.to_thread(upgrade_database, self.engine)
                 await asyncio.to_thread(self._check_database_at_start)
-                # The scheduler's modules are imported now, not between taking the lease and
-                # starting the scheduler: on a loaded machine that took seconds of the lease.
-                await asyncio.to_thread(_import_scheduler)
             except StartupError:
                 raise
             except Exception as exc:
@@ -266,8 +270,6 @@ class Service:
         if self._stop.is_set():
             log.info("service.stopped", exit_code=EXIT_OK, reason="signal during start")
             return EXIT_OK
-        from nanobot.logging import configured_log_file
-
         log.info(
             "service.starting",
             version=nanobot_version(),
@@ -279,8 +281,6 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
-            from nanobot.cron.sources import TaskSources
-
             # Before the lease: the scheduler's first pass already sees the task file's tasks.
             self._sources = TaskSources(self.engine, self.node, self.config)
             await self._sources.start()
@@ -315,11 +315,7 @@ class Service:
                         EXIT_FAILED,
                     ) from None
             await self._lease_step()
-            from nanobot.heartbeat import initialize_heartbeat
-
             self._monitor = initialize_heartbeat()
-            from nanobot.cron.overdue import OverdueWatch
-
             # On every node: a frozen leader cannot say that its tasks are overdue.
             self._overdue = OverdueWatch(
                 self.engine,
@@ -638,8 +634,6 @@ class Service:
 
     async def _start_alerts(self) -> None:
         """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
-        from nanobot.alerts.alerter import Alerter
-
         self._alerter = await Alerter.create(
             self.config,
             self.engine,
@@ -651,8 +645,6 @@ class Service:
     # --- the scheduler --------------------------------------------------------------------------
 
     async def _start_scheduling(self) -> None:
-        from nanobot.cron import get_cron_manager, register_builtin_tasks
-
         manager = get_cron_manager()
         # Every claim is fenced by the lease, every start and step of a run by its remaining
         # time: a leader frozen past its lease claims, starts and runs nothing.
@@ -690,27 +682,13 @@ class Service:
         self.role = Role.STOPPING
         log.info("service.stopping", grace_s=self.grace, leader=was_leader)
         code = self._exit_code
-        if self._stepping_down is not None:
-            await asyncio.gather(self._stepping_down, return_exceptions=True)
-        if self._sources is not None:
-            await self._sources.stop()
-        if self._overdue is not None:
-            await self._overdue.stop()
+        await self._stop_watchers()
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         self._draining = False
-        if self._lease_done is not None:
-            self._lease_done.set()
-        for task in (self._lease_task, self._lock_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self._monitor is not None:
-            try:
-                await self._monitor.stop()
-            except Exception as exc:
-                log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
-                code = EXIT_FAILED
+        await self._stop_lease_loops()
+        if not await self._stop_monitor():
+            code = EXIT_FAILED
         if self._alerter is not None:
             # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
             await self._alerter.stop(released=was_leader)
@@ -725,6 +703,35 @@ class Service:
         self.role = Role.STOPPED
         log.info("service.stopped", exit_code=code)
         return code
+
+    async def _stop_watchers(self) -> None:
+        """A step-down under way, the task file's watch and the overdue watch (in that order)."""
+        if self._stepping_down is not None:
+            await asyncio.gather(self._stepping_down, return_exceptions=True)
+        if self._sources is not None:
+            await self._sources.stop()
+        if self._overdue is not None:
+            await self._overdue.stop()
+
+    async def _stop_lease_loops(self) -> None:
+        """The loops that renew the lease and check the lock (the lease itself is kept)."""
+        if self._lease_done is not None:
+            self._lease_done.set()
+        for task in (self._lease_task, self._lock_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _stop_monitor(self) -> bool:
+        """Stop the heartbeat monitor; False (logged) when its last write failed."""
+        if self._monitor is None:
+            return True
+        try:
+            await self._monitor.stop()
+        except Exception as exc:
+            log.error("service.monitor_stop_failed", error=f"{exc.__class__.__name__}: {exc}")
+            return False
+        return True
 
     # --- the database under the service -------------------------------------------------------
 
@@ -828,11 +835,6 @@ class Service:
         if checkpoint_due:
             checkpoint(self.engine)
         return tasks
-
-
-def _import_scheduler() -> None:
-    import nanobot.cron
-    import nanobot.heartbeat  # noqa: F401
 
 
 def _is_read_only(error: str) -> bool:
