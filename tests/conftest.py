@@ -8,6 +8,7 @@ the ``postgres`` marker and is skipped, with the reason shown, when no server an
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -71,8 +72,6 @@ def _pg_unavailable() -> str | None:
 
 def _reset_singletons() -> None:
     # Imported lazily: a module under test may not exist yet in every checkout of the suite.
-    import importlib
-
     for module_name, reset in (
         ("nanobot.bus", "reset_bus"),
         ("nanobot.session", "reset_session_manager"),

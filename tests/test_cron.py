@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,8 +17,9 @@ from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
-from nanobot.db import get_engine, write_transaction
+from nanobot.db import create_db_engine, get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
+from nanobot.heartbeat import HeartbeatMonitor
 from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs
 
 POLL = 0.05
@@ -349,8 +352,6 @@ def test_slot_claimed_twice_is_claimed_once(engine: Engine) -> None:
 
 async def test_two_schedulers_run_each_slot_once(db_url: str) -> None:
     """Two managers on one database (two engines, as two processes) never run a slot twice."""
-    from nanobot.db import create_db_engine
-
     e1, e2 = create_db_engine(db_url), create_db_engine(db_url)
     b1, b2 = MessageBus(), MessageBus()
     o1, o2 = Outcomes(b1), Outcomes(b2)
@@ -376,18 +377,16 @@ async def test_change_by_other_process_applies_within_two_seconds(
     manager: CronManager, db_url: str
 ) -> None:
     """A pause written through another engine (the command line) reaches the scheduler."""
-    from nanobot.db import create_db_engine
-
     manager.register_task("x", Counter(3600, label="other"))
     await manager.start_task("x")
     other = create_db_engine(db_url)
     control.pause_task(other, "x")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with asyncio.timeout(2.0):
+    async with asyncio.timeout(WAIT):
         while job_next_run(get_engine(), "x") is not None:
             await asyncio.sleep(POLL)
-    assert loop.time() - started < 2.0
+    assert loop.time() - started < 2.0, "the pause reached the scheduler, but after 2 s"
     other.dispose()
 
 
@@ -423,16 +422,20 @@ async def test_removed_task_job_is_removed(manager: CronManager, outcomes: Outco
     engine = get_engine()
     manager.register_task("gone", Counter(3600, label="gone"))
     await manager.start_task("gone")
+    assert job_next_run(engine, "gone") is not None
     await asyncio.to_thread(control.remove_task, engine, "gone")
-    async with asyncio.timeout(WAIT):
-        while True:
-            with engine.connect() as conn:
-                left = conn.execute(
-                    select(apscheduler_jobs.c.id).where(apscheduler_jobs.c.id == "gone")
-                ).first()
-            if left is None:
-                break
-            await asyncio.sleep(POLL)
+
+    def job_left() -> bool:
+        with engine.connect() as conn:
+            query = select(apscheduler_jobs.c.id).where(apscheduler_jobs.c.id == "gone")
+            return conn.execute(query).first() is not None
+
+    try:
+        async with asyncio.timeout(WAIT):
+            while job_left():
+                await asyncio.sleep(POLL)
+    except TimeoutError:
+        pytest.fail(f"the removed task's job is still in the job store after {WAIT} s")
 
 
 async def test_restart_keeps_schedule_and_catches_up_once(db_url: str, bus: MessageBus) -> None:
@@ -635,8 +638,6 @@ async def test_failed_run_marks_task_component_and_success_clears_it(
     db_url: str, bus: MessageBus
 ) -> None:
     """A run that raises puts the task's component in error; the next success clears it."""
-    from nanobot.heartbeat import HeartbeatMonitor
-
     monitor = HeartbeatMonitor(bus, interval=30)
     outcomes = Outcomes(bus)
     manager = CronManager(poll_interval=POLL, bus=bus, monitor=monitor)
@@ -663,9 +664,6 @@ async def test_unimportable_class_is_kept_and_recovers(
     """A stored task whose class can no longer be imported (after a restart) is kept in the
     job store and in tasks, marked broken with the import error, and runs again once its
     class is back."""
-    import importlib
-    import sys
-
     module_dir = tmp_path / "mods"
     module_dir.mkdir()
     source = (

@@ -24,10 +24,11 @@ from test_cron import Outcomes
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, control
 from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule, next_after
+from nanobot.cron.task import definition_of
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.models import Task, TaskRun
+from nanobot.models import Task, TaskRun, apscheduler_jobs, utcnow
 
 POLL = 0.05
 WAIT = 10.0
@@ -344,8 +345,6 @@ def test_bad_schedules_in_python_are_refused(build: Callable[[], Any], message: 
 
 def test_a_one_shot_stores_its_resolved_instant() -> None:
     """A naive ``at`` is stored as the instant it means, so a rebuild elsewhere agrees."""
-    from nanobot.cron.task import definition_of
-
     task_ = Reminder(at="2030-06-01T09:00", tz="Europe/Paris")
     definition = definition_of("r", task_)
     assert definition.kwargs == {"at": "2030-06-01T07:00:00+00:00", "tz": "Europe/Paris"}
@@ -472,8 +471,6 @@ async def test_changing_a_registered_schedule_moves_its_job(
 ) -> None:
     """Registering a task again with another schedule (interval -> cron -> another zone) moves
     its job to the new schedule's next slot; the job store and the tasks row agree."""
-    from nanobot.models import apscheduler_jobs, utcnow
-
     clock = Clock(utcnow())
 
     def stored() -> tuple[Any, Any]:

@@ -17,6 +17,7 @@ from nanobot.db import (
     create_db_engine,
     get_engine,
     read_transaction,
+    upgrade_database,
     write_transaction,
 )
 from nanobot.exceptions import DatabaseError
@@ -221,8 +222,6 @@ def test_naive_datetime_is_refused(engine: Engine) -> None:
 
 def test_sqlite_stores_readable_iso_text(tmp_path: Path) -> None:
     """On SQLite a datetime column holds ISO-8601 text in UTC, readable by the sqlite3 module."""
-    from nanobot.db import upgrade_database
-
     path = tmp_path / "nanobot.db"
     engine = create_db_engine(f"sqlite:///{path}")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from datetime import UTC, datetime
 
+from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine, inspect, text
 
 from nanobot.cron._aps import PERSISTENT, NanobotScheduler
@@ -14,8 +15,6 @@ ANCHOR = datetime(2026, 6, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 
 
 def _state(job_id: str) -> bytes:
-    from apscheduler.triggers.interval import IntervalTrigger
-
     return pickle.dumps(
         {
             "version": 1,

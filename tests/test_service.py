@@ -11,6 +11,7 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,6 @@ def test_status_and_every_endpoint_while_running_then_after_stop(
     assert code == 2
     assert data["service"]["running"] is False
     assert data["status"] == "error"
-    from datetime import datetime
-
     last = datetime.fromisoformat(data["service"]["last_heartbeat"]).timestamp()
     assert last >= stopping_at - 0.5, "a last heartbeat is recorded at stop"
     log = service.output(tail=10**7)
@@ -118,10 +117,10 @@ def test_command_line_changes_apply_within_two_seconds(
     service = services()
     service.wait_healthy()
     out = tmp_path / "job.txt"
-    t0 = time.monotonic()
     add_append("job", out, 60)
-    wait_for("first run of an added task", lambda: lines(out), timeout=2.0)
-    assert time.monotonic() - t0 < 2.5
+    t0 = time.monotonic()
+    wait_for("first run of an added task", lambda: lines(out), timeout=10.0)
+    assert time.monotonic() - t0 < 2.0, "the added task ran, but later than 2 s after the command"
 
     t0 = time.monotonic()
     assert run_cli("cron", "run", "job")[0] == 0
@@ -180,11 +179,7 @@ def test_kill_9_and_restart_loses_nothing_and_catches_up_once(
     time.sleep(3.5)  # the downtime itself: slots pass while nothing runs
     before = len(lines(out))
     second = services()
-    health = wait_for(
-        "the restarted service leads", lambda: (h := second.health()) and h["role"] == "leader",
-        timeout=15.0,
-    )  # fmt: skip
-    assert health
+    second.wait_role("leader", timeout=15.0)
     wait_for("a catch-up run", lambda: len(lines(out)) > before, timeout=3.0)
     runs = history("tick")
     missed = [r for r in runs if r["outcome"] == "missed"]

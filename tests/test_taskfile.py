@@ -12,8 +12,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from alembic.script import ScriptDirectory
+from click.testing import CliRunner
 from sqlalchemy import Engine, Row, insert, select, text, update
 
+from nanobot.cli import cli
 from nanobot.cron import control
 from nanobot.cron.command import CommandTask
 from nanobot.cron.schedules import AtSchedule, CronSchedule
@@ -348,9 +350,6 @@ def test_a_changed_schedule_kind_moves_the_next_run(engine: Engine, tmp_path: Pa
 def test_tasks_check_and_sync_commands(engine: Engine, nanobot_home: Path) -> None:
     """'tasks check' validates without applying; 'tasks sync' applies and says what changed;
     a bad file or a clash is one line and exit 2."""
-    from click.testing import CliRunner
-
-    from nanobot.cli import cli
 
     def run(*args: str) -> Any:
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)

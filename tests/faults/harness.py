@@ -47,6 +47,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
 from sqlalchemy import select as sql_select
+from sqlalchemy.engine import make_url
 
 from nanobot.cli import cli
 from nanobot.models import Task, TaskRun
@@ -427,8 +428,6 @@ class TcpProxy:
 
     def url(self, db_url: str) -> str:
         """``db_url`` with its host and port replaced by the proxy's."""
-        from sqlalchemy.engine import make_url
-
         return make_url(db_url).set(host="127.0.0.1", port=self.port).render_as_string(False)
 
     @property
@@ -841,7 +840,5 @@ def pg_admin_url(db_url: str) -> str:
 
 
 def pg_target(db_url: str) -> tuple[str, int]:
-    from sqlalchemy.engine import make_url
-
     url = make_url(db_url)
     return (url.host or "127.0.0.1", url.port or 5432)
