@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import structlog
@@ -107,16 +107,16 @@ class ControlledLease(SchedulerLease):
 class Holder(CronTask):
     """Holds its run until released, and notes whether any code after its await ran."""
 
-    started: ClassVar[asyncio.Event | None] = None
-    release: ClassVar[asyncio.Event | None] = None
-    after_await: ClassVar[int] = 0
+    def __init__(self, interval: float) -> None:
+        super().__init__(interval)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.after_await = 0
 
     async def run(self) -> None:
-        assert Holder.started is not None
-        assert Holder.release is not None
-        Holder.started.set()
-        await Holder.release.wait()
-        Holder.after_await += 1
+        self.started.set()
+        await self.release.wait()
+        self.after_await += 1
 
 
 # --- item 2: a fenced-off node neither starts, nor goes on, nor overwrites ----------------------
@@ -163,18 +163,18 @@ async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
     lease = ControlledLease(engine)
     assert lease.try_acquire()
     manager.use_lease(lease)
-    Holder.started, Holder.release, Holder.after_await = asyncio.Event(), asyncio.Event(), 0
+    holder = Holder(0.3)
     try:
         with structlog.testing.capture_logs() as logs:
-            manager.register_task("held", Holder(0.3))
+            manager.register_task("held", holder)
             await manager.start_task("held")
-            await asyncio.wait_for(Holder.started.wait(), WAIT)
+            await asyncio.wait_for(holder.started.wait(), WAIT)
             lease.left = 0.0  # frozen past the lease
-            Holder.release.set()
+            holder.release.set()
             await outcomes.wait(lambda: bool(outcomes.of("held", "cancelled")))
             await until(lambda: any(e["event"] == "cron.start_refused" for e in logs))
             await manager.flush()
-        assert Holder.after_await == 0
+        assert holder.after_await == 0
         first = rows(engine, "held")[0]
         assert first.outcome == "cancelled"
         assert "lost the scheduling lease" in first.error
@@ -424,10 +424,10 @@ async def test_run_longer_than_its_bound_shows_in_health_and_metrics(
 ) -> None:
     """A run in flight longer than cron.overrun_intervals (3) intervals puts task:<name> in
     error and nanobot_task_overrunning at 1; its successful end clears both."""
-    Holder.started, Holder.release, Holder.after_await = asyncio.Event(), asyncio.Event(), 0
-    manager.register_task("long", Holder(0.1))
+    holder = Holder(0.1)
+    manager.register_task("long", holder)
     await manager.start_task("long")
-    await asyncio.wait_for(Holder.started.wait(), WAIT)
+    await asyncio.wait_for(holder.started.wait(), WAIT)
     monitor = get_heartbeat_monitor()
     await until(lambda: monitor.get_component_status("task:long")["status"] == "error")
     assert (
@@ -440,7 +440,7 @@ async def test_run_longer_than_its_bound_shows_in_health_and_metrics(
     text = metrics.render().decode()
     assert 'nanobot_task_overrunning{task="long"} 1.0' in text
     assert 'nanobot_task_run_age_seconds{task="long"}' in text
-    Holder.release.set()
+    holder.release.set()
     await outcomes.wait(lambda: bool(outcomes.of("long", "success")))
     assert monitor.get_component_status("task:long")["status"] == "healthy"
     assert manager.runs_in_flight() == [] or not manager.runs_in_flight()[0].overrunning
