@@ -19,9 +19,11 @@ def test_unknown_task_is_a_key_error_said_in_words() -> None:
     quoting of the argument's repr."""
     with pytest.raises(KeyError) as caught:
         raise UnknownTaskError("nightly")
-    assert isinstance(caught.value, NanobotError)
-    assert str(caught.value) == "unknown task 'nightly'"
-    assert caught.value.name == "nightly"
+    error = caught.value
+    assert isinstance(error, NanobotError)
+    assert isinstance(error, UnknownTaskError)
+    assert str(error) == "unknown task 'nightly'"
+    assert error.name == "nightly"
 
 
 def test_task_exists_says_the_way_out() -> None:
