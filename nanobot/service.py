@@ -247,7 +247,7 @@ class Service:
         try:
             try:
                 await asyncio.to_thread(upgrade_database, self.engine)
-                await asyncio.to_thread(self._check_database_at_start)
+                await asyncio.to_thread(self.check_database_at_start)
             except StartupError:
                 raise
             except Exception as exc:
@@ -390,7 +390,7 @@ class Service:
             if done.is_set():
                 return
             await self._lease_step()
-            await self._health_cycle()
+            await self.health_cycle()
 
     async def _lease_step(self) -> None:
         """One round: a standby tries to take the lease, the leader renews it.
@@ -735,9 +735,12 @@ class Service:
 
     # --- the database under the service -------------------------------------------------------
 
-    def _check_database_at_start(self) -> None:
+    def check_database_at_start(self) -> None:
         """In a thread, after the migrations: remember which file is open, and say so loudly
-        when the database is new and empty where the last one had tasks."""
+        when the database is new and empty where the last one had tasks.
+
+        :meth:`run` calls it; public so that a test can drive the database checks without the
+        lease loop (with :meth:`health_cycle`)."""
         if self._sqlite_path is not None:
             self._file_watch = DatabaseFileWatch(self._sqlite_path)
         tasks = count_tasks(self.engine)
@@ -767,8 +770,11 @@ class Service:
     def _publish_later(self, topic: str, payload: dict[str, Any]) -> None:
         self._pending_events.append((topic, payload))
 
-    async def _health_cycle(self) -> None:
-        """Each lease period: is the database file still ours; the marker; the checkpoint."""
+    async def health_cycle(self) -> None:
+        """Each lease period: is the database file still ours; the marker; the checkpoint.
+
+        The lease loop calls it after each lease step; public for the same reason as
+        :meth:`check_database_at_start`."""
         for topic, payload in self._pending_events:
             await self._publish(topic, payload)
         self._pending_events.clear()

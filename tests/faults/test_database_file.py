@@ -24,7 +24,6 @@ import pytest
 from faults.harness import Ledger, ServiceProcess, report, run_nanobot, wait_for
 from nanobot.bus import get_bus
 from nanobot.config import load_config
-from nanobot.database_file import DatabaseFileWatch
 from nanobot.db import dispose_engines
 from nanobot.service import DATABASE_REPLACED, Service
 
@@ -157,11 +156,11 @@ def test_database_replaced_is_published_on_the_bus(tmp_path: Path, db_url: str) 
         get_bus().subscribe(DATABASE_REPLACED, lambda _topic, payload: received.append(payload))
         service = Service(load_config())
         path = _file(db_url)
-        service._file_watch = DatabaseFileWatch(path)
-        await service._health_cycle()
+        await asyncio.to_thread(service.check_database_at_start)  # the watch of this file
+        await service.health_cycle()
         assert received == []
         shutil.move(path, tmp_path / "moved.db")
-        await service._health_cycle()
+        await service.health_cycle()
 
     asyncio.run(scenario())
     dispose_engines()
