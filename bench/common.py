@@ -112,7 +112,7 @@ HEADER = ("figure", "measure", "value", "baseline (same run)", "ratio", "target"
 
 
 def table_cells(rows: Sequence[Row]) -> list[tuple[str, ...]]:
-    cells = []
+    cells: list[tuple[str, ...]] = []
     for r in rows:
         base = f"{r.baseline}: {fmt(r.baseline_value, r.unit)}" if r.baseline else ""
         cells.append(

@@ -75,6 +75,7 @@ async def nanobot_drift(home: Path, periods: int) -> tuple[list[float], float]:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == "drift")).scalar_one()
     engine.dispose()
     starts = [t for t, _ in tasks.STARTS[key]][:periods]
+    assert anchor is not None, "a task's anchor is set when it is first scheduled"
     return _errors(starts, anchor.timestamp()), held
 
 

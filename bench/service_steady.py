@@ -108,7 +108,7 @@ def nanobot_steady(
             service.stop()
             lines = service.log_lines()
         with engine.connect() as conn:
-            outcomes = dict(
+            outcomes: dict[str, int] = dict(
                 conn.execute(
                     text(
                         "SELECT outcome, count(*) FROM task_runs WHERE task_name LIKE 't0%' "

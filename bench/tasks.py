@@ -39,7 +39,11 @@ class Stamp(CronTask):
     """Records its start, then works ``busy`` seconds (awaiting, as an I/O-bound run does)."""
 
     def __init__(
-        self, interval: float = 60, key: str = "default", anchor: float | None = None, busy=0.0
+        self,
+        interval: float = 60,
+        key: str = "default",
+        anchor: float | None = None,
+        busy: float = 0.0,
     ) -> None:
         super().__init__(interval)
         self.key = key

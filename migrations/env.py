@@ -12,6 +12,9 @@ from typing import Any
 from alembic import context
 from sqlalchemy import Engine
 
+from nanobot.config import get_config
+from nanobot.db import get_engine
+from nanobot.exceptions import ConfigError
 from nanobot.models import Base
 
 config = context.config
@@ -27,10 +30,6 @@ def _engine() -> Engine:
     engine = config.attributes.get("engine")
     if isinstance(engine, Engine):
         return engine
-    from nanobot.config import get_config
-    from nanobot.db import get_engine
-    from nanobot.exceptions import ConfigError
-
     try:
         return get_engine(get_config())
     except ConfigError as exc:

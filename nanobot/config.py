@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from nanobot.exceptions import ConfigError
 from nanobot.times import is_positive_number
+from nanobot.web.tokens import parse_token_entries
 
 ENV_PREFIX: Final = "NANOBOT_"
 HOME_ENV: Final = "NANOBOT_HOME"
@@ -137,8 +138,6 @@ def _token_list(value: Any) -> tuple[Any, ...]:
             'a list of {"name", "hash", "read_only"} objects '
             "(make one with 'nanobot http token NAME')"
         )
-    from nanobot.web.tokens import parse_token_entries
-
     return tuple(parse_token_entries(value))
 
 

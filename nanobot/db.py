@@ -31,17 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from nanobot.config import Config, get_config
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
-from nanobot.models import error_text
+from nanobot.models import Task, error_text
 
-if TYPE_CHECKING:  # Alembic is imported where it is used: a process that does not migrate
-    # (the scheduler's worker, the command line's readers) saves a quarter of a second.
+# Alembic is imported where it is used (each such import says `noqa: PLC0415 -- alembic`): a
+# process that does not migrate (the scheduler's worker, the command line's readers) saves a
+# quarter of a second.
+if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
     from alembic.script import ScriptDirectory
 
@@ -241,10 +243,6 @@ def checkpoint(engine: Engine) -> None:
 def count_tasks(engine: Engine) -> int:
     """How many tasks the database stores, apart from the built-in ones (which every leader
     stores again at its start)."""
-    from sqlalchemy import func, select
-
-    from nanobot.models import Task
-
     query = (
         select(func.count())
         .select_from(Task)
@@ -264,7 +262,7 @@ def migrations_dir() -> Path:
 
 def alembic_config(engine: Engine | None = None) -> AlembicConfig:
     """An Alembic configuration on nanobot's scripts, bound to ``engine`` if one is given."""
-    from alembic.config import Config as AlembicConfig
+    from alembic.config import Config as AlembicConfig  # noqa: PLC0415 -- alembic
 
     repo_ini = migrations_dir().parent / "alembic.ini"
     cfg = AlembicConfig(str(repo_ini)) if repo_ini.is_file() else AlembicConfig()
@@ -275,20 +273,20 @@ def alembic_config(engine: Engine | None = None) -> AlembicConfig:
 
 
 def head_revision() -> str | None:
-    from alembic.script import ScriptDirectory
+    from alembic.script import ScriptDirectory  # noqa: PLC0415 -- alembic
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415 -- alembic
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def _is_known_revision(script: ScriptDirectory, revision: str) -> bool:
-    from alembic.util import CommandError
+    from alembic.util import CommandError  # noqa: PLC0415 -- alembic
 
     # get_revision raises CommandError, rather than returning None, for an id it cannot locate.
     try:
@@ -299,7 +297,7 @@ def _is_known_revision(script: ScriptDirectory, revision: str) -> bool:
 
 def check_schema_known(engine: Engine) -> None:
     """Refuse a database migrated by a newer nanobot than this one."""
-    from alembic.script import ScriptDirectory
+    from alembic.script import ScriptDirectory  # noqa: PLC0415 -- alembic
 
     script = ScriptDirectory.from_config(alembic_config())
     current = current_revision(engine)
@@ -371,7 +369,7 @@ def _upgrade(engine: Engine, revision: str) -> None:
         with _migration_lock(engine):
             check_schema_known(engine)
             before = current_revision(engine)
-            from alembic import command
+            from alembic import command  # noqa: PLC0415 -- alembic
 
             command.upgrade(alembic_config(engine), revision)
             after = current_revision(engine)
@@ -387,6 +385,6 @@ def downgrade_database(engine: Engine, revision: str) -> None:
     # Without the session limits, as for upgrades: waiting for the migration lock held by a
     # migration elsewhere is not a lock timeout.
     with _unlimited(engine) as plain, _migration_lock(plain):
-        from alembic import command
+        from alembic import command  # noqa: PLC0415 -- alembic
 
         command.downgrade(alembic_config(plain), revision)

@@ -16,7 +16,7 @@ line written inside the block, by nanobot or by a library.
 
 Threads: the thread that logs (the event loop, the scheduler's worker...) only runs structlog's
 cheap processors (level filter, context, level and logger names, timestamp) and puts the record
-on a queue (:class:`_QueueHandler`); one listener thread (``nanobot-log``, a
+on a queue (:class:`QueueToListener`); one listener thread (``nanobot-log``, a
 :class:`logging.handlers.QueueListener`) renders each record ONCE as JSON and writes that same
 line to the file and to standard error (a terminal gets its own readable rendering of the same
 event instead). Formatting and writing never happen on the event loop: a burst of runs that
@@ -140,7 +140,7 @@ def _merge_record_context(_logger: WrappedLogger, _name: str, event_dict: EventD
     """The context variables of the thread that logged a standard-library record.
 
     Such records are rendered in the listener thread, where ``merge_contextvars`` would see that
-    thread's (empty) context: :meth:`_QueueHandler.prepare` saved the caller's on the record.
+    thread's (empty) context: :meth:`QueueToListener.prepare` saved the caller's on the record.
     """
     record = event_dict.get("_record")
     context = getattr(record, _CONTEXT_ATTR, None)
@@ -161,7 +161,7 @@ def _capture_exc_info(_logger: WrappedLogger, _name: str, event_dict: EventDict)
     return event_dict
 
 
-class _QueueHandler(logging.handlers.QueueHandler):
+class QueueToListener(logging.handlers.QueueHandler):
     """Hands records to the listener thread, unformatted.
 
     The standard ``QueueHandler.prepare`` formats the message on the logging thread (and turns
@@ -357,7 +357,7 @@ def _configure(cfg: Config, *, file: bool) -> _State:
         records, writers, _json_formatter(), _console_formatter() if pretty else None
     )
     state.listener.start()
-    handler = _QueueHandler(records)
+    handler = QueueToListener(records)
     handler.listener = state.listener
     state.handlers = [handler, *writers]
     root.addHandler(state.handlers[0])

@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, select
 
 from nanobot.config import get_config
+from nanobot.cron.manager import RunInFlight, runs_in_flight
 from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
 from nanobot.heartbeat.process import current_loop_lag
@@ -63,10 +64,17 @@ def _ts(value: datetime | None) -> float | None:
 class _DatabaseCollector:
     """Gauges read from the database when the registry is collected."""
 
-    def __init__(self, engine: Engine, node: str, is_leader: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        node: str,
+        is_leader: Callable[[], bool],
+        runs: Callable[[], list[RunInFlight]],
+    ) -> None:
         self.engine = engine
         self.node = node
         self.is_leader = is_leader
+        self.runs = runs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         leader = GaugeMetricFamily(
@@ -74,7 +82,7 @@ class _DatabaseCollector:
         )
         leader.add_metric([self.node], 1.0 if self.is_leader() else 0.0)
         yield leader
-        yield from _process_families()
+        yield from _process_families(self.runs())
         try:
             families = self._read()
         except Exception as exc:
@@ -187,10 +195,8 @@ class _DatabaseCollector:
         ]
 
 
-def _process_families() -> Iterator[GaugeMetricFamily]:
+def _process_families(runs: list[RunInFlight]) -> Iterator[GaugeMetricFamily]:
     """Gauges of this process's event loop and runs in flight (no database read)."""
-    from nanobot.cron.manager import runs_in_flight
-
     lag = current_loop_lag()
     if lag is not None:
         family = GaugeMetricFamily(
@@ -209,7 +215,7 @@ def _process_families() -> Iterator[GaugeMetricFamily]:
         "1 while the task's run in flight is longer than its bound (cron.overrun_intervals)",
         labels=["task"],
     )
-    for run in runs_in_flight():
+    for run in runs:
         age.add_metric([run.task], run.age_s)
         overrunning.add_metric([run.task], 1.0 if run.overrunning else 0.0)
     yield age
@@ -217,7 +223,11 @@ def _process_families() -> Iterator[GaugeMetricFamily]:
 
 
 class Metrics:
-    """The metrics of this process. ``on_task_finished`` is the bus subscriber."""
+    """The metrics of this process. ``on_task_finished`` is the bus subscriber.
+
+    ``is_leader`` says whether this process holds the lease; ``runs_in_flight`` gives its runs in
+    flight (by default the process-wide manager's; a test passes its own manager's method).
+    """
 
     def __init__(
         self,
@@ -225,6 +235,7 @@ class Metrics:
         node: str,
         *,
         is_leader: Callable[[], bool] = lambda: False,
+        runs_in_flight: Callable[[], list[RunInFlight]] = runs_in_flight,
     ) -> None:
         # Not auto_describe: registering the collector must not read the database.
         self.registry = CollectorRegistry()
@@ -243,7 +254,7 @@ class Metrics:
         )
         build = Info("nanobot_build", "version of nanobot and of Python", registry=self.registry)
         build.info({"version": nanobot_version(), "python": platform.python_version()})
-        self.registry.register(_DatabaseCollector(engine, node, is_leader))
+        self.registry.register(_DatabaseCollector(engine, node, is_leader, runs_in_flight))
 
     def on_task_finished(self, _topic: str, payload: Any) -> None:
         """Count one ``task.finished`` event; malformed events are logged and ignored."""

@@ -61,30 +61,33 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+# Everything the service runs is imported with this module, the scheduler and the monitor too:
+# never between taking the lease and starting the scheduler, where on a loaded machine the import
+# took seconds of the lease.
+from nanobot.alerts.alerter import Alerter
 from nanobot.bus import get_bus
 from nanobot.config import Config
+from nanobot.cron import register_builtin_tasks
+from nanobot.cron.manager import CronManager, install_cron_manager
+from nanobot.cron.overdue import OverdueWatch
+from nanobot.cron.sources import TaskSources
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
 from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
 from nanobot.exceptions import ConfigError, NotLeaderError
+from nanobot.heartbeat import HeartbeatMonitor, initialize_heartbeat, install_heartbeat_monitor
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
-from nanobot.logging import flush_logging
+from nanobot.logging import configured_log_file, flush_logging
 from nanobot.metrics import Metrics
 from nanobot.models import error_text, utcnow
 from nanobot.node import node_name
 from nanobot.preflight import EXIT_UNREADABLE, NodeClaim, StartupError, claim_node, sqlite_file
 from nanobot.status import build_status, nanobot_version
+from nanobot.web.app import setup_dashboard
+from nanobot.web.tokens import TokenStore
 
 if TYPE_CHECKING:
     from aiohttp import web
-
-    # Imported for their types only: the modules themselves are imported in a thread at the
-    # start (_import_scheduler), so that the event loop never waits for them.
-    from nanobot.alerts.alerter import Alerter
-    from nanobot.cron.manager import CronManager
-    from nanobot.cron.overdue import OverdueWatch
-    from nanobot.cron.sources import TaskSources
-    from nanobot.heartbeat import HeartbeatMonitor
 
 log = structlog.get_logger(__name__)
 
@@ -234,9 +237,6 @@ class Service:
         """
         if not self.config["http.dashboard"]:
             return None
-        from nanobot.web.app import setup_dashboard
-        from nanobot.web.tokens import TokenStore
-
         tokens = TokenStore.from_config(
             self.config.get("http.tokens", ()), self.config.get("http.token_file")
         )
@@ -258,10 +258,7 @@ class Service:
         try:
             try:
                 await asyncio.to_thread(upgrade_database, self.engine)
-                await asyncio.to_thread(self._check_database_at_start)
-                # The scheduler's modules are imported now, not between taking the lease and
-                # starting the scheduler: on a loaded machine that took seconds of the lease.
-                await asyncio.to_thread(_import_scheduler)
+                await asyncio.to_thread(self.check_database_at_start)
             except StartupError:
                 raise
             except Exception as exc:
@@ -308,8 +305,6 @@ class Service:
         if self._stop.is_set():
             log.info("service.stopped", exit_code=EXIT_OK, reason="signal during start")
             return EXIT_OK
-        from nanobot.logging import configured_log_file
-
         log.info(
             "service.starting",
             version=nanobot_version(),
@@ -321,9 +316,6 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         try:
-            from nanobot.cron.sources import TaskSources
-            from nanobot.heartbeat import initialize_heartbeat, install_heartbeat_monitor
-
             # Built from this configuration and installed before anything asks for the
             # process-wide monitor (the scheduler registers task components on it).
             self._monitor = self._build_monitor()
@@ -336,8 +328,6 @@ class Service:
                 return EXIT_FAILED
             await self._lease_step()
             initialize_heartbeat(self._monitor)
-            from nanobot.cron.overdue import OverdueWatch
-
             # On every node: a frozen leader cannot say that its tasks are overdue.
             self._overdue = OverdueWatch(
                 self.engine,
@@ -412,7 +402,7 @@ class Service:
             if done.is_set():
                 return
             await self._lease_step()
-            await self._health_cycle()
+            await self.health_cycle()
 
     async def _lease_step(self) -> None:
         """One round: a standby tries to take the lease, the leader renews it.
@@ -656,8 +646,6 @@ class Service:
 
     async def _start_alerts(self) -> None:
         """Rules and delivery of alerts (:mod:`nanobot.alerts`); they act on the leader only."""
-        from nanobot.alerts.alerter import Alerter
-
         self._alerter = await Alerter.create(
             self.config,
             self.engine,
@@ -670,8 +658,6 @@ class Service:
 
     def _build_monitor(self) -> HeartbeatMonitor:
         """The heartbeat monitor of this service: its configuration, database, node and bus."""
-        from nanobot.heartbeat import HeartbeatMonitor
-
         return HeartbeatMonitor(
             get_bus(),
             float(self.config["heartbeat.interval"]),
@@ -683,8 +669,6 @@ class Service:
     def _build_scheduler(self) -> CronManager:
         """The scheduler of this service, installed as the process-wide one (the built-in tasks
         and task code registered through get_cron_manager() reach it)."""
-        from nanobot.cron.manager import CronManager, install_cron_manager
-
         manager = CronManager(
             self.engine,
             node=self.node,
@@ -696,8 +680,6 @@ class Service:
         return manager
 
     async def _start_scheduling(self) -> None:
-        from nanobot.cron import register_builtin_tasks
-
         if self._scheduler is None:
             self._scheduler = self._build_scheduler()
         manager = self._scheduler
@@ -737,27 +719,13 @@ class Service:
         self.role = Role.STOPPING
         log.info("service.stopping", grace_s=self.grace, leader=was_leader)
         code = self._exit_code
-        if self._stepping_down is not None:
-            await asyncio.gather(self._stepping_down, return_exceptions=True)
-        if self._sources is not None:
-            await self._sources.stop()
-        if self._overdue is not None:
-            await self._overdue.stop()
+        await self._stop_watchers()
         if was_leader or self._manager is not None:
             await self._stop_scheduling(reason="shutdown", grace=self.grace)
         self._draining = False
-        if self._lease_done is not None:
-            self._lease_done.set()
-        for task in (self._lease_task, self._lock_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self._monitor is not None:
-            try:
-                await self._monitor.stop()
-            except Exception as exc:
-                log.error("service.monitor_stop_failed", error=error_text(exc))
-                code = EXIT_FAILED
+        await self._stop_lease_loops()
+        if not await self._stop_monitor():
+            code = EXIT_FAILED
         if self._alerter is not None:
             # Before the lease goes: a clean stop of the leader is a hand-over, not a fail-over.
             await self._alerter.stop(released=was_leader)
@@ -773,11 +741,43 @@ class Service:
         log.info("service.stopped", exit_code=code)
         return code
 
+    async def _stop_watchers(self) -> None:
+        """A step-down under way, the task file's watch and the overdue watch (in that order)."""
+        if self._stepping_down is not None:
+            await asyncio.gather(self._stepping_down, return_exceptions=True)
+        if self._sources is not None:
+            await self._sources.stop()
+        if self._overdue is not None:
+            await self._overdue.stop()
+
+    async def _stop_lease_loops(self) -> None:
+        """The loops that renew the lease and check the lock (the lease itself is kept)."""
+        if self._lease_done is not None:
+            self._lease_done.set()
+        for task in (self._lease_task, self._lock_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _stop_monitor(self) -> bool:
+        """Stop the heartbeat monitor; False (logged) when its last write failed."""
+        if self._monitor is None:
+            return True
+        try:
+            await self._monitor.stop()
+        except Exception as exc:
+            log.error("service.monitor_stop_failed", error=error_text(exc))
+            return False
+        return True
+
     # --- the database under the service -------------------------------------------------------
 
-    def _check_database_at_start(self) -> None:
+    def check_database_at_start(self) -> None:
         """In a thread, after the migrations: remember which file is open, and say so loudly
-        when the database is new and empty where the last one had tasks."""
+        when the database is new and empty where the last one had tasks.
+
+        :meth:`run` calls it; public so that a test can drive the database checks without the
+        lease loop (with :meth:`health_cycle`)."""
         if self._sqlite_path is not None:
             self._file_watch = DatabaseFileWatch(self._sqlite_path)
         tasks = count_tasks(self.engine)
@@ -807,8 +807,11 @@ class Service:
     def _publish_later(self, topic: str, payload: dict[str, Any]) -> None:
         self._pending_events.append((topic, payload))
 
-    async def _health_cycle(self) -> None:
-        """Each lease period: is the database file still ours; the marker; the checkpoint."""
+    async def health_cycle(self) -> None:
+        """Each lease period: is the database file still ours; the marker; the checkpoint.
+
+        The lease loop calls it after each lease step; public for the same reason as
+        :meth:`check_database_at_start`."""
         for topic, payload in self._pending_events:
             await self._publish(topic, payload)
         self._pending_events.clear()
@@ -875,11 +878,6 @@ class Service:
         if checkpoint_due:
             checkpoint(self.engine)
         return tasks
-
-
-def _import_scheduler() -> None:
-    import nanobot.cron
-    import nanobot.heartbeat  # noqa: F401
 
 
 def _is_read_only(error: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, or_, select
 
+from nanobot.config import get_config
 from nanobot.db import read_transaction
 from nanobot.lease import read_lease
 from nanobot.models import (
@@ -135,7 +136,9 @@ def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, An
 
 
 def _schedule_json(row: Any) -> dict[str, Any]:
-    from nanobot.cron.control import row_schedule, schedule_json
+    # Imported here: importing nanobot.cron loads the scheduler and APScheduler, which every
+    # command of the command line (it imports this module) would pay for at start.
+    from nanobot.cron.control import row_schedule, schedule_json  # noqa: PLC0415
 
     try:
         return schedule_json(row_schedule(row))
@@ -229,12 +232,11 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
             or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
         )
     tasks = [_task_json(row) for row in conn.execute(task_query).all()]
-    from nanobot.cron.taskcode import code_records
+    from nanobot.cron.taskcode import code_records  # noqa: PLC0415 -- as in _schedule_json
 
     # The task code of the nodes that run now; a stopped node's record is history.
     code = code_records(conn, running_nodes)
-    from nanobot.config import get_config
-    from nanobot.cron.overdue import overdue_from_config
+    from nanobot.cron.overdue import overdue_from_config  # noqa: PLC0415 -- as in _schedule_json
 
     return {
         # The tasks table only: status never reads run history (a run past its bound shows
@@ -251,11 +253,9 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
     }
 
 
-def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
+def _service_problems(state: dict[str, Any]) -> list[str]:
+    """No node beats, or nobody holds the scheduling lease."""
     problems: list[str] = []
-    current = [c for c in state["components"] if c["current"]]
-    if state["newest"] is None:
-        return SystemStatus.UNKNOWN, ["no heartbeat has been recorded yet: is the service started?"]
     if not state["running_nodes"]:
         problems.append("service down: no node has written a heartbeat recently")
     lease = state["lease"]
@@ -265,30 +265,29 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         )
     elif not state["leader_held"]:
         problems.append("no node holds the scheduling lease: tasks are not being scheduled")
-    # A task's component is in error after a failed or overrunning run: that is the task's
-    # problem (degraded), not the service's; an error here would fail /readyz and say "down"
-    # (exit 2) because one user command exited non-zero.
-    failing_tasks: list[str] = []
+    return problems
+
+
+def _component_errors(current: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The components in error: the service's own, then the tasks'.
+
+    A task's component is in error after a failed or overrunning run: that is the task's
+    problem (degraded), not the service's; an error here would fail /readyz and say "down"
+    (exit 2) because one user command exited non-zero.
+    """
+    own: list[str] = []
+    tasks: list[str] = []
     for c in current:
         if c["status"] != ComponentStatus.ERROR:
             continue
         problem = f"component {c['name']} on {c['node']} is in error: {c['last_error']}"
-        if c["name"].startswith(TASK_COMPONENT_PREFIX):
-            failing_tasks.append(problem)
-        else:
-            problems.append(problem)
-    # What should have happened by now and has not (nanobot.cron.overdue): degraded on its
-    # own, and listed with the errors that are its likely cause.
-    overdue = [item.describe() for item in state.get("overdue", [])]
-    if problems:
-        return SystemStatus.ERROR, problems + overdue
-    if any(c["status"] == ComponentStatus.UNKNOWN for c in current):
-        problems.extend(
-            f"component {c['name']} on {c['node']} is unknown"
-            for c in current
-            if c["status"] == ComponentStatus.UNKNOWN
-        )
-        return SystemStatus.UNKNOWN, problems + overdue
+        (tasks if c["name"].startswith(TASK_COMPONENT_PREFIX) else own).append(problem)
+    return own, tasks
+
+
+def _task_problems(state: dict[str, Any]) -> list[str]:
+    """Broken, auto-paused and failed tasks, and task code older than its file."""
+    problems: list[str] = []
     for t in state["tasks"]:
         if t["error"] is not None:
             problems.append(f"task {t['name']} is broken: {t['error']}")
@@ -301,8 +300,33 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
         problem = record.problem()
         if problem:
             problems.append(problem)
-    problems.extend(failing_tasks)
-    problems.extend(overdue)
+    return problems
+
+
+def verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
+    """The system's status and its problems, from the state that :func:`build_status` read.
+
+    A pure function of ``state`` (its keys: components, newest, running_nodes, lease,
+    leader_held, tasks, code, overdue): the tests give it states that are hard to bring about.
+    """
+    current = [c for c in state["components"] if c["current"]]
+    if state["newest"] is None:
+        return SystemStatus.UNKNOWN, ["no heartbeat has been recorded yet: is the service started?"]
+    own_errors, failing_tasks = _component_errors(current)
+    problems = _service_problems(state) + own_errors
+    # What should have happened by now and has not (nanobot.cron.overdue): degraded on its
+    # own, and listed with the errors that are its likely cause.
+    overdue = [item.describe() for item in state.get("overdue", [])]
+    if problems:
+        return SystemStatus.ERROR, problems + overdue
+    unknown = [
+        f"component {c['name']} on {c['node']} is unknown"
+        for c in current
+        if c["status"] == ComponentStatus.UNKNOWN
+    ]
+    if unknown:
+        return SystemStatus.UNKNOWN, unknown + overdue
+    problems = _task_problems(state) + failing_tasks + overdue
     if problems:
         return SystemStatus.DEGRADED, problems
     return SystemStatus.HEALTHY, []
@@ -353,7 +377,7 @@ def build_status(
 def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
     newest = state["newest"]
     running = bool(state["running_nodes"]) and state["leader_held"]
-    status, problems = _verdict(state)
+    status, problems = verdict(state)
     lease = state["lease"]
     system = None
     if newest is not None:

@@ -8,6 +8,7 @@ the ``postgres`` marker and is skipped, with the reason shown, when no server an
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -44,6 +45,22 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return True
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """One process, not pytest-xdist's workers (addopts ``-n auto``), for the runs that time
+    real processes or print what they measure: the fault suite and the soak (selected by marker
+    or named by path), and ``-s``, whose prints a worker would swallow. Before xdist's own
+    pytest_configure (trylast), which starts the workers."""
+    in_faults = any(
+        FAULTS_DIR in (path := Path(arg.split("::")[0]).absolute()).parents or path == FAULTS_DIR
+        for arg in config.args
+    )
+    markexpr = config.option.markexpr or ""
+    if in_faults or "faults" in markexpr or "soak" in markexpr or config.option.capture == "no":
+        config.option.dist = "no"
+        config.option.tx = []
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The soak (minutes of several nodes under churn) runs when selected with ``-m soak``, as
     ``.ci/run`` does; a plain ``pytest`` leaves it out to stay quick."""
@@ -71,8 +88,6 @@ def _pg_unavailable() -> str | None:
 
 def _reset_singletons() -> None:
     # Imported lazily: a module under test may not exist yet in every checkout of the suite.
-    import importlib
-
     for module_name, reset in (
         ("nanobot.bus", "reset_bus"),
         ("nanobot.session", "reset_session_manager"),

@@ -6,22 +6,32 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import ClassVar
 
 from nanobot.cron import CronTask
 
 
 class Counter(CronTask):
-    """Counts its runs, per name, in this process."""
+    """Counts its runs: this instance's in ``runs``; with a ``path``, every instance's (built
+    again after a restart, or in another scheduler) as one line of ``label`` per run there."""
 
-    counts: ClassVar[dict[str, int]] = {}
-
-    def __init__(self, interval: float = 1, label: str = "counter") -> None:
+    def __init__(
+        self, interval: float = 1, label: str = "counter", path: str | None = None
+    ) -> None:
         super().__init__(interval)
         self.label = label
+        self.path = path
+        self.runs = 0
 
     async def run(self) -> None:
-        Counter.counts[self.label] = Counter.counts.get(self.label, 0) + 1
+        self.runs += 1
+        if self.path is not None:
+            with Path(self.path).open("a") as f:
+                f.write(f"{self.label}\n")
+
+
+def counted(path: Path) -> list[str]:
+    """The labels of the runs that Counters with this ``path`` recorded, in order."""
+    return path.read_text().splitlines() if path.exists() else []
 
 
 class AppendLine(CronTask):
@@ -62,38 +72,36 @@ class Failing(CronTask):
 
 
 class Gate(CronTask):
-    """Signals when a run starts and holds it until released (in this process)."""
-
-    started: ClassVar[asyncio.Event | None] = None
-    release: ClassVar[asyncio.Event | None] = None
-    runs: ClassVar[int] = 0
+    """Signals ``started`` when a run starts and holds it until ``release`` is set."""
 
     def __init__(self, interval: float = 1, timeout: float | None = None) -> None:
         super().__init__(interval, timeout=timeout)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.runs = 0
 
     async def run(self) -> None:
-        Gate.runs += 1
-        assert Gate.started is not None
-        assert Gate.release is not None
-        Gate.started.set()
-        await Gate.release.wait()
+        self.runs += 1
+        self.started.set()
+        await self.release.wait()
 
 
 class Flaky(CronTask):
-    """Fails while ``Flaky.failing`` is true, succeeds otherwise."""
+    """Fails while its ``failing`` is true, succeeds otherwise."""
 
-    failing: ClassVar[bool] = True
+    def __init__(self, interval: float = 1) -> None:
+        super().__init__(interval)
+        self.failing = True
 
     async def run(self) -> None:
-        if Flaky.failing:
+        if self.failing:
             raise RuntimeError("flaky")
 
 
 class Busy(CronTask):
     """Runs for ``seconds`` each time, with an overlap policy given by keyword: the task that
-    takes longer than its interval of the overlap policies' golden tables."""
-
-    started: ClassVar[int] = 0
+    takes longer than its interval of the overlap policies' golden tables. Counts its starts in
+    ``started``; with a ``path``, every instance's (another scheduler's too) as a line there."""
 
     def __init__(
         self,
@@ -101,10 +109,16 @@ class Busy(CronTask):
         seconds: float = 2.5,
         overlap: str | None = None,
         max_concurrent: int | None = None,
+        path: str | None = None,
     ) -> None:
         super().__init__(interval, overlap=overlap, max_concurrent=max_concurrent)
         self.seconds = seconds
+        self.path = path
+        self.started = 0
 
     async def run(self) -> None:
-        Busy.started += 1
+        self.started += 1
+        if self.path is not None:
+            with Path(self.path).open("a") as f:
+                f.write("start\n")
         await asyncio.sleep(self.seconds)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+
 from nanobot.cron import CronTask
 
 
@@ -69,9 +73,6 @@ class Flaky(CronTask):
         self.seconds = seconds
 
     async def run(self) -> None:
-        import asyncio
-        import os
-        import time
 
         with open(self.path, "a+") as f:
             f.seek(0)

@@ -9,30 +9,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from alert_sink import Sink
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, func, insert, inspect, select, text
 
 from nanobot.alerts import Alert, AlertKind, Severity, alert_key
 from nanobot.alerts.alerter import Alerter
 from nanobot.alerts.destinations import Destination, parse_destinations
 from nanobot.alerts.metrics import AlertMetrics
 from nanobot.alerts.rules import Rules, RuleSettings
-from nanobot.alerts.store import prune, recent
+from nanobot.alerts.store import prune, recent, write_alerts
 from nanobot.alerts.worker import Deliverer, RetryPolicy
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
 from nanobot.config import load_config
 from nanobot.cron import history
-from nanobot.db import write_transaction
+from nanobot.db import (
+    alembic_config,
+    create_db_engine,
+    downgrade_database,
+    upgrade_database,
+    write_transaction,
+)
+from nanobot.exceptions import ConfigError
 from nanobot.heartbeat.store import SYSTEM_COMPONENT, Batch, ChangeRow, write_batch
-from nanobot.models import AlertRecord, Task, TaskOutcome
+from nanobot.lease import SchedulerLease, read_lease
+from nanobot.models import AlertRecord, Task, TaskOutcome, utcnow
+from nanobot.service import DATABASE_RECREATED, DATABASE_REPLACED
 
 T0 = datetime(2026, 11, 30, 3, 0, tzinfo=datetime.now().astimezone().tzinfo).astimezone()
 NODE = "node-a"
@@ -40,8 +51,6 @@ NODE = "node-a"
 
 class Clock:
     def __init__(self, start: datetime) -> None:
-        from datetime import UTC
-
         self.now = start.astimezone(UTC)
 
     def __call__(self) -> datetime:
@@ -361,8 +370,6 @@ async def test_key_is_written_once_whatever_the_retries(engine: Engine, clock: C
     [first] = r1.evaluate(clock())
     # A second process that has not seen the first one's state would decide the same alert.
     with write_transaction(engine) as conn:
-        from nanobot.alerts.store import write_alerts
-
         assert write_alerts(conn, [first], []) == []
     assert kinds(engine) == ["task.failing"]
 
@@ -397,16 +404,12 @@ def test_leader_failover_is_alerted_and_clean_hand_over_is_not(
 ) -> None:
     """A new holder after the last one stopped renewing: leader.failover; after a clean stop
     (the leader marked its lease released) the next leader's take-over is not news."""
-    from nanobot.lease import SchedulerLease
-
     a = SchedulerLease(engine, "a:1", 0.5)
     assert a.try_acquire()
     rules_a = Rules(engine, [], RuleSettings(), holder="a:1")
     assert rules_a.evaluate(clock()) == []
-    a._forget()  # a crashes: it never releases, its lease expires
+    # a crashes: it never renews nor releases, and its lease expires.
     b = SchedulerLease(engine, "b:2", 30)
-    import time
-
     deadline = time.monotonic() + 5
     while not b.try_acquire():
         assert time.monotonic() < deadline
@@ -424,14 +427,10 @@ def test_leader_failover_is_alerted_and_clean_hand_over_is_not(
 
 async def test_no_leader_for_longer_than_the_bound(engine: Engine, clock: Clock) -> None:
     """A standby sees nobody holding the lease past the bound: one leader.none per epoch."""
-    from nanobot.lease import SchedulerLease
-
     lease = SchedulerLease(engine, "a:1", 10)
     assert lease.try_acquire()
     assert lease.release()
     r = Rules(engine, [], RuleSettings(leaderless_after=timedelta(seconds=20)), holder="s:2")
-    from nanobot.models import utcnow
-
     assert r.no_leader(utcnow()) is None
     alert = r.no_leader(utcnow() + timedelta(seconds=21))
     assert alert is not None
@@ -445,8 +444,6 @@ async def test_database_recreated_published_by_the_service_becomes_a_delivered_a
 ) -> None:
     """The service's 'database.recreated' on the bus: the alerter writes it to the outbox and
     delivers it, and counts the delivery in nanobot_alerts_total."""
-    from nanobot.service import DATABASE_RECREATED
-
     monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", json.dumps([sink.url()]))
     bus = MessageBus()
     registry = CollectorRegistry()
@@ -481,8 +478,6 @@ async def test_database_replaced_is_sent_directly_by_a_standby_and_recorded_once
 ) -> None:
     """'database.replaced' reaches a node that no longer leads: it sends the alert itself, writes
     it to the outbox as sent, and a leader later does not send it again."""
-    from nanobot.service import DATABASE_REPLACED
-
     monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", json.dumps([sink.url()]))
     bus = MessageBus()
     leading = False
@@ -575,8 +570,6 @@ def test_bad_destination_specs_are_refused(
     monkeypatch: pytest.MonkeyPatch, spec: str, message: str
 ) -> None:
     """Every malformed destination is refused with a message naming what is wrong."""
-    from nanobot.exceptions import ConfigError
-
     monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", spec)
     with pytest.raises(ConfigError, match=message):
         parse_destinations(load_config())
@@ -622,11 +615,6 @@ def test_alert_record_refuses_bad_values() -> None:
 def test_revision_0006_upgrades_a_database_with_rows_in_place(db_url: str) -> None:
     """A database at the revision before 0006, with tasks and runs, upgrades keeping every row
     and gains the empty outbox tables; downgrading removes only them."""
-    from alembic.script import ScriptDirectory
-    from sqlalchemy import func, inspect, text
-
-    from nanobot.db import alembic_config, create_db_engine, downgrade_database, upgrade_database
-
     previous = ScriptDirectory.from_config(alembic_config()).get_revision("0006").down_revision
     assert isinstance(previous, str)
     engine = create_db_engine(db_url)
@@ -721,8 +709,6 @@ async def test_database_unusable_is_sent_directly_then_recorded_once_the_outbox_
     """'database.unusable' while the database cannot be opened: sent directly to the sink;
     when the database works again the alert is written to the outbox as already sent, and the
     sink is not sent it a second time."""
-    from nanobot.db import create_db_engine, upgrade_database
-
     blocker = tmp_path / "data"
     url = f"sqlite:///{blocker / 'nanobot.db'}"
     monkeypatch.setenv("NANOBOT_DATABASE__URL", url)
@@ -765,8 +751,6 @@ async def test_a_standby_delivers_only_the_no_leader_alert(
 ) -> None:
     """On a standby the alerter neither evaluates nor sends the leader's alerts; with nobody
     leading past the bound it raises leader.none and sends that one itself."""
-    from nanobot.lease import SchedulerLease
-
     monkeypatch.setenv("NANOBOT_ALERTS__DESTINATIONS", json.dumps([sink.url()]))
     monkeypatch.setenv("NANOBOT_SERVICE__LEASE_TTL", "0.2")
     config = load_config()
@@ -776,9 +760,7 @@ async def test_a_standby_delivers_only_the_no_leader_alert(
     [failing] = pending.evaluate(datetime.now().astimezone())
     lease = SchedulerLease(engine, "gone:1", 0.2)
     assert lease.try_acquire()
-    lease._forget()  # the leader died without releasing
-
-    from nanobot.lease import read_lease
+    # The leader dies without releasing: nothing renews the lease.
 
     with engine.connect() as conn:
         info = read_lease(conn)

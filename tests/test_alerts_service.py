@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 from alert_sink import Sink
-from test_service import Service, run_cli, services, wait_for
+from faults.harness import run_cli, wait_for
+from test_service import Service, services
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +71,7 @@ def test_kill_9_between_event_and_send_delivers_once_after_restart(
     assert alert["deliveries"][0]["state"] == "pending"
     assert "500" in alert["deliveries"][0]["last_error"]
     assert "upstream refused the request" in alert["body"]
-    first.proc.kill()
-    first.proc.wait(10)
+    first.kill()
     refused = {r.key for r in sink.received}
     assert refused == {alert["key"]}
 

@@ -176,7 +176,9 @@ def test_job_store_keeps_apschedulers_contract(engine: Engine) -> None:
     with pytest.raises(ConflictingIdError):
         store.add_job(_job(context, "early", T0))
 
-    assert store.lookup_job("early").next_run_time == T0
+    early = store.lookup_job("early")
+    assert early is not None
+    assert early.next_run_time == T0
     assert [j.id for j in store.get_due_jobs(T0)] == ["early"]
     assert [j.id for j in store.get_due_jobs(T0 + timedelta(hours=2))] == ["early", "late"]
     assert store.get_next_run_time() == T0
@@ -279,7 +281,8 @@ async def test_lifecycle_passes_run_in_the_worker_until_quiesced(engine: Engine)
     assert len(passes) == 2
 
     await scheduler.quiesce()
-    assert scheduler.state is SchedulerState.QUIESCED
+    state: SchedulerState = scheduler.state
+    assert state is SchedulerState.QUIESCED
     assert not scheduler.dispatching
     scheduler.wakeup()
     assert await scheduler.run_in_worker(lambda: "still open") == "still open"

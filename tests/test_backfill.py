@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select
+from faults.harness import Cluster, lines, run_cli, wait_for
+from sqlalchemy import Engine, insert, select, update
 from test_cli import APPEND, assert_one_line_error, invoke
 
 from nanobot.bus import MessageBus
@@ -273,7 +274,6 @@ def test_backfill_on_two_services_runs_on_the_leader_and_survives_its_kill(
     killed (-9) in the middle, the new leader goes on with the slots that have no row, so each
     slot of the range has exactly one row and started at most once; a second backfill of the
     range finds nothing to run."""
-    from faults.harness import Cluster, lines, run_cli, wait_for
 
     cluster = Cluster(tmp_path, db_url, NANOBOT_SERVICE__SHUTDOWN_GRACE="2")
     out = tmp_path / "slow.txt"
@@ -331,7 +331,7 @@ def test_interval_slots_match_rows_the_scheduler_stepped(engine: Engine) -> None
     control.add_task(engine, definition, paused=True)
     anchor = _minute(utcnow()) - timedelta(minutes=10)
     with write_transaction(engine) as conn:
-        conn.execute(Task.__table__.update().where(Task.name == "tick").values(anchor_at=anchor))
+        conn.execute(update(Task).where(Task.name == "tick").values(anchor_at=anchor))
         for k in (0, 1, 5):
             at = anchor + timedelta(seconds=10 * k, microseconds=3 * k)
             conn.execute(

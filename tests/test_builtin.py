@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, insert, select
 
 from nanobot.config import reset_config
 from nanobot.cron import (
@@ -56,7 +56,7 @@ async def test_cleanup_removes_expired_sessions_and_old_history(
         )
         for age in (timedelta(days=30), timedelta(minutes=1)):
             conn.execute(
-                Heartbeat.__table__.insert().values(
+                insert(Heartbeat).values(
                     at=now - age,
                     node="n",
                     status="healthy",

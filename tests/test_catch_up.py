@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from failure_tasks import Quiet
 from sqlalchemy import Engine, select
 
+from nanobot.bus import MessageBus
 from nanobot.cli import cli
+from nanobot.cron import CronManager
 from nanobot.cron.schedules import IntervalSchedule, due_slots, resolve_schedule
 from nanobot.cron.task import CronTask
+from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import get_engine
-from nanobot.exceptions import InvalidTaskError
-from nanobot.models import MisfirePolicy, Task
+from nanobot.exceptions import InvalidTaskError, TaskFileError
+from nanobot.models import MisfirePolicy, Task, TaskRun
 
 T0 = datetime(2026, 11, 30, 2, 0, tzinfo=UTC)
 CATCH_UP = MisfirePolicy.CATCH_UP_ONCE
@@ -80,9 +85,6 @@ def test_attribute_keyword_and_bad_values() -> None:
 def test_cli_and_task_file_store_the_window(engine: Engine, tmp_path: Path) -> None:
     """cron add --catch-up-window 10m stores 600 s; a bad one changes nothing (exit 2); the task
     file's catch_up_window takes the same durations."""
-    from nanobot.cron.taskfile import parse_task_file
-    from nanobot.exceptions import TaskFileError
-
     args = ["cron", "add", "t", "--command", "true", "--every", "1h", "--catch-up-window"]
     bad = CliRunner().invoke(cli, [*args, "soon"])
     assert bad.exit_code == 2, bad.output
@@ -104,14 +106,6 @@ async def test_restart_after_an_outage_obeys_the_window(
 ) -> None:
     """Every 100 s with a 30 s window: back 150 s later, the slot at +100 is 50 s late and
     recorded missed with no run; back 110 s later, it is 10 s late and caught up once."""
-    import asyncio
-
-    from failure_tasks import Quiet
-
-    from nanobot.bus import MessageBus
-    from nanobot.cron import CronManager
-    from nanobot.models import TaskRun
-
     bus = MessageBus()
     seen: list[str] = []
     changed = asyncio.Event()

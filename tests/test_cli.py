@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ from sqlalchemy import Engine, func, insert, select
 
 from nanobot.cli import cli
 from nanobot.db import write_transaction
-from nanobot.models import Task, TaskRun, utcnow
+from nanobot.lease import SchedulerLease
+from nanobot.models import Component, Heartbeat, Task, TaskRun, utcnow
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -145,8 +146,6 @@ def test_cron_add_starts_the_task_at_once(engine: Engine, tmp_path: Path) -> Non
     assert data["interval"] == 5
     next_run = data["next_run_at"]
     assert next_run.endswith("+00:00")
-    from datetime import datetime
-
     assert abs(datetime.fromisoformat(next_run) - before) < timedelta(seconds=5)
     listed = json.loads(invoke("cron", "list", "--json").stdout)
     assert [t["name"] for t in listed] == ["job"]
@@ -311,15 +310,11 @@ def test_python_m_nanobot_and_nanobot_cli_accept_the_same_commands(
 def test_status_text_lists_every_node_and_the_leader(engine: Engine) -> None:
     """The readable status lists each node that beats, which one leads, and whether each is
     alive."""
-    from nanobot.db import write_transaction
-    from nanobot.lease import SchedulerLease
-    from nanobot.models import Component, Heartbeat
-
     now = utcnow()
     with write_transaction(engine) as conn:
         for node, age in (("alpha", 1), ("beta", 1), ("gamma", 600)):
             conn.execute(
-                Component.__table__.insert().values(
+                insert(Component).values(
                     name="database",
                     node=node,
                     status="healthy",
@@ -329,7 +324,7 @@ def test_status_text_lists_every_node_and_the_leader(engine: Engine) -> None:
                 )
             )
             conn.execute(
-                Heartbeat.__table__.insert().values(
+                insert(Heartbeat).values(
                     at=now - timedelta(seconds=age),
                     node=node,
                     status="healthy",

@@ -11,7 +11,10 @@ from sqlalchemy import Engine, func, insert, select
 from test_cli import APPEND, add, assert_one_line_error, invoke
 from test_status import add_heartbeat
 
+from nanobot.cron import control
+from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import write_transaction
+from nanobot.exceptions import TaskFileError
 from nanobot.lease import SchedulerLease
 from nanobot.models import Task, TaskRun, utcnow
 
@@ -136,8 +139,6 @@ def test_rows_left_running_without_a_service_do_not_refuse(engine: Engine, tmp_p
 def test_task_file_overlap_keys(engine: Engine, nanobot_home: Path) -> None:
     """overlap and max_concurrent in tasks.toml are checked and stored; a contradiction names
     its key."""
-    from nanobot.cron.taskfile import parse_task_file
-    from nanobot.exceptions import TaskFileError
 
     path = nanobot_home / "tasks.toml"
     parsed = parse_task_file(
@@ -154,7 +155,6 @@ def test_a_backfill_s_run_in_flight_does_not_refuse_cron_run(
     engine: Engine, tmp_path: Path
 ) -> None:
     """A run of a pending backfill does not count for the policy, as in the scheduler."""
-    from nanobot.cron import control
 
     assert add("job", tmp_path).exit_code == 0
     _service_up(engine)

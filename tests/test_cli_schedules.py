@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, select
 from test_cli import APPEND, assert_one_line_error, invoke, task_count
 
+from nanobot import config as config_module
 from nanobot.models import Task, utcnow
 
 
@@ -74,8 +75,6 @@ def test_add_at_echoes_the_offset_and_notes_an_ambiguous_time(engine: Engine) ->
 
 def test_default_zone_is_the_setting(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --tz, cron expressions and naive --at times are read in scheduler.timezone."""
-    from nanobot import config as config_module
-
     monkeypatch.setenv("NANOBOT_SCHEDULER__TIMEZONE", "Asia/Kolkata")
     config_module.reset_config()
     data = _add("x", "--at", "2030-01-01T09:00")

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from cron_tasks import Counter, Failing, Flaky, Gate
-from sqlalchemy import Engine, select, text, update
+from cron_tasks import Counter, Failing, Flaky, Gate, counted
+from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
-from nanobot.db import get_engine, write_transaction
+from nanobot.db import create_db_engine, get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
+from nanobot.heartbeat import HeartbeatMonitor
 from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs
 
 POLL = 0.05
@@ -66,7 +70,7 @@ def outcomes(bus: MessageBus) -> Outcomes:
     return Outcomes(bus)
 
 
-def runs(engine: Engine, task: str) -> list[Any]:
+def runs(engine: Engine, task: str) -> Sequence[Row[Any]]:
     with engine.connect() as conn:
         return conn.execute(
             select(TaskRun.__table__)
@@ -82,9 +86,10 @@ def task_row(engine: Engine, name: str) -> Any:
 
 def job_next_run(engine: Engine, name: str) -> float | None:
     with engine.connect() as conn:
-        return conn.execute(
+        value: float | None = conn.execute(
             select(apscheduler_jobs.c.next_run_time).where(apscheduler_jobs.c.id == name)
         ).scalar_one()
+        return value
 
 
 # --- the seed's tests, made real ------------------------------------------------------------
@@ -253,7 +258,6 @@ async def test_error_is_recorded_and_schedule_goes_on(
 
 async def test_timeout(manager: CronManager, outcomes: Outcomes) -> None:
     """A run past its timeout is cancelled and recorded as timeout."""
-    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
     manager.register_task("t", Gate(3600, timeout=0.05))
     await manager.start_task("t")
     await outcomes.wait(lambda: bool(outcomes.of("t")))
@@ -264,13 +268,12 @@ async def test_timeout(manager: CronManager, outcomes: Outcomes) -> None:
 
 async def test_overlap_is_skipped(manager: CronManager, outcomes: Outcomes) -> None:
     """A slot that comes while the previous run still goes is skipped and recorded."""
-    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
-    Gate.runs = 0
-    manager.register_task("o", Gate(0.05))
+    gate = Gate(0.05)
+    manager.register_task("o", gate)
     await manager.start_task("o")
     await outcomes.wait(lambda: len(outcomes.of("o", "skipped")) >= 2)
-    assert Gate.runs == 1
-    Gate.release.set()
+    assert gate.runs == 1
+    gate.release.set()
     await outcomes.wait(lambda: bool(outcomes.of("o", "success")))
     await manager.stop_task("o")
     await manager.flush()
@@ -281,11 +284,11 @@ async def test_overlap_is_skipped(manager: CronManager, outcomes: Outcomes) -> N
 @pytest.mark.parametrize("how", ["stop_task", "unregister_task", "shutdown"])
 async def test_cancel_in_flight(manager: CronManager, outcomes: Outcomes, how: str) -> None:
     """stop_task, unregister_task and shutdown cancel a run in flight, recorded cancelled."""
-    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
-    manager.register_task("g", Gate(3600))
+    gate = Gate(3600)
+    manager.register_task("g", gate)
     await manager.start_task("g")
     async with asyncio.timeout(WAIT):
-        await Gate.started.wait()
+        await gate.started.wait()
     if how == "stop_task":
         await manager.stop_task("g")
     elif how == "unregister_task":
@@ -303,12 +306,12 @@ async def test_shutdown_waits_for_runs_within_grace(
     manager: CronManager, outcomes: Outcomes
 ) -> None:
     """Shutdown lets a run finish within the grace period instead of cancelling it."""
-    Gate.started, Gate.release = asyncio.Event(), asyncio.Event()
-    manager.register_task("w", Gate(3600))
+    gate = Gate(3600)
+    manager.register_task("w", gate)
     await manager.start_task("w")
     async with asyncio.timeout(WAIT):
-        await Gate.started.wait()
-    asyncio.get_running_loop().call_later(0.05, Gate.release.set)
+        await gate.started.wait()
+    asyncio.get_running_loop().call_later(0.05, gate.release.set)
     await manager.shutdown(grace=WAIT)
     assert runs(get_engine(), "w")[0].outcome == "success"
 
@@ -346,18 +349,16 @@ def test_slot_claimed_twice_is_claimed_once(engine: Engine) -> None:
     assert second == {}
 
 
-async def test_two_schedulers_run_each_slot_once(db_url: str) -> None:
+async def test_two_schedulers_run_each_slot_once(db_url: str, tmp_path: Path) -> None:
     """Two managers on one database (two engines, as two processes) never run a slot twice."""
-    from nanobot.db import create_db_engine
-
     e1, e2 = create_db_engine(db_url), create_db_engine(db_url)
     b1, b2 = MessageBus(), MessageBus()
     o1, o2 = Outcomes(b1), Outcomes(b2)
     m1 = CronManager(e1, poll_interval=POLL, bus=b1, node="a")
     m2 = CronManager(e2, poll_interval=POLL, bus=b2, node="b")
-    Counter.counts["dup"] = 0
+    ran = tmp_path / "runs.txt"  # m2 builds its own Counter from the stored arguments
     try:
-        m1.register_task("d", Counter(0.05, label="dup"))
+        m1.register_task("d", Counter(0.05, label="dup", path=str(ran)))
         await m1.start_task("d")
         await m2.start()
         await o1.wait(lambda: len(o1.of("d", "success")) + len(o2.of("d", "success")) >= 10)
@@ -366,7 +367,7 @@ async def test_two_schedulers_run_each_slot_once(db_url: str) -> None:
         await m2.shutdown(grace=1)
     rows = [r for r in runs(e1, "d") if r.outcome == "success"]
     assert len({r.scheduled_at for r in rows}) == len(rows)
-    assert Counter.counts["dup"] == len(rows)
+    assert len(counted(ran)) == len(rows)
     e1.dispose()
     e2.dispose()
 
@@ -375,31 +376,31 @@ async def test_change_by_other_process_applies_within_two_seconds(
     manager: CronManager, db_url: str
 ) -> None:
     """A pause written through another engine (the command line) reaches the scheduler."""
-    from nanobot.db import create_db_engine
-
     manager.register_task("x", Counter(3600, label="other"))
     await manager.start_task("x")
     other = create_db_engine(db_url)
     control.pause_task(other, "x")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with asyncio.timeout(2.0):
+    async with asyncio.timeout(WAIT):
         while job_next_run(get_engine(), "x") is not None:
             await asyncio.sleep(POLL)
-    assert loop.time() - started < 2.0
+    assert loop.time() - started < 2.0, "the pause reached the scheduler, but after 2 s"
     other.dispose()
 
 
-async def test_task_added_by_class_path_runs(manager: CronManager, outcomes: Outcomes) -> None:
+async def test_task_added_by_class_path_runs(
+    manager: CronManager, outcomes: Outcomes, tmp_path: Path
+) -> None:
     """A task stored by class path (cron add) runs at once in a scheduler that never
     registered it, built from its class and stored arguments."""
     await manager.start()
     definition = control.definition_from_class(
-        "byname", "cron_tasks:Counter", 3600, {"label": "byname"}
+        "byname", "cron_tasks:Counter", 3600, {"label": "byname", "path": str(tmp_path / "runs")}
     )
     await asyncio.to_thread(control.add_task, get_engine(), definition)
     await outcomes.wait(lambda: bool(outcomes.of("byname", "success")))
-    assert Counter.counts["byname"] >= 1
+    assert counted(tmp_path / "runs") == ["byname"]
     assert manager.get_task("byname").interval == 3600
 
 
@@ -422,16 +423,20 @@ async def test_removed_task_job_is_removed(manager: CronManager, outcomes: Outco
     engine = get_engine()
     manager.register_task("gone", Counter(3600, label="gone"))
     await manager.start_task("gone")
+    assert job_next_run(engine, "gone") is not None
     await asyncio.to_thread(control.remove_task, engine, "gone")
-    async with asyncio.timeout(WAIT):
-        while True:
-            with engine.connect() as conn:
-                left = conn.execute(
-                    select(apscheduler_jobs.c.id).where(apscheduler_jobs.c.id == "gone")
-                ).first()
-            if left is None:
-                break
-            await asyncio.sleep(POLL)
+
+    def job_left() -> bool:
+        with engine.connect() as conn:
+            query = select(apscheduler_jobs.c.id).where(apscheduler_jobs.c.id == "gone")
+            return conn.execute(query).first() is not None
+
+    try:
+        async with asyncio.timeout(WAIT):
+            while job_left():
+                await asyncio.sleep(POLL)
+    except TimeoutError:
+        pytest.fail(f"the removed task's job is still in the job store after {WAIT} s")
 
 
 async def test_restart_keeps_schedule_and_catches_up_once(db_url: str, bus: MessageBus) -> None:
@@ -634,20 +639,18 @@ async def test_failed_run_marks_task_component_and_success_clears_it(
     db_url: str, bus: MessageBus
 ) -> None:
     """A run that raises puts the task's component in error; the next success clears it."""
-    from nanobot.heartbeat import HeartbeatMonitor
-
     monitor = HeartbeatMonitor(bus, interval=30)
     outcomes = Outcomes(bus)
     manager = CronManager(poll_interval=POLL, bus=bus, monitor=monitor)
-    Flaky.failing = True
+    flaky = Flaky(0.05)
     try:
-        manager.register_task("fl", Flaky(0.05))
+        manager.register_task("fl", flaky)
         await manager.start_task("fl")
         await outcomes.wait(lambda: bool(outcomes.of("fl", "error")))
         status = monitor.get_component_status("task:fl")
         assert status["status"] == "error"
         assert "flaky" in status["errors"][-1]["error"]
-        Flaky.failing = False
+        flaky.failing = False
         await outcomes.wait(lambda: bool(outcomes.of("fl", "success")))
         assert monitor.get_component_status("task:fl")["status"] == "healthy"
         manager.unregister_task("fl")
@@ -662,9 +665,6 @@ async def test_unimportable_class_is_kept_and_recovers(
     """A stored task whose class can no longer be imported (after a restart) is kept in the
     job store and in tasks, marked broken with the import error, and runs again once its
     class is back."""
-    import importlib
-    import sys
-
     module_dir = tmp_path / "mods"
     module_dir.mkdir()
     source = (

@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Row, select
 
 from nanobot.db import create_db_engine
 from nanobot.models import Task, TaskRun, apscheduler_jobs
@@ -90,7 +90,7 @@ def wait_until(predicate: Any, timeout: float = DEADLINE) -> None:
         time.sleep(0.05)
 
 
-def runs(engine: Engine, task: str) -> list[Any]:
+def runs(engine: Engine, task: str) -> Sequence[Row[Any]]:
     with engine.connect() as conn:
         return conn.execute(
             select(TaskRun.__table__)

@@ -12,29 +12,33 @@ import asyncio
 import pickle
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from apscheduler.triggers.interval import IntervalTrigger
-from cron_tasks import Counter
+from cron_tasks import Counter, counted
 from sqlalchemy import Engine, insert, select, text, update
 from test_cron import Outcomes
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, control
 from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule, next_after
+from nanobot.cron.task import definition_of
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.models import Task, TaskRun
+from nanobot.models import Task, TaskRun, apscheduler_jobs, utcnow
 
 POLL = 0.05
 WAIT = 10.0
 
 
-def utc(*args: int, micro: int = 0) -> datetime:
-    return datetime(*args, microsecond=micro, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, micro: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
 
 
 class Clock:
@@ -93,10 +97,19 @@ def task(engine: Engine, name: str) -> Any:
         return conn.execute(select(Task.__table__).where(Task.name == name)).one()
 
 
-def store_task(engine: Engine, name: str, schedule: Any, next_run_at: datetime, label: str) -> None:
-    """A started task whose next slot is ``next_run_at`` (as a running scheduler left it)."""
+def store_task(
+    engine: Engine,
+    name: str,
+    schedule: Any,
+    next_run_at: datetime,
+    label: str,
+    path: Path | None = None,
+) -> None:
+    """A started task whose next slot is ``next_run_at`` (as a running scheduler left it); a
+    Counter that notes its runs in ``path`` if given."""
+    kwargs = {"label": label} | ({"path": str(path)} if path is not None else {})
     definition = control.definition_from_class(
-        name, "cron_tasks:Counter", kwargs={"label": label}, schedule=schedule
+        name, "cron_tasks:Counter", kwargs=kwargs, schedule=schedule
     )
     control.add_task(engine, definition)
     with write_transaction(engine) as conn:
@@ -121,11 +134,6 @@ async def run_manager(
         await manager.shutdown(grace=0)
 
 
-@pytest.fixture(autouse=True)
-def _counts() -> None:
-    Counter.counts.clear()
-
-
 @pytest.fixture
 def bus() -> MessageBus:
     return MessageBus()
@@ -135,13 +143,14 @@ def bus() -> MessageBus:
 
 
 async def test_restart_inside_the_repeated_hour_does_not_fire_again(
-    engine: Engine, bus: MessageBus
+    engine: Engine, bus: MessageBus, tmp_path: Path
 ) -> None:
     """`30 1 * * *` in New York runs at 05:30 UTC on 2026-11-01 (01:30 EDT); a scheduler
     restarted at 06:30:05 UTC (01:30:05 EST, the same wall time again) runs nothing and keeps
     the next run on 2026-11-02 at 06:30 UTC."""
     schedule = CronSchedule(expression="30 1 * * *", timezone="America/New_York")
-    store_task(engine, "wake", schedule, utc(2026, 11, 1, 5, 30), "wake")
+    ran = tmp_path / "runs"
+    store_task(engine, "wake", schedule, utc(2026, 11, 1, 5, 30), "wake", ran)
     outcomes = Outcomes(bus)
     clock = Clock(utc(2026, 11, 1, 5, 30, micro=200_000))
 
@@ -162,7 +171,7 @@ async def test_restart_inside_the_repeated_hour_does_not_fire_again(
     assert [(r.scheduled_at, r.outcome) for r in rows(engine, "wake")] == [
         (utc(2026, 11, 1, 5, 30), "success")
     ]
-    assert Counter.counts == {"wake": 1}
+    assert counted(ran) == ["wake"]
     assert task(engine, "wake").next_run_at == utc(2026, 11, 2, 6, 30)
 
 
@@ -219,13 +228,17 @@ async def test_catch_up_counts_missed_slots_by_the_schedule(
 
 
 async def test_one_shot_runs_once_then_is_done_across_restarts(
-    engine: Engine, bus: MessageBus
+    engine: Engine, bus: MessageBus, tmp_path: Path
 ) -> None:
     """A one-shot due while nothing ran runs once at start; afterwards it has no next run, is
     shown done, and a restart (even with its job gone) never runs it again."""
     at = utc(2026, 5, 1, 12)
+    ran = tmp_path / "runs"
     definition = control.definition_from_class(
-        "remind", "cron_tasks:Counter", kwargs={"label": "remind"}, schedule=AtSchedule(at=at)
+        "remind",
+        "cron_tasks:Counter",
+        kwargs={"label": "remind", "path": str(ran)},
+        schedule=AtSchedule(at=at),
     )
     control.add_task(engine, definition)
     assert task(engine, "remind").next_run_at == at
@@ -253,17 +266,19 @@ async def test_one_shot_runs_once_then_is_done_across_restarts(
         conn.execute(update(Task).values(version=Task.version + 1))
     await run_manager(bus, clock, lambda m: clock.passes())
     assert [(r.scheduled_at, r.outcome) for r in rows(engine, "remind")] == [(at, "success")]
-    assert Counter.counts == {"remind": 1}
+    assert counted(ran) == ["remind"]
 
 
-async def test_one_shot_skip_policy_records_it_missed(engine: Engine, bus: MessageBus) -> None:
+async def test_one_shot_skip_policy_records_it_missed(
+    engine: Engine, bus: MessageBus, tmp_path: Path
+) -> None:
     """Under the SKIP policy a one-shot reached more than a minute late is recorded missed and
     is done; it does not run."""
     at = utc(2026, 5, 1, 12)
     definition = control.definition_from_class(
         "skipped",
         "cron_tasks:Counter",
-        kwargs={"label": "skipped"},
+        kwargs={"label": "skipped", "path": str(tmp_path / "runs")},
         schedule=AtSchedule(at=at),
         misfire_policy="skip",
     )
@@ -278,7 +293,7 @@ async def test_one_shot_skip_policy_records_it_missed(engine: Engine, bus: Messa
     await run_manager(bus, clock, body)
     assert [(r.scheduled_at, r.outcome) for r in rows(engine, "skipped")] == [(at, "missed")]
     assert task(engine, "skipped").next_run_at is None
-    assert Counter.counts == {}
+    assert counted(tmp_path / "runs") == []
 
 
 # --- the Python interface ---------------------------------------------------------------------
@@ -342,8 +357,6 @@ def test_bad_schedules_in_python_are_refused(build: Callable[[], Any], message: 
 
 def test_a_one_shot_stores_its_resolved_instant() -> None:
     """A naive ``at`` is stored as the instant it means, so a rebuild elsewhere agrees."""
-    from nanobot.cron.task import definition_of
-
     task_ = Reminder(at="2030-06-01T09:00", tz="Europe/Paris")
     definition = definition_of("r", task_)
     assert definition.kwargs == {"at": "2030-06-01T07:00:00+00:00", "tz": "Europe/Paris"}
@@ -470,8 +483,6 @@ async def test_changing_a_registered_schedule_moves_its_job(
 ) -> None:
     """Registering a task again with another schedule (interval -> cron -> another zone) moves
     its job to the new schedule's next slot; the job store and the tasks row agree."""
-    from nanobot.models import apscheduler_jobs, utcnow
-
     clock = Clock(utcnow())
 
     def stored() -> tuple[Any, Any]:

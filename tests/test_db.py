@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from nanobot.db import (
     create_db_engine,
     get_engine,
     read_transaction,
+    upgrade_database,
     write_transaction,
 )
 from nanobot.exceptions import DatabaseError
@@ -26,7 +28,7 @@ JOIN_S = 15.0
 
 
 @pytest.fixture
-def sqlite_engine(tmp_path: Path) -> Engine:
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'db' / 'nanobot.db'}")
     with write_transaction(engine) as conn:
         conn.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
@@ -220,8 +222,6 @@ def test_naive_datetime_is_refused(engine: Engine) -> None:
 
 def test_sqlite_stores_readable_iso_text(tmp_path: Path) -> None:
     """On SQLite a datetime column holds ISO-8601 text in UTC, readable by the sqlite3 module."""
-    from nanobot.db import upgrade_database
-
     path = tmp_path / "nanobot.db"
     engine = create_db_engine(f"sqlite:///{path}")
     try:

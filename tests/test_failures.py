@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from failure_tasks import Breaking, BreaksAfterThree
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, select, text, update
 
 from nanobot import config as config_module
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
 from nanobot.cron import CronManager
 from nanobot.cron.autopause import pause_failing, reason_text
+from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import (
     count_tasks,
     create_db_engine,
@@ -25,9 +26,9 @@ from nanobot.db import (
     upgrade_database,
     write_transaction,
 )
-from nanobot.exceptions import InvalidTaskError
+from nanobot.exceptions import InvalidTaskError, TaskFileError
 from nanobot.models import Task, TaskRun
-from nanobot.status import SystemStatus, _verdict
+from nanobot.status import SystemStatus, verdict
 
 POLL = 0.05
 WAIT = 30.0  # the bound of every wait below (a loaded machine is slow)
@@ -262,8 +263,8 @@ def test_status_is_degraded_by_an_auto_paused_task() -> None:
             }
         ],
     }
-    verdict, problems = _verdict(state)
-    assert verdict is SystemStatus.DEGRADED
+    found, problems = verdict(state)
+    assert found is SystemStatus.DEGRADED
     assert problems == ["task nightly was paused after 5 consecutive failures; last error: boom"]
 
 
@@ -336,9 +337,6 @@ def test_cli_empty_note_is_refused(engine: Engine) -> None:
 
 def test_task_file_key(tmp_path: Path) -> None:
     """The task file's pause_after_failures is validated and stored with the definition."""
-    from nanobot.cron.taskfile import parse_task_file
-    from nanobot.exceptions import TaskFileError
-
     path = tmp_path / "tasks.toml"
     text = '[tasks.nightly]\ncommand = "true"\nevery = "1h"\npause_after_failures = 5\n'
     tasks = parse_task_file(text, path)
@@ -354,8 +352,6 @@ def test_migration_0009_keeps_tasks(db_url: str) -> None:
     empty_engine = create_db_engine(db_url)
     upgrade_database(empty_engine, "0008")
     now = datetime(2026, 11, 30, tzinfo=UTC)
-    from sqlalchemy import text
-
     with empty_engine.begin() as conn:
         conn.execute(
             text(

@@ -20,6 +20,7 @@ from heartbeat_helpers import FakeClock, Recorder, error_rows, make_monitor
 from sqlalchemy import Engine
 
 from nanobot.bus import MessageBus, get_bus
+from nanobot.config import reset_config
 from nanobot.exceptions import ComponentError
 from nanobot.heartbeat import (
     CHECK_BUSY_REASON,
@@ -74,21 +75,37 @@ def test_seed_defect_1_the_module_imports_and_its_annotations_resolve() -> None:
     assert typing.get_type_hints(HeartbeatMonitor.__init__)["interval"] is float
 
 
-def test_seed_defect_2_no_heartbeat_test_is_an_async_method_of_a_testcase() -> None:
-    """Async methods of a unittest.TestCase are never awaited: none may hide in these tests."""
+def _async_testcase_methods(source: str) -> list[str]:
+    """``Class.method`` of every ``async def`` of a ``unittest.TestCase`` subclass in ``source``."""
     offenders = []
-    for path in sorted(Path(__file__).parent.glob("test_heartbeat*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.ClassDef):
-                continue
-            bases = {ast.unparse(base) for base in node.bases}
-            if bases & {"TestCase", "unittest.TestCase"}:
-                offenders += [
-                    f"{path.name}:{node.name}.{item.name}"
-                    for item in node.body
-                    if isinstance(item, ast.AsyncFunctionDef)
-                ]
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        if {ast.unparse(base) for base in node.bases} & {"TestCase", "unittest.TestCase"}:
+            offenders += [
+                f"{node.name}.{item.name}"
+                for item in node.body
+                if isinstance(item, ast.AsyncFunctionDef)
+            ]
+    return offenders
+
+
+def test_seed_defect_2_no_test_is_an_async_method_of_a_testcase() -> None:
+    """Async methods of a unittest.TestCase are never awaited: none may hide in the suite. The
+    scan finds the seed's own shape of the defect, so that it cannot pass by finding nothing."""
+    seed_shape = (
+        "import unittest\n"
+        "class TestHeartbeat(unittest.TestCase):\n"
+        "    async def test_cycle(self):\n"
+        "        assert False\n"
+    )
+    assert _async_testcase_methods(seed_shape) == ["TestHeartbeat.test_cycle"]
+    tests = Path(__file__).parent
+    offenders = [
+        f"{path.relative_to(tests)}:{found}"
+        for path in sorted(tests.rglob("*.py"))
+        for found in _async_testcase_methods(path.read_text(encoding="utf-8"))
+    ]
     assert offenders == []
 
 
@@ -231,8 +248,6 @@ async def test_get_heartbeat_monitor_reads_the_configured_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The process-wide monitor uses heartbeat.interval and heartbeat.check_timeout."""
-    from nanobot.config import reset_config
-
     monkeypatch.setenv("NANOBOT_HEARTBEAT__INTERVAL", "7")
     monkeypatch.setenv("NANOBOT_HEARTBEAT__CHECK_TIMEOUT", "2")
     reset_config()

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from nanobot.db import create_db_engine
+from nanobot.db import create_db_engine, write_transaction
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id, lock_key
 
 
@@ -261,8 +261,6 @@ def test_advisory_lock_refuses_sqlite(tmp_path: Path) -> None:
 def test_verify_inside_a_transaction(engine: Engine) -> None:
     """verify() says, inside the caller's transaction, whether this process still holds the
     lease: true for the holder, false for another node and after the lease moved on."""
-    from nanobot.db import write_transaction
-
     first = SchedulerLease(engine, "a:1", 30)
     second = SchedulerLease(engine, "b:2", 30)
     assert first.try_acquire()

@@ -13,8 +13,9 @@ import pytest
 import structlog
 
 from nanobot.config import Config, load_config
+from nanobot.db import get_engine, upgrade_database
 from nanobot.logging import (
-    _QueueHandler,
+    QueueToListener,
     configured_log_file,
     flush_logging,
     is_configured,
@@ -44,7 +45,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _our_handlers() -> list[logging.Handler]:
-    return [h for h in logging.getLogger().handlers if isinstance(h, _QueueHandler)]
+    return [h for h in logging.getLogger().handlers if isinstance(h, QueueToListener)]
 
 
 def test_setup_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -319,8 +320,6 @@ def test_a_migration_logs_no_alembic_chatter(
     monkeypatch: pytest.MonkeyPatch, nanobot_home: Path
 ) -> None:
     """Creating the database logs db.migrated, not Alembic's plugin and context lines."""
-    from nanobot.db import get_engine, upgrade_database
-
     cfg = _config(monkeypatch)
     setup_logging(cfg)
     engine = get_engine(cfg)

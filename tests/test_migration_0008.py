@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from datetime import UTC, datetime
 
+from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine, inspect, text
 
 from nanobot.cron.aps_adapter import NanobotScheduler
@@ -14,8 +15,6 @@ ANCHOR = datetime(2026, 6, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 
 
 def _state(job_id: str) -> bytes:
-    from apscheduler.triggers.interval import IntervalTrigger
-
     return pickle.dumps(
         {
             "version": 1,
@@ -58,10 +57,12 @@ def test_upgrade_moves_states_and_keeps_jobs(db_url: str) -> None:
         upgrade_database(engine, "0008")
         assert "job_state" not in _columns(engine, "apscheduler_jobs")
         with engine.connect() as conn:
-            moved = dict(
+            moved: dict[str, bytes] = dict(
                 conn.execute(text("SELECT id, job_state FROM apscheduler_job_states")).all()
             )
-            times = dict(conn.execute(text("SELECT id, next_run_time FROM apscheduler_jobs")).all())
+            times: dict[str, float] = dict(
+                conn.execute(text("SELECT id, next_run_time FROM apscheduler_jobs")).all()
+            )
         assert {k: bytes(v) for k, v in moved.items()} == states
         assert times == {"a": ANCHOR.timestamp(), "b": ANCHOR.timestamp() + 1}
 
@@ -78,7 +79,9 @@ def test_upgrade_moves_states_and_keeps_jobs(db_url: str) -> None:
         downgrade_database(engine, "0005")
         assert "job_state" in _columns(engine, "apscheduler_jobs")
         with engine.connect() as conn:
-            back = dict(conn.execute(text("SELECT id, job_state FROM apscheduler_jobs")).all())
+            back: dict[str, bytes] = dict(
+                conn.execute(text("SELECT id, job_state FROM apscheduler_jobs")).all()
+            )
         assert {k: bytes(v) for k, v in back.items()} == {"b": states["b"]}
     finally:
         engine.dispose()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, insert, inspect, select, text
 
 from nanobot.db import (
     alembic_config,
@@ -26,7 +27,7 @@ from nanobot.db import (
     upgrade_database,
 )
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
-from nanobot.models import Base
+from nanobot.models import Base, TaskRun
 
 REPO = Path(__file__).resolve().parent.parent
 NANOBOT_TABLES = set(Base.metadata.tables)
@@ -200,12 +201,6 @@ def test_0003_marks_running_rows_of_earlier_versions_dispatched(empty_engine: En
     """A database at 0001 with a run left running (started_at NULL, as earlier versions wrote
     it) and a finished run: after the upgrade the running row counts as dispatched (recorded
     interrupted, never run again), and the finished row is unchanged."""
-    from datetime import UTC, datetime
-
-    from sqlalchemy import insert, select
-
-    from nanobot.models import TaskRun
-
     upgrade_database(empty_engine, "0001")
     slot = datetime(2026, 1, 1, tzinfo=UTC)
     done = datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)

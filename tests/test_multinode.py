@@ -33,8 +33,11 @@ from faults.harness import (
     wait_for,
 )
 from sqlalchemy import Engine, create_engine, text
+from structlog.testing import capture_logs
 
+from nanobot.config import load_config
 from nanobot.db import create_db_engine
+from nanobot.node import NODE_ID_FILE, node_name, reset_node_ids
 
 pytestmark = pytest.mark.slow
 
@@ -76,9 +79,6 @@ def test_default_node_name_is_stable_per_home_and_distinct_between_homes(
 ) -> None:
     """Unset service.node: ``<host>:<id>``, the id drawn once into $NANOBOT_HOME/node-id, so a
     restart keeps the name and two homes on one host get two names; service.node wins."""
-    from nanobot.config import load_config
-    from nanobot.node import NODE_ID_FILE, node_name, reset_node_ids
-
     host = socket.gethostname()
     one = load_config({"NANOBOT_HOME": str(tmp_path / "one")})
     two = load_config({"NANOBOT_HOME": str(tmp_path / "two")})
@@ -94,11 +94,6 @@ def test_default_node_name_is_stable_per_home_and_distinct_between_homes(
 
 def test_node_name_falls_back_to_the_host_when_node_id_cannot_be_stored(tmp_path: Path) -> None:
     """A home where node-id cannot be written (here: under a file): the bare host name, logged."""
-    from structlog.testing import capture_logs
-
-    from nanobot.config import load_config
-    from nanobot.node import node_name, reset_node_ids
-
     (tmp_path / "file").write_text("not a folder")
     config = load_config({"NANOBOT_HOME": str(tmp_path / "home")})
     config.home = tmp_path / "file" / "home"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, update
+import structlog
+from faults.harness import BASE_ENV, ServiceProcess, add_append, run_cli, runs_file, wait_for
+from sqlalchemy import Engine, insert, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.config import get_config
@@ -24,7 +26,7 @@ from nanobot.cron.overdue import (
 )
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import Task, TaskRun, utcnow
-from nanobot.status import SystemStatus, _verdict
+from nanobot.status import SystemStatus, verdict
 
 NOW = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
 
@@ -152,10 +154,22 @@ async def test_watch_publishes_overdue_then_cleared(engine: Engine) -> None:
 async def test_watch_keeps_going_when_the_database_fails(engine: Engine) -> None:
     """A failed read is logged and retried at the next period; the loop stops cleanly."""
     watch = OverdueWatch(engine, MessageBus(), get_config(), node="n1", period=0.01)
-    engine.dispose()
-    watch.start()
-    await asyncio.sleep(0.05)
-    await watch.stop()
+    with write_transaction(engine) as conn:  # every read of the watch now fails
+        conn.execute(text("ALTER TABLE tasks RENAME TO tasks_gone"))
+
+    def failures() -> list[MutableMapping[str, Any]]:
+        return [e for e in logs if e["event"] == "cron.overdue_check_failed"]
+
+    with structlog.testing.capture_logs() as logs:
+        watch.start()
+        try:
+            async with asyncio.timeout(5):
+                while len(failures()) < 2:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            pytest.fail(f"the failed read was not tried again within 5 s: {failures()}")
+        await asyncio.wait_for(watch.stop(), 5)
+    assert "tasks" in failures()[0]["error"]
 
 
 def test_status_is_degraded_by_an_overdue_task() -> None:
@@ -172,13 +186,13 @@ def test_status_is_degraded_by_an_overdue_task() -> None:
         "tasks": [],
         "overdue": [item],
     }
-    verdict, problems = _verdict(state)
-    assert verdict is SystemStatus.DEGRADED
+    found, problems = verdict(state)
+    assert found is SystemStatus.DEGRADED
     assert problems == [item.describe()]
     assert "42s late and no scheduler claimed it" in problems[0]
     state["leader_held"] = False
-    verdict, problems = _verdict(state)
-    assert verdict is SystemStatus.ERROR
+    found, problems = verdict(state)
+    assert found is SystemStatus.ERROR
     assert problems[-1] == item.describe()
 
 
@@ -189,8 +203,6 @@ def test_status_is_degraded_by_an_overdue_task() -> None:
 def services(
     nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., Any]]:
-    from faults.harness import BASE_ENV, ServiceProcess
-
     for name, value in BASE_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("NANOBOT_CRON__OVERDUE_GRACE_MIN", "2")
@@ -216,8 +228,6 @@ def test_frozen_leader_shows_overdue_to_another_process(
 ) -> None:
     """The leader SIGSTOPped: another process's status lists the every-second task overdue
     (and its metrics count it); thawed, the leader claims again and the overdue clears."""
-    from faults.harness import add_append, run_cli, runs_file, wait_for
-
     service = services()
     service.wait_up()
     path = tmp_path / "runs.txt"

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from cron_tasks import Busy
+from cron_tasks import Busy, counted
 from sqlalchemy import Engine, select
 
 from nanobot.bus import MessageBus
@@ -29,6 +30,7 @@ from nanobot.cron.overlap import (
     check_overlap,
     decide,
 )
+from nanobot.db import create_db_engine
 from nanobot.exceptions import InvalidTaskError
 from nanobot.models import TaskRun
 
@@ -291,20 +293,20 @@ async def test_golden_table_on_the_real_scheduler(db_url: str, policy: str) -> N
 
 
 @pytest.mark.parametrize("policy", ["buffer_one", "allow"])
-async def test_two_schedulers_never_run_a_slot_twice(db_url: str, policy: str) -> None:
+async def test_two_schedulers_never_run_a_slot_twice(
+    db_url: str, policy: str, tmp_path: Path
+) -> None:
     """Two schedulers on one database that both believe they lead (no lease between them)
     still claim each slot once: every slot is one row, and the task started once per row that
     ran, whatever the policy lets overlap."""
-    from nanobot.db import create_db_engine
-
     engines = [create_db_engine(db_url) for _ in range(2)]
+    starts = tmp_path / "starts"
     managers = [
         CronManager(e, poll_interval=0.05, bus=MessageBus(), node=f"n{i}", fence=lambda _c: True)
         for i, e in enumerate(engines)
     ]
-    Busy.started = 0
     try:
-        managers[0].register_task("twice", Busy(0.1, 0.25, overlap=policy))
+        managers[0].register_task("twice", Busy(0.1, 0.25, overlap=policy, path=str(starts)))
         await managers[0].start_task("twice")
         await managers[1].start()
         async with asyncio.timeout(WAIT):
@@ -318,7 +320,7 @@ async def test_two_schedulers_never_run_a_slot_twice(db_url: str, policy: str) -
     assert len({r.scheduled_at for r in rows}) == len(rows)
     ran = [r for r in rows if r.outcome not in ("skipped", "missed")]
     assert {r.outcome for r in ran} <= {"success"}
-    assert Busy.started == len(ran)
+    assert len(counted(starts)) == len(ran)
     for engine in engines:
         engine.dispose()
 
@@ -335,19 +337,19 @@ async def test_run_now_obeys_the_policy_unless_forced(db_url: str) -> None:
     """A run-now request that comes while a run goes is recorded skipped under skip (manual,
     with the reason); a forced one runs beside the run in flight."""
     manager = CronManager(poll_interval=0.05, bus=MessageBus())
-    manager.register_task("long", Busy(3600, 30))
+    busy = Busy(3600, 30)
+    manager.register_task("long", busy)
     engine = manager.engine
-    Busy.started = 0
     try:
         await manager.start_task("long")
         async with asyncio.timeout(WAIT):
-            while Busy.started < 1:
+            while busy.started < 1:
                 await asyncio.sleep(0.02)
             control.request_run(engine, "long")
             while not [r for r in _rows(engine, "long") if r.outcome == "skipped"]:
                 await asyncio.sleep(0.02)
             control.request_run(engine, "long", force=True)
-            while Busy.started < 2:
+            while busy.started < 2:
                 await asyncio.sleep(0.02)
         assert [r.outcome for r in _rows(engine, "long")] == ["running", "skipped", "running"]
         skipped = _rows(engine, "long")[1]

@@ -17,8 +17,9 @@ from nanobot.bus import MessageBus
 from nanobot.cli import cli
 from nanobot.cron import CronManager, CronTask
 from nanobot.cron.pings import check_ping_url
+from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import get_engine
-from nanobot.exceptions import InvalidTaskError
+from nanobot.exceptions import InvalidTaskError, TaskFileError
 from nanobot.models import Task
 
 WAIT = 30.0
@@ -54,7 +55,7 @@ async def monitor() -> AsyncIterator[Monitor]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     found.url = f"http://127.0.0.1:{port}/ping/abc"
     try:
         yield found
@@ -123,9 +124,6 @@ def test_bad_ping_urls_are_refused() -> None:
 def test_cli_and_task_file_store_the_url(engine: Engine, tmp_path: Path) -> None:
     """cron add --ping-url stores it; a bad one is a usage error with nothing stored; the task
     file's ping_url is validated."""
-    from nanobot.cron.taskfile import parse_task_file
-    from nanobot.exceptions import TaskFileError
-
     result = CliRunner().invoke(
         cli,
         ["cron", "add", "t", "--command", "true", "--every", "1h", "--ping-url", "ftp://x"],

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from failure_tasks import Flaky
+from faults.harness import BASE_ENV, ServiceProcess, run_cli, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, insert, select, text, update
@@ -24,6 +26,7 @@ from test_cron_schedules import Clock
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
 from nanobot.cron import CronManager, control
+from nanobot.cron.history import Claim, claim_slots
 from nanobot.cron.retries import (
     MAX_RETRIES,
     RetryBackoff,
@@ -35,8 +38,9 @@ from nanobot.cron.retries import (
     retry_is_late,
 )
 from nanobot.cron.schedules import IntervalSchedule
-from nanobot.db import create_db_engine, upgrade_database, write_transaction
-from nanobot.exceptions import InvalidTaskError
+from nanobot.cron.taskfile import parse_task_file
+from nanobot.db import create_db_engine, get_engine, upgrade_database, write_transaction
+from nanobot.exceptions import InvalidTaskError, TaskFileError
 from nanobot.models import MisfirePolicy, Task, TaskOutcome, TaskRun
 
 T = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
@@ -395,6 +399,7 @@ async def test_retries_give_way_to_the_next_slot(
         error = conn.execute(
             select(TaskRun.error).where(TaskRun.task_name == "tight", TaskRun.attempt == 2)
         ).scalar_one()
+    assert error is not None
     assert error.startswith("RuntimeError: failure 2; retry given up: attempt 3 of 4")
     assert "2 attempt(s) not run" in error
 
@@ -535,6 +540,7 @@ async def test_next_slot_passed_during_a_restart_gives_the_retry_up(
         error = conn.execute(
             select(TaskRun.error).where(TaskRun.task_name == "behind", TaskRun.scheduled_at == T)
         ).scalar_one()
+    assert error is not None
     assert "retry given up: attempt 2 of 4" in error
     assert starts(path) == 2
 
@@ -596,7 +602,6 @@ async def test_a_timed_out_attempt_has_stopped_before_the_retry(
 
 def test_an_attempt_is_claimed_once(engine: Engine) -> None:
     """Two schedulers claiming the same retry (a leader and one fenced off): one claim wins."""
-    from nanobot.cron.history import Claim, claim_slots
 
     claim = Claim("t", T, attempt=2, started_at=at(1))
     with write_transaction(engine) as conn:
@@ -632,7 +637,8 @@ def test_history_pages_keep_a_slots_attempts_together(engine: Engine) -> None:
 
 def spans(path: Path) -> list[tuple[float, float]]:
     """(start, end) of each attempt as the task wrote them, in order."""
-    starts_, ends = [], []
+    starts_: list[float] = []
+    ends: list[float] = []
     for line in path.read_text().splitlines():
         word, when, _pid = line.split()
         (starts_ if word == "start" else ends).append(float(when))
@@ -758,8 +764,6 @@ def test_cli_bad_retry_options_change_nothing(engine: Engine, option: str, value
 
 def test_task_file_keys(tmp_path: Path) -> None:
     """retries and retry_backoff in tasks.toml; a bad value names the key."""
-    from nanobot.cron.taskfile import parse_task_file
-    from nanobot.exceptions import TaskFileError
 
     good = parse_task_file(
         '[tasks.t]\ncommand = "true"\nevery = "1h"\nretries = 2\nretry_backoff = "5s,2,1m"\n',
@@ -780,14 +784,14 @@ def test_task_file_keys(tmp_path: Path) -> None:
 
 def test_class_attribute_and_keyword() -> None:
     """A class declares retries and retry_backoff; a keyword wins; bad ones are refused."""
-    from failure_tasks import Flaky
 
     class Retrying(Flaky):
         retries = 2
         retry_backoff = "1s,2,60s"
 
     task = Retrying(path="x")
-    assert (task.retries, task.retry_backoff) == (2, RetryBackoff(1, 2, 60))
+    assert task.retries == 2
+    assert task.retry_backoff == RetryBackoff(1, 2, 60)  # type: ignore[comparison-overlap]
     assert Retrying(path="x", retries=5).retries == 5
     with pytest.raises(InvalidTaskError, match="retries"):
         Flaky(path="x", retries=-1)
@@ -858,7 +862,6 @@ def test_migration_0010_numbers_existing_runs(db_url: str) -> None:
 def services(
     nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., Any]]:
-    from faults.harness import BASE_ENV, ServiceProcess
 
     for name, value in BASE_ENV.items():
         monkeypatch.setenv(name, value)
@@ -877,8 +880,6 @@ def services(
 
 
 def add_flaky(name: str, path: Path, failures: int, backoff: str) -> None:
-    from faults.harness import run_cli
-
     code, out = run_cli(
         "cron", "add", name, "--task", "failure_tasks:Flaky", "--every", "1h",
         "--kwargs", json.dumps({"path": str(path), "failures": failures}),
@@ -899,7 +900,6 @@ def start_lines(path: Path) -> list[tuple[float, int]]:
 
 
 def history_of(name: str) -> list[control.RunInfo]:
-    from nanobot.db import get_engine
 
     return list(reversed(control.task_history(get_engine(), name, 20)))
 
@@ -908,7 +908,6 @@ def history_of(name: str) -> list[control.RunInfo]:
 def test_example_on_a_real_service(services: Callable[..., Any], tmp_path: Path) -> None:
     """The issue's example on the service as operators run it: fails twice, then succeeds;
     attempts 1 s and then 2 s apart (plus the scheduler's own lateness), one slot, success."""
-    from faults.harness import wait_for
 
     services().wait_up()
     path = tmp_path / "runs.txt"
@@ -932,9 +931,6 @@ def test_example_on_a_real_service(services: Callable[..., Any], tmp_path: Path)
 def test_kill_9_between_attempts(services: Callable[..., Any], tmp_path: Path) -> None:
     """kill -9 after attempt 1 failed, before its retry: the restarted service runs attempt 2
     once, not before its time, under the same slot; the slot's outcome is its success."""
-    from faults.harness import wait_for
-
-    from nanobot.db import get_engine
 
     service = services()
     service.wait_up()

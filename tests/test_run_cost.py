@@ -17,12 +17,13 @@ from cron_tasks import Counter, Failing
 from sqlalchemy import Engine, event, func, select
 
 from nanobot.bus import MessageBus
+from nanobot.config import reset_config
 from nanobot.cron import CronManager, TaskOutcome, control, history
 from nanobot.cron.aps_adapter import JobSpec, NanobotScheduler
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
-from nanobot.db import write_transaction
+from nanobot.db import get_engine, write_transaction
 from nanobot.models import Task, TaskRun, apscheduler_job_states
 
 POLL = 0.05
@@ -105,9 +106,6 @@ async def test_service_trims_history_as_it_runs(
 ) -> None:
     """With cron.history_max_rows = 10, a task running every 50 ms never holds much more than
     its limit, long before the hourly cleanup runs."""
-    from nanobot.config import reset_config
-    from nanobot.db import get_engine
-
     monkeypatch.setenv("NANOBOT_CRON__HISTORY_MAX_ROWS", "10")
     reset_config()
     bus = MessageBus()
@@ -189,8 +187,6 @@ async def test_a_run_updates_its_tasks_row_once(engine: Engine, db_url: str) -> 
             updates.append(statement)
 
     control.add_task(engine, TaskDefinition(name="m", task_class="cron_tasks:Counter", interval=60))
-    from nanobot.db import get_engine
-
     nanobot_engine = get_engine()
     bus = MessageBus()
     manager = CronManager(nanobot_engine, poll_interval=POLL, bus=bus)
@@ -234,8 +230,9 @@ def test_a_pass_writes_only_the_next_run_time(engine: Engine) -> None:
     assert _job_state(engine) == state_before, "the pickled state is not rewritten"
     later = t0 + timedelta(seconds=10)
     assert pickle.loads(state_before)["next_run_time"] == t0
-    assert scheduler.lookup("j") is not None
-    assert scheduler.lookup("j").next_run_at == later  # type: ignore[union-attr]
+    state = scheduler.lookup("j")
+    assert state is not None
+    assert state.next_run_at == later
     assert scheduler.next_run_at() == later
     assert [d.run_slot for d in scheduler.due(later, later, {})] == [later]
     scheduler.close()

@@ -39,8 +39,10 @@ from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
 from nanobot.models import MisfirePolicy
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def local_day(schedule: CronSchedule, day: date) -> list[datetime]:

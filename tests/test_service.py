@@ -11,6 +11,7 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def test_status_and_every_endpoint_while_running_then_after_stop(
     data = wait_for("status healthy", healthy)
     assert data["status"] == "healthy"
     assert data["service"]["running"] is True
-    assert data["service"]["leader"]["holder"].endswith(f":{service.proc.pid}")
+    assert data["service"]["leader"]["holder"].endswith(f":{service.pid}")
     assert {c["name"] for c in data["components"]} >= {"database", "cron", "bus"}
     assert {t["name"] for t in data["tasks"]} == {"cleanup", "heartbeat"}
 
@@ -101,8 +102,6 @@ def test_status_and_every_endpoint_while_running_then_after_stop(
     assert code == 2
     assert data["service"]["running"] is False
     assert data["status"] == "error"
-    from datetime import datetime
-
     last = datetime.fromisoformat(data["service"]["last_heartbeat"]).timestamp()
     assert last >= stopping_at - 0.5, "a last heartbeat is recorded at stop"
     log = service.output(tail=10**7)
@@ -118,12 +117,11 @@ def test_command_line_changes_apply_within_two_seconds(
     service = services()
     service.wait_healthy()
     out = tmp_path / "job.txt"
-    t0 = time.monotonic()
     add_append("job", out, 60)
-    wait_for("first run of an added task", lambda: lines(out), timeout=2.0)
-    assert time.monotonic() - t0 < 2.5
-
     t0 = time.monotonic()
+    wait_for("first run of an added task", lambda: lines(out), timeout=10.0)
+    assert time.monotonic() - t0 < 2.0, "the added task ran, but later than 2 s after the command"
+
     assert run_cli("cron", "run", "job")[0] == 0
     wait_for("the requested run", lambda: len(lines(out)) >= 2, timeout=2.0)
 
@@ -180,11 +178,7 @@ def test_kill_9_and_restart_loses_nothing_and_catches_up_once(
     time.sleep(3.5)  # the downtime itself: slots pass while nothing runs
     before = len(lines(out))
     second = services()
-    health = wait_for(
-        "the restarted service leads", lambda: (h := second.health()) and h["role"] == "leader",
-        timeout=15.0,
-    )  # fmt: skip
-    assert health
+    second.wait_role("leader", timeout=15.0)
     wait_for("a catch-up run", lambda: len(lines(out)) > before, timeout=3.0)
     runs = history("tick")
     missed = [r for r in runs if r["outcome"] == "missed"]
@@ -192,7 +186,7 @@ def test_kill_9_and_restart_loses_nothing_and_catches_up_once(
     slots = [r["scheduled_at"] for r in runs]
     assert len(slots) == len(set(slots)), "no slot was recorded twice"
     pids = {row[2] for row in lines(out)}
-    assert pids == {str(first.proc.pid), str(second.proc.pid)}
+    assert pids == {str(first.pid), str(second.pid)}
     _code, tasks = run_cli("cron", "list", "--json")
     assert [t["name"] for t in tasks if t["name"] == "tick"] == ["tick"]
     assert second.stop() == 0
@@ -210,7 +204,7 @@ def test_second_instance_stands_by_and_takes_over(
     out = tmp_path / "tick.txt"
     add_append("tick", out, 0.5)
     wait_for("runs", lambda: len(lines(out)) >= 3, timeout=4.0)
-    assert {row[2] for row in lines(out)} == {str(first.proc.pid)}
+    assert {row[2] for row in lines(out)} == {str(first.pid)}
     _status, body = http(second.base + "/metrics")
     assert b'nanobot_leader{node="second"} 0.0' in body
 
@@ -224,7 +218,7 @@ def test_second_instance_stands_by_and_takes_over(
     takeover = time.monotonic() - stopped_at
     count = len(lines(out))
     wait_for("runs by the new leader", lambda: len(lines(out)) > count + 1, timeout=4.0)
-    assert str(second.proc.pid) in {row[2] for row in lines(out)}
+    assert str(second.pid) in {row[2] for row in lines(out)}
     runs = history("tick")
     slots = [r["scheduled_at"] for r in runs]
     assert len(slots) == len(set(slots))
@@ -245,7 +239,7 @@ def test_a_second_signal_exits_at_once(services: Callable[..., Service], tmp_pat
     )  # fmt: skip
     assert code == 0
     wait_for("the slow run starts", lambda: lines(out, "start"), timeout=3.0)
-    service.proc.send_signal(signal.SIGTERM)
+    service.send(signal.SIGTERM)
     wait_for("the stop begins", lambda: '"service.stopping"' in service.output(10**7), 3.0)
     t0 = time.monotonic()
     assert service.stop(signal.SIGINT, timeout=5) == 1

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, func, select
 
-from nanobot.db import get_engine
+from nanobot import config
+from nanobot.db import get_engine, upgrade_database
 from nanobot.exceptions import (
     InvalidSessionError,
     NanobotError,
@@ -86,8 +87,6 @@ def test_default_ttl_comes_from_the_configuration(
     db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
 ) -> None:
     """Without default_ttl, session.ttl from the configuration applies."""
-    from nanobot import config
-
     monkeypatch.setenv("NANOBOT_SESSION__TTL", "120")
     config.reset_config()
     info = SessionManager(engine, clock=clock).create()
@@ -245,8 +244,6 @@ def test_data_reads_back_as_json_would(manager: SessionManager) -> None:
 
 def test_get_session_manager_is_process_wide_on_the_configured_database(db_url: str) -> None:
     """get_session_manager returns one manager on get_engine(); reset forgets it."""
-    from nanobot.db import upgrade_database
-
     upgrade_database(get_engine())
     first = get_session_manager()
     assert first is get_session_manager()

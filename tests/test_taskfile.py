@@ -12,8 +12,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, insert, select, text, update
+from click.testing import CliRunner
+from sqlalchemy import Engine, Row, insert, select, text, update
 
+from nanobot.cli import cli
 from nanobot.cron import control
 from nanobot.cron.command import CommandTask
 from nanobot.cron.schedules import AtSchedule, CronSchedule
@@ -114,7 +116,7 @@ def test_a_missing_file_reads_as_none(tmp_path: Path) -> None:
     assert read_task_file(tmp_path / "tasks.toml") is None
 
 
-def _rows(engine: Engine) -> dict[str, object]:
+def _rows(engine: Engine) -> dict[str, Row[Any]]:
     with engine.connect() as conn:
         return {r.name: r for r in conn.execute(select(Task.__table__))}
 
@@ -348,9 +350,6 @@ def test_a_changed_schedule_kind_moves_the_next_run(engine: Engine, tmp_path: Pa
 def test_tasks_check_and_sync_commands(engine: Engine, nanobot_home: Path) -> None:
     """'tasks check' validates without applying; 'tasks sync' applies and says what changed;
     a bad file or a clash is one line and exit 2."""
-    from click.testing import CliRunner
-
-    from nanobot.cli import cli
 
     def run(*args: str) -> Any:
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)

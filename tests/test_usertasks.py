@@ -380,7 +380,9 @@ def test_the_service_syncs_the_task_file_when_it_changes(
         '[tasks.keep]\ncommand = ["true"]\nevery = 3600\n[tasks.mine]\ncommand = ["false"]\n'
         "every = 5\n"
     )
-    error = wait_for("the clash in status", lambda: (e := file_error()) and "'mine'" in e and e)
+    error = wait_for(
+        "the clash in status", lambda: e if (e := file_error()) and "'mine'" in e else None
+    )
     assert "command line" in error
     assert _tasks(nb)["mine"] == before["mine"] | {
         "last_run_at": _tasks(nb)["mine"]["last_run_at"],

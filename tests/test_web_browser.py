@@ -20,6 +20,10 @@ from typing import Any
 
 import pytest
 from faults.harness import BASE_ENV, REPO, ServiceProcess, run_cli, wait_for
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from web_helpers import OPERATOR
 
 from nanobot.web.tokens import hash_token
@@ -76,9 +80,6 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         if REQUIRE_BROWSER:
             pytest.fail(reason)
         pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager: never the network
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -137,8 +138,6 @@ def test_an_operator_logs_in_and_manages_a_task_added_by_the_command_line(
     """The overview shows a task added by the CLI without a reload; after login, Pause makes the
     CLI report it paused, Run now adds a history row, and a failing task's error is shown. No
     page and no log line holds the token. Every page is photographed."""
-    from selenium.webdriver.common.by import By
-
     service = start(services)
     base = service.base
     browser.get(base + "/")
@@ -243,8 +242,6 @@ def test_an_action_without_login_is_refused(
 ) -> None:
     """Without login the page offers no button, and a pause posted anyway is refused with 401:
     the command line still reports the task running."""
-    from selenium.webdriver.common.by import By
-
     service = start(services)
     kwargs = json.dumps({"path": str(tmp_path / "x.txt")})
     code, _ = run_cli(
@@ -263,8 +260,6 @@ def test_an_action_without_login_is_refused(
     assert status == 401
     assert cli_task("hello")["paused"] is False
     # Keyboard: the first Tab reaches the skip link, which leads to the content.
-    from selenium.webdriver.common.keys import Keys
-
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
     focused = browser.switch_to.active_element
     assert focused.get_attribute("class") == "skip"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import aiohttp
@@ -23,7 +24,8 @@ from web_helpers import (
 
 from nanobot.cron import control
 from nanobot.db import write_transaction
-from nanobot.models import Component, Task, utcnow
+from nanobot.models import AlertDelivery, AlertRecord, Component, Task, utcnow
+from nanobot.status import build_status
 from nanobot.web.sessions import COOKIE_NAME
 
 
@@ -272,12 +274,10 @@ async def test_pages_and_api_stay_fast_on_ten_thousand_tasks(engine: Engine) -> 
 def test_problems_only_status_has_the_same_verdict_and_problems(engine: Engine) -> None:
     """The status the dashboard reads (problems only) says what the full status says, in each
     case: healthy tasks only, a failed task, a broken one, a task component in error."""
-    from nanobot.status import build_status
-
     add_node(engine)
     add_task_row(engine, "fine", last_outcome="success")
     now = utcnow()
-    steps = [
+    steps: list[Callable[[], object]] = [
         lambda: add_task_row(engine, "failed", last_outcome="timeout", consecutive_failures=1),
         lambda: add_task_row(engine, "broken", broken_reason="gone"),
         lambda: _component(engine, "task:failed", "error"),
@@ -352,8 +352,6 @@ async def test_the_api_takes_a_browser_session_only_with_its_csrf_header(engine:
 async def test_the_alerts_page_shows_each_alert_and_its_deliveries(engine: Engine) -> None:
     """An alert with a sent and a failing delivery: its title, kind, subject, message, and
     each destination's state with the last error."""
-    from nanobot.models import AlertDelivery, AlertRecord
-
     now = utcnow()
     with write_transaction(engine) as conn:
         alert_id = conn.execute(

@@ -3,7 +3,9 @@ command, browser sessions, and what the start says about the dashboard's protect
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -188,9 +190,6 @@ def test_the_start_says_how_the_dashboard_is_protected(engine: Engine) -> None:
 
 def test_every_template_and_static_file_ships_in_the_package() -> None:
     """pyproject's package data covers each file the pages load, so a wheel serves them."""
-    import fnmatch
-    import tomllib
-
     repo = Path(__file__).resolve().parent.parent
     data = tomllib.loads((repo / "pyproject.toml").read_text())
     patterns = data["tool"]["setuptools"]["package-data"]["nanobot.web"]

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, Final
 
 import structlog
@@ -71,8 +72,6 @@ STEP_TIMEOUT: Final = 60.0
 
 
 def policy_from(config: Config) -> RetryPolicy:
-    from datetime import timedelta
-
     return RetryPolicy(
         base=timedelta(seconds=float(config["alerts.retry_base"])),
         cap=timedelta(seconds=float(config["alerts.retry_max"])),

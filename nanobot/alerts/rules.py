@@ -282,7 +282,11 @@ class Rules:
 
     # --- tasks ------------------------------------------------------------------------------
 
-    def _tasks(self, conn: Connection, now: datetime) -> tuple[list[Alert], list[SubjectState]]:
+    def _observe_tasks(
+        self, conn: Connection, now: datetime
+    ) -> tuple[dict[str, str], dict[str, str | None]]:
+        """What the database says of each task that is not OK: its observed state (broken >
+        auto-paused > failing, and overdue where it is not worse) and the reason to show."""
         s = self.settings
         bad = conn.execute(
             select(
@@ -317,6 +321,11 @@ class Rules:
             if observed.get(key, FAILING) == FAILING:
                 observed[key] = OVERDUE
                 reasons[key] = late.describe()
+        return observed, reasons
+
+    def _tasks(self, conn: Connection, now: datetime) -> tuple[list[Alert], list[SubjectState]]:
+        s = self.settings
+        observed, reasons = self._observe_tasks(conn, now)
         subjects = store.load_subjects(conn, "task:")
         keys = set(observed) | {
             k for k, st in subjects.items() if st.observed != OK or st.alerted != OK or st.flips

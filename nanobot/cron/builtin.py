@@ -7,9 +7,16 @@ from typing import Any
 
 import structlog
 
+from nanobot.alerts.store import prune as prune_alerts
 from nanobot.config import get_config
+from nanobot.cron import history
+from nanobot.cron.manager import get_cron_manager
 from nanobot.cron.task import CronTask
+from nanobot.db import get_engine
+from nanobot.heartbeat import get_heartbeat_monitor
+from nanobot.heartbeat.store import prune as prune_health
 from nanobot.models import utcnow
+from nanobot.session import get_session_manager
 
 log = structlog.get_logger(__name__)
 
@@ -26,10 +33,6 @@ class CleanupTask(CronTask):
 
     @staticmethod
     def _cleanup() -> dict[str, Any]:
-        from nanobot.cron import history
-        from nanobot.db import get_engine
-        from nanobot.session import get_session_manager
-
         config = get_config()
         now = utcnow()
         removed: dict[str, Any] = {
@@ -41,13 +44,9 @@ class CleanupTask(CronTask):
                 max_rows=int(config.get("cron.history_max_rows", 1000)),
             ),
         }
-        from nanobot.alerts.store import prune as prune_alerts
-
         removed["alerts"] = prune_alerts(
             get_engine(), now=now, retention_days=float(config.get("alerts.retention_days", 30.0))
         )
-        from nanobot.heartbeat.store import prune as prune_health
-
         # Its retention defaults come from heartbeat.*_retention_days.
         removed.update(prune_health(get_engine(), now=now))
         return removed
@@ -64,15 +63,11 @@ class HeartbeatTask(CronTask):
         super().__init__(interval)
 
     async def run(self) -> None:
-        from nanobot.heartbeat import get_heartbeat_monitor
-
         get_heartbeat_monitor().update_component_heartbeat("cron")
 
 
 def register_builtin_tasks() -> None:
     """Register ``cleanup`` and ``heartbeat`` with intervals from configuration."""
-    from nanobot.cron.manager import get_cron_manager
-
     config = get_config()
     manager = get_cron_manager()
     manager.register_task("cleanup", CleanupTask(float(config.get("cron.cleanup_interval", 3600))))

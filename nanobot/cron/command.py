@@ -38,7 +38,9 @@ from typing import Any, Final
 import structlog
 from sqlalchemy import update
 
+from nanobot.config import get_config
 from nanobot.cron.task import CronTask
+from nanobot.db import get_engine, write_transaction
 from nanobot.exceptions import CommandFailed, InvalidTaskError
 from nanobot.models import MisfirePolicy, TaskRun
 
@@ -223,8 +225,5 @@ class CommandTask(CronTask):
 
 
 def _write_output(run_id: int, text: str) -> None:
-    from nanobot.config import get_config
-    from nanobot.db import get_engine, write_transaction
-
     with write_transaction(get_engine(get_config())) as conn:
         conn.execute(update(TaskRun).where(TaskRun.id == run_id).values(output=text))

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from nanobot.config import get_config
 from nanobot.cron.overlap import DEFAULT as DEFAULT_OVERLAP
 from nanobot.cron.overlap import Overlap, OverlapPolicy, check_overlap
+from nanobot.cron.pings import check_ping_url
 from nanobot.cron.retries import RetryBackoff, check_retries, parse_backoff
 from nanobot.cron.schedules import (
     AtSchedule,
@@ -65,8 +67,6 @@ NOT_GIVEN: Final[Any] = _NotGiven()
 
 def default_timezone() -> str:
     """The configured ``scheduler.timezone`` (UTC unless set)."""
-    from nanobot.config import get_config  # the configuration is read only when needed
-
     return str(get_config().get("scheduler.timezone", "UTC"))
 
 
@@ -193,8 +193,6 @@ class CronTask(ABC):
         self.pause_after_failures = check_failure_count(
             given if given is not None else type(self).pause_after_failures
         )
-        from nanobot.cron.pings import check_ping_url
-
         self.ping_url = check_ping_url(ping_url if ping_url is not None else type(self).ping_url)
         self.catch_up_window = _check_optional_seconds(
             catch_up_window if catch_up_window is not None else type(self).catch_up_window,

@@ -38,18 +38,20 @@ from __future__ import annotations
 import inspect
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from nanobot.config import Config
 from nanobot.cron import control
-from nanobot.cron.overlap import check_overlap
+from nanobot.cron.overlap import Overlap, check_overlap
 from nanobot.cron.pings import check_ping_url
-from nanobot.cron.retries import check_retries, parse_backoff
+from nanobot.cron.retries import RetryBackoff, check_retries, parse_backoff
 from nanobot.cron.schedules import (
     AtSchedule,
     IntervalSchedule,
@@ -138,6 +140,10 @@ class SyncResult:
         }
 
 
+# Builds the one-line error of a key: fail("timeout", "must be ...").
+_Fail = Callable[[str, str], TaskFileError]
+
+
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, str):
         try:
@@ -149,7 +155,7 @@ def _seconds(value: Any, what: str) -> float:
     return check_interval(value, what)
 
 
-def _schedule(body: dict[str, Any], fail: Any, default_tz: str) -> Schedule:
+def _schedule(body: dict[str, Any], fail: _Fail, default_tz: str) -> Schedule:
     given = [k for k in _SCHEDULE_KEYS if k in body]
     if len(given) != 1:
         raise fail(
@@ -189,15 +195,21 @@ def _accepts(cls: type, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) -> FileTask:
-    def fail(key: str, message: str) -> TaskFileError:
-        return TaskFileError(f"{path}: task {name!r}: key {key!r}: {message}")
+@dataclass(frozen=True)
+class _Options:
+    """The scheduling options of a file's task, checked."""
 
-    try:
-        control.check_name(name)
-    except InvalidTaskError as exc:
-        raise TaskFileError(f"{path}: task {name!r}: {exc}") from None
-    is_command = "command" in body
+    pause_after_failures: int | None
+    ping_url: str | None
+    catch_up_window: float | None
+    # timeout, jitter and misfire_policy: given to the task's constructor as well.
+    constructor: dict[str, Any]
+    overlap: Overlap | None = None
+    retries: int | None = None
+    retry_backoff: RetryBackoff | None = None
+
+
+def _check_keys(body: dict[str, Any], is_command: bool, fail: _Fail) -> None:
     allowed = _COMMON_KEYS | (_COMMAND_KEYS if is_command else _CLASS_KEYS)
     for key in body:
         if key not in allowed:
@@ -207,105 +219,111 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             raise fail(key, f"unknown key (known: {known})")
     if not is_command and "task" not in body:
         raise fail("task", "missing: give 'task = \"pkg.module:Class\"' or 'command = ...'")
-    schedule = _schedule(body, fail, default_tz)
-    kwargs = body.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise fail("kwargs", f"must be a table, got {kwargs!r}")
-    kwargs = dict(kwargs)
-    paused = body.get("paused", False)
-    if not isinstance(paused, bool):
-        raise fail("paused", f"must be true or false, got {paused!r}")
 
-    # A scheduling option of the stored task, not a constructor argument.
-    failures = body.get("pause_after_failures")
-    try:
-        failures = check_failure_count(failures)
-    except InvalidTaskError as exc:
-        raise fail("pause_after_failures", str(exc)) from None
 
-    try:
-        ping_url = check_ping_url(body.get("ping_url"))
-    except InvalidTaskError as exc:
-        raise fail("ping_url", str(exc)) from None
+def _options(body: dict[str, Any], fail: _Fail) -> _Options:
+    def checked(key: str, check: Callable[[Any], Any]) -> Any:
+        try:
+            return check(body.get(key))
+        except InvalidTaskError as exc:
+            raise fail(key, str(exc)) from None
 
+    def seconds(key: str) -> float | None:
+        return checked(key, partial(_seconds, what=key)) if key in body else None
+
+    # Scheduling options of the stored task, not constructor arguments.
+    failures = checked("pause_after_failures", check_failure_count)
+    ping_url = checked("ping_url", check_ping_url)
+    window = seconds("catch_up_window")
     overlap = None
     if "overlap" in body or "max_concurrent" in body:
         try:
             overlap = check_overlap(body.get("overlap"), body.get("max_concurrent"))
         except InvalidTaskError as exc:
             raise fail("overlap" if "overlap" in body else "max_concurrent", str(exc)) from None
-
-    window = None
-    if "catch_up_window" in body:
-        try:
-            window = _seconds(body["catch_up_window"], "catch_up_window")
-        except InvalidTaskError as exc:
-            raise fail("catch_up_window", str(exc)) from None
-
-    retries = body.get("retries")
-    try:
-        retries = None if retries is None else check_retries(retries)
-    except InvalidTaskError as exc:
-        raise fail("retries", str(exc)) from None
-    backoff = None
-    if "retry_backoff" in body:
-        try:
-            backoff = parse_backoff(body["retry_backoff"])
-        except InvalidTaskError as exc:
-            raise fail("retry_backoff", str(exc)) from None
-
-    options: dict[str, Any] = {}
+    retries = checked("retries", lambda value: None if value is None else check_retries(value))
+    backoff = checked("retry_backoff", parse_backoff) if "retry_backoff" in body else None
+    constructor: dict[str, Any] = {}
     for key in ("timeout", "jitter"):
         if key in body:
-            try:
-                options[key] = _seconds(body[key], key)
-            except InvalidTaskError as exc:
-                raise fail(key, str(exc)) from None
+            constructor[key] = seconds(key)
     if "misfire" in body:
         try:
-            options["misfire_policy"] = MisfirePolicy(body["misfire"]).value
+            constructor["misfire_policy"] = MisfirePolicy(body["misfire"]).value
         except ValueError:
             choices = ", ".join(p.value for p in MisfirePolicy)
             raise fail("misfire", f"must be one of {choices}, got {body['misfire']!r}") from None
+    return _Options(failures, ping_url, window, constructor, overlap, retries, backoff)
 
+
+def _command_kwargs(body: dict[str, Any], options: _Options, fail: _Fail) -> dict[str, Any]:
+    if body.get("kwargs"):
+        raise fail("kwargs", "a command task takes command, shell, cwd and env instead")
+    kwargs = {k: body[k] for k in ("command", "shell", "cwd", "env", "kill_grace") if k in body}
+    return kwargs | options.constructor
+
+
+def _class_kwargs(
+    task_class: str, kwargs: dict[str, Any], options: _Options, fail: _Fail
+) -> dict[str, Any]:
+    try:
+        cls = control.import_task_class(task_class)
+    except InvalidTaskError as exc:
+        raise fail("task", str(exc)) from None
+    for key in options.constructor:
+        if not _accepts(cls, key):
+            raise fail(
+                "misfire" if key == "misfire_policy" else key,
+                f"{task_class} does not take {key} in its constructor; "
+                "set it as a class attribute instead",
+            )
+    return kwargs | options.constructor
+
+
+def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) -> FileTask:
+    def fail(key: str, message: str) -> TaskFileError:
+        return TaskFileError(f"{path}: task {name!r}: key {key!r}: {message}")
+
+    try:
+        control.check_name(name)
+    except InvalidTaskError as exc:
+        raise TaskFileError(f"{path}: task {name!r}: {exc}") from None
+    is_command = "command" in body
+    _check_keys(body, is_command, fail)
+    schedule = _schedule(body, fail, default_tz)
+    kwargs = body.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise fail("kwargs", f"must be a table, got {kwargs!r}")
+    paused = body.get("paused", False)
+    if not isinstance(paused, bool):
+        raise fail("paused", f"must be true or false, got {paused!r}")
+    options = _options(body, fail)
     if is_command:
         task_class = COMMAND_CLASS
-        kwargs = {k: body[k] for k in ("command", "shell", "cwd", "env", "kill_grace") if k in body}
-        if body.get("kwargs"):
-            raise fail("kwargs", "a command task takes command, shell, cwd and env instead")
-        kwargs |= options
+        kwargs = _command_kwargs(body, options, fail)
     else:
         task_class = body["task"]
         if not isinstance(task_class, str):
             raise fail("task", f"must be a string pkg.module:Class, got {task_class!r}")
-        try:
-            cls = control.import_task_class(task_class)
-        except InvalidTaskError as exc:
-            raise fail("task", str(exc)) from None
-        for key, value in options.items():
-            if not _accepts(cls, key):
-                raise fail(
-                    "misfire" if key == "misfire_policy" else key,
-                    f"{task_class} does not take {key} in its constructor; "
-                    "set it as a class attribute instead",
-                )
-            kwargs[key] = value
+        kwargs = _class_kwargs(task_class, dict(kwargs), options, fail)
     try:
         definition = control.definition_from_class(
             name,
             task_class,
             kwargs=kwargs,
             schedule=schedule,
-            timeout=options.get("timeout"),
-            jitter=options.get("jitter"),
-            misfire_policy=options.get("misfire_policy"),
-            overlap=overlap.policy.value if overlap is not None else None,
-            max_concurrent=overlap.max_concurrent if overlap is not None else None,
-            pause_after_failures=failures,
-            ping_url=ping_url,
-            catch_up_window=window,
-            retries=retries,
-            retry_backoff=backoff,
+            timeout=options.constructor.get("timeout"),
+            jitter=options.constructor.get("jitter"),
+            misfire_policy=options.constructor.get("misfire_policy"),
+            overlap=options.overlap.policy.value if options.overlap is not None else None,
+            max_concurrent=(
+                options.overlap.max_concurrent if options.overlap is not None else None
+            ),
+            pause_after_failures=options.pause_after_failures,
+            ping_url=options.ping_url,
+            catch_up_window=options.catch_up_window,
+            retries=options.retries,
+            retry_backoff=options.retry_backoff,
         )
     except InvalidTaskError as exc:
         raise fail("command" if is_command else "kwargs", str(exc)) from None
@@ -347,6 +365,74 @@ def read_task_file(path: Path, *, default_tz: str = "UTC") -> dict[str, FileTask
     return parse_task_file(text, path, default_tz=default_tz)
 
 
+def _insert_new(conn: Connection, name: str, wanted: FileTask, now: datetime, path: Path) -> None:
+    definition = wanted.definition
+    schedule = definition.the_schedule
+    if isinstance(schedule, AtSchedule) and schedule.at <= now:
+        raise TaskFileError(
+            f"{path}: task {name!r}: key 'at': time {schedule.at.isoformat()} is in "
+            "the past: choose a later time"
+        )
+    conn.execute(
+        insert(Task).values(
+            **control.definition_values(definition),
+            name=name,
+            source=TaskSource.FILE.value,
+            paused=wanted.paused,
+            pause_reason=PAUSED_REASON if wanted.paused else None,
+            anchor_at=None if wanted.paused else now,
+            next_run_at=None if wanted.paused else control.first_run(schedule, now),
+            created_at=now,
+            updated_at=now,
+            version=1,
+            consecutive_failures=0,
+        )
+    )
+
+
+def _definition_changes(row: Any, definition: TaskDefinition, now: datetime) -> dict[str, Any]:
+    """The columns to write for a changed definition; empty when it is the stored one."""
+    stored = control.stored_definition(row)
+    if stored.same_schedule_as(definition):
+        return {}
+    values = control.definition_values(definition) | {"broken_reason": None}
+    before, after = stored.the_schedule, definition.the_schedule
+    both_intervals = isinstance(before, IntervalSchedule) and isinstance(after, IntervalSchedule)
+    if before != after and not both_intervals:
+        # Another kind of schedule, expression or time: the new one's first run.
+        if row.next_run_at is not None:
+            values["anchor_at"] = now
+            values["next_run_at"] = control.first_run(after, now)
+    elif row.interval_s != definition.interval and row.next_run_at is not None:
+        # The next run stays where it was; the new interval applies from there.
+        values["anchor_at"] = row.next_run_at
+    return values
+
+
+def _pause_changes(row: Any, wanted: FileTask, now: datetime) -> dict[str, Any]:
+    """The columns to write when the file pauses a task, or resumes one that it paused."""
+    ours = row.pause_reason in (REMOVED_REASON, PAUSED_REASON)
+    if wanted.paused and not row.paused:
+        return {"paused": True, "next_run_at": None, "pause_reason": PAUSED_REASON}
+    if not wanted.paused and row.paused and ours:
+        values: dict[str, Any] = {"paused": False, "pause_reason": None}
+        if row.anchor_at is None:
+            values |= {
+                "anchor_at": now,
+                "next_run_at": control.first_run(wanted.definition.the_schedule, now),
+            }
+        return values
+    return {}
+
+
+def _update(conn: Connection, name: str, now: datetime, values: dict[str, Any]) -> None:
+    conn.execute(
+        update(Task)
+        .where(Task.name == name)
+        .values(**values, version=Task.version + 1, updated_at=now)
+    )
+
+
 def apply_tasks(
     engine: Engine, tasks: dict[str, FileTask], path: Path = Path(TASK_FILE_NAME)
 ) -> SyncResult:
@@ -360,71 +446,22 @@ def apply_tasks(
     with write_transaction(engine) as conn:
         rows = {row.name: row for row in conn.execute(select(Task.__table__))}
         for name, wanted in tasks.items():
-            definition = wanted.definition
             row = rows.get(name)
             if row is None:
-                schedule = definition.the_schedule
-                if isinstance(schedule, AtSchedule) and schedule.at <= now:
-                    raise TaskFileError(
-                        f"{path}: task {name!r}: key 'at': time {schedule.at.isoformat()} is in "
-                        "the past: choose a later time"
-                    )
-                conn.execute(
-                    insert(Task).values(
-                        **control.definition_values(definition),
-                        name=name,
-                        source=TaskSource.FILE.value,
-                        paused=wanted.paused,
-                        pause_reason=PAUSED_REASON if wanted.paused else None,
-                        anchor_at=None if wanted.paused else now,
-                        next_run_at=None
-                        if wanted.paused
-                        else control.first_run(definition.the_schedule, now),
-                        created_at=now,
-                        updated_at=now,
-                        version=1,
-                        consecutive_failures=0,
-                    )
-                )
+                _insert_new(conn, name, wanted, now, path)
                 result.created.append(name)
                 continue
             if row.source != TaskSource.FILE.value:
                 result.clashes.append(name)
                 continue
-            values: dict[str, Any] = {}
-            stored = control.stored_definition(row)
-            if not stored.same_schedule_as(definition):
-                values |= control.definition_values(definition) | {"broken_reason": None}
-                before, after = stored.the_schedule, definition.the_schedule
-                both_intervals = isinstance(before, IntervalSchedule) and isinstance(
-                    after, IntervalSchedule
-                )
-                if before != after and not both_intervals:
-                    # Another kind of schedule, expression or time: the new one's first run.
-                    if row.next_run_at is not None:
-                        values["anchor_at"] = now
-                        values["next_run_at"] = control.first_run(after, now)
-                elif row.interval_s != definition.interval and row.next_run_at is not None:
-                    # The next run stays where it was; the new interval applies from there.
-                    values["anchor_at"] = row.next_run_at
-                result.updated.append(name)
-            ours = row.pause_reason in (REMOVED_REASON, PAUSED_REASON)
-            if wanted.paused and not row.paused:
-                values |= {"paused": True, "next_run_at": None, "pause_reason": PAUSED_REASON}
-            elif not wanted.paused and row.paused and ours:
-                values |= {"paused": False, "pause_reason": None}
-                if row.anchor_at is None:
-                    values |= {
-                        "anchor_at": now,
-                        "next_run_at": control.first_run(definition.the_schedule, now),
-                    }
-                result.resumed.append(name)
+            values = _definition_changes(row, wanted.definition, now)
             if values:
-                conn.execute(
-                    update(Task)
-                    .where(Task.name == name)
-                    .values(**values, version=Task.version + 1, updated_at=now)
-                )
+                result.updated.append(name)
+            pausing = _pause_changes(row, wanted, now)
+            if pausing.get("paused") is False:
+                result.resumed.append(name)
+            if values | pausing:
+                _update(conn, name, now, values | pausing)
             if name not in result.updated:
                 result.unchanged.append(name)
         for name, row in rows.items():
@@ -432,16 +469,11 @@ def apply_tasks(
                 continue
             if row.paused and row.pause_reason == REMOVED_REASON:
                 continue
-            conn.execute(
-                update(Task)
-                .where(Task.name == name)
-                .values(
-                    paused=True,
-                    next_run_at=None,
-                    pause_reason=REMOVED_REASON,
-                    version=Task.version + 1,
-                    updated_at=now,
-                )
+            _update(
+                conn,
+                name,
+                now,
+                {"paused": True, "next_run_at": None, "pause_reason": REMOVED_REASON},
             )
             result.removed.append(name)
     return result

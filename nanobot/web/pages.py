@@ -31,6 +31,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy import Engine
 
+from nanobot.alerts.store import recent
 from nanobot.cron import control
 from nanobot.exceptions import UnknownTaskError
 from nanobot.models import utcnow
@@ -363,8 +364,6 @@ class Pages:
     # --- alerts ---------------------------------------------------------------------------------
 
     async def alerts(self, request: web.Request) -> web.Response:
-        from nanobot.alerts.store import recent
-
         now = utcnow()
         views = await self._db(lambda: recent(self.engine, limit=ALERTS_SHOWN))
         return self._render(

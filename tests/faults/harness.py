@@ -47,6 +47,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
 from sqlalchemy import select as sql_select
+from sqlalchemy.engine import make_url
 
 from nanobot.cli import cli
 from nanobot.models import Task, TaskRun
@@ -290,6 +291,11 @@ class ServiceProcess:
             self.proc.wait(10)
         return at
 
+    def send(self, sig: int) -> None:
+        """Send ``sig`` without waiting for its effect."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` (SIGTERM: a clean stop) and wait for the exit code."""
         assert self.proc is not None
@@ -422,8 +428,6 @@ class TcpProxy:
 
     def url(self, db_url: str) -> str:
         """``db_url`` with its host and port replaced by the proxy's."""
-        from sqlalchemy.engine import make_url
-
         return make_url(db_url).set(host="127.0.0.1", port=self.port).render_as_string(False)
 
     @property
@@ -619,15 +623,15 @@ class Ledger:
             (starts if e["event"] == "start" else ends)[key] = e
         runs = []
         for key, s in starts.items():
-            e = ends.get(key)
+            end = ends.get(key)
             runs.append(
                 LedgerRun(
                     task=s["task"],
                     run_id=s.get("run_id"),
                     pid=s["pid"],
                     start=s["start"],
-                    end=None if e is None else e["at"],
-                    outcome="unfinished" if e is None else e["event"],
+                    end=None if end is None else end["at"],
+                    outcome="unfinished" if end is None else end["event"],
                 )
             )
         runs.sort(key=lambda r: r.start)
@@ -836,7 +840,5 @@ def pg_admin_url(db_url: str) -> str:
 
 
 def pg_target(db_url: str) -> tuple[str, int]:
-    from sqlalchemy.engine import make_url
-
     url = make_url(db_url)
     return (url.host or "127.0.0.1", url.port or 5432)

@@ -11,6 +11,7 @@ file where the old one had tasks: status says so (``service.database_recreated``
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sqlite3
@@ -21,7 +22,10 @@ from typing import Any
 import pytest
 
 from faults.harness import Ledger, ServiceProcess, report, run_nanobot, wait_for
+from nanobot.bus import get_bus
+from nanobot.config import load_config
 from nanobot.db import dispose_engines
+from nanobot.service import DATABASE_REPLACED, Service
 
 sqlite_only = pytest.mark.parametrize(
     "db_url", [pytest.param("sqlite", id="sqlite")], indirect=True
@@ -135,8 +139,6 @@ def test_restart_onto_a_new_empty_database_says_so(
 
 
 def _marker_tasks(tmp_path: Path) -> int:
-    import json
-
     try:
         return int(json.loads((tmp_path / "home" / "database.json").read_text())["tasks"])
     except (OSError, ValueError, KeyError):
@@ -147,12 +149,6 @@ def _marker_tasks(tmp_path: Path) -> int:
 def test_database_replaced_is_published_on_the_bus(tmp_path: Path, db_url: str) -> None:
     """Subscribers of ``database.replaced`` (alerts) get the database, the reason and the node
     at the health cycle that notices it."""
-    from nanobot.bus import get_bus
-    from nanobot.config import load_config
-    from nanobot.database_file import DatabaseFileWatch
-    from nanobot.db import dispose_engines
-    from nanobot.service import DATABASE_REPLACED, Service
-
     assert run_nanobot("db", "upgrade", env={"NANOBOT_DATABASE__URL": db_url}).returncode == 0
     received: list[Any] = []
 
@@ -160,11 +156,11 @@ def test_database_replaced_is_published_on_the_bus(tmp_path: Path, db_url: str) 
         get_bus().subscribe(DATABASE_REPLACED, lambda _topic, payload: received.append(payload))
         service = Service(load_config())
         path = _file(db_url)
-        service._file_watch = DatabaseFileWatch(path)
-        await service._health_cycle()
+        await asyncio.to_thread(service.check_database_at_start)  # the watch of this file
+        await service.health_cycle()
         assert received == []
         shutil.move(path, tmp_path / "moved.db")
-        await service._health_cycle()
+        await service.health_cycle()
 
     asyncio.run(scenario())
     dispose_engines()

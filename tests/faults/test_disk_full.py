@@ -9,13 +9,19 @@ of megabytes and refilling the disk.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from faults.harness import Ledger, ServiceProcess, fill, log_events, report, tmpfs, wait_for
+from nanobot import config as config_module
+from nanobot.db import create_db_engine, dispose_engines
+from nanobot.models import TaskRun
+from nanobot.service import CHECKPOINT_EVERY_S
 
 sqlite_only = pytest.mark.parametrize(
     "db_url", [pytest.param("sqlite", id="sqlite")], indirect=True
@@ -24,9 +30,6 @@ sqlite_only = pytest.mark.parametrize(
 
 def _use_database(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     """This process's command line (``cron add``) on ``url`` too."""
-    from nanobot import config as config_module
-    from nanobot.db import dispose_engines
-
     monkeypatch.setenv("NANOBOT_DATABASE__URL", url)
     config_module.reset_config()
     dispose_engines()
@@ -81,9 +84,8 @@ def test_full_disk_is_reported_once_and_survived(
             output = service.output(tail=10**8)
         finally:
             service.close()
-            from nanobot.db import dispose_engines
-
             dispose_engines()  # before the tmpfs goes
+    assert service.log_path is not None
     events = log_events(service.log_path, "logging.file_unwritable", "logging.file_writable")
     assert [e["event"] for e in events][:2] == ["logging.file_unwritable", "logging.file_writable"]
     assert sum(1 for e in events if e["event"] == "logging.file_unwritable") <= 2
@@ -94,18 +96,10 @@ def test_full_disk_is_reported_once_and_survived(
 
 
 def _engine(url: str) -> Engine:
-    from nanobot.db import create_db_engine
-
     return create_db_engine(url)
 
 
 def _recorded_after(engine: Engine, at: float) -> float | None:
-    from datetime import UTC, datetime
-
-    from sqlalchemy import func, select
-
-    from nanobot.models import TaskRun
-
     since = datetime.fromtimestamp(at, UTC)
     with engine.connect() as conn:
         last = conn.execute(
@@ -124,10 +118,6 @@ def test_write_ahead_log_is_truncated_after_a_burst(tmp_path: Path, db_url: str)
     """A burst leaves an 8 MB write-ahead log (written with automatic checkpoints off, as a
     busy reader would leave it); the leader's periodic checkpoint truncates it within
     CHECKPOINT_EVERY_S (+ a period)."""
-    import sqlite3
-
-    from nanobot.service import CHECKPOINT_EVERY_S
-
     path = Path(db_url.removeprefix("sqlite:///"))
     service = ServiceProcess(
         home=tmp_path / "home", logs=tmp_path, env={"NANOBOT_DATABASE__URL": db_url}

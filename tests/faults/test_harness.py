@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, insert, text
 from sqlalchemy.exc import OperationalError
 
 from faults.harness import Ledger, TcpProxy, check_ledger, pg_target
+from nanobot.models import Task, TaskRun, utcnow
 
 postgres_only = pytest.mark.parametrize(
     "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
@@ -75,10 +76,6 @@ def _write(path: Path, *records: dict[str, object]) -> None:
 
 def test_ledger_checker_names_overlaps_and_double_runs(tmp_path: Path, engine: object) -> None:
     """Two processes running one task at once, and one run id executed twice, are reported."""
-    from sqlalchemy import Engine, insert
-
-    from nanobot.models import Task, TaskRun, utcnow
-
     assert isinstance(engine, Engine)
     now = utcnow()
     with engine.begin() as conn:

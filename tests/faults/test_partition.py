@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from faults.harness import Cluster, Ledger, TcpProxy, pg_admin_url, report, wait_for
+from faults.harness import Cluster, Ledger, TcpProxy, pg_admin_url, pg_target, report, wait_for
 from nanobot.db import SessionLimits, create_db_engine
 from nanobot.lease import SchedulerLease
 
@@ -141,8 +141,6 @@ def test_network_partition_of_the_leader_fails_over_within_the_bound_without_thr
 
 
 def pg_target_host(db_url: str) -> tuple[str, int]:
-    from faults.harness import pg_target
-
     return pg_target(db_url)
 
 
@@ -168,4 +166,4 @@ def test_frozen_leader_is_replaced_within_the_bound_wherever_it_froze(
                    time.time() - frozen_at)  # fmt: skip
         finally:
             leader.thaw()
-        wait_for("the thawed node steps down", lambda node=leader: node.role() == "standby", 15)
+        leader.wait_role("standby", 15)  # the thawed node steps down

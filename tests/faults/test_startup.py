@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -149,8 +150,6 @@ def test_port_in_use_exit_code_and_logged_exit_code_agree(tmp_path: Path) -> Non
 def test_db_current_on_a_newer_schema_says_so_and_exits_3(tmp_path: Path) -> None:
     """``db current`` on a database migrated by a newer nanobot: it says the database is newer
     than this nanobot and exits 3 (it said 'behind: run nanobot db upgrade' and exited 0)."""
-    import sqlite3
-
     db = tmp_path / "nanobot.db"
     env = {"NANOBOT_HOME": str(tmp_path / "home"), "NANOBOT_DATABASE__URL": f"sqlite:///{db}"}
     assert run_nanobot("db", "upgrade", env=env).returncode == 0

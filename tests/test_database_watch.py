@@ -1,0 +1,114 @@
+"""The checks that a lost database is noticed (nanobot.database_file), on real files: the watch
+of the open SQLite file and the marker of the last database. The service's side of both (the
+fault stops scheduling, status says so) is the fault suite's tests/faults/test_database_file.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nanobot.database_file import MARKER_FILE, DatabaseFileWatch, DatabaseMarker
+
+URL = "sqlite:////srv/nanobot.db"
+
+
+@pytest.fixture
+def db_file(tmp_path: Path) -> Path:
+    path = tmp_path / "nanobot.db"
+    path.write_bytes(b"the database in use")
+    return path
+
+
+def test_the_watch_is_quiet_while_the_file_is_the_one_opened(db_file: Path) -> None:
+    watch = DatabaseFileWatch(db_file)
+    db_file.write_bytes(b"written in place: the same file")
+    assert watch.problem() is None
+    assert watch.reason() is None
+
+
+def test_the_watch_notices_a_deleted_file(db_file: Path) -> None:
+    watch = DatabaseFileWatch(db_file)
+    db_file.unlink()
+    problem = watch.problem()
+    assert problem is not None
+    assert f"database file {db_file} was deleted while the service ran" in problem
+    assert watch.reason() == "deleted"
+
+
+def test_the_watch_notices_a_file_replaced_at_the_path(db_file: Path, tmp_path: Path) -> None:
+    """Another file moved to the path (a restore from backup while the service runs)."""
+    watch = DatabaseFileWatch(db_file)
+    other = tmp_path / "restored.db"
+    other.write_bytes(b"another database")
+    os.replace(other, db_file)
+    problem = watch.problem()
+    assert problem is not None
+    assert "was replaced while the service ran" in problem
+    assert watch.reason() == "replaced"
+
+
+def test_the_watch_has_nothing_to_say_of_a_file_that_was_not_there_at_start(
+    tmp_path: Path,
+) -> None:
+    watch = DatabaseFileWatch(tmp_path / "later.db")
+    (tmp_path / "later.db").write_bytes(b"created afterwards")
+    assert watch.problem() is None
+    assert watch.reason() is None
+
+
+def test_the_marker_remembers_the_database_and_accepts_the_same_one(
+    tmp_path: Path, db_file: Path
+) -> None:
+    """Written at a start with tasks; the same file emptied on purpose later is not a loss."""
+    marker = DatabaseMarker(tmp_path, URL, db_file)
+    marker.write(3)
+    record = marker.read()
+    assert record is not None
+    assert (record.url, record.tasks) == (URL, 3)
+    assert (record.device, record.inode) == (db_file.stat().st_dev, db_file.stat().st_ino)
+    assert marker.lost_database(tasks=0) is None
+    assert marker.lost_database(tasks=2) is None
+
+
+def test_the_marker_notices_a_new_empty_file_where_one_with_tasks_was(
+    tmp_path: Path, db_file: Path
+) -> None:
+    DatabaseMarker(tmp_path, URL, db_file).write(3)
+    # The old file moved away (it keeps its inode, so the new one cannot reuse it), and a new,
+    # empty database created at the path.
+    os.replace(db_file, tmp_path / "old.db")
+    db_file.write_bytes(b"")
+    problem = DatabaseMarker(tmp_path, URL, db_file).lost_database(tasks=0)
+    assert problem is not None
+    assert problem.startswith(f"a new database file was created at {db_file}")
+    assert "had 3 stored task(s)" in problem
+    assert f"delete {tmp_path / MARKER_FILE} to accept the new one" in problem
+
+
+def test_the_marker_of_a_server_database_compares_task_counts_only(tmp_path: Path) -> None:
+    """PostgreSQL has no file: an empty database under the remembered URL is the loss."""
+    url = "postgresql+psycopg://db.example/nanobot"
+    DatabaseMarker(tmp_path, url, None).write(5)
+    problem = DatabaseMarker(tmp_path, url, None).lost_database(tasks=0)
+    assert problem is not None
+    assert problem.startswith("the database is empty: the one this node used before had 5")
+    assert DatabaseMarker(tmp_path, "postgresql+psycopg://other/db", None).lost_database(0) is None
+
+
+@pytest.mark.parametrize("content", ["not json", '{"url": 1}', '["a list"]', '{"tasks": "x"}'])
+def test_an_unreadable_marker_is_no_marker(tmp_path: Path, content: str) -> None:
+    (tmp_path / MARKER_FILE).write_text(content)
+    marker = DatabaseMarker(tmp_path, URL, None)
+    assert marker.read() is None
+    assert marker.lost_database(tasks=0) is None
+
+
+def test_a_marker_that_cannot_be_written_does_not_stop_the_service(tmp_path: Path) -> None:
+    """A home that is not a folder: the write fails quietly and leaves no temporary file."""
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    DatabaseMarker(home, URL, None).write(1)
+    assert DatabaseMarker(home, URL, None).read() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home-is-a-file"]
