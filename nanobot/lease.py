@@ -210,48 +210,56 @@ class SchedulerLease:
     def try_acquire(self) -> bool:
         """Take the lease if it is free, expired, or ours already. True if we hold it now.
 
-        On PostgreSQL, an acquire that finds the row locked by a session the server should have
-        ended already (see :meth:`_end_stale_sessions`) ends it and tries once more.
+        On PostgreSQL, the sessions that the previous holder left inside a transaction are
+        ended when the lease is taken over from it, and when an acquire finds the row locked by
+        one of them (see :meth:`_end_stale_sessions`); the acquire is then tried once more.
         """
         try:
             return self._try_acquire()
         except OperationalError as exc:
-            if not _lock_not_available(exc) or not self._end_stale_sessions():
+            if not _lock_not_available(exc) or not self._end_stale_sessions(taken_over=False):
                 raise
         return self._try_acquire()
 
-    def _end_stale_sessions(self) -> bool:
-        """End the sessions that hold the expired lease's row inside an abandoned transaction.
+    def _end_stale_sessions(self, *, taken_over: bool) -> bool:
+        """End the sessions that an expired holder left inside a transaction on this schema.
 
         PostgreSQL ends a session idle in a transaction after ``idle_in_transaction_session_
-        timeout`` (one ttl, :class:`nanobot.db.SessionLimits`), which frees the row a frozen
-        leader read FOR SHARE. A leader cut off in the middle of a pipelined batch, behind a
-        proxy or load balancer that keeps the TCP connection open, leaves the server waiting
-        for the rest of a message instead: that wait is not "idle", the timeout never fires,
-        the keepalives are answered, and the row stayed locked until the statement timeout
-        (a minute), blocking every take-over (seen: a standby still waiting 12 s after the
-        cut). Such a session is ended here, only when the lease has expired by the database's
-        clock (its holder has stepped down or is gone) and the session has sent nothing for
-        longer than one ttl: no live nanobot process keeps a transaction open that long.
-        True if a session was ended.
+        timeout`` (one ttl, :class:`nanobot.db.SessionLimits`), which frees the rows a frozen
+        leader locked. A leader cut off in the middle of a pipelined batch, behind a proxy or
+        load balancer that keeps the TCP connection open, leaves the server waiting for the rest
+        of a message instead: that wait is not "idle", the timeout never fires, the keepalives
+        are answered, and its locks (the lease row read FOR SHARE, ``task_runs`` rows it was
+        updating) stayed until the statement timeout, a minute: no standby could lead, or the
+        new leader's recovery could not mark the old runs interrupted (seen: no leader 12 s
+        after the cut). Such sessions are ended here, only once the lease has expired by the
+        database's clock (``taken_over``: this process has just taken it over), and only those
+        that have sent nothing for longer than the renewal period: no live leader keeps a
+        transaction waiting that long, and the holder has lost the lease anyway. True if a
+        session was ended.
         """
         with write_transaction(self.engine) as conn:
             if conn.dialect.name != "postgresql":
                 return False
-            row = conn.execute(select(LeaseRow.__table__).where(LeaseRow.name == self.name)).first()
-            if row is None or _row_info(row).is_held(self._now(conn)):
-                return False
+            if not taken_over:
+                row = conn.execute(
+                    select(LeaseRow.__table__).where(LeaseRow.name == self.name)
+                ).first()
+                if row is None or _row_info(row).is_held(self._now(conn)):
+                    return False
             stale = conn.execute(
                 text(
-                    "SELECT a.pid, a.state, extract(epoch FROM now() - a.state_change) AS quiet"
+                    "SELECT DISTINCT a.pid, a.state,"
+                    " extract(epoch FROM now() - a.state_change) AS quiet"
                     " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " JOIN pg_class c ON c.oid = l.relation"
                     " WHERE l.locktype = 'relation' AND l.granted"
-                    " AND l.relation = CAST(:table AS regclass)"
-                    " AND l.mode = 'RowShareLock' AND a.pid <> pg_backend_pid()"
+                    " AND c.relnamespace = CAST(current_schema() AS regnamespace)"
+                    " AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL"
                     " AND a.state <> 'active'"
-                    " AND a.state_change < now() - make_interval(secs => :ttl)"
+                    " AND a.state_change < now() - make_interval(secs => :quiet)"
                 ),
-                {"table": LeaseRow.__tablename__, "ttl": self.ttl},
+                {"quiet": self.ttl / 3},
             ).all()
             ended = []
             for pid, state, quiet in stale:
@@ -269,6 +277,7 @@ class SchedulerLease:
     def _try_acquire(self) -> bool:
         started = time.monotonic()
         self.refused_for = None
+        taken_from: str | None = None
         try:
             with write_transaction(self.engine) as conn:
                 if conn.dialect.name == "postgresql":
@@ -315,6 +324,7 @@ class SchedulerLease:
                                 holder=self.holder_id,
                             )
                         epoch = current.epoch + 1
+                        taken_from = current.holder if current.holder != self.holder_id else None
                         values = {
                             "holder": self.holder_id,
                             "epoch": epoch,
@@ -340,6 +350,15 @@ class SchedulerLease:
         self._since = started
         if previous != epoch:
             log.info("lease.acquired", lease=self.name, holder=self.holder_id, epoch=epoch)
+        if taken_from is not None and self.engine.dialect.name == "postgresql":
+            # Before this process starts scheduling: what the old holder left locked must not
+            # hold up the recovery of its runs.
+            try:
+                self._end_stale_sessions(taken_over=True)
+            except DBAPIError as exc:
+                log.warning(
+                    "lease.stale_sessions_unchecked", lease=self.name, error=error_text(exc)
+                )
         return True
 
     def _holder_dead(self, conn: Connection, holder: str | None) -> bool:

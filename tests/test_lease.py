@@ -312,3 +312,54 @@ def test_a_session_left_in_a_transaction_past_the_lease_is_ended_by_the_next_lea
         assert standby.epoch == 2
     finally:
         stuck.invalidate()
+
+
+@postgres_only
+def test_taking_over_an_expired_lease_ends_what_its_holder_left_in_a_transaction(
+    engine: Engine,
+) -> None:
+    """The old leader's session stuck inside a transaction that updated a run (not the lease
+    row) would block the new leader's recovery of that run: taking the expired lease over ends
+    it. A session of the same schema that is not inside a transaction is left alone."""
+    ttl = 1.0
+    leader = SchedulerLease(engine, "cut-off:1", ttl)
+    standby = SchedulerLease(engine, "standby:2", ttl)
+    assert leader.try_acquire()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO task_runs (task_name, scheduled_at, attempt, outcome, slots, manual)"
+                " VALUES ('t', now(), 1, 'running', 1, false)"
+            )
+        )
+    stuck = engine.connect()
+    stuck.begin()
+    stuck.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+    backend = stuck.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    stuck.execute(text("UPDATE task_runs SET error = 'half-written' WHERE task_name = 't'"))
+    bystander = engine.connect()
+    bystander.execute(text("SELECT 1 FROM task_runs LIMIT 1"))
+    bystander.commit()
+    bystander_pid = bystander.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    bystander.commit()
+    try:
+        deadline = time.monotonic() + 10
+        while not standby.try_acquire():
+            assert time.monotonic() < deadline, "the expired lease was never taken"
+            time.sleep(0.1)
+        with engine.connect() as conn:
+            alive = {
+                pid
+                for (pid,) in conn.execute(
+                    text("SELECT pid FROM pg_stat_activity WHERE pid IN (:a, :b)"),
+                    {"a": backend, "b": bystander_pid},
+                )
+            }
+        assert backend not in alive, "the old holder's stuck session still holds the run"
+        assert bystander_pid in alive
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL lock_timeout = '500ms'"))
+            conn.execute(text("UPDATE task_runs SET outcome = 'interrupted' WHERE task_name = 't'"))
+    finally:
+        stuck.invalidate()
+        bystander.close()
