@@ -26,24 +26,19 @@ from sqlalchemy import Connection, Engine, or_, select
 from nanobot.db import read_transaction
 from nanobot.lease import read_lease
 from nanobot.models import (
+    FAILED_OUTCOMES,
     Component,
     ComponentErrorRecord,
     ComponentStatus,
     ComponentStatusChange,
     Heartbeat,
     Task,
-    TaskOutcome,
     utcnow,
 )
 
 STALE_FACTOR: Final = 2.5
 STALE_SLACK_S: Final = 1.0
 DETAIL_ROWS: Final = 10
-
-# A task whose last slot ended like this makes the system degraded.
-FAILED_OUTCOMES: Final = frozenset(
-    {TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value}
-)
 
 
 def nanobot_version() -> str:
@@ -115,14 +110,6 @@ def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
     return {row.node: row for row in sorted(rows, key=lambda r: r.node)}
 
 
-def holder_node(holder: str | None) -> str | None:
-    """The node of a lease holder id ``<node>:<pid>`` (the node name may hold colons)."""
-    if holder is None:
-        return None
-    node, sep, pid = holder.rpartition(":")
-    return node if sep and pid.isdigit() else holder
-
-
 def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, Any]:
     age = _age(now, row.at)
     fresh = age is not None and age <= STALE_FACTOR * row.interval_s + STALE_SLACK_S
@@ -180,7 +167,7 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
     heartbeats = _latest_heartbeats(conn)
     lease = read_lease(conn)
     leader_held = lease is not None and lease.is_held(now)
-    leader_node = holder_node(lease.holder) if lease is not None and leader_held else None
+    leader_node = lease.node if lease is not None and leader_held else None
     nodes = [_node_json(row, now, leader_node) for row in heartbeats.values()]
     running_nodes = {n["node"] for n in nodes if n["fresh"]}
     newest = max(heartbeats.values(), key=lambda r: r.at, default=None)
@@ -383,11 +370,7 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
             "age_s": _age(now, newest.at) if newest is not None else None,
             "interval_s": newest.interval_s if newest is not None else None,
             "node": newest.node if newest is not None else None,
-            "leader": (
-                lease.to_json(now) | {"node": holder_node(lease.holder)}
-                if lease is not None
-                else None
-            ),
+            "leader": (lease.to_json(now) | {"node": lease.node} if lease is not None else None),
             "nodes": state["nodes"],
         },
         "system": system,

@@ -59,7 +59,13 @@ from nanobot.cron.overdue import Grace, read_overdue
 from nanobot.db import read_transaction, write_transaction
 from nanobot.heartbeat.store import SYSTEM_COMPONENT
 from nanobot.lease import read_lease
-from nanobot.models import ComponentStatusChange, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import (
+    FAILED_OUTCOMES,
+    ComponentStatusChange,
+    Task,
+    TaskRun,
+    utcnow,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +85,6 @@ HEALTH_CURSOR: Final = "_cursor:health"
 CHANGE_MARGIN: Final = timedelta(minutes=5)
 # The scheduler registers each task as a component ``task:<name>`` (section 5.2.3 of the seed).
 TASK_COMPONENT_PREFIX: Final = "task:"
-_FAILED: Final = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
 _PENDING_MAX: Final = 100
 
 # (state told before, state now) -> kind; a task's states are ok, failing and broken.
@@ -361,7 +366,7 @@ class Rules:
     def _last_error(self, conn: Connection, name: str) -> str | None:
         row = conn.execute(
             select(TaskRun.error, TaskRun.outcome, TaskRun.scheduled_at)
-            .where(TaskRun.task_name == name, TaskRun.outcome.in_(_FAILED))
+            .where(TaskRun.task_name == name, TaskRun.outcome.in_(FAILED_OUTCOMES))
             .order_by(TaskRun.scheduled_at.desc())
             .limit(1)
         ).first()

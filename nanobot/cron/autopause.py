@@ -22,9 +22,10 @@ from typing import Final
 from sqlalchemy import Engine, select, update
 
 from nanobot.db import write_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, bound_error
+from nanobot.models import FAILED_OUTCOMES, Task, TaskRun, bound_error
 
-FAILED: Final = frozenset({TaskOutcome.ERROR, TaskOutcome.TIMEOUT, TaskOutcome.INTERRUPTED})
+# The set is nanobot.models.FAILED_OUTCOMES; this name stays for the scheduler, which reads it.
+FAILED: Final = FAILED_OUTCOMES
 # The last error quoted in the reason is cut to this many characters (the full text is in the
 # run's history).
 ERROR_QUOTE_MAX: Final = 500
@@ -62,7 +63,6 @@ def pause_failing(
     if not wanted:
         return []
     paused: list[AutoPause] = []
-    failed = [outcome.value for outcome in FAILED]
     with write_transaction(engine) as conn:
         rows = conn.execute(
             select(Task.name, Task.consecutive_failures, Task.pause_after_failures).where(
@@ -75,7 +75,7 @@ def pause_failing(
                 continue
             last_error = conn.execute(
                 select(TaskRun.error)
-                .where(TaskRun.task_name == row.name, TaskRun.outcome.in_(failed))
+                .where(TaskRun.task_name == row.name, TaskRun.outcome.in_(FAILED_OUTCOMES))
                 .order_by(TaskRun.scheduled_at.desc())
                 .limit(1)
             ).scalar()

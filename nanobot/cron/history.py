@@ -45,7 +45,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.retries import PendingRetry
 from nanobot.db import write_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, bound_error, utcnow
+from nanobot.models import FAILED_OUTCOMES, Task, TaskOutcome, TaskRun, bound_error, utcnow
 
 _RUNS = cast(Table, TaskRun.__table__)
 _TASKS = cast(Table, Task.__table__)
@@ -177,9 +177,6 @@ def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, 
     )
 
 
-_FAILED = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
-
-
 def _settled(conn: Connection, run_ids: Sequence[int]) -> dict[int, str | None]:
     """Of ``run_ids``, those no longer ``running`` and what they say (None: the row is gone).
 
@@ -285,7 +282,7 @@ def write_finishes(
                     "b_name": f.task,
                     "b_last": f.started_at or f.finished_at,
                     "b_outcome": f.outcome.value,
-                    "b_failed": f.final and f.outcome.value in _FAILED,
+                    "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
                     "b_pending": not f.final,
                 }
                 if next_runs:

@@ -20,8 +20,7 @@ from sqlalchemy import ColumnElement, Engine, and_, case, func, or_, select
 from nanobot.cron import control, schedules
 from nanobot.cron.control import RunInfo, TaskInfo
 from nanobot.db import read_transaction
-from nanobot.models import Component, Task, TaskOutcome, TaskRun, utcnow
-from nanobot.status import FAILED_OUTCOMES
+from nanobot.models import FAILED_OUTCOMES, Component, Task, TaskOutcome, TaskRun, utcnow
 
 # A started task whose next slot is this far in the past is overdue: no scheduler ran it.
 OVERDUE_AFTER: Final = timedelta(seconds=60)
