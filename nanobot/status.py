@@ -23,16 +23,15 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, or_, select
 
+from nanobot.cron.control import TaskSummary, read_summaries
 from nanobot.db import read_transaction
 from nanobot.lease import read_lease
 from nanobot.models import (
-    FAILED_OUTCOMES,
     Component,
     ComponentErrorRecord,
     ComponentStatus,
     ComponentStatusChange,
     Heartbeat,
-    Task,
     utcnow,
 )
 
@@ -124,38 +123,6 @@ def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, An
     }
 
 
-def _schedule_json(row: Any) -> dict[str, Any]:
-    from nanobot.cron.control import row_schedule, schedule_json
-
-    try:
-        return schedule_json(row_schedule(row))
-    except Exception:
-        # A row this nanobot cannot read (edited by hand): status still answers.
-        return {"schedule_kind": row.schedule_kind, "schedule": None}
-
-
-def _task_json(row: Any) -> dict[str, Any]:
-    # The same keys as TaskInfo.to_json() (cron list --json), without the constructor
-    # arguments, which may hold anything: status shows the schedule and the last outcome.
-    return {
-        "name": row.name,
-        "task": row.task_class,
-        "interval": row.interval_s,
-        **_schedule_json(row),
-        "timeout": row.timeout_s,
-        "paused": row.paused,
-        "next_run_at": _iso(row.next_run_at),
-        "last_run_at": _iso(row.last_run_at),
-        "last_outcome": row.last_outcome,
-        "consecutive_failures": row.consecutive_failures,
-        "error": row.broken_reason,
-        "broken": row.broken_reason is not None,
-        "source": row.source,
-        "pause_reason": row.pause_reason,
-        "auto_paused_at": _iso(row.auto_paused_at),
-    }
-
-
 # The heartbeat component of each task is named so.
 TASK_COMPONENT_PREFIX: Final = "task:"
 
@@ -194,31 +161,7 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
                 "current": row.node in running_nodes,
             }
         )
-    columns = (
-        Task.name,
-        Task.task_class,
-        Task.interval_s,
-        Task.schedule_kind,
-        Task.cron,
-        Task.timezone,
-        Task.run_at,
-        Task.timeout_s,
-        Task.paused,
-        Task.next_run_at,
-        Task.last_run_at,
-        Task.last_outcome,
-        Task.consecutive_failures,
-        Task.broken_reason,
-        Task.source,
-        Task.pause_reason,
-        Task.auto_paused_at,
-    )
-    task_query = select(*columns).order_by(Task.name)
-    if problems_only:
-        task_query = task_query.where(
-            or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
-        )
-    tasks = [_task_json(row) for row in conn.execute(task_query).all()]
+    tasks = read_summaries(conn, problems_only=problems_only)
     from nanobot.cron.taskcode import code_records
 
     # The task code of the nodes that run now; a stopped node's record is history.
@@ -279,14 +222,15 @@ def _verdict(state: dict[str, Any]) -> tuple[SystemStatus, list[str]]:
             if c["status"] == ComponentStatus.UNKNOWN
         )
         return SystemStatus.UNKNOWN, problems + overdue
-    for t in state["tasks"]:
-        if t["error"] is not None:
-            problems.append(f"task {t['name']} is broken: {t['error']}")
-        elif t["auto_paused_at"] is not None:
+    task: TaskSummary
+    for task in state["tasks"]:
+        if task.broken:
+            problems.append(f"task {task.name} is broken: {task.error}")
+        elif task.auto_paused_at is not None:
             # Paused for its failures: nothing runs it until an operator resumes it.
-            problems.append(f"task {t['name']} was {t['pause_reason']}")
-        elif t["last_outcome"] in FAILED_OUTCOMES:
-            problems.append(f"task {t['name']} last ended {t['last_outcome']}")
+            problems.append(f"task {task.name} was {task.pause_reason}")
+        elif task.failed:
+            problems.append(f"task {task.name} last ended {task.last_outcome}")
     for record in state["code"]:
         problem = record.problem()
         if problem:
@@ -375,7 +319,7 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
         },
         "system": system,
         "components": state["components"],
-        "tasks": state["tasks"],
+        "tasks": [task.to_json() for task in state["tasks"]],
         "code": [record.to_json() for record in state["code"]],
         "overdue": [item.to_json() for item in state.get("overdue", [])],
     }

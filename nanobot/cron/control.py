@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from nanobot.cron import history
 from nanobot.cron import overlap as overlaps
 from nanobot.cron.overlap import Overlap, check_overlap
 from nanobot.cron.pings import check_ping_url
@@ -43,6 +44,7 @@ from nanobot.cron.task import (
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
 from nanobot.models import (
+    FAILED_OUTCOMES,
     NAME_MAX,
     MisfirePolicy,
     Task,
@@ -52,6 +54,97 @@ from nanobot.models import (
     bound_error,
     utcnow,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """What ``status``, ``/status`` and the metrics show of a task: its schedule, desired state
+    and the mirror of its last run, without its constructor arguments (which may hold anything).
+
+    :func:`read_summaries` makes it from the stored columns as they are, so that a row whose
+    schedule this nanobot cannot read (edited by hand) still has a summary: its
+    :meth:`schedule` is None. :meth:`to_json` is the one builder of these keys; ``cron list
+    --json`` and the web API add theirs to it (:meth:`TaskInfo.to_json`).
+    """
+
+    name: str
+    task_class: str
+    interval: float
+    schedule_kind: str
+    cron: str | None
+    timezone: str | None
+    run_at: datetime | None
+    timeout: float | None
+    paused: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_outcome: str | None
+    consecutive_failures: int
+    error: str | None
+    source: str
+    pause_reason: str | None
+    auto_paused_at: datetime | None
+    # When the newest successful run finished: read only by read_summaries(last_success=True).
+    last_success_at: datetime | None = None
+    # The schedule, when whoever made the summary had it loaded already (a TaskInfo).
+    loaded: Schedule | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def broken(self) -> bool:
+        """True if the scheduler could not build the task (:attr:`error` says why)."""
+        return self.error is not None
+
+    @property
+    def failed(self) -> bool:
+        """True if the task's last slot failed (:data:`nanobot.models.FAILED_OUTCOMES`)."""
+        return self.last_outcome in FAILED_OUTCOMES
+
+    def schedule(self) -> Schedule | None:
+        """The stored schedule, or None if this nanobot cannot read it. Loaded on each call:
+        the metrics, which read every task at each scrape, never need it."""
+        if self.loaded is not None:
+            return self.loaded
+        try:
+            return load_schedule(
+                self.schedule_kind,
+                interval=self.interval,
+                cron=self.cron,
+                timezone=self.timezone,
+                run_at=self.run_at,
+            )
+        except Exception:
+            # Whatever a hand-edited row makes the parser raise: status still answers.
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        schedule = self.schedule()
+        return {
+            "name": self.name,
+            "task": self.task_class,
+            "interval": self.interval,
+            **(
+                schedule_json(schedule)
+                if schedule is not None
+                else {
+                    "schedule_kind": self.schedule_kind,
+                    "schedule": None,
+                    "cron": self.cron,
+                    "timezone": self.timezone,
+                    "run_at": _iso(self.run_at),
+                }
+            ),
+            "timeout": self.timeout,
+            "paused": self.paused,
+            "next_run_at": _iso(self.next_run_at),
+            "last_run_at": _iso(self.last_run_at),
+            "last_outcome": self.last_outcome,
+            "consecutive_failures": self.consecutive_failures,
+            "error": self.error,
+            "broken": self.broken,
+            "source": self.source,
+            "pause_reason": self.pause_reason,
+            "auto_paused_at": _iso(self.auto_paused_at),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +208,31 @@ class TaskInfo:
     retry_slot: datetime | None = None
     retry_attempt: int | None = None
 
+    def summary(self) -> TaskSummary:
+        """The part of the task that ``status`` shows (and :meth:`to_json` starts from)."""
+        return TaskSummary(
+            name=self.name,
+            task_class=self.task_class,
+            interval=self.interval,
+            **schedule_columns(self.schedule),
+            timeout=self.timeout,
+            paused=self.paused,
+            next_run_at=self.next_run_at,
+            last_run_at=self.last_run_at,
+            last_outcome=self.last_outcome,
+            consecutive_failures=self.consecutive_failures,
+            error=self.error,
+            source=self.source,
+            pause_reason=self.pause_reason,
+            auto_paused_at=self.auto_paused_at,
+            loaded=self.schedule,
+        )
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "pause_reason": self.pause_reason,
+        """The summary's keys, and the definition and state that ``cron list --json`` and the
+        web API show beyond it."""
+        return self.summary().to_json() | {
             "pause_after_failures": self.pause_after_failures,
-            "auto_paused_at": _iso(self.auto_paused_at),
             "ping_url": self.ping_url,
             "catch_up_window": self.catch_up_window,
             "retries": self.retries,
@@ -145,18 +256,8 @@ class TaskInfo:
                 if self.backfill is not None
                 else None
             ),
-            "task": self.task_class,
-            "interval": self.interval,
-            **schedule_json(self.schedule),
             "next_run_local": _local_iso(self.next_run_at, self.schedule),
             "kwargs": self.kwargs,
-            "timeout": self.timeout,
-            "paused": self.paused,
-            "next_run_at": _iso(self.next_run_at),
-            "last_run_at": _iso(self.last_run_at),
-            "last_outcome": self.last_outcome,
-            "consecutive_failures": self.consecutive_failures,
-            "error": self.error,
         }
 
 
@@ -217,6 +318,16 @@ def schedule_json(schedule: Schedule) -> dict[str, Any]:
         "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
         "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
         "run_at": _iso(schedule.at) if isinstance(schedule, AtSchedule) else None,
+    }
+
+
+def schedule_columns(schedule: Schedule) -> dict[str, Any]:
+    """The ``tasks`` columns that store ``schedule`` (beside ``interval_s``)."""
+    return {
+        "schedule_kind": schedule.kind.value,
+        "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
+        "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
+        "run_at": schedule.at if isinstance(schedule, AtSchedule) else None,
     }
 
 
@@ -473,6 +584,69 @@ def list_tasks(engine: Engine) -> list[TaskInfo]:
     return [_info(row) for row in rows]
 
 
+# The columns of a TaskSummary, in its order.
+_SUMMARY_COLUMNS: Final = (
+    Task.name,
+    Task.task_class,
+    Task.interval_s,
+    Task.schedule_kind,
+    Task.cron,
+    Task.timezone,
+    Task.run_at,
+    Task.timeout_s,
+    Task.paused,
+    Task.next_run_at,
+    Task.last_run_at,
+    Task.last_outcome,
+    Task.consecutive_failures,
+    Task.broken_reason,
+    Task.source,
+    Task.pause_reason,
+    Task.auto_paused_at,
+)
+
+
+def read_summaries(
+    conn: Connection, *, problems_only: bool = False, last_success: bool = False
+) -> list[TaskSummary]:
+    """Every task's summary, by name, in the caller's transaction and in one statement.
+
+    ``problems_only`` keeps the tasks that can make status degraded (broken, or whose last slot
+    failed). ``last_success`` also reads when each task's newest successful run finished, by a
+    correlated subquery of the same statement (:func:`nanobot.cron.history.newest_success`).
+    """
+    query = select(*_SUMMARY_COLUMNS).order_by(Task.name)
+    if last_success:
+        query = query.add_columns(history.newest_success(Task.name).label("last_success_at"))
+    if problems_only:
+        query = query.where(
+            or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
+        )
+    return [
+        TaskSummary(
+            name=row.name,
+            task_class=row.task_class,
+            interval=row.interval_s,
+            schedule_kind=row.schedule_kind,
+            cron=row.cron,
+            timezone=row.timezone,
+            run_at=row.run_at,
+            timeout=row.timeout_s,
+            paused=row.paused,
+            next_run_at=row.next_run_at,
+            last_run_at=row.last_run_at,
+            last_outcome=row.last_outcome,
+            consecutive_failures=row.consecutive_failures,
+            error=row.broken_reason,
+            source=row.source,
+            pause_reason=row.pause_reason,
+            auto_paused_at=row.auto_paused_at,
+            last_success_at=row.last_success_at if last_success else None,
+        )
+        for row in conn.execute(query)
+    ]
+
+
 def get_task(engine: Engine, name: str) -> TaskInfo:
     with read_transaction(engine) as conn:
         row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
@@ -543,12 +717,7 @@ def run_info(r: Any) -> RunInfo:
 
 
 def definition_values(d: TaskDefinition) -> dict[str, Any]:
-    schedule = d.the_schedule
-    return {
-        "schedule_kind": schedule.kind.value,
-        "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
-        "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
-        "run_at": schedule.at if isinstance(schedule, AtSchedule) else None,
+    return schedule_columns(d.the_schedule) | {
         "task_class": d.task_class,
         "interval_s": d.interval,
         "kwargs": d.kwargs,

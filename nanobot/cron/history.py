@@ -32,6 +32,8 @@ from typing import Any, Final, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    ScalarSelect,
+    SQLColumnExpression,
     Table,
     and_,
     bindparam,
@@ -594,6 +596,20 @@ def prune(engine: Engine, *, now: datetime, retention_days: float, max_rows: int
             )
             removed += int(result.rowcount or 0)
     return removed
+
+
+def newest_success(task_name: SQLColumnExpression[str]) -> ScalarSelect[datetime | None]:
+    """When the newest successful run of the task named by ``task_name`` (a column of the
+    enclosing statement) finished: a correlated subquery, one index search per task on
+    ``(task_name, scheduled_at)`` from the newest slot back to the first success (a task's
+    history is capped by ``cron.history_max_rows``)."""
+    return (
+        select(TaskRun.finished_at)
+        .where(TaskRun.task_name == task_name, TaskRun.outcome == TaskOutcome.SUCCESS.value)
+        .order_by(TaskRun.scheduled_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
 
 
 def outcome_counts(engine: Engine, name: str) -> dict[str, int]:

@@ -71,10 +71,8 @@ def error_response(status: int, message: str, **extra: str | None) -> web.Respon
 
 
 def task_json(info: TaskInfo, *, now: datetime, with_next: bool = False) -> dict[str, Any]:
-    body = info.to_json() | {
-        "state": queries.state_of(info, now).value,
-        "schedule": queries.describe_schedule(info),
-    }
+    # The keys of cron list --json, and the dashboard's state of the task.
+    body = info.to_json() | {"state": queries.state_of(info, now).value}
     if with_next:
         body["next_runs"] = [t.isoformat() for t in queries.next_runs(info)]
     return body

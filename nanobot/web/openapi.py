@@ -122,6 +122,7 @@ SCHEMAS: Final[dict[str, Any]] = {
             "last_outcome": {"enum": [*_OUTCOMES, None]},
             "consecutive_failures": {"type": "integer", "minimum": 0},
             "error": {"type": ["string", "null"], "description": "why the task is broken"},
+            "broken": {"type": "boolean", "description": "true when error is set"},
         },
     },
     "TaskPage": {
