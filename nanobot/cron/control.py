@@ -1,5 +1,10 @@
 """The control plane of the scheduler: the ``tasks`` table, read and written by any process.
 
+This module owns the statements on ``tasks`` (the run mirror that outcomes write is
+:mod:`nanobot.cron.history`'s): what reads tasks gets records, :class:`TaskInfo` (a task as
+stored) or :class:`TaskSummary` (what status and the metrics show), and the states and pages
+the dashboard filters by (:class:`TaskState`, :func:`page_tasks`, :func:`count_by_state`).
+
 The command line and the manager both change tasks through these functions. Each change bumps
 the row's ``version``; the scheduler that runs applies rows whose version it has not applied
 yet (within ``cron.poll_interval``), or at its next start. These functions are synchronous and
@@ -8,18 +13,33 @@ do database I/O: call them from a thread when an event loop is running.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import inspect
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron import history
 from nanobot.cron import overlap as overlaps
+from nanobot.cron.history import RunInfo as RunInfo
 from nanobot.cron.overlap import Overlap, check_overlap
 from nanobot.cron.pings import check_ping_url
 from nanobot.cron.retries import DEFAULT_BACKOFF, RetryBackoff, check_retries, parse_backoff
@@ -28,6 +48,7 @@ from nanobot.cron.schedules import (
     CronSchedule,
     IntervalSchedule,
     Schedule,
+    ScheduleKind,
     describe,
     fire_times,
     load_schedule,
@@ -49,7 +70,6 @@ from nanobot.models import (
     MisfirePolicy,
     Task,
     TaskOutcome,
-    TaskRun,
     TaskSource,
     bound_error,
     utcnow,
@@ -258,43 +278,6 @@ class TaskInfo:
             ),
             "next_run_local": _local_iso(self.next_run_at, self.schedule),
             "kwargs": self.kwargs,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class RunInfo:
-    """One row of a task's run history."""
-
-    id: int
-    task_name: str
-    scheduled_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    duration: float | None
-    outcome: TaskOutcome
-    error: str | None
-    slots: int
-    manual: bool
-    node: str | None
-    output: str | None = None
-    # Which attempt of its slot (1: the slot's run; 2...: its retries).
-    attempt: int = 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "task": self.task_name,
-            "scheduled_at": _iso(self.scheduled_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
-            "duration": self.duration,
-            "outcome": self.outcome.value,
-            "error": self.error,
-            "slots": self.slots,
-            "manual": self.manual,
-            "node": self.node,
-            "output": self.output,
-            "attempt": self.attempt,
         }
 
 
@@ -658,59 +641,17 @@ def get_task(engine: Engine, name: str) -> TaskInfo:
 def task_history(
     engine: Engine, name: str, limit: int = 20, *, before: datetime | None = None
 ) -> list[RunInfo]:
-    """The last ``limit`` rows of a task's run history, newest first.
-
-    With ``before``, only slots scheduled before it: the next page after a page whose oldest
-    row was scheduled at ``before``. The attempts of a slot (retries) are never split between
-    two pages: a page holds at least ``limit`` rows when there are that many, so that no row is
-    shown twice or skipped.
-    """
+    """The last ``limit`` rows of a task's run history, newest first (as
+    :func:`nanobot.cron.history.read_runs` pages them); :class:`UnknownTaskError` for a name
+    that is neither a task nor in the history."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
-    query = select(TaskRun.__table__).where(TaskRun.task_name == name)
-    if before is not None:
-        query = query.where(TaskRun.scheduled_at < before)
     with read_transaction(engine) as conn:
         known = conn.execute(select(Task.id).where(Task.name == name)).first()
-        rows = list(
-            conn.execute(
-                query.order_by(TaskRun.scheduled_at.desc(), TaskRun.attempt.desc()).limit(limit)
-            ).all()
-        )
-        if len(rows) == limit and rows[-1].attempt > 1:
-            # A page ends inside a slot's attempts: its earlier attempts come with it, since
-            # the next page starts before that slot (a page may hold a few rows more).
-            rows += conn.execute(
-                select(TaskRun.__table__)
-                .where(
-                    TaskRun.task_name == name,
-                    TaskRun.scheduled_at == rows[-1].scheduled_at,
-                    TaskRun.attempt < rows[-1].attempt,
-                )
-                .order_by(TaskRun.attempt.desc())
-            ).all()
-    if known is None and not rows:
+        runs = history.read_runs(conn, name, limit, before=before)
+    if known is None and not runs:
         raise UnknownTaskError(name)
-    return [run_info(r) for r in rows]
-
-
-def run_info(r: Any) -> RunInfo:
-    """A ``task_runs`` row as a record (``output`` where the query selected it)."""
-    return RunInfo(
-        id=r.id,
-        task_name=r.task_name,
-        scheduled_at=r.scheduled_at,
-        started_at=r.started_at,
-        finished_at=r.finished_at,
-        duration=r.duration_s,
-        outcome=TaskOutcome(r.outcome),
-        error=r.error,
-        slots=r.slots,
-        manual=r.manual,
-        node=r.node,
-        output=getattr(r, "output", None),
-        attempt=getattr(r, "attempt", 1),
-    )
+    return runs
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -927,18 +868,6 @@ def set_backfill(
     )
 
 
-def runs_in_flight(engine: Engine, name: str) -> list[RunInfo]:
-    """The task's rows still ``running`` (runs in flight, or slots claimed to run), oldest
-    first."""
-    with read_transaction(engine) as conn:
-        rows = conn.execute(
-            select(TaskRun.__table__)
-            .where(TaskRun.task_name == name, TaskRun.outcome == TaskOutcome.RUNNING.value)
-            .order_by(TaskRun.scheduled_at)
-        ).all()
-    return [run_info(r) for r in rows]
-
-
 def remove_task(engine: Engine, name: str) -> None:
     """Delete a task. Its run history stays until retention prunes it."""
     with write_transaction(engine) as conn:
@@ -950,3 +879,163 @@ def remove_task(engine: Engine, name: str) -> None:
 def count_tasks(engine: Engine) -> int:
     with read_transaction(engine) as conn:
         return int(conn.execute(select(func.count()).select_from(Task)).scalar_one())
+
+
+def existing_names(conn: Connection, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` that are tasks now, in the caller's transaction."""
+    wanted = list(names)
+    if not wanted:
+        return set()
+    return set(conn.execute(select(Task.name).where(Task.name.in_(wanted))).scalars())
+
+
+# --- states and pages (the dashboard and the API) ---------------------------------------------
+
+# A started task whose next slot is this far in the past is overdue: no scheduler ran it.
+OVERDUE_AFTER: Final = timedelta(seconds=60)
+PAGE_SIZE_MAX: Final = 200
+
+
+class TaskState(enum.StrEnum):
+    """The filters of the tasks page and of ``GET /api/v1/tasks?state=``; a task may be in
+    several (a paused task can be failing too). :func:`state_of` gives the one it is shown in."""
+
+    ACTIVE = "active"  # scheduled: not paused, not broken
+    PAUSED = "paused"
+    BROKEN = "broken"  # its class cannot be imported or built
+    FAILING = "failing"  # its last slot failed (error, timeout, interrupted)
+    OVERDUE = "overdue"  # scheduled, but its next slot passed more than a minute ago
+    RUNNING = "running"
+    DONE = "done"  # a one-shot task that has run
+
+
+def _in_state(state: TaskState, now: datetime) -> ColumnElement[bool]:
+    """``state`` as a condition on ``tasks`` (:func:`state_of` is the same rule in Python)."""
+    match state:
+        case TaskState.ACTIVE:
+            return and_(Task.paused.is_(False), Task.broken_reason.is_(None))
+        case TaskState.PAUSED:
+            return Task.paused.is_(True)
+        case TaskState.BROKEN:
+            return Task.broken_reason.is_not(None)
+        case TaskState.FAILING:
+            return or_(Task.consecutive_failures > 0, Task.last_outcome.in_(FAILED_OUTCOMES))
+        case TaskState.OVERDUE:
+            return and_(
+                Task.paused.is_(False),
+                Task.broken_reason.is_(None),
+                Task.next_run_at < now - OVERDUE_AFTER,
+            )
+        case TaskState.RUNNING:
+            return Task.last_outcome == TaskOutcome.RUNNING.value
+        case TaskState.DONE:
+            return and_(
+                Task.schedule_kind == ScheduleKind.AT.value,
+                Task.next_run_at.is_(None),
+                Task.last_run_at.is_not(None),
+            )
+
+
+def state_of(info: TaskInfo, now: datetime) -> TaskState:
+    """The one state a task is shown in, the most urgent first."""
+    if info.error is not None:
+        return TaskState.BROKEN
+    if info.done:
+        return TaskState.DONE
+    if info.paused:
+        return TaskState.PAUSED
+    if info.last_outcome == TaskOutcome.RUNNING:
+        return TaskState.RUNNING
+    if info.consecutive_failures > 0 or info.last_outcome in FAILED_OUTCOMES:
+        return TaskState.FAILING
+    if info.next_run_at is not None and info.next_run_at < now - OVERDUE_AFTER:
+        return TaskState.OVERDUE
+    return TaskState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of the filtered task list, and how many tasks match in all."""
+
+    items: list[TaskInfo]
+    total: int
+    offset: int
+    limit: int
+
+
+def page_tasks(
+    engine: Engine,
+    *,
+    search: str = "",
+    state: TaskState | None = None,
+    offset: int = 0,
+    limit: int = 50,
+    now: datetime | None = None,
+) -> TaskPage:
+    """Tasks whose name or class contains ``search`` (any case) and in ``state``, by name: a
+    page of at most :data:`PAGE_SIZE_MAX`, and the count of all that match."""
+    now = now or utcnow()
+    limit = max(1, min(limit, PAGE_SIZE_MAX))
+    offset = max(0, offset)
+    conditions: list[ColumnElement[bool]] = []
+    if search:
+        needle = search.lower()
+        conditions.append(
+            or_(
+                func.lower(Task.name).contains(needle, autoescape=True),
+                func.lower(Task.task_class).contains(needle, autoescape=True),
+            )
+        )
+    if state is not None:
+        conditions.append(_in_state(state, now))
+    with read_transaction(engine) as conn:
+        total = conn.execute(select(func.count()).select_from(Task).where(*conditions)).scalar()
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(*conditions)
+            .order_by(Task.name)
+            .offset(offset)
+            .limit(limit)
+        ).all()
+    return TaskPage(
+        items=[_info(row) for row in rows], total=int(total or 0), offset=offset, limit=limit
+    )
+
+
+def count_by_state(engine: Engine, *, now: datetime | None = None) -> dict[str, int]:
+    """``{"total": n, "active": n, "paused": n, ...}`` in one grouped statement."""
+    now = now or utcnow()
+    columns = [func.count().label("total")] + [
+        func.coalesce(func.sum(case((_in_state(s, now), 1), else_=0)), 0).label(s.value)
+        for s in TaskState
+    ]
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(*columns).select_from(Task)).one()
+    return {key: int(value) for key, value in row._mapping.items()}
+
+
+def overdue_tasks(
+    engine: Engine, *, limit: int = 10, now: datetime | None = None
+) -> list[TaskInfo]:
+    """The started tasks whose next slot is longest overdue, first."""
+    now = now or utcnow()
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(_in_state(TaskState.OVERDUE, now))
+            .order_by(Task.next_run_at)
+            .limit(limit)
+        ).all()
+    return [_info(row) for row in rows]
+
+
+def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
+    """The started tasks that run next, soonest first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(and_(Task.paused.is_(False), Task.next_run_at.is_not(None)))
+            .order_by(Task.next_run_at, Task.name)
+            .limit(limit)
+        ).all()
+    return [_info(row) for row in rows]

@@ -1,5 +1,9 @@
 """Run history: slots claimed before they run, outcomes written in batches, retention.
 
+This module owns the statements on ``task_runs`` (and the columns of ``tasks`` that mirror a
+run); what reads the history gets :class:`RunInfo` records from :func:`read_runs`,
+:func:`runs_in_flight` and :func:`recent_failed_runs`.
+
 A slot ``(task, scheduled_at)`` is claimed by inserting its ``task_runs`` row with outcome
 ``running`` in the same transaction that advances the job in the job store. The row's unique
 key makes a second claim of the same slot a no-op, so no slot runs twice, not even with two
@@ -32,6 +36,7 @@ from typing import Any, Final, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     ScalarSelect,
     SQLColumnExpression,
     Table,
@@ -46,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.retries import PendingRetry
-from nanobot.db import write_transaction
+from nanobot.db import read_transaction, write_transaction
 from nanobot.models import FAILED_OUTCOMES, Task, TaskOutcome, TaskRun, bound_error, utcnow
 
 _RUNS = cast(Table, TaskRun.__table__)
@@ -95,6 +100,43 @@ class Finish:
     final: bool = True
     # The retry that follows (attempt + 1 at this instant), stored with this outcome.
     retry_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One row of a task's run history (``task_runs``)."""
+
+    id: int
+    task_name: str
+    scheduled_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration: float | None
+    outcome: TaskOutcome
+    error: str | None
+    slots: int
+    manual: bool
+    node: str | None
+    output: str | None = None
+    # Which attempt of its slot (1: the slot's run; 2...: its retries).
+    attempt: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": self.task_name,
+            "scheduled_at": _iso(self.scheduled_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration": self.duration,
+            "outcome": self.outcome.value,
+            "error": self.error,
+            "slots": self.slots,
+            "manual": self.manual,
+            "node": self.node,
+            "output": self.output,
+            "attempt": self.attempt,
+        }
 
 
 # The unique claim: one row per attempt of a slot.
@@ -434,6 +476,90 @@ def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool
             .values(next_run_at=bindparam("b_slot")),
             [{"b_name": n, "b_slot": t} for n, t in earliest.items()],
         )
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def run_info(r: Row[Any]) -> RunInfo:
+    """A ``task_runs`` row as a record (``output`` where the query selected it)."""
+    return RunInfo(
+        id=r.id,
+        task_name=r.task_name,
+        scheduled_at=r.scheduled_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        duration=r.duration_s,
+        outcome=TaskOutcome(r.outcome),
+        error=r.error,
+        slots=r.slots,
+        manual=r.manual,
+        node=r.node,
+        output=getattr(r, "output", None),
+        attempt=getattr(r, "attempt", 1),
+    )
+
+
+def read_runs(
+    conn: Connection, name: str, limit: int, *, before: datetime | None = None
+) -> list[RunInfo]:
+    """The last ``limit`` rows of a task's run history, newest first, in the caller's
+    transaction.
+
+    With ``before``, only slots scheduled before it: the next page after a page whose oldest
+    row was scheduled at ``before``. The attempts of a slot (retries) are never split between
+    two pages: a page holds at least ``limit`` rows when there are that many, so that no row is
+    shown twice or skipped.
+    """
+    query = select(_RUNS).where(_RUNS.c.task_name == name)
+    if before is not None:
+        query = query.where(_RUNS.c.scheduled_at < before)
+    rows = list(
+        conn.execute(
+            query.order_by(_RUNS.c.scheduled_at.desc(), _RUNS.c.attempt.desc()).limit(limit)
+        ).all()
+    )
+    if len(rows) == limit and rows[-1].attempt > 1:
+        # A page ends inside a slot's attempts: its earlier attempts come with it, since the
+        # next page starts before that slot (a page may hold a few rows more).
+        rows += conn.execute(
+            select(_RUNS)
+            .where(
+                _RUNS.c.task_name == name,
+                _RUNS.c.scheduled_at == rows[-1].scheduled_at,
+                _RUNS.c.attempt < rows[-1].attempt,
+            )
+            .order_by(_RUNS.c.attempt.desc())
+        ).all()
+    return [run_info(r) for r in rows]
+
+
+def runs_in_flight(engine: Engine, name: str) -> list[RunInfo]:
+    """The task's rows still ``running`` (runs in flight, or slots claimed to run), oldest
+    first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(_RUNS)
+            .where(TaskRun.task_name == name, TaskRun.outcome == TaskOutcome.RUNNING.value)
+            .order_by(TaskRun.scheduled_at)
+        ).all()
+    return [run_info(r) for r in rows]
+
+
+def recent_failed_runs(conn: Connection, limit: int) -> list[RunInfo]:
+    """The newest ``limit`` failed runs (:data:`nanobot.models.FAILED_OUTCOMES`) of every task,
+    newest first, in the caller's transaction."""
+    rows = conn.execute(
+        select(_RUNS)
+        .where(_RUNS.c.outcome.in_(FAILED_OUTCOMES))
+        .order_by(_RUNS.c.scheduled_at.desc())
+        .limit(limit)
+    ).all()
+    return [run_info(r) for r in rows]
 
 
 # --- retries (nanobot.cron.retries) -----------------------------------------------------------

@@ -14,8 +14,7 @@ from typing import Any, Final
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from nanobot.cron.control import TASK_NAME_MAX
-from nanobot.web.queries import PAGE_SIZE_MAX, TaskState
+from nanobot.cron.control import PAGE_SIZE_MAX, TASK_NAME_MAX, TaskState
 
 PREFIX: Final = "/api/v1"
 
