@@ -36,11 +36,11 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import update
 
+from nanobot.cron import history
 from nanobot.cron.task import CronTask
 from nanobot.exceptions import CommandFailed, InvalidTaskError
-from nanobot.models import MisfirePolicy, TaskRun
+from nanobot.models import MisfirePolicy
 
 log = structlog.get_logger(__name__)
 
@@ -224,7 +224,6 @@ class CommandTask(CronTask):
 
 def _write_output(run_id: int, text: str) -> None:
     from nanobot.config import get_config
-    from nanobot.db import get_engine, write_transaction
+    from nanobot.db import get_engine
 
-    with write_transaction(get_engine(get_config())) as conn:
-        conn.execute(update(TaskRun).where(TaskRun.id == run_id).values(output=text))
+    history.write_output(get_engine(get_config()), run_id, text)

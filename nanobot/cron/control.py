@@ -17,7 +17,7 @@ import enum
 import importlib
 import inspect
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -26,6 +26,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Row,
     and_,
     case,
     delete,
@@ -605,29 +606,43 @@ def read_summaries(
         query = query.where(
             or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
         )
-    return [
-        TaskSummary(
-            name=row.name,
-            task_class=row.task_class,
-            interval=row.interval_s,
-            schedule_kind=row.schedule_kind,
-            cron=row.cron,
-            timezone=row.timezone,
-            run_at=row.run_at,
-            timeout=row.timeout_s,
-            paused=row.paused,
-            next_run_at=row.next_run_at,
-            last_run_at=row.last_run_at,
-            last_outcome=row.last_outcome,
-            consecutive_failures=row.consecutive_failures,
-            error=row.broken_reason,
-            source=row.source,
-            pause_reason=row.pause_reason,
-            auto_paused_at=row.auto_paused_at,
-            last_success_at=row.last_success_at if last_success else None,
+    return [_summary(row, last_success=last_success) for row in conn.execute(query)]
+
+
+def alerting_summaries(conn: Connection, *, failures: int) -> list[TaskSummary]:
+    """The tasks the alert rules weigh (:mod:`nanobot.alerts.rules`): broken, paused for their
+    failures, or failed ``failures`` slots in a row; in the caller's transaction."""
+    query = select(*_SUMMARY_COLUMNS).where(
+        or_(
+            Task.consecutive_failures >= failures,
+            Task.broken_reason.is_not(None),
+            Task.auto_paused_at.is_not(None),
         )
-        for row in conn.execute(query)
-    ]
+    )
+    return [_summary(row, last_success=False) for row in conn.execute(query)]
+
+
+def _summary(row: Row[*tuple[Any, ...]], *, last_success: bool) -> TaskSummary:
+    return TaskSummary(
+        name=row.name,
+        task_class=row.task_class,
+        interval=row.interval_s,
+        schedule_kind=row.schedule_kind,
+        cron=row.cron,
+        timezone=row.timezone,
+        run_at=row.run_at,
+        timeout=row.timeout_s,
+        paused=row.paused,
+        next_run_at=row.next_run_at,
+        last_run_at=row.last_run_at,
+        last_outcome=row.last_outcome,
+        consecutive_failures=row.consecutive_failures,
+        error=row.broken_reason,
+        source=row.source,
+        pause_reason=row.pause_reason,
+        auto_paused_at=row.auto_paused_at,
+        last_success_at=row.last_success_at if last_success else None,
+    )
 
 
 def get_task(engine: Engine, name: str) -> TaskInfo:
@@ -887,6 +902,63 @@ def existing_names(conn: Connection, names: Iterable[str]) -> set[str]:
     if not wanted:
         return set()
     return set(conn.execute(select(Task.name).where(Task.name.in_(wanted))).scalars())
+
+
+@dataclass(frozen=True, slots=True)
+class FailureCount:
+    """A started task's failed slots in a row, and its own auto-pause threshold (None: the
+    ``cron.pause_after_failures`` setting's)."""
+
+    name: str
+    consecutive_failures: int
+    pause_after_failures: int | None
+
+
+def failure_counts(conn: Connection, names: Sequence[str]) -> list[FailureCount]:
+    """The count of each of ``names`` that is not paused, in the caller's transaction."""
+    rows = conn.execute(
+        select(Task.name, Task.consecutive_failures, Task.pause_after_failures)
+        .where(Task.name.in_(list(names)), Task.paused.is_(False))
+        .order_by(Task.name)
+    ).all()
+    return [FailureCount(r.name, r.consecutive_failures, r.pause_after_failures) for r in rows]
+
+
+def auto_pause(conn: Connection, name: str, reason: str, now: datetime) -> bool:
+    """Pause a task for its failures (:mod:`nanobot.cron.autopause`), unless it is paused
+    already; True if this call paused it. A change like ``cron pause``: the version goes up."""
+    result = conn.execute(
+        update(Task)
+        .where(Task.name == name, Task.paused.is_(False))
+        .values(
+            paused=True,
+            next_run_at=None,
+            pause_reason=bound_error(reason),
+            auto_paused_at=now,
+            version=Task.version + 1,
+            updated_at=now,
+        )
+    )
+    return bool(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class DueTask:
+    """A started task's next slot (what :mod:`nanobot.cron.overdue` weighs)."""
+
+    name: str
+    interval: float
+    next_run_at: datetime
+
+
+def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
+    """The started tasks whose next slot is before ``horizon``, in the caller's transaction."""
+    rows = conn.execute(
+        select(Task.name, Task.interval_s, Task.next_run_at).where(
+            Task.paused.is_(False), Task.next_run_at.is_not(None), Task.next_run_at < horizon
+        )
+    ).all()
+    return [DueTask(r.name, r.interval_s, r.next_run_at) for r in rows]
 
 
 # --- states and pages (the dashboard and the API) ---------------------------------------------

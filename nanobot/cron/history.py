@@ -562,6 +562,49 @@ def recent_failed_runs(conn: Connection, limit: int) -> list[RunInfo]:
     return [run_info(r) for r in rows]
 
 
+def last_failed_run(conn: Connection, name: str) -> RunInfo | None:
+    """The task's newest failed run (:data:`nanobot.models.FAILED_OUTCOMES`), without its
+    output, in the caller's transaction."""
+    row = conn.execute(
+        select(*(column for column in _RUNS.c if column.name != "output"))
+        .where(_RUNS.c.task_name == name, _RUNS.c.outcome.in_(FAILED_OUTCOMES))
+        .order_by(_RUNS.c.scheduled_at.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else run_info(row)
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """A run in flight (dispatched, still ``running``) and its task's interval and timeout."""
+
+    task: str
+    started_at: datetime
+    interval: float
+    timeout: float | None
+
+
+def started_before(conn: Connection, horizon: datetime) -> list[StartedRun]:
+    """The runs in flight that started before ``horizon``, of tasks that still exist, in the
+    caller's transaction."""
+    rows = conn.execute(
+        select(_RUNS.c.task_name, _RUNS.c.started_at, _TASKS.c.interval_s, _TASKS.c.timeout_s)
+        .join(_TASKS, _TASKS.c.name == _RUNS.c.task_name)
+        .where(
+            _RUNS.c.outcome == TaskOutcome.RUNNING.value,
+            _RUNS.c.started_at.is_not(None),
+            _RUNS.c.started_at < horizon,
+        )
+    ).all()
+    return [StartedRun(r.task_name, r.started_at, r.interval_s, r.timeout_s) for r in rows]
+
+
+def write_output(engine: Engine, run_id: int, text: str) -> None:
+    """Store the captured output of run ``run_id`` (a command task's tail)."""
+    with write_transaction(engine) as conn:
+        conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(output=text))
+
+
 # --- retries (nanobot.cron.retries) -----------------------------------------------------------
 
 
