@@ -719,19 +719,62 @@ def first_run(schedule: Schedule, now: datetime) -> datetime | None:
     return slot_at_or_after(schedule, now)
 
 
-def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
-    """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
-    now = utcnow()
-    values = definition_values(definition) | {
+def new_task_values(
+    definition: TaskDefinition,
+    now: datetime,
+    *,
+    source: TaskSource,
+    paused: bool,
+    started: bool,
+    pause_reason: str | None = None,
+) -> dict[str, Any]:
+    """The columns of a new ``tasks`` row. ``started``: its schedule starts now (first run
+    per :func:`first_run`); else it has no schedule until started (as a task registered in code)."""
+    starts = started and not paused
+    return definition_values(definition) | {
         "name": definition.name,
+        "source": source.value,
         "paused": paused,
-        "anchor_at": None if paused else now,
-        "next_run_at": None if paused else first_run(definition.the_schedule, now),
+        "pause_reason": pause_reason,
+        "anchor_at": now if starts else None,
+        "next_run_at": first_run(definition.the_schedule, now) if starts else None,
         "created_at": now,
         "updated_at": now,
         "version": 1,
         "consecutive_failures": 0,
     }
+
+
+def redefined_values(
+    stored: TaskDefinition,
+    definition: TaskDefinition,
+    *,
+    next_run_at: datetime | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The columns that change when a task's stored definition becomes ``definition`` (a task
+    registered again in code, a task file edited), with where its schedule goes on."""
+    values = definition_values(definition) | {"broken_reason": None}
+    before, after = stored.the_schedule, definition.the_schedule
+    both_intervals = isinstance(before, IntervalSchedule) and isinstance(after, IntervalSchedule)
+    if before != after and not both_intervals:
+        # Another kind of schedule, another expression or time: the next run is the new
+        # schedule's first (the scheduler recomputes it from the new schedule).
+        if next_run_at is not None:
+            values["anchor_at"] = now
+            values["next_run_at"] = first_run(after, now)
+    elif stored.interval != definition.interval and next_run_at is not None:
+        # Keep the phase: the next slot stays where it was, later ones follow the new interval
+        # from there.
+        values["anchor_at"] = next_run_at
+    return values
+
+
+def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
+    """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
+    values = new_task_values(
+        definition, utcnow(), source=TaskSource.CLI, paused=paused, started=True
+    )
     try:
         with write_transaction(engine) as conn:
             conn.execute(insert(Task).values(**values))
@@ -756,45 +799,23 @@ def upsert_definition(
         if row is None and not create:
             raise UnknownTaskError(definition.name)
         if row is None:
-            conn.execute(
-                insert(Task).values(
-                    **definition_values(definition),
-                    name=definition.name,
-                    source=TaskSource.CODE.value,
-                    paused=True,
-                    created_at=now,
-                    updated_at=now,
-                    version=1,
-                    consecutive_failures=0,
-                )
+            values = new_task_values(
+                definition, now, source=TaskSource.CODE, paused=True, started=False
             )
+            conn.execute(insert(Task).values(**values))
             outcome = "created"
+        elif stored_definition(row).same_schedule_as(definition):
+            outcome = "unchanged"
         else:
-            current = row
-            if stored_definition(current).same_schedule_as(definition):
-                outcome = "unchanged"
-            else:
-                values = definition_values(definition) | {
-                    "updated_at": now,
-                    "version": Task.version + 1,
-                    "broken_reason": None,
-                }
-                before = stored_definition(current).the_schedule
-                if before != definition.the_schedule and not (
-                    isinstance(before, IntervalSchedule)
-                    and isinstance(definition.the_schedule, IntervalSchedule)
-                ):
-                    # Another kind of schedule, another expression or time: the next run is the
-                    # new schedule's first (the scheduler recomputes it from the new schedule).
-                    if current.next_run_at is not None:
-                        values["anchor_at"] = now
-                        values["next_run_at"] = first_run(definition.the_schedule, now)
-                elif current.interval_s != definition.interval and current.next_run_at is not None:
-                    # Keep the phase: the next slot stays where it was, later ones follow the
-                    # new interval from there.
-                    values["anchor_at"] = current.next_run_at
-                conn.execute(update(Task).where(Task.name == definition.name).values(**values))
-                outcome = "updated"
+            values = redefined_values(
+                stored_definition(row), definition, next_run_at=row.next_run_at, now=now
+            )
+            conn.execute(
+                update(Task)
+                .where(Task.name == definition.name)
+                .values(**values, updated_at=now, version=Task.version + 1)
+            )
+            outcome = "updated"
     return outcome, get_task(engine, definition.name)
 
 
@@ -959,6 +980,49 @@ def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
         )
     ).all()
     return [DueTask(r.name, r.interval_s, r.next_run_at) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    """A ``tasks`` row as a sync of definitions (the task file) weighs it: the definition
+    stored, who defined it, and the state a sync keeps or changes."""
+
+    definition: TaskDefinition
+    source: str
+    paused: bool
+    pause_reason: str | None
+    anchor_at: datetime | None
+    next_run_at: datetime | None
+
+
+def stored_tasks(conn: Connection) -> dict[str, StoredTask]:
+    """Every task as stored, by name, in the caller's transaction."""
+    return {
+        row.name: StoredTask(
+            definition=stored_definition(row),
+            source=row.source,
+            paused=row.paused,
+            pause_reason=row.pause_reason,
+            anchor_at=row.anchor_at,
+            next_run_at=row.next_run_at,
+        )
+        for row in conn.execute(select(Task.__table__))
+    }
+
+
+def insert_task(conn: Connection, values: dict[str, Any]) -> None:
+    """Insert a row made by :func:`new_task_values`, in the caller's transaction."""
+    conn.execute(insert(Task).values(**values))
+
+
+def change_task(conn: Connection, name: str, values: dict[str, Any], now: datetime) -> None:
+    """Write ``values`` into the task's row as a new version (the scheduler applies it), in the
+    caller's transaction."""
+    conn.execute(
+        update(Task)
+        .where(Task.name == name)
+        .values(**values, version=Task.version + 1, updated_at=now)
+    )
 
 
 # --- states and pages (the dashboard and the API) ---------------------------------------------
