@@ -904,6 +904,16 @@ def set_backfill(
     )
 
 
+def clear_backfill(conn: Connection, name: str, start: datetime, end: datetime) -> None:
+    """Forget the task's backfill from ``start`` to ``end`` once done (a newer request stays),
+    in the caller's transaction."""
+    conn.execute(
+        update(Task)
+        .where(Task.name == name, Task.backfill_from == start, Task.backfill_to == end)
+        .values(backfill_from=None, backfill_to=None, backfill_concurrency=None)
+    )
+
+
 def remove_task(engine: Engine, name: str) -> None:
     """Delete a task. Its run history stays until retention prunes it."""
     with write_transaction(engine) as conn:

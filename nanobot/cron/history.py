@@ -575,6 +575,51 @@ def last_failed_run(conn: Connection, name: str) -> RunInfo | None:
 
 
 @dataclass(frozen=True, slots=True)
+class RunSlot:
+    """A row of a task's history as a backfill matches it to its slots."""
+
+    id: int
+    scheduled_at: datetime
+    outcome: str
+    slots: int
+
+
+def slots_between(conn: Connection, name: str, first: datetime, last: datetime) -> list[RunSlot]:
+    """The task's rows scheduled from ``first`` to ``last``, oldest first, in the caller's
+    transaction."""
+    rows = conn.execute(
+        select(_RUNS.c.id, _RUNS.c.scheduled_at, _RUNS.c.outcome, _RUNS.c.slots)
+        .where(
+            _RUNS.c.task_name == name,
+            _RUNS.c.scheduled_at >= first,
+            _RUNS.c.scheduled_at <= last,
+        )
+        .order_by(_RUNS.c.scheduled_at)
+    ).all()
+    return [RunSlot(int(r.id), r.scheduled_at, str(r.outcome), int(r.slots)) for r in rows]
+
+
+def claim_missed(conn: Connection, row: RunSlot, *, node: str) -> bool:
+    """Turn a ``missed`` row into the claimed run of its first slot (a backfill runs it), in
+    the caller's transaction; False if it is no longer missed."""
+    result = conn.execute(
+        update(_RUNS)
+        .where(_RUNS.c.id == row.id, _RUNS.c.outcome == TaskOutcome.MISSED.value)
+        .values(
+            outcome=TaskOutcome.RUNNING.value,
+            started_at=row.scheduled_at,
+            finished_at=None,
+            duration_s=None,
+            error=None,
+            slots=1,
+            manual=True,
+            node=node,
+        )
+    )
+    return result.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
 class StartedRun:
     """A run in flight (dispatched, still ``running``) and its task's interval and timeout."""
 
