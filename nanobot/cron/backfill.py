@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Row
 
 from nanobot.cron import control, history
 from nanobot.cron.history import Claim, RunSlot
@@ -301,7 +301,7 @@ def _clear(conn: Connection, backfill: Backfill) -> None:
     control.clear_backfill(conn, backfill.task, backfill.start, backfill.end)
 
 
-def job_of(row: Any) -> BackfillJob | None:
+def job_of(row: Row[*tuple[Any, ...]]) -> BackfillJob | None:
     """The backfill stored on a ``tasks`` row, if any."""
     if row.backfill_from is None or row.backfill_to is None:
         return None

@@ -315,7 +315,7 @@ def schedule_columns(schedule: Schedule) -> dict[str, Any]:
     }
 
 
-def row_schedule(row: Any) -> Schedule:
+def row_schedule(row: Row[*tuple[Any, ...]]) -> Schedule:
     """The schedule of a ``tasks`` row."""
     return load_schedule(
         row.schedule_kind,
@@ -513,7 +513,7 @@ def _chosen_overlap(task: CronTask, policy: str | None, max_concurrent: int | No
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _info(row: Any) -> TaskInfo:
+def _info(row: Row[*tuple[Any, ...]]) -> TaskInfo:
     return TaskInfo(
         name=row.name,
         task_class=row.task_class,
@@ -690,7 +690,7 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
     }
 
 
-def stored_definition(row: Any) -> TaskDefinition:
+def stored_definition(row: Row[*tuple[Any, ...]]) -> TaskDefinition:
     return TaskDefinition(
         name=row.name,
         task_class=row.task_class,

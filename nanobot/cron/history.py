@@ -413,7 +413,9 @@ _RELEASED: Final = (
 )
 
 
-def _slots_of(conn: Connection, rows: Sequence[Any]) -> list[tuple[str, datetime, bool]]:
+def _slots_of(
+    conn: Connection, rows: Sequence[Row[*tuple[Any, ...]]]
+) -> list[tuple[str, datetime, bool]]:
     """The released claims that were slots; a released retry (attempt 2...) is not a slot to
     catch up: it becomes its task's pending retry again (at its instant, or now)."""
     retries = [r for r in rows if int(r.attempt) > 1]
@@ -485,7 +487,7 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def run_info(r: Row[Any]) -> RunInfo:
+def run_info(r: Row[*tuple[Any, ...]]) -> RunInfo:
     """A ``task_runs`` row as a record (``output`` where the query selected it)."""
     return RunInfo(
         id=r.id,
