@@ -19,11 +19,10 @@ import enum
 import importlib.metadata
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, Engine, or_, select
 
-from nanobot.cron.control import TaskSummary, read_summaries
 from nanobot.db import read_transaction
 from nanobot.lease import read_lease
 from nanobot.models import (
@@ -34,6 +33,9 @@ from nanobot.models import (
     Heartbeat,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from nanobot.cron.control import TaskSummary
 
 STALE_FACTOR: Final = 2.5
 STALE_SLACK_S: Final = 1.0
@@ -161,6 +163,10 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
                 "current": row.node in running_nodes,
             }
         )
+    # Imported here: importing nanobot.cron loads the scheduler and APScheduler, which every
+    # command of the command line (it imports this module) would pay for at start.
+    from nanobot.cron.control import read_summaries
+
     tasks = read_summaries(conn, problems_only=problems_only)
     from nanobot.cron.taskcode import code_records
 
