@@ -1038,7 +1038,7 @@ def cron_run(name: str, force: bool, as_json: bool) -> None:
     service's next pass, the requested run is recorded skipped in 'cron history'. --force runs
     it whatever the policy, beside the run in flight.
     """
-    from nanobot.cron import control  # noqa: PLC0415 (loads the scheduler)
+    from nanobot.cron import control, history  # noqa: PLC0415 (loads the scheduler)
     from nanobot.cron.overlap import Action, RunKind, decide  # noqa: PLC0415 (loads the scheduler)
 
     cfg = _prepare()
@@ -1047,7 +1047,7 @@ def cron_run(name: str, force: bool, as_json: bool) -> None:
         info = control.get_task(engine, name)
         # Rows left running by a service that is not running are not runs in flight (they
         # are recorded interrupted when it starts): only a running service's count.
-        running = control.runs_in_flight(engine, name) if service_running(engine) else []
+        running = history.runs_in_flight(engine, name) if service_running(engine) else []
         if info.backfill is not None:
             # A backfill's runs do not count for the policy (as in the scheduler).
             first, last, _ = info.backfill

@@ -14,7 +14,8 @@ nodes with skewed clocks agree on expiry; SQLite has none, and its processes sha
 and so one clock. Tests inject ``clock``, which then replaces both.
 
 The holder id must be unique per process, not per host: two services on one host must not
-believe they both hold the lease. :func:`holder_id` gives ``<node>:<pid>``.
+believe they both hold the lease. :func:`holder_id` gives ``<node>:<pid>``, and only this module
+reads one apart (:func:`holder_node`, :attr:`LeaseInfo.node`).
 
 A holder that is known to be dead does not keep the lease until it expires: when the holder is
 this node (the same home, so the same host) or, on SQLite, any process of this host, and its
@@ -49,7 +50,17 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    create_engine,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
@@ -81,10 +92,19 @@ def holder_id(node: str, pid: int | None = None) -> str:
 
 
 def _split_holder(holder: str) -> tuple[str, int] | None:
+    # rpartition: the node name may hold colons (a default node name is "<host>:<hash>").
     node, sep, pid = holder.rpartition(":")
     if not sep or not pid.isdigit():
         return None
     return node, int(pid)
+
+
+def holder_node(holder: str | None) -> str | None:
+    """The node of a holder id made by :func:`holder_id`; an id of another form is its own node."""
+    if holder is None:
+        return None
+    split = _split_holder(holder)
+    return holder if split is None else split[0]
 
 
 def process_exists(pid: int) -> bool:
@@ -133,6 +153,11 @@ class LeaseInfo:
         """True if some holder owns the lease at ``now``."""
         return self.holder is not None and self.expires_at is not None and self.expires_at > now
 
+    @property
+    def node(self) -> str | None:
+        """The node of the holder (None once released)."""
+        return holder_node(self.holder)
+
     def to_json(self, now: datetime) -> dict[str, Any]:
         return {
             "holder": self.holder,
@@ -144,7 +169,7 @@ class LeaseInfo:
         }
 
 
-def _row_info(row: Any) -> LeaseInfo:
+def _row_info(row: Row[*tuple[Any, ...]]) -> LeaseInfo:
     return LeaseInfo(
         name=row.name,
         holder=row.holder,

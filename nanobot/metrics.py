@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, select
 
 from nanobot.config import get_config
+from nanobot.cron.control import read_summaries
 from nanobot.cron.manager import RunInFlight, runs_in_flight
 from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
@@ -44,9 +45,7 @@ from nanobot.models import (
     Component,
     ComponentStatus,
     Heartbeat,
-    Task,
     TaskOutcome,
-    TaskRun,
     error_text,
 )
 from nanobot.status import nanobot_version
@@ -140,30 +139,15 @@ class _DatabaseCollector:
             "seconds the latest overdue task is past its expected instant (0: none overdue)",
         )
         with read_transaction(self.engine) as conn:
-            tasks = conn.execute(
-                select(
-                    Task.name,
-                    Task.paused,
-                    Task.next_run_at,
-                    Task.consecutive_failures,
-                    Task.auto_paused_at,
-                )
-            ).all()
-            for t in tasks:
+            # One statement for every task, the newest success included (a correlated
+            # subquery per task on the (task_name, scheduled_at) index).
+            for t in read_summaries(conn, last_success=True):
                 paused.add_metric([t.name], 1.0 if t.paused else 0.0)
                 auto_paused.add_metric([t.name], 0.0 if t.auto_paused_at is None else 1.0)
                 failures.add_metric([t.name], float(t.consecutive_failures))
                 if (ts := _ts(t.next_run_at)) is not None:
                     next_run.add_metric([t.name], ts)
-                # The newest success through the (task_name, scheduled_at) unique index; the
-                # history of one task is capped by cron.history_max_rows.
-                finished = conn.execute(
-                    select(TaskRun.finished_at)
-                    .where(TaskRun.task_name == t.name, TaskRun.outcome == TaskOutcome.SUCCESS)
-                    .order_by(TaskRun.scheduled_at.desc())
-                    .limit(1)
-                ).scalar()
-                if (ts := _ts(finished)) is not None:
+                if (ts := _ts(t.last_success_at)) is not None:
                     last_success.add_metric([t.name], ts)
             for c in conn.execute(
                 select(Component.name, Component.status).where(Component.node == self.node)

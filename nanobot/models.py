@@ -66,6 +66,15 @@ class TaskOutcome(enum.StrEnum):
     INTERRUPTED = "interrupted"
 
 
+# The outcomes of a failed slot: what tasks.consecutive_failures counts, what auto-pause, the
+# alert rules and the dashboard call failing, and what makes status degraded. A success resets
+# the count; cancelled, missed and skipped are neither. Members are str, so they compare equal to
+# the stored text and bind as it in SQL.
+FAILED_OUTCOMES: Final = frozenset(
+    {TaskOutcome.ERROR, TaskOutcome.TIMEOUT, TaskOutcome.INTERRUPTED}
+)
+
+
 class TaskSource(enum.StrEnum):
     """Who defined a task: stored in ``tasks.source``; the task file's sync touches only its own."""
 

@@ -19,7 +19,7 @@ import enum
 import importlib.metadata
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Connection, Engine, or_, select
 
@@ -32,20 +32,16 @@ from nanobot.models import (
     ComponentStatus,
     ComponentStatusChange,
     Heartbeat,
-    Task,
-    TaskOutcome,
     utcnow,
 )
 from nanobot.times import iso
 
+if TYPE_CHECKING:
+    from nanobot.cron.control import TaskSummary
+
 STALE_FACTOR: Final = 2.5
 STALE_SLACK_S: Final = 1.0
 DETAIL_ROWS: Final = 10
-
-# A task whose last slot ended like this makes the system degraded.
-FAILED_OUTCOMES: Final = frozenset(
-    {TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value}
-)
 
 
 def nanobot_version() -> str:
@@ -113,14 +109,6 @@ def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
     return {row.node: row for row in sorted(rows, key=lambda r: r.node)}
 
 
-def holder_node(holder: str | None) -> str | None:
-    """The node of a lease holder id ``<node>:<pid>`` (the node name may hold colons)."""
-    if holder is None:
-        return None
-    node, sep, pid = holder.rpartition(":")
-    return node if sep and pid.isdigit() else holder
-
-
 def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, Any]:
     age = _age(now, row.at)
     fresh = age is not None and age <= STALE_FACTOR * row.interval_s + STALE_SLACK_S
@@ -135,40 +123,6 @@ def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, An
     }
 
 
-def _schedule_json(row: Any) -> dict[str, Any]:
-    # Imported here: importing nanobot.cron loads the scheduler and APScheduler, which every
-    # command of the command line (it imports this module) would pay for at start.
-    from nanobot.cron.control import row_schedule, schedule_json  # noqa: PLC0415
-
-    try:
-        return schedule_json(row_schedule(row))
-    except Exception:
-        # A row this nanobot cannot read (edited by hand): status still answers.
-        return {"schedule_kind": row.schedule_kind, "schedule": None}
-
-
-def _task_json(row: Any) -> dict[str, Any]:
-    # The same keys as TaskInfo.to_json() (cron list --json), without the constructor
-    # arguments, which may hold anything: status shows the schedule and the last outcome.
-    return {
-        "name": row.name,
-        "task": row.task_class,
-        "interval": row.interval_s,
-        **_schedule_json(row),
-        "timeout": row.timeout_s,
-        "paused": row.paused,
-        "next_run_at": iso(row.next_run_at),
-        "last_run_at": iso(row.last_run_at),
-        "last_outcome": row.last_outcome,
-        "consecutive_failures": row.consecutive_failures,
-        "error": row.broken_reason,
-        "broken": row.broken_reason is not None,
-        "source": row.source,
-        "pause_reason": row.pause_reason,
-        "auto_paused_at": iso(row.auto_paused_at),
-    }
-
-
 # The heartbeat component of each task is named so.
 TASK_COMPONENT_PREFIX: Final = "task:"
 
@@ -180,7 +134,7 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
     heartbeats = _latest_heartbeats(conn)
     lease = read_lease(conn)
     leader_held = lease is not None and lease.is_held(now)
-    leader_node = holder_node(lease.holder) if lease is not None and leader_held else None
+    leader_node = lease.node if lease is not None and leader_held else None
     nodes = [_node_json(row, now, leader_node) for row in heartbeats.values()]
     running_nodes = {n["node"] for n in nodes if n["fresh"]}
     newest = max(heartbeats.values(), key=lambda r: r.at, default=None)
@@ -207,32 +161,10 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
                 "current": row.node in running_nodes,
             }
         )
-    columns = (
-        Task.name,
-        Task.task_class,
-        Task.interval_s,
-        Task.schedule_kind,
-        Task.cron,
-        Task.timezone,
-        Task.run_at,
-        Task.timeout_s,
-        Task.paused,
-        Task.next_run_at,
-        Task.last_run_at,
-        Task.last_outcome,
-        Task.consecutive_failures,
-        Task.broken_reason,
-        Task.source,
-        Task.pause_reason,
-        Task.auto_paused_at,
-    )
-    task_query = select(*columns).order_by(Task.name)
-    if problems_only:
-        task_query = task_query.where(
-            or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
-        )
-    tasks = [_task_json(row) for row in conn.execute(task_query).all()]
-    from nanobot.cron.taskcode import code_records  # noqa: PLC0415 -- as in _schedule_json
+    from nanobot.cron.control import read_summaries  # noqa: PLC0415 (loads the scheduler)
+
+    tasks = read_summaries(conn, problems_only=problems_only)
+    from nanobot.cron.taskcode import code_records  # noqa: PLC0415 (loads the scheduler)
 
     # The task code of the nodes that run now; a stopped node's record is history.
     code = code_records(conn, running_nodes)
@@ -288,14 +220,15 @@ def _component_errors(current: list[dict[str, Any]]) -> tuple[list[str], list[st
 def _task_problems(state: dict[str, Any]) -> list[str]:
     """Broken, auto-paused and failed tasks, and task code older than its file."""
     problems: list[str] = []
-    for t in state["tasks"]:
-        if t["error"] is not None:
-            problems.append(f"task {t['name']} is broken: {t['error']}")
-        elif t["auto_paused_at"] is not None:
+    task: TaskSummary
+    for task in state["tasks"]:
+        if task.broken:
+            problems.append(f"task {task.name} is broken: {task.error}")
+        elif task.auto_paused_at is not None:
             # Paused for its failures: nothing runs it until an operator resumes it.
-            problems.append(f"task {t['name']} was {t['pause_reason']}")
-        elif t["last_outcome"] in FAILED_OUTCOMES:
-            problems.append(f"task {t['name']} last ended {t['last_outcome']}")
+            problems.append(f"task {task.name} was {task.pause_reason}")
+        elif task.failed:
+            problems.append(f"task {task.name} last ended {task.last_outcome}")
     for record in state["code"]:
         problem = record.problem()
         if problem:
@@ -404,16 +337,12 @@ def _assemble(state: dict[str, Any], now: datetime) -> dict[str, Any]:
             "age_s": _age(now, newest.at) if newest is not None else None,
             "interval_s": newest.interval_s if newest is not None else None,
             "node": newest.node if newest is not None else None,
-            "leader": (
-                lease.to_json(now) | {"node": holder_node(lease.holder)}
-                if lease is not None
-                else None
-            ),
+            "leader": (lease.to_json(now) | {"node": lease.node} if lease is not None else None),
             "nodes": state["nodes"],
         },
         "system": system,
         "components": state["components"],
-        "tasks": state["tasks"],
+        "tasks": [task.to_json() for task in state["tasks"]],
         "code": [record.to_json() for record in state["code"]],
         "overdue": [item.to_json() for item in state.get("overdue", [])],
     }

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, insert, select, text, update
 from nanobot import config as config_module
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
-from nanobot.cron import CronManager
+from nanobot.cron import CronManager, control
 from nanobot.cron.autopause import pause_failing, reason_text
 from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import (
@@ -254,13 +254,25 @@ def test_status_is_degraded_by_an_auto_paused_task() -> None:
         "leader_held": True,
         "code": [],
         "tasks": [
-            {
-                "name": "nightly",
-                "error": None,
-                "last_outcome": "error",
-                "auto_paused_at": "2026-11-30T03:00:00+00:00",
-                "pause_reason": "paused after 5 consecutive failures; last error: boom",
-            }
+            control.TaskSummary(
+                name="nightly",
+                task_class="nanobot.cron.command:CommandTask",
+                interval=3600.0,
+                schedule_kind="interval",
+                cron=None,
+                timezone=None,
+                run_at=None,
+                timeout=None,
+                paused=True,
+                next_run_at=None,
+                last_run_at=datetime(2026, 11, 30, 3, tzinfo=UTC),
+                last_outcome="error",
+                consecutive_failures=5,
+                error=None,
+                source="cli",
+                pause_reason="paused after 5 consecutive failures; last error: boom",
+                auto_paused_at=datetime(2026, 11, 30, 3, tzinfo=UTC),
+            )
         ],
     }
     found, problems = verdict(state)

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, event, insert, select
 
-from nanobot.db import create_db_engine, write_transaction
+from nanobot.db import create_db_engine, read_transaction, write_transaction
 from nanobot.http import HttpServer
 from nanobot.metrics import Metrics
 from nanobot.models import Component, Heartbeat, Task, TaskRun, utcnow
@@ -229,6 +229,54 @@ async def test_unknown_paths_404_wrong_methods_405_and_garbage_survives(
     assert b"Traceback" not in reply
     async with aiohttp.ClientSession() as session, session.get(base + "/healthz") as r:
         assert r.status == 200
+
+
+def test_metrics_read_every_task_in_one_statement(engine: Engine) -> None:
+    """A scrape issues as many statements for 30 tasks as for one (no statement per task),
+    and still gives each task the finish of its newest success."""
+    seed_state(engine)
+    metrics = Metrics(engine, "n1")
+
+    def scrape() -> tuple[int, bytes]:
+        seen: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            seen.append(statement)
+
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            text = metrics.render()
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        return len(seen), text
+
+    one, text = scrape()
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    (success,) = families["nanobot_task_last_success_timestamp_seconds"].samples
+    with read_transaction(engine) as conn:
+        finished = conn.execute(select(TaskRun.finished_at)).scalar_one()
+    assert finished is not None
+    assert (success.labels, success.value) == ({"task": "job"}, finished.timestamp())
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        for i in range(29):
+            conn.execute(
+                insert(Task).values(
+                    name=f"more{i}",
+                    task_class="m:C",
+                    interval_s=60.0,
+                    kwargs={},
+                    paused=False,
+                    misfire_policy="catch_up_once",
+                    consecutive_failures=0,
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    many, text = scrape()
+    assert many == one
+    assert b'nanobot_task_paused{task="more28"} 0.0' in text
 
 
 def test_metrics_survive_an_unreadable_database() -> None:

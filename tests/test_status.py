@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, insert
 
+from nanobot.cron.control import get_task
 from nanobot.db import write_transaction
 from nanobot.lease import SchedulerLease
 from nanobot.models import Component, ComponentErrorRecord, ComponentStatusChange, Heartbeat, Task
@@ -252,6 +253,34 @@ def test_heartbeat_status_shows_last_ten_errors_and_changes(engine: Engine) -> N
         "reason": "r14",
     }
     assert "tasks" not in status
+
+
+def test_a_task_is_shown_with_the_keys_of_cron_list_without_its_kwargs(engine: Engine) -> None:
+    """status's entry of a task is cron list --json's entry without the constructor arguments
+    and the other definition keys: both are built by one function."""
+    running_service(engine)
+    add_task(engine, "job", kwargs={"secret": "x"}, last_outcome="success", last_run_at=ago(5))
+    (shown,) = build_status(engine, now=NOW)["tasks"]
+    listed = get_task(engine, "job").to_json()
+    assert "kwargs" not in shown
+    assert {key: listed[key] for key in shown} == shown
+    assert shown["schedule"] == "every minute"
+    assert shown["broken"] is False
+
+
+def test_a_task_whose_schedule_cannot_be_read_still_shows(engine: Engine) -> None:
+    """A row edited by hand into a schedule nanobot cannot read does not break status: the
+    task is shown with its stored columns and no schedule in words."""
+    running_service(engine)
+    add_task(engine, "odd", schedule_kind="cron", cron="not a cron", timezone="UTC")
+    status = build_status(engine, now=NOW)
+    (shown,) = status["tasks"]
+    assert (shown["schedule_kind"], shown["cron"], shown["schedule"]) == (
+        "cron",
+        "not a cron",
+        None,
+    )
+    assert status["status"] == "healthy"
 
 
 @contextmanager

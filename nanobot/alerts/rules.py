@@ -48,18 +48,23 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Connection, Engine, or_, select
+from sqlalchemy import Connection, Engine, select
 
 from nanobot.alerts import messages, store
 from nanobot.alerts.alert import Alert, AlertKind, Severity, alert_key
 from nanobot.alerts.destinations import Destination
 from nanobot.alerts.messages import Change
 from nanobot.alerts.store import SubjectState
+from nanobot.cron.control import alerting_summaries, existing_names
+from nanobot.cron.history import last_failed_run
 from nanobot.cron.overdue import Grace, read_overdue
 from nanobot.db import read_transaction, write_transaction
 from nanobot.heartbeat.store import SYSTEM_COMPONENT
 from nanobot.lease import read_lease
-from nanobot.models import ComponentStatusChange, Task, TaskOutcome, TaskRun, utcnow
+from nanobot.models import (
+    ComponentStatusChange,
+    utcnow,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +84,6 @@ HEALTH_CURSOR: Final = "_cursor:health"
 CHANGE_MARGIN: Final = timedelta(minutes=5)
 # The scheduler registers each task as a component ``task:<name>`` (section 5.2.3 of the seed).
 TASK_COMPONENT_PREFIX: Final = "task:"
-_FAILED: Final = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
 _PENDING_MAX: Final = 100
 
 # (state told before, state now) -> kind; a task's states are ok, failing and broken.
@@ -288,28 +292,12 @@ class Rules:
         """What the database says of each task that is not OK: its observed state (broken >
         auto-paused > failing, and overdue where it is not worse) and the reason to show."""
         s = self.settings
-        bad = conn.execute(
-            select(
-                Task.name,
-                Task.consecutive_failures,
-                Task.broken_reason,
-                Task.paused,
-                Task.auto_paused_at,
-                Task.pause_reason,
-            ).where(
-                or_(
-                    Task.consecutive_failures >= s.after,
-                    Task.broken_reason.is_not(None),
-                    Task.auto_paused_at.is_not(None),
-                )
-            )
-        ).all()
         observed: dict[str, str] = {}
         reasons: dict[str, str | None] = {}
-        for t in bad:
+        for t in alerting_summaries(conn, failures=s.after):
             key = f"task:{t.name}"
-            if t.broken_reason:
-                observed[key], reasons[key] = BROKEN, t.broken_reason
+            if t.error:
+                observed[key], reasons[key] = BROKEN, t.error
             elif t.paused and t.auto_paused_at is not None:
                 observed[key], reasons[key] = AUTO_PAUSED, t.pause_reason
             elif t.consecutive_failures >= s.after:
@@ -361,20 +349,15 @@ class Rules:
 
     @staticmethod
     def _existing_tasks(conn: Connection, keys: set[str]) -> set[str]:
-        names = [k.removeprefix("task:") for k in keys]
-        found = conn.execute(select(Task.name).where(Task.name.in_(names))).scalars()
+        found = existing_names(conn, (k.removeprefix("task:") for k in keys))
         return {f"task:{n}" for n in found}
 
     def _last_error(self, conn: Connection, name: str) -> str | None:
-        row = conn.execute(
-            select(TaskRun.error, TaskRun.outcome, TaskRun.scheduled_at)
-            .where(TaskRun.task_name == name, TaskRun.outcome.in_(_FAILED))
-            .order_by(TaskRun.scheduled_at.desc())
-            .limit(1)
-        ).first()
-        if row is None:
+        run = last_failed_run(conn, name)
+        if run is None:
             return None
-        return f"{row.outcome} (slot {row.scheduled_at:%Y-%m-%d %H:%M:%S} UTC): {row.error or '-'}"
+        slot = f"{run.scheduled_at:%Y-%m-%d %H:%M:%S}"
+        return f"{run.outcome.value} (slot {slot} UTC): {run.error or '-'}"
 
     def _task_kind(self, change: Change) -> AlertKind:
         if change.before == AUTO_PAUSED and change.after in (OK, FAILING):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, delete, func, select, update
+from sqlalchemy import Connection, Engine, Row, Table, and_, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.alerts.alert import Alert, AlertKind, DeliveryState, Severity
@@ -75,7 +75,7 @@ def _insert(conn: Connection, table: Table) -> Any:
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
-def _alert_from_row(row: Any) -> Alert:
+def _alert_from_row(row: Row[*tuple[Any, ...]]) -> Alert:
     return Alert(
         key=row.key,
         kind=AlertKind(row.kind),
@@ -84,7 +84,8 @@ def _alert_from_row(row: Any) -> Alert:
         title=row.title,
         body=row.body,
         link=row.link,
-        count=row.count,
+        # By key: to the type checker row.count is the tuple's method, not the column.
+        count=row._mapping["count"],
         members=tuple(row.members or ()),
         created_at=row.created_at,
     )

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine
 
+from nanobot.cron.control import auto_pause, failure_counts
+from nanobot.cron.history import last_failed_run
 from nanobot.db import write_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, bound_error
+from nanobot.models import FAILED_OUTCOMES
 
-FAILED: Final = frozenset({TaskOutcome.ERROR, TaskOutcome.TIMEOUT, TaskOutcome.INTERRUPTED})
+# The set is nanobot.models.FAILED_OUTCOMES; this name stays for the scheduler, which reads it.
+FAILED: Final = FAILED_OUTCOMES
 # The last error quoted in the reason is cut to this many characters (the full text is in the
 # run's history).
 ERROR_QUOTE_MAX: Final = 500
@@ -62,36 +65,15 @@ def pause_failing(
     if not wanted:
         return []
     paused: list[AutoPause] = []
-    failed = [outcome.value for outcome in FAILED]
     with write_transaction(engine) as conn:
-        rows = conn.execute(
-            select(Task.name, Task.consecutive_failures, Task.pause_after_failures).where(
-                Task.name.in_(wanted), Task.paused.is_(False)
-            )
-        ).all()
-        for row in rows:
-            threshold = threshold_of(row.pause_after_failures, default)
-            if threshold <= 0 or row.consecutive_failures < threshold:
+        for task in failure_counts(conn, wanted):
+            threshold = threshold_of(task.pause_after_failures, default)
+            if threshold <= 0 or task.consecutive_failures < threshold:
                 continue
-            last_error = conn.execute(
-                select(TaskRun.error)
-                .where(TaskRun.task_name == row.name, TaskRun.outcome.in_(failed))
-                .order_by(TaskRun.scheduled_at.desc())
-                .limit(1)
-            ).scalar()
-            reason = reason_text(row.consecutive_failures, last_error)
-            result = conn.execute(
-                update(Task)
-                .where(Task.name == row.name, Task.paused.is_(False))
-                .values(
-                    paused=True,
-                    next_run_at=None,
-                    pause_reason=bound_error(reason),
-                    auto_paused_at=now,
-                    version=Task.version + 1,
-                    updated_at=now,
+            last = last_failed_run(conn, task.name)
+            reason = reason_text(task.consecutive_failures, last.error if last else None)
+            if auto_pause(conn, task.name, reason, now):
+                paused.append(
+                    AutoPause(task.name, task.consecutive_failures, threshold, reason, now)
                 )
-            )
-            if result.rowcount:
-                paused.append(AutoPause(row.name, row.consecutive_failures, threshold, reason, now))
     return paused

@@ -32,12 +32,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, Table, select, update
+from sqlalchemy import Connection, Engine, Row
 
 from nanobot.cron import control, history
-from nanobot.cron.history import Claim
+from nanobot.cron.history import Claim, RunSlot
 from nanobot.cron.schedules import (
     AtSchedule,
     IntervalSchedule,
@@ -48,10 +48,7 @@ from nanobot.cron.schedules import (
 )
 from nanobot.db import read_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
-from nanobot.models import Task, TaskOutcome, TaskRun
-
-_RUNS = cast(Table, TaskRun.__table__)
-_TASKS = cast(Table, Task.__table__)
+from nanobot.models import TaskOutcome
 
 # A range with more slots than this is refused even with --yes: its slots are listed in memory.
 SLOTS_LIMIT: Final = 100_000
@@ -154,32 +151,15 @@ def range_slots(
     return slots
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    id: int
-    scheduled_at: datetime
-    outcome: str
-    slots: int
-
-
 def _rows(
     conn: Connection, name: str, start: datetime, end: datetime, slack: timedelta
-) -> list[_Row]:
-    rows = conn.execute(
-        select(_RUNS.c.id, _RUNS.c.scheduled_at, _RUNS.c.outcome, _RUNS.c.slots)
-        .where(
-            _RUNS.c.task_name == name,
-            _RUNS.c.scheduled_at >= start - slack,
-            _RUNS.c.scheduled_at <= end + slack,
-        )
-        .order_by(_RUNS.c.scheduled_at)
-    ).all()
-    return [_Row(int(r.id), r.scheduled_at, str(r.outcome), int(r.slots)) for r in rows]
+) -> list[RunSlot]:
+    return history.slots_between(conn, name, start - slack, end + slack)
 
 
 def _match(
-    rows: Sequence[_Row], times: list[datetime], slot: datetime, slack: timedelta
-) -> _Row | None:
+    rows: Sequence[RunSlot], times: list[datetime], slot: datetime, slack: timedelta
+) -> RunSlot | None:
     """The row of ``slot`` (within ``slack``), if any."""
     i = bisect.bisect_left(times, slot - slack)
     if i < len(rows) and rows[i].scheduled_at <= slot + slack:
@@ -188,11 +168,11 @@ def _match(
 
 
 def _to_run(
-    slots: list[datetime], rows: Sequence[_Row], slack: timedelta
-) -> list[tuple[datetime, _Row | None]]:
+    slots: list[datetime], rows: Sequence[RunSlot], slack: timedelta
+) -> list[tuple[datetime, RunSlot | None]]:
     """The slots without a row, or with a missed one (returned with it)."""
     times = [r.scheduled_at for r in rows]
-    result: list[tuple[datetime, _Row | None]] = []
+    result: list[tuple[datetime, RunSlot | None]] = []
     for slot in slots:
         row = _match(rows, times, slot, slack)
         if row is None:
@@ -289,24 +269,10 @@ def claim_next(
     return claimed, False
 
 
-def _take_missed(conn: Connection, job: BackfillJob, row: _Row, *, node: str) -> int | None:
+def _take_missed(conn: Connection, job: BackfillJob, row: RunSlot, *, node: str) -> int | None:
     """Claim the first slot of a missed row by turning the row into that slot's run; the
     slots it counted after the first are recorded missed again from the next slot."""
-    result = conn.execute(
-        update(_RUNS)
-        .where(_RUNS.c.id == row.id, _RUNS.c.outcome == TaskOutcome.MISSED.value)
-        .values(
-            outcome=TaskOutcome.RUNNING.value,
-            started_at=row.scheduled_at,
-            finished_at=None,
-            duration_s=None,
-            error=None,
-            slots=1,
-            manual=True,
-            node=node,
-        )
-    )
-    if result.rowcount != 1:
+    if not history.claim_missed(conn, row, node=node):
         return None
     if row.slots > 1:
         following = next_after(job.schedule, row.scheduled_at, anchor=job.anchor)
@@ -332,18 +298,10 @@ def _take_missed(conn: Connection, job: BackfillJob, row: _Row, *, node: str) ->
 
 def _clear(conn: Connection, backfill: Backfill) -> None:
     """The backfill is done: its request goes (only this one: a newer request stays)."""
-    conn.execute(
-        update(_TASKS)
-        .where(
-            _TASKS.c.name == backfill.task,
-            _TASKS.c.backfill_from == backfill.start,
-            _TASKS.c.backfill_to == backfill.end,
-        )
-        .values(backfill_from=None, backfill_to=None, backfill_concurrency=None)
-    )
+    control.clear_backfill(conn, backfill.task, backfill.start, backfill.end)
 
 
-def job_of(row: Any) -> BackfillJob | None:
+def job_of(row: Row[*tuple[Any, ...]]) -> BackfillJob | None:
     """The backfill stored on a ``tasks`` row, if any."""
     if row.backfill_from is None or row.backfill_to is None:
         return None

@@ -36,13 +36,13 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import update
 
 from nanobot.config import get_config
+from nanobot.cron import history
 from nanobot.cron.task import CronTask
-from nanobot.db import get_engine, write_transaction
+from nanobot.db import get_engine
 from nanobot.exceptions import CommandFailed, InvalidTaskError
-from nanobot.models import MisfirePolicy, TaskRun
+from nanobot.models import MisfirePolicy
 
 log = structlog.get_logger(__name__)
 
@@ -225,5 +225,4 @@ class CommandTask(CronTask):
 
 
 def _write_output(run_id: int, text: str) -> None:
-    with write_transaction(get_engine(get_config())) as conn:
-        conn.execute(update(TaskRun).where(TaskRun.id == run_id).values(output=text))
+    history.write_output(get_engine(get_config()), run_id, text)

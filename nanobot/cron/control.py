@@ -1,5 +1,10 @@
 """The control plane of the scheduler: the ``tasks`` table, read and written by any process.
 
+This module owns the statements on ``tasks`` (the run mirror that outcomes write is
+:mod:`nanobot.cron.history`'s): what reads tasks gets records, :class:`TaskInfo` (a task as
+stored) or :class:`TaskSummary` (what status and the metrics show), and the states and pages
+the dashboard filters by (:class:`TaskState`, :func:`page_tasks`, :func:`count_by_state`).
+
 The command line and the manager both change tasks through these functions. Each change bumps
 the row's ``version``; the scheduler that runs applies rows whose version it has not applied
 yet (within ``cron.poll_interval``), or at its next start. These functions are synchronous and
@@ -8,17 +13,34 @@ do database I/O: call them from a thread when an event loop is running.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import inspect
 import json
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
+from nanobot.cron import history
 from nanobot.cron import overlap as overlaps
+from nanobot.cron.history import RunInfo as RunInfo
 from nanobot.cron.overlap import Overlap, check_overlap
 from nanobot.cron.pings import check_ping_url
 from nanobot.cron.retries import DEFAULT_BACKOFF, RetryBackoff, check_retries, parse_backoff
@@ -27,6 +49,7 @@ from nanobot.cron.schedules import (
     CronSchedule,
     IntervalSchedule,
     Schedule,
+    ScheduleKind,
     describe,
     fire_times,
     load_schedule,
@@ -43,17 +66,108 @@ from nanobot.cron.task import (
 from nanobot.db import read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
 from nanobot.models import (
+    FAILED_OUTCOMES,
     NAME_MAX,
     MisfirePolicy,
     Task,
     TaskOutcome,
-    TaskRun,
     TaskSource,
     bound_error,
     error_text,
     utcnow,
 )
 from nanobot.times import iso
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """What ``status``, ``/status`` and the metrics show of a task: its schedule, desired state
+    and the mirror of its last run, without its constructor arguments (which may hold anything).
+
+    :func:`read_summaries` makes it from the stored columns as they are, so that a row whose
+    schedule this nanobot cannot read (edited by hand) still has a summary: its
+    :meth:`schedule` is None. :meth:`to_json` is the one builder of these keys; ``cron list
+    --json`` and the web API add theirs to it (:meth:`TaskInfo.to_json`).
+    """
+
+    name: str
+    task_class: str
+    interval: float
+    schedule_kind: str
+    cron: str | None
+    timezone: str | None
+    run_at: datetime | None
+    timeout: float | None
+    paused: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    last_outcome: str | None
+    consecutive_failures: int
+    error: str | None
+    source: str
+    pause_reason: str | None
+    auto_paused_at: datetime | None
+    # When the newest successful run finished: read only by read_summaries(last_success=True).
+    last_success_at: datetime | None = None
+    # The schedule, when whoever made the summary had it loaded already (a TaskInfo).
+    loaded: Schedule | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def broken(self) -> bool:
+        """True if the scheduler could not build the task (:attr:`error` says why)."""
+        return self.error is not None
+
+    @property
+    def failed(self) -> bool:
+        """True if the task's last slot failed (:data:`nanobot.models.FAILED_OUTCOMES`)."""
+        return self.last_outcome in FAILED_OUTCOMES
+
+    def schedule(self) -> Schedule | None:
+        """The stored schedule, or None if this nanobot cannot read it. Loaded on each call:
+        the metrics, which read every task at each scrape, never need it."""
+        if self.loaded is not None:
+            return self.loaded
+        try:
+            return load_schedule(
+                self.schedule_kind,
+                interval=self.interval,
+                cron=self.cron,
+                timezone=self.timezone,
+                run_at=self.run_at,
+            )
+        except Exception:
+            # Whatever a hand-edited row makes the parser raise: status still answers.
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        schedule = self.schedule()
+        return {
+            "name": self.name,
+            "task": self.task_class,
+            "interval": self.interval,
+            **(
+                schedule_json(schedule)
+                if schedule is not None
+                else {
+                    "schedule_kind": self.schedule_kind,
+                    "schedule": None,
+                    "cron": self.cron,
+                    "timezone": self.timezone,
+                    "run_at": iso(self.run_at),
+                }
+            ),
+            "timeout": self.timeout,
+            "paused": self.paused,
+            "next_run_at": iso(self.next_run_at),
+            "last_run_at": iso(self.last_run_at),
+            "last_outcome": self.last_outcome,
+            "consecutive_failures": self.consecutive_failures,
+            "error": self.error,
+            "broken": self.broken,
+            "source": self.source,
+            "pause_reason": self.pause_reason,
+            "auto_paused_at": iso(self.auto_paused_at),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +231,31 @@ class TaskInfo:
     retry_slot: datetime | None = None
     retry_attempt: int | None = None
 
+    def summary(self) -> TaskSummary:
+        """The part of the task that ``status`` shows (and :meth:`to_json` starts from)."""
+        return TaskSummary(
+            name=self.name,
+            task_class=self.task_class,
+            interval=self.interval,
+            **schedule_columns(self.schedule),
+            timeout=self.timeout,
+            paused=self.paused,
+            next_run_at=self.next_run_at,
+            last_run_at=self.last_run_at,
+            last_outcome=self.last_outcome,
+            consecutive_failures=self.consecutive_failures,
+            error=self.error,
+            source=self.source,
+            pause_reason=self.pause_reason,
+            auto_paused_at=self.auto_paused_at,
+            loaded=self.schedule,
+        )
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "pause_reason": self.pause_reason,
+        """The summary's keys, and the definition and state that ``cron list --json`` and the
+        web API show beyond it."""
+        return self.summary().to_json() | {
             "pause_after_failures": self.pause_after_failures,
-            "auto_paused_at": iso(self.auto_paused_at),
             "ping_url": self.ping_url,
             "catch_up_window": self.catch_up_window,
             "retries": self.retries,
@@ -147,55 +279,8 @@ class TaskInfo:
                 if self.backfill is not None
                 else None
             ),
-            "task": self.task_class,
-            "interval": self.interval,
-            **schedule_json(self.schedule),
             "next_run_local": _local_iso(self.next_run_at, self.schedule),
             "kwargs": self.kwargs,
-            "timeout": self.timeout,
-            "paused": self.paused,
-            "next_run_at": iso(self.next_run_at),
-            "last_run_at": iso(self.last_run_at),
-            "last_outcome": self.last_outcome,
-            "consecutive_failures": self.consecutive_failures,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class RunInfo:
-    """One row of a task's run history."""
-
-    id: int
-    task_name: str
-    scheduled_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    duration: float | None
-    outcome: TaskOutcome
-    error: str | None
-    slots: int
-    manual: bool
-    node: str | None
-    output: str | None = None
-    # Which attempt of its slot (1: the slot's run; 2...: its retries).
-    attempt: int = 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "task": self.task_name,
-            "scheduled_at": iso(self.scheduled_at),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-            "duration": self.duration,
-            "outcome": self.outcome.value,
-            "error": self.error,
-            "slots": self.slots,
-            "manual": self.manual,
-            "node": self.node,
-            "output": self.output,
-            "attempt": self.attempt,
         }
 
 
@@ -218,7 +303,17 @@ def schedule_json(schedule: Schedule) -> dict[str, Any]:
     }
 
 
-def row_schedule(row: Any) -> Schedule:
+def schedule_columns(schedule: Schedule) -> dict[str, Any]:
+    """The ``tasks`` columns that store ``schedule`` (beside ``interval_s``)."""
+    return {
+        "schedule_kind": schedule.kind.value,
+        "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
+        "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
+        "run_at": schedule.at if isinstance(schedule, AtSchedule) else None,
+    }
+
+
+def row_schedule(row: Row[*tuple[Any, ...]]) -> Schedule:
     """The schedule of a ``tasks`` row."""
     return load_schedule(
         row.schedule_kind,
@@ -415,7 +510,7 @@ def _chosen_overlap(task: CronTask, policy: str | None, max_concurrent: int | No
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _info(row: Any) -> TaskInfo:
+def _info(row: Row[*tuple[Any, ...]]) -> TaskInfo:
     return TaskInfo(
         name=row.name,
         task_class=row.task_class,
@@ -470,6 +565,83 @@ def list_tasks(engine: Engine) -> list[TaskInfo]:
     return [_info(row) for row in rows]
 
 
+# The columns of a TaskSummary, in its order.
+_SUMMARY_COLUMNS: Final = (
+    Task.name,
+    Task.task_class,
+    Task.interval_s,
+    Task.schedule_kind,
+    Task.cron,
+    Task.timezone,
+    Task.run_at,
+    Task.timeout_s,
+    Task.paused,
+    Task.next_run_at,
+    Task.last_run_at,
+    Task.last_outcome,
+    Task.consecutive_failures,
+    Task.broken_reason,
+    Task.source,
+    Task.pause_reason,
+    Task.auto_paused_at,
+)
+
+
+def read_summaries(
+    conn: Connection, *, problems_only: bool = False, last_success: bool = False
+) -> list[TaskSummary]:
+    """Every task's summary, by name, in the caller's transaction and in one statement.
+
+    ``problems_only`` keeps the tasks that can make status degraded (broken, or whose last slot
+    failed). ``last_success`` also reads when each task's newest successful run finished, by a
+    correlated subquery of the same statement (:func:`nanobot.cron.history.newest_success`).
+    """
+    query = select(*_SUMMARY_COLUMNS).order_by(Task.name)
+    if last_success:
+        query = query.add_columns(history.newest_success(Task.name).label("last_success_at"))
+    if problems_only:
+        query = query.where(
+            or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
+        )
+    return [_summary(row, last_success=last_success) for row in conn.execute(query)]
+
+
+def alerting_summaries(conn: Connection, *, failures: int) -> list[TaskSummary]:
+    """The tasks the alert rules weigh (:mod:`nanobot.alerts.rules`): broken, paused for their
+    failures, or failed ``failures`` slots in a row; in the caller's transaction."""
+    query = select(*_SUMMARY_COLUMNS).where(
+        or_(
+            Task.consecutive_failures >= failures,
+            Task.broken_reason.is_not(None),
+            Task.auto_paused_at.is_not(None),
+        )
+    )
+    return [_summary(row, last_success=False) for row in conn.execute(query)]
+
+
+def _summary(row: Row[*tuple[Any, ...]], *, last_success: bool) -> TaskSummary:
+    return TaskSummary(
+        name=row.name,
+        task_class=row.task_class,
+        interval=row.interval_s,
+        schedule_kind=row.schedule_kind,
+        cron=row.cron,
+        timezone=row.timezone,
+        run_at=row.run_at,
+        timeout=row.timeout_s,
+        paused=row.paused,
+        next_run_at=row.next_run_at,
+        last_run_at=row.last_run_at,
+        last_outcome=row.last_outcome,
+        consecutive_failures=row.consecutive_failures,
+        error=row.broken_reason,
+        source=row.source,
+        pause_reason=row.pause_reason,
+        auto_paused_at=row.auto_paused_at,
+        last_success_at=row.last_success_at if last_success else None,
+    )
+
+
 def get_task(engine: Engine, name: str) -> TaskInfo:
     with read_transaction(engine) as conn:
         row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
@@ -481,71 +653,24 @@ def get_task(engine: Engine, name: str) -> TaskInfo:
 def task_history(
     engine: Engine, name: str, limit: int = 20, *, before: datetime | None = None
 ) -> list[RunInfo]:
-    """The last ``limit`` rows of a task's run history, newest first.
-
-    With ``before``, only slots scheduled before it: the next page after a page whose oldest
-    row was scheduled at ``before``. The attempts of a slot (retries) are never split between
-    two pages: a page holds at least ``limit`` rows when there are that many, so that no row is
-    shown twice or skipped.
-    """
+    """The last ``limit`` rows of a task's run history, newest first (as
+    :func:`nanobot.cron.history.read_runs` pages them); :class:`UnknownTaskError` for a name
+    that is neither a task nor in the history."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise InvalidTaskError(f"limit must be a positive whole number, got {limit!r}")
-    query = select(TaskRun.__table__).where(TaskRun.task_name == name)
-    if before is not None:
-        query = query.where(TaskRun.scheduled_at < before)
     with read_transaction(engine) as conn:
         known = conn.execute(select(Task.id).where(Task.name == name)).first()
-        rows = list(
-            conn.execute(
-                query.order_by(TaskRun.scheduled_at.desc(), TaskRun.attempt.desc()).limit(limit)
-            ).all()
-        )
-        if len(rows) == limit and rows[-1].attempt > 1:
-            # A page ends inside a slot's attempts: its earlier attempts come with it, since
-            # the next page starts before that slot (a page may hold a few rows more).
-            rows += conn.execute(
-                select(TaskRun.__table__)
-                .where(
-                    TaskRun.task_name == name,
-                    TaskRun.scheduled_at == rows[-1].scheduled_at,
-                    TaskRun.attempt < rows[-1].attempt,
-                )
-                .order_by(TaskRun.attempt.desc())
-            ).all()
-    if known is None and not rows:
+        runs = history.read_runs(conn, name, limit, before=before)
+    if known is None and not runs:
         raise UnknownTaskError(name)
-    return [run_info(r) for r in rows]
-
-
-def run_info(r: Any) -> RunInfo:
-    """A ``task_runs`` row as a record (``output`` where the query selected it)."""
-    return RunInfo(
-        id=r.id,
-        task_name=r.task_name,
-        scheduled_at=r.scheduled_at,
-        started_at=r.started_at,
-        finished_at=r.finished_at,
-        duration=r.duration_s,
-        outcome=TaskOutcome(r.outcome),
-        error=r.error,
-        slots=r.slots,
-        manual=r.manual,
-        node=r.node,
-        output=getattr(r, "output", None),
-        attempt=getattr(r, "attempt", 1),
-    )
+    return runs
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 
 def definition_values(d: TaskDefinition) -> dict[str, Any]:
-    schedule = d.the_schedule
-    return {
-        "schedule_kind": schedule.kind.value,
-        "cron": schedule.expression if isinstance(schedule, CronSchedule) else None,
-        "timezone": None if isinstance(schedule, IntervalSchedule) else schedule.timezone,
-        "run_at": schedule.at if isinstance(schedule, AtSchedule) else None,
+    return schedule_columns(d.the_schedule) | {
         "task_class": d.task_class,
         "interval_s": d.interval,
         "kwargs": d.kwargs,
@@ -562,7 +687,7 @@ def definition_values(d: TaskDefinition) -> dict[str, Any]:
     }
 
 
-def stored_definition(row: Any) -> TaskDefinition:
+def stored_definition(row: Row[*tuple[Any, ...]]) -> TaskDefinition:
     return TaskDefinition(
         name=row.name,
         task_class=row.task_class,
@@ -591,19 +716,62 @@ def first_run(schedule: Schedule, now: datetime) -> datetime | None:
     return slot_at_or_after(schedule, now)
 
 
-def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
-    """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
-    now = utcnow()
-    values = definition_values(definition) | {
+def new_task_values(
+    definition: TaskDefinition,
+    now: datetime,
+    *,
+    source: TaskSource,
+    paused: bool,
+    started: bool,
+    pause_reason: str | None = None,
+) -> dict[str, Any]:
+    """The columns of a new ``tasks`` row. ``started``: its schedule starts now (first run
+    per :func:`first_run`); else it has no schedule until started (as a task registered in code)."""
+    starts = started and not paused
+    return definition_values(definition) | {
         "name": definition.name,
+        "source": source.value,
         "paused": paused,
-        "anchor_at": None if paused else now,
-        "next_run_at": None if paused else first_run(definition.the_schedule, now),
+        "pause_reason": pause_reason,
+        "anchor_at": now if starts else None,
+        "next_run_at": first_run(definition.the_schedule, now) if starts else None,
         "created_at": now,
         "updated_at": now,
         "version": 1,
         "consecutive_failures": 0,
     }
+
+
+def redefined_values(
+    stored: TaskDefinition,
+    definition: TaskDefinition,
+    *,
+    next_run_at: datetime | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The columns that change when a task's stored definition becomes ``definition`` (a task
+    registered again in code, a task file edited), with where its schedule goes on."""
+    values = definition_values(definition) | {"broken_reason": None}
+    before, after = stored.the_schedule, definition.the_schedule
+    both_intervals = isinstance(before, IntervalSchedule) and isinstance(after, IntervalSchedule)
+    if before != after and not both_intervals:
+        # Another kind of schedule, another expression or time: the next run is the new
+        # schedule's first (the scheduler recomputes it from the new schedule).
+        if next_run_at is not None:
+            values["anchor_at"] = now
+            values["next_run_at"] = first_run(after, now)
+    elif stored.interval != definition.interval and next_run_at is not None:
+        # Keep the phase: the next slot stays where it was, later ones follow the new interval
+        # from there.
+        values["anchor_at"] = next_run_at
+    return values
+
+
+def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False) -> TaskInfo:
+    """Store a new task; started (first run at once) unless ``paused``. A taken name is refused."""
+    values = new_task_values(
+        definition, utcnow(), source=TaskSource.CLI, paused=paused, started=True
+    )
     try:
         with write_transaction(engine) as conn:
             conn.execute(insert(Task).values(**values))
@@ -628,45 +796,23 @@ def upsert_definition(
         if row is None and not create:
             raise UnknownTaskError(definition.name)
         if row is None:
-            conn.execute(
-                insert(Task).values(
-                    **definition_values(definition),
-                    name=definition.name,
-                    source=TaskSource.CODE.value,
-                    paused=True,
-                    created_at=now,
-                    updated_at=now,
-                    version=1,
-                    consecutive_failures=0,
-                )
+            values = new_task_values(
+                definition, now, source=TaskSource.CODE, paused=True, started=False
             )
+            conn.execute(insert(Task).values(**values))
             outcome = "created"
+        elif stored_definition(row).same_schedule_as(definition):
+            outcome = "unchanged"
         else:
-            current = row
-            if stored_definition(current).same_schedule_as(definition):
-                outcome = "unchanged"
-            else:
-                values = definition_values(definition) | {
-                    "updated_at": now,
-                    "version": Task.version + 1,
-                    "broken_reason": None,
-                }
-                before = stored_definition(current).the_schedule
-                if before != definition.the_schedule and not (
-                    isinstance(before, IntervalSchedule)
-                    and isinstance(definition.the_schedule, IntervalSchedule)
-                ):
-                    # Another kind of schedule, another expression or time: the next run is the
-                    # new schedule's first (the scheduler recomputes it from the new schedule).
-                    if current.next_run_at is not None:
-                        values["anchor_at"] = now
-                        values["next_run_at"] = first_run(definition.the_schedule, now)
-                elif current.interval_s != definition.interval and current.next_run_at is not None:
-                    # Keep the phase: the next slot stays where it was, later ones follow the
-                    # new interval from there.
-                    values["anchor_at"] = current.next_run_at
-                conn.execute(update(Task).where(Task.name == definition.name).values(**values))
-                outcome = "updated"
+            values = redefined_values(
+                stored_definition(row), definition, next_run_at=row.next_run_at, now=now
+            )
+            conn.execute(
+                update(Task)
+                .where(Task.name == definition.name)
+                .values(**values, updated_at=now, version=Task.version + 1)
+            )
+            outcome = "updated"
     return outcome, get_task(engine, definition.name)
 
 
@@ -755,16 +901,14 @@ def set_backfill(
     )
 
 
-def runs_in_flight(engine: Engine, name: str) -> list[RunInfo]:
-    """The task's rows still ``running`` (runs in flight, or slots claimed to run), oldest
-    first."""
-    with read_transaction(engine) as conn:
-        rows = conn.execute(
-            select(TaskRun.__table__)
-            .where(TaskRun.task_name == name, TaskRun.outcome == TaskOutcome.RUNNING.value)
-            .order_by(TaskRun.scheduled_at)
-        ).all()
-    return [run_info(r) for r in rows]
+def clear_backfill(conn: Connection, name: str, start: datetime, end: datetime) -> None:
+    """Forget the task's backfill from ``start`` to ``end`` once done (a newer request stays),
+    in the caller's transaction."""
+    conn.execute(
+        update(Task)
+        .where(Task.name == name, Task.backfill_from == start, Task.backfill_to == end)
+        .values(backfill_from=None, backfill_to=None, backfill_concurrency=None)
+    )
 
 
 def remove_task(engine: Engine, name: str) -> None:
@@ -773,3 +917,263 @@ def remove_task(engine: Engine, name: str) -> None:
         result = conn.execute(delete(Task).where(Task.name == name))
         if result.rowcount == 0:
             raise UnknownTaskError(name)
+
+
+def existing_names(conn: Connection, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` that are tasks now, in the caller's transaction."""
+    wanted = list(names)
+    if not wanted:
+        return set()
+    return set(conn.execute(select(Task.name).where(Task.name.in_(wanted))).scalars())
+
+
+@dataclass(frozen=True, slots=True)
+class FailureCount:
+    """A started task's failed slots in a row, and its own auto-pause threshold (None: the
+    ``cron.pause_after_failures`` setting's)."""
+
+    name: str
+    consecutive_failures: int
+    pause_after_failures: int | None
+
+
+def failure_counts(conn: Connection, names: Sequence[str]) -> list[FailureCount]:
+    """The count of each of ``names`` that is not paused, in the caller's transaction."""
+    rows = conn.execute(
+        select(Task.name, Task.consecutive_failures, Task.pause_after_failures)
+        .where(Task.name.in_(list(names)), Task.paused.is_(False))
+        .order_by(Task.name)
+    ).all()
+    return [FailureCount(r.name, r.consecutive_failures, r.pause_after_failures) for r in rows]
+
+
+def auto_pause(conn: Connection, name: str, reason: str, now: datetime) -> bool:
+    """Pause a task for its failures (:mod:`nanobot.cron.autopause`), unless it is paused
+    already; True if this call paused it. A change like ``cron pause``: the version goes up."""
+    result = conn.execute(
+        update(Task)
+        .where(Task.name == name, Task.paused.is_(False))
+        .values(
+            paused=True,
+            next_run_at=None,
+            pause_reason=bound_error(reason),
+            auto_paused_at=now,
+            version=Task.version + 1,
+            updated_at=now,
+        )
+    )
+    return bool(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class DueTask:
+    """A started task's next slot (what :mod:`nanobot.cron.overdue` weighs)."""
+
+    name: str
+    interval: float
+    next_run_at: datetime
+
+
+def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
+    """The started tasks whose next slot is before ``horizon``, in the caller's transaction."""
+    rows = conn.execute(
+        select(Task.name, Task.interval_s, Task.next_run_at).where(
+            Task.paused.is_(False), Task.next_run_at.is_not(None), Task.next_run_at < horizon
+        )
+    ).all()
+    return [DueTask(r.name, r.interval_s, r.next_run_at) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    """A ``tasks`` row as a sync of definitions (the task file) weighs it: the definition
+    stored, who defined it, and the state a sync keeps or changes."""
+
+    definition: TaskDefinition
+    source: str
+    paused: bool
+    pause_reason: str | None
+    anchor_at: datetime | None
+    next_run_at: datetime | None
+
+
+def stored_tasks(conn: Connection) -> dict[str, StoredTask]:
+    """Every task as stored, by name, in the caller's transaction."""
+    return {
+        row.name: StoredTask(
+            definition=stored_definition(row),
+            source=row.source,
+            paused=row.paused,
+            pause_reason=row.pause_reason,
+            anchor_at=row.anchor_at,
+            next_run_at=row.next_run_at,
+        )
+        for row in conn.execute(select(Task.__table__))
+    }
+
+
+def insert_task(conn: Connection, values: dict[str, Any]) -> None:
+    """Insert a row made by :func:`new_task_values`, in the caller's transaction."""
+    conn.execute(insert(Task).values(**values))
+
+
+def change_task(conn: Connection, name: str, values: dict[str, Any], now: datetime) -> None:
+    """Write ``values`` into the task's row as a new version (the scheduler applies it), in the
+    caller's transaction."""
+    conn.execute(
+        update(Task)
+        .where(Task.name == name)
+        .values(**values, version=Task.version + 1, updated_at=now)
+    )
+
+
+# --- states and pages (the dashboard and the API) ---------------------------------------------
+
+# A started task whose next slot is this far in the past is overdue: no scheduler ran it.
+OVERDUE_AFTER: Final = timedelta(seconds=60)
+PAGE_SIZE_MAX: Final = 200
+
+
+class TaskState(enum.StrEnum):
+    """The filters of the tasks page and of ``GET /api/v1/tasks?state=``; a task may be in
+    several (a paused task can be failing too). :func:`state_of` gives the one it is shown in."""
+
+    ACTIVE = "active"  # scheduled: not paused, not broken
+    PAUSED = "paused"
+    BROKEN = "broken"  # its class cannot be imported or built
+    FAILING = "failing"  # its last slot failed (error, timeout, interrupted)
+    OVERDUE = "overdue"  # scheduled, but its next slot passed more than a minute ago
+    RUNNING = "running"
+    DONE = "done"  # a one-shot task that has run
+
+
+def _in_state(state: TaskState, now: datetime) -> ColumnElement[bool]:
+    """``state`` as a condition on ``tasks`` (:func:`state_of` is the same rule in Python)."""
+    match state:
+        case TaskState.ACTIVE:
+            return and_(Task.paused.is_(False), Task.broken_reason.is_(None))
+        case TaskState.PAUSED:
+            return Task.paused.is_(True)
+        case TaskState.BROKEN:
+            return Task.broken_reason.is_not(None)
+        case TaskState.FAILING:
+            return or_(Task.consecutive_failures > 0, Task.last_outcome.in_(FAILED_OUTCOMES))
+        case TaskState.OVERDUE:
+            return and_(
+                Task.paused.is_(False),
+                Task.broken_reason.is_(None),
+                Task.next_run_at < now - OVERDUE_AFTER,
+            )
+        case TaskState.RUNNING:
+            return Task.last_outcome == TaskOutcome.RUNNING.value
+        case TaskState.DONE:
+            return and_(
+                Task.schedule_kind == ScheduleKind.AT.value,
+                Task.next_run_at.is_(None),
+                Task.last_run_at.is_not(None),
+            )
+
+
+def state_of(info: TaskInfo, now: datetime) -> TaskState:
+    """The one state a task is shown in, the most urgent first."""
+    if info.error is not None:
+        return TaskState.BROKEN
+    if info.done:
+        return TaskState.DONE
+    if info.paused:
+        return TaskState.PAUSED
+    if info.last_outcome == TaskOutcome.RUNNING:
+        return TaskState.RUNNING
+    if info.consecutive_failures > 0 or info.last_outcome in FAILED_OUTCOMES:
+        return TaskState.FAILING
+    if info.next_run_at is not None and info.next_run_at < now - OVERDUE_AFTER:
+        return TaskState.OVERDUE
+    return TaskState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of the filtered task list, and how many tasks match in all."""
+
+    items: list[TaskInfo]
+    total: int
+    offset: int
+    limit: int
+
+
+def page_tasks(
+    engine: Engine,
+    *,
+    search: str = "",
+    state: TaskState | None = None,
+    offset: int = 0,
+    limit: int = 50,
+    now: datetime | None = None,
+) -> TaskPage:
+    """Tasks whose name or class contains ``search`` (any case) and in ``state``, by name: a
+    page of at most :data:`PAGE_SIZE_MAX`, and the count of all that match."""
+    now = now or utcnow()
+    limit = max(1, min(limit, PAGE_SIZE_MAX))
+    offset = max(0, offset)
+    conditions: list[ColumnElement[bool]] = []
+    if search:
+        needle = search.lower()
+        conditions.append(
+            or_(
+                func.lower(Task.name).contains(needle, autoescape=True),
+                func.lower(Task.task_class).contains(needle, autoescape=True),
+            )
+        )
+    if state is not None:
+        conditions.append(_in_state(state, now))
+    with read_transaction(engine) as conn:
+        total = conn.execute(select(func.count()).select_from(Task).where(*conditions)).scalar()
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(*conditions)
+            .order_by(Task.name)
+            .offset(offset)
+            .limit(limit)
+        ).all()
+    return TaskPage(
+        items=[_info(row) for row in rows], total=int(total or 0), offset=offset, limit=limit
+    )
+
+
+def count_by_state(engine: Engine, *, now: datetime | None = None) -> dict[str, int]:
+    """``{"total": n, "active": n, "paused": n, ...}`` in one grouped statement."""
+    now = now or utcnow()
+    columns = [func.count().label("total")] + [
+        func.coalesce(func.sum(case((_in_state(s, now), 1), else_=0)), 0).label(s.value)
+        for s in TaskState
+    ]
+    with read_transaction(engine) as conn:
+        row = conn.execute(select(*columns).select_from(Task)).one()
+    return {key: int(value) for key, value in row._mapping.items()}
+
+
+def overdue_tasks(
+    engine: Engine, *, limit: int = 10, now: datetime | None = None
+) -> list[TaskInfo]:
+    """The started tasks whose next slot is longest overdue, first."""
+    now = now or utcnow()
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(_in_state(TaskState.OVERDUE, now))
+            .order_by(Task.next_run_at)
+            .limit(limit)
+        ).all()
+    return [_info(row) for row in rows]
+
+
+def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
+    """The started tasks that run next, soonest first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(Task.__table__)
+            .where(and_(Task.paused.is_(False), Task.next_run_at.is_not(None)))
+            .order_by(Task.next_run_at, Task.name)
+            .limit(limit)
+        ).all()
+    return [_info(row) for row in rows]

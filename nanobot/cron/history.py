@@ -1,5 +1,9 @@
 """Run history: slots claimed before they run, outcomes written in batches, retention.
 
+This module owns the statements on ``task_runs`` (and the columns of ``tasks`` that mirror a
+run); what reads the history gets :class:`RunInfo` records from :func:`read_runs`,
+:func:`runs_in_flight` and :func:`recent_failed_runs`.
+
 A slot ``(task, scheduled_at)`` is claimed by inserting its ``task_runs`` row with outcome
 ``running`` in the same transaction that advances the job in the job store. The row's unique
 key makes a second claim of the same slot a no-op, so no slot runs twice, not even with two
@@ -32,6 +36,9 @@ from typing import Any, Final, cast
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
+    ScalarSelect,
+    SQLColumnExpression,
     Table,
     and_,
     bindparam,
@@ -44,8 +51,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.retries import PendingRetry
-from nanobot.db import write_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, bound_error, utcnow
+from nanobot.db import read_transaction, write_transaction
+from nanobot.models import FAILED_OUTCOMES, Task, TaskOutcome, TaskRun, bound_error, utcnow
 
 _RUNS = cast(Table, TaskRun.__table__)
 _TASKS = cast(Table, Task.__table__)
@@ -93,6 +100,43 @@ class Finish:
     final: bool = True
     # The retry that follows (attempt + 1 at this instant), stored with this outcome.
     retry_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One row of a task's run history (``task_runs``)."""
+
+    id: int
+    task_name: str
+    scheduled_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration: float | None
+    outcome: TaskOutcome
+    error: str | None
+    slots: int
+    manual: bool
+    node: str | None
+    output: str | None = None
+    # Which attempt of its slot (1: the slot's run; 2...: its retries).
+    attempt: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": self.task_name,
+            "scheduled_at": _iso(self.scheduled_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration": self.duration,
+            "outcome": self.outcome.value,
+            "error": self.error,
+            "slots": self.slots,
+            "manual": self.manual,
+            "node": self.node,
+            "output": self.output,
+            "attempt": self.attempt,
+        }
 
 
 # The unique claim: one row per attempt of a slot.
@@ -175,9 +219,6 @@ def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, 
     conn.execute(
         stmt, [{"b_name": n, "b_next": t, "b_version": v} for n, (t, v) in next_runs.items()]
     )
-
-
-_FAILED = (TaskOutcome.ERROR.value, TaskOutcome.TIMEOUT.value, TaskOutcome.INTERRUPTED.value)
 
 
 def _settled(conn: Connection, run_ids: Sequence[int]) -> dict[int, str | None]:
@@ -285,7 +326,7 @@ def write_finishes(
                     "b_name": f.task,
                     "b_last": f.started_at or f.finished_at,
                     "b_outcome": f.outcome.value,
-                    "b_failed": f.final and f.outcome.value in _FAILED,
+                    "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
                     "b_pending": not f.final,
                 }
                 if next_runs:
@@ -372,7 +413,9 @@ _RELEASED: Final = (
 )
 
 
-def _slots_of(conn: Connection, rows: Sequence[Any]) -> list[tuple[str, datetime, bool]]:
+def _slots_of(
+    conn: Connection, rows: Sequence[Row[*tuple[Any, ...]]]
+) -> list[tuple[str, datetime, bool]]:
     """The released claims that were slots; a released retry (attempt 2...) is not a slot to
     catch up: it becomes its task's pending retry again (at its instant, or now)."""
     retries = [r for r in rows if int(r.attempt) > 1]
@@ -435,6 +478,178 @@ def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool
             .values(next_run_at=bindparam("b_slot")),
             [{"b_name": n, "b_slot": t} for n, t in earliest.items()],
         )
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def run_info(r: Row[*tuple[Any, ...]]) -> RunInfo:
+    """A ``task_runs`` row as a record (``output`` where the query selected it)."""
+    return RunInfo(
+        id=r.id,
+        task_name=r.task_name,
+        scheduled_at=r.scheduled_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        duration=r.duration_s,
+        outcome=TaskOutcome(r.outcome),
+        error=r.error,
+        slots=r.slots,
+        manual=r.manual,
+        node=r.node,
+        output=getattr(r, "output", None),
+        attempt=getattr(r, "attempt", 1),
+    )
+
+
+def read_runs(
+    conn: Connection, name: str, limit: int, *, before: datetime | None = None
+) -> list[RunInfo]:
+    """The last ``limit`` rows of a task's run history, newest first, in the caller's
+    transaction.
+
+    With ``before``, only slots scheduled before it: the next page after a page whose oldest
+    row was scheduled at ``before``. The attempts of a slot (retries) are never split between
+    two pages: a page holds at least ``limit`` rows when there are that many, so that no row is
+    shown twice or skipped.
+    """
+    query = select(_RUNS).where(_RUNS.c.task_name == name)
+    if before is not None:
+        query = query.where(_RUNS.c.scheduled_at < before)
+    rows = list(
+        conn.execute(
+            query.order_by(_RUNS.c.scheduled_at.desc(), _RUNS.c.attempt.desc()).limit(limit)
+        ).all()
+    )
+    if len(rows) == limit and rows[-1].attempt > 1:
+        # A page ends inside a slot's attempts: its earlier attempts come with it, since the
+        # next page starts before that slot (a page may hold a few rows more).
+        rows += conn.execute(
+            select(_RUNS)
+            .where(
+                _RUNS.c.task_name == name,
+                _RUNS.c.scheduled_at == rows[-1].scheduled_at,
+                _RUNS.c.attempt < rows[-1].attempt,
+            )
+            .order_by(_RUNS.c.attempt.desc())
+        ).all()
+    return [run_info(r) for r in rows]
+
+
+def runs_in_flight(engine: Engine, name: str) -> list[RunInfo]:
+    """The task's rows still ``running`` (runs in flight, or slots claimed to run), oldest
+    first."""
+    with read_transaction(engine) as conn:
+        rows = conn.execute(
+            select(_RUNS)
+            .where(TaskRun.task_name == name, TaskRun.outcome == TaskOutcome.RUNNING.value)
+            .order_by(TaskRun.scheduled_at)
+        ).all()
+    return [run_info(r) for r in rows]
+
+
+def recent_failed_runs(conn: Connection, limit: int) -> list[RunInfo]:
+    """The newest ``limit`` failed runs (:data:`nanobot.models.FAILED_OUTCOMES`) of every task,
+    newest first, in the caller's transaction."""
+    rows = conn.execute(
+        select(_RUNS)
+        .where(_RUNS.c.outcome.in_(FAILED_OUTCOMES))
+        .order_by(_RUNS.c.scheduled_at.desc())
+        .limit(limit)
+    ).all()
+    return [run_info(r) for r in rows]
+
+
+def last_failed_run(conn: Connection, name: str) -> RunInfo | None:
+    """The task's newest failed run (:data:`nanobot.models.FAILED_OUTCOMES`), without its
+    output, in the caller's transaction."""
+    row = conn.execute(
+        select(*(column for column in _RUNS.c if column.name != "output"))
+        .where(_RUNS.c.task_name == name, _RUNS.c.outcome.in_(FAILED_OUTCOMES))
+        .order_by(_RUNS.c.scheduled_at.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else run_info(row)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSlot:
+    """A row of a task's history as a backfill matches it to its slots."""
+
+    id: int
+    scheduled_at: datetime
+    outcome: str
+    slots: int
+
+
+def slots_between(conn: Connection, name: str, first: datetime, last: datetime) -> list[RunSlot]:
+    """The task's rows scheduled from ``first`` to ``last``, oldest first, in the caller's
+    transaction."""
+    rows = conn.execute(
+        select(_RUNS.c.id, _RUNS.c.scheduled_at, _RUNS.c.outcome, _RUNS.c.slots)
+        .where(
+            _RUNS.c.task_name == name,
+            _RUNS.c.scheduled_at >= first,
+            _RUNS.c.scheduled_at <= last,
+        )
+        .order_by(_RUNS.c.scheduled_at)
+    ).all()
+    return [RunSlot(int(r.id), r.scheduled_at, str(r.outcome), int(r.slots)) for r in rows]
+
+
+def claim_missed(conn: Connection, row: RunSlot, *, node: str) -> bool:
+    """Turn a ``missed`` row into the claimed run of its first slot (a backfill runs it), in
+    the caller's transaction; False if it is no longer missed."""
+    result = conn.execute(
+        update(_RUNS)
+        .where(_RUNS.c.id == row.id, _RUNS.c.outcome == TaskOutcome.MISSED.value)
+        .values(
+            outcome=TaskOutcome.RUNNING.value,
+            started_at=row.scheduled_at,
+            finished_at=None,
+            duration_s=None,
+            error=None,
+            slots=1,
+            manual=True,
+            node=node,
+        )
+    )
+    return result.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRun:
+    """A run in flight (dispatched, still ``running``) and its task's interval and timeout."""
+
+    task: str
+    started_at: datetime
+    interval: float
+    timeout: float | None
+
+
+def started_before(conn: Connection, horizon: datetime) -> list[StartedRun]:
+    """The runs in flight that started before ``horizon``, of tasks that still exist, in the
+    caller's transaction."""
+    rows = conn.execute(
+        select(_RUNS.c.task_name, _RUNS.c.started_at, _TASKS.c.interval_s, _TASKS.c.timeout_s)
+        .join(_TASKS, _TASKS.c.name == _RUNS.c.task_name)
+        .where(
+            _RUNS.c.outcome == TaskOutcome.RUNNING.value,
+            _RUNS.c.started_at.is_not(None),
+            _RUNS.c.started_at < horizon,
+        )
+    ).all()
+    return [StartedRun(r.task_name, r.started_at, r.interval_s, r.timeout_s) for r in rows]
+
+
+def write_output(engine: Engine, run_id: int, text: str) -> None:
+    """Store the captured output of run ``run_id`` (a command task's tail)."""
+    with write_transaction(engine) as conn:
+        conn.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(output=text))
 
 
 # --- retries (nanobot.cron.retries) -----------------------------------------------------------
@@ -597,3 +812,17 @@ def prune(engine: Engine, *, now: datetime, retention_days: float, max_rows: int
             )
             removed += int(result.rowcount or 0)
     return removed
+
+
+def newest_success(task_name: SQLColumnExpression[str]) -> ScalarSelect[datetime | None]:
+    """When the newest successful run of the task named by ``task_name`` (a column of the
+    enclosing statement) finished: a correlated subquery, one index search per task on
+    ``(task_name, scheduled_at)`` from the newest slot back to the first success (a task's
+    history is capped by ``cron.history_max_rows``)."""
+    return (
+        select(TaskRun.finished_at)
+        .where(TaskRun.task_name == task_name, TaskRun.outcome == TaskOutcome.SUCCESS.value)
+        .order_by(TaskRun.scheduled_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )

@@ -30,12 +30,14 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from nanobot.bus import MessageBus
 from nanobot.config import Config
+from nanobot.cron.control import due_before
+from nanobot.cron.history import started_before
 from nanobot.db import read_transaction
-from nanobot.models import Task, TaskOutcome, TaskRun, error_text, utcnow
+from nanobot.models import error_text, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -119,12 +121,8 @@ def read_overdue(
     found: list[Overdue] = []
     # Only slots past the smallest grace can be overdue: the database filters the rest.
     horizon = now - timedelta(seconds=grace.minimum)
-    for task in conn.execute(
-        select(Task.name, Task.interval_s, Task.next_run_at).where(
-            Task.paused.is_(False), Task.next_run_at.is_not(None), Task.next_run_at < horizon
-        )
-    ):
-        allowed = grace.of(task.interval_s)
+    for task in due_before(conn, horizon):
+        allowed = grace.of(task.interval)
         late = (now - task.next_run_at).total_seconds()
         if late > allowed:
             found.append(
@@ -133,23 +131,15 @@ def read_overdue(
     if not include_runs:
         found.sort(key=lambda o: o.task)
         return found
-    for row in conn.execute(
-        select(TaskRun.task_name, TaskRun.started_at, Task.interval_s, Task.timeout_s)
-        .join(Task, Task.name == TaskRun.task_name)
-        .where(
-            TaskRun.outcome == TaskOutcome.RUNNING.value,
-            TaskRun.started_at.is_not(None),
-            TaskRun.started_at < horizon,
-        )
-    ):
-        bound = row.timeout_s or overrun_intervals * row.interval_s
+    for run in started_before(conn, horizon):
+        bound = run.timeout or overrun_intervals * run.interval
         if bound <= 0:
             continue
-        allowed = grace.of(row.interval_s)
-        expected = row.started_at + timedelta(seconds=bound)
+        allowed = grace.of(run.interval)
+        expected = run.started_at + timedelta(seconds=bound)
         late = (now - expected).total_seconds()
         if late > allowed:
-            found.append(Overdue(row.task_name, OverdueKind.RUN_TOO_LONG, expected, late, allowed))
+            found.append(Overdue(run.task, OverdueKind.RUN_TOO_LONG, expected, late, allowed))
     found.sort(key=lambda o: (o.task, o.kind.value))
     return found
 

@@ -45,7 +45,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine
 
 from nanobot.config import Config
 from nanobot.cron import control
@@ -63,7 +63,7 @@ from nanobot.cron.schedules import (
 from nanobot.cron.task import TaskDefinition, check_failure_count, check_interval
 from nanobot.db import write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskFileError
-from nanobot.models import MisfirePolicy, Task, TaskSource, utcnow
+from nanobot.models import MisfirePolicy, TaskSource, utcnow
 
 TASK_FILE_NAME: Final = "tasks.toml"
 REMOVED_REASON: Final = "removed from tasks.toml"
@@ -373,64 +373,44 @@ def _insert_new(conn: Connection, name: str, wanted: FileTask, now: datetime, pa
             f"{path}: task {name!r}: key 'at': time {schedule.at.isoformat()} is in "
             "the past: choose a later time"
         )
-    conn.execute(
-        insert(Task).values(
-            **control.definition_values(definition),
-            name=name,
-            source=TaskSource.FILE.value,
+    control.insert_task(
+        conn,
+        control.new_task_values(
+            definition,
+            now,
+            source=TaskSource.FILE,
             paused=wanted.paused,
+            started=True,
             pause_reason=PAUSED_REASON if wanted.paused else None,
-            anchor_at=None if wanted.paused else now,
-            next_run_at=None if wanted.paused else control.first_run(schedule, now),
-            created_at=now,
-            updated_at=now,
-            version=1,
-            consecutive_failures=0,
-        )
+        ),
     )
 
 
-def _definition_changes(row: Any, definition: TaskDefinition, now: datetime) -> dict[str, Any]:
+def _definition_changes(
+    current: control.StoredTask, definition: TaskDefinition, now: datetime
+) -> dict[str, Any]:
     """The columns to write for a changed definition; empty when it is the stored one."""
-    stored = control.stored_definition(row)
-    if stored.same_schedule_as(definition):
+    if current.definition.same_schedule_as(definition):
         return {}
-    values = control.definition_values(definition) | {"broken_reason": None}
-    before, after = stored.the_schedule, definition.the_schedule
-    both_intervals = isinstance(before, IntervalSchedule) and isinstance(after, IntervalSchedule)
-    if before != after and not both_intervals:
-        # Another kind of schedule, expression or time: the new one's first run.
-        if row.next_run_at is not None:
-            values["anchor_at"] = now
-            values["next_run_at"] = control.first_run(after, now)
-    elif row.interval_s != definition.interval and row.next_run_at is not None:
-        # The next run stays where it was; the new interval applies from there.
-        values["anchor_at"] = row.next_run_at
-    return values
+    return control.redefined_values(
+        current.definition, definition, next_run_at=current.next_run_at, now=now
+    )
 
 
-def _pause_changes(row: Any, wanted: FileTask, now: datetime) -> dict[str, Any]:
+def _pause_changes(current: control.StoredTask, wanted: FileTask, now: datetime) -> dict[str, Any]:
     """The columns to write when the file pauses a task, or resumes one that it paused."""
-    ours = row.pause_reason in (REMOVED_REASON, PAUSED_REASON)
-    if wanted.paused and not row.paused:
+    ours = current.pause_reason in (REMOVED_REASON, PAUSED_REASON)
+    if wanted.paused and not current.paused:
         return {"paused": True, "next_run_at": None, "pause_reason": PAUSED_REASON}
-    if not wanted.paused and row.paused and ours:
+    if not wanted.paused and current.paused and ours:
         values: dict[str, Any] = {"paused": False, "pause_reason": None}
-        if row.anchor_at is None:
+        if current.anchor_at is None:
             values |= {
                 "anchor_at": now,
                 "next_run_at": control.first_run(wanted.definition.the_schedule, now),
             }
         return values
     return {}
-
-
-def _update(conn: Connection, name: str, now: datetime, values: dict[str, Any]) -> None:
-    conn.execute(
-        update(Task)
-        .where(Task.name == name)
-        .values(**values, version=Task.version + 1, updated_at=now)
-    )
 
 
 def apply_tasks(
@@ -444,36 +424,36 @@ def apply_tasks(
     result = SyncResult()
     now = utcnow()
     with write_transaction(engine) as conn:
-        rows = {row.name: row for row in conn.execute(select(Task.__table__))}
+        stored = control.stored_tasks(conn)
         for name, wanted in tasks.items():
-            row = rows.get(name)
-            if row is None:
+            current = stored.get(name)
+            if current is None:
                 _insert_new(conn, name, wanted, now, path)
                 result.created.append(name)
                 continue
-            if row.source != TaskSource.FILE.value:
+            if current.source != TaskSource.FILE.value:
                 result.clashes.append(name)
                 continue
-            values = _definition_changes(row, wanted.definition, now)
+            values = _definition_changes(current, wanted.definition, now)
             if values:
                 result.updated.append(name)
-            pausing = _pause_changes(row, wanted, now)
+            pausing = _pause_changes(current, wanted, now)
             if pausing.get("paused") is False:
                 result.resumed.append(name)
             if values | pausing:
-                _update(conn, name, now, values | pausing)
+                control.change_task(conn, name, values | pausing, now)
             if name not in result.updated:
                 result.unchanged.append(name)
-        for name, row in rows.items():
-            if name in tasks or row.source != TaskSource.FILE.value:
+        for name, current in stored.items():
+            if name in tasks or current.source != TaskSource.FILE.value:
                 continue
-            if row.paused and row.pause_reason == REMOVED_REASON:
+            if current.paused and current.pause_reason == REMOVED_REASON:
                 continue
-            _update(
+            control.change_task(
                 conn,
                 name,
-                now,
                 {"paused": True, "next_run_at": None, "pause_reason": REMOVED_REASON},
+                now,
             )
             result.removed.append(name)
     return result

@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from nanobot.cron import control
-from nanobot.cron.control import RunInfo, TaskInfo
+from nanobot.cron.control import RunInfo, TaskInfo, TaskState
 from nanobot.cron.overlap import OverlapPolicy
 from nanobot.cron.schedules import ParsedAt, Schedule, resolve_schedule
 from nanobot.cron.task import TaskDefinition, check_interval, default_timezone
@@ -42,7 +42,6 @@ from nanobot.models import MisfirePolicy, error_text, utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, queries
 from nanobot.web.openapi import PREFIX, QUERY, document, schema_errors
-from nanobot.web.queries import TaskState
 from nanobot.web.tokens import Principal
 
 log = structlog.get_logger(__name__)
@@ -72,10 +71,8 @@ def error_response(status: int, message: str, **extra: str | None) -> web.Respon
 
 
 def task_json(info: TaskInfo, *, now: datetime, with_next: bool = False) -> dict[str, Any]:
-    body = info.to_json() | {
-        "state": queries.state_of(info, now).value,
-        "schedule": queries.describe_schedule(info),
-    }
+    # The keys of cron list --json, and the dashboard's state of the task.
+    body = info.to_json() | {"state": control.state_of(info, now).value}
     if with_next:
         body["next_runs"] = [t.isoformat() for t in queries.next_runs(info)]
     return body
@@ -206,7 +203,7 @@ class Api:
             # The counts replace the list of every task, which is what a large system cannot
             # afford to read at each poll; the status and its problems are the same.
             body = build_status(self.engine, problems_only=True)
-            body["tasks"] = queries.count_by_state(self.engine)
+            body["tasks"] = control.count_by_state(self.engine)
             return body
 
         return web.json_response(await self._db(read))
@@ -220,7 +217,7 @@ class Api:
         state = TaskState(params["state"]) if "state" in params else None
         now = utcnow()
         page = await self._db(
-            lambda: queries.page_tasks(
+            lambda: control.page_tasks(
                 self.engine,
                 search=params.get("search", ""),
                 state=state,

@@ -14,8 +14,7 @@ from typing import Any, Final
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from nanobot.cron.control import TASK_NAME_MAX
-from nanobot.web.queries import PAGE_SIZE_MAX, TaskState
+from nanobot.cron.control import PAGE_SIZE_MAX, TASK_NAME_MAX, TaskState
 
 PREFIX: Final = "/api/v1"
 
@@ -122,6 +121,7 @@ SCHEMAS: Final[dict[str, Any]] = {
             "last_outcome": {"enum": [*_OUTCOMES, None]},
             "consecutive_failures": {"type": "integer", "minimum": 0},
             "error": {"type": ["string", "null"], "description": "why the task is broken"},
+            "broken": {"type": "boolean", "description": "true when error is set"},
         },
     },
     "TaskPage": {

@@ -33,11 +33,11 @@ from sqlalchemy import Engine
 
 from nanobot.alerts.store import recent
 from nanobot.cron import control
+from nanobot.cron.control import TaskState
 from nanobot.exceptions import UnknownTaskError
 from nanobot.models import utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, chart, queries
-from nanobot.web.queries import TaskState
 from nanobot.web.sessions import COOKIE_NAME, SESSION_TTL_S, SessionStore
 from nanobot.web.timefmt import TZ_COOKIE, viewer_zone, zone_name
 from nanobot.web.tokens import Principal, TokenStore
@@ -140,10 +140,10 @@ class Pages:
             "status": status,
             "components": system,
             "task_components": queries.count_task_components(self.engine),
-            "counts": queries.count_by_state(self.engine, now=now),
-            "overdue": queries.overdue_tasks(self.engine, now=now),
+            "counts": control.count_by_state(self.engine, now=now),
+            "overdue": control.overdue_tasks(self.engine, now=now),
             "failures": queries.recent_failures(self.engine),
-            "upcoming": queries.upcoming(self.engine),
+            "upcoming": control.upcoming(self.engine),
             "failure_window": queries.FAILURE_WINDOW,
         }
 
@@ -171,7 +171,7 @@ class Pages:
             page_number = 1
         now = utcnow()
         page = await self._db(
-            lambda: queries.page_tasks(
+            lambda: control.page_tasks(
                 self.engine,
                 search=search,
                 state=state,
@@ -189,7 +189,7 @@ class Pages:
         rows = [
             {
                 "info": info,
-                "state": queries.state_of(info, now).value,
+                "state": control.state_of(info, now).value,
                 "schedule": queries.describe_schedule(info),
                 "zone": queries.task_zone(info),
             }
@@ -268,7 +268,7 @@ class Pages:
                 "tasks",
                 now=now,
                 info=info,
-                state=queries.state_of(info, now).value,
+                state=control.state_of(info, now).value,
                 schedule=queries.describe_schedule(info),
                 task_zone=queries.task_zone(info),
                 next_runs=queries.next_runs(info),
