@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from faults.harness import BASE_ENV, ServiceProcess
 from sqlalchemy import Engine, create_engine, text
 
 from nanobot import config as config_module
@@ -168,3 +169,27 @@ def engine(db_url: str) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def services(
+    nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start real services (``python -m nanobot``) on this test's NANOBOT_HOME with the fault
+    suite's fast settings; ``start(**env)`` adds environment variables; every one is killed
+    afterwards."""
+    for name, value in BASE_ENV.items():
+        monkeypatch.setenv(name, value)
+    started: list[ServiceProcess] = []
+
+    def start(**env: str) -> ServiceProcess:
+        label = f"service{len(started)}"
+        service = ServiceProcess(home=nanobot_home, logs=tmp_path, label=label, env=env)
+        started.append(service)
+        return service.start()
+
+    try:
+        yield start
+    finally:
+        for service in started:
+            service.close()

@@ -13,11 +13,9 @@ from typing import Any
 import pytest
 from alert_sink import Sink
 from faults.harness import run_cli, wait_for
-from test_service import Service, services
+from test_service import Service
 
 pytestmark = pytest.mark.slow
-
-__all__ = ["services"]  # the fixture, imported for pytest
 
 
 @pytest.fixture

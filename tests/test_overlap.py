@@ -224,10 +224,31 @@ def _rows(engine: Engine, name: str) -> list[Any]:
         )
 
 
+# Starts and ends on the real scheduler are late by its own lateness, never early: a time
+# matches the table's when it is at most EARLY_S before it and LATE_S after it (a loaded
+# machine's first start was seen 0.3 s late).
+EARLY_S = 0.1
+LATE_S = 0.45
+
+
 def _in_intervals(value: datetime | None, origin: datetime) -> float | None:
     if value is None:
         return None
-    return round((value - origin).total_seconds() / INTERVAL * 2) / 2
+    return (value - origin).total_seconds() / INTERVAL
+
+
+def _matches(observed: list[Row], expected: list[Row]) -> bool:
+    """Same slots and outcomes; each time within [-EARLY_S, +LATE_S] of the table's."""
+
+    def close(seen: float | None, want: float | None) -> bool:
+        if seen is None or want is None:
+            return seen is want
+        return -EARLY_S <= (seen - want) * INTERVAL <= LATE_S
+
+    return len(observed) == len(expected) and all(
+        (o[0], o[1]) == (e[0], e[1]) and close(o[2], e[2]) and close(o[3], e[3])
+        for o, e in zip(observed, expected, strict=True)
+    )
 
 
 def _observed(rows: list[Any], slots: int) -> list[Row]:
@@ -280,7 +301,10 @@ async def test_golden_table_on_the_real_scheduler(db_url: str, policy: str) -> N
     finally:
         await manager.shutdown(grace=WAIT)
     rows = _rows(engine, "busy")
-    assert _observed(rows, slots) == expected
+    observed = _observed(rows, slots)
+    shown = [(n, o, None if a is None else round(a, 2), None if b is None else round(b, 2))
+             for n, o, a, b in observed]  # fmt: skip
+    assert _matches(observed, expected), f"observed {shown}, expected {expected}"
     errors = {r.outcome: r.error for r in rows if r.outcome in ("skipped", "cancelled")}
     if policy == "cancel_previous":
         assert errors["cancelled"] == CANCELLED_BY_NEXT

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import json
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from failure_tasks import Flaky
-from faults.harness import BASE_ENV, ServiceProcess, run_cli, wait_for
+from faults.harness import run_cli, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, insert, select, text, update
@@ -856,27 +856,6 @@ def test_migration_0010_numbers_existing_runs(db_url: str) -> None:
 
 
 # --- a real service -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def services(
-    nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Any]]:
-
-    for name, value in BASE_ENV.items():
-        monkeypatch.setenv(name, value)
-    started: list[ServiceProcess] = []
-
-    def start() -> ServiceProcess:
-        service = ServiceProcess(home=nanobot_home, logs=tmp_path, label=f"s{len(started)}")
-        started.append(service)
-        return service.start()
-
-    try:
-        yield start
-    finally:
-        for service in started:
-            service.close()
 
 
 def add_flaky(name: str, path: Path, failures: int, backoff: str) -> None:

@@ -16,35 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults.harness import BASE_ENV, Cluster, ServiceProcess, lines, run_cli, runs_file, wait_for
+from faults.harness import Cluster, ServiceProcess, lines, run_cli, runs_file, wait_for
 
 pytestmark = pytest.mark.slow
 
 postgres_only = pytest.mark.parametrize(
     "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
-
-
-@pytest.fixture
-def services(
-    nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., ServiceProcess]]:
-    """Services on this test's NANOBOT_HOME, started; every one is killed afterwards."""
-    for name, value in BASE_ENV.items():
-        monkeypatch.setenv(name, value)
-    started: list[ServiceProcess] = []
-
-    def start(**env: str) -> ServiceProcess:
-        label = f"service{len(started)}"
-        service = ServiceProcess(home=nanobot_home, logs=tmp_path, label=label, env=env)
-        started.append(service)
-        return service.start()
-
-    try:
-        yield start
-    finally:
-        for service in started:
-            service.close()
 
 
 @pytest.fixture

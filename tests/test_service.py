@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faults.harness import (
-    BASE_ENV,
     ServiceProcess,
     add_append,
     http,
@@ -30,27 +29,6 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.slow
 
 Service = ServiceProcess
-
-
-@pytest.fixture
-def services(
-    nanobot_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Service]]:
-    """Start services on this test's NANOBOT_HOME; every one is killed afterwards."""
-    for name, value in BASE_ENV.items():
-        monkeypatch.setenv(name, value)
-    started: list[Service] = []
-
-    def start(**env: str) -> Service:
-        service = Service(home=nanobot_home, logs=tmp_path, label=f"service{len(started)}", env=env)
-        started.append(service)
-        return service.start()
-
-    try:
-        yield start
-    finally:
-        for service in started:
-            service.close()
 
 
 def history(name: str) -> list[dict[str, Any]]:
