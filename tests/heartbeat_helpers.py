@@ -10,6 +10,7 @@ from sqlalchemy import Engine, select
 from nanobot.bus import MessageBus
 from nanobot.heartbeat import HeartbeatMonitor
 from nanobot.models import Component, ComponentErrorRecord, ComponentStatusChange, Heartbeat
+from nanobot.times import Clock
 
 NODE = "test-node"
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -46,7 +47,7 @@ class Recorder:
 def make_monitor(
     engine: Engine,
     bus: Any,
-    clock: FakeClock,
+    clock: Clock,
     *,
     interval: float = 10,
     check_timeout: float = 1,

@@ -221,7 +221,7 @@ async def test_catch_up_counts_missed_slots_by_the_schedule(
     assert task(engine, "hourly").next_run_at == utc(2026, 3, 9, 5)
     # Its health component goes stale only after two of its periods (the instance built from
     # its arguments has the class's default interval of 1 s, which must not be used).
-    assert monitor._components["task:hourly"].stale_after == 2 * 3600 + 60
+    assert monitor.get_component_status("task:hourly")["stale_after"] == 2 * 3600 + 60
 
 
 # --- one-shot ---------------------------------------------------------------------------------

@@ -538,7 +538,6 @@ async def test_a_cycle_that_raises_does_not_end_the_loop(
     engine: Engine, bus: MessageBus, clock: FakeClock
 ) -> None:
     """An exception escaping a cycle (here: a clock gone wrong) is logged; the loop goes on."""
-    monitor = make_monitor(engine, bus, clock, interval=0.05, check_timeout=0.02)
     ticks = {"n": 0}
     recovered = asyncio.Event()
 
@@ -548,7 +547,7 @@ async def test_a_cycle_that_raises_does_not_end_the_loop(
             raise OSError("clock unavailable")
         return clock()
 
-    monitor._clock = flaky_clock
+    monitor = make_monitor(engine, bus, flaky_clock, interval=0.05, check_timeout=0.02)
     bus.subscribe("heartbeat", lambda topic, payload: recovered.set())
     with structlog.testing.capture_logs() as logs:
         await monitor.start()

@@ -22,8 +22,6 @@ _PRIVATE_STILL_USED = {
     ("test_cron_faults.py", "_cost_per_job"),
     ("test_cron_faults.py", "_delayed"),
     ("test_cron_faults.py", "_keeper"),
-    ("test_cron_schedules.py", "_components"),
-    ("test_heartbeat.py", "_clock"),
 }
 
 

@@ -236,7 +236,8 @@ class HeartbeatMonitor:
     def get_component_status(self, component_name: str) -> dict[str, Any]:
         """The seed's record of one component: ``status``, ``last_heartbeat`` (epoch seconds)
         and ``errors`` (the last 10, ``{"timestamp", "error"}``), plus ``registered`` and
-        ``last_error``. A copy: changing it changes nothing.
+        ``last_error``, and ``stale_after``: the seconds without a heartbeat after which it
+        reads in error. A copy: changing it changes nothing.
 
         A component past its stale limit reads in error with the stale reason (the next cycle
         records it so). A component known only from the database shows its stored state with
@@ -249,6 +250,7 @@ class HeartbeatMonitor:
             if comp is None:
                 return {"status": ComponentStatus.UNKNOWN.value, "last_heartbeat": 0, "errors": []}
             seen = component.view(comp, now, 2 * self.interval)
+            limit = component.stale_limit(comp, 2 * self.interval)
         return {
             "status": seen.status.value,
             "last_heartbeat": _epoch(seen.last_heartbeat),
@@ -256,6 +258,7 @@ class HeartbeatMonitor:
             "health_check": seen.health_check,
             "registered": seen.registered,
             "last_error": seen.last_error,
+            "stale_after": limit,
         }
 
     def get_system_status(self) -> dict[str, Any]:
