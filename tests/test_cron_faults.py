@@ -245,8 +245,8 @@ async def test_claims_of_a_crashed_scheduler_never_dispatched_are_caught_up(
     for handle, _ in crashed._launcher.delayed.values():
         handle.cancel()
     crashed._launcher.delayed.clear()
-    assert crashed._keeper is not None
-    crashed._keeper.cancel()
+    assert crashed._own_lease.keeper is not None
+    crashed._own_lease.keeper.cancel()
     await asyncio.to_thread(scheduler.close)
     crashed._ctx.scheduler = None
 

@@ -12,7 +12,8 @@ the scheduling lease. The work is done by collaborators, one module per concept,
   the overrun watch, cancelling;
 - :mod:`nanobot.cron.recorder` (event loop; writes in the worker thread): outcomes written
   in batches, retries planned, announcements, health components, auto-pause;
-- :mod:`nanobot.cron.claims`: claims that never started, released.
+- :mod:`nanobot.cron.claims`: claims that never started, released;
+- :mod:`nanobot.cron.own_lease` (event loop): the lease of a manager used as a library.
 
 Only the holder of the scheduling lease schedules (:mod:`nanobot.lease`). In the service, the
 service holds the lease and hands it to the manager (:meth:`CronManager.use_lease`). A manager
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from nanobot.cron.aps_adapter import EPHEMERAL, NanobotScheduler
 from nanobot.cron.context import TASK_PREFIX, CronContext, error_text, task_component
 from nanobot.cron.dispatch import Dispatcher
 from nanobot.cron.launcher import MARK_AHEAD, Launcher
+from nanobot.cron.own_lease import OwnLease
 from nanobot.cron.reconcile import Reconciler, note_definition
 from nanobot.cron.recorder import Recorder
 from nanobot.cron.records import Lifecycle, RunInFlight
@@ -60,7 +62,7 @@ from nanobot.cron.registry import Registry
 from nanobot.cron.task import CronTask, definition_of
 from nanobot.exceptions import InvalidTaskError, TaskNotStorableError, UnknownTaskError
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.lease import SchedulerLease, holder_id
+from nanobot.lease import SchedulerLease
 from nanobot.models import utcnow
 
 __all__ = [
@@ -115,14 +117,10 @@ class CronManager:
         self._dispatcher = Dispatcher(
             ctx, self._registry, self._reconciler, self._launcher, self._recorder
         )
+        self._own_lease = OwnLease(
+            ctx, start=functools.partial(self.start, takeover=True), lost=self._lease_lost
+        )
         self._start_lock: asyncio.Lock | None = None
-        # A lease this manager took itself (library use), renewed by _keeper; the candidate it
-        # tries to take while it is a client.
-        self._own_lease = False
-        self._candidate: SchedulerLease | None = None
-        self._keeper: asyncio.Task[None] | None = None
-        # The holder of the lease while this manager is a client of the control plane.
-        self._client: str | None = None
         # Names started here and not stopped since: kept across a lease lost and regained.
         self._started: set[str] = set()
         self._exit_hook = False
@@ -135,9 +133,7 @@ class CronManager:
         Every claim is fenced by it in the claiming transaction, and every start and every
         step of a run by its remaining time on this process's monotonic clock.
         """
-        self._ctx.lease = lease
-        self._own_lease = False
-        self._ctx.fence = lease.verify
+        self._own_lease.use(lease)
 
     @property
     def fence(self) -> Callable[[Connection], bool] | None:
@@ -156,7 +152,7 @@ class CronManager:
     @property
     def client_of(self) -> str | None:
         """The lease holder that schedules for this manager, while it is a client."""
-        return self._client
+        return self._own_lease.client
 
     @property
     def engine(self) -> Engine:
@@ -262,7 +258,7 @@ class CronManager:
             await asyncio.to_thread(control.start_task, self.engine, name)
             self._started.add(name)
             self._registry.set_running(name, True)
-            log.info("cron.task_started", task=name, scheduled_by=self._client)
+            log.info("cron.task_started", task=name, scheduled_by=self._own_lease.client)
             return
         scheduler = self._require_scheduler()
         definition = self._registry.ephemeral.get(name)
@@ -283,9 +279,10 @@ class CronManager:
         definition = self._registry.ephemeral.get(name)
         if definition is None:
             return
+        holder = self._own_lease.client
         raise TaskNotStorableError(
             f"task {name!r} cannot be stored ({definition.not_persistable}), and the tasks are "
-            f"scheduled by another process ({self._client}), which could not build it: define "
+            f"scheduled by another process ({holder}), which could not build it: define "
             "its class in an importable module with JSON arguments, or run it in that process"
         )
 
@@ -420,7 +417,7 @@ class CronManager:
             if ctx.scheduler is not None and ctx.scheduler.dispatching:
                 return
             if ctx.lease is None and ctx.fence is None:
-                if not await self._take_own_lease():
+                if not await self._own_lease.take():
                     return
                 takeover = True
             ctx.state = Lifecycle.STARTING
@@ -477,84 +474,10 @@ class CronManager:
         self._launcher.arm_watch()
         self._register_exit_hook()
 
-    async def _take_own_lease(self) -> bool:
-        """Library use: take the scheduling lease if it is free. False: another process holds
-        it, and this manager is its client until the lease is free (see _keep_lease)."""
-        lease = self._candidate
-        if lease is None:
-            engine = await asyncio.to_thread(lambda: self.engine)
-            ttl = float(get_config().get("service.lease_ttl", 10.0))
-            lease = self._candidate = SchedulerLease(engine, holder_id(self.node), ttl)
-        if self._keeper is None:
-            self._keeper = asyncio.get_running_loop().create_task(
-                self._keep_lease(lease), name="nanobot-cron-lease"
-            )
-        if await asyncio.to_thread(lease.try_acquire):
-            self._adopt(lease)
-            return True
-        info = await asyncio.to_thread(lease.holder)
-        holder = (info.holder if info is not None else None) or "another process"
-        if self._client != holder:
-            log.info(
-                "cron.client_of_scheduler",
-                node=self.node,
-                scheduler=holder,
-                consequence="tasks started here are stored and scheduled by that process",
-            )
-        self._client = holder
-        return False
-
-    def _adopt(self, lease: SchedulerLease) -> None:
-        self._ctx.lease, self._own_lease, self._ctx.fence = lease, True, lease.verify
-        self._client = None
-
-    def _drop_lease(self) -> None:
-        self._ctx.lease, self._ctx.fence, self._own_lease = None, None, False
-
-    async def _keep_lease(self, lease: SchedulerLease) -> None:
-        """Renew this manager's own lease every ttl/3; when it is lost, stop dispatching at
-        once. While it is not held (lost, or held by another process: a client), try to take
-        it at the same rate, and schedule once it is taken (the tasks only this process can
-        build included): like a standby service, so that a script restarted after a crash
-        schedules again once the dead holder's lease has expired."""
-        period = lease.ttl / 3
-        while True:
-            await asyncio.sleep(period)
-            if self._ctx.lease is lease:
-                if await self._renewed(lease, period):
-                    continue
-                log.warning("cron.lease_lost", holder=lease.node, action="stop dispatching")
-                await asyncio.shield(
-                    self._stop_dispatching(0.0, "the node lost the scheduling lease")
-                )
-                self._recorder.forget_task_components()
-                self._drop_lease()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.to_thread(lease.release), timeout=period)
-                continue
-            try:
-                acquired = await asyncio.wait_for(
-                    asyncio.to_thread(lease.try_acquire), timeout=period
-                )
-            except Exception as exc:
-                log.warning("cron.lease_unavailable", error=error_text(exc))
-                acquired = False
-            if acquired:
-                log.info("cron.lease_taken", holder=lease.node, epoch=lease.epoch)
-                self._adopt(lease)
-                await asyncio.shield(self.start(takeover=True))
-
-    @staticmethod
-    async def _renewed(lease: SchedulerLease, period: float) -> bool:
-        """Renew ``lease`` within what is left of it; whether it is still held for a period."""
-        renewed = False
-        budget = lease.seconds_left() - period
-        if budget > 0:
-            try:
-                renewed = await asyncio.wait_for(asyncio.to_thread(lease.renew), timeout=budget)
-            except Exception as exc:
-                log.warning("cron.lease_renew_failed", error=error_text(exc))
-        return renewed and lease.seconds_left() > period
+    async def _lease_lost(self) -> None:
+        """The own lease was lost: stop dispatching at once (another node may lead now)."""
+        await asyncio.shield(self._stop_dispatching(0.0, "the node lost the scheduling lease"))
+        self._recorder.forget_task_components()
 
     async def shutdown(self, grace: float | None = None, *, standby: bool = False) -> None:
         """Stop dispatching, let runs in flight finish for up to ``grace`` seconds, cancel the
@@ -565,21 +488,11 @@ class CronManager:
         ``standby``: the process goes on as a standby (it lost the lead); the ``task:<name>``
         components it kept are unregistered, since a standby runs no task and they would go
         stale there (the leader's own components stand for the tasks)."""
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+        await self._own_lease.stop_keeping()
         await self._stop_dispatching(grace, "the scheduler shut down")
         if standby:
             self._recorder.forget_task_components()
-        self._candidate = None
-        lease = self._ctx.lease
-        if self._own_lease and lease is not None:
-            self._drop_lease()
-            try:
-                await asyncio.to_thread(lease.release)
-            except Exception as exc:
-                log.warning("cron.lease_release_failed", error=error_text(exc))
+        await self._own_lease.release()
 
     async def _stop_dispatching(self, grace: float | None, reason: str) -> None:
         ctx = self._ctx
@@ -636,11 +549,7 @@ class CronManager:
         if unstarted:
             claims.release_unstarted(self._ctx, self._registry, self._ctx.scheduler, unstarted)
         self._recorder.write_at_exit()
-        lease = self._ctx.lease
-        if self._own_lease and lease is not None:
-            self._ctx.lease, self._own_lease = None, False
-            with contextlib.suppress(Exception):
-                lease.release()
+        self._own_lease.release_at_exit()
 
     # --- between the collaborators -------------------------------------------------------------
 
