@@ -74,7 +74,9 @@ class CronContext:
         # manager schedules under (the service's, or its own when used as a library; None:
         # not scheduling, or a client), and the fence every claiming transaction calls (False:
         # this process may no longer schedule, and nothing is claimed).
-        self.state = Lifecycle.IDLE
+        self._state = Lifecycle.IDLE
+        # state.closing, kept as a plain attribute: the loop reads it for every slot it starts.
+        self.closing = False
         self.scheduler: NanobotScheduler | None = None
         self.lease: SchedulerLease | None = None
         self.fence = fence
@@ -110,6 +112,17 @@ class CronContext:
         self.known_broken: set[str] = set()
         # loop: background tasks kept referenced until done.
         self._background: set[asyncio.Task[Any]] = set()
+
+    # --- the lifecycle (event loop) ------------------------------------------------------------
+
+    @property
+    def state(self) -> Lifecycle:
+        return self._state
+
+    @state.setter
+    def state(self, state: Lifecycle) -> None:
+        self._state = state
+        self.closing = state.closing
 
     # --- settings ------------------------------------------------------------------------------
 

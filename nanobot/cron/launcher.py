@@ -168,7 +168,7 @@ class Launcher:
                 for launch in launches:
                     self.handed.pop(launch.run_id, None)
         for slot, launches in groups.items():
-            if self._ctx.state.closing:
+            if self._ctx.closing:
                 self._held_back.extend(launches)
                 continue
             early = (slot - now).total_seconds()
@@ -331,7 +331,7 @@ class Launcher:
 
     def _launch(self, launch: Launch) -> None:
         ctx = self._ctx
-        if ctx.state.closing:
+        if ctx.closing:
             self._held_back.append(launch)
             return
         if not ctx.holds_lease():
@@ -400,7 +400,7 @@ class Launcher:
     def _start_buffered(self, name: str) -> None:
         """Start the slot buffered behind a run that ended (buffer_one), once no counted run
         of its task is left; a stopping scheduler releases it instead (take_unstarted)."""
-        if self._ctx.state.closing or name not in self._buffered:
+        if self._ctx.closing or name not in self._buffered:
             return
         if any(r.kind is not RunKind.BACKFILL for r in self.runs_of(name).values()):
             return  # another run still goes (a forced one): the last to end starts it
@@ -418,7 +418,14 @@ class Launcher:
         deadline = asyncio.timeout(timeout)
         with structlog.contextvars.bound_contextvars(task=launch.name, run_id=launch.run_id):
             try:
-                started = await self._begin(launch, task, after)
+                if after:
+                    # cancel_previous: the cancelled run really stops (a command's process is
+                    # gone) before this one starts.
+                    await asyncio.wait(after)
+                if task.jitter:
+                    await asyncio.sleep(random.uniform(0, task.jitter))
+                started = self._ctx.clock()
+                self._began(launch, task, started)
                 async with deadline:
                     # Every step of the run is fenced by the lease and timed (a step that
                     # blocks the loop is named as the cause of the loop's lag).
@@ -451,17 +458,8 @@ class Launcher:
             finally:
                 self._end(launch, task, started, outcome, error)
 
-    async def _begin(
-        self, launch: Launch, task: CronTask, after: list[asyncio.Task[None]] | None
-    ) -> datetime:
-        """Wait for the runs cancelled for this one and the jitter; the run's real start."""
-        if after:
-            # cancel_previous: the cancelled run really stops (a command's process is gone)
-            # before this one starts.
-            await asyncio.wait(after)
-        if task.jitter:
-            await asyncio.sleep(random.uniform(0, task.jitter))
-        started = self._ctx.clock()
+    def _began(self, launch: Launch, task: CronTask, started: datetime) -> None:
+        """A run's real start (after the runs cancelled for it and its jitter)."""
         self.pings.started(launch.name, self._ctx.ping_urls.get(launch.name) or task.ping_url)
         if _stdlib_log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -470,7 +468,6 @@ class Launcher:
                 lateness_s=round((started - launch.slot).total_seconds(), 6),
                 manual=launch.manual,
             )
-        return started
 
     def _end(
         self,
@@ -538,7 +535,7 @@ class Launcher:
         """Put a task whose run has been in flight longer than its bound in error, once per
         run; the run's end (a success) clears it."""
         self._watch = None
-        if self._ctx.state.closing or self._ctx.scheduler is None:
+        if self._ctx.closing or self._ctx.scheduler is None:
             return
         now = time.monotonic()
         for name, runs in list(self.inflight.items()):

@@ -364,7 +364,7 @@ class CronManager:
     def is_alive(self) -> bool:
         """True while the scheduler runs and its last pass is recent."""
         scheduler = self._ctx.scheduler
-        if scheduler is None or not scheduler.dispatching or self._ctx.state.closing:
+        if scheduler is None or not scheduler.dispatching or self._ctx.closing:
             return False
         last = scheduler.last_pass_at
         if last is None:
@@ -500,7 +500,7 @@ class CronManager:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:
             scheduler = ctx.scheduler
-            if scheduler is None or ctx.state.closing:
+            if scheduler is None or ctx.closing:
                 return
             if grace is None:
                 grace = float(get_config().get("service.shutdown_grace", 10.0))
