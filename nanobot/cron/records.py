@@ -1,7 +1,8 @@
 """The records the scheduler's modules hand to one another, and its lifecycle state.
 
-Every record here is immutable: a record made by the worker thread (a claimed slot, a due
-retry) is handed to the event loop as it is, never changed after. Pure data, no I/O.
+Every record here is frozen (``Running`` is never changed once built, but not frozen: see
+there): a record made by the worker thread (a claimed slot, a due retry) is handed to the event
+loop as it is, never changed after. Pure data, no I/O.
 """
 
 from __future__ import annotations
