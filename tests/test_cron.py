@@ -193,7 +193,7 @@ async def test_register_changed_definition_updates(manager: CronManager) -> None
 
     async with asyncio.timeout(WAIT):
         while True:
-            job = manager._scheduler.lookup("c")  # type: ignore[union-attr]
+            job = manager._ctx.scheduler.lookup("c")  # type: ignore[union-attr]
             if job is not None and job.interval == 1800:
                 break
             await asyncio.sleep(POLL)

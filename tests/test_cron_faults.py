@@ -196,7 +196,7 @@ async def test_stop_releases_claims_not_yet_due_and_next_start_runs_them(
     ``cancelled`` before its time, its job moved back to it; the next start runs it."""
     first = CronManager(poll_interval=POLL, bus=bus)
     # As if a pass cost a second per slot: the next slot is claimed 2 s ahead (a burst's lead).
-    first._cost_per_job = 1.0
+    first._dispatcher.cost_per_job = 1.0
     first.register_task("ahead", Counter(2, label="ahead"))
     await first.start_task("ahead")
     engine = first.engine
@@ -233,22 +233,22 @@ async def test_claims_of_a_crashed_scheduler_never_dispatched_are_caught_up(
     leaves an undispatched claim: the next scheduler releases it and runs the slot, instead of
     recording interrupted a run that never started."""
     crashed = CronManager(poll_interval=POLL, bus=bus)
-    crashed._cost_per_job = 1.0
+    crashed._dispatcher.cost_per_job = 1.0
     crashed.register_task("window", Counter(2, label="window"))
     await crashed.start_task("window")
     engine = crashed.engine
     await until(lambda: len(rows(engine, "window")) == 2)
     slot = rows(engine, "window")[1].scheduled_at
     # The crash: nothing of this scheduler runs any more, nothing is released or written.
-    scheduler = crashed._scheduler
+    scheduler = crashed._ctx.scheduler
     assert scheduler is not None
-    for handle, _ in crashed._delayed.values():
+    for handle, _ in crashed._launcher.delayed.values():
         handle.cancel()
-    crashed._delayed.clear()
-    assert crashed._keeper is not None
-    crashed._keeper.cancel()
+    crashed._launcher.delayed.clear()
+    assert crashed._own_lease.keeper is not None
+    crashed._own_lease.keeper.cancel()
     await asyncio.to_thread(scheduler.close)
-    crashed._scheduler = None
+    crashed._ctx.scheduler = None
 
     restarted = CronManager(poll_interval=POLL, bus=bus)
     restarted.register_task("window", Counter(2, label="window"))

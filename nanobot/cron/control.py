@@ -1177,3 +1177,60 @@ def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
             .limit(limit)
         ).all()
     return [_info(row) for row in rows]
+
+
+# --- read and written by the scheduler (nanobot.cron.reconcile, nanobot.cron.dispatch) ---------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskVersion:
+    """What the reconciliation compares of every stored task: its version and run request."""
+
+    version: int
+    run_requested_at: datetime | None
+
+
+def task_exists(engine: Engine, name: str) -> bool:
+    """Whether a task named ``name`` is stored."""
+    with read_transaction(engine) as conn:
+        return conn.execute(select(Task.id).where(Task.name == name)).first() is not None
+
+
+def task_names(engine: Engine) -> list[str]:
+    """The names of every stored task, sorted."""
+    with read_transaction(engine) as conn:
+        return list(conn.execute(select(Task.name).order_by(Task.name)).scalars().all())
+
+
+def stored_names(conn: Connection) -> set[str]:
+    """The names of every stored task, in ``conn``'s transaction."""
+    return set(conn.execute(select(Task.name)).scalars())
+
+
+def task_versions(conn: Connection) -> dict[str, TaskVersion]:
+    """Each stored task's version and pending run request, by name."""
+    return {
+        row.name: TaskVersion(row.version, row.run_requested_at)
+        for row in conn.execute(select(Task.name, Task.version, Task.run_requested_at))
+    }
+
+
+def task_rows(conn: Connection, names: Sequence[str], *, whole_table: bool) -> list[Any]:
+    """The whole ``tasks`` rows of ``names``. ``whole_table``: read every row and keep the
+    wanted ones, rather than send an IN list longer than the database accepts."""
+    if whole_table:
+        wanted = set(names)
+        return [row for row in conn.execute(select(Task.__table__)) if row.name in wanted]
+    if not names:
+        return []
+    return list(conn.execute(select(Task.__table__).where(Task.name.in_(names))).all())
+
+
+def consume_run_request(conn: Connection, name: str, requested: datetime) -> None:
+    """Clear the run request of ``name`` made at ``requested`` (a newer one stays), in the
+    transaction that claims its run."""
+    conn.execute(
+        update(Task)
+        .where(Task.name == name, Task.run_requested_at == requested)
+        .values(run_requested_at=None, run_forced=False)
+    )

@@ -1,6 +1,6 @@
 """Overlap policies: what becomes of a slot that comes while the task's previous run still goes.
 
-Pure decisions, no I/O and no clock: the manager (:mod:`nanobot.cron.manager`, on the event
+Pure decisions, no I/O and no clock: the launcher (:mod:`nanobot.cron.launcher`, on the event
 loop, where the runs in flight are known) asks :func:`decide` for each claimed slot it is about
 to start, and the command line asks it whether ``nanobot cron run NAME`` can do anything. Every
 slot is claimed (its ``task_runs`` row inserted) before this decision, so that whatever is

@@ -15,8 +15,9 @@ runs. Deleted rows leave free pages that new rows reuse, so a SQLite file stops 
 The first count of each task is random in ``[0, margin)``, so that thousands of tasks that run in
 phase are trimmed spread over ``margin`` batches instead of all in the same one.
 
-Thread: a trimmer is used only by the scheduler's worker thread (``CronManager._pass`` counts,
-``CronManager._write_outcomes`` trims).
+Thread: a trimmer is used only by the scheduler's worker thread (the pass,
+:mod:`nanobot.cron.dispatch`, counts; :meth:`nanobot.cron.recorder.Recorder.write_outcomes`
+trims).
 """
 
 from __future__ import annotations

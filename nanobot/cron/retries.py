@@ -12,9 +12,10 @@ the previous one has stopped. A retry that would start at or after the task's ne
 run: the slot's remaining attempts are given up (:attr:`RetryVerdict.GIVEN_UP`), so that retries
 never overlap the next slot.
 
-The manager (:mod:`nanobot.cron.manager`) calls :func:`plan_retry` when it writes a failed
-attempt's outcome, stores the resulting :class:`PendingRetry` on the task's row (it survives a
-restart) and claims it like a slot when it is due (or records it missed: :func:`retry_is_late`).
+The recorder (:mod:`nanobot.cron.recorder`) calls :func:`plan_retry` when it writes a failed
+attempt's outcome and stores the resulting :class:`PendingRetry` on the task's row (it survives
+a restart); the pass (:mod:`nanobot.cron.dispatch`) claims it like a slot when it is due (or
+records it missed: :func:`retry_is_late`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,558 @@
+"""Launching claimed slots on the event loop, and running them.
+
+A pass (:mod:`nanobot.cron.dispatch`) hands its claimed slots to :meth:`Launcher.launch_groups`,
+grouped by instant: one timer per instant starts them at their exact time, a few per loop
+iteration; a slot claimed well ahead is first marked dispatched. Each slot meets its task's
+overlap policy (:mod:`nanobot.cron.overlap`) as it is about to start: started, skipped,
+buffered until the run in flight ends, or started once that run is cancelled. A run is
+executed under its timeout and the lease (every step fenced), its outcome handed to the
+:class:`~nanobot.cron.recorder.Recorder`; a watch marks runs in flight past their bound.
+
+Threads: the event loop owns everything here (the runs in flight, the buffered, delayed and
+queued launches, the cancel reasons and overruns); the only entry from the worker thread is
+through ``scheduler.call_soon``. Launches handed over and not yet seen by the loop are in
+:attr:`Launcher.handed` (under the context's lock), so that a stop finds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Final
+
+import structlog
+
+from nanobot.cron import claims, history
+from nanobot.cron.context import CronContext
+from nanobot.cron.history import Finish
+from nanobot.cron.overlap import CANCELLED_BY_NEXT, Action, RunKind, decide, skip_reason
+from nanobot.cron.overlap import DEFAULT as DEFAULT_OVERLAP
+from nanobot.cron.pings import Pinger
+from nanobot.cron.recorder import Recorder
+from nanobot.cron.records import HealthUpdate, Launch, RunInFlight, Running
+from nanobot.cron.registry import Registry
+from nanobot.cron.task import CronTask
+from nanobot.loopwatch import FencedError, Stepper
+from nanobot.models import TaskOutcome, error_text
+
+log = structlog.get_logger(__name__)
+_stdlib_log = logging.getLogger(__name__)
+
+# Launches handed to the loop in one go are started this many per loop iteration, so that a burst
+# of thousands of due tasks never holds the event loop for long.
+LAUNCH_CHUNK: Final = 25
+# The instant of launches that start at once whatever their slot (manual runs).
+NOW_SLOT: Final = datetime.min.replace(tzinfo=UTC)
+# How far ahead of its time a slot is claimed at least; the loop then starts it at its exact time.
+SCHEDULE_LEAD: Final = 0.05
+# A slot claimed further ahead than DISPATCH_AHEAD (dispatch) is marked dispatched this many
+# seconds before its instant.
+MARK_AHEAD: Final = SCHEDULE_LEAD
+# How long a shutdown waits for such marks in progress.
+MARK_WAIT_S: Final = 5.0
+# Longest period of the watch over runs in flight (overruns).
+WATCH_PERIOD_S: Final = 1.0
+
+
+class Launcher:
+    """Starts claimed slots at their instant and runs them (event loop)."""
+
+    def __init__(self, ctx: CronContext, registry: Registry, recorder: Recorder) -> None:
+        self._ctx = ctx
+        self._registry = registry
+        self._recorder = recorder
+        # name -> run id -> run, for every run in flight (several under the overlap policy
+        # allow, a forced run or a backfill).
+        self.inflight: dict[str, dict[int, Running]] = {}
+        # The slot of each buffer_one task held to start when its run in flight ends.
+        self._buffered: dict[str, Launch] = {}
+        # One timer per instant, and the launches it starts.
+        self.delayed: dict[datetime, tuple[asyncio.Handle, list[Launch]]] = {}
+        # Claimed slots handed to the loop and not yet seen by it (worker -> loop; lock).
+        self.handed: dict[int, Launch] = {}
+        # Slots that reached the loop while it was stopping: released, never started.
+        self._held_back: list[Launch] = []
+        self._queued: dict[int, list[Launch]] = {}
+        self._marking: set[asyncio.Task[None]] = set()
+        self._undispatch: list[int] = []
+        self._cancel_reasons: dict[int, str] = {}
+        # Run ids of the runs in flight past their bound (see _watch_runs).
+        self._overrunning: set[int] = set()
+        self._watch: asyncio.TimerHandle | None = None
+        # healthchecks.io-style pings of runs.
+        self.pings = Pinger()
+
+    # --- runs in flight ------------------------------------------------------------------------
+
+    def runs_of(self, name: str) -> dict[int, Running]:
+        """The runs of ``name`` in flight, by run id."""
+        return {i: r for i, r in self.inflight.get(name, {}).items() if not r.run.done()}
+
+    def running_tasks(self) -> list[str]:
+        return [n for n in self.inflight if self.runs_of(n)]
+
+    def runs_in_flight(self) -> list[RunInFlight]:
+        """The runs in flight, with their age and overrun bound: one per task, its oldest (a
+        task may have several under the overlap policy allow)."""
+        now = time.monotonic()
+        intervals = self._ctx.overrun_intervals
+        result = []
+        for name, runs in list(self.inflight.items()):
+            if not runs:
+                continue
+            run_id, oldest = min(runs.items(), key=lambda item: item[1].started)
+            bound = intervals * oldest.interval if intervals > 0 else None
+            result.append(
+                RunInFlight(
+                    task=name,
+                    run_id=run_id,
+                    scheduled_at=oldest.slot,
+                    age_s=now - oldest.started,
+                    bound_s=bound,
+                    overrunning=run_id in self._overrunning,
+                )
+            )
+        return result
+
+    def all_runs(self) -> list[asyncio.Task[None]]:
+        return [r.run for n in list(self.inflight) for r in self.runs_of(n).values()]
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every run in flight now (each is recorded ``cancelled`` with ``reason``)."""
+        for name in list(self.inflight):
+            for run_id, running in self.runs_of(name).items():
+                self._cancel_reasons[run_id] = reason
+                running.run.cancel()
+
+    def cancel_run(self, name: str, reason: str) -> list[asyncio.Task[None]]:
+        """Cancel every run of ``name`` in flight (and release its slots not started)."""
+        self._cancel_delayed(name)
+        cancelled = []
+        for run_id, running in self.runs_of(name).items():
+            self._cancel_reasons[run_id] = reason
+            running.run.cancel()
+            cancelled.append(running.run)
+        return cancelled
+
+    async def cancel_and_wait(self, name: str, reason: str) -> None:
+        runs = self.cancel_run(name, reason)
+        if runs:
+            await asyncio.wait(runs)
+
+    async def cancel_every_task(self, reason: str) -> None:
+        for name in list(self.inflight):
+            await self.cancel_and_wait(name, reason)
+
+    # --- handing over (event loop) -------------------------------------------------------------
+
+    def launch_batch(self, batch: list[Launch]) -> None:
+        """Start claimed slots: those due now at once, later ones at their exact time."""
+        groups: dict[datetime, list[Launch]] = {}
+        for launch in batch:
+            groups.setdefault(NOW_SLOT if launch.manual else launch.slot, []).append(launch)
+        self.launch_groups(groups)
+
+    def launch_groups(self, groups: dict[datetime, list[Launch]]) -> None:
+        """Start each instant's launches at that instant: one timer per instant, so that a
+        burst of thousands at one instant costs the loop one timer, not thousands. A group
+        with undispatched slots fires :data:`MARK_AHEAD` early, to mark them first."""
+        loop = asyncio.get_running_loop()
+        now = self._ctx.clock()
+        with self._ctx.lock:
+            for launches in groups.values():
+                for launch in launches:
+                    self.handed.pop(launch.run_id, None)
+        for slot, launches in groups.items():
+            if self._ctx.closing:
+                self._held_back.extend(launches)
+                continue
+            early = (slot - now).total_seconds()
+            marking = not all(launch.dispatched for launch in launches)
+            if marking:
+                early -= MARK_AHEAD
+            if early <= 0:
+                if marking:
+                    self.delayed[slot] = (loop.call_soon(self._launch_delayed, slot), launches)
+                else:
+                    self._launch_chunks(launches)
+                continue
+            pending = self.delayed.get(slot)
+            if pending is None:
+                handle = loop.call_later(early, self._launch_delayed, slot)
+                self.delayed[slot] = (handle, launches)
+            else:
+                pending[1].extend(launches)
+
+    def _launch_chunks(self, launches: list[Launch]) -> None:
+        # A few per loop iteration, so that a burst never holds the event loop for long.
+        for launch in launches[:LAUNCH_CHUNK]:
+            self._launch(launch)
+        rest = launches[LAUNCH_CHUNK:]
+        if rest:
+            # Kept where a stop finds them: a slot not started when the scheduler stops is
+            # released, not left behind.
+            self._queued[id(rest)] = rest
+            asyncio.get_running_loop().call_soon(self._launch_queued, id(rest))
+
+    def _launch_queued(self, key: int) -> None:
+        rest = self._queued.pop(key, None)
+        if rest is not None:  # else taken by a stop
+            self._launch_chunks(rest)
+
+    def _launch_delayed(self, slot: datetime) -> None:
+        group = self.delayed.pop(slot, None)
+        if group is None:
+            return
+        waiting = [launch for launch in group[1] if not launch.dispatched]
+        ready = [launch for launch in group[1] if launch.dispatched]
+        if waiting:
+            task = asyncio.get_running_loop().create_task(self._mark_and_launch(slot, waiting))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+        if ready:
+            self.launch_groups({slot: ready})
+
+    async def _mark_and_launch(self, slot: datetime, launches: list[Launch]) -> None:
+        """Mark slots claimed ahead as dispatched (fenced), then start them at their instant."""
+        ids = [launch.run_id for launch in launches]
+        ctx = self._ctx
+        try:
+            marked = await asyncio.to_thread(history.mark_dispatched, ctx.engine, ids, ctx.fence)
+        except Exception as exc:
+            # Not marked, so not started: released (and caught up) rather than lost.
+            log.error("cron.dispatch_failed", count=len(ids), error=error_text(exc))
+            self._release_soon(launches)
+            return
+        if len(marked) < len(ids):
+            log.warning(
+                "cron.slots_not_dispatched",
+                count=len(ids) - len(marked),
+                reason="released by another node, or this node no longer leads",
+            )
+        ready = [replace(launch, dispatched=True) for launch in launches if launch.run_id in marked]
+        if ready:
+            self.launch_groups({slot: ready})
+
+    # --- not started: released -----------------------------------------------------------------
+
+    async def wait_marking(self) -> None:
+        """Wait (a bounded time) for the marks of slots claimed ahead in progress."""
+        if self._marking:
+            await asyncio.wait(set(self._marking), timeout=MARK_WAIT_S)
+
+    def take_unstarted(self) -> list[Launch]:
+        """Every claimed slot this process has not started: timers cancelled, lists emptied."""
+        unstarted: list[Launch] = []
+        for handle, launches in self.delayed.values():
+            handle.cancel()
+            unstarted.extend(launches)
+        self.delayed.clear()
+        unstarted.extend(self._held_back)
+        self._held_back = []
+        for launches in self._queued.values():
+            unstarted.extend(launches)
+        self._queued.clear()
+        unstarted.extend(self._buffered.values())
+        self._buffered.clear()
+        with self._ctx.lock:
+            unstarted.extend(self.handed.values())
+            self.handed.clear()
+        return unstarted
+
+    def _release_soon(self, launches: list[Launch]) -> None:
+        scheduler = self._ctx.in_worker()
+        if scheduler is not None:
+            self._ctx.spawn(
+                scheduler.run_in_worker(
+                    claims.release_unstarted, self._ctx, self._registry, scheduler, launches
+                )
+            )
+        else:
+            self._held_back.extend(launches)
+
+    def _cancel_delayed(self, name: str) -> None:
+        """Release the claimed slots of ``name`` that have not started yet (its job stopped,
+        removed or unregistered: a slot that never came is not recorded as cancelled)."""
+        for slot, (handle, launches) in list(self.delayed.items()):
+            mine = [launch for launch in launches if launch.name == name]
+            if not mine:
+                continue
+            rest = [launch for launch in launches if launch.name != name]
+            if rest:
+                self.delayed[slot] = (handle, rest)
+            else:
+                handle.cancel()
+                del self.delayed[slot]
+            self._release_soon(mine)
+        buffered = self._buffered.pop(name, None)
+        if buffered is not None:
+            self._release_soon([buffered])
+
+    def _undispatch_soon(self, run_id: int) -> None:
+        self._undispatch.append(run_id)
+        if len(self._undispatch) == 1:
+            asyncio.get_running_loop().call_soon(self._write_undispatch)
+
+    def _write_undispatch(self) -> None:
+        ids, self._undispatch = self._undispatch, []
+        engine = self._ctx.engine
+
+        def write() -> None:
+            try:
+                history.undispatch(engine, ids)
+            except Exception as exc:
+                log.error("cron.undispatch_failed", count=len(ids), error=error_text(exc))
+
+        self._ctx.spawn(asyncio.to_thread(write))
+
+    def _end_unstarted(self, launch: Launch, outcome: TaskOutcome, error: str) -> None:
+        """Record the end of a claimed slot whose task never started."""
+        now = self._ctx.clock()
+        self._recorder.record(
+            Finish(
+                task=launch.name,
+                run_id=launch.run_id,
+                scheduled_at=launch.slot,
+                outcome=outcome,
+                # A task that could not be built did "run" and fail: the mirror shows when.
+                started_at=now if outcome is TaskOutcome.ERROR else None,
+                finished_at=now,
+                error=error,
+                attempt=launch.attempt,
+            )
+        )
+
+    # --- starting (event loop) -----------------------------------------------------------------
+
+    def _launch(self, launch: Launch) -> None:
+        ctx = self._ctx
+        if ctx.closing:
+            self._held_back.append(launch)
+            return
+        if not ctx.holds_lease():
+            # Frozen past the lease, or it could not be renewed: another node may lead now.
+            # The slot never started here; whoever leads next catches it up.
+            log.warning(
+                "cron.start_refused",
+                task=launch.name,
+                run_id=launch.run_id,
+                reason="this node no longer holds the scheduling lease",
+            )
+            self._undispatch_soon(launch.run_id)
+            return
+        # The runs the overlap policy counts: a backfill's runs are bounded by the backfill.
+        counted = {
+            i: r for i, r in self.runs_of(launch.name).items() if r.kind is not RunKind.BACKFILL
+        }
+        overlap = ctx.overlaps.get(launch.name, DEFAULT_OVERLAP)
+        buffered = launch.name in self._buffered
+        action = decide(overlap, launch.kind, running=len(counted), buffered=buffered)
+        if action is Action.SKIP:
+            self._end_unstarted(
+                launch, TaskOutcome.SKIPPED, skip_reason(overlap, buffered=buffered)
+            )
+            return
+        if action is Action.BUFFER:
+            # Started by _start_buffered when the run in flight ends; released by a stop.
+            self._buffered[launch.name] = launch
+            log.info(
+                "task.buffered",
+                task=launch.name,
+                run_id=launch.run_id,
+                scheduled_at=launch.slot.isoformat(),
+            )
+            return
+        after: list[asyncio.Task[None]] = []
+        if action is Action.CANCEL_AND_START:
+            for run_id, running in counted.items():
+                self._cancel_reasons[run_id] = CANCELLED_BY_NEXT
+                running.run.cancel()
+                after.append(running.run)
+        self._start(launch, after)
+
+    def _start(self, launch: Launch, after: list[asyncio.Task[None]]) -> None:
+        ctx = self._ctx
+        task = launch.task
+        if task is None:
+            error = launch.build_error or "the task could not be built"
+            log.error("task.unbuildable", task=launch.name, run_id=launch.run_id, error=error)
+            with ctx.lock:
+                ctx.broken[launch.name] = error
+            self._end_unstarted(launch, TaskOutcome.ERROR, error)
+            return
+        if launch.name in ctx.known_broken:
+            with ctx.lock:
+                ctx.broken[launch.name] = None
+        run = asyncio.get_running_loop().create_task(
+            self._execute(launch, task, after), name=f"nanobot-task:{launch.name}"
+        )
+        self.inflight.setdefault(launch.name, {})[launch.run_id] = Running(
+            run, launch.slot, time.monotonic(), task.get_interval(), launch.kind
+        )
+        task.set_task(run)
+        task.set_running(True)
+
+    def _start_buffered(self, name: str) -> None:
+        """Start the slot buffered behind a run that ended (buffer_one), once no counted run
+        of its task is left; a stopping scheduler releases it instead (take_unstarted)."""
+        if self._ctx.closing or name not in self._buffered:
+            return
+        if any(r.kind is not RunKind.BACKFILL for r in self.runs_of(name).values()):
+            return  # another run still goes (a forced one): the last to end starts it
+        self._launch(self._buffered.pop(name))
+
+    # --- running (event loop) ------------------------------------------------------------------
+
+    async def _execute(
+        self, launch: Launch, task: CronTask, after: list[asyncio.Task[None]] | None = None
+    ) -> None:
+        timeout = task.timeout if task.timeout is not None else self._ctx.default_timeout
+        outcome = TaskOutcome.SUCCESS
+        error: str | None = None
+        started = self._ctx.clock()
+        deadline = asyncio.timeout(timeout)
+        with structlog.contextvars.bound_contextvars(task=launch.name, run_id=launch.run_id):
+            try:
+                if after:
+                    # cancel_previous: the cancelled run really stops (a command's process is
+                    # gone) before this one starts.
+                    await asyncio.wait(after)
+                if task.jitter:
+                    await asyncio.sleep(random.uniform(0, task.jitter))
+                started = self._ctx.clock()
+                self._began(launch, task, started)
+                async with deadline:
+                    # Every step of the run is fenced by the lease and timed (a step that
+                    # blocks the loop is named as the cause of the loop's lag).
+                    await Stepper(task.run(), f"task {launch.name}", fence=self._ctx.step_fence())
+            # A run that did not succeed is logged once, here, with its duration; a success is
+            # only a debug line below (task_runs records every run with its times).
+            except TimeoutError as exc:
+                if deadline.expired():
+                    outcome = TaskOutcome.TIMEOUT
+                    error = f"the run took longer than its timeout of {timeout} s"
+                    log.warning(
+                        "task.timed_out", timeout_s=timeout, duration_s=self._since(started)
+                    )
+                else:
+                    outcome = TaskOutcome.ERROR
+                    error = f"TimeoutError: {exc}"
+                    log.exception("task.failed", duration_s=self._since(started))
+            except FencedError:
+                outcome = TaskOutcome.CANCELLED
+                error = "this node lost the scheduling lease while the run was in flight"
+                log.warning("task.fenced", reason=error)
+            except asyncio.CancelledError:
+                outcome = TaskOutcome.CANCELLED
+                error = self._cancel_reasons.pop(launch.run_id, "the run was cancelled")
+                log.warning("task.cancelled", reason=error, duration_s=self._since(started))
+            except Exception as exc:
+                outcome = TaskOutcome.ERROR
+                error = error_text(exc)
+                log.exception("task.failed", duration_s=self._since(started))
+            finally:
+                self._end(launch, task, started, outcome, error)
+
+    def _began(self, launch: Launch, task: CronTask, started: datetime) -> None:
+        """A run's real start (after the runs cancelled for it and its jitter)."""
+        self.pings.started(launch.name, self._ctx.ping_urls.get(launch.name) or task.ping_url)
+        if _stdlib_log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "task.started",
+                scheduled_at=launch.slot.isoformat(),
+                lateness_s=round((started - launch.slot).total_seconds(), 6),
+                manual=launch.manual,
+            )
+
+    def _end(
+        self,
+        launch: Launch,
+        task: CronTask,
+        started: datetime,
+        outcome: TaskOutcome,
+        error: str | None,
+    ) -> None:
+        """A run's end: out of the runs in flight, the buffered slot started, its outcome
+        recorded, its health update and ping made."""
+        ctx = self._ctx
+        finished = ctx.clock()
+        runs = self.inflight.get(launch.name)
+        if runs is not None:
+            runs.pop(launch.run_id, None)
+            if not runs:
+                del self.inflight[launch.name]
+        self._overrunning.discard(launch.run_id)
+        self._cancel_reasons.pop(launch.run_id, None)
+        if task.get_task() is asyncio.current_task():
+            task.set_task(None)
+        if launch.name in self._buffered:
+            # Outside this run's context (its bound task and run_id).
+            asyncio.get_running_loop().call_soon(
+                self._start_buffered, launch.name, context=contextvars.Context()
+            )
+        if _stdlib_log.isEnabledFor(logging.DEBUG):
+            duration = (finished - started).total_seconds()
+            log.debug("task.finished", outcome=outcome.value, duration_s=round(duration, 6))
+        period = ctx.periods.get(launch.name, task.get_interval())
+        self._recorder.record_health(HealthUpdate(launch.name, period, outcome, error))
+        self.pings.finished(
+            launch.name, ctx.ping_urls.get(launch.name) or task.ping_url, outcome, error
+        )
+        self._recorder.record(
+            Finish(
+                task=launch.name,
+                run_id=launch.run_id,
+                scheduled_at=launch.slot,
+                outcome=outcome,
+                started_at=started,
+                finished_at=finished,
+                error=error,
+                attempt=launch.attempt,
+            )
+        )
+
+    def _since(self, started: datetime) -> float:
+        return round((self._ctx.clock() - started).total_seconds(), 6)
+
+    # --- overruns (event loop) -----------------------------------------------------------------
+
+    def arm_watch(self) -> None:
+        if self._ctx.overrun_intervals > 0 and self._watch is None:
+            period = min(WATCH_PERIOD_S, self._ctx.poll_interval)
+            self._watch = asyncio.get_running_loop().call_later(period, self._watch_runs)
+
+    def disarm_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _watch_runs(self) -> None:
+        """Put a task whose run has been in flight longer than its bound in error, once per
+        run; the run's end (a success) clears it."""
+        self._watch = None
+        if self._ctx.closing or self._ctx.scheduler is None:
+            return
+        now = time.monotonic()
+        for name, runs in list(self.inflight.items()):
+            for run_id, running in list(runs.items()):
+                self._watch_run(name, run_id, running, now)
+        self.arm_watch()
+
+    def _watch_run(self, name: str, run_id: int, running: Running, now: float) -> None:
+        intervals = self._ctx.overrun_intervals
+        bound = intervals * running.interval
+        age = now - running.started
+        if run_id in self._overrunning or age <= bound:
+            return
+        self._overrunning.add(run_id)
+        text = (
+            f"a run in flight for {age:.1f}s, longer than its bound of {bound:g}s "
+            f"({intervals:g} intervals)"
+        )
+        log.warning("task.overrunning", task=name, run_id=run_id, age_s=round(age, 3))
+        self._recorder.health(name, running.interval, TaskOutcome.TIMEOUT, text)
