@@ -1150,10 +1150,16 @@ def cron_backfill(
 
     span = f"from {local(first)} to {local(last)}"
     if not plan.stored:
-        click.echo(
-            f"nothing to backfill: task {name!r} has {plan.slots} slot(s) {span}, "
-            "and every one has run or been recorded"
-        )
+        if plan.slots == 0:
+            click.echo(
+                f"nothing to backfill: task {name!r} has no slot {span} by its schedule "
+                "(an interval task's slots begin when it was first started)"
+            )
+        else:
+            click.echo(
+                f"nothing to backfill: task {name!r} has {plan.slots} slot(s) {span}, "
+                "and every one has run or been recorded"
+            )
         return
     click.echo(
         f"backfill requested: task {name!r}, {len(plan.to_run)} of {plan.slots} slot(s) {span} "
