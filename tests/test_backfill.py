@@ -181,6 +181,30 @@ def test_cli_backfill_errors_are_one_line(engine: Engine, tmp_path: Path) -> Non
     assert _pending(engine, "job")
 
 
+def test_cli_backfill_of_a_range_with_no_slot_says_so_and_stores_nothing(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """An interval task never started has no slot yet: a backfill says there is none in the
+    range (not that every one has run) and stores no request."""
+    assert (
+        invoke(
+            "cron", "add", "idle", "--task", APPEND, "--every", "1m", "--paused",
+            "--kwargs", json.dumps({"path": str(tmp_path / "x.txt")}),
+        ).exit_code
+        == 0
+    )  # fmt: skip
+    now = _minute(utcnow())
+    result = invoke(
+        "cron", "backfill", "idle",
+        "--from", (now - timedelta(hours=1)).isoformat(),
+        "--to", (now - timedelta(minutes=1)).isoformat(),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "has no slot from " in result.stdout
+    assert "every one has run" not in result.stdout
+    assert not _pending(engine, "idle")
+
+
 # --- the leader runs them ---------------------------------------------------------------------
 
 

@@ -87,6 +87,7 @@ from nanobot.cron.schedules import (
 )
 from nanobot.exceptions import NotLeaderError, UnknownTaskError
 from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs
+from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
@@ -473,7 +474,7 @@ class NanobotScheduler:
         *,
         process: PassFunction,
         poll_interval: float,
-        clock: Callable[[], datetime],
+        clock: Clock,
     ) -> None:
         context = _JobContext()
         self._store = NanobotJobStore(engine)

@@ -24,10 +24,7 @@ from sqlalchemy import Engine
 from nanobot.cron.control import auto_pause, failure_counts
 from nanobot.cron.history import last_failed_run
 from nanobot.db import write_transaction
-from nanobot.models import FAILED_OUTCOMES
 
-# The set is nanobot.models.FAILED_OUTCOMES; this name stays for the scheduler, which reads it.
-FAILED: Final = FAILED_OUTCOMES
 # The last error quoted in the reason is cut to this many characters (the full text is in the
 # run's history).
 ERROR_QUOTE_MAX: Final = 500

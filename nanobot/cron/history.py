@@ -53,6 +53,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from nanobot.cron.retries import PendingRetry
 from nanobot.db import read_transaction, write_transaction
 from nanobot.models import FAILED_OUTCOMES, Task, TaskOutcome, TaskRun, bound_error, utcnow
+from nanobot.times import iso
 
 _RUNS = cast(Table, TaskRun.__table__)
 _TASKS = cast(Table, Task.__table__)
@@ -125,9 +126,9 @@ class RunInfo:
         return {
             "id": self.id,
             "task": self.task_name,
-            "scheduled_at": _iso(self.scheduled_at),
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "scheduled_at": iso(self.scheduled_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
             "duration": self.duration,
             "outcome": self.outcome.value,
             "error": self.error,
@@ -481,10 +482,6 @@ def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool
 
 
 # --- reading ---------------------------------------------------------------------------------
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def run_info(r: Row[*tuple[Any, ...]]) -> RunInfo:

@@ -26,7 +26,7 @@ from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
 from nanobot.cron.history import Fenced, Finish
 from nanobot.cron.records import HealthUpdate
 from nanobot.cron.retries import NO_RETRIES, PendingRetry
-from nanobot.models import TaskOutcome, error_text
+from nanobot.models import FAILED_OUTCOMES, TaskOutcome, error_text
 
 log = structlog.get_logger(__name__)
 
@@ -212,7 +212,7 @@ class Recorder:
             {
                 f.task
                 for f in batch
-                if f.run_id is not None and f.final and f.outcome in autopause.FAILED
+                if f.run_id is not None and f.final and f.outcome in FAILED_OUTCOMES
             }
         )
 
