@@ -81,7 +81,14 @@ from nanobot.logging import configured_log_file, flush_logging
 from nanobot.metrics import Metrics
 from nanobot.models import error_text, utcnow
 from nanobot.node import node_name
-from nanobot.preflight import EXIT_UNREADABLE, NodeClaim, StartupError, claim_node, sqlite_file
+from nanobot.preflight import (
+    EXIT_UNREADABLE,
+    EXIT_USAGE,
+    NodeClaim,
+    StartupError,
+    claim_node,
+    sqlite_file,
+)
 from nanobot.status import build_status, nanobot_version
 from nanobot.web.app import setup_dashboard
 from nanobot.web.tokens import TokenStore
@@ -273,14 +280,16 @@ class Service:
         finally:
             self._claim.release()
 
-    async def _start_http(self) -> bool:
-        """Bind the endpoint; False for a bad dashboard configuration (logged). A port in use
-        raises :class:`StartupError` (the shutdown still runs; the command line prints it)."""
+    async def _start_http(self) -> None:
+        """Bind the endpoint. A bad dashboard configuration (an unreadable token file) or a
+        port in use raises :class:`StartupError` with its exit code, which the stop logs too
+        (the shutdown still runs; the command line prints the one line)."""
         try:
             configure = self._dashboard_setup()
         except ConfigError as exc:
-            log.error("service.config_invalid", error=str(exc))
-            return False
+            log.error("service.config_invalid", error=str(exc), exit_code=EXIT_USAGE)
+            self._exit_code = EXIT_USAGE
+            raise StartupError(str(exc), EXIT_USAGE) from None
         host, port = self.config["http.host"], self.config["http.port"]
         self.http = HttpServer(_ProbeAdapter(self), host, port, configure=configure)
         try:
@@ -295,7 +304,6 @@ class Service:
                 " (set http.port, or http.enabled = false)",
                 EXIT_FAILED,
             ) from None
-        return True
 
     def _port(self) -> int | None:
         return int(self.config["http.port"]) if self.config["http.enabled"] else None
@@ -324,8 +332,8 @@ class Service:
             # Before the lease: the scheduler's first pass already sees the task file's tasks.
             self._sources = TaskSources(self.engine, self.node, self.config)
             await self._sources.start()
-            if self.config["http.enabled"] and not await self._start_http():
-                return EXIT_FAILED
+            if self.config["http.enabled"]:
+                await self._start_http()
             await self._lease_step()
             initialize_heartbeat(self._monitor)
             # On every node: a frozen leader cannot say that its tasks are overdue.

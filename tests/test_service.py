@@ -21,7 +21,9 @@ from faults.harness import (
     add_append,
     http,
     lines,
+    log_events,
     run_cli,
+    run_nanobot,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -223,3 +225,52 @@ def test_a_second_signal_exits_at_once(services: Callable[..., Service], tmp_pat
     assert service.stop(signal.SIGINT, timeout=5) == 1
     assert time.monotonic() - t0 < 2
     assert '"exit_now"' in service.output()
+
+
+def test_a_token_file_that_cannot_be_read_stops_the_start_with_exit_2(
+    nanobot_home: Path, tmp_path: Path
+) -> None:
+    """The dashboard's token file is read before the endpoint binds: a missing one is a bad
+    configuration, one line naming it and exit 2, the same code in the log's last line."""
+    missing = tmp_path / "no-such-tokens"
+    result = run_nanobot(
+        "run",
+        env={"NANOBOT_HOME": str(nanobot_home), "NANOBOT_HTTP__TOKEN_FILE": str(missing)},
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nanobot: error:")]
+    assert errors == [f"nanobot: error: http.token_file {missing}: cannot be read: "
+                      "No such file or directory"]  # fmt: skip
+    stopped = log_events(nanobot_home / "logs" / "nanobot.log", "service.stopped")
+    assert [e["exit_code"] for e in stopped] == [2]
+
+
+def test_a_file_that_is_not_a_database_stops_the_start_with_exit_3(nanobot_home: Path) -> None:
+    """Something else at the database's path (here text): one line naming the database and
+    what is wrong, exit 3; the file is left as it was."""
+    nanobot_home.mkdir(parents=True, exist_ok=True)
+    database = nanobot_home / "nanobot.db"
+    database.write_text("not a database, a page of notes " * 40)
+    before = database.read_bytes()
+    result = run_nanobot("run", env={"NANOBOT_HTTP__ENABLED": "false"})
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nanobot: error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"database sqlite:///{database} is not usable" in errors[0]
+    assert "file is not a database" in errors[0]
+    assert database.read_bytes() == before
+
+
+def test_with_the_dashboard_off_the_probes_answer_and_the_pages_do_not(
+    services: Callable[..., Service],
+) -> None:
+    """``http.dashboard = false`` keeps /healthz, /readyz, /status and /metrics, and serves no
+    page or API."""
+    service = services(NANOBOT_HTTP__DASHBOARD="false")
+    assert service.wait_healthy()["role"] == "leader"
+    for path in ("/healthz", "/readyz", "/status", "/metrics"):
+        assert http(service.base + path)[0] == 200, path
+    for path in ("/", "/tasks", "/api/tasks"):
+        assert http(service.base + path)[0] == 404, path
+    assert service.stop() == 0
