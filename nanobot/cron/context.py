@@ -31,11 +31,12 @@ from nanobot.cron.retries import PendingRetry, RetryPolicy
 from nanobot.db import get_engine, upgrade_database
 from nanobot.exceptions import NotLeaderError
 from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
+from nanobot.heartbeat.store import TASK_COMPONENT_PREFIX
 from nanobot.lease import SchedulerLease
 from nanobot.node import node_name
 from nanobot.times import Clock
 
-TASK_PREFIX = "task:"
+TASK_PREFIX = TASK_COMPONENT_PREFIX
 
 
 def task_component(name: str) -> str:
