@@ -18,10 +18,22 @@ from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
-from nanobot.db import create_db_engine, get_engine, write_transaction
-from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
+from nanobot.cron.context import CronContext
+from nanobot.db import (
+    create_db_engine,
+    current_revision,
+    get_engine,
+    head_revision,
+    write_transaction,
+)
+from nanobot.exceptions import (
+    EngineNotOpenError,
+    InvalidTaskError,
+    NanobotError,
+    UnknownTaskError,
+)
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs
+from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs, utcnow
 
 POLL = 0.05
 WAIT = 10.0  # the bound of every wait below
@@ -742,3 +754,17 @@ async def test_fence_stops_claims_when_the_lease_is_lost(
         assert len(runs(manager.engine, "fenced")) == 1
     finally:
         await manager.shutdown(grace=0)
+
+
+def test_the_scheduler_context_reads_its_engine_only_once_opened(db_url: str) -> None:
+    """The scheduler's collaborators read the engine that open_engine opened and migrated;
+    before that, reading it is an error that says what to call, not a silent migration."""
+    ctx = CronContext(
+        None, node="n", clock=utcnow, poll_interval=None, bus=None, monitor=None, fence=None
+    )
+    with pytest.raises(EngineNotOpenError, match=r"open_engine\(\)"):
+        _ = ctx.engine
+    engine = ctx.open_engine()
+    assert ctx.engine is engine
+    assert ctx.open_engine() is engine
+    assert current_revision(engine) == head_revision()
