@@ -17,7 +17,7 @@ from cron_tasks import Counter, Failing, Flaky, Gate, counted
 from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
-from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
+from nanobot.cron import CronManager, CronTask, TaskOutcome, control, definitions, history
 from nanobot.cron.context import CronContext
 from nanobot.db import (
     create_db_engine,
@@ -407,7 +407,7 @@ async def test_task_added_by_class_path_runs(
     """A task stored by class path (cron add) runs at once in a scheduler that never
     registered it, built from its class and stored arguments."""
     await manager.start()
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "byname", "cron_tasks:Counter", 3600, {"label": "byname", "path": str(tmp_path / "runs")}
     )
     await asyncio.to_thread(control.add_task, get_engine(), definition)
@@ -422,7 +422,7 @@ async def test_stored_timeout_applies_to_a_task_built_by_class_path(
     """A timeout stored with the task (cron add --timeout) applies to the instance built from
     its class path, although the class's constructor takes no timeout."""
     await manager.start()
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "bounded", "cron_tasks:Sleeper", 3600, {"seconds": 30.0}, timeout=0.2
     )
     await asyncio.to_thread(control.add_task, get_engine(), definition)
@@ -688,7 +688,7 @@ async def test_unimportable_class_is_kept_and_recovers(
     module = module_dir / "vanishing_mod.py"
     module.write_text(source)
     monkeypatch.syspath_prepend(str(module_dir))
-    definition = control.definition_from_class("v", "vanishing_mod:Vanishing", 0.2)
+    definition = definitions.definition_from_class("v", "vanishing_mod:Vanishing", 0.2)
     control.add_task(engine, definition)
 
     module.unlink()

@@ -75,7 +75,7 @@ from apscheduler.util import datetime_to_utc_timestamp
 from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
 from sqlalchemy.exc import IntegrityError
 
-from nanobot.cron.control import build_task
+from nanobot.cron.definitions import build_task
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,

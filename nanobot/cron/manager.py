@@ -49,7 +49,7 @@ from sqlalchemy import Connection, Engine
 
 from nanobot.bus import MessageBus
 from nanobot.config import get_config
-from nanobot.cron import claims, control, history
+from nanobot.cron import claims, control, definitions, history
 from nanobot.cron.aps_adapter import EPHEMERAL, NanobotScheduler
 from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
 from nanobot.cron.dispatch import Dispatcher
@@ -207,7 +207,7 @@ class CronManager:
         Registering the same definition again changes nothing, so the schedule keeps its
         phase; a different definition updates the stored task.
         """
-        control.check_name(name)
+        definitions.check_name(name)
         if not isinstance(task, CronTask):
             raise InvalidTaskError(f"task {name!r} must be a CronTask instance, got {task!r}")
         definition = definition_of(name, task)
