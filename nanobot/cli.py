@@ -907,7 +907,8 @@ def cron_add(
     task.
     """
     from nanobot.cron.command import CommandTask  # noqa: PLC0415 (loads the scheduler)
-    from nanobot.cron.control import add_task, definition_from_class, parse_kwargs  # noqa: PLC0415 (loads the scheduler)
+    from nanobot.cron.control import add_task  # noqa: PLC0415 (loads the scheduler)
+    from nanobot.cron.definitions import definition_from_class, parse_kwargs  # noqa: PLC0415 (loads the scheduler)
     from nanobot.cron.task import class_path  # noqa: PLC0415 (loads the scheduler)
     from nanobot.cron.taskcode import load_task_code  # noqa: PLC0415 (loads the scheduler)
 

@@ -240,6 +240,13 @@ def checkpoint(engine: Engine) -> None:
         raw.close()
 
 
+def ping(engine: Engine) -> bool:
+    """``SELECT 1`` on a connection of ``engine``: True when the database answers (an error
+    says why it does not)."""
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT 1")).scalar_one() == 1)
+
+
 def count_tasks(engine: Engine) -> int:
     """How many tasks the database stores, apart from the built-in ones (which every leader
     stores again at its start)."""

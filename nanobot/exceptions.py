@@ -28,6 +28,10 @@ class SchemaTooNewError(DatabaseError):
     """The database was migrated by a newer nanobot than this one."""
 
 
+class EngineNotOpenError(DatabaseError, RuntimeError):
+    """The scheduler's database was used before it was opened and migrated (``open_engine``)."""
+
+
 class TaskError(NanobotError):
     """Base of the scheduler's errors."""
 

@@ -33,21 +33,16 @@ from typing import Any, Final
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from nanobot.config import get_config
 from nanobot.cron.control import read_summaries
 from nanobot.cron.manager import RunInFlight, runs_in_flight
 from nanobot.cron.overdue import overdue_from_config
 from nanobot.db import read_transaction
+from nanobot.heartbeat import store
 from nanobot.heartbeat.process import current_loop_lag
-from nanobot.models import (
-    Component,
-    ComponentStatus,
-    Heartbeat,
-    TaskOutcome,
-    error_text,
-)
+from nanobot.models import ComponentStatus, TaskOutcome, error_text
 from nanobot.status import nanobot_version
 
 log = structlog.get_logger(__name__)
@@ -149,20 +144,13 @@ class _DatabaseCollector:
                     next_run.add_metric([t.name], ts)
                 if (ts := _ts(t.last_success_at)) is not None:
                     last_success.add_metric([t.name], ts)
-            for c in conn.execute(
-                select(Component.name, Component.status).where(Component.node == self.node)
-            ).all():
+            for c in store.list_components(conn, node=self.node):
                 component_up.add_metric(
                     [c.name], 1.0 if c.status == ComponentStatus.HEALTHY else 0.0
                 )
-            at = conn.execute(
-                select(Heartbeat.at)
-                .where(Heartbeat.node == self.node)
-                .order_by(Heartbeat.at.desc())
-                .limit(1)
-            ).scalar()
-            if (ts := _ts(at)) is not None:
-                heartbeat.add_metric([], ts)
+            newest = store.latest_heartbeat(conn, self.node)
+            if newest is not None:
+                heartbeat.add_metric([], newest.at.timestamp())
             late = overdue_from_config(conn, get_config())
             overdue.add_metric([], float(len({item.task for item in late})))
             overdue_late.add_metric([], max((item.late_s for item in late), default=0.0))

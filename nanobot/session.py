@@ -211,6 +211,13 @@ class SessionManager:
         return int(live)
 
 
+def probe_sessions(engine: Engine) -> None:
+    """Read one row of ``sessions`` at most, by its primary key: raises when the table does not
+    answer (the heartbeat's session check)."""
+    with engine.connect() as conn:
+        conn.execute(select(SessionRecord.id).limit(1)).all()
+
+
 _manager: SessionManager | None = None
 _manager_lock = threading.Lock()
 

@@ -21,19 +21,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Connection, Engine, or_, select
+from sqlalchemy import Connection, Engine
 
 from nanobot.config import get_config
 from nanobot.db import read_transaction
+from nanobot.heartbeat import store
+from nanobot.heartbeat.store import TASK_COMPONENT_PREFIX, NodeHeartbeat
 from nanobot.lease import read_lease
-from nanobot.models import (
-    Component,
-    ComponentErrorRecord,
-    ComponentStatus,
-    ComponentStatusChange,
-    Heartbeat,
-    utcnow,
-)
+from nanobot.models import ComponentStatus, utcnow
 from nanobot.times import iso
 
 if TYPE_CHECKING:
@@ -82,34 +77,7 @@ def _age(now: datetime, then: datetime | None) -> float | None:
     return None if then is None else round((now - then).total_seconds(), 3)
 
 
-def _latest_heartbeats(conn: Connection) -> dict[str, Any]:
-    """The newest heartbeats row of each known node, in one statement.
-
-    Nodes are those with components (a small table) plus the node of the newest row overall,
-    which covers a node that has written heartbeats but no component yet. Each node's newest
-    row is found by a correlated ``ORDER BY at DESC LIMIT 1`` on the (node, at) index, so the
-    size of the history does not matter.
-    """
-    newest_node = select(Heartbeat.node).order_by(Heartbeat.at.desc()).limit(1)
-    # UNION ALL: a node listed twice only repeats an id inside IN (...), and no temporary
-    # B-tree is built to remove duplicates.
-    known = select(Component.node).union_all(select(newest_node.scalar_subquery()))
-    nodes = known.subquery("nodes")
-    newest_id = (
-        select(Heartbeat.id)
-        .where(Heartbeat.node == nodes.c.node)
-        .order_by(Heartbeat.at.desc())
-        .limit(1)
-        .correlate(nodes)
-        .scalar_subquery()
-    )
-    rows = conn.execute(
-        select(Heartbeat.__table__).where(Heartbeat.id.in_(select(newest_id).select_from(nodes)))
-    ).all()
-    return {row.node: row for row in sorted(rows, key=lambda r: r.node)}
-
-
-def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, Any]:
+def _node_json(row: NodeHeartbeat, now: datetime, leader_node: str | None) -> dict[str, Any]:
     age = _age(now, row.at)
     fresh = age is not None and age <= STALE_FACTOR * row.interval_s + STALE_SLACK_S
     return {
@@ -123,15 +91,11 @@ def _node_json(row: Any, now: datetime, leader_node: str | None) -> dict[str, An
     }
 
 
-# The heartbeat component of each task is named so.
-TASK_COMPONENT_PREFIX: Final = "task:"
-
-
 def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False) -> dict[str, Any]:
     """Everything the verdict weighs. ``problems_only`` leaves out the rows that cannot add a
     problem (healthy task components, tasks neither broken nor failed), which gives the same
     verdict and problems without reading every row of a system of many tasks."""
-    heartbeats = _latest_heartbeats(conn)
+    heartbeats = store.latest_heartbeats(conn)
     lease = read_lease(conn)
     leader_held = lease is not None and lease.is_held(now)
     leader_node = lease.node if lease is not None and leader_held else None
@@ -139,28 +103,19 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
     running_nodes = {n["node"] for n in nodes if n["fresh"]}
     newest = max(heartbeats.values(), key=lambda r: r.at, default=None)
 
-    components = []
-    component_query = select(Component.__table__).order_by(Component.node, Component.name)
-    if problems_only:
-        component_query = component_query.where(
-            or_(
-                ~Component.name.startswith(TASK_COMPONENT_PREFIX, autoescape=True),
-                Component.status != ComponentStatus.HEALTHY.value,
-            )
-        )
-    for row in conn.execute(component_query).all():
-        components.append(
-            {
-                "name": row.name,
-                "node": row.node,
-                "status": row.status,
-                "last_heartbeat": iso(row.last_heartbeat),
-                "age_s": _age(now, row.last_heartbeat),
-                "last_error": row.last_error,
-                # Components of a node that stopped beating are history, not current state.
-                "current": row.node in running_nodes,
-            }
-        )
+    components = [
+        {
+            "name": row.name,
+            "node": row.node,
+            "status": row.status,
+            "last_heartbeat": iso(row.last_heartbeat),
+            "age_s": _age(now, row.last_heartbeat),
+            "last_error": row.last_error,
+            # Components of a node that stopped beating are history, not current state.
+            "current": row.node in running_nodes,
+        }
+        for row in store.list_components(conn, skip_healthy_tasks=problems_only)
+    ]
     from nanobot.cron.control import read_summaries  # noqa: PLC0415 (loads the scheduler)
 
     tasks = read_summaries(conn, problems_only=problems_only)
@@ -373,29 +328,9 @@ def build_heartbeat_status(
         # The verdict still weighs every component; only the answer is narrowed.
         selected = [c for c in state["components"] if only is None or only(c)]
         for component in selected:
-            key = (component["name"], component["node"])
-            errors = conn.execute(
-                select(ComponentErrorRecord.at, ComponentErrorRecord.error)
-                .where(
-                    ComponentErrorRecord.component == key[0], ComponentErrorRecord.node == key[1]
-                )
-                .order_by(ComponentErrorRecord.at.desc())
-                .limit(DETAIL_ROWS)
-            ).all()
-            changes = conn.execute(
-                select(
-                    ComponentStatusChange.at,
-                    ComponentStatusChange.from_status,
-                    ComponentStatusChange.to_status,
-                    ComponentStatusChange.reason,
-                )
-                .where(
-                    ComponentStatusChange.component == key[0],
-                    ComponentStatusChange.node == key[1],
-                )
-                .order_by(ComponentStatusChange.at.desc())
-                .limit(DETAIL_ROWS)
-            ).all()
+            name, node = component["name"], component["node"]
+            errors = store.recent_errors(conn, name, node, DETAIL_ROWS)
+            changes = store.recent_changes(conn, name, node, DETAIL_ROWS)
             component["errors"] = [{"at": iso(e.at), "error": e.error} for e in errors]
             component["status_changes"] = [
                 {"at": iso(c.at), "from": c.from_status, "to": c.to_status, "reason": c.reason}

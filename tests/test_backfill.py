@@ -15,7 +15,7 @@ from sqlalchemy import Engine, insert, select, update
 from test_cli import APPEND, assert_one_line_error, invoke
 
 from nanobot.bus import MessageBus
-from nanobot.cron import CronManager, backfill, control
+from nanobot.cron import CronManager, backfill, control, definitions
 from nanobot.cron.schedules import IntervalSchedule, parse_cron
 from nanobot.db import get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, UnknownTaskError
@@ -32,7 +32,7 @@ def _minute(dt: datetime) -> datetime:
 def _add_cron(engine: Engine, name: str, seconds: float = 0.1, *, paused: bool = False) -> None:
     """A task that runs every minute and takes ``seconds`` (its own runs, at the next minutes,
     are after any backfilled range)."""
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         name,
         BUSY,
         kwargs={"seconds": seconds},
@@ -349,7 +349,7 @@ def test_backfill_on_two_services_runs_on_the_leader_and_survives_its_kill(
 def test_interval_slots_match_rows_the_scheduler_stepped(engine: Engine) -> None:
     """An interval task's slots are its grid from its anchor; rows the scheduler wrote a few
     microseconds off the grid (it steps from slot to slot) count as those slots' rows."""
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "tick", BUSY, kwargs={"seconds": 0.1}, schedule=IntervalSchedule(seconds=10)
     )
     control.add_task(engine, definition, paused=True)

@@ -17,11 +17,23 @@ from cron_tasks import Counter, Failing, Flaky, Gate, counted
 from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
-from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
-from nanobot.db import create_db_engine, get_engine, write_transaction
-from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
+from nanobot.cron import CronManager, CronTask, TaskOutcome, control, definitions, history
+from nanobot.cron.context import CronContext
+from nanobot.db import (
+    create_db_engine,
+    current_revision,
+    get_engine,
+    head_revision,
+    write_transaction,
+)
+from nanobot.exceptions import (
+    EngineNotOpenError,
+    InvalidTaskError,
+    NanobotError,
+    UnknownTaskError,
+)
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs
+from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs, utcnow
 
 POLL = 0.05
 WAIT = 10.0  # the bound of every wait below
@@ -395,7 +407,7 @@ async def test_task_added_by_class_path_runs(
     """A task stored by class path (cron add) runs at once in a scheduler that never
     registered it, built from its class and stored arguments."""
     await manager.start()
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "byname", "cron_tasks:Counter", 3600, {"label": "byname", "path": str(tmp_path / "runs")}
     )
     await asyncio.to_thread(control.add_task, get_engine(), definition)
@@ -410,7 +422,7 @@ async def test_stored_timeout_applies_to_a_task_built_by_class_path(
     """A timeout stored with the task (cron add --timeout) applies to the instance built from
     its class path, although the class's constructor takes no timeout."""
     await manager.start()
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "bounded", "cron_tasks:Sleeper", 3600, {"seconds": 30.0}, timeout=0.2
     )
     await asyncio.to_thread(control.add_task, get_engine(), definition)
@@ -676,7 +688,7 @@ async def test_unimportable_class_is_kept_and_recovers(
     module = module_dir / "vanishing_mod.py"
     module.write_text(source)
     monkeypatch.syspath_prepend(str(module_dir))
-    definition = control.definition_from_class("v", "vanishing_mod:Vanishing", 0.2)
+    definition = definitions.definition_from_class("v", "vanishing_mod:Vanishing", 0.2)
     control.add_task(engine, definition)
 
     module.unlink()
@@ -742,3 +754,17 @@ async def test_fence_stops_claims_when_the_lease_is_lost(
         assert len(runs(manager.engine, "fenced")) == 1
     finally:
         await manager.shutdown(grace=0)
+
+
+def test_the_scheduler_context_reads_its_engine_only_once_opened(db_url: str) -> None:
+    """The scheduler's collaborators read the engine that open_engine opened and migrated;
+    before that, reading it is an error that says what to call, not a silent migration."""
+    ctx = CronContext(
+        None, node="n", clock=utcnow, poll_interval=None, bus=None, monitor=None, fence=None
+    )
+    with pytest.raises(EngineNotOpenError, match=r"open_engine\(\)"):
+        _ = ctx.engine
+    engine = ctx.open_engine()
+    assert ctx.engine is engine
+    assert ctx.open_engine() is engine
+    assert current_revision(engine) == head_revision()

@@ -23,7 +23,7 @@ from sqlalchemy import Engine, insert, select, text, update
 from test_cron import Outcomes
 
 from nanobot.bus import MessageBus
-from nanobot.cron import CronManager, CronTask, control
+from nanobot.cron import CronManager, CronTask, control, definitions
 from nanobot.cron.schedules import AtSchedule, CronSchedule, IntervalSchedule, next_after
 from nanobot.cron.task import definition_of
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
@@ -108,7 +108,7 @@ def store_task(
     """A started task whose next slot is ``next_run_at`` (as a running scheduler left it); a
     Counter that notes its runs in ``path`` if given."""
     kwargs = {"label": label} | ({"path": str(path)} if path is not None else {})
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         name, "cron_tasks:Counter", kwargs=kwargs, schedule=schedule
     )
     control.add_task(engine, definition)
@@ -234,7 +234,7 @@ async def test_one_shot_runs_once_then_is_done_across_restarts(
     shown done, and a restart (even with its job gone) never runs it again."""
     at = utc(2026, 5, 1, 12)
     ran = tmp_path / "runs"
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "remind",
         "cron_tasks:Counter",
         kwargs={"label": "remind", "path": str(ran)},
@@ -275,7 +275,7 @@ async def test_one_shot_skip_policy_records_it_missed(
     """Under the SKIP policy a one-shot reached more than a minute late is recorded missed and
     is done; it does not run."""
     at = utc(2026, 5, 1, 12)
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "skipped",
         "cron_tasks:Counter",
         kwargs={"label": "skipped", "path": str(tmp_path / "runs")},
@@ -361,7 +361,7 @@ def test_a_one_shot_stores_its_resolved_instant() -> None:
     definition = definition_of("r", task_)
     assert definition.kwargs == {"at": "2030-06-01T07:00:00+00:00", "tz": "Europe/Paris"}
     assert definition.not_persistable is None
-    rebuilt = control.build_task(definition.task_class, definition.kwargs)
+    rebuilt = definitions.build_task(definition.task_class, definition.kwargs)
     assert rebuilt.schedule == AtSchedule(at=utc(2030, 6, 1, 7), timezone="Europe/Paris")
 
 

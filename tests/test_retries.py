@@ -25,7 +25,7 @@ from test_cron_schedules import Clock
 
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
-from nanobot.cron import CronManager, control
+from nanobot.cron import CronManager, control, definitions
 from nanobot.cron.history import Claim, claim_slots
 from nanobot.cron.retries import (
     MAX_RETRIES,
@@ -260,7 +260,7 @@ def store_flaky(
     **options: Any,
 ) -> None:
     """A started task whose next slot is T (as a running scheduler left it)."""
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         name,
         "failure_tasks:Flaky",
         kwargs={"path": str(path), "failures": failures},
@@ -575,7 +575,7 @@ async def test_a_timed_out_attempt_has_stopped_before_the_retry(
         f"for p in $(cat {pids} 2>/dev/null); do kill -0 $p 2>/dev/null && echo alive $p >> {log}; "
         f"done; echo $$ >> {pids}; trap '' TERM; sleep 30"
     )
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "hang",
         "nanobot.cron.command:CommandTask",
         kwargs={"command": script, "shell": True, "timeout": 0.5, "kill_grace": 0.5},
@@ -616,7 +616,8 @@ def test_history_pages_keep_a_slots_attempts_together(engine: Engine) -> None:
     """A page that ends inside a slot's attempts takes the slot's earlier attempts too, and
     the next page (before that slot) starts with the slot before: nothing twice, nothing lost."""
     control.add_task(
-        engine, control.definition_from_class("p", "failure_tasks:Flaky", 60, kwargs={"path": "x"})
+        engine,
+        definitions.definition_from_class("p", "failure_tasks:Flaky", 60, kwargs={"path": "x"}),
     )
     rows = [(at(0), 1), (at(60), 1), (at(60), 2), (at(60), 3), (at(120), 1)]
     with write_transaction(engine) as conn:
@@ -663,7 +664,7 @@ def test_property_the_scheduler_never_runs_two_attempts_at_once(
     its last attempt's."""
     name = f"p{uuid.uuid4().hex[:8]}"
     path = tmp_path / f"{name}.txt"
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         name,
         "failure_tasks:Flaky",
         kwargs={"path": str(path), "failures": failures, "seconds": seconds},
@@ -795,7 +796,9 @@ def test_class_attribute_and_keyword() -> None:
     assert Retrying(path="x", retries=5).retries == 5
     with pytest.raises(InvalidTaskError, match="retries"):
         Flaky(path="x", retries=-1)
-    definition = control.definition_from_class("k", "failure_tasks:Flaky", 60, kwargs={"path": "x"})
+    definition = definitions.definition_from_class(
+        "k", "failure_tasks:Flaky", 60, kwargs={"path": "x"}
+    )
     assert (definition.retries, definition.retry_backoff) == (0, None)
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, Row, insert, select, text, update
 
 from nanobot.cli import cli
-from nanobot.cron import control
+from nanobot.cron import control, definitions
 from nanobot.cron.command import CommandTask
 from nanobot.cron.schedules import AtSchedule, CronSchedule
 from nanobot.cron.taskfile import (
@@ -100,7 +100,7 @@ def test_every_option_is_accepted() -> None:
     assert backup.misfire_policy.value == "skip"
     assert backup.kwargs["env"] == {"PGHOST": "db"}
     assert tasks["backup"].paused
-    task = control.build_task(backup.task_class, backup.kwargs)
+    task = definitions.build_task(backup.task_class, backup.kwargs)
     assert isinstance(task, CommandTask)
     assert task.command == "pg_dump app > /tmp/x.sql"
     assert tasks["report"].definition.kwargs["command"] == ["echo", "hi"]
@@ -156,7 +156,7 @@ def test_sync_rules(engine: Engine, tmp_path: Path) -> None:
     reason and history; back in the file resumes; CLI tasks untouched; a clash reported."""
     path = tmp_path / "tasks.toml"
     path.write_text(V1)
-    cli_def = control.definition_from_class(
+    cli_def = definitions.definition_from_class(
         "cli-task", "nanobot.cron.command:CommandTask", 60, {"command": "true"}
     )
     control.add_task(engine, cli_def)
@@ -246,7 +246,7 @@ def test_apply_is_one_transaction(engine: Engine) -> None:
     """apply_tasks of an empty set pauses every file task and nothing else."""
     control.add_task(
         engine,
-        control.definition_from_class(
+        definitions.definition_from_class(
             "cli-task", "nanobot.cron.command:CommandTask", 60, {"command": "true"}
         ),
     )
@@ -372,7 +372,7 @@ def test_tasks_check_and_sync_commands(engine: Engine, nanobot_home: Path) -> No
     assert "3 unchanged" in again.stdout
     control.add_task(
         engine,
-        control.definition_from_class(
+        definitions.definition_from_class(
             "mine", "nanobot.cron.command:CommandTask", 60, {"command": "true"}
         ),
     )

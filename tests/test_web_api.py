@@ -25,7 +25,7 @@ from web_helpers import (
     task_count,
 )
 
-from nanobot.cron import control
+from nanobot.cron import control, definitions
 from nanobot.models import utcnow
 from nanobot.web.openapi import PREFIX, SCHEMAS
 
@@ -202,7 +202,7 @@ async def test_a_change_through_the_api_keeps_the_options_set_on_the_command_lin
     them), then given a new interval through the API, keeps every one of those options."""
     control.add_task(
         engine,
-        control.definition_from_class(
+        definitions.definition_from_class(
             "kept",
             "cron_tasks:Counter",
             30,

@@ -48,7 +48,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from nanobot.alerts import messages, store
 from nanobot.alerts.alert import Alert, AlertKind, Severity, alert_key
@@ -59,12 +59,9 @@ from nanobot.cron.control import alerting_summaries, existing_names
 from nanobot.cron.history import last_failed_run
 from nanobot.cron.overdue import Grace, read_overdue
 from nanobot.db import read_transaction, write_transaction
-from nanobot.heartbeat.store import SYSTEM_COMPONENT
+from nanobot.heartbeat.store import SYSTEM_COMPONENT, TASK_COMPONENT_PREFIX, changes_since
 from nanobot.lease import read_lease
-from nanobot.models import (
-    ComponentStatusChange,
-    utcnow,
-)
+from nanobot.models import utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -82,8 +79,6 @@ HEALTH_CURSOR: Final = "_cursor:health"
 # Status changes are re-read this far behind the cursor: nodes' clocks and commits are not in
 # step; each subject's own cursor skips what was read already.
 CHANGE_MARGIN: Final = timedelta(minutes=5)
-# The scheduler registers each task as a component ``task:<name>`` (section 5.2.3 of the seed).
-TASK_COMPONENT_PREFIX: Final = "task:"
 _PENDING_MAX: Final = 100
 
 # (state told before, state now) -> kind; a task's states are ok, failing and broken.
@@ -417,21 +412,8 @@ class Rules:
         if cursor is None or cursor.cursor_at is None:
             # First evaluation on this database: history before it is not news.
             return [], [SubjectState(key=HEALTH_CURSOR, alerted=OK, observed=OK, cursor_at=now)]
-        rows = conn.execute(
-            select(
-                ComponentStatusChange.component,
-                ComponentStatusChange.node,
-                ComponentStatusChange.at,
-                ComponentStatusChange.to_status,
-                ComponentStatusChange.reason,
-            )
-            .where(
-                ComponentStatusChange.at > cursor.cursor_at - CHANGE_MARGIN,
-                # Tasks' own components change at every failure: never read them.
-                ComponentStatusChange.component.not_like(TASK_COMPONENT_PREFIX + "%"),
-            )
-            .order_by(ComponentStatusChange.at, ComponentStatusChange.id)
-        ).all()
+        # Tasks' own components change at every failure: changes_since never reads them.
+        rows = changes_since(conn, cursor.cursor_at - CHANGE_MARGIN)
         touched: dict[str, SubjectState] = {}
         changes: list[Change] = []
         reasons: dict[str, str | None] = {}

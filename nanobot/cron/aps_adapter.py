@@ -75,10 +75,11 @@ from apscheduler.util import datetime_to_utc_timestamp
 from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
 from sqlalchemy.exc import IntegrityError
 
-from nanobot.cron.control import build_task
+from nanobot.cron.definitions import build_task
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,
+    DueSlots,
     IntervalSchedule,
     Schedule,
     due_slots,
@@ -160,19 +161,24 @@ class JobSpec:
 
 @dataclass(frozen=True, slots=True)
 class DueJob:
-    """A job found due in one pass: the slot to run (if any), the slots it missed."""
+    """A job found due in one pass, and its slots as :func:`due_slots` split them: the slot to
+    run (if any), the slots it missed, the next one."""
 
     name: str
     store: Store
     task_class: str
     kwargs: dict[str, Any]
-    run_slot: datetime | None
-    missed_first: datetime | None
-    missed_count: int
-    # None: the schedule has no later slot (a one-shot that came due).
-    next_run_at: datetime | None
-    # True when missed_count is a lower bound (see schedules.MISSED_COUNT_MAX).
-    missed_capped: bool = False
+    slots: DueSlots
+
+    @property
+    def run_slot(self) -> datetime | None:
+        return self.slots.run_slot
+
+    @property
+    def next_run_at(self) -> datetime | None:
+        """The job's next slot, as ``tasks.next_run_at`` mirrors it; None: the schedule has no
+        later slot (a one-shot that came due)."""
+        return self.slots.next_slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,11 +650,7 @@ class NanobotScheduler:
                             store=alias,
                             task_class=job.args[0],
                             kwargs=dict(job.args[1]),
-                            run_slot=slots.run_slot,
-                            missed_first=slots.missed_first,
-                            missed_count=slots.missed_count,
-                            next_run_at=slots.next_slot,
-                            missed_capped=slots.missed_capped,
+                            slots=slots,
                         )
                     )
         return result

@@ -29,13 +29,14 @@ from nanobot.cron.records import DuePolicy, Lifecycle
 from nanobot.cron.retention import HistoryTrimmer
 from nanobot.cron.retries import PendingRetry, RetryPolicy
 from nanobot.db import get_engine, upgrade_database
-from nanobot.exceptions import NotLeaderError
+from nanobot.exceptions import EngineNotOpenError, NotLeaderError
 from nanobot.heartbeat import HeartbeatMonitor, get_heartbeat_monitor
+from nanobot.heartbeat.store import TASK_COMPONENT_PREFIX
 from nanobot.lease import SchedulerLease
 from nanobot.node import node_name
 from nanobot.times import Clock
 
-TASK_PREFIX = "task:"
+TASK_PREFIX = TASK_COMPONENT_PREFIX
 
 
 def task_component(name: str) -> str:
@@ -58,12 +59,14 @@ class CronContext:
         fence: Callable[[Connection], bool] | None,
     ) -> None:
         self._engine = engine
+        # The engine once open_engine() opened and migrated it: the one value the collaborators
+        # read (from the loop or the worker), assigned once.
+        self._opened: Engine | None = None
         self._node = node
         self.clock = clock
         self._poll_interval = poll_interval
         self._bus = bus
         self._monitor = monitor
-        self._schema_ready = False
         self._trimmer: HistoryTrimmer | None = None
         # Guards the registrations (nanobot.cron.registry) and the fields marked *lock*.
         self.lock = threading.RLock()
@@ -123,15 +126,27 @@ class CronContext:
 
     # --- settings ------------------------------------------------------------------------------
 
+    def open_engine(self) -> Engine:
+        """Open the database (the engine given, else the configured one) and migrate it to the
+        head, once; the engine. Blocking I/O: the manager calls it from its public methods,
+        from a worker thread while an event loop runs."""
+        with self.lock:
+            if self._opened is None:
+                engine = self._engine if self._engine is not None else get_engine()
+                upgrade_database(engine)
+                self._engine = self._opened = engine
+            return self._opened
+
     @property
     def engine(self) -> Engine:
-        with self.lock:
-            if self._engine is None:
-                self._engine = get_engine()
-            if not self._schema_ready:
-                upgrade_database(self._engine)
-                self._schema_ready = True
-            return self._engine
+        """The database :meth:`open_engine` opened; :class:`EngineNotOpenError` before it."""
+        engine = self._opened
+        if engine is None:
+            raise EngineNotOpenError(
+                "the scheduler's database is not open yet: call open_engine() first "
+                "(CronManager does at its first call that needs the database)"
+            )
+        return engine
 
     @property
     def node(self) -> str:

@@ -150,7 +150,7 @@ class Dispatcher:
             if job.store == PERSISTENT and version is not None:
                 plan.next_runs[job.name] = (job.next_run_at, version)
             self._ctx.next_slots[job.name] = job.next_run_at
-            if job.missed_count and job.missed_first is not None:
+            if job.slots.missed_count and job.slots.missed_first is not None:
                 plan.unrun.append(self._missed(job, now))
             if job.run_slot is None:
                 continue
@@ -172,19 +172,20 @@ class Dispatcher:
         return plan
 
     def _missed(self, job: DueJob, now: datetime) -> Finish:
-        assert job.missed_first is not None
+        missed = job.slots
+        assert missed.missed_first is not None
         return Finish(
             task=job.name,
             run_id=None,
-            scheduled_at=job.missed_first,
+            scheduled_at=missed.missed_first,
             outcome=TaskOutcome.MISSED,
             started_at=None,
             finished_at=now,
             error=(
-                f"{'at least ' if job.missed_capped else ''}{job.missed_count} "
+                f"{'at least ' if missed.missed_capped else ''}{missed.missed_count} "
                 "slot(s) passed while nothing could run them"
             ),
-            slots=job.missed_count,
+            slots=missed.missed_count,
             node=self._ctx.node,
         )
 
@@ -322,7 +323,7 @@ class Dispatcher:
             return result
         first_due: dict[str, datetime] = {}
         for job in due:
-            slots = [s for s in (job.missed_first, job.run_slot) if s is not None]
+            slots = [s for s in (job.slots.missed_first, job.run_slot) if s is not None]
             if slots:
                 first_due[job.name] = min(slots)
         for name, retry in ctx.retries.items():

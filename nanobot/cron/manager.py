@@ -49,7 +49,7 @@ from sqlalchemy import Connection, Engine
 
 from nanobot.bus import MessageBus
 from nanobot.config import get_config
-from nanobot.cron import claims, control, history
+from nanobot.cron import claims, control, definitions, history
 from nanobot.cron.aps_adapter import EPHEMERAL, NanobotScheduler
 from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
 from nanobot.cron.dispatch import Dispatcher
@@ -155,9 +155,21 @@ class CronManager:
         """The lease holder that schedules for this manager, while it is a client."""
         return self._own_lease.client
 
+    def open_engine(self) -> Engine:
+        """Open the manager's database and migrate it to the head, once; the engine.
+
+        Every method of the seed's interface that reads or writes tasks calls it first, so a
+        manager used as a library (``CronManager()`` then ``register_task``) opens its
+        database at its first such call; the collaborators only read
+        :attr:`CronContext.engine <nanobot.cron.context.CronContext.engine>`, which is set
+        from then on. Blocking I/O.
+        """
+        return self._ctx.open_engine()
+
     @property
     def engine(self) -> Engine:
-        return self._ctx.engine
+        """The manager's database, as :meth:`open_engine` gives it (opening it if need be)."""
+        return self.open_engine()
 
     @property
     def node(self) -> str:
@@ -178,9 +190,12 @@ class CronManager:
     def _known(self, name: str) -> bool:
         if name in self._registry.registered or name in self._registry.ephemeral:
             return True
-        return control.task_exists(self.engine, name)
+        return control.task_exists(self.open_engine(), name)
 
     def _require(self, name: str) -> None:
+        """Open the database (blocking: the async methods call this in a thread first) and
+        check that ``name`` is a task registered here or stored."""
+        self.open_engine()
         if not isinstance(name, str) or not self._known(name):
             raise UnknownTaskError(str(name))
 
@@ -192,7 +207,7 @@ class CronManager:
         Registering the same definition again changes nothing, so the schedule keeps its
         phase; a different definition updates the stored task.
         """
-        control.check_name(name)
+        definitions.check_name(name)
         if not isinstance(task, CronTask):
             raise InvalidTaskError(f"task {name!r} must be a CronTask instance, got {task!r}")
         definition = definition_of(name, task)
@@ -208,7 +223,7 @@ class CronManager:
                 consequence="it runs in this process only and will not survive a restart",
             )
             return
-        outcome, info = control.upsert_definition(self.engine, definition)
+        outcome, info = control.upsert_definition(self.open_engine(), definition)
         if outcome == "updated":
             log.info("cron.task_updated", task=name, interval_s=info.interval)
             self._wakeup()
@@ -231,7 +246,7 @@ class CronManager:
             if self._ctx.scheduler is not None:
                 self._ctx.scheduler.remove(name, EPHEMERAL)
         else:
-            control.remove_task(self.engine, name)
+            control.remove_task(self.open_engine(), name)
             self._wakeup()
         log.info("cron.task_unregistered", task=name)
 
@@ -240,13 +255,13 @@ class CronManager:
         task = self._registry.get(name)
         if task is not None:
             return task
-        info = control.get_task(self.engine, name)
+        info = control.get_task(self.open_engine(), name)
         return self._registry.instance(name, info.task_class, info.kwargs)
 
     def list_tasks(self) -> list[str]:
         """Names of every task: registered here first, then the others stored."""
         names = self._registry.names()
-        stored = control.task_names(self.engine)
+        stored = control.task_names(self.open_engine())
         return names + [n for n in stored if n not in names]
 
     async def start_task(self, name: str) -> None:
@@ -256,7 +271,7 @@ class CronManager:
         if self._ctx.scheduler is None:
             # A client: the process that holds the lease schedules the stored task.
             self._refuse_unstorable(name)
-            await asyncio.to_thread(control.start_task, self.engine, name)
+            await asyncio.to_thread(control.start_task, self._ctx.engine, name)
             self._started.add(name)
             self._registry.set_running(name, True)
             log.info("cron.task_started", task=name, scheduled_by=self._own_lease.client)
@@ -269,7 +284,7 @@ class CronManager:
                 self._reconciler.add_ephemeral, scheduler, definition, now
             )
         else:
-            await asyncio.to_thread(control.start_task, self.engine, name)
+            await asyncio.to_thread(control.start_task, self._ctx.engine, name)
             await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler)
         self._started.add(name)
         self._registry.set_running(name, True)
@@ -296,7 +311,7 @@ class CronManager:
             if scheduler is not None:
                 await scheduler.run_in_worker(scheduler.remove, name, EPHEMERAL)
         else:
-            await asyncio.to_thread(control.pause_task, self.engine, name)
+            await asyncio.to_thread(control.pause_task, self._ctx.engine, name)
             if scheduler is not None:
                 await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler)
         await self._launcher.cancel_and_wait(name, "the task was stopped")
@@ -337,7 +352,7 @@ class CronManager:
         await asyncio.to_thread(self._require, name)
         if name in self._registry.ephemeral:
             raise InvalidTaskError(f"task {name!r} is not stored; {instead}")
-        await asyncio.to_thread(change, self.engine, name)
+        await asyncio.to_thread(change, self._ctx.engine, name)
         scheduler = self._ctx.scheduler
         if scheduler is not None:
             await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler)
@@ -355,12 +370,13 @@ class CronManager:
                 self._dispatcher.claim_manual_ephemeral, scheduler, definition
             )
             return
-        await asyncio.to_thread(control.request_run, self.engine, name)
+        await asyncio.to_thread(control.request_run, self._ctx.engine, name)
         self._wakeup()
 
     async def history(self, name: str, limit: int = 20) -> list[control.RunInfo]:
         """The last ``limit`` runs (or missed and skipped slots) of a task, newest first."""
-        return await asyncio.to_thread(control.task_history, self.engine, name, limit)
+        engine = await asyncio.to_thread(self.open_engine)
+        return await asyncio.to_thread(control.task_history, engine, name, limit)
 
     def is_alive(self) -> bool:
         """True while the scheduler runs and its last pass is recent."""
@@ -427,7 +443,7 @@ class CronManager:
             ctx.default_timeout = float(config.get("cron.default_timeout", 0.0)) or None
             ctx.overrun_intervals = float(config.get("cron.overrun_intervals", 3.0))
             ctx.pause_default = int(config.get("cron.pause_after_failures", 0))
-            engine = await asyncio.to_thread(lambda: self.engine)
+            engine = await asyncio.to_thread(self.open_engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
                 engine,

@@ -66,7 +66,7 @@ class OwnLease:
         manager is its client until the lease is free (see _keep)."""
         lease = self._candidate
         if lease is None:
-            engine = await asyncio.to_thread(lambda: self._ctx.engine)
+            engine = await asyncio.to_thread(self._ctx.open_engine)
             ttl = float(get_config().get("service.lease_ttl", 10.0))
             lease = self._candidate = SchedulerLease(engine, holder_id(self._ctx.node), ttl)
         if self.keeper is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanobot.cron import control
+from nanobot.cron import definitions
 from nanobot.cron.context import CronContext
 from nanobot.cron.records import BuiltTask, StoredOptions
 from nanobot.cron.task import CronTask, TaskDefinition
@@ -75,7 +75,7 @@ class Registry:
         if cached is not None and cached.task_class == task_class and cached.kwargs_key == key:
             task = cached.task
         else:
-            task = control.build_task(task_class, kwargs)
+            task = definitions.build_task(task_class, kwargs)
             with self._lock:
                 self._built[name] = BuiltTask(task_class, key, task)
         if options is not None:

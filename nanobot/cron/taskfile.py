@@ -48,7 +48,7 @@ from typing import Any, Final
 from sqlalchemy import Connection, Engine
 
 from nanobot.config import Config
-from nanobot.cron import control
+from nanobot.cron import control, definitions
 from nanobot.cron.overlap import Overlap, check_overlap
 from nanobot.cron.pings import check_ping_url
 from nanobot.cron.retries import RetryBackoff, check_retries, parse_backoff
@@ -267,7 +267,7 @@ def _class_kwargs(
     task_class: str, kwargs: dict[str, Any], options: _Options, fail: _Fail
 ) -> dict[str, Any]:
     try:
-        cls = control.import_task_class(task_class)
+        cls = definitions.import_task_class(task_class)
     except InvalidTaskError as exc:
         raise fail("task", str(exc)) from None
     for key in options.constructor:
@@ -285,7 +285,7 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
         return TaskFileError(f"{path}: task {name!r}: key {key!r}: {message}")
 
     try:
-        control.check_name(name)
+        definitions.check_name(name)
     except InvalidTaskError as exc:
         raise TaskFileError(f"{path}: task {name!r}: {exc}") from None
     is_command = "command" in body
@@ -307,7 +307,7 @@ def _definition(name: str, body: dict[str, Any], path: Path, default_tz: str) ->
             raise fail("task", f"must be a string pkg.module:Class, got {task_class!r}")
         kwargs = _class_kwargs(task_class, dict(kwargs), options, fail)
     try:
-        definition = control.definition_from_class(
+        definition = definitions.definition_from_class(
             name,
             task_class,
             kwargs=kwargs,

@@ -21,11 +21,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine
 
 from nanobot.config import load_config
+from nanobot.db import ping
 from nanobot.heartbeat.monitor import EVENT_LOOP_COMPONENT, HeartbeatMonitor
-from nanobot.models import SessionRecord
+from nanobot.session import probe_sessions
 
 PROBE_TOPIC_PREFIX = "heartbeat.probe."
 
@@ -68,8 +69,7 @@ def make_database_check(engine: Callable[[], Engine]) -> Callable[[], bool]:
     """``SELECT 1`` on the engine ``engine()`` returns."""
 
     def check_database() -> bool:
-        with engine().connect() as conn:
-            return bool(conn.execute(text("SELECT 1")).scalar_one() == 1)
+        return ping(engine())
 
     return check_database
 
@@ -78,8 +78,7 @@ def make_session_check(engine: Callable[[], Engine]) -> Callable[[], bool]:
     """The sessions table answers a query (one row at most, by its primary key)."""
 
     def check_session() -> bool:
-        with engine().connect() as conn:
-            conn.execute(select(SessionRecord.id).limit(1)).all()
+        probe_sessions(engine())
         return True
 
     return check_session

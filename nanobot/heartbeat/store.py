@@ -1,4 +1,5 @@
-"""Persistence of the heartbeat monitor: plain records in, plain records out.
+"""The heartbeat tables (``components``, ``component_errors``, ``component_status_changes``,
+``heartbeats``): every statement on them, plain records in, plain records out.
 
 The monitor keeps its state in memory and hands one :class:`Batch` per cycle to
 :func:`write_batch`, which writes it in one transaction: the components that changed (an upsert
@@ -6,7 +7,14 @@ on ``(name, node)``), the components unregistered since the last cycle, new erro
 changes and one ``heartbeats`` row. :func:`load_state` reads a node's state back at start, and
 :func:`prune` is what the scheduler's cleanup task calls to apply retention.
 
-Everything here is synchronous and does blocking I/O: the monitor calls it in a worker thread.
+The readers of status, metrics, the dashboard and the alert rules take a connection, so that
+they run inside their caller's read transaction: :func:`latest_heartbeats`,
+:func:`latest_heartbeat`, :func:`list_components`, :func:`count_task_components`,
+:func:`recent_errors`, :func:`recent_changes` and :func:`changes_since`. Each is bounded: the
+history tables are read through their ``(node, at)`` or ``(component, node, at)`` indexes with a
+``LIMIT``, or from a recent instant on the ``at`` index, never as a whole.
+
+Everything here is synchronous and does blocking I/O: callers on the event loop use a thread.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Engine, Table, delete, func, select
+from sqlalchemy import Connection, Engine, Row, Table, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.config import get_config
@@ -24,6 +32,7 @@ from nanobot.db import read_transaction, write_transaction
 from nanobot.models import (
     Component,
     ComponentErrorRecord,
+    ComponentStatus,
     ComponentStatusChange,
     Heartbeat,
     utcnow,
@@ -34,6 +43,9 @@ ERRORS_SHOWN: Final = 10
 # The name under which the system's own status transitions are stored in
 # component_status_changes; no component may register under it.
 SYSTEM_COMPONENT: Final = "(system)"
+# The scheduler registers each task as the component ``task:<name>`` (section 5.2.3 of the
+# seed); status, the alert rules and the dashboard tell them from the service's own by it.
+TASK_COMPONENT_PREFIX: Final = "task:"
 
 _components = cast(Table, Component.__table__)
 _errors = cast(Table, ComponentErrorRecord.__table__)
@@ -80,6 +92,27 @@ class HeartbeatRow:
     healthy: int
     error: int
     unknown: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeHeartbeat(HeartbeatRow):
+    """A ``heartbeats`` row as read back: one cycle of the monitor of ``node``."""
+
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeComponent(ComponentRow):
+    """A ``components`` row as read back: one component's latest state on ``node``."""
+
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeChange(ChangeRow):
+    """A ``component_status_changes`` row as read back: one transition on ``node``."""
+
+    node: str
 
 
 @dataclass(slots=True)
@@ -223,45 +256,190 @@ def load_state(
         .subquery()
     )
     with read_transaction(engine) as conn:
-        rows = conn.execute(
-            select(
-                _components.c.name,
-                _components.c.status,
-                _components.c.last_heartbeat,
-                _components.c.last_error,
-                _components.c.registered_at,
-            )
-            .where(_components.c.node == node)
-            .order_by(_components.c.name)
-        ).all()
+        components = list_components(conn, node=node)
         error_rows = conn.execute(
             select(ranked.c.component, ranked.c.at, ranked.c.error)
             .where(ranked.c.rank <= errors_per_component)
             .order_by(ranked.c.component, ranked.c.at, ranked.c.rank.desc())
         ).all()
-        system_status = conn.execute(
-            select(_heartbeats.c.status)
-            .where(_heartbeats.c.node == node)
-            .order_by(_heartbeats.c.at.desc(), _heartbeats.c.id.desc())
-            .limit(1)
-        ).scalar_one_or_none()
+        newest = latest_heartbeat(conn, node)
     errors: dict[str, list[tuple[datetime, str]]] = {}
     for component, at, error in error_rows:
         errors.setdefault(component, []).append((at, error))
     return StoredState(
         components=tuple(
             StoredComponent(
-                name=r.name,
-                status=r.status,
-                last_heartbeat=r.last_heartbeat,
-                last_error=r.last_error,
-                registered_at=r.registered_at,
-                errors=tuple(errors.get(r.name, ())),
+                name=c.name,
+                status=c.status,
+                last_heartbeat=c.last_heartbeat,
+                last_error=c.last_error,
+                registered_at=c.registered_at,
+                errors=tuple(errors.get(c.name, ())),
             )
-            for r in rows
+            for c in components
         ),
-        system_status=system_status,
+        system_status=None if newest is None else newest.status,
     )
+
+
+# --- readers (in the caller's transaction) --------------------------------------------------
+
+
+def _node_heartbeat(row: Row[Any]) -> NodeHeartbeat:
+    return NodeHeartbeat(
+        at=row.at,
+        status=row.status,
+        interval_s=row.interval_s,
+        total=row.total,
+        healthy=row.healthy,
+        error=row.error,
+        unknown=row.unknown,
+        node=row.node,
+    )
+
+
+def latest_heartbeats(conn: Connection) -> dict[str, NodeHeartbeat]:
+    """The newest heartbeats row of each known node, by node name, in one statement.
+
+    Nodes are those with components (a small table) plus the node of the newest row overall,
+    which covers a node that has written heartbeats but no component yet. Each node's newest
+    row is found by a correlated ``ORDER BY at DESC LIMIT 1`` on the (node, at) index, so the
+    size of the history does not matter.
+    """
+    newest_node = select(_heartbeats.c.node).order_by(_heartbeats.c.at.desc()).limit(1)
+    # UNION ALL: a node listed twice only repeats an id inside IN (...), and no temporary
+    # B-tree is built to remove duplicates.
+    known = select(_components.c.node).union_all(select(newest_node.scalar_subquery()))
+    nodes = known.subquery("nodes")
+    newest_id = (
+        select(_heartbeats.c.id)
+        .where(_heartbeats.c.node == nodes.c.node)
+        .order_by(_heartbeats.c.at.desc())
+        .limit(1)
+        .correlate(nodes)
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        select(_heartbeats).where(_heartbeats.c.id.in_(select(newest_id).select_from(nodes)))
+    ).all()
+    return {row.node: _node_heartbeat(row) for row in sorted(rows, key=lambda r: r.node)}
+
+
+def latest_heartbeat(conn: Connection, node: str) -> NodeHeartbeat | None:
+    """The newest heartbeats row of ``node`` (one row through the (node, at) index)."""
+    row = conn.execute(
+        select(_heartbeats)
+        .where(_heartbeats.c.node == node)
+        .order_by(_heartbeats.c.at.desc(), _heartbeats.c.id.desc())
+        .limit(1)
+    ).one_or_none()
+    return None if row is None else _node_heartbeat(row)
+
+
+def list_components(
+    conn: Connection, *, node: str | None = None, skip_healthy_tasks: bool = False
+) -> list[NodeComponent]:
+    """The components of ``node`` (None: of every node), by node then name.
+
+    ``skip_healthy_tasks`` leaves out the healthy task components (``task:<name>``), which a
+    system of thousands of tasks has thousands of and which add no problem to a status.
+    """
+    query = select(_components).order_by(_components.c.node, _components.c.name)
+    if node is not None:
+        query = query.where(_components.c.node == node)
+    if skip_healthy_tasks:
+        query = query.where(
+            or_(
+                ~_components.c.name.startswith(TASK_COMPONENT_PREFIX, autoescape=True),
+                _components.c.status != ComponentStatus.HEALTHY.value,
+            )
+        )
+    return [
+        NodeComponent(
+            name=row.name,
+            status=row.status,
+            last_heartbeat=row.last_heartbeat,
+            last_error=row.last_error,
+            registered_at=row.registered_at,
+            updated_at=row.updated_at,
+            node=row.node,
+        )
+        for row in conn.execute(query)
+    ]
+
+
+def count_task_components(conn: Connection) -> dict[str, int]:
+    """How many task components (``task:<name>``) are in each status, on every node (one
+    grouped count; a status no component is in is absent)."""
+    rows = conn.execute(
+        select(_components.c.status, func.count())
+        .where(_components.c.name.startswith(TASK_COMPONENT_PREFIX, autoescape=True))
+        .group_by(_components.c.status)
+    ).all()
+    return {status: int(n) for status, n in rows}
+
+
+def recent_errors(conn: Connection, component: str, node: str, limit: int) -> list[ErrorRow]:
+    """The newest ``limit`` errors of one component of one node, newest first."""
+    rows = conn.execute(
+        select(_errors.c.at, _errors.c.error)
+        .where(_errors.c.component == component, _errors.c.node == node)
+        .order_by(_errors.c.at.desc())
+        .limit(limit)
+    ).all()
+    return [ErrorRow(component=component, at=r.at, error=r.error) for r in rows]
+
+
+def recent_changes(conn: Connection, component: str, node: str, limit: int) -> list[ChangeRow]:
+    """The newest ``limit`` status changes of one component of one node, newest first."""
+    rows = conn.execute(
+        select(_changes.c.at, _changes.c.from_status, _changes.c.to_status, _changes.c.reason)
+        .where(_changes.c.component == component, _changes.c.node == node)
+        .order_by(_changes.c.at.desc())
+        .limit(limit)
+    ).all()
+    return [
+        ChangeRow(
+            component=component,
+            at=r.at,
+            from_status=r.from_status,
+            to_status=r.to_status,
+            reason=r.reason,
+        )
+        for r in rows
+    ]
+
+
+def changes_since(conn: Connection, after: datetime) -> list[NodeChange]:
+    """The status changes later than ``after`` on every node, oldest first, except those of
+    task components: a task's component changes at every failure, and its alerts come from
+    the tasks table. Read from the ``at`` index, so only the recent rows are touched."""
+    rows = conn.execute(
+        select(
+            _changes.c.component,
+            _changes.c.node,
+            _changes.c.at,
+            _changes.c.from_status,
+            _changes.c.to_status,
+            _changes.c.reason,
+        )
+        .where(
+            _changes.c.at > after,
+            _changes.c.component.not_like(TASK_COMPONENT_PREFIX + "%"),
+        )
+        .order_by(_changes.c.at, _changes.c.id)
+    ).all()
+    return [
+        NodeChange(
+            component=r.component,
+            at=r.at,
+            from_status=r.from_status,
+            to_status=r.to_status,
+            reason=r.reason,
+            node=r.node,
+        )
+        for r in rows
+    ]
 
 
 def prune(

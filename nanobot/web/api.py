@@ -26,7 +26,7 @@ from aiohttp import web
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from nanobot.cron import control
+from nanobot.cron import control, definitions
 from nanobot.cron.control import RunInfo, TaskInfo, TaskState
 from nanobot.cron.overlap import OverlapPolicy
 from nanobot.cron.schedules import ParsedAt, Schedule, resolve_schedule
@@ -395,11 +395,11 @@ def _definition(
 ) -> TaskDefinition:
     """The validated definition, or ApiError 422 naming the field."""
     try:
-        control.check_name(name)
+        definitions.check_name(name)
     except InvalidTaskError as exc:
         raise ApiError(422, str(exc), field="name", reason=str(exc)) from None
     try:
-        control.import_task_class(path)
+        definitions.import_task_class(path)
     except InvalidTaskError as exc:
         raise ApiError(422, str(exc), field="task", reason=str(exc)) from None
     for key in OPTIONS:
@@ -412,7 +412,7 @@ def _definition(
         except (ValueError, InvalidTaskError) as exc:
             raise ApiError(422, str(exc), field=key, reason=str(exc)) from None
     try:
-        return control.definition_from_class(
+        return definitions.definition_from_class(
             name,
             path,
             kwargs=kwargs,

@@ -14,7 +14,8 @@ from typing import Any, Final
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from nanobot.cron.control import PAGE_SIZE_MAX, TASK_NAME_MAX, TaskState
+from nanobot.cron.control import PAGE_SIZE_MAX, TaskState
+from nanobot.cron.definitions import TASK_NAME_MAX
 
 PREFIX: Final = "/api/v1"
 

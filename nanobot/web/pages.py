@@ -35,6 +35,7 @@ from nanobot.alerts.store import recent
 from nanobot.cron import control
 from nanobot.cron.control import TaskState
 from nanobot.exceptions import UnknownTaskError
+from nanobot.heartbeat.store import TASK_COMPONENT_PREFIX
 from nanobot.models import utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, chart, queries
@@ -49,7 +50,6 @@ READ_TIMEOUT_S: Final = 10.0
 PAGE_SIZE: Final = 50
 HISTORY_PAGE: Final = 25
 CHART_RUNS: Final = 60
-TASK_COMPONENT: Final = "task:"
 TASK_COMPONENTS_SHOWN: Final = 50
 ALERTS_SHOWN: Final = 100
 ACTIONS: Final = {
@@ -63,8 +63,8 @@ def _split_components(
     components: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The service's own components, and the ``task:<name>`` ones."""
-    system = [c for c in components if not c["name"].startswith(TASK_COMPONENT)]
-    tasks = [c for c in components if c["name"].startswith(TASK_COMPONENT)]
+    system = [c for c in components if not c["name"].startswith(TASK_COMPONENT_PREFIX)]
+    tasks = [c for c in components if c["name"].startswith(TASK_COMPONENT_PREFIX)]
     return system, tasks
 
 
@@ -332,7 +332,7 @@ class Pages:
         def wanted(component: dict[str, Any]) -> bool:
             # Every system component; task components only when not healthy, and a bounded
             # number of them (each costs two statements for its details).
-            if not component["name"].startswith(TASK_COMPONENT):
+            if not component["name"].startswith(TASK_COMPONENT_PREFIX):
                 return True
             if component["status"] == "healthy" or shown["task"] >= TASK_COMPONENTS_SHOWN:
                 return False

@@ -3,11 +3,10 @@ of :mod:`nanobot.cron.control`: the latest failed runs, a task's next slots and 
 count of task components.
 
 The statements are those of the modules that own the tables (``tasks``:
-:mod:`nanobot.cron.control`; ``task_runs``: :mod:`nanobot.cron.history`), which return
-records; the one left here reads ``components``, whose statements
-:mod:`nanobot.heartbeat.store` owns. Every function is synchronous and bounded (a ``LIMIT``, one
-grouped count), so that a database of 10,000 tasks answers as fast as one of ten; the web
-handlers call them in a thread.
+:mod:`nanobot.cron.control`; ``task_runs``: :mod:`nanobot.cron.history`; ``components``:
+:mod:`nanobot.heartbeat.store`), which return records. Every function is synchronous and
+bounded (a ``LIMIT``, one grouped count), so that a database of 10,000 tasks answers as fast as
+one of ten; the web handlers call them in a thread.
 """
 
 from __future__ import annotations
@@ -16,12 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Final
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
 from nanobot.cron import control, history, schedules
 from nanobot.cron.control import RunInfo, TaskInfo
 from nanobot.db import read_transaction
-from nanobot.models import Component
+from nanobot.heartbeat import store
 
 NEXT_RUNS: Final = 5
 
@@ -80,13 +79,9 @@ def task_zone(info: TaskInfo) -> tzinfo:
 def count_task_components(engine: Engine) -> dict[str, int]:
     """How many ``task:<name>`` components are in each status, on every node."""
     with read_transaction(engine) as conn:
-        rows = conn.execute(
-            select(Component.status, func.count())
-            .where(Component.name.startswith("task:"))
-            .group_by(Component.status)
-        ).all()
+        by_status = store.count_task_components(conn)
     counts = {"total": 0, "healthy": 0, "error": 0, "unknown": 0}
-    for status, n in rows:
-        counts[status] = int(n)
-        counts["total"] += int(n)
+    for status, n in by_status.items():
+        counts[status] = n
+        counts["total"] += n
     return counts

@@ -31,7 +31,7 @@ from faults.harness import (
     task_runs,
     wait_for,
 )
-from nanobot.cron import control
+from nanobot.cron import control, definitions
 from nanobot.cron.manager import MARK_AHEAD
 from nanobot.db import upgrade_database
 from nanobot.models import Component, Task, TaskRun, utcnow
@@ -117,7 +117,7 @@ BURST_EVERY = 8.0
 def add_burst(db: Engine, ledger: Ledger, prefix: str, at: datetime) -> list[str]:
     """``BURST`` ledger tasks whose first slot is ``at`` (one insert: the command line would
     take minutes for a thousand)."""
-    definition = control.definition_from_class(
+    definition = definitions.definition_from_class(
         "x", "faults.ledger_task:LedgerTask", BURST_EVERY, ledger.kwargs()
     )
     values = control.definition_values(definition)
