@@ -213,7 +213,7 @@ async def test_backfill_runs_each_slot_once_with_its_time(db_url: str) -> None:
     scheduled_at; a missed row is taken over by its first slot's run; a second backfill of the
     same range adds nothing, and a request stored again is cleared with nothing run."""
     manager = CronManager(poll_interval=0.05, bus=MessageBus())
-    engine = manager.engine
+    engine = manager.open_engine()
     _add_cron(engine, "bf")
     end = _minute(utcnow()) - timedelta(minutes=1)
     start = end - timedelta(minutes=5)
@@ -267,7 +267,7 @@ async def test_backfill_runs_each_slot_once_with_its_time(db_url: str) -> None:
 async def test_backfill_with_concurrency_runs_side_by_side(db_url: str) -> None:
     """--concurrency 3 runs up to three slots at once, never more."""
     manager = CronManager(poll_interval=0.05, bus=MessageBus())
-    engine = manager.engine
+    engine = manager.open_engine()
     _add_cron(engine, "par", seconds=0.5)
     end = _minute(utcnow()) - timedelta(minutes=1)
     start = end - timedelta(minutes=5)
@@ -372,7 +372,7 @@ async def test_a_paused_task_s_backfill_waits_for_its_resume(db_url: str) -> Non
     """The leader claims nothing of a paused task's backfill (a pause is its brake); once the
     task is resumed, the backfill runs."""
     manager = CronManager(poll_interval=0.05, bus=MessageBus())
-    engine = manager.engine
+    engine = manager.open_engine()
     _add_cron(engine, "held", paused=True)
     end = _minute(utcnow()) - timedelta(minutes=1)
     start = end - timedelta(minutes=2)

@@ -567,7 +567,7 @@ def test_local_class_runs_but_is_not_persisted(db_url: str) -> None:
         manager.register_task("local", Local(5))
     warning = next(e for e in logs if e["event"] == "cron.task_not_persistent")
     assert "inside a function" in warning["reason"]
-    assert control.list_tasks(manager.engine) == []
+    assert control.list_tasks(manager.open_engine()) == []
     assert manager.list_tasks() == ["local"]
 
 
@@ -577,7 +577,7 @@ def test_unserialisable_kwargs_are_not_persisted(db_url: str) -> None:
     with structlog.testing.capture_logs() as logs:
         manager.register_task("obj", Counter(5, label=object()))  # type: ignore[arg-type]
     assert any(e["event"] == "cron.task_not_persistent" for e in logs)
-    assert control.list_tasks(manager.engine) == []
+    assert control.list_tasks(manager.open_engine()) == []
 
 
 def test_retention_prunes_old_and_excess_runs(engine: Engine) -> None:
@@ -722,7 +722,7 @@ async def test_unimportable_class_is_kept_and_recovers(
 async def test_takeover_marks_every_nodes_running_rows(db_url: str, bus: MessageBus) -> None:
     """A leader taking over records as interrupted the runs that any dead node left running."""
     manager = CronManager(poll_interval=POLL, bus=bus, node="new-leader")
-    engine = manager.engine
+    engine = manager.open_engine()
     slot = datetime(2026, 1, 1, tzinfo=UTC)
     with write_transaction(engine) as conn:
         history.claim_slots(conn, [history.Claim("old", slot)], node="dead-leader")

@@ -454,7 +454,7 @@ async def test_components_of_tasks_gone_are_dropped_at_start(
 ) -> None:
     """A ``task:<name>`` component whose task no longer exists (removed just before a crash)
     is deleted when a scheduler starts, on every node; those of existing tasks stay."""
-    engine = manager.engine
+    engine = manager.open_engine()
     manager.register_task("kept", Counter(3600, label="kept"))
     now = utcnow()
     with write_transaction(engine) as conn:

@@ -168,8 +168,9 @@ class CronManager:
 
     @property
     def engine(self) -> Engine:
-        """The manager's database, as :meth:`open_engine` gives it (opening it if need be)."""
-        return self.open_engine()
+        """The manager's database once open (any of the methods that read or store tasks opens
+        it, as :meth:`open_engine` does); :class:`EngineNotOpenError` before that."""
+        return self._ctx.engine
 
     @property
     def node(self) -> str:
