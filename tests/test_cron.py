@@ -18,10 +18,11 @@ from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, history
+from nanobot.cron.aps_adapter import JobState, NanobotScheduler
 from nanobot.db import create_db_engine, get_engine, write_transaction
 from nanobot.exceptions import InvalidTaskError, NanobotError, UnknownTaskError
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs
+from nanobot.models import Task, TaskRun, apscheduler_job_states, apscheduler_jobs, utcnow
 
 POLL = 0.05
 WAIT = 10.0  # the bound of every wait below
@@ -90,6 +91,15 @@ def job_next_run(engine: Engine, name: str) -> float | None:
             select(apscheduler_jobs.c.next_run_time).where(apscheduler_jobs.c.id == name)
         ).scalar_one()
         return value
+
+
+def stored_job(engine: Engine, name: str) -> JobState | None:
+    """The job ``name`` as the job store holds it (read by a scheduler that never starts)."""
+    reader = NanobotScheduler(engine, process=lambda *_: None, poll_interval=1.0, clock=utcnow)
+    try:
+        return reader.lookup(name)
+    finally:
+        reader.close()
 
 
 # --- the seed's tests, made real ------------------------------------------------------------
@@ -191,9 +201,10 @@ async def test_register_changed_definition_updates(manager: CronManager) -> None
     assert any(e["event"] == "cron.task_updated" for e in logs)
     assert task_row(engine, "c").interval_s == 1800
 
+    # The scheduler applies the change to the stored job at its next pass.
     async with asyncio.timeout(WAIT):
         while True:
-            job = manager._ctx.scheduler.lookup("c")  # type: ignore[union-attr]
+            job = stored_job(engine, "c")
             if job is not None and job.interval == 1800:
                 break
             await asyncio.sleep(POLL)
@@ -626,9 +637,9 @@ async def test_unloadable_job_is_kept_and_reported(
             .where(apscheduler_job_states.c.id == "u")
             .values(job_state=b"not a pickle")
         )
+    # Passes come at least every poll interval: the next one finds the job due, and unloadable.
     async with asyncio.timeout(WAIT):
         while task_row(engine, "u").broken_reason is None:
-            manager._wakeup()
             await asyncio.sleep(POLL)
     assert "cannot be loaded" in task_row(engine, "u").broken_reason
     assert job_next_run(engine, "u") == 0
