@@ -88,6 +88,13 @@ class Failing(CronTask):
         raise RuntimeError(self.message)
 
 
+class TimesOut(CronTask):
+    """Raises TimeoutError on every run, as a client whose own timeout expired does."""
+
+    async def run(self) -> None:
+        raise TimeoutError("the remote end did not answer")
+
+
 class Gate(CronTask):
     """Signals ``started`` when a run starts and holds it until ``release`` is set."""
 
