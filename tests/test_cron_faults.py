@@ -28,6 +28,7 @@ from nanobot.config import reset_config
 from nanobot.cron import CronManager, CronTask, control, history
 from nanobot.cron.dispatch import COST_SAMPLE_MIN
 from nanobot.cron.history import Claim, Finish
+from nanobot.cron.manager import MARK_AHEAD
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import TaskNotStorableError
 from nanobot.heartbeat import get_heartbeat_monitor
@@ -304,6 +305,106 @@ async def test_stop_releases_claims_not_yet_due_and_next_start_runs_them(
             assert not [r for r in rows if r.outcome == "cancelled"]
     finally:
         await first.shutdown(grace=0)
+        engine.dispose()
+
+
+async def test_claims_made_ahead_are_marked_and_start_at_their_instant(
+    db_url: str, bus: MessageBus, outcomes: Outcomes
+) -> None:
+    """A burst's slots claimed ahead are marked dispatched just before their instant and start
+    at it, not before; a task of the burst stopped in the lead window has its claim released
+    (no row, nothing recorded cancelled) while the others run."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    try:
+        await manager.start()
+        names = store_burst(engine, "marked")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+        stopped, others = names[0], names[1:]
+        with structlog.testing.capture_logs() as logs:
+            await manager.stop_task(stopped)
+            await outcomes.wait(lambda: all(len(outcomes.of(n, "success")) >= 2 for n in others))
+            await manager.flush()
+        for rows in burst_rows(engine, others).values():
+            assert (rows[1].scheduled_at, rows[1].outcome) == (slot, "success")
+            # At its instant: not at the mark, MARK_AHEAD before it (a little clock slack).
+            assert rows[1].started_at >= slot - timedelta(seconds=MARK_AHEAD / 5)
+        assert [r.outcome for r in burst_rows(engine, [stopped])[stopped]] == ["success"]
+        assert task_row(engine, stopped).paused
+        released = [e for e in logs if e["event"] == "cron.claims_released"]
+        assert [e["count"] for e in released] == [1]
+        assert not [e for e in logs if e["event"] == "cron.slots_not_dispatched"]
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+
+
+class DatabaseClock:
+    """The time a lease reads as the database's: real time, moved ahead when the test says (a
+    holder frozen past its lease, without waiting for it to run out)."""
+
+    def __init__(self) -> None:
+        self.ahead = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utcnow() + self.ahead
+
+
+async def test_claims_ahead_of_a_leader_that_lost_its_lease_are_left_to_the_next(
+    db_url: str, bus: MessageBus, outcomes: Outcomes
+) -> None:
+    """A leader that finds its lease taken over (its renewal fails) and stops, with slots
+    claimed ahead, deletes none of them: they are no longer its to release. It says they never
+    started; the next leader releases them and runs them, none recorded interrupted."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    clock = DatabaseClock()
+    old_lease = SchedulerLease(engine, "old-leader:1", 30.0, clock)
+    new_lease = SchedulerLease(engine, "new-leader:2", 30.0, clock)
+    assert old_lease.try_acquire()
+    old = CronManager(engine, node="old-leader", poll_interval=POLL, bus=bus)
+    old.use_lease(old_lease)
+    new = CronManager(engine, node="new-leader", poll_interval=POLL, bus=bus)
+    try:
+        await old.start(takeover=True)
+        names = store_burst(engine, "left")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+        # The old leader's lease runs out unrenewed; another node takes it, and the old
+        # leader's next renewal fails: it steps down, as the service does.
+        clock.ahead = timedelta(seconds=31)
+        assert new_lease.try_acquire()
+        assert not old_lease.renew()
+        with structlog.testing.capture_logs() as logs:
+            await old.shutdown(grace=0, standby=True)
+        left = [e for e in logs if e["event"] == "cron.claims_left"]
+        assert [e["count"] for e in left] == [len(names)]
+        assert not [e for e in logs if e["event"] == "cron.claims_released"]
+        claims = [rows[1] for rows in burst_rows(engine, names).values()]
+        assert {(c.scheduled_at, c.outcome, c.started_at, c.node) for c in claims} == {
+            (slot, "running", None, "old-leader")
+        }
+
+        new.use_lease(new_lease)
+        await new.start(takeover=True)
+        await outcomes.wait(
+            lambda: all(
+                any(e["scheduled_at"] >= slot.isoformat() for e in outcomes.of(n, "success"))
+                for n in names
+            )
+        )
+        await new.flush()
+        for rows in burst_rows(engine, names).values():
+            outcome = {r.scheduled_at: r.outcome for r in rows}
+            # Run at its instant, or caught up if the new leader came after it.
+            assert outcome[slot] in ("success", "missed")
+            assert "interrupted" not in outcome.values()
+            assert "cancelled" not in outcome.values()
+    finally:
+        await new.shutdown(grace=0)
+        await old.shutdown(grace=0)
         engine.dispose()
 
 
