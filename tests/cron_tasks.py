@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from nanobot.cron import CronTask
@@ -27,6 +28,22 @@ class Counter(CronTask):
         if self.path is not None:
             with Path(self.path).open("a") as f:
                 f.write(f"{self.label}\n")
+
+
+class SlowToBuild(Counter):
+    """A Counter that takes ``build_s`` to construct, as a task that imports a heavy module or
+    sets up a client does. A scheduler builds a stored task in its pass, the first time it
+    claims one of its slots; what that pass cost per slot is what it learns to claim ahead by."""
+
+    def __init__(
+        self,
+        interval: float = 1,
+        label: str = "slow",
+        path: str | None = None,
+        build_s: float = 0.02,
+    ) -> None:
+        time.sleep(build_s)
+        super().__init__(interval, label, path)
 
 
 def counted(path: Path) -> list[str]:
@@ -69,6 +86,13 @@ class Failing(CronTask):
 
     async def run(self) -> None:
         raise RuntimeError(self.message)
+
+
+class TimesOut(CronTask):
+    """Raises TimeoutError on every run, as a client whose own timeout expired does."""
+
+    async def run(self) -> None:
+        raise TimeoutError("the remote end did not answer")
 
 
 class Gate(CronTask):

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import structlog
-from cron_tasks import Counter, Failing, Flaky, Gate, counted
+from cron_tasks import Counter, Failing, Flaky, Gate, TimesOut, counted
 from sqlalchemy import Engine, Row, select, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, definitions, history
+from nanobot.cron.aps_adapter import JobState, NanobotScheduler
 from nanobot.cron.context import CronContext
 from nanobot.db import (
     create_db_engine,
@@ -102,6 +103,15 @@ def job_next_run(engine: Engine, name: str) -> float | None:
             select(apscheduler_jobs.c.next_run_time).where(apscheduler_jobs.c.id == name)
         ).scalar_one()
         return value
+
+
+def stored_job(engine: Engine, name: str) -> JobState | None:
+    """The job ``name`` as the job store holds it (read by a scheduler that never starts)."""
+    reader = NanobotScheduler(engine, process=lambda *_: None, poll_interval=1.0, clock=utcnow)
+    try:
+        return reader.lookup(name)
+    finally:
+        reader.close()
 
 
 # --- the seed's tests, made real ------------------------------------------------------------
@@ -203,9 +213,10 @@ async def test_register_changed_definition_updates(manager: CronManager) -> None
     assert any(e["event"] == "cron.task_updated" for e in logs)
     assert task_row(engine, "c").interval_s == 1800
 
+    # The scheduler applies the change to the stored job at its next pass.
     async with asyncio.timeout(WAIT):
         while True:
-            job = manager._ctx.scheduler.lookup("c")  # type: ignore[union-attr]
+            job = stored_job(engine, "c")
             if job is not None and job.interval == 1800:
                 break
             await asyncio.sleep(POLL)
@@ -278,6 +289,19 @@ async def test_timeout(manager: CronManager, outcomes: Outcomes) -> None:
     assert "timeout of 0.05" in runs(get_engine(), "t")[0].error
 
 
+async def test_timeout_error_raised_by_the_task_is_an_error(
+    manager: CronManager, outcomes: Outcomes
+) -> None:
+    """A TimeoutError that the task raises itself (a client's own timeout) is recorded as an
+    error with its message, not as the run's timeout: the task has none."""
+    manager.register_task("te", TimesOut(3600))
+    await manager.start_task("te")
+    await outcomes.wait(lambda: bool(outcomes.of("te")))
+    assert outcomes.of("te")[0]["outcome"] == "error"
+    await manager.flush()
+    assert runs(get_engine(), "te")[0].error == "TimeoutError: the remote end did not answer"
+
+
 async def test_overlap_is_skipped(manager: CronManager, outcomes: Outcomes) -> None:
     """A slot that comes while the previous run still goes is skipped and recorded."""
     gate = Gate(0.05)
@@ -293,9 +317,10 @@ async def test_overlap_is_skipped(manager: CronManager, outcomes: Outcomes) -> N
     assert outcomes_in_db.count("skipped") >= 2
 
 
-@pytest.mark.parametrize("how", ["stop_task", "unregister_task", "shutdown"])
+@pytest.mark.parametrize("how", ["stop_task", "unregister_task", "shutdown", "cancel_runs"])
 async def test_cancel_in_flight(manager: CronManager, outcomes: Outcomes, how: str) -> None:
-    """stop_task, unregister_task and shutdown cancel a run in flight, recorded cancelled."""
+    """stop_task, unregister_task, shutdown and cancel_runs cancel a run in flight, recorded
+    cancelled with why."""
     gate = Gate(3600)
     manager.register_task("g", gate)
     await manager.start_task("g")
@@ -305,13 +330,19 @@ async def test_cancel_in_flight(manager: CronManager, outcomes: Outcomes, how: s
         await manager.stop_task("g")
     elif how == "unregister_task":
         manager.unregister_task("g")
-    else:
+    elif how == "shutdown":
         await manager.shutdown(grace=0)
+    else:
+        # The service's call when it loses its lease while stopping: runs end at once.
+        manager.cancel_runs("the node lost the lease while stopping")
     await outcomes.wait(lambda: bool(outcomes.of("g", "cancelled")))
     await manager.flush()
     row = runs(get_engine(), "g")[0]
     assert row.outcome == "cancelled"
     assert row.error
+    if how == "cancel_runs":
+        assert row.error == "the node lost the lease while stopping"
+        assert manager.running_tasks() == []
 
 
 async def test_shutdown_waits_for_runs_within_grace(
@@ -638,9 +669,9 @@ async def test_unloadable_job_is_kept_and_reported(
             .where(apscheduler_job_states.c.id == "u")
             .values(job_state=b"not a pickle")
         )
+    # Passes come at least every poll interval: the next one finds the job due, and unloadable.
     async with asyncio.timeout(WAIT):
         while task_row(engine, "u").broken_reason is None:
-            manager._wakeup()
             await asyncio.sleep(POLL)
     assert "cannot be loaded" in task_row(engine, "u").broken_reason
     assert job_next_run(engine, "u") == 0

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, MutableMapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,17 +21,28 @@ import structlog
 from cron_tasks import Counter
 from sqlalchemy import Engine, insert, select, update
 from test_cron import Outcomes
+from test_cron_restart import Runner
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
-from nanobot.cron import CronManager, CronTask, history
+from nanobot.cron import CronManager, CronTask, control, definitions, history
+from nanobot.cron.dispatch import COST_SAMPLE_MIN
 from nanobot.cron.history import Claim, Finish
+from nanobot.cron.manager import MARK_AHEAD
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import TaskNotStorableError
 from nanobot.heartbeat import get_heartbeat_monitor
 from nanobot.lease import SchedulerLease
 from nanobot.metrics import Metrics
-from nanobot.models import Component, Task, TaskOutcome, TaskRun, apscheduler_jobs, utcnow
+from nanobot.models import (
+    Component,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    TaskSource,
+    apscheduler_jobs,
+    utcnow,
+)
 from nanobot.models import SchedulerLease as LeaseRow
 
 POLL = 0.05
@@ -189,84 +201,256 @@ async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
 # --- item 21: slots claimed ahead of a stop ------------------------------------------------------
 
 
+# A burst as the scheduler's lead sees one. A pass learns what it costs per slot from passes
+# with at least COST_SAMPLE_MIN due slots, and claims an instant ahead by twice that cost per
+# slot due then. These tasks are built in the pass that first claims them, each taking
+# SLOW_BUILD_S: that pass costs about 20 ms a slot, and the next instant of the fifty is
+# claimed about a second ahead (2 x 50 x ~10 ms), as the real cost of a pass over thousands
+# of slots would make it. Building is cached: later passes cost what they really do.
+SLOW_BUILD_S = 0.02
+BURST_EVERY = 3.0
+
+
+def store_burst(engine: Engine, prefix: str) -> list[str]:
+    """COST_SAMPLE_MIN stored tasks (no process registers them) every BURST_EVERY seconds from
+    one anchor, now: their slots fall at the same instants. Stored in one transaction, as one
+    task file or one deployment would add them."""
+    definition = definitions.definition_from_class(
+        "burst",
+        "cron_tasks:SlowToBuild",
+        BURST_EVERY,
+        {"label": prefix, "build_s": SLOW_BUILD_S},
+    )
+    names = [f"{prefix}{i:02d}" for i in range(COST_SAMPLE_MIN)]
+    now = utcnow()
+    with write_transaction(engine) as conn:
+        for name in names:
+            values = control.new_task_values(
+                replace(definition, name=name),
+                now,
+                source=TaskSource.CLI,
+                paused=False,
+                started=True,
+            )
+            control.insert_task(conn, values)
+    return names
+
+
+def burst_rows(engine: Engine, names: list[str]) -> dict[str, list[Any]]:
+    """The rows of each task of a burst, oldest slot first."""
+    found: dict[str, list[Any]] = {name: [] for name in names}
+    with engine.connect() as conn:
+        for row in conn.execute(
+            select(TaskRun.__table__)
+            .where(TaskRun.task_name.in_(names))
+            .order_by(TaskRun.scheduled_at)
+        ):
+            found[row.task_name].append(row)
+    return found
+
+
+def second_instant_claimed(engine: Engine, names: list[str]) -> bool:
+    """Every task of the burst has run its first slot and has its second one claimed."""
+    found = burst_rows(engine, names)
+    return all(
+        len(rows) == 2 and rows[0].outcome == TaskOutcome.SUCCESS.value for rows in found.values()
+    )
+
+
+def claimed_ahead(engine: Engine, names: list[str]) -> datetime:
+    """The burst's second instant, checked to be claimed by every task ahead of its time and
+    not dispatched (no start time): the lead window."""
+    claims = [rows[1] for rows in burst_rows(engine, names).values()]
+    slot: datetime = claims[0].scheduled_at
+    assert all(c.scheduled_at == slot for c in claims), "the burst is one instant"
+    assert all(c.started_at is None for c in claims), "claimed ahead, not dispatched"
+    assert all(c.outcome == TaskOutcome.RUNNING.value for c in claims)
+    assert slot > utcnow()
+    return slot
+
+
 async def test_stop_releases_claims_not_yet_due_and_next_start_runs_them(
     db_url: str, bus: MessageBus, outcomes: Outcomes
 ) -> None:
-    """A slot claimed ahead of its instant when the scheduler stops is released: no row, no
-    ``cancelled`` before its time, its job moved back to it; the next start runs it."""
-    first = CronManager(poll_interval=POLL, bus=bus)
-    # As if a pass cost a second per slot: the next slot is claimed 2 s ahead (a burst's lead).
-    first._dispatcher.cost_per_job = 1.0
-    first.register_task("ahead", Counter(2, label="ahead"))
-    await first.start_task("ahead")
-    engine = first.engine
-    await outcomes.wait(lambda: bool(outcomes.of("ahead", "success")))
-    await until(lambda: len(rows(engine, "ahead")) == 2)
-    slot = rows(engine, "ahead")[1].scheduled_at
-    assert rows(engine, "ahead")[1].started_at is None, "claimed ahead, not dispatched"
-    assert slot > utcnow()
-    await first.shutdown(grace=0)
-    assert [r.outcome for r in rows(engine, "ahead")] == ["success"]
-    assert job_next_run(engine, "ahead") == pytest.approx(slot.timestamp())
-    assert task_row(engine, "ahead").next_run_at == slot
-
-    second = CronManager(poll_interval=POLL, bus=bus)
-    second.register_task("ahead", Counter(2, label="ahead"))
+    """Slots claimed ahead of their instant (a burst's lead) when the scheduler stops are
+    released: no row, no ``cancelled`` before their time, their jobs moved back to them; the
+    next start runs them."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    first = CronManager(engine, poll_interval=POLL, bus=bus)
     try:
-        await second.start_all_tasks()
-        await outcomes.wait(lambda: len(outcomes.of("ahead", "success")) >= 2)
-        await second.flush()
+        await first.start()
+        names = store_burst(engine, "ahead")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+        await first.shutdown(grace=0)
+        left = burst_rows(engine, names)
+        assert all([r.outcome for r in rows] == ["success"] for rows in left.values())
+        for name in names:
+            assert job_next_run(engine, name) == pytest.approx(slot.timestamp())
+            assert task_row(engine, name).next_run_at == slot
+
+        second = CronManager(engine, poll_interval=POLL, bus=bus)
+        try:
+            await second.start()
+            await outcomes.wait(lambda: all(len(outcomes.of(n, "success")) >= 2 for n in names))
+            await second.flush()
+        finally:
+            await second.shutdown(grace=0)
+        for rows in burst_rows(engine, names).values():
+            assert [(r.scheduled_at, r.outcome) for r in rows][:2] == [
+                (rows[0].scheduled_at, "success"),
+                (slot, "success"),
+            ]
+            assert not [r for r in rows if r.outcome == "cancelled"]
     finally:
-        await second.shutdown(grace=0)
-    done = rows(engine, "ahead")
-    assert [(r.scheduled_at, r.outcome) for r in done][:2] == [
-        (done[0].scheduled_at, "success"),
-        (slot, "success"),
-    ]
-    assert not [r for r in done if r.outcome == "cancelled"]
+        await first.shutdown(grace=0)
+        engine.dispose()
+
+
+async def test_claims_made_ahead_are_marked_and_start_at_their_instant(
+    db_url: str, bus: MessageBus, outcomes: Outcomes
+) -> None:
+    """A burst's slots claimed ahead are marked dispatched just before their instant and start
+    at it, not before; a task of the burst stopped in the lead window has its claim released
+    (no row, nothing recorded cancelled) while the others run."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    try:
+        await manager.start()
+        names = store_burst(engine, "marked")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+        stopped, others = names[0], names[1:]
+        with structlog.testing.capture_logs() as logs:
+            await manager.stop_task(stopped)
+            await outcomes.wait(lambda: all(len(outcomes.of(n, "success")) >= 2 for n in others))
+            await manager.flush()
+        for rows in burst_rows(engine, others).values():
+            assert (rows[1].scheduled_at, rows[1].outcome) == (slot, "success")
+            # At its instant: not at the mark, MARK_AHEAD before it (a little clock slack).
+            assert rows[1].started_at >= slot - timedelta(seconds=MARK_AHEAD / 5)
+        assert [r.outcome for r in burst_rows(engine, [stopped])[stopped]] == ["success"]
+        assert task_row(engine, stopped).paused
+        released = [e for e in logs if e["event"] == "cron.claims_released"]
+        assert [e["count"] for e in released] == [1]
+        assert not [e for e in logs if e["event"] == "cron.slots_not_dispatched"]
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+
+
+class DatabaseClock:
+    """The time a lease reads as the database's: real time, moved ahead when the test says (a
+    holder frozen past its lease, without waiting for it to run out)."""
+
+    def __init__(self) -> None:
+        self.ahead = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return utcnow() + self.ahead
+
+
+async def test_claims_ahead_of_a_leader_that_lost_its_lease_are_left_to_the_next(
+    db_url: str, bus: MessageBus, outcomes: Outcomes
+) -> None:
+    """A leader that finds its lease taken over (its renewal fails) and stops, with slots
+    claimed ahead, deletes none of them: they are no longer its to release. It says they never
+    started; the next leader releases them and runs them, none recorded interrupted."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    clock = DatabaseClock()
+    old_lease = SchedulerLease(engine, "old-leader:1", 30.0, clock)
+    new_lease = SchedulerLease(engine, "new-leader:2", 30.0, clock)
+    assert old_lease.try_acquire()
+    old = CronManager(engine, node="old-leader", poll_interval=POLL, bus=bus)
+    old.use_lease(old_lease)
+    new = CronManager(engine, node="new-leader", poll_interval=POLL, bus=bus)
+    try:
+        await old.start(takeover=True)
+        names = store_burst(engine, "left")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+        # The old leader's lease runs out unrenewed; another node takes it, and the old
+        # leader's next renewal fails: it steps down, as the service does.
+        clock.ahead = timedelta(seconds=31)
+        assert new_lease.try_acquire()
+        assert not old_lease.renew()
+        with structlog.testing.capture_logs() as logs:
+            await old.shutdown(grace=0, standby=True)
+        left = [e for e in logs if e["event"] == "cron.claims_left"]
+        assert [e["count"] for e in left] == [len(names)]
+        assert not [e for e in logs if e["event"] == "cron.claims_released"]
+        claims = [rows[1] for rows in burst_rows(engine, names).values()]
+        assert {(c.scheduled_at, c.outcome, c.started_at, c.node) for c in claims} == {
+            (slot, "running", None, "old-leader")
+        }
+
+        new.use_lease(new_lease)
+        await new.start(takeover=True)
+        await outcomes.wait(
+            lambda: all(
+                any(e["scheduled_at"] >= slot.isoformat() for e in outcomes.of(n, "success"))
+                for n in names
+            )
+        )
+        await new.flush()
+        for rows in burst_rows(engine, names).values():
+            outcome = {r.scheduled_at: r.outcome for r in rows}
+            # Run at its instant, or caught up if the new leader came after it.
+            assert outcome[slot] in ("success", "missed")
+            assert "interrupted" not in outcome.values()
+            assert "cancelled" not in outcome.values()
+    finally:
+        await new.shutdown(grace=0)
+        await old.shutdown(grace=0)
+        engine.dispose()
 
 
 async def test_claims_of_a_crashed_scheduler_never_dispatched_are_caught_up(
-    db_url: str, bus: MessageBus, outcomes: Outcomes
+    db_url: str,
+    bus: MessageBus,
+    outcomes: Outcomes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A process that died inside the lead window (its claim made, its slot's instant not come)
-    leaves an undispatched claim: the next scheduler releases it and runs the slot, instead of
-    recording interrupted a run that never started."""
-    crashed = CronManager(poll_interval=POLL, bus=bus)
-    crashed._dispatcher.cost_per_job = 1.0
-    crashed.register_task("window", Counter(2, label="window"))
-    await crashed.start_task("window")
-    engine = crashed.engine
-    await until(lambda: len(rows(engine, "window")) == 2)
-    slot = rows(engine, "window")[1].scheduled_at
-    # The crash: nothing of this scheduler runs any more, nothing is released or written.
-    scheduler = crashed._ctx.scheduler
-    assert scheduler is not None
-    for handle, _ in crashed._launcher.delayed.values():
-        handle.cancel()
-    crashed._launcher.delayed.clear()
-    assert crashed._own_lease.keeper is not None
-    crashed._own_lease.keeper.cancel()
-    await asyncio.to_thread(scheduler.close)
-    crashed._ctx.scheduler = None
-
-    restarted = CronManager(poll_interval=POLL, bus=bus)
-    restarted.register_task("window", Counter(2, label="window"))
+    """A process killed (SIGKILL) inside the lead window, its claims made and their instant not
+    come, leaves undispatched claims: the next scheduler releases them and runs the slots,
+    instead of recording interrupted runs that never started."""
+    # The next scheduler waits for the dead process's lease to run out: a short one.
+    monkeypatch.setenv("NANOBOT_SERVICE__LEASE_TTL", "2")
+    reset_config()
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    crashed = Runner({}, tmp_path / "crashed.log")  # schedules the stored tasks
     try:
-        await restarted.start_all_tasks()
+        names = store_burst(engine, "window")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+    finally:
+        crashed.kill()
+    assert utcnow() < slot, "killed after the instant: not this case"
+
+    restarted = CronManager(engine, poll_interval=POLL, bus=bus)
+    try:
+        await restarted.start()
         await outcomes.wait(
-            lambda: any(
-                e["scheduled_at"] >= slot.isoformat() for e in outcomes.of("window", "success")
+            lambda: all(
+                any(e["scheduled_at"] >= slot.isoformat() for e in outcomes.of(n, "success"))
+                for n in names
             )
         )
         await restarted.flush()
+        for rows in burst_rows(engine, names).values():
+            outcome = {r.scheduled_at: r.outcome for r in rows}
+            # Run at its instant, or (on a slow machine, the restart came after it) caught up.
+            assert outcome[slot] in ("success", "missed")
+            assert any(o == "success" for at, o in outcome.items() if at >= slot)
+            assert "interrupted" not in outcome.values()
     finally:
         await restarted.shutdown(grace=0)
-    outcome = {r.scheduled_at: r.outcome for r in rows(engine, "window")}
-    # Run at its instant, or (on a slow machine, the restart came after it) caught up once.
-    assert outcome[slot] in ("success", "missed")
-    assert any(o == "success" for at, o in outcome.items() if at >= slot)
-    assert "interrupted" not in outcome.values()
+        engine.dispose()
 
 
 # --- item 6: only the lease holder schedules; the library becomes a client -----------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from cron_tasks import Busy, counted
 from sqlalchemy import Engine, select
 
@@ -384,3 +385,32 @@ async def test_run_now_obeys_the_policy_unless_forced(db_url: str) -> None:
     finally:
         await manager.shutdown(grace=0)
     assert [r.outcome for r in _rows(engine, "long")] == ["cancelled", "skipped", "cancelled"]
+
+
+async def test_stopping_a_task_releases_its_buffered_slot(db_url: str) -> None:
+    """Under buffer_one, the slot held to run after the run in flight is released when the
+    task is stopped: its claim goes (nothing is recorded for a slot that never started), and
+    the run in flight is recorded cancelled."""
+    manager = CronManager(poll_interval=0.05, bus=MessageBus())
+    busy = Busy(1.0, 30, overlap="buffer_one")
+    manager.register_task("held", busy)
+    engine = manager.engine
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await manager.start_task("held")
+            async with asyncio.timeout(WAIT):
+                while not [e for e in logs if e["event"] == "task.buffered"]:
+                    await asyncio.sleep(0.02)
+            buffered = next(e for e in logs if e["event"] == "task.buffered")
+            assert [r.outcome for r in _rows(engine, "held")] == ["running", "running"]
+            await manager.stop_task("held")
+            await manager.flush()
+            async with asyncio.timeout(WAIT):
+                while not [e for e in logs if e["event"] == "cron.claims_released"]:
+                    await asyncio.sleep(0.02)
+    finally:
+        await manager.shutdown(grace=0)
+    rows = _rows(engine, "held")
+    assert [r.outcome for r in rows] == ["cancelled"]
+    assert rows[0].scheduled_at.isoformat() != buffered["scheduled_at"]
+    assert busy.started == 1

@@ -102,9 +102,9 @@ class Launcher:
         now = time.monotonic()
         intervals = self._ctx.overrun_intervals
         result = []
+        # No entry is empty: _start adds a task's entry with its run, _end drops it with its
+        # last one.
         for name, runs in list(self.inflight.items()):
-            if not runs:
-                continue
             run_id, oldest = min(runs.items(), key=lambda item: item[1].started)
             bound = intervals * oldest.interval if intervals > 0 else None
             result.append(
@@ -481,11 +481,10 @@ class Launcher:
         recorded, its health update and ping made."""
         ctx = self._ctx
         finished = ctx.clock()
-        runs = self.inflight.get(launch.name)
-        if runs is not None:
-            runs.pop(launch.run_id, None)
-            if not runs:
-                del self.inflight[launch.name]
+        runs = self.inflight.get(launch.name, {})
+        runs.pop(launch.run_id, None)
+        if not runs:
+            self.inflight.pop(launch.name, None)
         self._overrunning.discard(launch.run_id)
         self._cancel_reasons.pop(launch.run_id, None)
         if task.get_task() is asyncio.current_task():
