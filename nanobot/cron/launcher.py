@@ -177,6 +177,13 @@ class Launcher:
                 early -= MARK_AHEAD
             if early <= 0:
                 if marking:
+                    # A group already waiting for this instant joins this one (one hand-over's
+                    # launches must never replace another's: they would be neither started
+                    # nor released).
+                    pending = self.delayed.pop(slot, None)
+                    if pending is not None:
+                        pending[0].cancel()
+                        launches = [*pending[1], *launches]
                     self.delayed[slot] = (loop.call_soon(self._launch_delayed, slot), launches)
                 else:
                     self._launch_chunks(launches)
