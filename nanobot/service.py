@@ -20,11 +20,12 @@ Before all this (:mod:`nanobot.preflight`): every path must be usable and no oth
 run as this node from the same home; the start ends with one line and the documented exit code
 otherwise (also when the database cannot be opened or written: exit 3).
 
-Each lease period the service also checks that the SQLite file at the configured path is still
-the one it opened (:mod:`nanobot.database_file`); a deleted or replaced file stops scheduling,
-puts status in error (and /readyz down), logs ``service.database_replaced`` and publishes
-``database.replaced`` on the bus. The leader checkpoints and truncates SQLite's write-ahead log
-every ``CHECKPOINT_EVERY_S``, so that a burst does not leave it tens of megabytes long.
+Each lease period the service's database guard (:mod:`nanobot.database_guard`) checks that the
+SQLite file at the configured path is still the one it opened; a deleted or replaced file stops
+scheduling, puts status in error (and /readyz down), logs ``service.database_replaced`` and
+publishes ``database.replaced`` on the bus. On the leader it checkpoints and truncates SQLite's
+write-ahead log every ``CHECKPOINT_EVERY_S``, so that a burst does not leave it tens of
+megabytes long.
 
 The leader renews the lease every ``lease_ttl / 3`` seconds; when a renewal fails, or cannot
 finish before less than ``lease_ttl / 3`` seconds of the lease are left, it stops dispatching at
@@ -71,8 +72,8 @@ from nanobot.cron import register_builtin_tasks
 from nanobot.cron.manager import CronManager, install_cron_manager
 from nanobot.cron.overdue import OverdueWatch
 from nanobot.cron.sources import TaskSources
-from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
-from nanobot.db import checkpoint, count_tasks, dispose_engines, get_engine, upgrade_database
+from nanobot.database_guard import DatabaseGuard
+from nanobot.db import dispose_engines, get_engine, upgrade_database
 from nanobot.exceptions import ConfigError, NotLeaderError
 from nanobot.heartbeat import HeartbeatMonitor, initialize_heartbeat, install_heartbeat_monitor
 from nanobot.http import HttpServer
@@ -102,11 +103,6 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 # Liveness: the lease loop must have come round within this many of its periods.
 _LOOP_STALE_PERIODS: Final = 2.5
-# The leader folds SQLite's write-ahead log into the database and truncates it this often.
-CHECKPOINT_EVERY_S: Final = 10.0
-# Topics published on the bus when the database is lost (payload: database, reason, node).
-DATABASE_REPLACED: Final = "database.replaced"
-DATABASE_RECREATED: Final = "database.recreated"
 
 
 class Role(enum.StrEnum):
@@ -169,22 +165,21 @@ class Service:
         # The one lease call (acquire) in flight in a thread, if any: a call that outlives its
         # timeout is waited for, never doubled, so that a silent database cannot pile up threads.
         self._lease_call: asyncio.Future[bool] | None = None
-        # Problems of this process that the database cannot tell (it is the problem): shown
-        # first in status; ``fatal`` ones put it in error and stop scheduling.
-        self._fatal: str | None = None
+        # Problems of this process that the database cannot tell (it is the problem), shown
+        # first in status (degraded); the guard's ``fatal`` one puts it in error and stops
+        # scheduling.
         self._warnings: dict[str, str] = {}
         # What status() shows of them: rebuilt whole on each change, so that a reader thread
         # (the endpoint's) never iterates a dict that the loop changes.
         self._warning_list: tuple[str, ...] = ()
-        path = sqlite_file(config)
-        self._file_watch: DatabaseFileWatch | None = None
-        self._sqlite_path = path
-        self._marker = DatabaseMarker(
-            config.home, self.engine.url.render_as_string(hide_password=True), path
+        self._guard = DatabaseGuard(
+            self.engine,
+            home=config.home,
+            sqlite_path=sqlite_file(config),
+            node=self.node,
+            period=self.period,
+            warn=self._warn,
         )
-        self._last_checkpoint = time.monotonic()
-        self._checkpoint_call: asyncio.Future[int] | None = None
-        self._pending_events: list[tuple[str, dict[str, Any]]] = []
         self._step_lock = asyncio.Lock()
         self._claim: NodeClaim | None = None
 
@@ -213,7 +208,7 @@ class Service:
         }
 
     def status(self) -> dict[str, Any]:
-        fatal = self._fatal
+        fatal = self._guard.fatal
         if fatal is not None:
             # The database at the path is not the one in use: reading it would show (or create)
             # another database's state. Say what is wrong, without touching it.
@@ -442,7 +437,7 @@ class Service:
         assert self._stop is not None
         if self._stop.is_set():
             return  # stopping: a standby does not take the lead any more
-        if time.monotonic() < self._compete_after or self._fatal is not None:
+        if time.monotonic() < self._compete_after or self._guard.fatal is not None:
             acquired = False
         elif self._lease_call is not None and not self._lease_call.done():
             # The last attempt still waits on the database: never a second thread beside it.
@@ -774,27 +769,12 @@ class Service:
     # --- the database under the service -------------------------------------------------------
 
     def check_database_at_start(self) -> None:
-        """In a thread, after the migrations: remember which file is open, and say so loudly
-        when the database is new and empty where the last one had tasks.
+        """In a thread, after the migrations: the database guard's check of the database the
+        service opened (:meth:`DatabaseGuard.check_at_start`).
 
         :meth:`run` calls it; public so that a test can drive the database checks without the
         lease loop (with :meth:`health_cycle`)."""
-        if self._sqlite_path is not None:
-            self._file_watch = DatabaseFileWatch(self._sqlite_path)
-        tasks = count_tasks(self.engine)
-        lost = self._marker.lost_database(tasks)
-        if lost is None:
-            self._marker.write(tasks)
-            return
-        # In the start-up thread, before the loops run: nothing reads or writes it meanwhile.
-        self._warn("database_recreated", lost)
-        log.error(
-            "service.database_recreated",
-            database=self._marker.url,
-            problem=lost,
-            marker=str(self._marker.file),
-        )
-        self._publish_later(DATABASE_RECREATED, {"reason": "empty_after_restart", "problem": lost})
+        self._guard.check_at_start()
 
     def _warn(self, key: str, problem: str | None) -> None:
         """Show ``problem`` in status (degraded) under ``key``; None clears it."""
@@ -805,80 +785,15 @@ class Service:
             self._warnings[key] = problem
         self._warning_list = tuple(self._warnings.values())
 
-    def _publish_later(self, topic: str, payload: dict[str, Any]) -> None:
-        self._pending_events.append((topic, payload))
-
     async def health_cycle(self) -> None:
-        """Each lease period: is the database file still ours; the marker; the checkpoint.
+        """Each lease period, the database guard's cycle: a database file lost stops the
+        scheduling of a leader (it steps down; no node of this file leads again).
 
         The lease loop calls it after each lease step; public for the same reason as
         :meth:`check_database_at_start`."""
-        for topic, payload in self._pending_events:
-            await self._publish(topic, payload)
-        self._pending_events.clear()
-        watch = self._file_watch
-        if watch is not None and self._fatal is None:
-            problem = await asyncio.to_thread(watch.problem)
-            if problem is not None:
-                await self._database_lost(problem, watch.reason() or "replaced")
-                return
-        if self._fatal is not None:
-            return
-        if self.role is Role.LEADER:
-            await self._maintain_database()
-
-    async def _database_lost(self, problem: str, reason: str) -> None:
-        self._fatal = problem
-        log.critical(
-            "service.database_replaced",
-            database=self._marker.url,
-            reason=reason,
-            problem=problem,
-            action="scheduling_stopped",
-        )
-        await self._publish(DATABASE_REPLACED, {"reason": reason, "problem": problem})
-        if self.role is Role.LEADER:
-            await self._step_down(reason=f"database_{reason}")
-
-    async def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        try:
-            await get_bus().publish(
-                topic, {"database": self._marker.url, "node": self.node, **payload}
-            )
-        except Exception as exc:
-            log.error("service.publish_failed", topic=topic, error=f"{exc.__class__.__name__}")
-
-    async def _maintain_database(self) -> None:
-        """The leader's share of keeping the database healthy: the marker (stored task count)
-        while nothing is wrong, and the write-ahead log's checkpoint. Bounded, in threads, one
-        at a time."""
-        call = self._checkpoint_call
-        if call is not None and not call.done():
-            return
-        due = time.monotonic() - self._last_checkpoint >= CHECKPOINT_EVERY_S
-        if due:
-            self._last_checkpoint = time.monotonic()
-        recreated = "database_recreated" in self._warnings
-        call = asyncio.ensure_future(asyncio.to_thread(self._maintain, due, not recreated))
-        self._checkpoint_call = call
-        try:
-            tasks = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
-        except Exception as exc:
-            error = error_text(exc).splitlines()[0]
-            log.warning("service.database_maintenance_failed", error=error)
-            return
-        if recreated and tasks > 0:
-            # Tasks again: the operator has restored or re-created what matters.
-            self._warn("database_recreated", None)
-
-    def _maintain(self, checkpoint_due: bool, remember: bool) -> int:
-        """In a thread: the stored task count (remembered in the marker), and the checkpoint."""
-        tasks = count_tasks(self.engine)
-        if remember:
-            self._marker.write(tasks)
-        if checkpoint_due:
-            checkpoint(self.engine)
-        return tasks
+        lost = await self._guard.cycle(leader=self.role is Role.LEADER)
+        if lost is not None and self.role is Role.LEADER:
+            await self._step_down(reason=f"database_{lost}")
 
 
 def _exit_now(sig: signal.Signals) -> NoReturn:  # pragma: no cover

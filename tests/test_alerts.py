@@ -32,6 +32,7 @@ from nanobot.bus import MessageBus
 from nanobot.cli import cli
 from nanobot.config import load_config
 from nanobot.cron import history
+from nanobot.database_guard import DATABASE_RECREATED, DATABASE_REPLACED
 from nanobot.db import (
     alembic_config,
     create_db_engine,
@@ -43,7 +44,6 @@ from nanobot.exceptions import ConfigError
 from nanobot.heartbeat.store import SYSTEM_COMPONENT, Batch, ChangeRow, write_batch
 from nanobot.lease import SchedulerLease, read_lease
 from nanobot.models import AlertRecord, Task, TaskOutcome, utcnow
-from nanobot.service import DATABASE_RECREATED, DATABASE_REPLACED
 
 T0 = datetime(2026, 11, 30, 3, 0, tzinfo=datetime.now().astimezone().tzinfo).astimezone()
 NODE = "node-a"

@@ -47,18 +47,19 @@ from nanobot.alerts.rules import Rules, settings_from
 from nanobot.alerts.worker import Deliverer, RetryPolicy
 from nanobot.bus import MessageBus, get_bus
 from nanobot.config import Config
+
+# Published by the service's database guard: the database file was deleted or replaced under a
+# running service; a new, empty database was found after a restart where one with tasks had been.
+from nanobot.database_guard import DATABASE_RECREATED, DATABASE_REPLACED
 from nanobot.models import error_text, utcnow
 from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
 
 
-# Published by the service (nanobot.service.DATABASE_REPLACED / DATABASE_RECREATED): the database
-# file was deleted or replaced under a running service; a new, empty database was found after a
-# restart where one with tasks had been.
-DATABASE_REPLACED: Final = "database.replaced"
-DATABASE_RECREATED: Final = "database.recreated"
-# Hooks for any other code that finds the database unusable, and usable again.
+# DATABASE_REPLACED and DATABASE_RECREATED (nanobot.database_guard): the database file was deleted
+# or replaced under a running service; a new, empty database was found after a restart where one
+# with tasks had been. Hooks for any other code that finds the database unusable, and usable again.
 DATABASE_UNUSABLE: Final = "database.unusable"
 DATABASE_USABLE: Final = "database.usable"
 # Events after which the rules are evaluated at once rather than at the next check_interval.

@@ -24,8 +24,9 @@ import pytest
 from faults.harness import Ledger, ServiceProcess, report, run_nanobot, wait_for
 from nanobot.bus import get_bus
 from nanobot.config import load_config
+from nanobot.database_guard import DATABASE_REPLACED
 from nanobot.db import dispose_engines
-from nanobot.service import DATABASE_REPLACED, Service
+from nanobot.service import Service
 
 sqlite_only = pytest.mark.parametrize(
     "db_url", [pytest.param("sqlite", id="sqlite")], indirect=True

@@ -19,9 +19,9 @@ from sqlalchemy import Engine, func, select
 
 from faults.harness import Ledger, ServiceProcess, fill, log_events, report, tmpfs, wait_for
 from nanobot import config as config_module
+from nanobot.database_guard import CHECKPOINT_EVERY_S
 from nanobot.db import create_db_engine, dispose_engines
 from nanobot.models import TaskRun
-from nanobot.service import CHECKPOINT_EVERY_S
 
 sqlite_only = pytest.mark.parametrize(
     "db_url", [pytest.param("sqlite", id="sqlite")], indirect=True
