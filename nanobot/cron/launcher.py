@@ -188,6 +188,11 @@ class Launcher:
             else:
                 pending[1].extend(launches)
 
+    def launching(self) -> bool:
+        """Whether launches handed over together are still being started, a chunk per loop
+        iteration (a burst)."""
+        return bool(self._queued)
+
     def _launch_chunks(self, launches: list[Launch]) -> None:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:
