@@ -23,7 +23,7 @@ from test_cron import Outcomes
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
-from nanobot.cron import CronManager, CronTask, history
+from nanobot.cron import CronManager, CronTask, history, launcher
 from nanobot.cron.history import Claim, Finish
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import TaskNotStorableError
@@ -472,3 +472,53 @@ async def test_components_of_tasks_gone_are_dropped_at_start(
     assert ("task:gone", "n1") not in left
     assert ("task:gone", "n2") not in left
     assert ("task:kept", "n1") in left
+
+
+async def test_a_burst_claimed_ahead_is_marked_chunk_by_chunk_and_all_of_it_runs(
+    db_url: str, bus: MessageBus, outcomes: Outcomes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots of one instant claimed ahead are marked dispatched a chunk per transaction, each
+    chunk started once marked: every slot of the instant runs once, marked, none left."""
+    monkeypatch.setattr(launcher, "MARK_CHUNK", 2)
+    names = [f"burst{i}" for i in range(5)]
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    now = utcnow()
+    instant = now + timedelta(seconds=3)
+    with write_transaction(engine) as conn:
+        # Stored as `cron add` stores them, all due at one instant.
+        conn.execute(
+            insert(Task),
+            [
+                {
+                    "name": name,
+                    "task_class": "cron_tasks:Counter",
+                    "interval_s": 60.0,
+                    "kwargs": {"interval": 60, "label": name},
+                    "paused": False,
+                    "anchor_at": instant,
+                    "next_run_at": instant,
+                    "created_at": now,
+                    "updated_at": now,
+                    "version": 1,
+                    "consecutive_failures": 0,
+                }
+                for name in names
+            ],
+        )
+    manager = CronManager(poll_interval=POLL, bus=bus)
+    # As if a pass cost a second per slot: the instant's slots are claimed seconds ahead.
+    manager._dispatcher.cost_per_job = 1.0
+    try:
+        await manager.start()
+        await until(lambda: all(len(rows(engine, n)) == 1 for n in names))
+        assert all(rows(engine, n)[0].started_at is None for n in names), "claimed ahead"
+        await outcomes.wait(lambda: all(outcomes.of(n, "success") for n in names))
+        await manager.flush()
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+    for name in names:
+        done = rows(engine, name)
+        assert [(r.scheduled_at, r.outcome) for r in done] == [(instant, "success")]
+        assert done[0].started_at is not None
