@@ -8,6 +8,7 @@ bench/RESULTS.md with the table, the command, the machine and each figure's note
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import json
 import os
@@ -24,6 +25,8 @@ from bench.common import REPO, Result, machine, markdown_table, text_table
 RESULTS = REPO / "bench" / "RESULTS.md"
 # Everything from this heading on in RESULTS.md is kept when the table is rewritten.
 KEPT = "## History and diagnosis"
+# Lines of a failed figure's standard error kept in its note.
+FAILURE_LINES = 15
 
 
 def _child(name: str, quick: bool, out: Path) -> None:
@@ -41,11 +44,22 @@ def _run_figure(name: str, quick: bool) -> Result:
             cmd.append("--quick")
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         started = time.monotonic()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+        # The child's standard error is copied through as it comes, and its last lines kept:
+        # a figure that fails says why in RESULTS.md, not only on a terminal long closed.
+        tail: collections.deque[str] = collections.deque(maxlen=FAILURE_LINES)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line.rstrip())
+        returncode = proc.wait()
         elapsed = time.monotonic() - started
-        if proc.returncode != 0 or not out.exists():
+        if returncode != 0 or not out.exists():
             result = Result(name)
-            result.notes.append(f"**{name} failed** (exit code {proc.returncode}); see stderr.")
+            result.notes.append(
+                f"**{name} failed** (exit code {returncode}); the last lines of its standard "
+                "error:\n\n```\n" + "\n".join(tail) + "\n```"
+            )
             return result
         result = Result.from_json(json.loads(out.read_text()))
         result.settings["wall_s"] = round(elapsed, 1)

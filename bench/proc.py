@@ -208,12 +208,23 @@ class ServiceProcess(_Process):
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"the service exited ({self.proc.returncode}); see {self.stderr_path}"
+                    f"the service exited ({self.proc.returncode}); its standard error ends:\n"
+                    + self.stderr_tail()
                 )
             if http_get(self.port, path, timeout=15.0) == status:
                 return time.time()
             time.sleep(0.02)
-        raise RuntimeError(f"{path} did not answer {status} within {within} s")
+        raise RuntimeError(
+            f"{path} did not answer {status} within {within} s; the service's standard error "
+            "ends:\n" + self.stderr_tail()
+        )
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        """The last lines the service wrote to standard error (its home is temporary: a
+        failure must carry them)."""
+        if not self.stderr_path.exists():
+            return "(nothing)"
+        return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
 
     def log_lines(self) -> int:
         """Lines the service wrote to standard error and to its log file."""

@@ -54,6 +54,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    bindparam,
     create_engine,
     func,
     insert,
@@ -184,6 +185,18 @@ def read_lease(conn: Connection, name: str = SCHEDULER_LEASE) -> LeaseInfo | Non
     """The stored state of lease ``name`` inside an open transaction (for status readers)."""
     row = conn.execute(select(LeaseRow.__table__).where(LeaseRow.name == name)).first()
     return None if row is None else _row_info(row)
+
+
+# What every claiming transaction runs (SchedulerLease.verify), built once: many times a second.
+_VERIFY: Final = select(LeaseRow.holder, LeaseRow.epoch, LeaseRow.expires_at).where(
+    LeaseRow.name == bindparam("b_name")
+)
+# On PostgreSQL the row is locked FOR SHARE, and the database's clock read with it.
+_VERIFY_PG: Final = (
+    select(LeaseRow.holder, LeaseRow.epoch, LeaseRow.expires_at, func.now().label("now"))
+    .where(LeaseRow.name == bindparam("b_name"))
+    .with_for_update(read=True)
+)
 
 
 class SchedulerLease:
@@ -432,18 +445,17 @@ class SchedulerLease:
         epoch = self.epoch
         if epoch is None:
             return False
-        query = select(LeaseRow.holder, LeaseRow.epoch, LeaseRow.expires_at).where(
-            LeaseRow.name == self.name
-        )
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update(read=True)
-        row = conn.execute(query).first()
+        postgres = conn.dialect.name == "postgresql"
+        row = conn.execute(_VERIFY_PG if postgres else _VERIFY, {"b_name": self.name}).first()
+        if row is None:
+            return False
+        # On PostgreSQL the database's clock comes with the row (one round trip, not two).
+        now = self._clock() if self._clock is not None else row.now if postgres else utcnow()
         return bool(
-            row is not None
-            and row.holder == self.holder_id
+            row.holder == self.holder_id
             and row.epoch == epoch
             and row.expires_at is not None
-            and row.expires_at > self._now(conn)
+            and row.expires_at > now
         )
 
     def _forget(self) -> None:

@@ -255,6 +255,45 @@ def test_in_memory_jobs_move_after_their_pass(engine: Engine) -> None:
         scheduler.close()
 
 
+def test_next_wakeup_is_the_earliest_job_and_the_count_due_by_it_plus_the_window(
+    engine: Engine,
+) -> None:
+    """next_wakeup(window) says what next_run_at() and count_due(next + window) say, over the
+    stored and the in-memory jobs: the earliest next run, and how many are due by it + window;
+    nothing scheduled is (None, 0)."""
+    scheduler = _scheduler(engine)
+    try:
+        assert scheduler.next_wakeup(0.05) == (None, 0)
+        at = [T0, T0 + timedelta(seconds=0.04), T0 + timedelta(seconds=0.06)]
+        scheduler.add_many(
+            [
+                JobSpec(f"s{i}", "cron_tasks:Counter", {}, 10.0, slot, slot)
+                for i, slot in enumerate(at)
+            ]
+        )
+        assert scheduler.next_wakeup(0.05) == (T0, 2)
+        assert scheduler.next_wakeup(0.1) == (T0, 3)
+        # An in-memory job due before every stored one is the next wakeup, counted with them.
+        early = T0 - timedelta(seconds=0.03)
+        scheduler.add(
+            "local",
+            store=EPHEMERAL,
+            task_class="cron_tasks:Counter",
+            kwargs={},
+            interval=10.0,
+            anchor=early,
+            next_run_at=early,
+        )
+        assert scheduler.next_wakeup(0.05) == (early, 2)
+        for window in (0.0, 0.05, 0.1):
+            first = scheduler.next_run_at()
+            assert first is not None
+            expected = scheduler.count_due(first + timedelta(seconds=window))
+            assert scheduler.next_wakeup(window) == (first, expected)
+    finally:
+        scheduler.close()
+
+
 async def test_lifecycle_passes_run_in_the_worker_until_quiesced(engine: Engine) -> None:
     """start() runs a first pass at once, in the scheduler's worker thread; wakeup() asks for
     another; quiesce() stops them; close() ends the worker. A scheduler starts only once."""

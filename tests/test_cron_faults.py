@@ -25,7 +25,7 @@ from test_cron_restart import Runner
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
-from nanobot.cron import CronManager, CronTask, control, definitions, history
+from nanobot.cron import CronManager, CronTask, control, definitions, history, launcher
 from nanobot.cron.dispatch import COST_SAMPLE_MIN
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.manager import MARK_AHEAD
@@ -656,3 +656,34 @@ async def test_components_of_tasks_gone_are_dropped_at_start(
     assert ("task:gone", "n1") not in left
     assert ("task:gone", "n2") not in left
     assert ("task:kept", "n1") in left
+
+
+async def test_a_burst_claimed_ahead_is_marked_chunk_by_chunk_and_all_of_it_runs(
+    db_url: str, bus: MessageBus, outcomes: Outcomes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots of one instant claimed ahead are marked dispatched a chunk per transaction, each
+    chunk started once marked: every slot of the instant runs once, marked, none left."""
+    monkeypatch.setattr(launcher, "MARK_CHUNK", 7)
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    try:
+        await manager.start()
+        # A burst's lead: its second instant is claimed ahead, undispatched (store_burst).
+        names = store_burst(engine, "chunked")
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = claimed_ahead(engine, names)
+        await outcomes.wait(
+            lambda: all(
+                any(e["scheduled_at"] == slot.isoformat() for e in outcomes.of(n, "success"))
+                for n in names
+            )
+        )
+        await manager.flush()
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+    for name, found in burst_rows(engine, names).items():
+        at_slot = [r for r in found if r.scheduled_at == slot]
+        assert [r.outcome for r in at_slot] == ["success"], name
+        assert at_slot[0].started_at is not None

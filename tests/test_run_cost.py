@@ -20,7 +20,9 @@ from nanobot.bus import MessageBus
 from nanobot.config import reset_config
 from nanobot.cron import CronManager, TaskOutcome, control, history
 from nanobot.cron.aps_adapter import JobSpec, NanobotScheduler
+from nanobot.cron.context import CronContext
 from nanobot.cron.history import Claim, Finish
+from nanobot.cron.recorder import Recorder
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
 from nanobot.db import get_engine, write_transaction
@@ -294,3 +296,41 @@ async def test_publish_many_abandons_a_stuck_subscriber_once() -> None:
             await bus.publish_many("t", list(range(100)))
     assert got == list(range(100))
     assert len([e for e in captured if e["event"] == "bus.subscriber_timeout"]) == 1
+
+
+async def test_events_of_a_burst_wait_until_its_launches_are_started() -> None:
+    """task.finished events of runs that ended while a burst's launches are still being started
+    wait until every launch is started (they would make the last ones late), then all go."""
+    bus = MessageBus()
+    got: list[str] = []
+    bus.subscribe("task.finished", lambda _t, p: got.append(p["task"]))
+    asked = asyncio.Event()
+    state = {"launching": True, "asks": 0}
+
+    def launching() -> bool:
+        state["asks"] += 1
+        if state["asks"] >= 5:
+            asked.set()
+        return bool(state["launching"])
+
+    ctx = CronContext(
+        None,
+        node="n",
+        clock=lambda: datetime.now(UTC),
+        poll_interval=None,
+        bus=bus,
+        monitor=None,
+        fence=None,
+    )
+    recorder = Recorder(ctx, apply_pauses=lambda _s: None, launching=launching)
+    now = datetime.now(UTC)
+    recorder.announce_batch(
+        [Finish(name, None, now, TaskOutcome.MISSED, None, now) for name in ("a", "b")]
+    )
+    async with asyncio.timeout(WAIT):
+        await asked.wait()
+    assert got == [], "nothing delivered while the launches go on"
+    state["launching"] = False
+    async with asyncio.timeout(WAIT):
+        await recorder.flush()
+    assert got == ["a", "b"]

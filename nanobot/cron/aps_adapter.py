@@ -58,10 +58,10 @@ import asyncio
 import enum
 import pickle
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import structlog
@@ -72,7 +72,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
-from sqlalchemy import Connection, Engine, and_, bindparam, func, null, select
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, null, select
 from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron.definitions import build_task
@@ -262,6 +262,12 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             .where(self.jobs_t.c.id == bindparam("b_id"))
             .values(next_run_time=bindparam("b_next"))
         )
+        self._wakeup_stmt = self._wakeup([])
+        self._due_stmt = (
+            self._select()
+            .where(self.jobs_t.c.next_run_time <= bindparam("b_due"))
+            .order_by(self.jobs_t.c.next_run_time)
+        )
         # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
         self.unloadable: dict[str, str] = {}
 
@@ -288,13 +294,26 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             return None
         return _with_column_time(self._reconstitute_job(row.job_state), row.next_run_time)
 
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        # APScheduler's builds its query at every call; a pass calls it many times a second.
+        with self.engine.begin() as connection:
+            rows = connection.execute(
+                self._due_stmt, {"b_due": datetime_to_utc_timestamp(now)}
+            ).all()
+        return self._load_rows(rows)
+
     def _get_jobs(self, *conditions: Any) -> list[Job]:
-        jobs: list[Job] = []
         selectable = self._select().order_by(self.jobs_t.c.next_run_time)
         if conditions:
             selectable = selectable.where(and_(*conditions))
         with self.engine.begin() as connection:
             rows = connection.execute(selectable).all()
+        return self._load_rows(rows)
+
+    def _load_rows(self, rows: Sequence[Row[Any]]) -> list[Job]:
+        """The jobs of ``rows`` (id, state, next run time); those that cannot be loaded are
+        noted in :attr:`unloadable` and left out."""
+        jobs: list[Job] = []
         for row in rows:
             try:
                 if row.job_state is None:
@@ -359,6 +378,31 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         with self.engine.begin() as connection:
             value = connection.execute(selectable).scalar()
         return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+    def next_and_count(self, window: float) -> tuple[datetime | None, int]:
+        """The earliest next run time of a loadable job, and how many jobs are due by it plus
+        ``window`` seconds: what :meth:`get_next_run_time` and a count would say, in one
+        statement and one transaction (a pass asks it every time, many times a second)."""
+        stmt = self._wakeup_stmt if not self.unloadable else self._wakeup(list(self.unloadable))
+        with self.engine.begin() as connection:
+            value, due = connection.execute(stmt, {"b_window": window}).one()
+        if value is None:
+            return None, 0
+        return datetime.fromtimestamp(value, UTC), int(due)
+
+    def _wakeup(self, unloadable: list[str]) -> Any:
+        jobs = self.jobs_t
+        first = select(jobs.c.next_run_time).where(jobs.c.next_run_time != null())
+        if unloadable:
+            first = first.where(jobs.c.id.not_in(unloadable))
+        earliest = first.order_by(jobs.c.next_run_time).limit(1).scalar_subquery()
+        count = (
+            select(func.count())
+            .select_from(jobs)
+            .where(jobs.c.next_run_time <= earliest + bindparam("b_window"))
+            .scalar_subquery()
+        )
+        return select(earliest, count)
 
     def jobs_named(self, names: list[str], *, all_rows: bool = False) -> dict[str, Job]:
         """The loadable jobs among ``names``, in one query (the whole table if ``all_rows``)."""
@@ -701,6 +745,19 @@ class NanobotScheduler:
             t for t in (self._store.get_next_run_time(), self._memory.get_next_run_time()) if t
         ]
         return min(times).astimezone(UTC) if times else None
+
+    def next_wakeup(self, window: float) -> tuple[datetime | None, int]:
+        """:meth:`next_run_at`, and :meth:`count_due` of that time plus ``window`` seconds,
+        with one query of the job table instead of two."""
+        stored, count = self._store.next_and_count(window)
+        in_memory = self._memory.get_next_run_time()
+        if in_memory is not None and (stored is None or in_memory < stored):
+            first = in_memory.astimezone(UTC)
+            return first, self.count_due(first + timedelta(seconds=window))
+        if stored is None:
+            return None, 0
+        horizon = stored + timedelta(seconds=window)
+        return stored, count + sum(1 for _job in self._memory.get_due_jobs(horizon))
 
     def count_due(self, horizon: datetime) -> int:
         """How many jobs are due by ``horizon`` (an index range count, no job is loaded)."""

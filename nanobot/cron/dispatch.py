@@ -466,15 +466,16 @@ class Dispatcher:
         instant and starts on time instead of after one long pass. A pending retry wakes the
         pass at its instant too.
         """
-        next_run = scheduler.next_run_at()
+        next_run, count = scheduler.next_wakeup(SCHEDULE_LEAD)
         pending = self._ctx.retries
         if pending:
             earliest = min(r.at for r in pending.values())
-            next_run = earliest if next_run is None else min(next_run, earliest)
+            if next_run is None or earliest < next_run:
+                next_run = earliest
+                count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
         if next_run is None:
             self.lead = SCHEDULE_LEAD
             return None
-        count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
         self.lead = min(MAX_LEAD, max(SCHEDULE_LEAD, 2 * count * self.cost_per_job))
         return max(0.0, (next_run - self._ctx.clock()).total_seconds() - self.lead)
 

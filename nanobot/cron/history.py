@@ -151,6 +151,21 @@ def _insert_ignoring_conflicts(conn: Connection) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing(index_elements=CLAIM_KEY)
 
 
+# Statements that passes and outcome batches run many times a second, built once (per dialect
+# where it differs): building and hashing a statement costs more than running it on SQLite.
+_CLAIM_STMTS: dict[str, Any] = {}
+
+
+def _claim_stmt(conn: Connection) -> Any:
+    stmt = _CLAIM_STMTS.get(conn.dialect.name)
+    if stmt is None:
+        stmt = _insert_ignoring_conflicts(conn).returning(
+            TaskRun.id, TaskRun.task_name, TaskRun.scheduled_at
+        )
+        _CLAIM_STMTS[conn.dialect.name] = stmt
+    return stmt
+
+
 def claim_slots(
     conn: Connection, claims: Sequence[Claim], *, node: str
 ) -> dict[tuple[str, datetime], int]:
@@ -162,9 +177,7 @@ def claim_slots(
         return {}
     # An executemany with RETURNING: SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues")
     # with one cached compilation, whatever the number of claims.
-    stmt = _insert_ignoring_conflicts(conn).returning(
-        TaskRun.id, TaskRun.task_name, TaskRun.scheduled_at
-    )
+    stmt = _claim_stmt(conn)
     rows = [
         {
             "task_name": c.task,
@@ -229,18 +242,62 @@ def _settled(conn: Connection, run_ids: Sequence[int]) -> dict[int, str | None]:
     follows applies to exactly the rows found running here.
     """
     found: dict[int, str] = {}
+    query = _SETTLED_LOCKED if conn.dialect.name == "postgresql" else _SETTLED
     for start in range(0, len(run_ids), _IN_CHUNK):
         chunk = list(run_ids[start : start + _IN_CHUNK])
-        query = select(TaskRun.id, TaskRun.outcome).where(TaskRun.id.in_(chunk))
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        found.update({int(row.id): str(row.outcome) for row in conn.execute(query)})
+        found.update(
+            {int(row.id): str(row.outcome) for row in conn.execute(query, {"b_ids": chunk})}
+        )
     running = TaskOutcome.RUNNING.value
     return {i: found.get(i) for i in run_ids if found.get(i) != running}
 
 
 # Ids per IN (...) list: far below what SQLite (32766 variables) and PostgreSQL accept.
 _IN_CHUNK: Final = 2000
+_SETTLED: Final = select(_RUNS.c.id, _RUNS.c.outcome).where(
+    _RUNS.c.id.in_(bindparam("b_ids", expanding=True))
+)
+_SETTLED_LOCKED: Final = _SETTLED.with_for_update()
+# A run's outcome, written only over its claim's ``running`` row.
+_FINISH_RUN: Final = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("b_id"), _RUNS.c.outcome == TaskOutcome.RUNNING.value)
+    .values(
+        started_at=bindparam("b_started"),
+        finished_at=bindparam("b_finished"),
+        duration_s=bindparam("b_duration"),
+        outcome=bindparam("b_outcome"),
+        error=bindparam("b_error"),
+    )
+)
+# The mirror of a task's last run. A failed attempt that a retry follows leaves the count as it
+# is: only the slot's last attempt settles it.
+_MIRROR_VALUES: Final[dict[str, Any]] = {
+    "last_run_at": bindparam("b_last"),
+    "last_outcome": bindparam("b_outcome"),
+    "consecutive_failures": case(
+        (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1),
+        (bindparam("b_pending"), _TASKS.c.consecutive_failures),
+        else_=0,
+    ),
+}
+_MIRROR_LAST: Final = (
+    update(_TASKS).where(_TASKS.c.name == bindparam("b_name")).values(_MIRROR_VALUES)
+)
+# The same with the next-run mirror, version-guarded as in set_next_runs (version -1: none).
+_MIRROR_LAST_NEXT: Final = (
+    update(_TASKS)
+    .where(_TASKS.c.name == bindparam("b_name"))
+    .values(
+        {
+            **_MIRROR_VALUES,
+            "next_run_at": case(
+                (_TASKS.c.version == bindparam("b_version"), bindparam("b_next")),
+                else_=_TASKS.c.next_run_at,
+            ),
+        }
+    )
+)
 
 
 def write_finishes(
@@ -269,20 +326,8 @@ def write_finishes(
             if f.run_id is not None and f.run_id in settled
         ]
         if ran:
-            table = _RUNS
             conn.execute(
-                update(table)
-                .where(
-                    table.c.id == bindparam("b_id"),
-                    table.c.outcome == TaskOutcome.RUNNING.value,
-                )
-                .values(
-                    started_at=bindparam("b_started"),
-                    finished_at=bindparam("b_finished"),
-                    duration_s=bindparam("b_duration"),
-                    outcome=bindparam("b_outcome"),
-                    error=bindparam("b_error"),
-                ),
+                _FINISH_RUN,
                 [
                     {
                         "b_id": f.run_id,
@@ -304,23 +349,6 @@ def write_finishes(
         # that consecutive_failures counts across the batch.
         mirrored = [f for f in ran if f.outcome is not TaskOutcome.SKIPPED]
         if mirrored:
-            values: dict[str, Any] = {
-                "last_run_at": bindparam("b_last"),
-                "last_outcome": bindparam("b_outcome"),
-                # A failed attempt that a retry follows leaves the count as it is: only the
-                # slot's last attempt settles it.
-                "consecutive_failures": case(
-                    (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1),
-                    (bindparam("b_pending"), _TASKS.c.consecutive_failures),
-                    else_=0,
-                ),
-            }
-            if next_runs:
-                # Version-guarded as in set_next_runs; version -1 (no mirror) never matches.
-                values["next_run_at"] = case(
-                    (_TASKS.c.version == bindparam("b_version"), bindparam("b_next")),
-                    else_=_TASKS.c.next_run_at,
-                )
             params = []
             for f in mirrored:
                 row = {
@@ -333,9 +361,7 @@ def write_finishes(
                 if next_runs:
                     row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
                 params.append(row)
-            conn.execute(
-                update(_TASKS).where(_TASKS.c.name == bindparam("b_name")).values(values), params
-            )
+            conn.execute(_MIRROR_LAST_NEXT if next_runs else _MIRROR_LAST, params)
             for f in mirrored:
                 next_runs.pop(f.task, None)
         store_retries(conn, [f for f in ran if f.retry_at is not None])

@@ -53,6 +53,8 @@ SCHEDULE_LEAD: Final = 0.05
 # A slot claimed further ahead than DISPATCH_AHEAD (dispatch) is marked dispatched this many
 # seconds before its instant.
 MARK_AHEAD: Final = SCHEDULE_LEAD
+# Slots claimed ahead marked dispatched per transaction (see Launcher._mark_and_launch).
+MARK_CHUNK: Final = 1000
 # How long a shutdown waits for such marks in progress.
 MARK_WAIT_S: Final = 5.0
 # Longest period of the watch over runs in flight (overruns).
@@ -195,6 +197,11 @@ class Launcher:
             else:
                 pending[1].extend(launches)
 
+    def launching(self) -> bool:
+        """Whether launches handed over together are still being started, a chunk per loop
+        iteration (a burst)."""
+        return bool(self._queued)
+
     def _launch_chunks(self, launches: list[Launch]) -> None:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:
@@ -225,25 +232,34 @@ class Launcher:
             self.launch_groups({slot: ready})
 
     async def _mark_and_launch(self, slot: datetime, launches: list[Launch]) -> None:
-        """Mark slots claimed ahead as dispatched (fenced), then start them at their instant."""
-        ids = [launch.run_id for launch in launches]
+        """Mark slots claimed ahead as dispatched (fenced), then start them at their instant.
+
+        A burst is marked MARK_CHUNK slots per transaction, each chunk handed to the instant's
+        timer once marked: its first starts do not wait for the marks of the thousands after
+        them (on PostgreSQL 5,000 marks took about 90 ms, longer than MARK_AHEAD)."""
         ctx = self._ctx
-        try:
-            marked = await asyncio.to_thread(history.mark_dispatched, ctx.engine, ids, ctx.fence)
-        except Exception as exc:
-            # Not marked, so not started: released (and caught up) rather than lost.
-            log.error("cron.dispatch_failed", count=len(ids), error=error_text(exc))
-            self._release_soon(launches)
-            return
-        if len(marked) < len(ids):
-            log.warning(
-                "cron.slots_not_dispatched",
-                count=len(ids) - len(marked),
-                reason="released by another node, or this node no longer leads",
-            )
-        ready = [replace(launch, dispatched=True) for launch in launches if launch.run_id in marked]
-        if ready:
-            self.launch_groups({slot: ready})
+        for start in range(0, len(launches), MARK_CHUNK):
+            chunk = launches[start : start + MARK_CHUNK]
+            ids = [launch.run_id for launch in chunk]
+            try:
+                marked = await asyncio.to_thread(
+                    history.mark_dispatched, ctx.engine, ids, ctx.fence
+                )
+            except Exception as exc:
+                # Not marked, so not started: released (and caught up) rather than lost.
+                rest = launches[start:]
+                log.error("cron.dispatch_failed", count=len(rest), error=error_text(exc))
+                self._release_soon(rest)
+                return
+            if len(marked) < len(ids):
+                log.warning(
+                    "cron.slots_not_dispatched",
+                    count=len(ids) - len(marked),
+                    reason="released by another node, or this node no longer leads",
+                )
+            ready = [replace(x, dispatched=True) for x in chunk if x.run_id in marked]
+            if ready:
+                self.launch_groups({slot: ready})
 
     # --- not started: released -----------------------------------------------------------------
 

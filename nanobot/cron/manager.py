@@ -112,7 +112,9 @@ class CronManager:
             fence=fence,
         )
         self._registry = Registry(ctx)
-        self._recorder = Recorder(ctx, apply_pauses=self._apply_now)
+        self._recorder = Recorder(
+            ctx, apply_pauses=self._apply_now, launching=lambda: self._launcher.launching()
+        )
         self._launcher = Launcher(ctx, self._registry, self._recorder)
         self._reconciler = Reconciler(ctx, self._registry, on_removed=self._on_removed)
         self._dispatcher = Dispatcher(

@@ -11,6 +11,7 @@ passes read it there. History never blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import random
@@ -32,6 +33,13 @@ log = structlog.get_logger(__name__)
 
 FLUSH_RETRY_S: Final = 1.0
 FLUSH_WINDOW_S: Final = 0.02
+# After a write, outcomes that come within this long are written with the next batch (see
+# Recorder._busy_window): a few transactions a second for hundreds of runs, not one per run.
+FLUSH_BUSY_WINDOW_S: Final = 0.1
+# How long health updates and task.finished events wait for a burst's launches, at most, and
+# how often they look whether those are done.
+LAUNCH_DEFER_MAX_S: Final = 1.0
+LAUNCH_DEFER_STEP_S: Final = 0.005
 # Health updates and task.finished events of finished runs handled per loop iteration.
 AFTER_RUNS_CHUNK: Final = 200
 
@@ -44,13 +52,21 @@ class Recorder:
     """
 
     def __init__(
-        self, ctx: CronContext, *, apply_pauses: Callable[[NanobotScheduler], None]
+        self,
+        ctx: CronContext,
+        *,
+        apply_pauses: Callable[[NanobotScheduler], None],
+        launching: Callable[[], bool] = lambda: False,
     ) -> None:
         self._ctx = ctx
         self._apply_pauses = apply_pauses
+        # True while the loop is still starting the launches of a burst (event loop).
+        self._launching = launching
         # loop: outcomes waiting to be written, and the task writing them.
         self.pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Set while flush() waits: the flusher writes at once, without its busy window.
+        self._hurry = asyncio.Event()
         # loop: per-run bookkeeping done once per burst, not once per run (see _after_runs):
         # health updates of task components and task.finished events.
         self._health_registered: set[str] = set()
@@ -74,13 +90,17 @@ class Recorder:
     async def flush(self) -> None:
         """Wait until every recorded outcome is written to the database (and its health update
         and ``task.finished`` event are done)."""
-        while self.pending or (self._flusher is not None and not self._flusher.done()):
-            if self._flusher is None or self._flusher.done():
-                self._start_flusher()
-            assert self._flusher is not None
-            await asyncio.shield(self._flusher)
-        if self._after_runs_task is not None and not self._after_runs_task.done():
-            await asyncio.shield(self._after_runs_task)
+        self._hurry.set()
+        try:
+            while self.pending or (self._flusher is not None and not self._flusher.done()):
+                if self._flusher is None or self._flusher.done():
+                    self._start_flusher()
+                assert self._flusher is not None
+                await asyncio.shield(self._flusher)
+            if self._after_runs_task is not None and not self._after_runs_task.done():
+                await asyncio.shield(self._after_runs_task)
+        finally:
+            self._hurry.clear()
 
     def drop_pending(self) -> None:
         """Give up the outcomes not written (the database does not answer at a stop): their
@@ -99,6 +119,7 @@ class Recorder:
         await asyncio.sleep(FLUSH_WINDOW_S)
         while self.pending:
             batch, self.pending = self.pending, []
+            wrote = False
             try:
                 scheduler = self._ctx.in_worker()
                 if scheduler is not None:
@@ -108,6 +129,7 @@ class Recorder:
                 self.log_fenced(fenced)
                 _announce_retries(planned)
                 await self._auto_pause(planned)
+                wrote = True
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
                 self.pending = batch + self.pending
@@ -117,6 +139,19 @@ class Recorder:
                 log.exception("cron.history_write_failed", pending=len(batch))
                 self.pending = batch + self.pending
                 await asyncio.sleep(FLUSH_RETRY_S)
+            if wrote:
+                await self._busy_window()
+
+    async def _busy_window(self) -> None:
+        """After a write, outcomes that come within a longer window are written together: with
+        runs ending every few milliseconds (hundreds of tasks spread over the second), writing
+        each as it came made a transaction per one or two outcomes. A run after a quiet spell is
+        still written FLUSH_WINDOW_S after it ends; :meth:`flush` cuts the window short."""
+        if self._hurry.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_BUSY_WINDOW_S):
+                await self._hurry.wait()
 
     def write_at_exit(self) -> None:
         """At interpreter exit (no event loop any more): write the outcomes still pending."""
@@ -279,6 +314,12 @@ class Recorder:
         subscriber sees the task's component as its run left it."""
         await asyncio.sleep(FLUSH_WINDOW_S)
         bus = self._ctx.bus
+        # A burst's first runs register thousands of components: done between its launches, it
+        # would make the last ones late. It waits for them (a bounded time).
+        deferred = 0.0
+        while self._launching() and deferred < LAUNCH_DEFER_MAX_S:
+            await asyncio.sleep(LAUNCH_DEFER_STEP_S)
+            deferred += LAUNCH_DEFER_STEP_S
         while self._health_pending or self._announce_pending:
             while self._health_pending:
                 updates = self._health_pending[:AFTER_RUNS_CHUNK]
@@ -291,6 +332,8 @@ class Recorder:
             if finishes and bus.subscribers("task.finished"):
                 await bus.publish_many("task.finished", [_payload(f) for f in finishes])
             await asyncio.sleep(0)
+            if not self._health_pending and not self._announce_pending:
+                await self._busy_window()
 
     def health(self, name: str, interval: float, outcome: TaskOutcome, error: str | None) -> None:
         """Section 5.2.3 of the seed: a task is a component, ``task:<name>``; a failed run
