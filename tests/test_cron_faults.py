@@ -680,10 +680,10 @@ async def test_a_burst_claimed_ahead_is_marked_chunk_by_chunk_and_all_of_it_runs
             )
         )
         await manager.flush()
+        for name, found in burst_rows(engine, names).items():
+            at_slot = [r for r in found if r.scheduled_at == slot]
+            assert [r.outcome for r in at_slot] == ["success"], name
+            assert at_slot[0].started_at is not None
     finally:
         await manager.shutdown(grace=0)
         engine.dispose()
-    for name, found in burst_rows(engine, names).items():
-        at_slot = [r for r in found if r.scheduled_at == slot]
-        assert [r.outcome for r in at_slot] == ["success"], name
-        assert at_slot[0].started_at is not None
