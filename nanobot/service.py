@@ -61,6 +61,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 # Everything the service runs is imported with this module, the scheduler and the monitor too:
 # never between taking the lease and starting the scheduler, where on a loaded machine the import
@@ -275,6 +276,20 @@ class Service:
         finally:
             self._claim.release()
 
+    async def _start_sources(self, sources: TaskSources) -> None:
+        """Start the task file's watch, whose first sync writes: a database that cannot be
+        written (a PostgreSQL hot standby, a read-only role) ends the start in one line, exit 3,
+        rather than in a traceback."""
+        try:
+            await sources.start()
+        except SQLAlchemyError as exc:
+            error = error_text(exc).splitlines()[0]
+            problem = "is read-only" if _is_read_only(error) else "is not usable"
+            log.error("service.database_unusable", error=error, exit_code=EXIT_UNREADABLE)
+            self._exit_code = EXIT_UNREADABLE
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise StartupError(f"database {url} {problem}: {error}", EXIT_UNREADABLE) from None
+
     async def _start_http(self) -> None:
         """Bind the endpoint. A bad dashboard configuration (an unreadable token file) or a
         port in use raises :class:`StartupError` with its exit code, which the stop logs too
@@ -326,7 +341,7 @@ class Service:
 
             # Before the lease: the scheduler's first pass already sees the task file's tasks.
             self._sources = TaskSources(self.engine, self.node, self.config)
-            await self._sources.start()
+            await self._start_sources(self._sources)
             if self.config["http.enabled"]:
                 await self._start_http()
             await self._lease_step()
@@ -370,7 +385,7 @@ class Service:
             log.info("service.signal", signal=sig.name, action="stop", grace_s=self.grace)
             self.request_stop()
             return
-        _exit_now(sig)
+        _exit_now(sig)  # pragma: no cover (os._exit: see _exit_now)
 
     # --- the lease ------------------------------------------------------------------------------
 

@@ -61,6 +61,30 @@ async def test_check_whose_result_has_no_truth_fails_only_its_component(
     assert component_rows(engine)["odd_async"].status == "error"
 
 
+class FalseUnshowable:
+    """A false result that cannot be shown (its ``repr`` raises)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_check_whose_false_result_cannot_be_shown_is_named_by_its_type(
+    monitor: HeartbeatMonitor,
+) -> None:
+    """A false result whose repr raises still fails its component, with a reason naming its
+    type instead of its value (reprlib's form); the cycle goes on."""
+    monitor.register_component("quiet", lambda: FalseUnshowable())
+    monitor.register_component("fine", lambda: True)
+    status = await asyncio.wait_for(monitor.run_cycle(), WAIT)
+    assert status["components"] == {"total": 2, "healthy": 1, "error": 1, "unknown": 0}
+    quiet = monitor.get_component_status("quiet")
+    assert quiet["status"] == "error"
+    assert quiet["last_error"].startswith("health check returned <FalseUnshowable instance at ")
+
+
 async def test_check_that_blocks_the_loop_is_blamed_not_its_neighbours(
     monitor: HeartbeatMonitor, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -274,3 +274,29 @@ def test_with_the_dashboard_off_the_probes_answer_and_the_pages_do_not(
     for path in ("/", "/tasks", "/api/tasks"):
         assert http(service.base + path)[0] == 404, path
     assert service.stop() == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_read_only_postgresql_stops_the_start_with_exit_3(
+    nanobot_home: Path, db_url: str
+) -> None:
+    """A database the service can read but not write (here every transaction read-only, as on
+    a hot standby): one line saying it is read-only, exit 3, the same code logged; no
+    traceback."""
+    upgraded = run_nanobot("db", "upgrade", env={"NANOBOT_DATABASE__URL": db_url})
+    assert upgraded.returncode == 0, upgraded.stderr
+    read_only = db_url + "%20-cdefault_transaction_read_only%3Don"
+    result = run_nanobot(
+        "run",
+        env={"NANOBOT_DATABASE__URL": read_only, "NANOBOT_HTTP__ENABLED": "false"},
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nanobot: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "is read-only" in errors[0]
+    assert "read-only transaction" in errors[0]
+    stopped = log_events(nanobot_home / "logs" / "nanobot.log", "service.stopped")
+    assert [e["exit_code"] for e in stopped] == [3]
+    assert not log_events(nanobot_home / "logs" / "nanobot.log", "service.crashed")
