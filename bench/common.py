@@ -247,16 +247,17 @@ def insert_stored_tasks(
 ) -> None:
     """Store tasks as ``nanobot cron add`` (``control.add_task``) stores them, in one transaction.
 
-    The row is the one ``control.add_task`` writes (started, version 1), except that its first
+    The rows are the ones ``control.add_task`` writes (started, version 1), except that its first
     slot (``anchor_at`` = ``next_run_at``) is the instant given instead of "now": that is how
     the benchmarks make many tasks due at one chosen instant. One ``executemany`` instead of N
     ``add_task`` calls only makes the setup quick; the scheduler cannot tell the difference.
     """
     from nanobot.db import write_transaction
-    from nanobot.models import MisfirePolicy, Task, utcnow
+    from nanobot.models import MisfirePolicy, Task, TaskStateRecord, utcnow
 
     now = utcnow()
     values = []
+    states = []
     for i, name in enumerate(names):
         anchor = anchor_of(i)
         values.append(
@@ -270,16 +271,16 @@ def insert_stored_tasks(
                 "misfire_policy": MisfirePolicy.CATCH_UP_ONCE.value,
                 "paused": False,
                 "anchor_at": anchor,
-                "next_run_at": anchor,
                 "created_at": now,
                 "updated_at": now,
                 "version": 1,
-                "consecutive_failures": 0,
             }
         )
+        states.append({"task_name": name, "next_run_at": anchor, "consecutive_failures": 0})
     with write_transaction(engine) as conn:
         for start in range(0, len(values), 5000):
             conn.execute(insert(Task), values[start : start + 5000])
+            conn.execute(insert(TaskStateRecord), states[start : start + 5000])
 
 
 # --- the event loop --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -66,7 +67,7 @@ class TaskOutcome(enum.StrEnum):
     INTERRUPTED = "interrupted"
 
 
-# The outcomes of a failed slot: what tasks.consecutive_failures counts, what auto-pause, the
+# The outcomes of a failed slot: what task_state.consecutive_failures counts, what auto-pause, the
 # alert rules and the dashboard call failing, and what makes status degraded. A success resets
 # the count; cancelled, missed and skipped are neither. Members are str, so they compare equal to
 # the stored text and bind as it in SQL.
@@ -194,10 +195,6 @@ class Task(Base):
     backfill_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     paused: Mapped[bool] = mapped_column(Boolean, default=True)
     anchor_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    next_run_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    last_run_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    last_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     broken_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     run_requested_at: Mapped[datetime | None] = mapped_column(nullable=True)
     source: Mapped[str] = mapped_column(String(8), default=TaskSource.CLI, server_default="cli")
@@ -224,6 +221,28 @@ class Task(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TaskStateRecord(Base):
+    """The run state of each task, apart from its definition: its next slot and its latest run.
+
+    Written at every run, so kept narrow (migration 0012): on PostgreSQL an UPDATE leaves a dead
+    copy of the whole row, and in ``tasks`` that copy was about 290 bytes per run. One row per
+    task, created with it and deleted with it (the foreign key cascades); read joined to
+    ``tasks``. A mirror write of ``next_run_at`` is guarded by ``tasks.version``.
+    """
+
+    __tablename__ = "task_state"
+
+    task_name: Mapped[str] = mapped_column(
+        String(NAME_MAX),
+        ForeignKey("tasks.name", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True,
+    )
+    next_run_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class TaskRun(Base):

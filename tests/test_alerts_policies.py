@@ -12,7 +12,7 @@ from test_alerts import T0, Clock, add_tasks, kinds, rules
 from nanobot.alerts.alert import AlertKind
 from nanobot.cron import autopause, control
 from nanobot.db import write_transaction
-from nanobot.models import Task
+from nanobot.models import Task, TaskStateRecord
 
 
 @pytest.fixture
@@ -23,16 +23,22 @@ def clock() -> Clock:
 def fail_slots(engine: Engine, name: str, count: int) -> None:
     """The mirror of ``count`` failed slots of a started task, as the scheduler leaves it."""
     with write_transaction(engine) as conn:
+        conn.execute(update(Task).where(Task.name == name).values(paused=False))
         conn.execute(
-            update(Task)
-            .where(Task.name == name)
-            .values(paused=False, consecutive_failures=count, last_outcome="error")
+            update(TaskStateRecord)
+            .where(TaskStateRecord.task_name == name)
+            .values(consecutive_failures=count, last_outcome="error")
         )
 
 
 def schedule_at(engine: Engine, name: str, when: object) -> None:
     with write_transaction(engine) as conn:
-        conn.execute(update(Task).where(Task.name == name).values(paused=False, next_run_at=when))
+        conn.execute(update(Task).where(Task.name == name).values(paused=False))
+        conn.execute(
+            update(TaskStateRecord)
+            .where(TaskStateRecord.task_name == name)
+            .values(next_run_at=when)
+        )
 
 
 async def test_auto_paused_then_resumed(engine: Engine, clock: Clock) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 from test_cli import APPEND, assert_one_line_error, invoke, task_count
 
 from nanobot import config as config_module
-from nanobot.models import Task, utcnow
+from nanobot.models import Task, TaskStateRecord, utcnow
 
 
 def _add(name: str, *args: str) -> dict[str, object]:
@@ -67,7 +67,11 @@ def test_add_at_echoes_the_offset_and_notes_an_ambiguous_time(engine: Engine) ->
     assert "2030-11-03 05:30:00 UTC" in result.stdout
     assert "first occurrence" in result.stderr
     with engine.connect() as conn:
-        row = conn.execute(select(Task.schedule_kind, Task.run_at, Task.next_run_at)).one()
+        row = conn.execute(
+            select(Task.schedule_kind, Task.run_at, TaskStateRecord.next_run_at).join(
+                TaskStateRecord, TaskStateRecord.task_name == Task.name
+            )
+        ).one()
     assert row.schedule_kind == "at"
     assert row.run_at == datetime(2030, 11, 3, 5, 30, tzinfo=UTC)
     assert row.next_run_at == row.run_at

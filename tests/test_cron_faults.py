@@ -141,10 +141,8 @@ def test_finish_of_a_fenced_off_node_does_not_overwrite_the_new_leaders_record(
     outcome arrives; the outcome is returned (to be logged) and the task's mirror is untouched."""
     slot = datetime(2026, 1, 1, tzinfo=UTC)
     with write_transaction(engine) as conn:
-        conn.execute(
-            insert(Task).values(
-                name="t", task_class="cron_tasks:Counter", interval_s=1.0, kwargs={}
-            )
+        control.insert_task(
+            conn, dict(name="t", task_class="cron_tasks:Counter", interval_s=1.0, kwargs={})
         )
         claimed = history.claim_slots(conn, [Claim("t", slot)], node="old")
     history.mark_interrupted(engine, node=None, now=slot + timedelta(seconds=5))

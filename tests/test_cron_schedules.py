@@ -29,7 +29,7 @@ from nanobot.cron.task import definition_of
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidScheduleError, InvalidTaskError
 from nanobot.heartbeat import HeartbeatMonitor
-from nanobot.models import Task, TaskRun, apscheduler_jobs, utcnow
+from nanobot.models import Task, TaskRun, TaskStateRecord, apscheduler_jobs, utcnow
 
 POLL = 0.05
 WAIT = 10.0
@@ -113,10 +113,11 @@ def store_task(
     )
     control.add_task(engine, definition)
     with write_transaction(engine) as conn:
+        conn.execute(update(Task).where(Task.name == name).values(anchor_at=next_run_at))
         conn.execute(
-            update(Task)
-            .where(Task.name == name)
-            .values(next_run_at=next_run_at, anchor_at=next_run_at)
+            update(TaskStateRecord)
+            .where(TaskStateRecord.task_name == name)
+            .values(next_run_at=next_run_at)
         )
 
 

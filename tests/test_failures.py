@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from failure_tasks import Breaking, BreaksAfterThree
-from sqlalchemy import Engine, insert, select, text, update
+from sqlalchemy import Engine, select, text, update
 
 from nanobot import config as config_module
 from nanobot.bus import MessageBus
@@ -67,7 +67,7 @@ class Events:
 
 def task_row(engine: Engine, name: str) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(Task.__table__).where(Task.name == name)).one()
+        return conn.execute(control.TASK_ROWS.where(Task.name == name)).one()
 
 
 def outcomes(engine: Engine, name: str) -> list[str]:
@@ -208,8 +208,8 @@ def test_pause_failing_ignores_paused_and_below_threshold(engine: Engine) -> Non
         "pause_after_failures": None,
     }
     with write_transaction(engine) as conn:
-        conn.execute(
-            insert(Task),
+        control.insert_tasks(
+            conn,
             [
                 base | {"name": "over", "paused": False, "consecutive_failures": 4},
                 base | {"name": "under", "paused": False, "consecutive_failures": 2},

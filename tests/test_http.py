@@ -12,10 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, event, insert, select
 
+from nanobot.cron import control
 from nanobot.db import create_db_engine, read_transaction, write_transaction
 from nanobot.http import HttpServer
 from nanobot.metrics import Metrics
-from nanobot.models import Component, Heartbeat, Task, TaskRun, utcnow
+from nanobot.models import Component, Heartbeat, TaskRun, utcnow
 from nanobot.status import build_status
 
 
@@ -76,8 +77,9 @@ def seed_state(engine: Engine) -> None:
                 updated_at=now,
             )
         )
-        conn.execute(
-            insert(Task).values(
+        control.insert_task(
+            conn,
+            dict(
                 name="job",
                 task_class="m:C",
                 interval_s=60.0,
@@ -89,7 +91,7 @@ def seed_state(engine: Engine) -> None:
                 version=1,
                 created_at=now,
                 updated_at=now,
-            )
+            ),
         )
         conn.execute(
             insert(TaskRun).values(
@@ -260,8 +262,9 @@ def test_metrics_read_every_task_in_one_statement(engine: Engine) -> None:
     now = utcnow()
     with write_transaction(engine) as conn:
         for i in range(29):
-            conn.execute(
-                insert(Task).values(
+            control.insert_task(
+                conn,
+                dict(
                     name=f"more{i}",
                     task_class="m:C",
                     interval_s=60.0,
@@ -272,7 +275,7 @@ def test_metrics_read_every_task_in_one_statement(engine: Engine) -> None:
                     version=1,
                     created_at=now,
                     updated_at=now,
-                )
+                ),
             )
     many, text = scrape()
     assert many == one

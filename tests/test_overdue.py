@@ -15,6 +15,7 @@ from sqlalchemy import Engine, insert, text, update
 
 from nanobot.bus import MessageBus
 from nanobot.config import get_config
+from nanobot.cron import control
 from nanobot.cron.overdue import (
     OVERDUE,
     OVERDUE_CLEARED,
@@ -25,7 +26,7 @@ from nanobot.cron.overdue import (
     read_overdue,
 )
 from nanobot.db import read_transaction, write_transaction
-from nanobot.models import Task, TaskRun, utcnow
+from nanobot.models import TaskRun, TaskStateRecord, utcnow
 from nanobot.status import SystemStatus, verdict
 
 NOW = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
@@ -74,8 +75,8 @@ def test_unclaimed_slots_past_their_grace_are_overdue(engine: Engine) -> None:
     """A started task whose slot is past its grace is overdue (not_claimed), with how late;
     one within its grace, a paused one and a done one are not."""
     with write_transaction(engine) as conn:
-        conn.execute(
-            insert(Task),
+        control.insert_tasks(
+            conn,
             [
                 _task("late", 60.0, NOW - timedelta(seconds=20)),  # grace 6 s
                 _task("hourly", 3600.0, NOW - timedelta(seconds=300)),  # grace 360 s
@@ -98,8 +99,8 @@ def test_runs_past_their_bound_are_overdue(engine: Engine) -> None:
     """A run going longer than its timeout (or 3 intervals without one) plus the grace is
     overdue (run_too_long); a shorter one is not."""
     with write_transaction(engine) as conn:
-        conn.execute(
-            insert(Task),
+        control.insert_tasks(
+            conn,
             [
                 _task("stuck", 60.0, NOW + timedelta(seconds=30)),  # bound 180 s, grace 6 s
                 _task("timed", 60.0, NOW + timedelta(seconds=30), timeout_s=10.0),
@@ -136,7 +137,7 @@ async def test_watch_publishes_overdue_then_cleared(engine: Engine) -> None:
     bus.subscribe(OVERDUE_CLEARED, on)
     now = utcnow()
     with write_transaction(engine) as conn:
-        conn.execute(insert(Task), [_task("late", 1.0, now - timedelta(seconds=30))])
+        control.insert_tasks(conn, [_task("late", 1.0, now - timedelta(seconds=30))])
     watch = OverdueWatch(engine, bus, get_config(), node="n1", period=1.0)
     await watch.check()
     await watch.check()
@@ -145,7 +146,9 @@ async def test_watch_publishes_overdue_then_cleared(engine: Engine) -> None:
     assert events[0][1]["late_s"] >= 30
     with write_transaction(engine) as conn:
         conn.execute(
-            update(Task).where(Task.name == "late").values(next_run_at=utcnow() + timedelta(1))
+            update(TaskStateRecord)
+            .where(TaskStateRecord.task_name == "late")
+            .values(next_run_at=utcnow() + timedelta(1))
         )
     assert await watch.check() == []
     assert [t for t, _ in events] == [OVERDUE, OVERDUE_CLEARED]

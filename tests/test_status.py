@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, insert
 
+from nanobot.cron import control
 from nanobot.cron.control import get_task
 from nanobot.db import write_transaction
 from nanobot.lease import SchedulerLease
-from nanobot.models import Component, ComponentErrorRecord, ComponentStatusChange, Heartbeat, Task
+from nanobot.models import Component, ComponentErrorRecord, ComponentStatusChange, Heartbeat
 from nanobot.status import build_heartbeat_status, build_status, exit_code
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -72,7 +73,7 @@ def add_task(engine: Engine, name: str, **values: Any) -> None:
     }
     row.update(values)
     with write_transaction(engine) as conn:
-        conn.execute(insert(Task).values(**row))
+        control.insert_task(conn, row)
 
 
 def lead(engine: Engine, holder: str = "n1:1") -> SchedulerLease:

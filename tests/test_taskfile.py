@@ -28,7 +28,7 @@ from nanobot.cron.taskfile import (
 )
 from nanobot.db import alembic_config, create_db_engine, upgrade_database
 from nanobot.exceptions import TaskFileError
-from nanobot.models import Task, TaskRun, TaskSource, utcnow
+from nanobot.models import Task, TaskRun, TaskSource, TaskStateRecord, utcnow
 
 FILE = Path("/etc/nanobot/tasks.toml")
 
@@ -166,7 +166,12 @@ def test_sync_rules(engine: Engine, tmp_path: Path) -> None:
     # The scheduler moves next runs; make them distinct from "now" to see that they stay.
     later = utcnow() + timedelta(minutes=17)
     with engine.begin() as conn:
-        conn.execute(update(Task).values(next_run_at=later).where(Task.source == "file"))
+        files = select(Task.name).where(Task.source == "file").scalar_subquery()
+        conn.execute(
+            update(TaskStateRecord)
+            .values(next_run_at=later)
+            .where(TaskStateRecord.task_name.in_(files))
+        )
         gone_id = conn.execute(select(Task.id).where(Task.name == "gone")).scalar_one()
         conn.execute(
             insert(TaskRun).values(
@@ -318,9 +323,12 @@ def test_calendar_schedules_from_the_file(engine: Engine, tmp_path: Path) -> Non
     # Its time passed (as if it ran): the same file still syncs, and changes nothing.
     with engine.begin() as conn:
         conn.execute(
-            update(Task)
-            .where(Task.name == "once")
-            .values(run_at=utcnow() - timedelta(days=1), next_run_at=None)
+            update(Task).where(Task.name == "once").values(run_at=utcnow() - timedelta(days=1))
+        )
+        conn.execute(
+            update(TaskStateRecord)
+            .where(TaskStateRecord.task_name == "once")
+            .values(next_run_at=None)
         )
     again = sync_task_file(engine, path)
     assert again is not None

@@ -24,7 +24,7 @@ from web_helpers import (
 
 from nanobot.cron import control
 from nanobot.db import write_transaction
-from nanobot.models import AlertDelivery, AlertRecord, Component, Task, utcnow
+from nanobot.models import AlertDelivery, AlertRecord, Component, utcnow
 from nanobot.status import build_status
 from nanobot.web.sessions import COOKIE_NAME
 
@@ -234,7 +234,7 @@ def _many_tasks(engine: Engine, n: int) -> None:
         for i in range(n)
     ]
     with write_transaction(engine) as conn:
-        conn.execute(insert(Task), tasks)
+        control.insert_tasks(conn, tasks)
         conn.execute(insert(Component), components)
 
 

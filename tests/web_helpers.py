@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import Engine, func, insert, select
 
+from nanobot.cron import control
 from nanobot.db import write_transaction
 from nanobot.http import HttpServer
 from nanobot.models import Component, Heartbeat, Task, TaskRun, utcnow
@@ -92,7 +93,7 @@ def add_task_row(engine: Engine, name: str, **values: Any) -> None:
         "updated_at": now,
     } | values
     with write_transaction(engine) as conn:
-        conn.execute(insert(Task).values(**row))
+        control.insert_task(conn, row)
 
 
 def add_run(engine: Engine, name: str, ago_s: float, outcome: str, **values: Any) -> None:

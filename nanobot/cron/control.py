@@ -18,13 +18,15 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
     Row,
+    Select,
+    Table,
     and_,
     case,
     delete,
@@ -64,10 +66,31 @@ from nanobot.models import (
     Task,
     TaskOutcome,
     TaskSource,
+    TaskStateRecord,
     bound_error,
     utcnow,
 )
 from nanobot.times import iso
+
+_TASKS = cast(Table, Task.__table__)
+_STATE = cast(Table, TaskStateRecord.__table__)
+# The columns of task_state (the run state, written at every run) that a task row carries.
+STATE_COLUMNS: Final[tuple[str, ...]] = (
+    "next_run_at",
+    "last_run_at",
+    "last_outcome",
+    "consecutive_failures",
+)
+# A task with its run state: an outer join, so that a task row without its state row (none
+# should be) still reads, as never run.
+_WITH_STATE: Final = _TASKS.outerjoin(_STATE, _STATE.c.task_name == _TASKS.c.name)
+TASK_ROWS: Final[Select[Any]] = select(
+    _TASKS,
+    _STATE.c.next_run_at,
+    _STATE.c.last_run_at,
+    _STATE.c.last_outcome,
+    func.coalesce(_STATE.c.consecutive_failures, 0).label("consecutive_failures"),
+).select_from(_WITH_STATE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +384,7 @@ def _stored_backoff(text: str | None) -> RetryBackoff | None:
 def stored_definition_of(engine: Engine, name: str) -> TaskDefinition:
     """The definition stored for task ``name`` (its options included)."""
     with read_transaction(engine) as conn:
-        row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
+        row = conn.execute(TASK_ROWS.where(Task.name == name)).first()
     if row is None:
         raise UnknownTaskError(name)
     return stored_definition(row)
@@ -369,7 +392,7 @@ def stored_definition_of(engine: Engine, name: str) -> TaskDefinition:
 
 def list_tasks(engine: Engine) -> list[TaskInfo]:
     with read_transaction(engine) as conn:
-        rows = conn.execute(select(Task.__table__).order_by(Task.name)).all()
+        rows = conn.execute(TASK_ROWS.order_by(Task.name)).all()
     return [_info(row) for row in rows]
 
 
@@ -384,10 +407,10 @@ _SUMMARY_COLUMNS: Final = (
     Task.run_at,
     Task.timeout_s,
     Task.paused,
-    Task.next_run_at,
-    Task.last_run_at,
-    Task.last_outcome,
-    Task.consecutive_failures,
+    TaskStateRecord.next_run_at,
+    TaskStateRecord.last_run_at,
+    TaskStateRecord.last_outcome,
+    func.coalesce(TaskStateRecord.consecutive_failures, 0).label("consecutive_failures"),
     Task.broken_reason,
     Task.source,
     Task.pause_reason,
@@ -404,12 +427,15 @@ def read_summaries(
     failed). ``last_success`` also reads when each task's newest successful run finished, by a
     correlated subquery of the same statement (:func:`nanobot.cron.history.newest_success`).
     """
-    query = select(*_SUMMARY_COLUMNS).order_by(Task.name)
+    query = select(*_SUMMARY_COLUMNS).select_from(_WITH_STATE).order_by(Task.name)
     if last_success:
         query = query.add_columns(history.newest_success(Task.name).label("last_success_at"))
     if problems_only:
         query = query.where(
-            or_(Task.broken_reason.is_not(None), Task.last_outcome.in_(FAILED_OUTCOMES))
+            or_(
+                Task.broken_reason.is_not(None),
+                TaskStateRecord.last_outcome.in_(FAILED_OUTCOMES),
+            )
         )
     return [_summary(row, last_success=last_success) for row in conn.execute(query)]
 
@@ -417,11 +443,15 @@ def read_summaries(
 def alerting_summaries(conn: Connection, *, failures: int) -> list[TaskSummary]:
     """The tasks the alert rules weigh (:mod:`nanobot.alerts.rules`): broken, paused for their
     failures, or failed ``failures`` slots in a row; in the caller's transaction."""
-    query = select(*_SUMMARY_COLUMNS).where(
-        or_(
-            Task.consecutive_failures >= failures,
-            Task.broken_reason.is_not(None),
-            Task.auto_paused_at.is_not(None),
+    query = (
+        select(*_SUMMARY_COLUMNS)
+        .select_from(_WITH_STATE)
+        .where(
+            or_(
+                TaskStateRecord.consecutive_failures >= failures,
+                Task.broken_reason.is_not(None),
+                Task.auto_paused_at.is_not(None),
+            )
         )
     )
     return [_summary(row, last_success=False) for row in conn.execute(query)]
@@ -452,7 +482,7 @@ def _summary(row: Row[*tuple[Any, ...]], *, last_success: bool) -> TaskSummary:
 
 def get_task(engine: Engine, name: str) -> TaskInfo:
     with read_transaction(engine) as conn:
-        row = conn.execute(select(Task.__table__).where(Task.name == name)).first()
+        row = conn.execute(TASK_ROWS.where(Task.name == name)).first()
     if row is None:
         raise UnknownTaskError(name)
     return _info(row)
@@ -533,8 +563,9 @@ def new_task_values(
     started: bool,
     pause_reason: str | None = None,
 ) -> dict[str, Any]:
-    """The columns of a new ``tasks`` row. ``started``: its schedule starts now (first run
-    per :func:`first_run`); else it has no schedule until started (as a task registered in code)."""
+    """The columns of a new task (its ``tasks`` row and its ``task_state`` row, which
+    :func:`insert_task` writes apart). ``started``: its schedule starts now (first run per
+    :func:`first_run`); else it has no schedule until started (as a task registered in code)."""
     starts = started and not paused
     return definition_values(definition) | {
         "name": definition.name,
@@ -582,7 +613,7 @@ def add_task(engine: Engine, definition: TaskDefinition, *, paused: bool = False
     )
     try:
         with write_transaction(engine) as conn:
-            conn.execute(insert(Task).values(**values))
+            insert_task(conn, values)
     except IntegrityError:
         raise TaskExistsError(definition.name) from None
     return get_task(engine, definition.name)
@@ -600,14 +631,14 @@ def upsert_definition(
     """
     now = utcnow()
     with write_transaction(engine) as conn:
-        row = conn.execute(select(Task.__table__).where(Task.name == definition.name)).first()
+        row = conn.execute(TASK_ROWS.where(Task.name == definition.name)).first()
         if row is None and not create:
             raise UnknownTaskError(definition.name)
         if row is None:
             values = new_task_values(
                 definition, now, source=TaskSource.CODE, paused=True, started=False
             )
-            conn.execute(insert(Task).values(**values))
+            insert_task(conn, values)
             outcome = "created"
         elif stored_definition(row).same_schedule_as(definition):
             outcome = "unchanged"
@@ -615,23 +646,14 @@ def upsert_definition(
             values = redefined_values(
                 stored_definition(row), definition, next_run_at=row.next_run_at, now=now
             )
-            conn.execute(
-                update(Task)
-                .where(Task.name == definition.name)
-                .values(**values, updated_at=now, version=Task.version + 1)
-            )
+            change_task(conn, definition.name, values, now)
             outcome = "updated"
     return outcome, get_task(engine, definition.name)
 
 
 def _change(engine: Engine, name: str, **values: Any) -> TaskInfo:
     with write_transaction(engine) as conn:
-        result = conn.execute(
-            update(Task)
-            .where(Task.name == name)
-            .values(**values, version=Task.version + 1, updated_at=utcnow())
-        )
-        if result.rowcount == 0:
+        if not change_task(conn, name, values, utcnow()):
             raise UnknownTaskError(name)
     return get_task(engine, name)
 
@@ -720,7 +742,8 @@ def clear_backfill(conn: Connection, name: str, start: datetime, end: datetime) 
 
 
 def remove_task(engine: Engine, name: str) -> None:
-    """Delete a task. Its run history stays until retention prunes it."""
+    """Delete a task (its ``task_state`` row goes with it: the foreign key cascades). Its run
+    history stays until retention prunes it."""
     with write_transaction(engine) as conn:
         result = conn.execute(delete(Task).where(Task.name == name))
         if result.rowcount == 0:
@@ -748,7 +771,12 @@ class FailureCount:
 def failure_counts(conn: Connection, names: Sequence[str]) -> list[FailureCount]:
     """The count of each of ``names`` that is not paused, in the caller's transaction."""
     rows = conn.execute(
-        select(Task.name, Task.consecutive_failures, Task.pause_after_failures)
+        select(
+            Task.name,
+            func.coalesce(TaskStateRecord.consecutive_failures, 0).label("consecutive_failures"),
+            Task.pause_after_failures,
+        )
+        .select_from(_WITH_STATE)
         .where(Task.name.in_(list(names)), Task.paused.is_(False))
         .order_by(Task.name)
     ).all()
@@ -763,14 +791,16 @@ def auto_pause(conn: Connection, name: str, reason: str, now: datetime) -> bool:
         .where(Task.name == name, Task.paused.is_(False))
         .values(
             paused=True,
-            next_run_at=None,
             pause_reason=bound_error(reason),
             auto_paused_at=now,
             version=Task.version + 1,
             updated_at=now,
         )
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    _write_state(conn, name, {"next_run_at": None})
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -785,8 +815,12 @@ class DueTask:
 def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
     """The started tasks whose next slot is before ``horizon``, in the caller's transaction."""
     rows = conn.execute(
-        select(Task.name, Task.interval_s, Task.next_run_at).where(
-            Task.paused.is_(False), Task.next_run_at.is_not(None), Task.next_run_at < horizon
+        select(Task.name, Task.interval_s, TaskStateRecord.next_run_at)
+        .select_from(_WITH_STATE)
+        .where(
+            Task.paused.is_(False),
+            TaskStateRecord.next_run_at.is_not(None),
+            TaskStateRecord.next_run_at < horizon,
         )
     ).all()
     return [DueTask(r.name, r.interval_s, r.next_run_at) for r in rows]
@@ -816,23 +850,55 @@ def stored_tasks(conn: Connection) -> dict[str, StoredTask]:
             anchor_at=row.anchor_at,
             next_run_at=row.next_run_at,
         )
-        for row in conn.execute(select(Task.__table__))
+        for row in conn.execute(TASK_ROWS)
     }
 
 
+def _split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``values`` of a task as the columns of ``tasks`` and those of ``task_state``."""
+    state = {key: values[key] for key in STATE_COLUMNS if key in values}
+    return {key: v for key, v in values.items() if key not in state}, state
+
+
+def _write_state(conn: Connection, name: str, state: dict[str, Any]) -> None:
+    if state:
+        conn.execute(
+            update(TaskStateRecord).where(TaskStateRecord.task_name == name).values(**state)
+        )
+
+
 def insert_task(conn: Connection, values: dict[str, Any]) -> None:
-    """Insert a row made by :func:`new_task_values`, in the caller's transaction."""
-    conn.execute(insert(Task).values(**values))
+    """Insert a task made by :func:`new_task_values` (its ``tasks`` row, then its
+    ``task_state`` row), in the caller's transaction."""
+    task, state = _split(values)
+    conn.execute(insert(Task).values(**task))
+    conn.execute(insert(TaskStateRecord).values(task_name=task["name"], **state))
 
 
-def change_task(conn: Connection, name: str, values: dict[str, Any], now: datetime) -> None:
-    """Write ``values`` into the task's row as a new version (the scheduler applies it), in the
-    caller's transaction."""
-    conn.execute(
+def insert_tasks(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
+    """:func:`insert_task` for each of ``rows`` (which may name different columns)."""
+    for values in rows:
+        insert_task(conn, values)
+
+
+def change_task(conn: Connection, name: str, values: dict[str, Any], now: datetime) -> bool:
+    """Write ``values`` into the task's rows as a new version (the scheduler applies it), in the
+    caller's transaction; False if there is no such task.
+
+    The ``tasks`` row is written first: a scheduler's next-run mirror share-locks it
+    (:func:`nanobot.cron.history.set_next_runs`), so it waits for this change to commit and
+    then leaves ``task_state`` as this change wrote it.
+    """
+    task, state = _split(values)
+    result = conn.execute(
         update(Task)
         .where(Task.name == name)
-        .values(**values, version=Task.version + 1, updated_at=now)
+        .values(**task, version=Task.version + 1, updated_at=now)
     )
+    if not result.rowcount:
+        return False
+    _write_state(conn, name, state)
+    return True
 
 
 # --- states and pages (the dashboard and the API) ---------------------------------------------
@@ -856,7 +922,8 @@ class TaskState(enum.StrEnum):
 
 
 def _in_state(state: TaskState, now: datetime) -> ColumnElement[bool]:
-    """``state`` as a condition on ``tasks`` (:func:`state_of` is the same rule in Python)."""
+    """``state`` as a condition on ``tasks`` joined to ``task_state`` (:func:`state_of` is the
+    same rule in Python)."""
     match state:
         case TaskState.ACTIVE:
             return and_(Task.paused.is_(False), Task.broken_reason.is_(None))
@@ -865,20 +932,23 @@ def _in_state(state: TaskState, now: datetime) -> ColumnElement[bool]:
         case TaskState.BROKEN:
             return Task.broken_reason.is_not(None)
         case TaskState.FAILING:
-            return or_(Task.consecutive_failures > 0, Task.last_outcome.in_(FAILED_OUTCOMES))
+            return or_(
+                TaskStateRecord.consecutive_failures > 0,
+                TaskStateRecord.last_outcome.in_(FAILED_OUTCOMES),
+            )
         case TaskState.OVERDUE:
             return and_(
                 Task.paused.is_(False),
                 Task.broken_reason.is_(None),
-                Task.next_run_at < now - OVERDUE_AFTER,
+                TaskStateRecord.next_run_at < now - OVERDUE_AFTER,
             )
         case TaskState.RUNNING:
-            return Task.last_outcome == TaskOutcome.RUNNING.value
+            return TaskStateRecord.last_outcome == TaskOutcome.RUNNING.value
         case TaskState.DONE:
             return and_(
                 Task.schedule_kind == ScheduleKind.AT.value,
-                Task.next_run_at.is_(None),
-                Task.last_run_at.is_not(None),
+                TaskStateRecord.next_run_at.is_(None),
+                TaskStateRecord.last_run_at.is_not(None),
             )
 
 
@@ -935,13 +1005,11 @@ def page_tasks(
     if state is not None:
         conditions.append(_in_state(state, now))
     with read_transaction(engine) as conn:
-        total = conn.execute(select(func.count()).select_from(Task).where(*conditions)).scalar()
+        total = conn.execute(
+            select(func.count()).select_from(_WITH_STATE).where(*conditions)
+        ).scalar()
         rows = conn.execute(
-            select(Task.__table__)
-            .where(*conditions)
-            .order_by(Task.name)
-            .offset(offset)
-            .limit(limit)
+            TASK_ROWS.where(*conditions).order_by(Task.name).offset(offset).limit(limit)
         ).all()
     return TaskPage(
         items=[_info(row) for row in rows], total=int(total or 0), offset=offset, limit=limit
@@ -956,7 +1024,7 @@ def count_by_state(engine: Engine, *, now: datetime | None = None) -> dict[str, 
         for s in TaskState
     ]
     with read_transaction(engine) as conn:
-        row = conn.execute(select(*columns).select_from(Task)).one()
+        row = conn.execute(select(*columns).select_from(_WITH_STATE)).one()
     return {key: int(value) for key, value in row._mapping.items()}
 
 
@@ -967,9 +1035,8 @@ def overdue_tasks(
     now = now or utcnow()
     with read_transaction(engine) as conn:
         rows = conn.execute(
-            select(Task.__table__)
-            .where(_in_state(TaskState.OVERDUE, now))
-            .order_by(Task.next_run_at)
+            TASK_ROWS.where(_in_state(TaskState.OVERDUE, now))
+            .order_by(TaskStateRecord.next_run_at)
             .limit(limit)
         ).all()
     return [_info(row) for row in rows]
@@ -979,9 +1046,8 @@ def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
     """The started tasks that run next, soonest first."""
     with read_transaction(engine) as conn:
         rows = conn.execute(
-            select(Task.__table__)
-            .where(and_(Task.paused.is_(False), Task.next_run_at.is_not(None)))
-            .order_by(Task.next_run_at, Task.name)
+            TASK_ROWS.where(and_(Task.paused.is_(False), TaskStateRecord.next_run_at.is_not(None)))
+            .order_by(TaskStateRecord.next_run_at, Task.name)
             .limit(limit)
         ).all()
     return [_info(row) for row in rows]
@@ -1028,10 +1094,10 @@ def task_rows(conn: Connection, names: Sequence[str], *, whole_table: bool) -> l
     wanted ones, rather than send an IN list longer than the database accepts."""
     if whole_table:
         wanted = set(names)
-        return [row for row in conn.execute(select(Task.__table__)) if row.name in wanted]
+        return [row for row in conn.execute(TASK_ROWS) if row.name in wanted]
     if not names:
         return []
-    return list(conn.execute(select(Task.__table__).where(Task.name.in_(names))).all())
+    return list(conn.execute(TASK_ROWS.where(Task.name.in_(names))).all())
 
 
 def consume_run_request(conn: Connection, name: str, requested: datetime) -> None:

@@ -52,11 +52,20 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from nanobot.cron.retries import PendingRetry
 from nanobot.db import read_transaction, write_transaction
-from nanobot.models import FAILED_OUTCOMES, Task, TaskOutcome, TaskRun, bound_error, utcnow
+from nanobot.models import (
+    FAILED_OUTCOMES,
+    Task,
+    TaskOutcome,
+    TaskRun,
+    TaskStateRecord,
+    bound_error,
+    utcnow,
+)
 from nanobot.times import iso
 
 _RUNS = cast(Table, TaskRun.__table__)
 _TASKS = cast(Table, Task.__table__)
+_STATE = cast(Table, TaskStateRecord.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,22 +225,36 @@ def record_unrun(conn: Connection, finishes: Sequence[Finish]) -> None:
     conn.execute(_insert_ignoring_conflicts(conn), rows)
 
 
-def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, int]]) -> None:
-    """Mirror each task's next run into ``tasks`` (for ``status`` and ``cron list``).
+# Whether the task ``b_name`` is still at the version ``b_version`` that the scheduler applied.
+# On PostgreSQL the tasks row is share-locked: a command line transaction that changed it (a
+# new version, and the next run in task_state) and is not committed yet makes this wait and
+# then see the new version; without the lock, the re-check of the task_state row that the
+# command line wrote would still read the old version and undo its change.
+_AT_VERSION: Final = (
+    select(_TASKS.c.id)
+    .where(_TASKS.c.name == bindparam("b_name"), _TASKS.c.version == bindparam("b_version"))
+    .with_for_update(read=True)
+    .exists()
+)
+_MIRROR_NEXT: Final = (
+    update(_STATE)
+    .where(_STATE.c.task_name == bindparam("b_name"), _AT_VERSION)
+    .values(next_run_at=bindparam("b_next"))
+)
 
-    Each value is ``(next_run_at, version)``: the row is written only if it is still at the
-    version the scheduler applied, so a mirror write never undoes a change that the command
+
+def set_next_runs(conn: Connection, next_runs: dict[str, tuple[datetime | None, int]]) -> None:
+    """Mirror each task's next run into ``task_state`` (for ``status`` and ``cron list``).
+
+    Each value is ``(next_run_at, version)``: the row is written only if its task is still at
+    the version the scheduler applied, so a mirror write never undoes a change that the command
     line made in between (the next pass applies that change and mirrors it).
     """
     if not next_runs:
         return
-    stmt = (
-        update(_TASKS)
-        .where(_TASKS.c.name == bindparam("b_name"), _TASKS.c.version == bindparam("b_version"))
-        .values(next_run_at=bindparam("b_next"))
-    )
     conn.execute(
-        stmt, [{"b_name": n, "b_next": t, "b_version": v} for n, (t, v) in next_runs.items()]
+        _MIRROR_NEXT,
+        [{"b_name": n, "b_next": t, "b_version": v} for n, (t, v) in next_runs.items()],
     )
 
 
@@ -276,25 +299,22 @@ _MIRROR_VALUES: Final[dict[str, Any]] = {
     "last_run_at": bindparam("b_last"),
     "last_outcome": bindparam("b_outcome"),
     "consecutive_failures": case(
-        (bindparam("b_failed"), _TASKS.c.consecutive_failures + 1),
-        (bindparam("b_pending"), _TASKS.c.consecutive_failures),
+        (bindparam("b_failed"), _STATE.c.consecutive_failures + 1),
+        (bindparam("b_pending"), _STATE.c.consecutive_failures),
         else_=0,
     ),
 }
 _MIRROR_LAST: Final = (
-    update(_TASKS).where(_TASKS.c.name == bindparam("b_name")).values(_MIRROR_VALUES)
+    update(_STATE).where(_STATE.c.task_name == bindparam("b_name")).values(_MIRROR_VALUES)
 )
 # The same with the next-run mirror, version-guarded as in set_next_runs (version -1: none).
 _MIRROR_LAST_NEXT: Final = (
-    update(_TASKS)
-    .where(_TASKS.c.name == bindparam("b_name"))
+    update(_STATE)
+    .where(_STATE.c.task_name == bindparam("b_name"))
     .values(
         {
             **_MIRROR_VALUES,
-            "next_run_at": case(
-                (_TASKS.c.version == bindparam("b_version"), bindparam("b_next")),
-                else_=_TASKS.c.next_run_at,
-            ),
+            "next_run_at": case((_AT_VERSION, bindparam("b_next")), else_=_STATE.c.next_run_at),
         }
     )
 )
@@ -313,7 +333,7 @@ def write_finishes(
 
     ``next_runs`` (as for :func:`set_next_runs`) are next-run mirrors of these runs' tasks that
     the scheduler left to be written with the outcome: in the same row write as the last-run
-    mirror, so that a run makes one new version of its ``tasks`` row, not two.
+    mirror, so that a run makes one new version of its ``task_state`` row, not two.
     """
     next_runs = dict(next_runs or {})
     unrun = [f for f in finishes if f.run_id is None]
@@ -478,8 +498,9 @@ def release_undispatched(conn: Connection, *, node: str | None) -> list[tuple[st
 
 
 def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool]]) -> None:
-    """Mirror released slots back into ``tasks``: the earliest one is the next run again, and a
-    released run-now request is requested again. Two statements, whatever the number."""
+    """Mirror released slots back into ``tasks`` and ``task_state``: the earliest one is the
+    next run again, and a released run-now request is requested again. Two statements, whatever
+    the number."""
     earliest: dict[str, datetime] = {}
     requests: dict[str, datetime] = {}
     for name, slot, manual in released:
@@ -494,13 +515,18 @@ def restore_slots(conn: Connection, released: Sequence[tuple[str, datetime, bool
             [{"b_name": n, "b_slot": t} for n, t in requests.items()],
         )
     if earliest:
+        running = (
+            select(_TASKS.c.id)
+            .where(_TASKS.c.name == bindparam("b_name"), _TASKS.c.paused.is_(False))
+            .exists()
+        )
         conn.execute(
-            update(_TASKS)
+            update(_STATE)
             .where(
-                _TASKS.c.name == bindparam("b_name"),
-                _TASKS.c.paused.is_(False),
-                _TASKS.c.next_run_at.is_not(None),
-                _TASKS.c.next_run_at > bindparam("b_slot"),
+                _STATE.c.task_name == bindparam("b_name"),
+                _STATE.c.next_run_at.is_not(None),
+                _STATE.c.next_run_at > bindparam("b_slot"),
+                running,
             )
             .values(next_run_at=bindparam("b_slot")),
             [{"b_name": n, "b_slot": t} for n, t in earliest.items()],
@@ -740,9 +766,9 @@ def settle_failed_slots(conn: Connection, names: Sequence[str]) -> None:
     if not names:
         return
     conn.execute(
-        update(_TASKS)
-        .where(_TASKS.c.name == bindparam("b_name"))
-        .values(consecutive_failures=_TASKS.c.consecutive_failures + 1),
+        update(_STATE)
+        .where(_STATE.c.task_name == bindparam("b_name"))
+        .values(consecutive_failures=_STATE.c.consecutive_failures + 1),
         [{"b_name": n} for n in names],
     )
 
@@ -792,11 +818,11 @@ def mark_interrupted(engine: Engine, *, node: str | None, now: datetime) -> int:
             )
         )
         conn.execute(
-            update(Task)
-            .where(Task.name.in_(names))
+            update(TaskStateRecord)
+            .where(TaskStateRecord.task_name.in_(names))
             .values(
                 last_outcome=TaskOutcome.INTERRUPTED.value,
-                consecutive_failures=Task.consecutive_failures + 1,
+                consecutive_failures=TaskStateRecord.consecutive_failures + 1,
             )
         )
         return int(result.rowcount or 0)

@@ -13,7 +13,8 @@ from sqlalchemy import Engine, create_engine, insert, text
 from sqlalchemy.exc import OperationalError
 
 from faults.harness import Ledger, TcpProxy, check_ledger, pg_target
-from nanobot.models import Task, TaskRun, utcnow
+from nanobot.cron import control
+from nanobot.models import TaskRun, utcnow
 
 postgres_only = pytest.mark.parametrize(
     "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
@@ -79,10 +80,9 @@ def test_ledger_checker_names_overlaps_and_double_runs(tmp_path: Path, engine: o
     assert isinstance(engine, Engine)
     now = utcnow()
     with engine.begin() as conn:
-        conn.execute(
-            insert(Task).values(
-                name="t", task_class="x:Y", interval_s=60, kwargs={}, paused=False, anchor_at=now
-            )
+        control.insert_task(
+            conn,
+            dict(name="t", task_class="x:Y", interval_s=60, kwargs={}, paused=False, anchor_at=now),
         )
         conn.execute(
             insert(TaskRun).values(

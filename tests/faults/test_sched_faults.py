@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, select
 
 from faults.harness import (
     SLOT_TOLERANCE,
@@ -34,7 +34,7 @@ from faults.harness import (
 from nanobot.cron import control, definitions
 from nanobot.cron.manager import MARK_AHEAD
 from nanobot.db import upgrade_database
-from nanobot.models import Component, Task, TaskRun, utcnow
+from nanobot.models import Component, TaskRun, utcnow
 
 TTL = 3.0
 
@@ -124,8 +124,8 @@ def add_burst(db: Engine, ledger: Ledger, prefix: str, at: datetime) -> list[str
     now = utcnow()
     names = [f"{prefix}{i:04d}" for i in range(BURST)]
     with db.begin() as conn:
-        conn.execute(
-            insert(Task),
+        control.insert_tasks(
+            conn,
             [
                 values
                 | {
