@@ -11,6 +11,7 @@ from sqlalchemy import Engine, select
 from test_cli import APPEND, assert_one_line_error, invoke, task_count
 
 from nanobot import config as config_module
+from nanobot.cron import control
 from nanobot.models import Task, TaskStateRecord, utcnow
 
 
@@ -99,7 +100,7 @@ def test_next_prints_fire_times_and_changes_nothing(engine: Engine) -> None:
     """cron next NAME -n 3 prints three fire times, local and UTC; the task is unchanged."""
     _add("nightly", "--cron", "30 2 * * *", "--tz", "America/New_York")
     with engine.connect() as conn:
-        before = conn.execute(select(Task.__table__)).one()
+        before = conn.execute(control.TASK_ROWS).one()
     result = invoke("cron", "next", "nightly", "-n", "3")
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -113,7 +114,7 @@ def test_next_prints_fire_times_and_changes_nothing(engine: Engine) -> None:
     assert times[0] == before.next_run_at
     assert all(datetime.fromisoformat(t["local"]).hour == 2 for t in as_json["next"])
     with engine.connect() as conn:
-        after = conn.execute(select(Task.__table__)).one()
+        after = conn.execute(control.TASK_ROWS).one()
     assert after == before
 
 

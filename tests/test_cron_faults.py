@@ -95,7 +95,7 @@ def rows(engine: Engine, task: str) -> list[Any]:
 
 def task_row(engine: Engine, name: str) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(Task.__table__).where(Task.name == name)).one()
+        return conn.execute(control.TASK_ROWS.where(Task.name == name)).one()
 
 
 def job_next_run(engine: Engine, name: str) -> float | None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, Row, select
 
+from nanobot.cron import control
 from nanobot.db import create_db_engine
 from nanobot.models import Task, TaskRun, apscheduler_jobs
 
@@ -158,7 +159,7 @@ def test_kill_9_marks_interrupted_and_keeps_schedule(
         wait_until(lambda: runs(db, "long")[0].outcome == "interrupted")
         assert next_run(db, "long") == before
         with db.connect() as conn:
-            row = conn.execute(select(Task.__table__).where(Task.name == "long")).one()
+            row = conn.execute(control.TASK_ROWS.where(Task.name == "long")).one()
         assert row.last_outcome == "interrupted"
         assert row.next_run_at == datetime.fromtimestamp(before or 0, UTC)
     finally:

@@ -94,7 +94,7 @@ def rows(engine: Engine, name: str) -> list[Any]:
 
 def task(engine: Engine, name: str) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(Task.__table__).where(Task.name == name)).one()
+        return conn.execute(control.TASK_ROWS.where(Task.name == name)).one()
 
 
 def store_task(

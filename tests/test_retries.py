@@ -41,7 +41,7 @@ from nanobot.cron.schedules import IntervalSchedule
 from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import create_db_engine, get_engine, upgrade_database, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskFileError
-from nanobot.models import MisfirePolicy, Task, TaskOutcome, TaskRun
+from nanobot.models import MisfirePolicy, Task, TaskOutcome, TaskRun, TaskStateRecord
 
 T = datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
 POLL = 0.05
@@ -271,7 +271,10 @@ def store_flaky(
     )
     control.add_task(engine, definition)
     with write_transaction(engine) as conn:
-        conn.execute(update(Task).where(Task.name == name).values(next_run_at=T, anchor_at=T))
+        conn.execute(update(Task).where(Task.name == name).values(anchor_at=T))
+        conn.execute(
+            update(TaskStateRecord).where(TaskStateRecord.task_name == name).values(next_run_at=T)
+        )
 
 
 def attempts(engine: Engine, name: str) -> list[tuple[datetime, int, str, datetime | None]]:
@@ -287,7 +290,7 @@ def attempts(engine: Engine, name: str) -> list[tuple[datetime, int, str, dateti
 
 def task_row(engine: Engine, name: str) -> Any:
     with engine.connect() as conn:
-        return conn.execute(select(Task.__table__).where(Task.name == name)).one()
+        return conn.execute(control.TASK_ROWS.where(Task.name == name)).one()
 
 
 def starts(path: Path) -> int:
@@ -674,7 +677,10 @@ def test_property_the_scheduler_never_runs_two_attempts_at_once(
     )
     control.add_task(engine, definition)
     with write_transaction(engine) as conn:
-        conn.execute(update(Task).where(Task.name == name).values(next_run_at=T, anchor_at=T))
+        conn.execute(update(Task).where(Task.name == name).values(anchor_at=T))
+        conn.execute(
+            update(TaskStateRecord).where(TaskStateRecord.task_name == name).values(next_run_at=T)
+        )
     expected = min(failures, retries) + 1
 
     async def scenario() -> None:

@@ -206,7 +206,7 @@ async def test_a_run_updates_its_tasks_row_once(engine: Engine, db_url: str) -> 
         event.remove(nanobot_engine, "before_cursor_execute", _count_updates)
         await manager.shutdown(grace=0)
     with engine.connect() as conn:
-        row = conn.execute(select(Task.__table__).where(Task.name == "m")).one()
+        row = conn.execute(control.TASK_ROWS.where(Task.name == "m")).one()
     assert row.last_outcome == "success"
     assert row.next_run_at is not None
     assert row.next_run_at > row.last_run_at

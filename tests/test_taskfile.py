@@ -118,7 +118,7 @@ def test_a_missing_file_reads_as_none(tmp_path: Path) -> None:
 
 def _rows(engine: Engine) -> dict[str, Row[Any]]:
     with engine.connect() as conn:
-        return {r.name: r for r in conn.execute(select(Task.__table__))}
+        return {r.name: r for r in conn.execute(control.TASK_ROWS)}
 
 
 V1 = """

@@ -143,7 +143,7 @@ def add_node(engine: Engine, node: str = "n1") -> None:
 def snapshot(engine: Engine) -> list[tuple[Any, ...]]:
     """Every task row as stored: equal snapshots mean nothing changed."""
     with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(select(Task.__table__).order_by(Task.name))]
+        return [tuple(r) for r in conn.execute(control.TASK_ROWS.order_by(Task.name))]
 
 
 def task_count(engine: Engine) -> int:
