@@ -179,13 +179,14 @@ async def test_success_logs_nothing_at_info_failure_logs_one_line(db_url: str) -
 # --- one tasks row version per run -------------------------------------------------------------
 
 
-async def test_a_run_updates_its_tasks_row_once(engine: Engine, db_url: str) -> None:
+async def test_a_run_updates_its_state_row_once(engine: Engine, db_url: str) -> None:
     """The next-run mirror of a claimed slot is written with the run's outcome: a run makes one
-    UPDATE of its tasks row, and the row ends with both its last run and its next run."""
+    UPDATE of its task_state row (none of its wide tasks row), and the row ends with both its
+    last run and its next run."""
     updates: list[str] = []
 
     def _count_updates(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("UPDATE TASKS"):
+        if statement.lstrip().upper().startswith(("UPDATE TASKS", "UPDATE TASK_STATE")):
             updates.append(statement)
 
     control.add_task(engine, TaskDefinition(name="m", task_class="cron_tasks:Counter", interval=60))
@@ -213,6 +214,8 @@ async def test_a_run_updates_its_tasks_row_once(engine: Engine, db_url: str) -> 
     # The manual run: one mirror UPDATE for its outcome, and the consumed run request.
     assert len([u for u in updates if "last_run_at" in u]) == 1
     assert not [u for u in updates if "last_run_at" not in u and "next_run_at" in u]
+    mirrors = [u for u in updates if "last_run_at" in u]
+    assert mirrors[0].lstrip().upper().startswith("UPDATE TASK_STATE")
 
 
 # --- the job store writes only the next run time on every run ------------------------------

@@ -309,11 +309,12 @@ def _component(engine: Engine, name: str, status: str) -> None:
 
 
 async def test_an_unreadable_database_is_a_page_and_an_answer_that_say_so(engine: Engine) -> None:
-    """With the tasks table gone, a page answers 503 in HTML that says the database did not
+    """With the tasks tables gone, a page answers 503 in HTML that says the database did not
     answer, the API 503 in JSON; the service goes on answering."""
     add_task_row(engine, "job")
     async with serve(engine) as served, session() as http:
         with engine.begin() as conn:
+            conn.execute(text("DROP TABLE task_state"))
             conn.execute(text("DROP TABLE tasks"))
         async with http.get(served.base + "/tasks") as r:
             assert r.status == 503
