@@ -126,7 +126,7 @@ def _read_state(conn: Connection, now: datetime, *, problems_only: bool = False)
     from nanobot.cron.overdue import overdue_from_config  # noqa: PLC0415 -- as in _schedule_json
 
     return {
-        # The tasks table only: status never reads run history (a run past its bound shows
+        # The tasks tables only: status never reads run history (a run past its bound shows
         # through its overrunning component).
         "overdue": overdue_from_config(conn, get_config(), now, include_runs=False),
         "code": code,

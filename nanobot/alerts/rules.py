@@ -1,7 +1,7 @@
 """The rules: which state transitions become alerts, with cooldown and grouping.
 
 Alerts are derived from what the database records, never from every run: the tasks' mirror
-(``tasks.consecutive_failures``, ``tasks.broken_reason``), the heartbeat monitor's persisted
+(``task_state.consecutive_failures``, ``tasks.broken_reason``), the heartbeat monitor's persisted
 status changes (``component_status_changes``, the system status included) and the scheduling
 lease. :meth:`Rules.evaluate` reads them, compares them with what people were last told about
 each subject (``alert_subjects``), and writes the resulting alerts to the outbox together with

@@ -176,7 +176,7 @@ class DueJob:
 
     @property
     def next_run_at(self) -> datetime | None:
-        """The job's next slot, as ``tasks.next_run_at`` mirrors it; None: the schedule has no
+        """The job's next slot, as ``task_state.next_run_at`` mirrors it; None: the schedule has no
         later slot (a one-shot that came due)."""
         return self.slots.next_slot
 

@@ -1,7 +1,7 @@
 """Auto-pause: a task whose last N slots all failed is paused, and says why.
 
 A failed slot is one whose run ended ``error``, ``timeout`` or ``interrupted`` (what
-``tasks.consecutive_failures`` counts; a success sets it back to 0, a ``cancelled``, ``missed``
+``task_state.consecutive_failures`` counts; a success sets it back to 0, a ``cancelled``, ``missed``
 or ``skipped`` slot is neither). N is the task's ``pause_after_failures``, or the
 ``cron.pause_after_failures`` setting when the task gives none; 0 means never.
 

@@ -5,8 +5,8 @@ nobody took, a saturated loop) shows nothing, because nothing runs. This module 
 should have happened by now and has not, from the database alone, so that any process (a
 standby, ``nanobot status``, a scrape of ``/metrics``) sees it:
 
-- ``not_claimed``: a started task whose next slot (``tasks.next_run_at``) is more than its grace
-  in the past. The leader advances ``next_run_at`` in the transaction that claims the slot, so
+- ``not_claimed``: a started task whose next slot (``task_state.next_run_at``) is more than its
+  grace in the past. The leader advances ``next_run_at`` in the transaction that claims the slot, so
   a slot still there after the grace was claimed by nobody.
 - ``run_too_long``: a run recorded ``running`` (dispatched) for longer than its expected bound
   plus the grace. The bound is the task's timeout if it has one, else ``cron.overrun_intervals``
