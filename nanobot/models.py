@@ -159,7 +159,8 @@ class Base(DeclarativeBase):
 
 
 class Task(Base):
-    """A readable copy of each stored task: its definition, its desired state and its latest run.
+    """A readable copy of each stored task: its definition and its desired state (its next and
+    latest run are in :class:`TaskStateRecord`).
 
     Written by the command line and the scheduler (the control plane); the scheduler applies
     rows whose ``version`` changed. APScheduler's own job row holds the schedule itself.
@@ -230,6 +231,10 @@ class TaskStateRecord(Base):
     copy of the whole row, and in ``tasks`` that copy was about 290 bytes per run. One row per
     task, created with it and deleted with it (the foreign key cascades); read joined to
     ``tasks``. A mirror write of ``next_run_at`` is guarded by ``tasks.version``.
+
+    A later revision that copies ``tasks`` in batch mode on SQLite drops the old table, which
+    with foreign keys on deletes these rows by the cascade: it keeps them aside first, as
+    revision 0012 does.
     """
 
     __tablename__ = "task_state"
