@@ -84,6 +84,8 @@ STATE_COLUMNS: Final[tuple[str, ...]] = (
 # A task with its run state: an outer join, so that a task row without its state row (none
 # should be) still reads, as never run.
 _WITH_STATE: Final = _TASKS.outerjoin(_STATE, _STATE.c.task_name == _TASKS.c.name)
+# Every column of a task, its run state included, as one row (what ``select(Task.__table__)``
+# read before the run state moved out of tasks); add ``.where`` and ``.order_by`` to it.
 TASK_ROWS: Final[Select[Any]] = select(
     _TASKS,
     _STATE.c.next_run_at,
