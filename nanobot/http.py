@@ -5,8 +5,9 @@ path      answers                                                               
 ========  ===========================================================================  =========
 /healthz  liveness: the event loop answers and the scheduler loop (the lease loop on   200, 503
           a standby) woke up recently; JSON ``{"alive", "role", ...}``
-/readyz   readiness: 503 while the system status is ``error``; JSON                    200, 503
-          ``{"ready", "status", "problems", "overdue"}``
+/readyz   readiness: 503 while this process starts (its first lease round and, on the  200, 503
+          leader, the scheduler's start are not done) or while the system status is
+          ``error``; JSON ``{"ready", "status", "problems", "overdue"}``
 /status   the JSON of ``nanobot status --json``                                        200, 503
 /metrics  Prometheus text exposition                                                   200
 ========  ===========================================================================  =========
@@ -45,6 +46,11 @@ class Probe(Protocol):
 
     def status(self) -> dict[str, Any]:
         """The status document (reads the database)."""
+        ...
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz weighs (reads the database): the status document with its problems,
+        without the rows that cannot add one; ``"starting": True`` while the process starts."""
         ...
 
     def metrics(self) -> bytes:
@@ -95,14 +101,14 @@ def make_app(
 
     async def readyz(_request: web.Request) -> web.Response:
         try:
-            status = await _read(probe.status)
+            status = await _read(probe.readiness)
         except Exception as exc:
             log.warning("http.status_unreadable", error=error_text(exc))
             return web.json_response(
                 {"ready": False, "status": None, "problems": ["state could not be read"]},
                 status=503,
             )
-        ready = status["status"] != "error"
+        ready = status["status"] != "error" and not status.get("starting", False)
         body = {"ready": ready, "status": status["status"], "problems": status["problems"]}
         # Overdue tasks (degraded, still ready): what should have run by now and has not.
         body["overdue"] = status.get("overdue", [])

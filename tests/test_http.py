@@ -28,6 +28,7 @@ class FakeProbe:
         self.metrics_ = metrics
         self.alive = True
         self.fail_status = False
+        self.starting = False
 
     def liveness(self) -> dict[str, Any]:
         return {"alive": self.alive, "role": "leader"}
@@ -36,6 +37,11 @@ class FakeProbe:
         if self.fail_status:
             raise RuntimeError("boom with a secret traceback")
         return build_status(self.engine)
+
+    def readiness(self) -> dict[str, Any]:
+        if self.fail_status:
+            raise RuntimeError("boom with a secret traceback")
+        return build_status(self.engine, problems_only=True) | {"starting": self.starting}
 
     def metrics(self) -> bytes:
         return self.metrics_.render()
@@ -139,6 +145,20 @@ async def test_readyz_is_503_while_status_is_error(
         async with session.get(base + "/readyz") as r:
             assert r.status == 503
             assert "secret" not in await r.text()
+
+
+async def test_readyz_is_503_while_the_process_starts(served: tuple[FakeProbe, str]) -> None:
+    """A process that is still starting is not ready, whatever the database says; once started,
+    the status decides again."""
+    probe, base = served
+    probe.starting = True
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/readyz") as r:
+            assert r.status == 503
+            assert (await r.json())["ready"] is False
+        probe.starting = False
+        async with session.get(base + "/readyz") as r:
+            assert r.status == 200
 
 
 async def test_status_serves_the_status_json(served: tuple[FakeProbe, str], engine: Engine) -> None:

@@ -42,6 +42,9 @@ class Probe:
     def status(self) -> dict[str, Any]:
         return build_status(self.engine)
 
+    def readiness(self) -> dict[str, Any]:
+        return build_status(self.engine, problems_only=True)
+
     def metrics(self) -> bytes:
         return b""
 
