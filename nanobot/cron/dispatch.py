@@ -113,11 +113,16 @@ class Dispatcher:
         reconciled = self._reconciler.due()
         if reconciled:
             requests = self._reconciler.reconcile(scheduler, now)
+        elif self._reconciler.deferred:
+            # The rows a start left for later, a chunk per pass (passes follow each other
+            # until none is left).
+            self._reconciler.apply_deferred(scheduler, now)
         # Slots due within the lead are claimed now and started by the loop at their exact time,
         # so that the pass's own duration does not make every start late.
         horizon = now + timedelta(seconds=self.lead + SCHEDULE_LEAD)
         started = time.perf_counter()
-        due = scheduler.due(now, horizon, dict(self._ctx.policies))
+        # A task whose row is not applied yet is not run with settings not read yet.
+        due = scheduler.due(now, horizon, dict(self._ctx.policies), held=self._reconciler.deferred)
         plan = self._plan(due, requests, now)
         due_retries = self._due_retries(scheduler, due, now, horizon)
         plan.unrun.extend(self._missed_retries(due_retries, now))
@@ -327,6 +332,8 @@ class Dispatcher:
             if slots:
                 first_due[job.name] = min(slots)
         for name, retry in ctx.retries.items():
+            if name in self._reconciler.deferred:
+                continue  # its row is not applied yet: a later pass settles the retry
             if name not in ctx.policies or name in ctx.paused:
                 result.dropped.append(retry)
                 continue
@@ -475,8 +482,10 @@ class Dispatcher:
                 count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
         if next_run is None:
             self.lead = SCHEDULE_LEAD
-            return None
+            return None if not self._reconciler.deferred else 0.0
         self.lead = min(MAX_LEAD, max(SCHEDULE_LEAD, 2 * count * self.cost_per_job))
+        if self._reconciler.deferred:
+            return 0.0  # the next chunk of deferred rows
         return max(0.0, (next_run - self._ctx.clock()).total_seconds() - self.lead)
 
     def _sync_unloadable(self, scheduler: NanobotScheduler) -> None:

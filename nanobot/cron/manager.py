@@ -288,7 +288,7 @@ class CronManager:
             )
         else:
             await asyncio.to_thread(control.start_task, self._ctx.engine, name)
-            await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler)
+            await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler, name)
         self._started.add(name)
         self._registry.set_running(name, True)
         scheduler.wakeup()
@@ -316,7 +316,7 @@ class CronManager:
         else:
             await asyncio.to_thread(control.pause_task, self._ctx.engine, name)
             if scheduler is not None:
-                await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler)
+                await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler, name)
         await self._launcher.cancel_and_wait(name, "the task was stopped")
         self._registry.set_running(name, False)
         log.info("cron.task_stopped", task=name)
@@ -358,7 +358,7 @@ class CronManager:
         await asyncio.to_thread(change, self._ctx.engine, name)
         scheduler = self._ctx.scheduler
         if scheduler is not None:
-            await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler)
+            await scheduler.run_in_worker(self._reconciler.reconcile_now, scheduler, name)
 
     async def run_task_now(self, name: str) -> None:
         """Run a task once now, outside its schedule (its schedule is unchanged)."""
