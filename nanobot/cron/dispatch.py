@@ -113,7 +113,7 @@ class Dispatcher:
         reconciled = self._reconciler.due()
         if reconciled:
             requests = self._reconciler.reconcile(scheduler, now)
-        elif self._reconciler.deferred:
+        elif self._reconciler.deferred_wait() == 0.0:
             # The rows a start left for later, a chunk per pass (passes follow each other
             # until none is left).
             self._reconciler.apply_deferred(scheduler, now)
@@ -480,13 +480,13 @@ class Dispatcher:
             if next_run is None or earliest < next_run:
                 next_run = earliest
                 count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
+        deferred = self._reconciler.deferred_wait()  # the next chunk of deferred rows
         if next_run is None:
             self.lead = SCHEDULE_LEAD
-            return None if not self._reconciler.deferred else 0.0
+            return deferred
         self.lead = min(MAX_LEAD, max(SCHEDULE_LEAD, 2 * count * self.cost_per_job))
-        if self._reconciler.deferred:
-            return 0.0  # the next chunk of deferred rows
-        return max(0.0, (next_run - self._ctx.clock()).total_seconds() - self.lead)
+        wait = max(0.0, (next_run - self._ctx.clock()).total_seconds() - self.lead)
+        return wait if deferred is None else min(wait, deferred)
 
     def _sync_unloadable(self, scheduler: NanobotScheduler) -> None:
         """Store which tasks cannot be built or loaded (and which build again)."""

@@ -9,13 +9,14 @@ loop; pending run-now requests are returned for the pass to claim.
 A scheduler's first reconciliation applies at once only the tasks that may be due soon (within
 :data:`DEFER_BEYOND_S`, by their job's next run time or their row's next-run mirror), those with
 a run request or a pending retry, and those with no next run at all; with many stored tasks the
-others are *deferred*: later passes apply them :data:`DEFER_CHUNK` at a time, soonest first,
-without waiting for the poll interval. Until its row is applied, a deferred task's job is held
-(:meth:`NanobotScheduler.due` leaves it as it is, due or not), so nothing runs with settings
-this process has not read; a deferred row changed meanwhile (or run-requested) is applied at the
-next reconciliation like any changed row. A start with 100,000 tasks due in an hour thus
-schedules the ones due now within a second instead of after reading, unpickling and comparing
-every job (about 13 s).
+others are *deferred*: from :data:`DEFER_START_S` after the first pass (the start of the
+service, its built-in tasks and its first probes are not kept waiting by them), passes apply them
+:data:`DEFER_CHUNK` at a time, soonest first, one after the other. Until its row is applied,
+a deferred task's job is held (:meth:`NanobotScheduler.due` leaves it as it is, due or not), so
+nothing runs with settings this process has not read; a deferred row changed meanwhile (or
+run-requested) is applied at the next reconciliation like any changed row. A start with 100,000
+tasks due in an hour thus schedules the ones due now within a second instead of after reading,
+unpickling and comparing every job (about 13 s).
 
 Threads: the scheduler's worker thread only (a pass, or a change made in this process applied
 at once through ``scheduler.run_in_worker``). It owns :attr:`Reconciler.applied` and
@@ -24,6 +25,7 @@ at once through ``scheduler.run_in_worker``). It owns :attr:`Reconciler.applied`
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections.abc import Callable
@@ -52,7 +54,9 @@ RECONCILE_IN_MAX: Final = 500
 DEFER_BEYOND_S: Final = 60.0
 # ... when there are more than this many of them (below, applying them all costs little);
 DEFER_MIN: Final = 2000
-# and later passes apply this many deferred tasks each (a pass of 2,000 held the worker for a
+# Passes apply them from this many seconds after the first pass...
+DEFER_START_S: Final = 1.0
+# ... this many each (a pass of 2,000 held the worker for a
 # quarter of a second, which a start_task made in the meantime waited for).
 DEFER_CHUNK: Final = 500
 
@@ -140,6 +144,12 @@ class Reconciler:
         self._remove_gone(scheduler, versions)
         return requests
 
+    def deferred_wait(self) -> float | None:
+        """Seconds until a pass may apply deferred rows (0: now); None when none is left."""
+        if not self.deferred:
+            return None
+        return max(0.0, self._deferred_at + DEFER_START_S - time.monotonic())
+
     def apply_deferred(self, scheduler: NanobotScheduler, now: datetime) -> None:
         """Apply the next :data:`DEFER_CHUNK` deferred rows (the soonest due first)."""
         names = list(itertools.islice(self.deferred, DEFER_CHUNK))
@@ -156,6 +166,7 @@ class Reconciler:
                 "cron.deferred_applied",
                 duration_s=round(time.monotonic() - self._deferred_at, 3),
             )
+            scheduler.call_soon(_settle)
 
     def _apply_rows(
         self,
@@ -410,3 +421,11 @@ def _change_job(
         scheduler.change(row.name, store=PERSISTENT, **changes)
         log.info("cron.job_changed", task=row.name, changed=sorted(changes))
     return next_run
+
+
+def _settle() -> None:
+    """On the loop, once the deferred rows are applied: what the service does once started
+    (``nanobot.service.settle_after_start``), for the settings of every task noted since. Left
+    to the collector, they made each full collection scan them with the GIL held."""
+    gc.collect()
+    gc.freeze()
