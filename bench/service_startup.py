@@ -7,7 +7,9 @@ at a time), and process start -> the due task's first run (it appends ``time.tim
 
 - cold: the stored tasks are only rows of ``tasks`` (stored while no service ran), so this
   start makes their jobs; warm: the same database started again (their jobs exist, as after
-  any restart), with one more task due now.
+  any restart), with one more task due now. The cold service is stopped only once every
+  stored task has its job: a service makes the jobs of tasks due later after it is ready
+  (nanobot.cron.reconcile), and a warm start must find them all.
 - baseline: the same with no stored task but the due one.
 
 Quick: 10,000 only.
@@ -15,6 +17,8 @@ Quick: 10,000 only.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from pathlib import Path
 
@@ -60,7 +64,17 @@ def _add_due(home: Path, name: str) -> Path:
     return stamp
 
 
-def _start(home: Path, stamp: Path) -> dict[str, float]:
+def _jobs(home: Path) -> int:
+    """How many jobs the service's job store holds (read-only: the service writes)."""
+    with contextlib.closing(
+        sqlite3.connect(f"file:{home / 'nanobot.db'}?mode=ro", uri=True, timeout=30)
+    ) as conn:
+        return int(conn.execute("SELECT count(*) FROM apscheduler_jobs").fetchone()[0])
+
+
+def _start(home: Path, stamp: Path, jobs: int = 0) -> dict[str, float]:
+    """Start the service on ``home``; when it was ready and when the due task ran. It is
+    stopped once the job store holds ``jobs`` jobs (not timed)."""
     service = ServiceProcess(home)
     with service:
         service.start()
@@ -68,6 +82,8 @@ def _start(home: Path, stamp: Path) -> dict[str, float]:
         deadline = time.time() + 300
         while not stamp.exists() and time.time() < deadline:
             time.sleep(0.005)
+        while _jobs(home) < jobs and time.time() < deadline:
+            time.sleep(0.2)
         service.stop()
     stamps = read_stamps(stamp)
     return {
@@ -89,7 +105,7 @@ def run(quick: bool) -> Result:
             home = base / f"tasks-{n}"
             # Cold: the tasks are only rows; this first start makes their jobs. Then warm: the
             # same database started again, with one more task due now.
-            results[f"cold-{n}"] = _start(home, _prepare(home, n))
+            results[f"cold-{n}"] = _start(home, _prepare(home, n), jobs=n + 1)
             results[f"warm-{n}"] = _start(home, _add_due(home, "warm"))
     empty = results["empty"]
     for n in sizes:
