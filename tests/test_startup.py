@@ -140,6 +140,34 @@ async def test_a_warm_start_changes_no_job_and_applies_a_row_changed_while_stopp
     assert counted(path) == []
 
 
+async def test_a_task_removed_while_its_row_waits_loses_its_job(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A deferred task removed from the table before its row is applied has its job removed
+    (by the next reconciliation or by the pass that would have applied it), and never runs."""
+    path = tmp_path / "runs.txt"
+    names = [f"t{i:05d}" for i in range(COUNT)]
+    store_tasks(engine, names, path, utcnow() + timedelta(seconds=LATER))
+    first = CronManager(engine, poll_interval=POLL, bus=MessageBus())
+    with structlog.testing.capture_logs() as logs:
+        await first.start()
+        await wait_for("every row applied", lambda: bool(events(logs, "cron.deferred_applied")))
+    await first.shutdown(grace=0)
+
+    second = CronManager(engine, poll_interval=POLL, bus=MessageBus())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await second.start()
+            await wait_for("first pass", lambda: bool(events(logs, "cron.tasks_deferred")))
+            control.remove_task(engine, names[-1])  # the last to be applied
+            await wait_for("all applied", lambda: bool(events(logs, "cron.deferred_applied")))
+            await wait_for("its job removed", lambda: names[-1] not in job_times(engine))
+    finally:
+        await second.shutdown(grace=0)
+    assert set(job_times(engine)) >= set(names[:-1])
+    assert counted(path) == []
+
+
 def test_due_leaves_held_jobs_as_they_are(engine: Engine) -> None:
     """A job named in ``held`` is not found due (nor moved later), whatever its next run."""
     scheduler = NanobotScheduler(engine, process=lambda *_: None, poll_interval=1.0, clock=utcnow)
