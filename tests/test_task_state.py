@@ -134,18 +134,17 @@ def test_a_mirror_waits_for_an_uncommitted_change_and_leaves_it(
         if not with_outcome:
             history.set_next_runs(conn, {"t": (later, info.version)})
             return
-        # The statement write_finishes runs for an outcome with its next run (write_finishes
-        # opens a transaction of its own, whose backend the test could not name).
-        params = {
-            "b_name": "t",
-            "b_last": SLOT,
-            "b_outcome": TaskOutcome.SUCCESS.value,
-            "b_failed": False,
-            "b_pending": False,
-            "b_next": later,
-            "b_version": info.version,
-        }
-        conn.execute(history._MIRROR_LAST_NEXT, [params])
+        # What write_finishes does for an outcome with its next run, in a transaction whose
+        # backend the test can name.
+        finish = Finish(
+            task="t",
+            run_id=1,
+            scheduled_at=SLOT,
+            outcome=TaskOutcome.SUCCESS,
+            started_at=SLOT,
+            finished_at=SLOT + timedelta(seconds=1),
+        )
+        history.mirror_outcomes(conn, [finish], {"t": (later, info.version)})
 
     _mirror_during_a_change(engine, _mirror)
     after = control.get_task(engine, "t")

@@ -320,6 +320,37 @@ _MIRROR_LAST_NEXT: Final = (
 )
 
 
+def mirror_outcomes(
+    conn: Connection,
+    finishes: Sequence[Finish],
+    next_runs: dict[str, tuple[datetime | None, int]],
+) -> None:
+    """Mirror written outcomes into their tasks' ``task_state`` rows, with the next runs of
+    ``next_runs`` that belong to the same tasks (those are taken out of ``next_runs``).
+
+    One statement run for every outcome, in order, so that consecutive_failures counts across
+    the batch; a skipped slot is not mirrored.
+    """
+    mirrored = [f for f in finishes if f.outcome is not TaskOutcome.SKIPPED]
+    if not mirrored:
+        return
+    params = []
+    for f in mirrored:
+        row = {
+            "b_name": f.task,
+            "b_last": f.started_at or f.finished_at,
+            "b_outcome": f.outcome.value,
+            "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
+            "b_pending": not f.final,
+        }
+        if next_runs:
+            row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
+        params.append(row)
+    conn.execute(_MIRROR_LAST_NEXT if next_runs else _MIRROR_LAST, params)
+    for f in mirrored:
+        next_runs.pop(f.task, None)
+
+
 def write_finishes(
     engine: Engine,
     finishes: Sequence[Finish],
@@ -365,25 +396,7 @@ def write_finishes(
                 ],
             )
         record_unrun(conn, unrun)
-        # The mirror of each task's last run: one statement run for every outcome, in order, so
-        # that consecutive_failures counts across the batch.
-        mirrored = [f for f in ran if f.outcome is not TaskOutcome.SKIPPED]
-        if mirrored:
-            params = []
-            for f in mirrored:
-                row = {
-                    "b_name": f.task,
-                    "b_last": f.started_at or f.finished_at,
-                    "b_outcome": f.outcome.value,
-                    "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
-                    "b_pending": not f.final,
-                }
-                if next_runs:
-                    row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
-                params.append(row)
-            conn.execute(_MIRROR_LAST_NEXT if next_runs else _MIRROR_LAST, params)
-            for f in mirrored:
-                next_runs.pop(f.task, None)
+        mirror_outcomes(conn, ran, next_runs)
         store_retries(conn, [f for f in ran if f.retry_at is not None])
         # Mirrors of runs that were not mirrored above (skipped slots, for one).
         set_next_runs(conn, next_runs)
