@@ -117,6 +117,7 @@ class Recorder:
         # Outcomes that come within a few milliseconds are written together: during a burst the
         # worker thread writes a few large batches instead of competing with the loop all along.
         await asyncio.sleep(FLUSH_WINDOW_S)
+        failures = 0  # consecutive failed writes
         while self.pending:
             batch, self.pending = self.pending, []
             wrote = False
@@ -130,13 +131,25 @@ class Recorder:
                 _announce_retries(planned)
                 await self._auto_pause(planned)
                 wrote = True
+                failures = 0
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
                 self.pending = batch + self.pending
                 raise
-            except Exception:
+            except Exception as exc:
                 # Keep the outcomes and try again: history is never dropped for a passing fault.
-                log.exception("cron.history_write_failed", pending=len(batch))
+                failures += 1
+                if failures == 1:
+                    log.exception("cron.history_write_failed", pending=len(batch), failures=1)
+                else:
+                    # Retried every FLUSH_RETRY_S for as long as the fault lasts (a full disk):
+                    # the traceback was logged with the first failure, not once a second.
+                    log.error(
+                        "cron.history_write_failed",
+                        pending=len(batch),
+                        failures=failures,
+                        error=error_text(exc),
+                    )
                 self.pending = batch + self.pending
                 await asyncio.sleep(FLUSH_RETRY_S)
             if wrote:
