@@ -36,10 +36,8 @@ FLUSH_WINDOW_S: Final = 0.02
 # After a write, outcomes that come within this long are written with the next batch (see
 # Recorder._busy_window): a few transactions a second for hundreds of runs, not one per run.
 FLUSH_BUSY_WINDOW_S: Final = 0.1
-# How long health updates and task.finished events wait for a burst's launches, at most, and
-# how often they look whether those are done.
+# How long health updates and task.finished events wait for a burst's launches, at most.
 LAUNCH_DEFER_MAX_S: Final = 1.0
-LAUNCH_DEFER_STEP_S: Final = 0.005
 # Health updates and task.finished events of finished runs handled per loop iteration.
 AFTER_RUNS_CHUNK: Final = 200
 
@@ -56,12 +54,13 @@ class Recorder:
         ctx: CronContext,
         *,
         apply_pauses: Callable[[NanobotScheduler], None],
-        launching: Callable[[], bool] = lambda: False,
+        launched: asyncio.Event | None = None,
     ) -> None:
         self._ctx = ctx
         self._apply_pauses = apply_pauses
-        # True while the loop is still starting the launches of a burst (event loop).
-        self._launching = launching
+        # loop: set by the launcher while no burst's launches wait to be started (see
+        # Launcher.launched); None: never wait.
+        self._launched = launched
         # loop: outcomes waiting to be written, and the task writing them.
         self.pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -329,10 +328,11 @@ class Recorder:
         bus = self._ctx.bus
         # A burst's first runs register thousands of components: done between its launches, it
         # would make the last ones late. It waits for them (a bounded time).
-        deferred = 0.0
-        while self._launching() and deferred < LAUNCH_DEFER_MAX_S:
-            await asyncio.sleep(LAUNCH_DEFER_STEP_S)
-            deferred += LAUNCH_DEFER_STEP_S
+        launched = self._launched
+        if launched is not None and not launched.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAUNCH_DEFER_MAX_S):
+                    await launched.wait()
         while self._health_pending or self._announce_pending:
             while self._health_pending:
                 updates = self._health_pending[:AFTER_RUNS_CHUNK]
