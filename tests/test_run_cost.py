@@ -328,7 +328,8 @@ def _recorder_on(bus: MessageBus, launched: asyncio.Event) -> Recorder:
 
 async def test_events_of_a_burst_wait_until_its_launches_are_started() -> None:
     """task.finished events of runs that ended while a burst's launches are still being started
-    wait until every launch is started (they would make the last ones late), then all go."""
+    wait until every launch is started (they would make the last ones late), then all go; an
+    end of launches that the next ones follow at once does not let them through."""
     bus = MessageBus()
     got: list[str] = []
     bus.subscribe("task.finished", lambda _t, p: got.append(p["task"]))
@@ -343,6 +344,11 @@ async def test_events_of_a_burst_wait_until_its_launches_are_started() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
     assert got == [], "nothing delivered while the launches go on"
+    launched.set()  # one hand-over's launches started...
+    launched.clear()  # ...and the next one's begin in the same loop iteration
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert got == [], "nothing delivered while the next launches go on"
     launched.set()
     async with asyncio.timeout(WAIT):
         await recorder.flush()

@@ -329,10 +329,13 @@ class Recorder:
         # A burst's first runs register thousands of components: done between its launches, it
         # would make the last ones late. It waits for them (a bounded time).
         launched = self._launched
-        if launched is not None and not launched.is_set():
+        if launched is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LAUNCH_DEFER_MAX_S):
-                    await launched.wait()
+                    # Set by the end of one hand-over's launches, it may be cleared again by
+                    # the next (a chunk of marked slots) before this task runs: wait on then.
+                    while not launched.is_set():
+                        await launched.wait()
         while self._health_pending or self._announce_pending:
             while self._health_pending:
                 updates = self._health_pending[:AFTER_RUNS_CHUNK]
