@@ -9,7 +9,7 @@ import asyncio
 import pickle
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import structlog
@@ -22,7 +22,7 @@ from nanobot.cron import CronManager, TaskOutcome, control, history
 from nanobot.cron.aps_adapter import JobSpec, NanobotScheduler
 from nanobot.cron.context import CronContext
 from nanobot.cron.history import Claim, Finish
-from nanobot.cron.recorder import Recorder
+from nanobot.cron.recorder import LAUNCH_DEFER_MAX_S, Recorder
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
 from nanobot.db import get_engine, write_transaction
@@ -301,21 +301,19 @@ async def test_publish_many_abandons_a_stuck_subscriber_once() -> None:
     assert len([e for e in captured if e["event"] == "bus.subscriber_timeout"]) == 1
 
 
-async def test_events_of_a_burst_wait_until_its_launches_are_started() -> None:
-    """task.finished events of runs that ended while a burst's launches are still being started
-    wait until every launch is started (they would make the last ones late), then all go."""
-    bus = MessageBus()
-    got: list[str] = []
-    bus.subscribe("task.finished", lambda _t, p: got.append(p["task"]))
-    asked = asyncio.Event()
-    state = {"launching": True, "asks": 0}
+class _Launched(asyncio.Event):
+    """The launcher's event, which says when the recorder starts waiting on it."""
 
-    def launching() -> bool:
-        state["asks"] += 1
-        if state["asks"] >= 5:
-            asked.set()
-        return bool(state["launching"])
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = asyncio.Event()
 
+    async def wait(self) -> Literal[True]:
+        self.waited.set()
+        return await super().wait()
+
+
+def _recorder_on(bus: MessageBus, launched: asyncio.Event) -> Recorder:
     ctx = CronContext(
         None,
         node="n",
@@ -325,15 +323,49 @@ async def test_events_of_a_burst_wait_until_its_launches_are_started() -> None:
         monitor=None,
         fence=None,
     )
-    recorder = Recorder(ctx, apply_pauses=lambda _s: None, launching=launching)
+    return Recorder(ctx, apply_pauses=lambda _s: None, launched=launched)
+
+
+async def test_events_of_a_burst_wait_until_its_launches_are_started() -> None:
+    """task.finished events of runs that ended while a burst's launches are still being started
+    wait until every launch is started (they would make the last ones late), then all go; an
+    end of launches that the next ones follow at once does not let them through."""
+    bus = MessageBus()
+    got: list[str] = []
+    bus.subscribe("task.finished", lambda _t, p: got.append(p["task"]))
+    launched = _Launched()  # not set: the launcher is in the middle of a burst
+    recorder = _recorder_on(bus, launched)
     now = datetime.now(UTC)
     recorder.announce_batch(
         [Finish(name, None, now, TaskOutcome.MISSED, None, now) for name in ("a", "b")]
     )
     async with asyncio.timeout(WAIT):
-        await asked.wait()
+        await launched.waited.wait()
+    for _ in range(20):
+        await asyncio.sleep(0)
     assert got == [], "nothing delivered while the launches go on"
-    state["launching"] = False
+    launched.set()  # one hand-over's launches started...
+    launched.clear()  # ...and the next one's begin in the same loop iteration
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert got == [], "nothing delivered while the next launches go on"
+    launched.set()
     async with asyncio.timeout(WAIT):
         await recorder.flush()
     assert got == ["a", "b"]
+
+
+async def test_events_wait_for_a_burst_a_bounded_time() -> None:
+    """Launches that never end (a launcher that never sets its event) hold a burst's events
+    LAUNCH_DEFER_MAX_S at most."""
+    bus = MessageBus()
+    delivered = asyncio.Event()
+    bus.subscribe("task.finished", lambda _t, _p: delivered.set())
+    recorder = _recorder_on(bus, asyncio.Event())
+    loop = asyncio.get_running_loop()
+    now = datetime.now(UTC)
+    announced = loop.time()
+    recorder.announce(Finish("a", None, now, TaskOutcome.MISSED, None, now))
+    async with asyncio.timeout(WAIT):
+        await delivered.wait()
+    assert loop.time() - announced >= LAUNCH_DEFER_MAX_S

@@ -88,7 +88,7 @@ from nanobot.cron.schedules import (
 )
 from nanobot.db import IN_MAX
 from nanobot.exceptions import NotLeaderError, UnknownTaskError
-from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs
+from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs, error_text
 from nanobot.times import Clock
 
 log = structlog.get_logger(__name__)
@@ -557,6 +557,8 @@ class NanobotScheduler:
         self.last_pass_at: datetime | None = None
         self._found: list[_Found] = []
         self._pass_failures = 0
+        # Whether this streak of failed passes has logged its traceback (loop).
+        self._pass_traceback_logged = False
 
     # --- the lifecycle and the wakeup cycle (event loop) -----------------------------------------
 
@@ -651,16 +653,23 @@ class NanobotScheduler:
                 self._worker, self._process_pass, self, now
             )
             self._pass_failures = 0
+            self._pass_traceback_logged = False
         except NotLeaderError as exc:
             # The service steps down at its next lease check; until then nothing is claimed.
             self._pass_failures += 1
             log.warning("cron.not_leader", reason=str(exc))
             wait = min(self.poll_interval, 1.0)
-        except Exception:
+        except Exception as exc:
             # Whatever failed (a locked database, a lost connection), the timer is armed again
             # below: the scheduler retries instead of stopping while it reports running.
             self._pass_failures += 1
-            log.exception("cron.pass_failed", failures=self._pass_failures)
+            if not self._pass_traceback_logged:
+                self._pass_traceback_logged = True
+                log.exception("cron.pass_failed", failures=self._pass_failures)
+            else:
+                # The same fault again, a pass every poll interval for as long as it lasts (a
+                # full disk): its traceback was logged with the first failure of the streak.
+                log.error("cron.pass_failed", failures=self._pass_failures, error=error_text(exc))
             wait = min(self.poll_interval, 1.0)
         finally:
             self.last_pass_at = self._clock()

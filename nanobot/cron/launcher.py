@@ -64,7 +64,9 @@ WATCH_PERIOD_S: Final = 1.0
 class Launcher:
     """Starts claimed slots at their instant and runs them (event loop)."""
 
-    def __init__(self, ctx: CronContext, registry: Registry, recorder: Recorder) -> None:
+    def __init__(
+        self, ctx: CronContext, registry: Registry, recorder: Recorder, *, launched: asyncio.Event
+    ) -> None:
         self._ctx = ctx
         self._registry = registry
         self._recorder = recorder
@@ -79,7 +81,12 @@ class Launcher:
         self.handed: dict[int, Launch] = {}
         # Slots that reached the loop while it was stopping: released, never started.
         self._held_back: list[Launch] = []
+        # The rest of launches handed over together, started a chunk per loop iteration (a
+        # burst); ``launched`` is set while there is none, cleared while there is some: the
+        # recorder holds a burst's health updates and events until every launch of it is
+        # started.
         self._queued: dict[int, list[Launch]] = {}
+        self.launched = launched
         self._marking: set[asyncio.Task[None]] = set()
         self._undispatch: list[int] = []
         self._cancel_reasons: dict[int, str] = {}
@@ -197,11 +204,6 @@ class Launcher:
             else:
                 pending[1].extend(launches)
 
-    def launching(self) -> bool:
-        """Whether launches handed over together are still being started, a chunk per loop
-        iteration (a burst)."""
-        return bool(self._queued)
-
     def _launch_chunks(self, launches: list[Launch]) -> None:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:
@@ -211,12 +213,17 @@ class Launcher:
             # Kept where a stop finds them: a slot not started when the scheduler stops is
             # released, not left behind.
             self._queued[id(rest)] = rest
+            self.launched.clear()
             asyncio.get_running_loop().call_soon(self._launch_queued, id(rest))
 
     def _launch_queued(self, key: int) -> None:
         rest = self._queued.pop(key, None)
         if rest is not None:  # else taken by a stop
             self._launch_chunks(rest)
+        # Looked at after the chunk is started, which queues the next one: set before it (and
+        # cleared again), the event would wake the recorder in the middle of the burst.
+        if not self._queued:
+            self.launched.set()
 
     def _launch_delayed(self, slot: datetime) -> None:
         group = self.delayed.pop(slot, None)
@@ -280,6 +287,7 @@ class Launcher:
         for launches in self._queued.values():
             unstarted.extend(launches)
         self._queued.clear()
+        self.launched.set()
         unstarted.extend(self._buffered.values())
         self._buffered.clear()
         with self._ctx.lock:

@@ -112,10 +112,12 @@ class CronManager:
             fence=fence,
         )
         self._registry = Registry(ctx)
-        self._recorder = Recorder(
-            ctx, apply_pauses=self._apply_now, launching=lambda: self._launcher.launching()
-        )
-        self._launcher = Launcher(ctx, self._registry, self._recorder)
+        # Set by the launcher while no burst's launches wait to be started; the recorder holds
+        # a burst's health updates and events until it is (both on the event loop).
+        launched = asyncio.Event()
+        launched.set()
+        self._recorder = Recorder(ctx, apply_pauses=self._apply_now, launched=launched)
+        self._launcher = Launcher(ctx, self._registry, self._recorder, launched=launched)
         self._reconciler = Reconciler(ctx, self._registry, on_removed=self._on_removed)
         self._dispatcher = Dispatcher(
             ctx, self._registry, self._reconciler, self._launcher, self._recorder

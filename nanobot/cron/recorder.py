@@ -36,10 +36,8 @@ FLUSH_WINDOW_S: Final = 0.02
 # After a write, outcomes that come within this long are written with the next batch (see
 # Recorder._busy_window): a few transactions a second for hundreds of runs, not one per run.
 FLUSH_BUSY_WINDOW_S: Final = 0.1
-# How long health updates and task.finished events wait for a burst's launches, at most, and
-# how often they look whether those are done.
+# How long health updates and task.finished events wait for a burst's launches, at most.
 LAUNCH_DEFER_MAX_S: Final = 1.0
-LAUNCH_DEFER_STEP_S: Final = 0.005
 # Health updates and task.finished events of finished runs handled per loop iteration.
 AFTER_RUNS_CHUNK: Final = 200
 
@@ -56,12 +54,13 @@ class Recorder:
         ctx: CronContext,
         *,
         apply_pauses: Callable[[NanobotScheduler], None],
-        launching: Callable[[], bool] = lambda: False,
+        launched: asyncio.Event | None = None,
     ) -> None:
         self._ctx = ctx
         self._apply_pauses = apply_pauses
-        # True while the loop is still starting the launches of a burst (event loop).
-        self._launching = launching
+        # loop: set by the launcher while no burst's launches wait to be started (see
+        # Launcher.launched); None: never wait.
+        self._launched = launched
         # loop: outcomes waiting to be written, and the task writing them.
         self.pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -117,6 +116,7 @@ class Recorder:
         # Outcomes that come within a few milliseconds are written together: during a burst the
         # worker thread writes a few large batches instead of competing with the loop all along.
         await asyncio.sleep(FLUSH_WINDOW_S)
+        failures = 0  # consecutive failed writes
         while self.pending:
             batch, self.pending = self.pending, []
             wrote = False
@@ -130,13 +130,25 @@ class Recorder:
                 _announce_retries(planned)
                 await self._auto_pause(planned)
                 wrote = True
+                failures = 0
             except asyncio.CancelledError:
                 # The loop ends (a script returned without shutdown()): the exit hook writes it.
                 self.pending = batch + self.pending
                 raise
-            except Exception:
+            except Exception as exc:
                 # Keep the outcomes and try again: history is never dropped for a passing fault.
-                log.exception("cron.history_write_failed", pending=len(batch))
+                failures += 1
+                if failures == 1:
+                    log.exception("cron.history_write_failed", pending=len(batch), failures=1)
+                else:
+                    # Retried every FLUSH_RETRY_S for as long as the fault lasts (a full disk):
+                    # the traceback was logged with the first failure, not once a second.
+                    log.error(
+                        "cron.history_write_failed",
+                        pending=len(batch),
+                        failures=failures,
+                        error=error_text(exc),
+                    )
                 self.pending = batch + self.pending
                 await asyncio.sleep(FLUSH_RETRY_S)
             if wrote:
@@ -316,10 +328,14 @@ class Recorder:
         bus = self._ctx.bus
         # A burst's first runs register thousands of components: done between its launches, it
         # would make the last ones late. It waits for them (a bounded time).
-        deferred = 0.0
-        while self._launching() and deferred < LAUNCH_DEFER_MAX_S:
-            await asyncio.sleep(LAUNCH_DEFER_STEP_S)
-            deferred += LAUNCH_DEFER_STEP_S
+        launched = self._launched
+        if launched is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAUNCH_DEFER_MAX_S):
+                    # Set by the end of one hand-over's launches, it may be cleared again by
+                    # the next (a chunk of marked slots) before this task runs: wait on then.
+                    while not launched.is_set():
+                        await launched.wait()
         while self._health_pending or self._announce_pending:
             while self._health_pending:
                 updates = self._health_pending[:AFTER_RUNS_CHUNK]
