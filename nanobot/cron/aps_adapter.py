@@ -559,6 +559,11 @@ class NanobotScheduler:
         return self._state is SchedulerState.DISPATCHING
 
     @property
+    def passing(self) -> bool:
+        """True while a pass is in progress in the worker thread."""
+        return self._pass_task is not None and not self._pass_task.done()
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` began: the worker thread takes nothing more."""
         return self._state is SchedulerState.CLOSED

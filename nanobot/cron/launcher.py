@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import structlog
@@ -59,6 +59,10 @@ MARK_CHUNK: Final = 1000
 MARK_WAIT_S: Final = 5.0
 # Longest period of the watch over runs in flight (overruns).
 WATCH_PERIOD_S: Final = 1.0
+# The launcher is quiet (see Launcher.quiet) with at most this many runs in flight, and no
+# launch due within QUIET_LEAD_S.
+QUIET_RUNS: Final = 100
+QUIET_LEAD_S: Final = 0.2
 
 
 class Launcher:
@@ -196,6 +200,23 @@ class Launcher:
                 self.delayed[slot] = (handle, launches)
             else:
                 pending[1].extend(launches)
+
+    def quiet(self) -> bool:
+        """Whether nothing is being handed over, marked or launched, no launch is due within
+        :data:`QUIET_LEAD_S` and at most :data:`QUIET_RUNS` runs are in flight: a moment
+        between bursts."""
+        if self._queued or self._marking or self.handed:
+            return False
+        if self.delayed:
+            soon = self._ctx.clock() + timedelta(seconds=QUIET_LEAD_S)
+            if min(self.delayed) <= soon:
+                return False
+        runs = 0
+        for by_id in self.inflight.values():
+            runs += len(by_id)
+            if runs > QUIET_RUNS:
+                return False
+        return True
 
     def launching(self) -> bool:
         """Whether launches handed over together are still being started, a chunk per loop

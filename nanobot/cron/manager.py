@@ -391,6 +391,16 @@ class CronManager:
             return True
         return (self._ctx.clock() - last).total_seconds() < 3 * self.poll_interval + 5
 
+    def quiet(self) -> bool:
+        """Whether the scheduler is between bursts (event loop): no pass in progress, nothing
+        being launched, marked or recorded, no launch due soon and few runs in flight. A full
+        garbage collection then finds little but long-lived state alive
+        (:mod:`nanobot.gcsteward`)."""
+        scheduler = self._ctx.scheduler
+        if scheduler is not None and scheduler.passing:
+            return False
+        return self._launcher.quiet() and self._recorder.idle()
+
     @property
     def last_wakeup_at(self) -> datetime | None:
         scheduler = self._ctx.scheduler
