@@ -37,7 +37,7 @@ Threads. One event loop (the one :meth:`NanobotScheduler.start` runs on) and one
 
 - On the loop: :meth:`~NanobotScheduler.start`, :meth:`~NanobotScheduler.quiesce`,
   :meth:`~NanobotScheduler.run_in_worker`, the pass timer and the task that awaits each pass;
-  ``last_pass_at`` and the lifecycle state are written there.
+  ``last_pass_at`` and the lifecycle state are written there, and ``passing`` read.
 - In the worker thread: the pass (the manager's ``process``, given the scheduler) and everything
   it calls here: :meth:`~NanobotScheduler.due`, :meth:`~NanobotScheduler.advance_due`,
   :meth:`~NanobotScheduler.advance_memory`, :meth:`~NanobotScheduler.rewind`, the reads

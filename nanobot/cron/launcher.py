@@ -9,9 +9,10 @@ executed under its timeout and the lease (every step fenced), its outcome handed
 :class:`~nanobot.cron.recorder.Recorder`; a watch marks runs in flight past their bound.
 
 Threads: the event loop owns everything here (the runs in flight, the buffered, delayed and
-queued launches, the cancel reasons and overruns); the only entry from the worker thread is
-through ``scheduler.call_soon``. Launches handed over and not yet seen by the loop are in
-:attr:`Launcher.handed` (under the context's lock), so that a stop finds them.
+queued launches, the cancel reasons and overruns; :meth:`Launcher.quiet` reads them there);
+the only entry from the worker thread is through ``scheduler.call_soon``. Launches handed
+over and not yet seen by the loop are in :attr:`Launcher.handed` (under the context's lock), so
+that a stop finds them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Threads: outcomes are recorded on the event loop (:meth:`Recorder.record`), whic
 pending batch, the flush loop, the health and announce queues and the health components; each
 batch is written by the scheduler's worker thread (:meth:`Recorder.write_outcomes`), which
 also plans the retries of failed attempts and keeps the context's retry bookkeeping, since the
-passes read it there. History never blocks the loop.
+passes read it there. History never blocks the loop. :meth:`Recorder.idle` is the loop's too.
 """
 
 from __future__ import annotations
