@@ -12,7 +12,8 @@ Threads: the event loop owns everything here (the runs in flight, the buffered, 
 queued launches, the cancel reasons and overruns; :meth:`Launcher.quiet` reads them there);
 the only entry from the worker thread is through ``scheduler.call_soon``. Launches handed
 over and not yet seen by the loop are in :attr:`Launcher.handed` (under the context's lock), so
-that a stop finds them.
+that a stop finds them. Slots claimed ahead are marked dispatched in a thread of their own
+(``_mark``: the database write, and the launches copied as dispatched: immutable records).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import contextvars
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import structlog
+from sqlalchemy import Connection, Engine
 
 from nanobot.cron import claims, history
 from nanobot.cron.context import CronContext
@@ -64,6 +67,15 @@ WATCH_PERIOD_S: Final = 1.0
 # launch due within QUIET_LEAD_S.
 QUIET_RUNS: Final = 100
 QUIET_LEAD_S: Final = 0.2
+
+
+def _mark(
+    engine: Engine, fence: Callable[[Connection], bool] | None, chunk: list[Launch]
+) -> list[Launch]:
+    """Mark ``chunk`` dispatched (fenced); its launches that were, now dispatched (in a thread:
+    copying a thousand launches on the event loop held it for milliseconds under load)."""
+    marked = history.mark_dispatched(engine, [launch.run_id for launch in chunk], fence)
+    return [replace(launch, dispatched=True) for launch in chunk if launch.run_id in marked]
 
 
 class Launcher:
@@ -262,24 +274,20 @@ class Launcher:
         ctx = self._ctx
         for start in range(0, len(launches), MARK_CHUNK):
             chunk = launches[start : start + MARK_CHUNK]
-            ids = [launch.run_id for launch in chunk]
             try:
-                marked = await asyncio.to_thread(
-                    history.mark_dispatched, ctx.engine, ids, ctx.fence
-                )
+                ready = await asyncio.to_thread(_mark, ctx.engine, ctx.fence, chunk)
             except Exception as exc:
                 # Not marked, so not started: released (and caught up) rather than lost.
                 rest = launches[start:]
                 log.error("cron.dispatch_failed", count=len(rest), error=error_text(exc))
                 self._release_soon(rest)
                 return
-            if len(marked) < len(ids):
+            if len(ready) < len(chunk):
                 log.warning(
                     "cron.slots_not_dispatched",
-                    count=len(ids) - len(marked),
+                    count=len(chunk) - len(ready),
                     reason="released by another node, or this node no longer leads",
                 )
-            ready = [replace(x, dispatched=True) for x in chunk if x.run_id in marked]
             if ready:
                 self.launch_groups({slot: ready})
 
