@@ -39,7 +39,7 @@ from bench.common import (
     nanobot_manager,
     wait_for,
 )
-from nanobot.service import settle_after_start
+from nanobot.gcsteward import GcSteward
 
 INTERVAL = 3600.0
 TIMEOUT = 300.0
@@ -81,7 +81,10 @@ async def nanobot_burst(home: Path, n: int) -> dict[str, Any]:
         manager = nanobot_manager(engine)
         started = time.time()
         await manager.start()
-        settle_after_start()  # as the service does once it has started
+        # As the service does: start-up collected and frozen once, full collections made at
+        # the scheduler's quiet moments from then on.
+        steward = GcSteward(manager.quiet)
+        steward.collect()
         await wait_for(lambda m=manager: m.last_wakeup_at is not None, TIMEOUT)
         loaded = time.time() - started
         if time.time() < instant - 0.5:
@@ -92,6 +95,7 @@ async def nanobot_burst(home: Path, n: int) -> dict[str, Any]:
         lead = 2 * lead + loaded
     else:
         raise RuntimeError(f"nanobot could not load {n} tasks in time")
+    steward.start()
     result = await _measure(key, n, instant, done)
     await manager.flush()
     result["monitor_held"] = await result["monitor"].stop()
@@ -105,6 +109,7 @@ async def nanobot_burst(home: Path, n: int) -> dict[str, Any]:
             )
         ).scalar_one()
     await manager.shutdown(5)
+    steward.stop()
     engine.dispose()
     result["load_s"] = loaded
     return result

@@ -34,7 +34,7 @@ from bench.common import (
     nanobot_manager,
     percentile,
 )
-from nanobot.service import settle_after_start
+from nanobot.gcsteward import GcSteward
 
 INTERVAL = 0.2
 BUSY = 0.05
@@ -64,13 +64,18 @@ async def nanobot_drift(home: Path, periods: int) -> tuple[list[float], float]:
     manager = nanobot_manager(engine)
     manager.register_task("drift", tasks.Stamp(INTERVAL, key=key, busy=BUSY))
     await manager.start()
-    settle_after_start()  # as the service does once it has started
+    # As the service does: start-up collected and frozen once, then full collections at the
+    # scheduler's quiet moments.
+    steward = GcSteward(manager.quiet)
+    steward.collect()
+    steward.start()
     monitor = LoopMonitor().start()
     await manager.start_task("drift")
     await asyncio.wait_for(done.wait(), periods * INTERVAL * 3 + 30)
     held = await monitor.stop()
     await manager.stop_task("drift")
     await manager.shutdown(2)
+    steward.stop()
     with engine.connect() as conn:
         anchor = conn.execute(select(Task.anchor_at).where(Task.name == "drift")).scalar_one()
     engine.dispose()

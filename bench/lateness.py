@@ -34,7 +34,7 @@ from bench.common import (
     percentile,
     wait_for,
 )
-from nanobot.service import settle_after_start
+from nanobot.gcsteward import GcSteward
 
 TASKS = 1000
 INTERVAL = 5.0
@@ -85,11 +85,16 @@ async def nanobot_lateness(home: Path, periods: int) -> dict[str, Any]:
     )
     manager = nanobot_manager(engine)
     await manager.start()
-    settle_after_start()  # as the service does once it has started
+    # As the service does: start-up collected and frozen once, then full collections at the
+    # scheduler's quiet moments.
+    steward = GcSteward(manager.quiet)
+    steward.collect()
+    steward.start()
     await wait_for(lambda: manager.last_wakeup_at is not None, 120)
     loaded_before = time.time() < t0
     result = await _observe(key, t0, periods)
     await manager.shutdown(5)
+    steward.stop()
     with engine.connect() as conn:
         result["history"] = conn.execute(
             select(func.count())

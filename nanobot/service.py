@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import gc
 import os
 import signal
 import sys
@@ -76,6 +75,7 @@ from nanobot.cron.sources import TaskSources
 from nanobot.database_guard import DatabaseGuard
 from nanobot.db import dispose_engines, get_engine, upgrade_database
 from nanobot.exceptions import ConfigError, NotLeaderError
+from nanobot.gcsteward import GcSteward
 from nanobot.heartbeat import HeartbeatMonitor, initialize_heartbeat, install_heartbeat_monitor
 from nanobot.http import HttpServer
 from nanobot.lease import AdvisoryLock, SchedulerLease, holder_id
@@ -183,6 +183,8 @@ class Service:
         )
         self._step_lock = asyncio.Lock()
         self._claim: NodeClaim | None = None
+        # Full garbage collections at quiet moments of the scheduler, never during a burst.
+        self._gc = GcSteward(self._gc_quiet)
 
     # --- probes (the HTTP endpoint) -------------------------------------------------------------
 
@@ -355,6 +357,12 @@ class Service:
             log_file=str(configured_log_file()) if configured_log_file() else None,
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
+        # What the imports allocated is collected and frozen once, before the scheduler loads
+        # its tasks; from then on the steward makes the full collections, at quiet moments (a
+        # full collection scans every tracked object with the interpreter lock held: during a
+        # burst, 40-240 ms in which neither the event loop nor the scheduler's worker ran).
+        self._gc.collect()
+        self._gc.start()
         try:
             # Built from this configuration and installed before anything asks for the
             # process-wide monitor (the scheduler registers task components on it).
@@ -384,7 +392,6 @@ class Service:
             # After the first lease step (a node starting up is not "a standby without a
             # leader") and once the lease loop runs (the start must not eat the lease's margin).
             await self._start_alerts()
-            settle_after_start()
             log.info("service.started", role=self.role.value, node=self.node, holder=self.holder)
             await self._stop.wait()
         finally:
@@ -769,6 +776,7 @@ class Service:
         if self.http is not None:
             await self.http.stop()
         get_bus().unsubscribe("task.finished", self.metrics.on_task_finished)
+        self._gc.stop()
         await asyncio.to_thread(dispose_engines)
         self.role = Role.STOPPED
         log.info("service.stopped", exit_code=code)
@@ -813,6 +821,12 @@ class Service:
         lease loop (with :meth:`health_cycle`)."""
         self._guard.check_at_start()
 
+    def _gc_quiet(self) -> bool:
+        """Whether a full garbage collection would find little but long-lived state alive: no
+        scheduler, or one between bursts (:meth:`CronManager.quiet`)."""
+        manager = self._manager
+        return manager is None or manager.quiet()
+
     def _warn(self, key: str, problem: str | None) -> None:
         """Show ``problem`` in status (degraded) under ``key``; None clears it."""
         if problem is None:
@@ -853,19 +867,6 @@ def _is_read_only(error: str) -> bool:
     """A write refused because the database (or PostgreSQL server: a hot standby) is read-only."""
     text = error.lower()
     return "readonly database" in text or "read-only" in text
-
-
-def settle_after_start() -> None:
-    """Move what start-up allocated out of the garbage collector's way.
-
-    A full collection scans every tracked object (SQLAlchemy's and APScheduler's included) with
-    the GIL held: tens of milliseconds during which neither the event loop nor the scheduler's
-    worker runs, measured as 60-75 ms loop holds in a burst of 1000-5000 runs. ``gc.freeze()``
-    moves the objects alive after start-up into a generation that collections skip; they live
-    as long as the process anyway.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 class _ProbeAdapter:

@@ -32,8 +32,10 @@ from nanobot.bus import MessageBus
 from nanobot.db import create_db_engine, upgrade_database
 from nanobot.exceptions import InvalidComponentError
 from nanobot.heartbeat import STALE_REASON, SYSTEM_COMPONENT, HeartbeatMonitor, prune
+from nanobot.heartbeat import monitor as monitor_module
 from nanobot.heartbeat import outbox as outbox_module
-from nanobot.models import ERROR_TEXT_MAX
+from nanobot.heartbeat.component import ComponentState
+from nanobot.models import ERROR_TEXT_MAX, ComponentStatus
 
 WAIT = 10  # seconds: the bound of every wait in these tests
 
@@ -217,6 +219,39 @@ async def test_unregistering_removes_the_component_and_keeps_its_history(
     assert monitor.get_component_status("gone")["status"] == "unknown"
     assert [r.error for r in error_rows(engine, "gone")] == ["boom"]
     assert change_rows(engine, "gone")[-1].reason == "unregistered"
+
+
+async def test_a_cycle_over_more_components_than_a_slice_writes_each_one(
+    monitor: HeartbeatMonitor, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cycle takes the changed components' rows a slice per loop iteration: every one is
+    written, with its latest state."""
+    monkeypatch.setattr(monitor_module, "ROWS_SLICE", 2)
+    names = [f"c{i}" for i in range(7)]
+    for name in names:
+        monitor.register_component(name)
+    await monitor.run_cycle()
+    for name in names:
+        monitor.mark_component_error(name, "boom")
+    await monitor.run_cycle()
+    rows = component_rows(engine)
+    assert {rows[n].status for n in names} == {"error"}
+
+
+def test_a_row_taken_ahead_goes_with_its_component(clock: FakeClock) -> None:
+    """A component unregistered after its row was taken ahead of the write is not written
+    back: its deletion is, alone."""
+    box = outbox_module.Outbox(NODE)
+    now = clock()
+    state, kept = (
+        ComponentState(name, ComponentStatus.HEALTHY, now, now, registered=True, dirty=True)
+        for name in ("gone", "kept")
+    )
+    box.take_rows([state, kept], clock())
+    box.delete("gone")
+    batch = box.take([], None, clock())
+    assert [row.name for row in batch.components] == ["kept"]
+    assert batch.deletes == ["gone"]
 
 
 # --- staleness, thresholds and task components -------------------------------------------------

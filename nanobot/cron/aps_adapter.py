@@ -37,7 +37,8 @@ Threads. One event loop (the one :meth:`NanobotScheduler.start` runs on) and one
 
 - On the loop: :meth:`~NanobotScheduler.start`, :meth:`~NanobotScheduler.quiesce`,
   :meth:`~NanobotScheduler.run_in_worker`, the pass timer and the task that awaits each pass;
-  ``last_pass_at`` and the lifecycle state are written there.
+  ``last_pass_at`` and the lifecycle state are written there, ``passing`` and
+  ``pass_within`` read.
 - In the worker thread: the pass (the manager's ``process``, given the scheduler) and everything
   it calls here: :meth:`~NanobotScheduler.due`, :meth:`~NanobotScheduler.advance_due`,
   :meth:`~NanobotScheduler.advance_memory`, :meth:`~NanobotScheduler.rewind`, the reads
@@ -570,6 +571,18 @@ class NanobotScheduler:
     def dispatching(self) -> bool:
         """True from :meth:`start` until :meth:`quiesce` or :meth:`close`."""
         return self._state is SchedulerState.DISPATCHING
+
+    @property
+    def passing(self) -> bool:
+        """True while a pass is in progress in the worker thread."""
+        return self._pass_task is not None and not self._pass_task.done()
+
+    def pass_within(self, seconds: float) -> bool:
+        """True if a pass is in progress or its timer fires within ``seconds``."""
+        if self.passing:
+            return True
+        timer, loop = self._timer, self._loop
+        return timer is not None and loop is not None and timer.when() - loop.time() <= seconds
 
     @property
     def closed(self) -> bool:

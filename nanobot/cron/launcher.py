@@ -9,9 +9,11 @@ executed under its timeout and the lease (every step fenced), its outcome handed
 :class:`~nanobot.cron.recorder.Recorder`; a watch marks runs in flight past their bound.
 
 Threads: the event loop owns everything here (the runs in flight, the buffered, delayed and
-queued launches, the cancel reasons and overruns); the only entry from the worker thread is
-through ``scheduler.call_soon``. Launches handed over and not yet seen by the loop are in
-:attr:`Launcher.handed` (under the context's lock), so that a stop finds them.
+queued launches, the cancel reasons and overruns; :meth:`Launcher.quiet` reads them there);
+the only entry from the worker thread is through ``scheduler.call_soon``. Launches handed
+over and not yet seen by the loop are in :attr:`Launcher.handed` (under the context's lock), so
+that a stop finds them. Slots claimed ahead are marked dispatched in a thread of their own
+(``_mark``: the database write, and the launches copied as dispatched: immutable records).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import contextvars
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import structlog
+from sqlalchemy import Connection, Engine
 
 from nanobot.cron import claims, history
 from nanobot.cron.context import CronContext
@@ -59,6 +63,20 @@ MARK_CHUNK: Final = 1000
 MARK_WAIT_S: Final = 5.0
 # Longest period of the watch over runs in flight (overruns).
 WATCH_PERIOD_S: Final = 1.0
+# The launcher is quiet (see Launcher.quiet) with at most this many runs in flight, and no
+# launch (nor, for the manager, a pass) due within QUIET_LEAD_S: a full collection under load
+# took up to 0.2 s.
+QUIET_RUNS: Final = 100
+QUIET_LEAD_S: Final = 0.3
+
+
+def _mark(
+    engine: Engine, fence: Callable[[Connection], bool] | None, chunk: list[Launch]
+) -> list[Launch]:
+    """Mark ``chunk`` dispatched (fenced); its launches that were, now dispatched (in a thread:
+    copying a thousand launches on the event loop held it for milliseconds under load)."""
+    marked = history.mark_dispatched(engine, [launch.run_id for launch in chunk], fence)
+    return [replace(launch, dispatched=True) for launch in chunk if launch.run_id in marked]
 
 
 class Launcher:
@@ -204,6 +222,23 @@ class Launcher:
             else:
                 pending[1].extend(launches)
 
+    def quiet(self) -> bool:
+        """Whether nothing is being handed over, marked or launched, no launch is due within
+        :data:`QUIET_LEAD_S` and at most :data:`QUIET_RUNS` runs are in flight: a moment
+        between bursts."""
+        if self._queued or self._marking or self.handed:
+            return False
+        if self.delayed:
+            soon = self._ctx.clock() + timedelta(seconds=QUIET_LEAD_S)
+            if min(self.delayed) <= soon:
+                return False
+        runs = 0
+        for by_id in self.inflight.values():
+            runs += len(by_id)
+            if runs > QUIET_RUNS:
+                return False
+        return True
+
     def _launch_chunks(self, launches: list[Launch]) -> None:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:
@@ -247,24 +282,20 @@ class Launcher:
         ctx = self._ctx
         for start in range(0, len(launches), MARK_CHUNK):
             chunk = launches[start : start + MARK_CHUNK]
-            ids = [launch.run_id for launch in chunk]
             try:
-                marked = await asyncio.to_thread(
-                    history.mark_dispatched, ctx.engine, ids, ctx.fence
-                )
+                ready = await asyncio.to_thread(_mark, ctx.engine, ctx.fence, chunk)
             except Exception as exc:
                 # Not marked, so not started: released (and caught up) rather than lost.
                 rest = launches[start:]
                 log.error("cron.dispatch_failed", count=len(rest), error=error_text(exc))
                 self._release_soon(rest)
                 return
-            if len(marked) < len(ids):
+            if len(ready) < len(chunk):
                 log.warning(
                     "cron.slots_not_dispatched",
-                    count=len(ids) - len(marked),
+                    count=len(chunk) - len(ready),
                     reason="released by another node, or this node no longer leads",
                 )
-            ready = [replace(x, dispatched=True) for x in chunk if x.run_id in marked]
             if ready:
                 self.launch_groups({slot: ready})
 

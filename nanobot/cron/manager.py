@@ -53,7 +53,7 @@ from nanobot.cron import claims, control, definitions, history
 from nanobot.cron.aps_adapter import EPHEMERAL, NanobotScheduler
 from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
 from nanobot.cron.dispatch import Dispatcher
-from nanobot.cron.launcher import MARK_AHEAD, Launcher
+from nanobot.cron.launcher import MARK_AHEAD, QUIET_LEAD_S, Launcher
 from nanobot.cron.own_lease import OwnLease
 from nanobot.cron.reconcile import Reconciler, note_definition
 from nanobot.cron.recorder import Recorder
@@ -392,6 +392,17 @@ class CronManager:
         if last is None:
             return True
         return (self._ctx.clock() - last).total_seconds() < 3 * self.poll_interval + 5
+
+    def quiet(self) -> bool:
+        """Whether the scheduler is between bursts (event loop): no pass in progress or due
+        soon, nothing being launched, marked or recorded, no launch due soon and few runs in
+        flight. A full garbage collection then finds little but long-lived state alive
+        (:mod:`nanobot.gcsteward`)."""
+        scheduler = self._ctx.scheduler
+        # A collection just before a pass would delay the pass, and the burst it claims.
+        if scheduler is not None and scheduler.pass_within(QUIET_LEAD_S):
+            return False
+        return self._launcher.quiet() and self._recorder.idle()
 
     @property
     def last_wakeup_at(self) -> datetime | None:

@@ -5,7 +5,7 @@ Threads: outcomes are recorded on the event loop (:meth:`Recorder.record`), whic
 pending batch, the flush loop, the health and announce queues and the health components; each
 batch is written by the scheduler's worker thread (:meth:`Recorder.write_outcomes`), which
 also plans the retries of failed attempts and keeps the context's retry bookkeeping, since the
-passes read it there. History never blocks the loop.
+passes read it there. History never blocks the loop. :meth:`Recorder.idle` is the loop's too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import functools
 import random
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Final
@@ -38,8 +39,11 @@ FLUSH_WINDOW_S: Final = 0.02
 FLUSH_BUSY_WINDOW_S: Final = 0.1
 # How long health updates and task.finished events wait for a burst's launches, at most.
 LAUNCH_DEFER_MAX_S: Final = 1.0
-# Health updates and task.finished events of finished runs handled per loop iteration.
+# Health updates and task.finished events of finished runs handled per loop iteration, at most;
+# health updates for at most AFTER_RUNS_SLICE_S seconds (a component's registration costs ten
+# times its next heartbeats).
 AFTER_RUNS_CHUNK: Final = 200
+AFTER_RUNS_SLICE_S: Final = 0.002
 
 
 class Recorder:
@@ -100,6 +104,17 @@ class Recorder:
                 await asyncio.shield(self._after_runs_task)
         finally:
             self._hurry.clear()
+
+    def idle(self) -> bool:
+        """Whether no outcome waits to be written, announced or applied to health, and no
+        write is in progress."""
+        return not (
+            self.pending
+            or self._health_pending
+            or self._announce_pending
+            or (self._flusher is not None and not self._flusher.done())
+            or (self._after_runs_task is not None and not self._after_runs_task.done())
+        )
 
     def drop_pending(self) -> None:
         """Give up the outcomes not written (the database does not answer at a stop): their
@@ -338,10 +353,7 @@ class Recorder:
                         await launched.wait()
         while self._health_pending or self._announce_pending:
             while self._health_pending:
-                updates = self._health_pending[:AFTER_RUNS_CHUNK]
-                del self._health_pending[:AFTER_RUNS_CHUNK]
-                for update in updates:
-                    self.health(update.name, update.interval, update.outcome, update.error)
+                self._apply_health(time.perf_counter() + AFTER_RUNS_SLICE_S)
                 await asyncio.sleep(0)
             finishes = self._announce_pending[:AFTER_RUNS_CHUNK]
             del self._announce_pending[:AFTER_RUNS_CHUNK]
@@ -350,6 +362,19 @@ class Recorder:
             await asyncio.sleep(0)
             if not self._health_pending and not self._announce_pending:
                 await self._busy_window()
+
+    def _apply_health(self, until: float) -> None:
+        """Apply pending health updates, in order, until ``until`` (perf_counter) or
+        :data:`AFTER_RUNS_CHUNK` of them."""
+        pending = self._health_pending
+        done = 0
+        while done < len(pending) and done < AFTER_RUNS_CHUNK:
+            update = pending[done]
+            done += 1
+            self.health(update.name, update.interval, update.outcome, update.error)
+            if time.perf_counter() >= until:
+                break
+        del pending[:done]
 
     def health(self, name: str, interval: float, outcome: TaskOutcome, error: str | None) -> None:
         """Section 5.2.3 of the seed: a task is a component, ``task:<name>``; a failed run

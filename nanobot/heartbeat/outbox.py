@@ -33,6 +33,7 @@ from nanobot.heartbeat.store import (
     SYSTEM_COMPONENT,
     Batch,
     ChangeRow,
+    ComponentRow,
     ErrorRow,
     HeartbeatRow,
     StoredState,
@@ -58,6 +59,8 @@ class Outbox:
         self._errors: list[ErrorRow] = []
         self._changes: list[ChangeRow] = []
         self._events: list[ChangeRow] = []
+        # Rows of changed components taken ahead of the next take(), by name (take_rows).
+        self._rows: dict[str, ComponentRow] = {}
         self.dropped = 0
 
     def add(self, recorded: Iterable[Recorded]) -> None:
@@ -71,6 +74,7 @@ class Outbox:
 
     def delete(self, name: str) -> None:
         """Queue the deletion of a component's ``components`` row."""
+        self._rows.pop(name, None)
         self._deletes.append(name)
 
     def deleted(self) -> set[str]:
@@ -89,11 +93,18 @@ class Outbox:
         batch.errors, self._errors = self._errors, []
         batch.changes, self._changes = self._changes, []
         updated_at = heartbeat.at if heartbeat is not None else now
+        self.take_rows(components, updated_at)
+        batch.components, self._rows = list(self._rows.values()), {}
+        return batch
+
+    def take_rows(self, components: Iterable[ComponentState], updated_at: datetime) -> None:
+        """Take the rows of those of ``components`` that changed, for the next :meth:`take`:
+        the monitor takes thousands of them a slice per loop iteration before it."""
+        rows = self._rows
         for comp in components:
             if comp.dirty and comp.registered:
                 comp.dirty = False
-                batch.components.append(comp.row(updated_at))
-        return batch
+                rows[comp.name] = comp.row(updated_at)
 
     def put_back(self, batch: Batch, components: Mapping[str, ComponentState]) -> None:
         """Put back what a failed write took, before anything queued since."""

@@ -1,0 +1,146 @@
+"""Full garbage collections kept out of bursts.
+
+CPython's full (generation 2) collection scans every tracked object that is not frozen, with
+the interpreter lock held: neither the event loop nor the scheduler's worker thread runs
+meanwhile, whichever thread it happens in. Left to itself, the collector starts one when enough
+objects have survived the young collections, which is exactly what a burst of thousands of runs
+does: with their objects alive, a collection took 40-240 ms (N = 5000 to 20000), the longest
+holds of the event loop during a burst.
+
+The :class:`GcSteward` turns the collector's own full collections off (young ones stay as they
+are: they scan at most a few thousand objects) and makes them itself, from the event loop, at a
+quiet moment: when the scheduler says that nothing is being claimed, launched or recorded and
+few runs are in flight, so that little but the long-lived state is alive. The survivors of
+such a collection are that long-lived state (the loaded jobs and tasks, their components, the
+metrics), and are frozen (``gc.freeze()``): later collections skip them, so that each one only
+scans what came since. Nothing is frozen that a full collection did not find alive, so no
+garbage is kept; an object frozen that later becomes garbage in a reference cycle (a removed
+task's state) is kept until :data:`REFREEZE_S` has passed, when one collection at a quiet moment
+scans everything again.
+
+A service that is never quiet still gets a full collection every :data:`MAX_WAIT_S` seconds,
+whatever it is doing: never fewer full collections than CPython's own rule would make at a
+steady allocation rate, only at better moments.
+
+Threads: the event loop owns the steward; the collector's thresholds are process-wide and are
+restored by :meth:`GcSteward.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# How often the steward looks whether a full collection is due and the moment is quiet.
+PERIOD_S: Final = 0.25
+# A full collection is due after this many collections of generation 1 since the last one
+# (about 350,000 allocations at the default thresholds; CPython's own rule is 10, and then only
+# once the objects promoted since the last one are a quarter of those it kept: with most
+# objects frozen, 10 made one every half second in a burst of 20,000 runs).
+FULL_AFTER: Final = 50
+# A due collection waits for a quiet moment at most this long.
+MAX_WAIT_S: Final = 60.0
+# Every this long, at a quiet moment, the frozen objects are scanned too (see the docstring).
+REFREEZE_S: Final = 3600.0
+# Generation 2's threshold while the steward runs: the collector never starts a full collection
+# by itself (generation 1 collections would have to number this many first).
+_NEVER: Final = 1 << 30
+
+
+class GcSteward:
+    """Makes the full collections of this process at quiet moments; see the module docstring.
+
+    ``quiet`` answers, on the event loop, whether little but long-lived state is alive now.
+    """
+
+    def __init__(
+        self,
+        quiet: Callable[[], bool],
+        *,
+        period: float = PERIOD_S,
+        max_wait: float = MAX_WAIT_S,
+        refreeze: float = REFREEZE_S,
+    ) -> None:
+        self._quiet = quiet
+        self._period = period
+        self._max_wait = max_wait
+        self._refreeze = refreeze
+        self._saved: tuple[int, int, int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_full = time.monotonic()
+        self._last_refreeze = time.monotonic()
+        # What the last collection did, for tests and diagnosis.
+        self.collections = 0
+        self.last_seconds = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._saved is not None
+
+    def start(self) -> None:
+        """Take over the full collections (on the event loop); idempotent."""
+        if self._saved is not None:
+            return
+        self._saved = gc.get_threshold()
+        gc.set_threshold(self._saved[0], self._saved[1], _NEVER)
+        self._last_full = self._last_refreeze = time.monotonic()
+        self._arm()
+
+    def stop(self) -> None:
+        """Give the full collections back to the collector; idempotent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._saved is not None:
+            gc.set_threshold(*self._saved)
+            self._saved = None
+
+    def _arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._saved is None:
+            return
+        try:
+            self.look()
+        finally:
+            self._arm()
+
+    def look(self) -> bool:
+        """Make a full collection if one is due and the moment is quiet (or it waited
+        :data:`MAX_WAIT_S`); whether it made one. The steward looks every :data:`PERIOD_S`."""
+        now = time.monotonic()
+        due = gc.get_count()[2] >= FULL_AFTER
+        overdue = due and now - self._last_full >= self._max_wait
+        if not ((due and self._quiet()) or overdue):
+            return False
+        self.collect(everything=now - self._last_refreeze >= self._refreeze and not overdue)
+        return True
+
+    def collect(self, *, everything: bool = False) -> None:
+        """One full collection now, its survivors frozen; ``everything``: the frozen objects
+        are scanned again too (garbage among them is freed)."""
+        started = time.perf_counter()
+        if everything:
+            gc.unfreeze()
+        found = gc.collect()
+        gc.freeze()
+        seconds = time.perf_counter() - started
+        now = time.monotonic()
+        self._last_full = now
+        if everything:
+            self._last_refreeze = now
+        self.collections += 1
+        self.last_seconds = seconds
+        # Not gc.get_freeze_count(): it walks every frozen object.
+        log.debug(
+            "gc.collected", seconds=round(seconds, 6), unreachable=found, everything=everything
+        )

@@ -1,0 +1,117 @@
+"""The garbage-collection steward: full collections at quiet moments, their survivors frozen."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from nanobot.gcsteward import FULL_AFTER, GcSteward
+
+
+@pytest.fixture(autouse=True)
+def _collector_restored() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _old_garbage() -> weakref.ref[_Cycle]:
+    """A reference cycle that reached generation 2 alive, then became garbage."""
+    cycle = _Cycle()
+    gc.collect(1)  # survivors of generations 0 and 1 move on to generation 2
+    return weakref.ref(cycle)
+
+
+def _make_due() -> None:
+    # Each collection of generation 1 counts towards the next full one.
+    for _ in range(FULL_AFTER):
+        gc.collect(1)
+
+
+async def test_the_collector_makes_no_full_collection_while_the_steward_runs() -> None:
+    """Generation 2's threshold is out of reach while the steward runs, and restored after."""
+    before = gc.get_threshold()
+    steward = GcSteward(lambda: True)
+    steward.start()
+    try:
+        assert gc.get_threshold()[:2] == before[:2]
+        assert gc.get_threshold()[2] > 10**6
+        assert steward.running
+    finally:
+        steward.stop()
+    assert gc.get_threshold() == before
+    assert not steward.running
+    steward.stop()  # idempotent
+
+
+async def test_a_due_collection_waits_for_a_quiet_moment() -> None:
+    """Not quiet: nothing collected, garbage in a cycle stays; quiet: collected and freed."""
+    quiet = False
+    steward = GcSteward(lambda: quiet, max_wait=3600)
+    steward.start()
+    try:
+        ref = _old_garbage()
+        _make_due()
+        assert ref() is not None, "in generation 2, which only a full collection scans"
+        assert steward.look() is False
+        assert ref() is not None
+        quiet = True
+        assert steward.look() is True
+        assert ref() is None
+        assert steward.collections == 1
+        assert steward.look() is False, "not due again right after a collection"
+    finally:
+        steward.stop()
+
+
+async def test_survivors_are_frozen_and_garbage_is_never_frozen() -> None:
+    """What a quiet collection finds alive is frozen (later collections skip it); what it finds
+    unreachable is freed, not frozen."""
+    steward = GcSteward(lambda: True)
+    alive = _Cycle()
+    garbage = _Cycle()
+    ref = weakref.ref(garbage)
+    del garbage
+    steward.collect()
+    assert ref() is None
+    assert gc.get_freeze_count() > 0
+    assert all(o is not alive for o in gc.get_objects()), "frozen: no collection scans it"
+
+
+async def test_a_service_never_quiet_still_collects_after_the_longest_wait() -> None:
+    """A due collection that found no quiet moment within max_wait is made anyway."""
+    steward = GcSteward(lambda: False, max_wait=0.0)
+    steward.start()
+    try:
+        ref = _old_garbage()
+        _make_due()
+        assert steward.look() is True
+        assert ref() is None
+    finally:
+        steward.stop()
+
+
+async def test_everything_is_scanned_again_after_the_refreeze_period() -> None:
+    """A frozen object that became garbage is freed by the periodic collection of everything."""
+    steward = GcSteward(lambda: True, refreeze=0.0)
+    steward.start()
+    try:
+        kept = [_Cycle()]
+        ref = weakref.ref(kept[0])
+        steward.collect()  # frozen alive
+        kept.clear()
+        assert ref() is not None, "frozen: no ordinary collection frees it"
+        _make_due()
+        assert steward.look() is True
+        assert ref() is None
+    finally:
+        steward.stop()
