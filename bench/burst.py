@@ -84,7 +84,7 @@ async def nanobot_burst(home: Path, n: int) -> dict[str, Any]:
         # As the service does: start-up collected and frozen once, full collections made at
         # the scheduler's quiet moments from then on.
         steward = GcSteward(manager.quiet)
-        steward.collect()
+        steward.collect(everything=True)
         await wait_for(lambda m=manager: m.last_wakeup_at is not None, TIMEOUT)
         loaded = time.time() - started
         if time.time() < instant - 0.5:

@@ -67,7 +67,7 @@ async def nanobot_drift(home: Path, periods: int) -> tuple[list[float], float]:
     # As the service does: start-up collected and frozen once, then full collections at the
     # scheduler's quiet moments.
     steward = GcSteward(manager.quiet)
-    steward.collect()
+    steward.collect(everything=True)
     steward.start()
     monitor = LoopMonitor().start()
     await manager.start_task("drift")

@@ -88,7 +88,7 @@ async def nanobot_lateness(home: Path, periods: int) -> dict[str, Any]:
     # As the service does: start-up collected and frozen once, then full collections at the
     # scheduler's quiet moments.
     steward = GcSteward(manager.quiet)
-    steward.collect()
+    steward.collect(everything=True)
     steward.start()
     await wait_for(lambda: manager.last_wakeup_at is not None, 120)
     loaded_before = time.time() < t0

@@ -8,19 +8,21 @@ does: with their objects alive, a collection took 40-240 ms (N = 5000 to 20000),
 holds of the event loop during a burst.
 
 The :class:`GcSteward` turns the collector's own full collections off (young ones stay as they
-are: they scan at most a few thousand objects) and makes them itself, from the event loop, at a
-quiet moment: when the scheduler says that nothing is being claimed, launched or recorded and
-few runs are in flight, so that little but the long-lived state is alive. The survivors of
-such a collection are that long-lived state (the loaded jobs and tasks, their components, the
-metrics), and are frozen (``gc.freeze()``): later collections skip them, so that each one only
-scans what came since. Nothing is frozen that a full collection did not find alive, so no
-garbage is kept; an object frozen that later becomes garbage in a reference cycle (a removed
-task's state) is kept until :data:`REFREEZE_S` has passed, when one collection at a quiet moment
-scans everything again.
+are: they scan at most a few thousand objects) and, at a quiet moment (the scheduler says that
+nothing is being claimed, launched or recorded and few runs are in flight, so that little but
+the long-lived state is alive), makes a young collection and freezes its survivors
+(``gc.freeze()``): what lived through the young collections until such a moment is the
+long-lived state (the loaded jobs and tasks, their components, the metrics), and later
+collections skip it. A full collection of the objects a burst of 5,000 left alive still took
+35 ms at such a moment, past the 20 ms that the loop may be held; freezing costs no scan at all.
 
-A service that is never quiet still gets a full collection every :data:`MAX_WAIT_S` seconds,
-whatever it is doing: never fewer full collections than CPython's own rule would make at a
-steady allocation rate, only at better moments.
+The price: a reference cycle that became garbage after two young collections and before the
+freeze (garbage without a cycle is freed by its reference count, frozen or not) is kept until
+:data:`REFREEZE_S` has passed, when one full collection at a quiet moment scans everything again
+(the one long pause, once an hour, at a quiet moment).
+
+A service that is never quiet still gets its freeze every :data:`MAX_WAIT_S` seconds, whatever
+it is doing.
 
 Threads: the event loop owns the steward; the collector's thresholds are process-wide and are
 restored by :meth:`GcSteward.stop`.
@@ -38,14 +40,12 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-# How often the steward looks whether a full collection is due and the moment is quiet.
+# How often the steward looks whether a freeze is due and the moment is quiet.
 PERIOD_S: Final = 0.25
-# A full collection is due after this many collections of generation 1 since the last one
-# (about 350,000 allocations at the default thresholds; CPython's own rule is 10, and then only
-# once the objects promoted since the last one are a quarter of those it kept: with most
-# objects frozen, 10 made one every half second in a burst of 20,000 runs).
-FULL_AFTER: Final = 50
-# A due collection waits for a quiet moment at most this long.
+# A freeze is due after this many collections of generation 1 since the last one (about
+# 350,000 allocations at the default thresholds: after a burst, not after every few runs).
+FREEZE_AFTER: Final = 50
+# A due freeze waits for a quiet moment at most this long.
 MAX_WAIT_S: Final = 60.0
 # Every this long, at a quiet moment, the frozen objects are scanned too (see the docstring).
 REFREEZE_S: Final = 3600.0
@@ -55,7 +55,8 @@ _NEVER: Final = 1 << 30
 
 
 class GcSteward:
-    """Makes the full collections of this process at quiet moments; see the module docstring.
+    """Freezes the long-lived objects of this process at quiet moments and makes its full
+    collections; see the module docstring.
 
     ``quiet`` answers, on the event loop, whether little but long-lived state is alive now.
     """
@@ -76,6 +77,9 @@ class GcSteward:
         self._timer: asyncio.TimerHandle | None = None
         self._last_full = time.monotonic()
         self._last_refreeze = time.monotonic()
+        # Generation 2's count (collections of generation 1 since the last full one) at the
+        # last freeze: a freeze does not reset it, a full collection does.
+        self._counted = 0
         # What the last collection did, for tests and diagnosis.
         self.collections = 0
         self.last_seconds = 0.0
@@ -91,6 +95,7 @@ class GcSteward:
         self._saved = gc.get_threshold()
         gc.set_threshold(self._saved[0], self._saved[1], _NEVER)
         self._last_full = self._last_refreeze = time.monotonic()
+        self._counted = gc.get_count()[2]
         self._arm()
 
     def stop(self) -> None:
@@ -115,10 +120,11 @@ class GcSteward:
             self._arm()
 
     def look(self) -> bool:
-        """Make a full collection if one is due and the moment is quiet (or it waited
-        :data:`MAX_WAIT_S`); whether it made one. The steward looks every :data:`PERIOD_S`."""
+        """Freeze (or, once per :data:`REFREEZE_S`, collect everything) if due and the moment
+        is quiet (or it waited :data:`MAX_WAIT_S`); whether it did. The steward looks every
+        :data:`PERIOD_S`."""
         now = time.monotonic()
-        due = gc.get_count()[2] >= FULL_AFTER
+        due = gc.get_count()[2] - self._counted >= FREEZE_AFTER
         overdue = due and now - self._last_full >= self._max_wait
         if not ((due and self._quiet()) or overdue):
             return False
@@ -126,13 +132,14 @@ class GcSteward:
         return True
 
     def collect(self, *, everything: bool = False) -> None:
-        """One full collection now, its survivors frozen; ``everything``: the frozen objects
-        are scanned again too (garbage among them is freed)."""
+        """A young collection now, its survivors and the older objects frozen; ``everything``:
+        a full collection of every object, frozen ones too (garbage among them is freed)."""
         started = time.perf_counter()
         if everything:
             gc.unfreeze()
-        found = gc.collect()
+        found = gc.collect(2 if everything else 1)
         gc.freeze()
+        self._counted = gc.get_count()[2]
         seconds = time.perf_counter() - started
         now = time.monotonic()
         self._last_full = now

@@ -358,10 +358,11 @@ class Service:
         )
         get_bus().subscribe("task.finished", self.metrics.on_task_finished)
         # What the imports allocated is collected and frozen once, before the scheduler loads
-        # its tasks; from then on the steward makes the full collections, at quiet moments (a
-        # full collection scans every tracked object with the interpreter lock held: during a
-        # burst, 40-240 ms in which neither the event loop nor the scheduler's worker ran).
-        self._gc.collect()
+        # its tasks; from then on the steward freezes the long-lived objects at quiet moments
+        # and makes the full collections (a full collection scans every tracked object with the
+        # interpreter lock held: during a burst, 40-240 ms in which neither the event loop nor
+        # the scheduler's worker ran).
+        self._gc.collect(everything=True)
         self._gc.start()
         try:
             # Built from this configuration and installed before anything asks for the

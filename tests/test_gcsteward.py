@@ -1,4 +1,5 @@
-"""The garbage-collection steward: full collections at quiet moments, their survivors frozen."""
+"""The garbage-collection steward: long-lived objects frozen at quiet moments, a full collection
+of everything once per refreeze period."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nanobot.gcsteward import FULL_AFTER, GcSteward
+from nanobot.gcsteward import FREEZE_AFTER, GcSteward
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,8 @@ def _old_garbage() -> weakref.ref[_Cycle]:
 
 
 def _make_due() -> None:
-    # Each collection of generation 1 counts towards the next full one.
-    for _ in range(FULL_AFTER):
+    # Each collection of generation 1 counts towards the next freeze.
+    for _ in range(FREEZE_AFTER):
         gc.collect(1)
 
 
@@ -53,22 +54,37 @@ async def test_the_collector_makes_no_full_collection_while_the_steward_runs() -
     steward.stop()  # idempotent
 
 
-async def test_a_due_collection_waits_for_a_quiet_moment() -> None:
-    """Not quiet: nothing collected, garbage in a cycle stays; quiet: collected and freed."""
+async def test_a_due_freeze_waits_for_a_quiet_moment() -> None:
+    """Not quiet: nothing frozen; quiet: what lived into generation 2 is frozen (no later
+    collection scans it), and the next freeze is not due at once."""
     quiet = False
     steward = GcSteward(lambda: quiet, max_wait=3600)
     steward.start()
     try:
-        ref = _old_garbage()
+        old = _Cycle()
+        gc.collect(1)
         _make_due()
-        assert ref() is not None, "in generation 2, which only a full collection scans"
         assert steward.look() is False
-        assert ref() is not None
+        assert any(o is old for o in gc.get_objects(2))
         quiet = True
         assert steward.look() is True
-        assert ref() is None
+        assert all(o is not old for o in gc.get_objects()), "frozen"
         assert steward.collections == 1
-        assert steward.look() is False, "not due again right after a collection"
+        assert steward.look() is False, "not due again right after a freeze"
+    finally:
+        steward.stop()
+
+
+async def test_a_quiet_moment_makes_no_full_collection() -> None:
+    """A cycle that became garbage in generation 2 is not scanned at a quiet moment: the freeze
+    only makes a young collection (a full one held the loop for tens of ms after a burst)."""
+    steward = GcSteward(lambda: True, max_wait=3600)
+    steward.start()
+    try:
+        ref = _old_garbage()
+        _make_due()
+        assert steward.look() is True
+        assert ref() is not None, "kept (frozen) until the refreeze period"
     finally:
         steward.stop()
 
@@ -87,15 +103,16 @@ async def test_survivors_are_frozen_and_garbage_is_never_frozen() -> None:
     assert all(o is not alive for o in gc.get_objects()), "frozen: no collection scans it"
 
 
-async def test_a_service_never_quiet_still_collects_after_the_longest_wait() -> None:
-    """A due collection that found no quiet moment within max_wait is made anyway."""
+async def test_a_service_never_quiet_still_freezes_after_the_longest_wait() -> None:
+    """A due freeze that found no quiet moment within max_wait is made anyway."""
     steward = GcSteward(lambda: False, max_wait=0.0)
     steward.start()
     try:
-        ref = _old_garbage()
+        old = _Cycle()
+        gc.collect(1)
         _make_due()
         assert steward.look() is True
-        assert ref() is None
+        assert all(o is not old for o in gc.get_objects()), "frozen"
     finally:
         steward.stop()
 
