@@ -110,12 +110,15 @@ class OwnLease:
                 await self._lost()
                 self._drop()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.to_thread(lease.release), timeout=period)
+                    async with asyncio.timeout(period):
+                        await asyncio.to_thread(lease.release)
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of a
+            # call that ends just as the task is cancelled, losing the cancellation, and
+            # stop_keeping then waited for ever (a script's shutdown hung that way).
             try:
-                acquired = await asyncio.wait_for(
-                    asyncio.to_thread(lease.try_acquire), timeout=period
-                )
+                async with asyncio.timeout(period):
+                    acquired = await asyncio.to_thread(lease.try_acquire)
             except Exception as exc:
                 log.warning("cron.lease_unavailable", error=error_text(exc))
                 acquired = False
@@ -157,7 +160,8 @@ async def _renewed(lease: SchedulerLease, period: float) -> bool:
     budget = lease.seconds_left() - period
     if budget > 0:
         try:
-            renewed = await asyncio.wait_for(asyncio.to_thread(lease.renew), timeout=budget)
+            async with asyncio.timeout(budget):
+                renewed = await asyncio.to_thread(lease.renew)
         except Exception as exc:
             log.warning("cron.lease_renew_failed", error=error_text(exc))
     return renewed and lease.seconds_left() > period
