@@ -12,14 +12,16 @@ from typing import Any
 import pytest
 import structlog
 from cron_tasks import counted
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, event, func, insert, select
 
 from nanobot.bus import MessageBus
+from nanobot.config import load_config
 from nanobot.cron import CronManager, control
 from nanobot.cron.aps_adapter import PERSISTENT, NanobotScheduler
 from nanobot.cron.reconcile import DEFER_MIN
 from nanobot.db import write_transaction
 from nanobot.models import MisfirePolicy, Task, TaskStateRecord, apscheduler_jobs, utcnow
+from nanobot.service import Role, Service
 
 POLL = 0.05
 WAIT = 30.0  # the bound of every wait below
@@ -200,3 +202,21 @@ def test_task_versions_say_whether_a_run_is_requested(engine: Engine, tmp_path: 
     assert len(versions) == count
     assert versions["a"].requested is False
     assert versions["b"].requested is True
+
+
+def test_readiness_says_starting_without_reading_the_database(tmp_path: Path) -> None:
+    """A service that has not made its first lease round is not ready, whatever the database
+    says (a fresh heartbeat and a held lease may be those of the same node before a restart),
+    and its readiness reads no row: probes every few milliseconds slowed the start."""
+    service = Service(load_config({"NANOBOT_HOME": str(tmp_path)}))
+    statements: list[str] = []
+    event.listen(service.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    try:
+        assert service.role is Role.STARTING
+        ready = service.readiness()
+        assert ready["starting"] is True
+        assert ready["status"] is None
+        assert ready["problems"] == ["this node is starting: it does not schedule yet"]
+        assert statements == []
+    finally:
+        service.engine.dispose()
