@@ -32,6 +32,14 @@ def _old_garbage() -> weakref.ref[_Cycle]:
     return weakref.ref(cycle)
 
 
+def _old_alive() -> _Cycle:
+    """An object alive in generation 2, due to be frozen."""
+    old = _Cycle()
+    gc.collect(1)
+    _make_due()
+    return old
+
+
 def _make_due() -> None:
     # Each collection of generation 1 counts towards the next freeze.
     for _ in range(FREEZE_AFTER):
@@ -61,9 +69,7 @@ async def test_a_due_freeze_waits_for_a_quiet_moment() -> None:
     steward = GcSteward(lambda: quiet, max_wait=3600)
     steward.start()
     try:
-        old = _Cycle()
-        gc.collect(1)
-        _make_due()
+        old = _old_alive()
         assert steward.look() is False
         assert any(o is old for o in gc.get_objects(2))
         quiet = True
@@ -108,9 +114,7 @@ async def test_a_service_never_quiet_still_freezes_after_the_longest_wait() -> N
     steward = GcSteward(lambda: False, max_wait=0.0)
     steward.start()
     try:
-        old = _Cycle()
-        gc.collect(1)
-        _make_due()
+        old = _old_alive()
         assert steward.look() is True
         assert all(o is not old for o in gc.get_objects()), "frozen"
     finally:

@@ -64,8 +64,8 @@ MARK_WAIT_S: Final = 5.0
 # Longest period of the watch over runs in flight (overruns).
 WATCH_PERIOD_S: Final = 1.0
 # The launcher is quiet (see Launcher.quiet) with at most this many runs in flight, and no
-# launch (nor, for the manager, a pass) due within QUIET_LEAD_S: a full collection under load
-# took up to 0.2 s.
+# launch (nor, for the manager, a pass) due within QUIET_LEAD_S: the garbage-collection
+# steward's work at such a moment must not delay a launch.
 QUIET_RUNS: Final = 100
 QUIET_LEAD_S: Final = 0.3
 

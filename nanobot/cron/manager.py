@@ -396,10 +396,10 @@ class CronManager:
     def quiet(self) -> bool:
         """Whether the scheduler is between bursts (event loop): no pass in progress or due
         soon, nothing being launched, marked or recorded, no launch due soon and few runs in
-        flight. A full garbage collection then finds little but long-lived state alive
-        (:mod:`nanobot.gcsteward`)."""
+        flight. What is alive then is mostly long-lived state, which the garbage-collection
+        steward freezes (:mod:`nanobot.gcsteward`)."""
         scheduler = self._ctx.scheduler
-        # A collection just before a pass would delay the pass, and the burst it claims.
+        # A freeze just before a pass would delay the pass, and the burst it claims.
         if scheduler is not None and scheduler.pass_within(QUIET_LEAD_S):
             return False
         return self._launcher.quiet() and self._recorder.idle()

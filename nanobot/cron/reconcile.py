@@ -25,7 +25,6 @@ at once through ``scheduler.run_in_worker``). It owns :attr:`Reconciler.applied`
 
 from __future__ import annotations
 
-import gc
 import itertools
 import time
 from collections.abc import Callable
@@ -166,7 +165,6 @@ class Reconciler:
                 "cron.deferred_applied",
                 duration_s=round(time.monotonic() - self._deferred_at, 3),
             )
-            scheduler.call_soon(_settle)
 
     def _apply_rows(
         self,
@@ -421,11 +419,3 @@ def _change_job(
         scheduler.change(row.name, store=PERSISTENT, **changes)
         log.info("cron.job_changed", task=row.name, changed=sorted(changes))
     return next_run
-
-
-def _settle() -> None:
-    """On the loop, once the deferred rows are applied: what the service does once started
-    (``nanobot.service.settle_after_start``), for the settings of every task noted since. Left
-    to the collector, they made each full collection scan them with the GIL held."""
-    gc.collect()
-    gc.freeze()
