@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -93,6 +94,43 @@ def test_unclaimed_slots_past_their_grace_are_overdue(engine: Engine) -> None:
     # The hourly task becomes overdue once past its own, longer grace.
     later = [o.task for o in _overdue(engine, NOW + timedelta(seconds=61))]
     assert later == ["fresh", "hourly", "late"]
+
+
+def test_a_claimed_slot_waiting_for_its_mirror_is_not_overdue(engine: Engine) -> None:
+    """next_run_at is advanced with the claimed run's outcome: while that slot is claimed (a
+    long run, the end of a large burst), the task is not overdue until one interval and its
+    grace after it; a manual run in the meantime claims nothing; a claimed one-shot is left to
+    its run's bound."""
+    slot = NOW - timedelta(seconds=20)
+    with write_transaction(engine) as conn:
+        control.insert_tasks(
+            conn,
+            [
+                _task("long", 60.0, slot),  # grace 6 s: the next slot at most 60 s later
+                _task("manual", 60.0, slot),
+                _task("once", 0.0, slot),
+                _task("skipped", 10.0, slot - timedelta(seconds=40)),
+            ],
+        )
+        manual = _running("manual", NOW - timedelta(seconds=1)) | {"manual": True}
+        missed = _running("skipped", slot - timedelta(seconds=40)) | {"outcome": "missed"}
+        conn.execute(
+            insert(TaskRun), [_running("long", slot), _running("once", slot), manual, missed]
+        )
+    found = _overdue(engine, NOW)
+    assert [(o.task, o.kind) for o in found] == [
+        ("manual", OverdueKind.NOT_CLAIMED),
+        ("skipped", OverdueKind.NOT_CLAIMED),
+    ]
+    # "skipped": its slot settled (recorded missed), the next one 10 s later, 50 s ago.
+    assert found[1].expected_at == slot - timedelta(seconds=30)
+    assert found[1].late_s == pytest.approx(50.0)
+    # "long": overdue once its next slot (slot + 60 s) is past its grace, nobody claiming it.
+    later = _overdue(engine, slot + timedelta(seconds=67))
+    long = next(o for o in later if o.task == "long")
+    assert long.expected_at == slot + timedelta(seconds=60)
+    assert long.late_s == pytest.approx(7.0)
+    assert "once" not in [o.task for o in later]
 
 
 def test_runs_past_their_bound_are_overdue(engine: Engine) -> None:
@@ -261,3 +299,29 @@ def test_frozen_leader_shows_overdue_to_another_process(
     status, body = service.get("/readyz")
     assert status in (200, 503)
     assert "overdue" in body
+
+
+@pytest.mark.slow
+def test_a_run_longer_than_its_grace_is_not_reported_unclaimed(
+    services: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A run that goes on past its task's grace (3 s here) holds a claimed slot, whose
+    next_run_at is written with its outcome: status must not call it a slot nobody claimed."""
+    service = services()
+    service.wait_up()
+    code, out = run_cli(
+        "cron", "add", "slow", "--shell", "--command", "touch started; sleep 20; touch done",
+        "--cwd", str(tmp_path), "--every", "30s", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    wait_for("the run to start", lambda: (tmp_path / "started").exists(), timeout=20)
+    started = time.monotonic()
+    checks = 0
+    while time.monotonic() - started < 6.0:
+        code, data = run_cli("status", "--json")
+        assert code in (0, 1, 2), data
+        assert [o for o in data["overdue"] if o["task"] == "slow"] == []
+        checks += 1
+    # The run was still going at the last check, past its grace: the checks meant something.
+    assert not (tmp_path / "done").exists()
+    assert checks >= 2

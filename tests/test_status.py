@@ -299,13 +299,27 @@ def statements(engine: Engine) -> Iterator[list[str]]:
 
 
 def test_status_reads_are_bounded(engine: Engine) -> None:
-    """Heartbeats are read newest-first with LIMIT; task_runs is never read."""
+    """Heartbeats are read newest-first with LIMIT; task_runs only by the overdue check's
+    probe of each late task's slot, on the unique key (on SQLite: searched, never scanned)."""
     running_service(engine)
     for i in range(50):
         add_heartbeat(engine, "n1", ago(10 + i))
     with statements(engine) as seen:
         build_status(engine, now=NOW)
-    assert not [s for s in seen if "task_runs" in s]
+    history_reads = [s for s in seen if "task_runs" in s]
+    assert len(history_reads) == 1
+    assert "exists (select" in history_reads[0]
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            plan = [
+                row[3]
+                for row in conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN " + history_reads[0], (NOW.isoformat(),)
+                )
+            ]
+        probe = [p for p in plan if "task_runs" in p]
+        assert probe, plan
+        assert all(p.startswith("SEARCH task_runs USING") for p in probe), plan
     heartbeat_reads = [s for s in seen if "from heartbeats" in s]
     assert heartbeat_reads
     assert all("limit" in s for s in heartbeat_reads)

@@ -30,6 +30,7 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    exists,
     func,
     insert,
     or_,
@@ -65,6 +66,7 @@ from nanobot.models import (
     MisfirePolicy,
     Task,
     TaskOutcome,
+    TaskRun,
     TaskSource,
     TaskStateRecord,
     bound_error,
@@ -807,17 +809,31 @@ def auto_pause(conn: Connection, name: str, reason: str, now: datetime) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class DueTask:
-    """A started task's next slot (what :mod:`nanobot.cron.overdue` weighs)."""
+    """A started task's next slot (what :mod:`nanobot.cron.overdue` weighs), and whether a
+    scheduler already claimed (or recorded missed) that slot."""
 
     name: str
     interval: float
     next_run_at: datetime
+    claimed: bool
 
 
 def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
-    """The started tasks whose next slot is before ``horizon``, in the caller's transaction."""
+    """The started tasks whose next slot is before ``horizon``, in the caller's transaction.
+
+    ``next_run_at`` of a slot the leader claimed is advanced with that run's outcome, not at
+    the claim (one row write per run, see Dispatcher._commit), so a slot in ``next_run_at``
+    may be claimed already: a run longer than the grace, or the last runs of a burst of
+    thousands. ``claimed`` says so, from the slot's scheduled row (an index probe of each
+    candidate, on the unique key of ``task_runs``; a manual run does not count).
+    """
+    claimed = exists().where(
+        TaskRun.task_name == Task.name,
+        TaskRun.scheduled_at >= TaskStateRecord.next_run_at,
+        TaskRun.manual.is_(False),
+    )
     rows = conn.execute(
-        select(Task.name, Task.interval_s, TaskStateRecord.next_run_at)
+        select(Task.name, Task.interval_s, TaskStateRecord.next_run_at, claimed.label("claimed"))
         .select_from(_WITH_STATE)
         .where(
             Task.paused.is_(False),
@@ -825,7 +841,7 @@ def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
             TaskStateRecord.next_run_at < horizon,
         )
     ).all()
-    return [DueTask(r.name, r.interval_s, r.next_run_at) for r in rows]
+    return [DueTask(r.name, r.interval_s, r.next_run_at, bool(r.claimed)) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,11 @@ nobody took, a saturated loop) shows nothing, because nothing runs. This module 
 should have happened by now and has not, from the database alone, so that any process (a
 standby, ``nanobot status``, a scrape of ``/metrics``) sees it:
 
-- ``not_claimed``: a started task whose next slot (``task_state.next_run_at``) is more than its
-  grace in the past. The leader advances ``next_run_at`` in the transaction that claims the slot, so
-  a slot still there after the grace was claimed by nobody.
+- ``not_claimed``: a started task whose next slot is more than its grace in the past and that
+  no scheduler claimed. The leader writes ``task_state.next_run_at`` with the outcome of the run
+  it claimed (not at the claim), so the slot there may be claimed already (a long run, the last
+  runs of a large burst): then the task's next slot is expected at most one interval after it
+  (for a cron schedule the interval is its longest gap), and is overdue a grace after that.
 - ``run_too_long``: a run recorded ``running`` (dispatched) for longer than its expected bound
   plus the grace. The bound is the task's timeout if it has one, else ``cron.overrun_intervals``
   times its interval (no bound when that is 0).
@@ -122,12 +124,15 @@ def read_overdue(
     # Only slots past the smallest grace can be overdue: the database filters the rest.
     horizon = now - timedelta(seconds=grace.minimum)
     for task in due_before(conn, horizon):
+        expected = task.next_run_at
+        if task.claimed:
+            if task.interval <= 0:
+                continue  # a one-shot's claimed run: only its bound can make it overdue
+            expected += timedelta(seconds=task.interval)
         allowed = grace.of(task.interval)
-        late = (now - task.next_run_at).total_seconds()
+        late = (now - expected).total_seconds()
         if late > allowed:
-            found.append(
-                Overdue(task.name, OverdueKind.NOT_CLAIMED, task.next_run_at, late, allowed)
-            )
+            found.append(Overdue(task.name, OverdueKind.NOT_CLAIMED, expected, late, allowed))
     if not include_runs:
         found.sort(key=lambda o: o.task)
         return found
