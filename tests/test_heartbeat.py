@@ -541,6 +541,22 @@ async def test_a_long_outage_keeps_the_newest_pending_records_and_says_so(
         engine.dispose()
 
 
+async def test_the_first_runs_of_a_large_burst_lose_no_transition(
+    engine: Engine, bus: MessageBus, clock: FakeClock
+) -> None:
+    """20,000 components registered and beating in one cycle (the first runs of a burst of
+    20,000 tasks) on a healthy database: every transition written, nothing dropped."""
+    monitor = make_monitor(engine, bus, clock)
+    names = [f"task:t{i:05d}" for i in range(20_000)]
+    with structlog.testing.capture_logs() as logs:
+        for name in names:
+            monitor.register_component(name)
+            monitor.update_component_heartbeat(name)
+        await monitor.flush()
+    assert "heartbeat.pending_dropped" not in [e["event"] for e in logs]
+    assert {r.component for r in change_rows(engine)} >= set(names)
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 

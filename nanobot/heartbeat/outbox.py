@@ -45,7 +45,10 @@ log = structlog.get_logger(__name__)
 
 # Errors and transitions queued while the database cannot be written are kept up to this many;
 # past it the oldest are dropped, counted and logged, so a long outage cannot exhaust memory.
-MAX_PENDING: Final = 10_000
+# Well above what one cycle queues when all is well: the first runs of a burst of 20,000 tasks
+# register 20,000 components, each with its first transition (10,000 dropped them, with an
+# error line, on a healthy database). About 200 bytes a row: 100,000 is about 20 MB.
+MAX_PENDING: Final = 100_000
 
 _Row = TypeVar("_Row", ErrorRow, ChangeRow)
 
