@@ -99,8 +99,8 @@ def test_unclaimed_slots_past_their_grace_are_overdue(engine: Engine) -> None:
 def test_a_claimed_slot_waiting_for_its_mirror_is_not_overdue(engine: Engine) -> None:
     """next_run_at is advanced with the claimed run's outcome: while that slot is claimed (a
     long run, the end of a large burst), the task is not overdue until one interval and its
-    grace after it; a manual run in the meantime claims nothing; a claimed one-shot is left to
-    its run's bound."""
+    grace after the latest slot claimed; a manual run in the meantime claims nothing; a claimed
+    one-shot is left to its run's bound."""
     slot = NOW - timedelta(seconds=20)
     with write_transaction(engine) as conn:
         control.insert_tasks(
@@ -131,6 +131,10 @@ def test_a_claimed_slot_waiting_for_its_mirror_is_not_overdue(engine: Engine) ->
     assert long.expected_at == slot + timedelta(seconds=60)
     assert long.late_s == pytest.approx(7.0)
     assert "once" not in [o.task for o in later]
+    # The scheduler claimed that next slot too, its outcomes not written yet: not overdue.
+    with write_transaction(engine) as conn:
+        conn.execute(insert(TaskRun), [_running("long", slot + timedelta(seconds=60))])
+    assert "long" not in [o.task for o in _overdue(engine, slot + timedelta(seconds=67))]
 
 
 def test_runs_past_their_bound_are_overdue(engine: Engine) -> None:

@@ -30,7 +30,6 @@ from sqlalchemy import (
     and_,
     case,
     delete,
-    exists,
     func,
     insert,
     or_,
@@ -809,31 +808,41 @@ def auto_pause(conn: Connection, name: str, reason: str, now: datetime) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class DueTask:
-    """A started task's next slot (what :mod:`nanobot.cron.overdue` weighs), and whether a
-    scheduler already claimed (or recorded missed) that slot."""
+    """A started task's next slot (what :mod:`nanobot.cron.overdue` weighs), and the latest
+    slot of it that a scheduler claimed (or recorded missed) since, if any."""
 
     name: str
     interval: float
     next_run_at: datetime
-    claimed: bool
+    last_claimed: datetime | None
 
 
 def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
     """The started tasks whose next slot is before ``horizon``, in the caller's transaction.
 
     ``next_run_at`` of a slot the leader claimed is advanced with that run's outcome, not at
-    the claim (one row write per run, see Dispatcher._commit), so a slot in ``next_run_at``
-    may be claimed already: a run longer than the grace, or the last runs of a burst of
-    thousands. ``claimed`` says so, from the slot's scheduled row (an index probe of each
-    candidate, on the unique key of ``task_runs``; a manual run does not count).
+    the claim (one row write per run, see Dispatcher._commit), so the slot there may be claimed
+    already (a run longer than the grace, the last runs of a burst of thousands), and so may
+    later ones if outcomes are written late. ``last_claimed`` is the latest such slot, from the
+    task's scheduled rows (an index search of each candidate on the unique key of
+    ``task_runs``; a manual run does not count).
     """
-    claimed = exists().where(
-        TaskRun.task_name == Task.name,
-        TaskRun.scheduled_at >= TaskStateRecord.next_run_at,
-        TaskRun.manual.is_(False),
+    last_claimed = (
+        select(func.max(TaskRun.scheduled_at))
+        .where(
+            TaskRun.task_name == Task.name,
+            TaskRun.scheduled_at >= TaskStateRecord.next_run_at,
+            TaskRun.manual.is_(False),
+        )
+        .scalar_subquery()
     )
     rows = conn.execute(
-        select(Task.name, Task.interval_s, TaskStateRecord.next_run_at, claimed.label("claimed"))
+        select(
+            Task.name,
+            Task.interval_s,
+            TaskStateRecord.next_run_at,
+            last_claimed.label("last_claimed"),
+        )
         .select_from(_WITH_STATE)
         .where(
             Task.paused.is_(False),
@@ -841,7 +850,7 @@ def due_before(conn: Connection, horizon: datetime) -> list[DueTask]:
             TaskStateRecord.next_run_at < horizon,
         )
     ).all()
-    return [DueTask(r.name, r.interval_s, r.next_run_at, bool(r.claimed)) for r in rows]
+    return [DueTask(r.name, r.interval_s, r.next_run_at, r.last_claimed) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,10 @@ standby, ``nanobot status``, a scrape of ``/metrics``) sees it:
 
 - ``not_claimed``: a started task whose next slot is more than its grace in the past and that
   no scheduler claimed. The leader writes ``task_state.next_run_at`` with the outcome of the run
-  it claimed (not at the claim), so the slot there may be claimed already (a long run, the last
-  runs of a large burst): then the task's next slot is expected at most one interval after it
-  (for a cron schedule the interval is its longest gap), and is overdue a grace after that.
+  it claimed (not at the claim), so the slot there may be claimed already, and later ones too
+  (a long run, the last runs of a large burst, outcomes written late): then the task's next
+  slot is expected at most one interval after the latest slot claimed (for a cron schedule the
+  interval is its longest gap), and is overdue a grace after that.
 - ``run_too_long``: a run recorded ``running`` (dispatched) for longer than its expected bound
   plus the grace. The bound is the task's timeout if it has one, else ``cron.overrun_intervals``
   times its interval (no bound when that is 0).
@@ -125,10 +126,10 @@ def read_overdue(
     horizon = now - timedelta(seconds=grace.minimum)
     for task in due_before(conn, horizon):
         expected = task.next_run_at
-        if task.claimed:
+        if task.last_claimed is not None:
             if task.interval <= 0:
                 continue  # a one-shot's claimed run: only its bound can make it overdue
-            expected += timedelta(seconds=task.interval)
+            expected = task.last_claimed + timedelta(seconds=task.interval)
         allowed = grace.of(task.interval)
         late = (now - expected).total_seconds()
         if late > allowed:
