@@ -339,6 +339,50 @@ async def test_claims_made_ahead_are_marked_and_start_at_their_instant(
         engine.dispose()
 
 
+async def test_a_large_burst_is_marked_before_its_instant(
+    db_url: str, bus: MessageBus, outcomes: Outcomes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The more slots of one instant there are to mark, the earlier their marking starts, so
+    that all of them are marked before the instant and their launches never wait for a mark
+    (here the burst counts as 1.5 s of marking, more than its claim's lead: marked as soon as
+    claimed), and they still start at the instant, not at their mark."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    try:
+        await manager.start()
+        names = store_burst(engine, "early")
+        monkeypatch.setattr(launcher, "MARK_S_PER_SLOT", 1.5 / len(names))
+        await until(lambda: second_instant_claimed(engine, names))
+        slot = burst_rows(engine, names)[names[0]][1].scheduled_at
+
+        def all_marked() -> bool:
+            # A mark sets started_at to the slot; the run's real start rewrites it later.
+            return all(
+                rows[1].started_at is not None for rows in burst_rows(engine, names).values()
+            )
+
+        await until(all_marked)
+        # Marked well before the instant (just in time, the marking would only have started
+        # MARK_AHEAD before it).
+        assert utcnow() < slot - timedelta(seconds=4 * MARK_AHEAD)
+        await outcomes.wait(
+            lambda: all(
+                any(e["scheduled_at"] == slot.isoformat() for e in outcomes.of(n, "success"))
+                for n in names
+            )
+        )
+        await manager.flush()
+        for name, found in burst_rows(engine, names).items():
+            at_slot = [r for r in found if r.scheduled_at == slot]
+            assert [r.outcome for r in at_slot] == ["success"], name
+            # Started at the instant (its real start), not at the mark a second before.
+            assert at_slot[0].started_at >= slot - timedelta(seconds=MARK_AHEAD / 5), name
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+
+
 class DatabaseClock:
     """The time a lease reads as the database's: real time, moved ahead when the test says (a
     holder frozen past its lease, without waiting for it to run out)."""

@@ -55,8 +55,13 @@ NOW_SLOT: Final = datetime.min.replace(tzinfo=UTC)
 # How far ahead of its time a slot is claimed at least; the loop then starts it at its exact time.
 SCHEDULE_LEAD: Final = 0.05
 # A slot claimed further ahead than DISPATCH_AHEAD (dispatch) is marked dispatched this many
-# seconds before its instant.
+# seconds before its instant at least; a burst MARK_S_PER_SLOT per slot before it, at most
+# MARK_AHEAD_MAX: marked just in time, 20,000 slots were marked while their launches went on,
+# and the launches waited for each chunk (for the outcome writes that took the database's write
+# lock in between), 200-400 ms at a time.
 MARK_AHEAD: Final = SCHEDULE_LEAD
+MARK_S_PER_SLOT: Final = 0.00004
+MARK_AHEAD_MAX: Final = 2.0
 # Slots claimed ahead marked dispatched per transaction (see Launcher._mark_and_launch).
 MARK_CHUNK: Final = 1000
 # How long a shutdown waits for such marks in progress.
@@ -77,6 +82,11 @@ def _mark(
     copying a thousand launches on the event loop held it for milliseconds under load)."""
     marked = history.mark_dispatched(engine, [launch.run_id for launch in chunk], fence)
     return [replace(launch, dispatched=True) for launch in chunk if launch.run_id in marked]
+
+
+def _mark_ahead(unmarked: int) -> float:
+    """How long before their instant ``unmarked`` slots claimed ahead start being marked."""
+    return min(MARK_AHEAD_MAX, max(MARK_AHEAD, unmarked * MARK_S_PER_SLOT))
 
 
 class Launcher:
@@ -187,7 +197,7 @@ class Launcher:
     def launch_groups(self, groups: dict[datetime, list[Launch]]) -> None:
         """Start each instant's launches at that instant: one timer per instant, so that a
         burst of thousands at one instant costs the loop one timer, not thousands. A group
-        with undispatched slots fires :data:`MARK_AHEAD` early, to mark them first."""
+        with undispatched slots fires early enough to mark them first (:func:`_mark_ahead`)."""
         loop = asyncio.get_running_loop()
         now = self._ctx.clock()
         with self._ctx.lock:
@@ -199,9 +209,13 @@ class Launcher:
                 self._held_back.extend(launches)
                 continue
             early = (slot - now).total_seconds()
-            marking = not all(launch.dispatched for launch in launches)
+            pending = self.delayed.get(slot)
+            unmarked = sum(1 for launch in launches if not launch.dispatched)
+            marking = unmarked > 0
             if marking:
-                early -= MARK_AHEAD
+                if pending is not None:
+                    unmarked += sum(1 for launch in pending[1] if not launch.dispatched)
+                early -= _mark_ahead(unmarked)
             if early <= 0:
                 if marking:
                     # A group already waiting for this instant joins this one (one hand-over's
@@ -215,12 +229,19 @@ class Launcher:
                 else:
                     self._launch_chunks(launches)
                 continue
-            pending = self.delayed.get(slot)
             if pending is None:
                 handle = loop.call_later(early, self._launch_delayed, slot)
                 self.delayed[slot] = (handle, launches)
-            else:
-                pending[1].extend(launches)
+                continue
+            pending[1].extend(launches)
+            armed = pending[0]
+            if isinstance(armed, asyncio.TimerHandle) and loop.time() + early < armed.when():
+                # More slots to mark at this instant than its timer was armed for: earlier.
+                armed.cancel()
+                self.delayed[slot] = (
+                    loop.call_later(early, self._launch_delayed, slot),
+                    pending[1],
+                )
 
     def quiet(self) -> bool:
         """Whether nothing is being handed over, marked or launched, no launch is due within
