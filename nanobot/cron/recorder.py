@@ -127,12 +127,27 @@ class Recorder:
     def _start_flusher(self) -> None:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
+    async def _launches_done(self) -> None:
+        """Wait (at most LAUNCH_DEFER_MAX_S) until no burst's launches wait to be started."""
+        launched = self._launched
+        if launched is None or self._hurry.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAUNCH_DEFER_MAX_S):
+                # Set by the end of one hand-over's launches, it may be cleared again by the
+                # next (a chunk of marked slots) before this task runs: wait on then.
+                while not launched.is_set():
+                    await launched.wait()
+
     async def _flush_loop(self) -> None:
         # Outcomes that come within a few milliseconds are written together: during a burst the
         # worker thread writes a few large batches instead of competing with the loop all along.
         await asyncio.sleep(FLUSH_WINDOW_S)
         failures = 0  # consecutive failed writes
         while self.pending:
+            # Nor while a burst's launches go on: the worker thread's writes would hold the
+            # interpreter lock in turns with the loop that starts them.
+            await self._launches_done()
             batch, self.pending = self.pending, []
             wrote = False
             try:
@@ -342,15 +357,8 @@ class Recorder:
         await asyncio.sleep(FLUSH_WINDOW_S)
         bus = self._ctx.bus
         # A burst's first runs register thousands of components: done between its launches, it
-        # would make the last ones late. It waits for them (a bounded time).
-        launched = self._launched
-        if launched is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LAUNCH_DEFER_MAX_S):
-                    # Set by the end of one hand-over's launches, it may be cleared again by
-                    # the next (a chunk of marked slots) before this task runs: wait on then.
-                    while not launched.is_set():
-                        await launched.wait()
+        # would make the last ones late.
+        await self._launches_done()
         while self._health_pending or self._announce_pending:
             while self._health_pending:
                 self._apply_health(time.perf_counter() + AFTER_RUNS_SLICE_S)
