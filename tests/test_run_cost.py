@@ -22,7 +22,7 @@ from nanobot.cron import CronManager, TaskOutcome, control, history
 from nanobot.cron.aps_adapter import JobSpec, NanobotScheduler
 from nanobot.cron.context import CronContext
 from nanobot.cron.history import Claim, Finish
-from nanobot.cron.recorder import LAUNCH_DEFER_MAX_S, Recorder
+from nanobot.cron.recorder import FLUSH_WINDOW_S, LAUNCH_DEFER_MAX_S, Recorder
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
 from nanobot.db import get_engine, write_transaction
@@ -313,9 +313,11 @@ class _Launched(asyncio.Event):
         return await super().wait()
 
 
-def _recorder_on(bus: MessageBus, launched: asyncio.Event) -> Recorder:
+def _recorder_on(
+    bus: MessageBus, launched: asyncio.Event, engine: Engine | None = None
+) -> Recorder:
     ctx = CronContext(
-        None,
+        engine,
         node="n",
         clock=lambda: datetime.now(UTC),
         poll_interval=None,
@@ -323,6 +325,8 @@ def _recorder_on(bus: MessageBus, launched: asyncio.Event) -> Recorder:
         monitor=None,
         fence=None,
     )
+    if engine is not None:
+        ctx.open_engine()
     return Recorder(ctx, apply_pauses=lambda _s: None, launched=launched)
 
 
@@ -369,3 +373,34 @@ async def test_events_wait_for_a_burst_a_bounded_time() -> None:
     async with asyncio.timeout(WAIT):
         await delivered.wait()
     assert loop.time() - announced >= LAUNCH_DEFER_MAX_S
+
+
+async def test_outcomes_of_a_burst_are_written_once_its_launches_are_started(
+    engine: Engine,
+) -> None:
+    """An outcome recorded while a burst's launches are still being started is written once
+    they are (the writes would take the interpreter lock and the database's write lock from
+    them), then at once."""
+    bus = MessageBus()
+    launched = _Launched()  # not set: the launcher is in the middle of a burst
+    recorder = _recorder_on(bus, launched, engine)
+    slot = _now()
+    with write_transaction(engine) as conn:
+        run_id = history.claim_slots(conn, [Claim("burst", slot)], node="n")[("burst", slot)]
+    recorder.record(
+        Finish("burst", run_id, slot, TaskOutcome.SUCCESS, slot, slot + timedelta(seconds=1))
+    )
+    async with asyncio.timeout(WAIT):
+        await launched.waited.wait()
+    # What does not happen has no event to wait for: five times the window after which an
+    # outcome is written when no burst is being launched.
+    await asyncio.sleep(5 * FLUSH_WINDOW_S)
+    with engine.connect() as conn:
+        outcome = conn.execute(select(TaskRun.outcome).where(TaskRun.id == run_id)).scalar_one()
+    assert outcome == TaskOutcome.RUNNING.value, "not written while the launches go on"
+    launched.set()
+    async with asyncio.timeout(WAIT):
+        await recorder.flush()
+    with engine.connect() as conn:
+        outcome = conn.execute(select(TaskRun.outcome).where(TaskRun.id == run_id)).scalar_one()
+    assert outcome == TaskOutcome.SUCCESS.value
