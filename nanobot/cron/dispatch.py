@@ -61,6 +61,12 @@ MAX_LEAD: Final = 5.0
 # A slot claimed at most this far ahead of its instant is dispatched at its claim; one claimed
 # further ahead (a burst) is marked dispatched MARK_AHEAD seconds before its instant.
 DISPATCH_AHEAD: Final = 2 * SCHEDULE_LEAD
+# How long before the next slot it claims a pass wakes at least: its duration at a steady load
+# (a few milliseconds), with a margin. Each pass claims up to DISPATCH_AHEAD ahead, so with
+# hundreds of tasks spread over the second a pass comes every DISPATCH_AHEAD - PASS_MARGIN
+# seconds: 12 a second, not the 20 of a lead of SCHEDULE_LEAD (each pass has a cost of its own:
+# three statements and a fence check).
+PASS_MARGIN: Final = 0.02
 # A pass's cost per due slot is learnt from passes with at least this many (first guess below).
 COST_SAMPLE_MIN: Final = 50
 INITIAL_COST_PER_JOB: Final = 0.0002
@@ -101,7 +107,7 @@ class Dispatcher:
         self._launcher = launcher
         self._recorder = recorder
         # The lead of the next pass, and what a pass was measured to cost per due slot.
-        self.lead = SCHEDULE_LEAD
+        self.lead = PASS_MARGIN
         self.cost_per_job = INITIAL_COST_PER_JOB
 
     # --- the pass ------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ class Dispatcher:
             self._reconciler.apply_deferred(scheduler, now)
         # Slots due within the lead are claimed now and started by the loop at their exact time,
         # so that the pass's own duration does not make every start late.
-        horizon = now + timedelta(seconds=self.lead + SCHEDULE_LEAD)
+        horizon = now + timedelta(seconds=max(self.lead + SCHEDULE_LEAD, DISPATCH_AHEAD))
         started = time.perf_counter()
         # A task whose row is not applied yet is not run with settings not read yet.
         due = scheduler.due(now, horizon, dict(self._ctx.policies), held=self._reconciler.deferred)
@@ -482,9 +488,9 @@ class Dispatcher:
                 count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
         deferred = self._reconciler.deferred_wait()  # the next chunk of deferred rows
         if next_run is None:
-            self.lead = SCHEDULE_LEAD
+            self.lead = PASS_MARGIN
             return deferred
-        self.lead = min(MAX_LEAD, max(SCHEDULE_LEAD, 2 * count * self.cost_per_job))
+        self.lead = min(MAX_LEAD, max(PASS_MARGIN, 2 * count * self.cost_per_job))
         wait = max(0.0, (next_run - self._ctx.clock()).total_seconds() - self.lead)
         return wait if deferred is None else min(wait, deferred)
 
