@@ -9,6 +9,7 @@ import asyncio
 import pickle
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -18,15 +19,16 @@ from sqlalchemy import Engine, event, func, select
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
-from nanobot.cron import CronManager, TaskOutcome, control, history
+from nanobot.cron import CronManager, TaskOutcome, control, definitions, history
 from nanobot.cron.aps_adapter import JobSpec, NanobotScheduler
 from nanobot.cron.context import CronContext
+from nanobot.cron.dispatch import DISPATCH_AHEAD, PASS_MARGIN, Dispatcher
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.recorder import FLUSH_WINDOW_S, LAUNCH_DEFER_MAX_S, Recorder
 from nanobot.cron.retention import HistoryTrimmer, margin_for
 from nanobot.cron.task import TaskDefinition
 from nanobot.db import get_engine, write_transaction
-from nanobot.models import Task, TaskRun, apscheduler_job_states
+from nanobot.models import Task, TaskRun, TaskSource, apscheduler_job_states
 
 POLL = 0.05
 WAIT = 10.0
@@ -404,3 +406,52 @@ async def test_outcomes_of_a_burst_are_written_once_its_launches_are_started(
     with engine.connect() as conn:
         outcome = conn.execute(select(TaskRun.outcome).where(TaskRun.id == run_id)).scalar_one()
     assert outcome == TaskOutcome.SUCCESS.value
+
+
+# --- passes at a steady load -------------------------------------------------------------------
+
+
+async def test_a_spread_load_is_claimed_in_few_passes(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 stored tasks every 0.2 s, 10 ms apart (a slot every 10 ms, as hundreds of tasks spread
+    over the second make): each pass claims up to DISPATCH_AHEAD ahead and the next one wakes
+    PASS_MARGIN before the next slot, so passes come about every DISPATCH_AHEAD - PASS_MARGIN
+    seconds, not every SCHEDULE_LEAD (each pass costs statements of its own); every slot runs."""
+    passes: list[float] = []
+    run_pass = Dispatcher.run_pass
+
+    def counted(self: Dispatcher, scheduler: NanobotScheduler, now: datetime) -> float | None:
+        passes.append(now.timestamp())
+        return run_pass(self, scheduler, now)
+
+    monkeypatch.setattr(Dispatcher, "run_pass", counted)
+    runs = tmp_path / "runs.txt"
+    start = _now() + timedelta(seconds=0.5)
+    with write_transaction(engine) as conn:
+        for i in range(20):
+            definition = definitions.definition_from_class(
+                f"spread{i:02d}", "cron_tasks:Counter", 0.2, {"label": "run", "path": str(runs)}
+            )
+            values = control.new_task_values(
+                definition, start + timedelta(seconds=0.01 * i), source=TaskSource.CLI,
+                paused=False, started=True,
+            )  # fmt: skip
+            control.insert_task(conn, values)
+
+    def ran() -> int:
+        return len(runs.read_text().splitlines()) if runs.exists() else 0
+
+    # Polled every second, as by default: a pass also comes at every poll.
+    manager = CronManager(engine, poll_interval=1.0, bus=MessageBus())
+    try:
+        await manager.start()
+        await _until(lambda: ran() >= 40)
+        first, before = len(passes), ran()
+        await _until(lambda: ran() >= before + 200)
+        per_second = (len(passes) - 1 - first) / (passes[-1] - passes[first])
+        # 1 / (DISPATCH_AHEAD - PASS_MARGIN) = 12.5 a second; 20 with a lead of SCHEDULE_LEAD.
+        assert 1 / (DISPATCH_AHEAD - PASS_MARGIN) <= 12.5
+        assert per_second <= 15
+    finally:
+        await manager.shutdown(grace=0)
