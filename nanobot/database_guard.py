@@ -148,7 +148,8 @@ class DatabaseGuard:
         call = asyncio.ensure_future(asyncio.to_thread(self._maintain_in_thread, due, recreated))
         self._maintenance = call
         try:
-            tasks = await asyncio.wait_for(asyncio.shield(call), timeout=self._period)
+            async with asyncio.timeout(self._period):
+                tasks = await asyncio.shield(call)
         except Exception as exc:
             error = error_text(exc).splitlines()[0]
             log.warning("service.database_maintenance_failed", error=error)

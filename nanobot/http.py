@@ -80,7 +80,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _read(func: Callable[[], Any]) -> Any:
-    return await asyncio.wait_for(asyncio.to_thread(func), READ_TIMEOUT_S)
+    async with asyncio.timeout(READ_TIMEOUT_S):
+        return await asyncio.to_thread(func)
 
 
 # Request bodies past this many bytes are refused with 413 (aiohttp's client_max_size).

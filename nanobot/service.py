@@ -439,7 +439,8 @@ class Service:
         assert done is not None
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout=self._next_lease_step_in())
+                async with asyncio.timeout(self._next_lease_step_in()):
+                    await done.wait()
             if done.is_set():
                 return
             await self._lease_step()
@@ -492,7 +493,8 @@ class Service:
             call = asyncio.ensure_future(asyncio.to_thread(self._acquire))
             self._lease_call = call
             try:
-                acquired = await asyncio.wait_for(asyncio.shield(call), timeout=self.period)
+                async with asyncio.timeout(self.period):
+                    acquired = await asyncio.shield(call)
             except Exception as exc:
                 error = error_text(exc).splitlines()[0]
                 log.warning("service.lease_unavailable", error=error)
@@ -546,10 +548,8 @@ class Service:
                 # Nothing is dispatched before the start ends, and every claim is fenced by the
                 # lease: the renewal may use what is left of it (a loaded machine's start holds
                 # the event loop for a second at a time).
-                renewed = await asyncio.wait_for(
-                    asyncio.to_thread(self._renew_and_check),
-                    timeout=max(0.1, self.lease.seconds_left() * 0.9),
-                )
+                async with asyncio.timeout(max(0.1, self.lease.seconds_left() * 0.9)):
+                    renewed = await asyncio.to_thread(self._renew_and_check)
             except Exception as exc:
                 log.warning("service.lease_renew_failed", error=error_text(exc))
                 renewed = False
@@ -570,9 +570,8 @@ class Service:
         renewed = False
         if budget > 0:
             try:
-                renewed = await asyncio.wait_for(
-                    asyncio.to_thread(self.lease.renew), timeout=budget
-                )
+                async with asyncio.timeout(budget):
+                    renewed = await asyncio.to_thread(self.lease.renew)
             except Exception as exc:
                 log.warning("service.lease_renew_failed", error=error_text(exc))
         if renewed and self.lease.seconds_left() > self.period:
@@ -608,15 +607,15 @@ class Service:
         assert self.lock is not None
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout=self.lock_check)
+                async with asyncio.timeout(self.lock_check):
+                    await done.wait()
             if done.is_set():
                 return
             if not (self.role is Role.LEADER or self._draining) or self._stepping_down is not None:
                 continue
             try:
-                held = await asyncio.wait_for(
-                    asyncio.to_thread(self.lock.check), timeout=self.period
-                )
+                async with asyncio.timeout(self.period):
+                    held = await asyncio.to_thread(self.lock.check)
             except Exception as exc:
                 log.warning("service.lock_check_failed", error=error_text(exc))
                 held = False
@@ -676,7 +675,8 @@ class Service:
     async def _release(self) -> None:
         """Release the row, then the lock (the row guards the hand-over; see the module)."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.lease.release), timeout=self.period)
+            async with asyncio.timeout(self.period):
+                await asyncio.to_thread(self.lease.release)
         except Exception as exc:
             # The row expires on its own: a standby then waits for the expiry.
             log.warning("service.lease_release_failed", error=error_text(exc))

@@ -255,7 +255,8 @@ class Alerter:
             await asyncio.gather(self._evaluating, return_exceptions=True)
         if released:
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.rules.mark_released), 5.0)
+                async with asyncio.timeout(5.0):
+                    await asyncio.to_thread(self.rules.mark_released)
             except Exception as exc:
                 log.warning("alerts.release_failed", error=error_text(exc))
         self.deliverer.close()

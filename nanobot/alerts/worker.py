@@ -128,9 +128,8 @@ class Deliverer:
             self._inflight[name] = future
             try:
                 # Shielded: a timed-out send goes on in its thread, and _ready sees it running.
-                result = await asyncio.wait_for(
-                    asyncio.shield(future), timeout=self.policy.send_timeout * 2 + 1
-                )
+                async with asyncio.timeout(self.policy.send_timeout * 2 + 1):
+                    result = await asyncio.shield(future)
             except TimeoutError:
                 result = SendResult(False, "no answer within the send timeout")
             now = self.clock()
@@ -194,7 +193,8 @@ class Deliverer:
             functools.partial(send, destination, alert, timeout=self.policy.send_timeout),
         )
         try:
-            result = await asyncio.wait_for(future, timeout=self.policy.send_timeout * 2 + 1)
+            async with asyncio.timeout(self.policy.send_timeout * 2 + 1):
+                result = await future
         except TimeoutError:
             result = SendResult(False, "no answer within the send timeout")
         if self.metrics is not None:

@@ -207,7 +207,8 @@ class CommandTask(CronTask):
         if pending:
             log.warning("command.killed", pid=proc.pid, signal="SIGKILL")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(reader, waiter), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    await asyncio.gather(reader, waiter)
         for task in (reader, waiter):
             if not task.done():
                 task.cancel()

@@ -174,7 +174,8 @@ class Api:
         self.engine = engine
 
     async def _db(self, func: Callable[[], T]) -> T:
-        return await asyncio.wait_for(asyncio.to_thread(func), READ_TIMEOUT_S)
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            return await asyncio.to_thread(func)
 
     def routes(self) -> list[web.RouteDef]:
         p = PREFIX

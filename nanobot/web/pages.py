@@ -103,7 +103,8 @@ class Pages:
         ]
 
     async def _db(self, func: Callable[[], T]) -> T:
-        return await asyncio.wait_for(asyncio.to_thread(func), READ_TIMEOUT_S)
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            return await asyncio.to_thread(func)
 
     def _context(self, request: web.Request, page: str, **values: Any) -> dict[str, Any]:
         session = auth.session_of(request)
