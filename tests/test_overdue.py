@@ -18,6 +18,7 @@ from nanobot.bus import MessageBus
 from nanobot.config import get_config
 from nanobot.cron import control
 from nanobot.cron.overdue import (
+    LOG_EACH_MAX,
     OVERDUE,
     OVERDUE_CLEARED,
     Grace,
@@ -194,6 +195,38 @@ async def test_watch_publishes_overdue_then_cleared(engine: Engine) -> None:
         )
     assert await watch.check() == []
     assert [t for t, _ in events] == [OVERDUE, OVERDUE_CLEARED]
+
+
+async def test_many_tasks_overdue_at_once_are_logged_in_a_few_lines(engine: Engine) -> None:
+    """30 tasks overdue at one check (a frozen leader): LOG_EACH_MAX lines name one each, one
+    more line counts the rest; every one is published; so when they clear."""
+    bus = MessageBus()
+    events: list[tuple[str, str]] = []
+
+    async def on(topic: str, payload: dict[str, Any]) -> None:
+        events.append((topic, payload["task"]))
+
+    bus.subscribe(OVERDUE, on)
+    bus.subscribe(OVERDUE_CLEARED, on)
+    now = utcnow()
+    names = [f"late{i:02d}" for i in range(30)]
+    with write_transaction(engine) as conn:
+        control.insert_tasks(conn, [_task(n, 1.0, now - timedelta(seconds=30)) for n in names])
+    watch = OverdueWatch(engine, bus, get_config(), node="n1", period=1.0)
+    with structlog.testing.capture_logs() as logs:
+        await watch.check()
+    assert len([e for e in logs if e["event"] == "task.overdue"]) == LOG_EACH_MAX
+    more = [e for e in logs if e["event"] == "task.overdue_more"]
+    assert [(e["count"], e["overdue"]) for e in more] == [(30 - LOG_EACH_MAX, 30)]
+    assert sorted(t for topic, t in events if topic == OVERDUE) == names
+    with write_transaction(engine) as conn:
+        conn.execute(update(TaskStateRecord).values(next_run_at=utcnow() + timedelta(1)))
+    with structlog.testing.capture_logs() as logs:
+        assert await watch.check() == []
+    assert len([e for e in logs if e["event"] == "task.overdue_cleared"]) == LOG_EACH_MAX
+    more = [e for e in logs if e["event"] == "task.overdue_cleared_more"]
+    assert [(e["count"], e["overdue"]) for e in more] == [(30 - LOG_EACH_MAX, 0)]
+    assert sorted(t for topic, t in events if topic == OVERDUE_CLEARED) == names
 
 
 async def test_watch_keeps_going_when_the_database_fails(engine: Engine) -> None:

@@ -48,6 +48,10 @@ OVERDUE: Final = "task.overdue"
 OVERDUE_CLEARED: Final = "task.overdue_cleared"
 DEFAULT_GRACE_SHARE: Final = 0.1
 DEFAULT_GRACE_MIN: Final = 5.0
+# Tasks that become overdue (or stop being) at one check are logged one line each up to this
+# many, the rest in one line with their count: a frozen leader with 20,000 tasks is one fact,
+# not 20,000 warnings. Every one is still published on the bus.
+LOG_EACH_MAX: Final = 20
 
 
 class OverdueKind(enum.StrEnum):
@@ -213,19 +217,23 @@ class OverdueWatch:
         """Read once, publish the changes since the last check; what is overdue now."""
         found = await asyncio.to_thread(self._read)
         now = {(o.task, o.kind): o for o in found}
-        for key, item in now.items():
-            if key not in self._current:
-                log.warning(
-                    "task.overdue",
-                    task=item.task,
-                    kind=item.kind.value,
-                    late_s=round(item.late_s, 3),
-                )
-                await self._bus.publish(OVERDUE, item.to_json() | {"node": self._node})
-        for key, item in self._current.items():
-            if key not in now:
-                log.info("task.overdue_cleared", task=item.task, kind=item.kind.value)
-                payload = {"task": item.task, "kind": item.kind.value, "node": self._node}
-                await self._bus.publish(OVERDUE_CLEARED, payload)
+        new = [item for key, item in now.items() if key not in self._current]
+        gone = [item for key, item in self._current.items() if key not in now]
         self._current = now
+        for item in new[:LOG_EACH_MAX]:
+            log.warning(
+                "task.overdue", task=item.task, kind=item.kind.value, late_s=round(item.late_s, 3)
+            )
+        if len(new) > LOG_EACH_MAX:
+            log.warning("task.overdue_more", count=len(new) - LOG_EACH_MAX, overdue=len(now))
+        for item in gone[:LOG_EACH_MAX]:
+            log.info("task.overdue_cleared", task=item.task, kind=item.kind.value)
+        if len(gone) > LOG_EACH_MAX:
+            log.info("task.overdue_cleared_more", count=len(gone) - LOG_EACH_MAX, overdue=len(now))
+        node = {"node": self._node}
+        await self._bus.publish_many(OVERDUE, [item.to_json() | node for item in new])
+        await self._bus.publish_many(
+            OVERDUE_CLEARED,
+            [{"task": item.task, "kind": item.kind.value} | node for item in gone],
+        )
         return found
