@@ -255,6 +255,26 @@ def second_instant_claimed(engine: Engine, names: list[str]) -> bool:
     )
 
 
+async def runs_at(
+    engine: Engine, manager: CronManager, outcomes: Outcomes, names: list[str], slot: datetime
+) -> list[Any]:
+    """Wait until every task of the burst has run ``slot`` with success; its one row at that
+    slot per task, checked to be that one success."""
+    await outcomes.wait(
+        lambda: all(
+            any(e["scheduled_at"] == slot.isoformat() for e in outcomes.of(n, "success"))
+            for n in names
+        )
+    )
+    await manager.flush()
+    runs = []
+    for name, found in burst_rows(engine, names).items():
+        at_slot = [r for r in found if r.scheduled_at == slot]
+        assert [r.outcome for r in at_slot] == ["success"], name
+        runs.append(at_slot[0])
+    return runs
+
+
 def claimed_ahead(engine: Engine, names: list[str]) -> datetime:
     """The burst's second instant, checked to be claimed by every task ahead of its time and
     not dispatched (no start time): the lead window."""
@@ -366,18 +386,9 @@ async def test_a_large_burst_is_marked_before_its_instant(
         # Marked well before the instant (just in time, the marking would only have started
         # MARK_AHEAD before it).
         assert utcnow() < slot - timedelta(seconds=4 * MARK_AHEAD)
-        await outcomes.wait(
-            lambda: all(
-                any(e["scheduled_at"] == slot.isoformat() for e in outcomes.of(n, "success"))
-                for n in names
-            )
-        )
-        await manager.flush()
-        for name, found in burst_rows(engine, names).items():
-            at_slot = [r for r in found if r.scheduled_at == slot]
-            assert [r.outcome for r in at_slot] == ["success"], name
+        for run in await runs_at(engine, manager, outcomes, names, slot):
             # Started at the instant (its real start), not at the mark a second before.
-            assert at_slot[0].started_at >= slot - timedelta(seconds=MARK_AHEAD / 5), name
+            assert run.started_at >= slot - timedelta(seconds=MARK_AHEAD / 5), run.task_name
     finally:
         await manager.shutdown(grace=0)
         engine.dispose()
@@ -715,17 +726,8 @@ async def test_a_burst_claimed_ahead_is_marked_chunk_by_chunk_and_all_of_it_runs
         names = store_burst(engine, "chunked")
         await until(lambda: second_instant_claimed(engine, names))
         slot = claimed_ahead(engine, names)
-        await outcomes.wait(
-            lambda: all(
-                any(e["scheduled_at"] == slot.isoformat() for e in outcomes.of(n, "success"))
-                for n in names
-            )
-        )
-        await manager.flush()
-        for name, found in burst_rows(engine, names).items():
-            at_slot = [r for r in found if r.scheduled_at == slot]
-            assert [r.outcome for r in at_slot] == ["success"], name
-            assert at_slot[0].started_at is not None
+        for run in await runs_at(engine, manager, outcomes, names, slot):
+            assert run.started_at is not None, run.task_name
     finally:
         await manager.shutdown(grace=0)
         engine.dispose()
