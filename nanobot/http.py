@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -32,6 +32,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from nanobot.models import error_text
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # A read that takes longer than this answers 503: a stuck database must not pile up requests.
 READ_TIMEOUT_S: Final = 10.0
@@ -79,7 +81,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": "internal error"}, status=500)
 
 
-async def _read(func: Callable[[], Any]) -> Any:
+async def read_in_thread(func: Callable[[], T]) -> T:
+    """``func()`` (a database read) in a thread, within READ_TIMEOUT_S (TimeoutError past it):
+    the one bound of every read an HTTP request makes, probes and dashboard alike."""
     async with asyncio.timeout(READ_TIMEOUT_S):
         return await asyncio.to_thread(func)
 
@@ -102,7 +106,7 @@ def make_app(
 
     async def readyz(_request: web.Request) -> web.Response:
         try:
-            status = await _read(probe.readiness)
+            status = await read_in_thread(probe.readiness)
         except Exception as exc:
             log.warning("http.status_unreadable", error=error_text(exc))
             return web.json_response(
@@ -117,14 +121,14 @@ def make_app(
 
     async def status(_request: web.Request) -> web.Response:
         try:
-            body = await _read(probe.status)
+            body = await read_in_thread(probe.status)
         except Exception as exc:
             log.warning("http.status_unreadable", error=error_text(exc))
             return web.json_response({"error": "state could not be read"}, status=503)
         return web.json_response(body)
 
     async def metrics(_request: web.Request) -> web.Response:
-        payload = await _read(probe.metrics)
+        payload = await read_in_thread(probe.metrics)
         response = web.Response(body=payload)
         response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
         return response

@@ -15,7 +15,6 @@ Handlers run on the event loop; database work runs in a thread.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from datetime import datetime
@@ -38,6 +37,7 @@ from nanobot.exceptions import (
     TaskExistsError,
     UnknownTaskError,
 )
+from nanobot.http import read_in_thread
 from nanobot.models import MisfirePolicy, error_text, utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, queries
@@ -46,7 +46,6 @@ from nanobot.web.tokens import Principal
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-READ_TIMEOUT_S: Final = 10.0
 
 
 class ApiError(NanobotError):
@@ -174,8 +173,7 @@ class Api:
         self.engine = engine
 
     async def _db(self, func: Callable[[], T]) -> T:
-        async with asyncio.timeout(READ_TIMEOUT_S):
-            return await asyncio.to_thread(func)
+        return await read_in_thread(func)
 
     def routes(self) -> list[web.RouteDef]:
         p = PREFIX

@@ -20,7 +20,6 @@ Handlers run on the event loop; database reads run in a thread.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
@@ -36,6 +35,7 @@ from nanobot.cron import control
 from nanobot.cron.control import TaskState
 from nanobot.exceptions import UnknownTaskError
 from nanobot.heartbeat.store import TASK_COMPONENT_PREFIX
+from nanobot.http import read_in_thread
 from nanobot.models import utcnow
 from nanobot.status import build_heartbeat_status, build_status, nanobot_version
 from nanobot.web import actions, auth, chart, queries
@@ -46,7 +46,6 @@ from nanobot.web.tokens import Principal, TokenStore
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-READ_TIMEOUT_S: Final = 10.0
 PAGE_SIZE: Final = 50
 HISTORY_PAGE: Final = 25
 CHART_RUNS: Final = 60
@@ -103,8 +102,7 @@ class Pages:
         ]
 
     async def _db(self, func: Callable[[], T]) -> T:
-        async with asyncio.timeout(READ_TIMEOUT_S):
-            return await asyncio.to_thread(func)
+        return await read_in_thread(func)
 
     def _context(self, request: web.Request, page: str, **values: Any) -> dict[str, Any]:
         session = auth.session_of(request)
