@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import collections
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from bench.common import Result, bench_home, epoch_to_dt, insert_stored_tasks, percentile
+from bench.common import (
+    Result,
+    bench_home,
+    epoch_to_dt,
+    insert_stored_tasks,
+    median,
+    percentile,
+)
 from bench.proc import (
     ApsProcess,
     ServiceProcess,
@@ -217,28 +223,28 @@ def run(quick: bool) -> Result:
         runs = sum(r["runs"] for r in rs)
         res.add(
             f"CPU per run, nanobot service, {database} ({runs} runs; {spread})",
-            _ms(_median(cpu)),
+            _ms(_median_of(cpu)),
             "ms",
             label,
-            _ms(_median(mem_cpu)),
+            _ms(_median_of(mem_cpu)),
             "<= 2x memory" if database == "sqlite" else "",
-            bool(ratios) and statistics.median(ratios) <= 2 if database == "sqlite" else None,
+            bool(ratios) and median(ratios) <= 2 if database == "sqlite" else None,
         )
         server = [r["server_per_run"] for r in rs if r.get("server_per_run") is not None]
         if server:
             res.add(
                 "CPU per run, PostgreSQL server (backends of the service's connections)",
-                _ms(_median(server)),
+                _ms(_median_of(server)),
                 "ms",
                 label,
-                _ms(_median(mem_cpu)),
+                _ms(_median_of(mem_cpu)),
             )
             res.add(
                 "CPU per run, nanobot service + PostgreSQL server",
-                _ms(_median([(r["cpu_per_run"] or 0) + r["server_per_run"] for r in rs])),
+                _ms(_median_of([(r["cpu_per_run"] or 0) + r["server_per_run"] for r in rs])),
                 "ms",
                 label,
-                _ms(_median(mem_cpu)),
+                _ms(_median_of(mem_cpu)),
             )
         lateness = [t for r in rs for t in r["lateness"]]
         p99 = percentile(lateness, 99)
@@ -274,9 +280,10 @@ def run(quick: bool) -> Result:
     return res
 
 
-def _median(values: list[float | None]) -> float | None:
+def _median_of(values: list[float | None]) -> float | None:
+    """The median of the values measured (a window with no run gives None, left out)."""
     present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+    return median(present) if present else None
 
 
 def _ms(seconds: float | None) -> float | None:

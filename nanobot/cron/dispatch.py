@@ -59,7 +59,8 @@ log = structlog.get_logger(__name__)
 # How far ahead of its time a slot is claimed at most, for a burst of many slots at one instant.
 MAX_LEAD: Final = 5.0
 # A slot claimed at most this far ahead of its instant is dispatched at its claim; one claimed
-# further ahead (a burst) is marked dispatched MARK_AHEAD seconds before its instant.
+# further ahead (a burst) is marked dispatched before its instant by the launcher (MARK_AHEAD
+# at least, longer for a large burst: launcher._mark_ahead).
 DISPATCH_AHEAD: Final = 2 * SCHEDULE_LEAD
 # How long before the next slot it claims a pass wakes at least: its duration at a steady load
 # (a few milliseconds), with a margin. Each pass claims up to DISPATCH_AHEAD ahead, so with
