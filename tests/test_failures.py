@@ -143,7 +143,9 @@ async def test_setting_gives_the_default_and_zero_opts_out(
     finished = Events(bus, "task.finished")
     manager = CronManager(poll_interval=POLL, bus=bus)
     try:
-        manager.register_task("inherits", Breaking(0.3))
+        # A second apart: the pause after its second failure is applied before a third slot
+        # comes, even on a loaded machine (next to a task failing every 0.1 s, 0.3 s was not).
+        manager.register_task("inherits", Breaking(1.0))
         manager.register_task("never", Breaking(0.1, pause_after_failures=0))
         await manager.start_task("inherits")
         await manager.start_task("never")
