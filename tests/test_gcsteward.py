@@ -4,12 +4,15 @@ of everything once per refreeze period."""
 from __future__ import annotations
 
 import gc
+import sys
+import threading
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from nanobot.gcsteward import FREEZE_AFTER, GcSteward
+from nanobot.gcsteward import FREEZE_AFTER, GcSteward, release
 
 
 @pytest.fixture(autouse=True)
@@ -136,3 +139,57 @@ async def test_everything_is_scanned_again_after_the_refreeze_period() -> None:
         assert ref() is None
     finally:
         steward.stop()
+
+
+class _Item:
+    __slots__ = ("payload", "__weakref__")
+
+    def __init__(self, i: int) -> None:
+        self.payload = {"i": (i, str(i))}
+
+
+def test_release_empties_lists_and_dicts_and_frees_what_only_they_held() -> None:
+    items = [_Item(i) for i in range(1000)]
+    table = {(i, "k"): _Item(i) for i in range(1000)}
+    small = [_Item(0)]
+    kept = items[10]
+    refs = [weakref.ref(x) for x in (*items, *table.values(), *small)]
+    release(items, table, small)
+    assert items == [] and table == {} and small == []
+    alive = [r() for r in refs if r() is not None]
+    assert alive == [kept]  # an item still referenced elsewhere is not freed
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_release_lets_another_thread_run_while_it_frees(kind: str) -> None:
+    """Another thread sees the container part-emptied: the freeing is not one uninterruptible
+    call (``list.clear()`` would only ever show it full or empty)."""
+    count = 50_000
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for _attempt in range(5):
+            items: Any = (
+                [_Item(i) for i in range(count)]
+                if kind == "list"
+                else {i: _Item(i) for i in range(count)}
+            )
+            seen: set[int] = set()
+            started, done = threading.Event(), threading.Event()
+
+            def observe(items: Any = items) -> None:
+                started.set()
+                while not done.is_set():
+                    seen.add(len(items))
+
+            observer = threading.Thread(target=observe)
+            observer.start()
+            assert started.wait(10)
+            release(items)
+            done.set()
+            observer.join(10)
+            if any(0 < n < count for n in seen):
+                return
+        pytest.fail(f"the other thread saw only {sorted(seen)} items left")
+    finally:
+        sys.setswitchinterval(saved)

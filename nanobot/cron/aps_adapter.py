@@ -89,6 +89,7 @@ from nanobot.cron.schedules import (
 )
 from nanobot.db import IN_MAX
 from nanobot.exceptions import NotLeaderError, UnknownTaskError
+from nanobot.gcsteward import release
 from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs, error_text
 from nanobot.times import Clock
 
@@ -710,7 +711,9 @@ class NanobotScheduler:
         is not applied yet: a later pass finds them)."""
         result: list[DueJob] = []
         with self._lock:
-            self._found = []
+            unadvanced, self._found = self._found, []
+        release(unadvanced)  # a pass that failed before advance_memory left them
+        with self._lock:
             for alias, store in ((PERSISTENT, self._store), (EPHEMERAL, self._memory)):
                 for job in store.get_due_jobs(horizon):
                     if alias == PERSISTENT and job.id in held:
@@ -776,7 +779,8 @@ class NanobotScheduler:
                 self._memory.update_job(current)
                 if found.next_slot is None:
                     log.info("cron.job_done", task=found.job.id)
-            self._found = []
+            done, self._found = self._found, []
+        release(done)
 
     def next_run_at(self) -> datetime | None:
         """The earliest next run time of any job in either store."""

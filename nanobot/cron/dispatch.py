@@ -52,6 +52,7 @@ from nanobot.cron.retries import NO_RETRIES
 from nanobot.cron.task import TaskDefinition
 from nanobot.db import write_transaction
 from nanobot.exceptions import InvalidTaskError, NotLeaderError
+from nanobot.gcsteward import release
 from nanobot.models import TaskOutcome, error_text
 
 log = structlog.get_logger(__name__)
@@ -149,6 +150,10 @@ class Dispatcher:
         if len(due) >= COST_SAMPLE_MIN:
             per_job = (time.perf_counter() - started) / len(due)
             self.cost_per_job = 0.5 * self.cost_per_job + 0.5 * per_job
+        # What a pass of a burst read and built is freed here a slice at a time, not all at
+        # once as this function returns (see nanobot.gcsteward.release). Not plan.unrun: the
+        # loop announces that list.
+        release(due, plan.claims, plan.to_run, plan.next_runs, claimed.slots)
         return self._next_wait(scheduler)
 
     def _plan(self, due: list[DueJob], requests: list[RunRequest], now: datetime) -> _PassPlan:
