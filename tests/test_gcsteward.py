@@ -142,7 +142,7 @@ async def test_everything_is_scanned_again_after_the_refreeze_period() -> None:
 
 
 class _Item:
-    __slots__ = ("payload", "__weakref__")
+    __slots__ = ("__weakref__", "payload")
 
     def __init__(self, i: int) -> None:
         self.payload = {"i": (i, str(i))}
@@ -155,9 +155,30 @@ def test_release_empties_lists_and_dicts_and_frees_what_only_they_held() -> None
     kept = items[10]
     refs = [weakref.ref(x) for x in (*items, *table.values(), *small)]
     release(items, table, small)
-    assert items == [] and table == {} and small == []
+    assert items == []
+    assert table == {}
+    assert small == []
     alive = [r() for r in refs if r() is not None]
     assert alive == [kept]  # an item still referenced elsewhere is not freed
+
+
+def _lengths_seen_while_released(items: Any) -> set[int]:
+    """The lengths of ``items`` another thread sees, over and over, while this one releases it."""
+    seen: set[int] = set()
+    started, done = threading.Event(), threading.Event()
+
+    def observe() -> None:
+        started.set()
+        while not done.is_set():
+            seen.add(len(items))
+
+    observer = threading.Thread(target=observe)
+    observer.start()
+    assert started.wait(10)
+    release(items)
+    done.set()
+    observer.join(10)
+    return seen
 
 
 @pytest.mark.parametrize("kind", ["list", "dict"])
@@ -168,26 +189,14 @@ def test_release_lets_another_thread_run_while_it_frees(kind: str) -> None:
     saved = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
+        seen: set[int] = set()
         for _attempt in range(5):
             items: Any = (
                 [_Item(i) for i in range(count)]
                 if kind == "list"
                 else {i: _Item(i) for i in range(count)}
             )
-            seen: set[int] = set()
-            started, done = threading.Event(), threading.Event()
-
-            def observe(items: Any = items) -> None:
-                started.set()
-                while not done.is_set():
-                    seen.add(len(items))
-
-            observer = threading.Thread(target=observe)
-            observer.start()
-            assert started.wait(10)
-            release(items)
-            done.set()
-            observer.join(10)
+            seen = _lengths_seen_while_released(items)
             if any(0 < n < count for n in seen):
                 return
         pytest.fail(f"the other thread saw only {sorted(seen)} items left")
