@@ -92,6 +92,7 @@ from nanobot.preflight import (
     sqlite_file,
 )
 from nanobot.status import build_status, nanobot_version
+from nanobot.switching import SwitchInterval
 from nanobot.web.app import setup_dashboard
 from nanobot.web.tokens import TokenStore
 
@@ -104,13 +105,6 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 # Liveness: the lease loop must have come round within this many of its periods.
 _LOOP_STALE_PERIODS: Final = 2.5
-# The interpreter's switch interval while the service runs (CPython's default: 5 ms). The event
-# loop gives up the interpreter lock at every system call (each poll, read and write of a
-# request) and waits up to one interval to get it back from a busy worker thread (the
-# scheduler's pass, a database write): at 5 ms, one `/healthz` answer during a burst of 20,000
-# waited up to 22-29 ms in all (three runs); at 1 ms, 12-15 ms. A thread that has the lock to itself is
-# not switched at all, so an idle or steady service pays nothing for it.
-SWITCH_INTERVAL_S: Final = 0.001
 
 
 class Role(enum.StrEnum):
@@ -192,7 +186,8 @@ class Service:
         self._claim: NodeClaim | None = None
         # Full garbage collections at quiet moments of the scheduler, never during a burst.
         self._gc = GcSteward(self._gc_quiet)
-        self._switch_interval = sys.getswitchinterval()
+        # A short switch interval while the scheduler has a burst in hand.
+        self._switching = SwitchInterval(self._backlog)
 
     # --- probes (the HTTP endpoint) -------------------------------------------------------------
 
@@ -372,8 +367,7 @@ class Service:
         # the scheduler's worker ran).
         self._gc.collect(everything=True)
         self._gc.start()
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._switching.start()
         try:
             # Built from this configuration and installed before anything asks for the
             # process-wide monitor (the scheduler registers task components on it).
@@ -788,7 +782,7 @@ class Service:
             await self.http.stop()
         get_bus().unsubscribe("task.finished", self.metrics.on_task_finished)
         self._gc.stop()
-        sys.setswitchinterval(self._switch_interval)
+        self._switching.stop()
         await asyncio.to_thread(dispose_engines)
         self.role = Role.STOPPED
         log.info("service.stopped", exit_code=code)
@@ -838,6 +832,11 @@ class Service:
         scheduler, or one between bursts (:meth:`CronManager.quiet`)."""
         manager = self._manager
         return manager is None or manager.quiet()
+
+    def _backlog(self) -> int:
+        """The scheduler's backlog (:meth:`CronManager.backlog`); 0 on a standby."""
+        manager = self._manager
+        return 0 if manager is None else manager.backlog()
 
     def _warn(self, key: str, problem: str | None) -> None:
         """Show ``problem`` in status (degraded) under ``key``; None clears it."""

@@ -111,6 +111,9 @@ class Dispatcher:
         # The lead of the next pass, and what a pass was measured to cost per due slot.
         self.lead = PASS_MARGIN
         self.cost_per_job = INITIAL_COST_PER_JOB
+        # When the next pass's slots are due and how many (written by the worker as one tuple;
+        # the loop reads it for CronManager.backlog).
+        self.upcoming: tuple[datetime | None, int] = (None, 0)
 
     # --- the pass ------------------------------------------------------------------------------
 
@@ -493,6 +496,7 @@ class Dispatcher:
                 next_run = earliest
                 count = scheduler.count_due(next_run + timedelta(seconds=SCHEDULE_LEAD))
         deferred = self._reconciler.deferred_wait()  # the next chunk of deferred rows
+        self.upcoming = (next_run, count)
         if next_run is None:
             self.lead = PASS_MARGIN
             return deferred

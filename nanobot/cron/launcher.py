@@ -260,6 +260,14 @@ class Launcher:
                 return False
         return True
 
+    def in_hand(self) -> int:
+        """How many claimed slots are handed over, waiting for their instant, queued or
+        running (event loop)."""
+        waiting = sum(len(launches) for _handle, launches in self.delayed.values())
+        queued = sum(len(launches) for launches in self._queued.values())
+        running = sum(len(by_id) for by_id in self.inflight.values())
+        return len(self.handed) + waiting + queued + running
+
     def _launch_chunks(self, launches: list[Launch]) -> None:
         # A few per loop iteration, so that a burst never holds the event loop for long.
         for launch in launches[:LAUNCH_CHUNK]:

@@ -41,7 +41,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
@@ -52,7 +52,7 @@ from nanobot.config import get_config
 from nanobot.cron import claims, control, definitions, history
 from nanobot.cron.aps_adapter import EPHEMERAL, NanobotScheduler
 from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
-from nanobot.cron.dispatch import Dispatcher
+from nanobot.cron.dispatch import MAX_LEAD, Dispatcher
 from nanobot.cron.launcher import MARK_AHEAD, QUIET_LEAD_S, Launcher
 from nanobot.cron.own_lease import OwnLease
 from nanobot.cron.reconcile import Reconciler, note_definition
@@ -81,6 +81,9 @@ log = structlog.get_logger(__name__)
 
 # How long a shutdown waits for outcomes to be written while the database does not answer.
 SHUTDOWN_FLUSH_S: Final = 10.0
+# The slots of the next pass count in the backlog this long before their instant: the pass that
+# claims a burst begins at most MAX_LEAD before it.
+BACKLOG_AHEAD: Final = timedelta(seconds=MAX_LEAD + 1.0)
 
 
 class CronManager:
@@ -403,6 +406,17 @@ class CronManager:
         if scheduler is not None and scheduler.pass_within(QUIET_LEAD_S):
             return False
         return self._launcher.quiet() and self._recorder.idle()
+
+    def backlog(self) -> int:
+        """How many slots the scheduler has in hand (event loop): claimed and not finished,
+        outcomes not yet written and announced, and the slots due at its next pass if their
+        instant is at most :data:`BACKLOG_AHEAD` away. What makes a burst for
+        :mod:`nanobot.switching`."""
+        count = self._launcher.in_hand() + self._recorder.backlog()
+        next_at, due = self._dispatcher.upcoming
+        if next_at is not None and next_at - self._ctx.clock() <= BACKLOG_AHEAD:
+            count += due
+        return count
 
     @property
     def last_wakeup_at(self) -> datetime | None:

@@ -68,6 +68,8 @@ class Recorder:
         # loop: outcomes waiting to be written, and the task writing them.
         self.pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
+        # loop: how many outcomes the batch being written holds.
+        self._writing = 0
         # Set while flush() waits: the flusher writes at once, without its busy window.
         self._hurry = asyncio.Event()
         # loop: per-run bookkeeping done once per burst, not once per run (see _after_runs):
@@ -116,6 +118,16 @@ class Recorder:
             or (self._after_runs_task is not None and not self._after_runs_task.done())
         )
 
+    def backlog(self) -> int:
+        """How many outcomes wait to be written or are being written, announced or applied to
+        health (event loop)."""
+        return (
+            len(self.pending)
+            + self._writing
+            + len(self._health_pending)
+            + len(self._announce_pending)
+        )
+
     def drop_pending(self) -> None:
         """Give up the outcomes not written (the database does not answer at a stop): their
         claims stay ``running`` and are recorded interrupted at the next start."""
@@ -149,6 +161,7 @@ class Recorder:
             # interpreter lock in turns with the loop that starts them.
             await self._launches_done()
             batch, self.pending = self.pending, []
+            self._writing = len(batch)
             wrote = False
             try:
                 scheduler = self._ctx.in_worker()
@@ -181,6 +194,8 @@ class Recorder:
                     )
                 self.pending = batch + self.pending
                 await asyncio.sleep(FLUSH_RETRY_S)
+            finally:
+                self._writing = 0
             if wrote:
                 await self._busy_window()
 
