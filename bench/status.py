@@ -10,7 +10,8 @@ Three fresh SQLite databases, migrated by nanobot:
   recursive CTE, in the text format nanobot's ``UTCDateTime`` writes.
 
 Measured: the median time of ``build_status(engine)`` over repeated calls on a warm
-connection pool (the first call, which opens the connection, is reported apart), and the time
+connection pool, the three databases' calls interleaved (the first call, which opens the
+connection, is reported apart), and the time
 of ``python -m nanobot status --json`` as a process, for what an operator waits.
 
 Every statement ``build_status`` issues is captured with a ``before_cursor_execute`` event and
@@ -140,18 +141,26 @@ def _history(path: Path, rows: int) -> float:
     return time.perf_counter() - started
 
 
-def _time_status(engine: Engine) -> dict[str, float]:
+def _time_status(*engines: Engine) -> list[dict[str, float]]:
+    """``build_status`` of each engine: its first call, then CALLS more, interleaved (one call
+    of each engine in turn), so that every database is timed under the same conditions."""
     from nanobot.status import build_status
 
-    started = time.perf_counter()
-    build_status(engine)
-    first = time.perf_counter() - started
-    times = []
-    for _ in range(CALLS):
+    firsts = []
+    for engine in engines:
         started = time.perf_counter()
         build_status(engine)
-        times.append(time.perf_counter() - started)
-    return {"first": first, "median": median(times), "min": min(times)}
+        firsts.append(time.perf_counter() - started)
+    times: list[list[float]] = [[] for _ in engines]
+    for _ in range(CALLS):
+        for engine, took in zip(engines, times, strict=True):
+            started = time.perf_counter()
+            build_status(engine)
+            took.append(time.perf_counter() - started)
+    return [
+        {"first": first, "median": median(took), "min": min(took)}
+        for first, took in zip(firsts, times, strict=True)
+    ]
 
 
 def _cli_status(home: Path) -> float:
@@ -213,9 +222,7 @@ def run(quick: bool) -> Result:
         full = nanobot_engine(full_path)
         _state(full, heartbeats=False)
         generated = _history(full_path, rows)
-        t_empty = _time_status(empty)
-        t_state = _time_status(state)
-        t_full = _time_status(full)
+        t_empty, t_state, t_full = _time_status(empty, state, full)
         lines, flagged, _timings = _plans(full, full_path)
         cli_full = _cli_status(home)
         empty_home = home / "empty-home"
