@@ -139,6 +139,29 @@ async def test_remove_asks_for_confirmation_then_removes(engine: Engine) -> None
     assert task_count(engine) == 0
 
 
+async def test_a_long_run_shows_running_not_overdue(engine: Engine) -> None:
+    """A task whose run has gone on for ten minutes keeps its next-run mirror at that run's
+    slot until the outcome is written: it shows running, not overdue, in the counts, the
+    filters and the overdue list. A slot claimed ten minutes ago and never started is
+    overdue."""
+    ten_ago = utcnow() - timedelta(minutes=10)
+    add_task_row(engine, "long", next_run_at=ten_ago)
+    add_run(engine, "long", 600, "running", finished_at=None, duration_s=None)
+    add_task_row(engine, "stuck", next_run_at=ten_ago)
+    add_run(engine, "stuck", 600, "running", started_at=None, finished_at=None, duration_s=None)
+    counts = control.count_by_state(engine)
+    assert (counts["running"], counts["overdue"]) == (1, 1)
+    assert [t.name for t in control.overdue_tasks(engine)] == ["stuck"]
+    running = control.page_tasks(engine, state=control.TaskState.RUNNING)
+    assert [t.name for t in running.items] == ["long"]
+    now = utcnow()
+    assert control.state_of(control.get_task(engine, "long"), now) is control.TaskState.RUNNING
+    assert control.state_of(control.get_task(engine, "stuck"), now) is control.TaskState.OVERDUE
+    async with serve(engine) as served, session() as http, http.get(served.base + "/") as r:
+        html = await r.text()
+    assert 'href="/tasks?state=overdue"><span class="n">1</span> overdue' in html
+
+
 async def test_pages_show_the_state_of_the_system(engine: Engine) -> None:
     """The overview shows the node, the counts by state and the latest failure with its error;
     the tasks page searches and filters; a task page shows its runs, errors and chart; an

@@ -94,6 +94,17 @@ TASK_ROWS: Final[Select[Any]] = select(
     _STATE.c.last_outcome,
     func.coalesce(_STATE.c.consecutive_failures, 0).label("consecutive_failures"),
 ).select_from(_WITH_STATE)
+# The tasks with a run going: a claimed slot dispatched (``started_at`` set) and not finished.
+# Few rows, found through the index on ``outcome``. The ``next_run_at`` mirror of such a task
+# stays at that slot until its outcome is written (Dispatcher._commit): a run longer than a
+# minute must not read as overdue.
+_RUNNING_TASKS: Final = select(TaskRun.task_name).where(
+    TaskRun.outcome == TaskOutcome.RUNNING.value, TaskRun.started_at.is_not(None)
+)
+# TASK_ROWS with whether the task has a run going, for the dashboard and the API.
+_SHOWN_ROWS: Final[Select[Any]] = TASK_ROWS.add_columns(
+    _TASKS.c.name.in_(_RUNNING_TASKS).label("running")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +258,8 @@ class TaskInfo:
     retry_at: datetime | None = None
     retry_slot: datetime | None = None
     retry_attempt: int | None = None
+    # A run of it is going (read for the dashboard and the API only).
+    running: bool = False
 
     def summary(self) -> TaskSummary:
         """The part of the task that ``status`` shows (and :meth:`to_json` starts from)."""
@@ -377,6 +390,7 @@ def _info(row: Row[*tuple[Any, ...]]) -> TaskInfo:
         retry_at=row.retry_at,
         retry_slot=row.retry_slot,
         retry_attempt=row.retry_attempt,
+        running=bool(row._mapping.get("running", False)),
     )
 
 
@@ -485,7 +499,7 @@ def _summary(row: Row[*tuple[Any, ...]], *, last_success: bool) -> TaskSummary:
 
 def get_task(engine: Engine, name: str) -> TaskInfo:
     with read_transaction(engine) as conn:
-        row = conn.execute(TASK_ROWS.where(Task.name == name)).first()
+        row = conn.execute(_SHOWN_ROWS.where(Task.name == name)).first()
     if row is None:
         raise UnknownTaskError(name)
     return _info(row)
@@ -943,8 +957,9 @@ class TaskState(enum.StrEnum):
     PAUSED = "paused"
     BROKEN = "broken"  # its class cannot be imported or built
     FAILING = "failing"  # its last slot failed (error, timeout, interrupted)
-    OVERDUE = "overdue"  # scheduled, but its next slot passed more than a minute ago
-    RUNNING = "running"
+    # scheduled, but its next slot passed more than a minute ago and no run of it is going
+    OVERDUE = "overdue"
+    RUNNING = "running"  # a run of it is going
     DONE = "done"  # a one-shot task that has run
 
 
@@ -968,9 +983,10 @@ def _in_state(state: TaskState, now: datetime) -> ColumnElement[bool]:
                 Task.paused.is_(False),
                 Task.broken_reason.is_(None),
                 TaskStateRecord.next_run_at < now - OVERDUE_AFTER,
+                Task.name.not_in(_RUNNING_TASKS),
             )
         case TaskState.RUNNING:
-            return TaskStateRecord.last_outcome == TaskOutcome.RUNNING.value
+            return Task.name.in_(_RUNNING_TASKS)
         case TaskState.DONE:
             return and_(
                 Task.schedule_kind == ScheduleKind.AT.value,
@@ -987,7 +1003,7 @@ def state_of(info: TaskInfo, now: datetime) -> TaskState:
         return TaskState.DONE
     if info.paused:
         return TaskState.PAUSED
-    if info.last_outcome == TaskOutcome.RUNNING:
+    if info.running:
         return TaskState.RUNNING
     if info.consecutive_failures > 0 or info.last_outcome in FAILED_OUTCOMES:
         return TaskState.FAILING
@@ -1036,7 +1052,7 @@ def page_tasks(
             select(func.count()).select_from(_WITH_STATE).where(*conditions)
         ).scalar()
         rows = conn.execute(
-            TASK_ROWS.where(*conditions).order_by(Task.name).offset(offset).limit(limit)
+            _SHOWN_ROWS.where(*conditions).order_by(Task.name).offset(offset).limit(limit)
         ).all()
     return TaskPage(
         items=[_info(row) for row in rows], total=int(total or 0), offset=offset, limit=limit
@@ -1062,7 +1078,7 @@ def overdue_tasks(
     now = now or utcnow()
     with read_transaction(engine) as conn:
         rows = conn.execute(
-            TASK_ROWS.where(_in_state(TaskState.OVERDUE, now))
+            _SHOWN_ROWS.where(_in_state(TaskState.OVERDUE, now))
             .order_by(TaskStateRecord.next_run_at)
             .limit(limit)
         ).all()
@@ -1073,7 +1089,9 @@ def upcoming(engine: Engine, *, limit: int = 5) -> list[TaskInfo]:
     """The started tasks that run next, soonest first."""
     with read_transaction(engine) as conn:
         rows = conn.execute(
-            TASK_ROWS.where(and_(Task.paused.is_(False), TaskStateRecord.next_run_at.is_not(None)))
+            _SHOWN_ROWS.where(
+                and_(Task.paused.is_(False), TaskStateRecord.next_run_at.is_not(None))
+            )
             .order_by(TaskStateRecord.next_run_at, Task.name)
             .limit(limit)
         ).all()
