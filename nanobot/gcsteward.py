@@ -37,13 +37,14 @@ thread owns.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
+
+from nanobot.periodic import Periodic
 
 log = structlog.get_logger(__name__)
 
@@ -94,11 +95,10 @@ class GcSteward:
         refreeze: float = REFREEZE_S,
     ) -> None:
         self._quiet = quiet
-        self._period = period
         self._max_wait = max_wait
         self._refreeze = refreeze
         self._saved: tuple[int, int, int] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._looks = Periodic(period, self.look)
         self._last_full = time.monotonic()
         self._last_refreeze = time.monotonic()
         # Generation 2's count (collections of generation 1 since the last full one) at the
@@ -120,28 +120,14 @@ class GcSteward:
         gc.set_threshold(self._saved[0], self._saved[1], _NEVER)
         self._last_full = self._last_refreeze = time.monotonic()
         self._counted = gc.get_count()[2]
-        self._arm()
+        self._looks.start()
 
     def stop(self) -> None:
         """Give the full collections back to the collector; idempotent."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._looks.stop()
         if self._saved is not None:
             gc.set_threshold(*self._saved)
             self._saved = None
-
-    def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        if self._saved is None:
-            return
-        try:
-            self.look()
-        finally:
-            self._arm()
 
     def look(self) -> bool:
         """Freeze (or, once per :data:`REFREEZE_S`, collect everything) if due and the moment

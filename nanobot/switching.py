@@ -18,12 +18,13 @@ restores the one found at :meth:`SwitchInterval.start`.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
 from typing import Final
 
 import structlog
+
+from nanobot.periodic import Periodic
 
 log = structlog.get_logger(__name__)
 
@@ -43,9 +44,8 @@ class SwitchInterval:
 
     def __init__(self, backlog: Callable[[], int], *, period: float = PERIOD_S) -> None:
         self._backlog = backlog
-        self._period = period
         self._saved: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._looks = Periodic(period, self.look)
         self.bursting = False
 
     def start(self) -> None:
@@ -53,29 +53,15 @@ class SwitchInterval:
         if self._saved is not None:
             return
         self._saved = sys.getswitchinterval()
-        self._arm()
+        self._looks.start()
 
     def stop(self) -> None:
         """Give the interval found at :meth:`start` back; idempotent."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._looks.stop()
         if self._saved is not None:
             sys.setswitchinterval(self._saved)
             self._saved = None
             self.bursting = False
-
-    def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._period, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        if self._saved is None:
-            return
-        try:
-            self.look()
-        finally:
-            self._arm()
 
     def look(self) -> bool:
         """Set the interval for the backlog now; whether it is a burst."""

@@ -11,13 +11,13 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, MutableMapping
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from burst_helpers import store_burst
 from cron_tasks import Counter
 from sqlalchemy import Engine, insert, select, update
 from test_cron import Outcomes
@@ -25,8 +25,7 @@ from test_cron_restart import Runner
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
-from nanobot.cron import CronManager, CronTask, control, definitions, history, launcher
-from nanobot.cron.dispatch import COST_SAMPLE_MIN
+from nanobot.cron import CronManager, CronTask, control, history, launcher
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.manager import MARK_AHEAD
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
@@ -39,7 +38,6 @@ from nanobot.models import (
     Task,
     TaskOutcome,
     TaskRun,
-    TaskSource,
     apscheduler_jobs,
     utcnow,
 )
@@ -197,41 +195,6 @@ async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
 
 
 # --- item 21: slots claimed ahead of a stop ------------------------------------------------------
-
-
-# A burst as the scheduler's lead sees one. A pass learns what it costs per slot from passes
-# with at least COST_SAMPLE_MIN due slots, and claims an instant ahead by twice that cost per
-# slot due then. These tasks are built in the pass that first claims them, each taking
-# SLOW_BUILD_S: that pass costs about 20 ms a slot, and the next instant of the fifty is
-# claimed about a second ahead (2 x 50 x ~10 ms), as the real cost of a pass over thousands
-# of slots would make it. Building is cached: later passes cost what they really do.
-SLOW_BUILD_S = 0.02
-BURST_EVERY = 3.0
-
-
-def store_burst(engine: Engine, prefix: str) -> list[str]:
-    """COST_SAMPLE_MIN stored tasks (no process registers them) every BURST_EVERY seconds from
-    one anchor, now: their slots fall at the same instants. Stored in one transaction, as one
-    task file or one deployment would add them."""
-    definition = definitions.definition_from_class(
-        "burst",
-        "cron_tasks:SlowToBuild",
-        BURST_EVERY,
-        {"label": prefix, "build_s": SLOW_BUILD_S},
-    )
-    names = [f"{prefix}{i:02d}" for i in range(COST_SAMPLE_MIN)]
-    now = utcnow()
-    with write_transaction(engine) as conn:
-        for name in names:
-            values = control.new_task_values(
-                replace(definition, name=name),
-                now,
-                source=TaskSource.CLI,
-                paused=False,
-                started=True,
-            )
-            control.insert_task(conn, values)
-    return names
 
 
 def burst_rows(engine: Engine, names: list[str]) -> dict[str, list[Any]]:

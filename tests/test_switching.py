@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
+from burst_helpers import store_burst
 from sqlalchemy import func, select
 
 from nanobot.bus import MessageBus
-from nanobot.cron import CronManager, control, definitions
-from nanobot.db import create_db_engine, upgrade_database, write_transaction
-from nanobot.models import TaskOutcome, TaskRun, TaskSource, utcnow
+from nanobot.cron import CronManager
+from nanobot.db import create_db_engine, upgrade_database
+from nanobot.models import TaskOutcome, TaskRun
 from nanobot.switching import BURST_INTERVAL_S, BURST_MIN, SwitchInterval
 
 
@@ -65,26 +65,10 @@ async def test_the_scheduler_counts_a_burst_claimed_ahead_in_its_backlog(db_url:
     engine = create_db_engine(db_url)
     upgrade_database(engine)
     manager = CronManager(engine, poll_interval=0.05, bus=MessageBus())
-    # Slow to build: a pass learns what a slot costs it and claims the next instant's slots
-    # well ahead (as nanobot.cron.dispatch does for a burst).
-    definition = definitions.definition_from_class(
-        "burst", "cron_tasks:SlowToBuild", 3.0, {"label": "b", "build_s": 0.02}
-    )
-    names = [f"b{i:02d}" for i in range(60)]
     try:
         await manager.start()
         assert manager.backlog() == 0
-        now = utcnow()
-        with write_transaction(engine) as conn:
-            for name in names:
-                values = control.new_task_values(
-                    replace(definition, name=name),
-                    now,
-                    source=TaskSource.CLI,
-                    paused=False,
-                    started=True,
-                )
-                control.insert_task(conn, values)
+        names = store_burst(engine, "b")
 
         def claimed_ahead() -> bool:
             with engine.connect() as conn:
