@@ -299,7 +299,14 @@ class Launcher:
             task = asyncio.get_running_loop().create_task(self._mark_and_launch(slot, waiting))
             self._marking.add(task)
             task.add_done_callback(self._marking.discard)
-        if ready:
+        if not ready:
+            return
+        if not self._ctx.closing and self._ctx.clock() >= slot:
+            # The common case, straight to the start: the instant's timer fired on time.
+            self._launch_chunks(ready)
+        else:
+            # Closing, or the timer fired a hair before the wall clock reached the instant (the
+            # loop's clock is monotonic): launch_groups holds them back or re-arms the timer.
             self.launch_groups({slot: ready})
 
     async def _mark_and_launch(self, slot: datetime, launches: list[Launch]) -> None:
@@ -437,9 +444,12 @@ class Launcher:
             self._undispatch_soon(launch.run_id)
             return
         # The runs the overlap policy counts: a backfill's runs are bounded by the backfill.
-        counted = {
-            i: r for i, r in self.runs_of(launch.name).items() if r.kind is not RunKind.BACKFILL
-        }
+        # (Most launches find their task with no run in flight: nothing to count.)
+        counted = (
+            {i: r for i, r in self.runs_of(launch.name).items() if r.kind is not RunKind.BACKFILL}
+            if launch.name in self.inflight
+            else {}
+        )
         overlap = ctx.overlaps.get(launch.name, DEFAULT_OVERLAP)
         buffered = launch.name in self._buffered
         action = decide(overlap, launch.kind, running=len(counted), buffered=buffered)
@@ -519,7 +529,8 @@ class Launcher:
                 await asyncio.wait(after)
             if task.jitter:
                 await asyncio.sleep(random.uniform(0, task.jitter))
-            started = self._ctx.clock()
+            if after or task.jitter:
+                started = self._ctx.clock()
             self._began(launch, task, started)
             async with deadline:
                 # Every step of the run is fenced by the lease and timed (a step that
