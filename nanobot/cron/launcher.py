@@ -19,6 +19,7 @@ that a stop finds them. Slots claimed ahead are marked dispatched in a thread of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -516,7 +517,8 @@ class Launcher:
         outcome = TaskOutcome.SUCCESS
         error: str | None = None
         started = self._ctx.clock()
-        deadline = asyncio.timeout(timeout)
+        # No timeout (the default): no Timeout object and no timer armed and cancelled per run.
+        deadline = asyncio.timeout(timeout) if timeout is not None else None
         # Every line logged during this run, by nanobot or by the task, carries its task and
         # run id. Bound without a reset: the run is an asyncio task of its own, whose context
         # is a copy that ends with it (the with-block that reset them took about 5 % of the
@@ -532,14 +534,14 @@ class Launcher:
             if after or task.jitter:
                 started = self._ctx.clock()
             self._began(launch, task, started)
-            async with deadline:
+            async with deadline or contextlib.nullcontext():
                 # Every step of the run is fenced by the lease and timed (a step that
                 # blocks the loop is named as the cause of the loop's lag).
                 await Stepper(task.run(), f"task {launch.name}", fence=self._ctx.step_fence())
         # A run that did not succeed is logged once, here, with its duration; a success is
         # only a debug line below (task_runs records every run with its times).
         except TimeoutError as exc:
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 outcome = TaskOutcome.TIMEOUT
                 error = f"the run took longer than its timeout of {timeout} s"
                 log.warning("task.timed_out", timeout_s=timeout, duration_s=self._since(started))
