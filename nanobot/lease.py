@@ -191,11 +191,16 @@ def read_lease(conn: Connection, name: str = SCHEDULER_LEASE) -> LeaseInfo | Non
 _VERIFY: Final = select(LeaseRow.holder, LeaseRow.epoch, LeaseRow.expires_at).where(
     LeaseRow.name == bindparam("b_name")
 )
-# On PostgreSQL the row is locked FOR SHARE, and the database's clock read with it.
+# On PostgreSQL the row is locked FOR KEY SHARE, and the database's clock read with it. That
+# lock holds up a take-over (whose acquire reads the row FOR UPDATE first) until the claiming
+# transaction ends, and not the holder's own renewal (a plain UPDATE of columns outside the
+# key): FOR SHARE held it up too, and a pass that claimed a burst of 20,000 slots for longer
+# than the lock timeout (a ninth of the lease) made the leader's renewal fail and the leader
+# step down in the middle of its burst.
 _VERIFY_PG: Final = (
     select(LeaseRow.holder, LeaseRow.epoch, LeaseRow.expires_at, func.now().label("now"))
     .where(LeaseRow.name == bindparam("b_name"))
-    .with_for_update(read=True)
+    .with_for_update(read=True, key_share=True)
 )
 
 
@@ -267,7 +272,7 @@ class SchedulerLease:
         leader locked. A leader cut off in the middle of a pipelined batch, behind a proxy or
         load balancer that keeps the TCP connection open, leaves the server waiting for the rest
         of a message instead: that wait is not "idle", the timeout never fires, the keepalives
-        are answered, and its locks (the lease row read FOR SHARE, ``task_runs`` rows it was
+        are answered, and its locks (the lease row read FOR KEY SHARE, ``task_runs`` rows it was
         updating) stayed until the statement timeout, a minute: no standby could lead, or the
         new leader's recovery could not mark the old runs interrupted (seen: no leader 12 s
         after the cut). Such sessions are ended here, only once the lease has expired by the
@@ -439,8 +444,9 @@ class SchedulerLease:
 
         The scheduler calls it in the transaction that claims slots, so that a leader that was
         frozen past its lease (a paused VM, SIGSTOP) claims nothing once another node leads. On
-        PostgreSQL the row is locked FOR SHARE until that transaction ends, so a take-over
-        waits for it; on SQLite the write transaction's BEGIN IMMEDIATE serialises writers.
+        PostgreSQL the row is locked FOR KEY SHARE until that transaction ends, so a take-over
+        (which reads the row FOR UPDATE) waits for it while this process's own renewal does
+        not; on SQLite the write transaction's BEGIN IMMEDIATE serialises writers.
         """
         epoch = self.epoch
         if epoch is None:

@@ -105,6 +105,8 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 # Liveness: the lease loop must have come round within this many of its periods.
 _LOOP_STALE_PERIODS: Final = 2.5
+# A renewal that failed at once is tried again this much later, while the lease lasts.
+RENEW_RETRY_S: Final = 0.2
 
 
 class Role(enum.StrEnum):
@@ -570,14 +572,23 @@ class Service:
         return self.lock is None or self.lock.check()
 
     async def _renew(self) -> None:
-        budget = self.lease.seconds_left() - self.period
+        """Renew the lease, trying again while it lasts longer than a period: a renewal that
+        failed at once (a lock timeout behind a long transaction, a dropped connection) is not
+        a lost lease. Steps down when the row says the lease is lost, or when no renewal has
+        succeeded with a period left."""
         renewed = False
-        if budget > 0:
+        while (budget := self.lease.seconds_left() - self.period) > 0:
+            deadline = asyncio.timeout(budget)
             try:
-                async with asyncio.timeout(budget):
+                async with deadline:
                     renewed = await asyncio.to_thread(self.lease.renew)
             except Exception as exc:
                 log.warning("service.lease_renew_failed", error=error_text(exc))
+                if deadline.expired():
+                    break  # its thread still waits on the database: never a second one
+                await asyncio.sleep(min(RENEW_RETRY_S, budget))
+                continue
+            break
         if renewed and self.lease.seconds_left() > self.period:
             return
         if self._draining:

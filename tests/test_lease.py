@@ -275,6 +275,28 @@ def test_verify_inside_a_transaction(engine: Engine) -> None:
 
 
 @postgres_only
+def test_a_claim_transaction_holds_up_a_take_over_but_not_the_holders_renewal(
+    engine: Engine,
+) -> None:
+    """verify() keeps the lease row locked until the claiming transaction ends: a standby's
+    acquire (which reads the row FOR UPDATE) waits for it and gives up at its lock timeout,
+    while the holder's own renewal, on another connection, goes through at once. With the
+    row locked FOR SHARE the renewal waited too: a pass that claimed a burst for longer than
+    the lock timeout made the leader's renewal fail, and the leader step down mid-burst."""
+    leader = SchedulerLease(engine, "leader:1", 9.0)  # lock timeouts of ttl / 9 = 1 s
+    standby = SchedulerLease(engine, "standby:2", 9.0)
+    assert leader.try_acquire()
+    with write_transaction(engine) as claiming:
+        assert leader.verify(claiming)
+        with pytest.raises(OperationalError, match="lock timeout"):
+            standby.try_acquire()
+        started = time.monotonic()
+        assert leader.renew()
+        assert time.monotonic() - started < 0.5
+        assert leader.verify(claiming)
+
+
+@postgres_only
 def test_a_session_left_in_a_transaction_past_the_lease_is_ended_by_the_next_leader(
     engine: Engine,
 ) -> None:
