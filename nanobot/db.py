@@ -39,6 +39,7 @@ from sqlalchemy.pool import NullPool
 from nanobot.config import Config, get_config
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
 from nanobot.models import Task, error_text
+from nanobot.writer_queue import WriterQueue
 
 # Alembic is imported where it is used (each such import says `noqa: PLC0415 -- alembic`): a
 # process that does not migrate (the scheduler's worker, the command line's readers) saves a
@@ -60,6 +61,7 @@ IN_MAX: Final = 500
 _PG_MIGRATION_LOCK: Final = 0x6E616E6F  # "nano"
 
 _engines: dict[str, Engine] = {}
+_writer_queues: dict[str, WriterQueue] = {}
 _engines_lock = threading.Lock()
 
 
@@ -208,11 +210,27 @@ def dispose_engines() -> None:
 
 @contextlib.contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that will write: BEGIN IMMEDIATE on SQLite, a plain BEGIN elsewhere."""
-    with engine.connect() as conn:
+    """A transaction that will write: BEGIN IMMEDIATE on SQLite, a plain BEGIN elsewhere. On
+    SQLite this process's writers take their turn first (:mod:`nanobot.writer_queue`)."""
+    queue = _writer_queue(engine)
+    turn = queue.turn(SQLITE_BUSY_TIMEOUT_MS / 1000) if queue else contextlib.nullcontext()
+    with turn, engine.connect() as conn:
         conn = conn.execution_options(nanobot_write=True)
         with conn.begin():
             yield conn
+
+
+def _writer_queue(engine: Engine) -> WriterQueue | None:
+    """The queue of this process's writers of ``engine``'s SQLite file (None elsewhere): one
+    per file, whatever the engines on it."""
+    if engine.dialect.name != "sqlite":
+        return None
+    key = str(engine.url.database)
+    with _engines_lock:
+        queue = _writer_queues.get(key)
+        if queue is None:
+            queue = _writer_queues[key] = WriterQueue()
+        return queue
 
 
 @contextlib.contextmanager

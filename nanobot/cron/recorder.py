@@ -40,6 +40,8 @@ FLUSH_WINDOW_S: Final = 0.02
 # the second): at 200 runs a second, 0.25 s instead of 0.1 s makes 4 writes a second instead of
 # 9, about 4 % of the CPU per run; an outcome reaches task_runs at most this much later.
 FLUSH_BUSY_WINDOW_S: Final = 0.25
+# Outcomes written per transaction (see Recorder.write_outcomes).
+WRITE_CHUNK: Final = 2000
 # How long health updates and task.finished events wait for a burst's launches, at most.
 LAUNCH_DEFER_MAX_S: Final = 1.0
 # Health updates and task.finished events of finished runs handled per loop iteration, at most;
@@ -231,19 +233,30 @@ class Recorder:
         """Write a batch of outcomes with the retries that follow failed attempts, then trim
         the history of the tasks that are due for it, so that no task's history outgrows its
         limit between two cleanups (worker thread; passes count the rows they insert). The
-        batch as written (each failed attempt's retry planned), and the fenced finishes."""
+        batch as written (each failed attempt's retry planned), and the fenced finishes.
+
+        Written :data:`WRITE_CHUNK` outcomes per transaction, each chunk taken out of ``batch``
+        once committed: a burst's 20,000 outcomes in one transaction held SQLite's write lock
+        for seconds (the lease renewal waits behind it), and a chunk that fails leaves in
+        ``batch`` only what is still to write."""
         ctx = self._ctx
-        batch = self.plan_retries(batch)
-        mirrors = {f.task: m for f in batch if (m := ctx.next_mirrors.pop(f.task, None))}
-        fenced = history.write_finishes(ctx.engine, batch, next_runs=mirrors)
-        lost = {item.finish.run_id for item in fenced}
-        for f in batch:
-            if f.retry_at is not None and f.run_id not in lost:
-                ctx.retries[f.task] = PendingRetry(
-                    f.task, f.scheduled_at, f.attempt + 1, f.retry_at
-                )
+        planned: list[Finish] = []
+        fenced: list[Fenced] = []
+        while batch:
+            chunk = self.plan_retries(batch[:WRITE_CHUNK])
+            mirrors = {f.task: m for f in chunk if (m := ctx.next_mirrors.pop(f.task, None))}
+            lost = history.write_finishes(ctx.engine, chunk, next_runs=mirrors)
+            del batch[: len(chunk)]
+            lost_ids = {item.finish.run_id for item in lost}
+            for f in chunk:
+                if f.retry_at is not None and f.run_id not in lost_ids:
+                    ctx.retries[f.task] = PendingRetry(
+                        f.task, f.scheduled_at, f.attempt + 1, f.retry_at
+                    )
+            planned.extend(chunk)
+            fenced.extend(lost)
         ctx.trimmer.trim(ctx.engine)
-        return batch, fenced
+        return planned, fenced
 
     def plan_retries(self, batch: list[Finish]) -> list[Finish]:
         """Each failed attempt of a task with retries either gets its retry (not final: its
