@@ -61,17 +61,13 @@ log = structlog.get_logger(__name__)
 MAX_LEAD: Final = 5.0
 # A slot claimed at most this far ahead of its instant is dispatched at its claim; one claimed
 # further ahead (a burst) is marked dispatched before its instant by the launcher (MARK_AHEAD
-# at least, longer for a large burst: launcher._mark_ahead). It sets how often passes come at a
-# steady load (below), and so what a pass's own cost adds to each run: with 200 tasks spread
-# over the second, a pass cost about 3 ms of CPU besides its slots' (a few transactions, a fence
-# check, the next wakeup); at 0.1 s that was an eighth of the service's CPU per run. The price
-# is the window in which a crash (kill -9) records a slot that never started ``interrupted``
-# instead of catching it up: at most this long before its instant.
-DISPATCH_AHEAD: Final = 4 * SCHEDULE_LEAD
+# at least, longer for a large burst: launcher._mark_ahead).
+DISPATCH_AHEAD: Final = 2 * SCHEDULE_LEAD
 # How long before the next slot it claims a pass wakes at least: its duration at a steady load
 # (a few milliseconds), with a margin. Each pass claims up to DISPATCH_AHEAD ahead, so with
 # hundreds of tasks spread over the second a pass comes every DISPATCH_AHEAD - PASS_MARGIN
-# seconds: between 5 and 6 a second, not the 20 of a lead of SCHEDULE_LEAD.
+# seconds: 12 a second, not the 20 of a lead of SCHEDULE_LEAD (each pass has a cost of its own:
+# three statements and a fence check).
 PASS_MARGIN: Final = 0.02
 # A pass's cost per due slot is learnt from passes with at least this many (first guess below).
 COST_SAMPLE_MIN: Final = 50

@@ -36,10 +36,9 @@ FLUSH_RETRY_S: Final = 1.0
 FLUSH_WINDOW_S: Final = 0.02
 # After a write, outcomes that come within this long are written with the next batch (see
 # Recorder._busy_window): a few transactions a second for hundreds of runs, not one per run.
-# A write costs about 1.7 ms of CPU besides its rows' (fitted over 50 to 400 tasks spread over
-# the second): at 200 runs a second, 0.25 s instead of 0.1 s makes 4 writes a second instead of
-# 9, about 4 % of the CPU per run; an outcome reaches task_runs at most this much later.
-FLUSH_BUSY_WINDOW_S: Final = 0.25
+# (0.25 s saved about 4 % of the CPU per run at 200 runs a second, but a task that pauses after
+# failures with slots 0.3 s apart then ran once more before its pause applied.)
+FLUSH_BUSY_WINDOW_S: Final = 0.1
 # Outcomes written per transaction (see Recorder.write_outcomes).
 WRITE_CHUNK: Final = 2000
 # How long health updates and task.finished events wait for a burst's launches, at most.
