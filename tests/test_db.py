@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError, StatementError
 
 from nanobot.db import (
     SQLITE_BUSY_TIMEOUT_MS,
+    checkpoint,
     create_db_engine,
     get_engine,
     read_transaction,
@@ -155,6 +156,39 @@ def test_many_concurrent_write_transactions_lose_no_update(sqlite_engine: Engine
         assert not thread.is_alive()
     assert errors == []
     assert _counter(sqlite_engine) == 8
+
+
+def test_a_checkpoint_gives_up_on_an_old_reader_instead_of_holding_up_writers(
+    sqlite_engine: Engine,
+) -> None:
+    """A TRUNCATE checkpoint holds the write lock while it waits for readers of an older
+    snapshot. It waits briefly, checkpoints what it can and returns while the reader still
+    reads; a write then commits. Once the reader is gone the next one truncates the log. (It
+    used to wait the whole busy timeout, 10 s, and every writer with it: under a burst's reads
+    the leader's lease renewal timed out and the leader stepped down.)"""
+    path = str(sqlite_engine.url.database)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT n FROM counter").fetchall() == [(0,)]  # its snapshot
+        with write_transaction(sqlite_engine) as conn:
+            _read_then_write(conn)  # a frame the reader's snapshot does not have
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (checkpoint(sqlite_engine), done.set()))
+        thread.start()
+        assert done.wait(SQLITE_BUSY_TIMEOUT_MS / 2000), "the checkpoint waited for the reader"
+        errors: list[BaseException] = []
+        writer = _increment_in_thread(sqlite_engine, errors)
+        writer.join(JOIN_S)
+        assert not writer.is_alive()
+        assert errors == []
+        assert reader.execute("SELECT n FROM counter").fetchall() == [(0,)]  # still reading
+    finally:
+        reader.rollback()
+        reader.close()
+    assert _counter(sqlite_engine) == 2
+    checkpoint(sqlite_engine)
+    assert Path(path + "-wal").stat().st_size == 0
 
 
 def test_write_transaction_rolls_back_on_error(engine: Engine) -> None:
