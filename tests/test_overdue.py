@@ -18,6 +18,7 @@ from nanobot.bus import MessageBus
 from nanobot.config import get_config
 from nanobot.cron import control
 from nanobot.cron.overdue import (
+    CHECK_PACE,
     LOG_EACH_MAX,
     OVERDUE,
     OVERDUE_CLEARED,
@@ -248,6 +249,16 @@ async def test_watch_keeps_going_when_the_database_fails(engine: Engine) -> None
             pytest.fail(f"the failed read was not tried again within 5 s: {failures()}")
         await asyncio.wait_for(watch.stop(), 5)
     assert "tasks" in failures()[0]["error"]
+
+
+def test_a_slow_check_waits_longer_before_the_next(engine: Engine) -> None:
+    """Checks come every period while they are quick; one that took long is followed by a
+    pause of CHECK_PACE times its duration, so the watch takes a bounded share of the process
+    while a burst of thousands is late."""
+    watch = OverdueWatch(engine, MessageBus(), get_config(), node="n1", period=1.0)
+    assert watch.next_check_in(0.01) == 1.0
+    assert watch.next_check_in(2.0) == pytest.approx(2.0 * CHECK_PACE)
+    assert 2.0 / (2.0 + watch.next_check_in(2.0)) <= 0.1
 
 
 def test_status_is_degraded_by_an_overdue_task() -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -52,6 +53,11 @@ DEFAULT_GRACE_MIN: Final = 5.0
 # many, the rest in one line with their count: a frozen leader with 20,000 tasks is one fact,
 # not 20,000 warnings. Every one is still published on the bus.
 LOG_EACH_MAX: Final = 20
+# A check waits at least this many times its own duration before the next: with 20,000 tasks
+# in a late burst each check read 20,000 rows, took a second of a loaded machine and ran every
+# second, competing with the burst it was watching. The watch takes a tenth of the time at most;
+# a grace is five seconds or more, so a slower check still tells within a few of them.
+CHECK_PACE: Final = 9.0
 
 
 class OverdueKind(enum.StrEnum):
@@ -169,7 +175,8 @@ def overdue_from_config(
 
 class OverdueWatch:
     """Publishes ``task.overdue`` and ``task.overdue_cleared`` as tasks become and stop being
-    overdue, checking every ``period`` seconds (event loop; reads in a thread)."""
+    overdue, checking every ``period`` seconds, or less often while a check takes long
+    (:data:`CHECK_PACE`) (event loop; reads in a thread)."""
 
     def __init__(
         self,
@@ -200,14 +207,19 @@ class OverdueWatch:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def next_check_in(self, took: float) -> float:
+        """Seconds from the end of a check that took ``took`` seconds to the next check."""
+        return max(self._period, CHECK_PACE * took)
+
     async def _loop(self) -> None:
         while True:
+            began = time.monotonic()
             try:
                 await self.check()
             except Exception as exc:
                 # The database may be unreachable: other checks say so; try again later.
                 log.warning("cron.overdue_check_failed", error=error_text(exc))
-            await asyncio.sleep(self._period)
+            await asyncio.sleep(self.next_check_in(time.monotonic() - began))
 
     def _read(self) -> list[Overdue]:
         with read_transaction(self._engine) as conn:
