@@ -221,6 +221,26 @@ async def test_unregistering_removes_the_component_and_keeps_its_history(
     assert change_rows(engine, "gone")[-1].reason == "unregistered"
 
 
+async def test_unregistering_many_components_writes_each_and_logs_one_line(
+    monitor: HeartbeatMonitor, engine: Engine
+) -> None:
+    """A leader that steps down forgets a component per task: each one goes as if unregistered
+    alone (row gone, change recorded), and the log has one line for all of them."""
+    names = [f"task:t{i:03d}" for i in range(30)]
+    for name in names:
+        monitor.register_component(name)
+    monitor.register_component("kept")
+    await monitor.run_cycle()
+    with structlog.testing.capture_logs() as logs:
+        assert monitor.unregister_components([*names, "never-registered"]) == 30
+    await monitor.run_cycle()
+    rows = component_rows(engine)
+    assert [n for n in names if n in rows] == []
+    assert "kept" in rows
+    assert {change_rows(engine, n)[-1].reason for n in names} == {"unregistered"}
+    assert [(e["event"], e["count"]) for e in logs] == [("heartbeat.components_unregistered", 30)]
+
+
 async def test_a_cycle_over_more_components_than_a_slice_writes_each_one(
     monitor: HeartbeatMonitor, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -449,8 +449,16 @@ class Recorder:
             log.exception("cron.health_update_failed", task=name)
 
     def forget_task_components(self) -> None:
-        for component in sorted(self._health_registered):
-            self.forget_health(component[len(TASK_PREFIX) :])
+        """Unregister every task component this process registered (a leader that steps
+        down), in one call and one log line."""
+        components = sorted(self._health_registered)
+        names = {component[len(TASK_PREFIX) :] for component in components}
+        self._health_pending = [h for h in self._health_pending if h.name not in names]
+        self._health_registered.difference_update(components)
+        try:
+            self._ctx.monitor.unregister_components(components)
+        except Exception:
+            log.exception("cron.health_update_failed", tasks=len(components))
 
 
 def _announce_retries(planned: list[Finish]) -> None:

@@ -35,6 +35,7 @@ import contextlib
 import inspect
 import math
 import threading
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Final
 
@@ -58,6 +59,8 @@ log = structlog.get_logger(__name__)
 
 # A check never gets more than this share of the interval, so one cycle cannot run into the next.
 CHECK_TIMEOUT_SHARE: Final = 0.8
+# The components named in the one line of unregister_components.
+UNREGISTERED_NAMED: Final = 5
 # The component that stands for this process's event loop (see nanobot.heartbeat.checks).
 EVENT_LOOP_COMPONENT: Final = "event_loop"
 # A lag of the event loop this long (seconds) in a cycle puts ``event_loop`` in error: timers,
@@ -211,6 +214,29 @@ class HeartbeatMonitor:
             self._outbox.delete(component_name)
             self._record(component.unregister(comp, now))
         log.info("heartbeat.component_unregistered", component=component_name, node=self.node)
+
+    def unregister_components(self, names: Iterable[str]) -> int:
+        """Forget many components at once, as :meth:`unregister_component` each; how many were
+        known. One log line says how many went: a leader with 20,000 tasks that stepped down
+        wrote two lines per task component (40,000) when they were unregistered one by one."""
+        now = self._now()
+        gone: list[str] = []
+        with self._lock:
+            for name in names:
+                comp = self._components.pop(name, None)
+                if comp is None:
+                    continue
+                self._outbox.delete(name)
+                self._outbox.add(component.unregister(comp, now))
+                gone.append(name)
+        if gone:
+            log.info(
+                "heartbeat.components_unregistered",
+                count=len(gone),
+                first=gone[:UNREGISTERED_NAMED],
+                node=self.node,
+            )
+        return len(gone)
 
     def update_component_heartbeat(self, component_name: str) -> None:
         """Record a sign of life of a registered component (a success, for the thresholds)."""
