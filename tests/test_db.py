@@ -174,8 +174,12 @@ def test_a_checkpoint_gives_up_on_an_old_reader_instead_of_holding_up_writers(
         with write_transaction(sqlite_engine) as conn:
             _read_then_write(conn)  # a frame the reader's snapshot does not have
         done = threading.Event()
-        thread = threading.Thread(target=lambda: (checkpoint(sqlite_engine), done.set()))
-        thread.start()
+
+        def run() -> None:
+            checkpoint(sqlite_engine)
+            done.set()
+
+        threading.Thread(target=run, daemon=True).start()
         assert done.wait(SQLITE_BUSY_TIMEOUT_MS / 2000), "the checkpoint waited for the reader"
         errors: list[BaseException] = []
         writer = _increment_in_thread(sqlite_engine, errors)
