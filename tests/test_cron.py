@@ -392,6 +392,41 @@ def test_slot_claimed_twice_is_claimed_once(engine: Engine) -> None:
     assert second == {}
 
 
+def test_a_batch_of_claims_stores_each_and_returns_only_the_new_ones(engine: Engine) -> None:
+    """A pass's claims in one call (on PostgreSQL one INSERT of arrays): every new slot is
+    stored with its values and its id returned; a slot claimed before is left out."""
+    slot = datetime(2026, 1, 1, 9, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        before = history.claim_slots(conn, [history.Claim("t1", slot)], node="a")
+    claims = [
+        history.Claim("t1", slot),  # claimed before
+        history.Claim("t2", slot),
+        history.Claim("t3", slot + timedelta(seconds=5), dispatched=False),
+        history.Claim("t4", slot, manual=True, started_at=slot + timedelta(seconds=1)),
+        history.Claim("t2", slot, attempt=2),
+    ]
+    with write_transaction(engine) as conn:
+        ids = history.claim_slots(conn, claims, node="b")
+    assert sorted(ids) == [
+        ("t2", slot),
+        ("t3", slot + timedelta(seconds=5)),
+        ("t4", slot),
+    ]  # the retry of t2 has the same key as its first attempt: one id per (task, slot) here
+    with engine.connect() as conn:
+        rows = conn.execute(select(TaskRun.__table__).order_by(TaskRun.id)).all()
+    stored = {
+        (r.task_name, r.attempt): (r.node, r.outcome, r.started_at, r.manual, r.id) for r in rows
+    }
+    assert stored[("t1", 1)][0] == "a"
+    assert stored[("t1", 1)][4] == before[("t1", slot)]
+    assert stored[("t2", 1)][:4] == ("b", "running", slot, False)
+    assert stored[("t2", 2)][:2] == ("b", "running")
+    assert stored[("t3", 1)][:4] == ("b", "running", None, False)
+    assert stored[("t4", 1)][:4] == ("b", "running", slot + timedelta(seconds=1), True)
+    assert ids[("t3", slot + timedelta(seconds=5))] == stored[("t3", 1)][4]
+    assert all(r.scheduled_at.tzinfo is not None for r in rows)
+
+
 async def test_two_schedulers_run_each_slot_once(db_url: str, tmp_path: Path) -> None:
     """Two managers on one database (two engines, as two processes) never run a slot twice."""
     e1, e2 = create_db_engine(db_url), create_db_engine(db_url)

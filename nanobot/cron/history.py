@@ -34,11 +34,13 @@ from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Engine,
     Row,
     ScalarSelect,
     SQLColumnExpression,
+    String,
     Table,
     and_,
     bindparam,
@@ -46,6 +48,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -58,6 +61,7 @@ from nanobot.models import (
     TaskOutcome,
     TaskRun,
     TaskStateRecord,
+    UTCDateTime,
     bound_error,
     utcnow,
 )
@@ -175,6 +179,55 @@ def _claim_stmt(conn: Connection) -> Any:
     return stmt
 
 
+# On PostgreSQL a pass's claims go as one INSERT from unnest()ed arrays, one parameter per
+# column: 20,000 claims took 2.6 s (2.1 s of this process's CPU) as SQLAlchemy's multi-row
+# INSERTs of 1,000 rows each, 0.95 s (0.53 s) so. The arrays' timestamps are bound as UTC.
+_CLAIM_COLUMNS: Final = {
+    "task_name": "varchar",
+    "scheduled_at": "timestamptz",
+    "outcome": "varchar",
+    "started_at": "timestamptz",
+    "slots": "integer",
+    "manual": "boolean",
+    "node": "varchar",
+    "attempt": "integer",
+}
+_PG_CLAIM: Final = (
+    text(
+        f"INSERT INTO {TaskRun.__tablename__} ({', '.join(_CLAIM_COLUMNS)}) SELECT * FROM unnest("
+        + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _CLAIM_COLUMNS.items())
+        + f") ON CONFLICT ({', '.join(CLAIM_KEY)}) DO NOTHING "
+        "RETURNING id, task_name, scheduled_at"
+    )
+    .bindparams(
+        bindparam("scheduled_at", type_=postgresql.ARRAY(UTCDateTime())),
+        bindparam("started_at", type_=postgresql.ARRAY(UTCDateTime())),
+    )
+    .columns(id=BigInteger(), task_name=String(), scheduled_at=UTCDateTime())
+)
+
+
+def _claim_pg(conn: Connection, claims: Sequence[Claim], node: str) -> list[Row[Any]]:
+    running = TaskOutcome.RUNNING.value
+    return list(
+        conn.execute(
+            _PG_CLAIM,
+            {
+                "task_name": [c.task for c in claims],
+                "scheduled_at": [c.scheduled_at for c in claims],
+                "outcome": [running] * len(claims),
+                "started_at": [
+                    (c.started_at or c.scheduled_at) if c.dispatched else None for c in claims
+                ],
+                "slots": [1] * len(claims),
+                "manual": [c.manual for c in claims],
+                "node": [node] * len(claims),
+                "attempt": [c.attempt for c in claims],
+            },
+        )
+    )
+
+
 def claim_slots(
     conn: Connection, claims: Sequence[Claim], *, node: str
 ) -> dict[tuple[str, datetime], int]:
@@ -184,6 +237,10 @@ def claim_slots(
     """
     if not claims:
         return {}
+    if conn.dialect.name == "postgresql":
+        return {
+            (row.task_name, row.scheduled_at): int(row.id) for row in _claim_pg(conn, claims, node)
+        }
     # An executemany with RETURNING: SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues")
     # with one cached compilation, whatever the number of claims.
     stmt = _claim_stmt(conn)
