@@ -192,11 +192,20 @@ _CLAIM_COLUMNS: Final = {
     "node": "varchar",
     "attempt": "integer",
 }
+
+
+def _unnest(columns: dict[str, str]) -> str:
+    """``unnest(...)`` of one array parameter per column (PostgreSQL), named as the column."""
+    return (
+        "unnest(" + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items()) + ")"
+    )
+
+
 _PG_CLAIM: Final = (
     text(
-        f"INSERT INTO {TaskRun.__tablename__} ({', '.join(_CLAIM_COLUMNS)}) SELECT * FROM unnest("
-        + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _CLAIM_COLUMNS.items())
-        + f") ON CONFLICT ({', '.join(CLAIM_KEY)}) DO NOTHING "
+        f"INSERT INTO {TaskRun.__tablename__} ({', '.join(_CLAIM_COLUMNS)}) "
+        f"SELECT * FROM {_unnest(_CLAIM_COLUMNS)} "
+        f"ON CONFLICT ({', '.join(CLAIM_KEY)}) DO NOTHING "
         "RETURNING id, task_name, scheduled_at"
     )
     .bindparams(
@@ -377,6 +386,62 @@ _MIRROR_LAST_NEXT: Final = (
 )
 
 
+# The same as _FINISH_RUN on PostgreSQL, for a whole batch in one UPDATE from unnest()ed
+# arrays (SQLAlchemy's executemany runs one UPDATE per row there).
+_FINISH_COLUMNS: Final = {
+    "id": "bigint",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "duration_s": "double precision",
+    "outcome": "varchar",
+    "error": "text",
+}
+_PG_FINISH_RUNS: Final = text(
+    f"UPDATE {TaskRun.__tablename__} AS r SET "
+    + ", ".join(f"{name} = v.{name}" for name in list(_FINISH_COLUMNS)[1:])
+    + f" FROM {_unnest(_FINISH_COLUMNS)} AS v({', '.join(_FINISH_COLUMNS)}) "
+    f"WHERE r.id = v.id AND r.outcome = '{TaskOutcome.RUNNING.value}'"
+).bindparams(
+    bindparam("started_at", type_=postgresql.ARRAY(UTCDateTime())),
+    bindparam("finished_at", type_=postgresql.ARRAY(UTCDateTime())),
+)
+
+
+def _finish_runs(conn: Connection, ran: Sequence[Finish]) -> None:
+    """Write the outcomes of ``ran`` over their claims' ``running`` rows."""
+    durations = [
+        (f.finished_at - f.started_at).total_seconds() if f.started_at is not None else None
+        for f in ran
+    ]
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            _PG_FINISH_RUNS,
+            {
+                "id": [f.run_id for f in ran],
+                "started_at": [f.started_at for f in ran],
+                "finished_at": [f.finished_at for f in ran],
+                "duration_s": durations,
+                "outcome": [f.outcome.value for f in ran],
+                "error": [bound_error(f.error) for f in ran],
+            },
+        )
+        return
+    conn.execute(
+        _FINISH_RUN,
+        [
+            {
+                "b_id": f.run_id,
+                "b_started": f.started_at,
+                "b_finished": f.finished_at,
+                "b_duration": duration,
+                "b_outcome": f.outcome.value,
+                "b_error": bound_error(f.error),
+            }
+            for f, duration in zip(ran, durations, strict=True)
+        ],
+    )
+
+
 def mirror_outcomes(
     conn: Connection,
     finishes: Sequence[Finish],
@@ -434,24 +499,7 @@ def write_finishes(
             if f.run_id is not None and f.run_id in settled
         ]
         if ran:
-            conn.execute(
-                _FINISH_RUN,
-                [
-                    {
-                        "b_id": f.run_id,
-                        "b_started": f.started_at,
-                        "b_finished": f.finished_at,
-                        "b_duration": (
-                            (f.finished_at - f.started_at).total_seconds()
-                            if f.started_at is not None
-                            else None
-                        ),
-                        "b_outcome": f.outcome.value,
-                        "b_error": bound_error(f.error),
-                    }
-                    for f in ran
-                ],
-            )
+            _finish_runs(conn, ran)
         record_unrun(conn, unrun)
         mirror_outcomes(conn, ran, next_runs)
         store_retries(conn, [f for f in ran if f.retry_at is not None])
