@@ -73,6 +73,62 @@ def test_a_next_run_mirror_at_an_old_version_writes_nothing(engine: Engine) -> N
     assert after.next_run_at is None
 
 
+def test_a_batch_with_several_outcomes_of_a_task_mirrors_them_in_order(engine: Engine) -> None:
+    """One batch of outcomes (on PostgreSQL one statement per round of distinct tasks) leaves
+    each task's mirror as its outcomes one after another would: failures count up, a success
+    resets them, a failed attempt that a retry follows does not count; the next run is written
+    at the version applied only."""
+    added = {name: _add(engine, name) for name in ("a", "b", "c")}
+    versions = {name: info.version for name, info in added.items()}
+    plan = {
+        "a": [TaskOutcome.ERROR, TaskOutcome.ERROR, TaskOutcome.ERROR],
+        "b": [TaskOutcome.ERROR, TaskOutcome.SUCCESS, TaskOutcome.ERROR],
+        "c": [TaskOutcome.ERROR, TaskOutcome.ERROR, TaskOutcome.SUCCESS],
+    }
+    slots = [SLOT + timedelta(minutes=i) for i in range(3)]
+    claims = [history.Claim(name, slot) for slot in slots for name in plan]
+    with write_transaction(engine) as conn:
+        ids = history.claim_slots(conn, claims, node="n")
+    finishes = [
+        Finish(
+            task=name,
+            run_id=ids[(name, slot)],
+            scheduled_at=slot,
+            outcome=plan[name][i],
+            started_at=slot,
+            finished_at=slot + timedelta(seconds=1),
+            # c's second failure is an attempt that a retry follows: it does not count.
+            final=not (name == "c" and i == 1),
+        )
+        for i, slot in enumerate(slots)
+        for name in plan
+    ]
+    next_at = SLOT + timedelta(hours=1)
+    history.write_finishes(
+        engine,
+        finishes,
+        next_runs={"a": (next_at, versions["a"]), "b": (next_at, versions["b"] + 1)},
+    )
+    got = {name: control.get_task(engine, name) for name in plan}
+    assert {n: (i.last_outcome, i.consecutive_failures) for n, i in got.items()} == {
+        "a": ("error", 3),
+        "b": ("error", 1),
+        "c": ("success", 0),
+    }
+    assert {n: i.last_run_at for n, i in got.items()} == dict.fromkeys(plan, slots[2])
+    # b's next run was given at a version it is not at, c's not at all: both keep theirs.
+    assert (got["a"].next_run_at, got["b"].next_run_at, got["c"].next_run_at) == (
+        next_at,
+        added["b"].next_run_at,
+        added["c"].next_run_at,
+    )
+    with engine.connect() as conn:
+        outcomes = conn.execute(
+            text("SELECT outcome, count(*) FROM task_runs GROUP BY outcome ORDER BY outcome")
+        ).all()
+    assert [tuple(r) for r in outcomes] == [("error", 7), ("success", 2)]
+
+
 def _wait_until_blocked(engine: Engine, pid: int) -> None:
     """Until the backend ``pid`` waits for a lock (bounded: no event tells it)."""
     deadline = time.monotonic() + WAIT_S

@@ -442,6 +442,58 @@ def _finish_runs(conn: Connection, ran: Sequence[Finish]) -> None:
     )
 
 
+# mirror_outcomes on PostgreSQL: one UPDATE from unnest()ed arrays per round, a round holding
+# at most one outcome per task (the next outcome of a task is in the next round), so that the
+# rows change as by one statement per outcome in order. The next-run mirror is guarded by the
+# task's version as in _MIRROR_LAST_NEXT (version -1: none).
+_MIRROR_COLUMNS: Final = {
+    "name": "varchar",
+    "last": "timestamptz",
+    "outcome": "varchar",
+    "failed": "boolean",
+    "pending": "boolean",
+    "next": "timestamptz",
+    "version": "integer",
+}
+_PG_MIRROR: Final = text(
+    f"UPDATE {TaskStateRecord.__tablename__} AS s SET last_run_at = v.last, "
+    "last_outcome = v.outcome, consecutive_failures = CASE WHEN v.failed THEN "
+    "s.consecutive_failures + 1 WHEN v.pending THEN s.consecutive_failures ELSE 0 END, "
+    "next_run_at = CASE WHEN EXISTS (SELECT t.id FROM "
+    f"{Task.__tablename__} AS t WHERE t.name = v.name AND t.version = v.version FOR SHARE) "
+    "THEN v.next ELSE s.next_run_at END "
+    f"FROM {_unnest(_MIRROR_COLUMNS)} AS v({', '.join(_MIRROR_COLUMNS)}) "
+    "WHERE s.task_name = v.name"
+).bindparams(
+    bindparam("last", type_=postgresql.ARRAY(UTCDateTime())),
+    bindparam("next", type_=postgresql.ARRAY(UTCDateTime())),
+)
+
+
+def _mirror_pg(conn: Connection, params: list[dict[str, Any]]) -> None:
+    rounds: list[list[dict[str, Any]]] = []
+    seen: dict[str, int] = {}
+    for row in params:
+        at = seen.get(row["b_name"], 0)
+        seen[row["b_name"]] = at + 1
+        if at == len(rounds):
+            rounds.append([])
+        rounds[at].append(row)
+    for rows in rounds:
+        conn.execute(
+            _PG_MIRROR,
+            {
+                "name": [r["b_name"] for r in rows],
+                "last": [r["b_last"] for r in rows],
+                "outcome": [r["b_outcome"] for r in rows],
+                "failed": [r["b_failed"] for r in rows],
+                "pending": [r["b_pending"] for r in rows],
+                "next": [r.get("b_next") for r in rows],
+                "version": [r.get("b_version", -1) for r in rows],
+            },
+        )
+
+
 def mirror_outcomes(
     conn: Connection,
     finishes: Sequence[Finish],
@@ -468,7 +520,10 @@ def mirror_outcomes(
         if next_runs:
             row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
         params.append(row)
-    conn.execute(_MIRROR_LAST_NEXT if next_runs else _MIRROR_LAST, params)
+    if conn.dialect.name == "postgresql":
+        _mirror_pg(conn, params)
+    else:
+        conn.execute(_MIRROR_LAST_NEXT if next_runs else _MIRROR_LAST, params)
     for f in mirrored:
         next_runs.pop(f.task, None)
 
