@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import math
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,11 +21,13 @@ from nanobot.bus import MessageBus
 from nanobot.cron import CronManager, CronTask, TaskOutcome, control, definitions, history
 from nanobot.cron.aps_adapter import JobState, NanobotScheduler
 from nanobot.cron.context import CronContext
+from nanobot.cron.manager import PASS_STUCK_S
 from nanobot.db import (
     create_db_engine,
     current_revision,
     get_engine,
     head_revision,
+    upgrade_database,
     write_transaction,
 )
 from nanobot.exceptions import (
@@ -689,6 +692,36 @@ def test_retention_prunes_old_and_excess_runs(engine: Engine) -> None:
     assert removed == 6
     assert [r.outcome for r in left].count("running") == 1
     assert len([r for r in left if r.outcome == "success"]) == 5
+
+
+async def test_a_pass_at_work_is_alive_until_it_is_stuck(tmp_path: Path, bus: MessageBus) -> None:
+    """A pass held up (here: another connection holds SQLite's write lock while a slot is due)
+    keeps the scheduler alive, however old the last finished pass, until it has been at work
+    PASS_STUCK_S; then it is not. (Under a saturated 20,000-task burst /healthz said 503.)"""
+    offset = [timedelta(0)]  # the manager's clock runs ahead of the real one by this
+    path = tmp_path / "alive.db"
+    engine = create_db_engine(f"sqlite:///{path}")
+    upgrade_database(engine)
+    outcomes = Outcomes(bus)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus, clock=lambda: utcnow() + offset[0])
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        manager.register_task("t", Counter(1))
+        await manager.start_task("t")
+        await outcomes.wait(lambda: bool(outcomes.of("t")))
+        assert manager.is_alive()
+        holder.execute("BEGIN IMMEDIATE")  # the next claim waits for this lock
+        offset[0] += timedelta(seconds=30)  # slots are due; the last finished pass is 30 s old
+        async with asyncio.timeout(5):
+            while not manager.is_alive():
+                await asyncio.sleep(POLL)
+        offset[0] += timedelta(seconds=PASS_STUCK_S)
+        assert not manager.is_alive()
+    finally:
+        holder.rollback()
+        holder.close()
+        await manager.shutdown(grace=0)
+        engine.dispose()
 
 
 async def test_unloadable_job_is_kept_and_reported(

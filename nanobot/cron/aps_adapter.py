@@ -37,7 +37,7 @@ Threads. One event loop (the one :meth:`NanobotScheduler.start` runs on) and one
 
 - On the loop: :meth:`~NanobotScheduler.start`, :meth:`~NanobotScheduler.quiesce`,
   :meth:`~NanobotScheduler.run_in_worker`, the pass timer and the task that awaits each pass;
-  ``last_pass_at`` and the lifecycle state are written there, ``passing`` and
+  ``last_pass_at``, ``pass_started_at`` and the lifecycle state are written there, ``passing`` and
   ``pass_within`` read.
 - In the worker thread: the pass (the manager's ``process``, given the scheduler) and everything
   it calls here: :meth:`~NanobotScheduler.due`, :meth:`~NanobotScheduler.advance_due`,
@@ -557,6 +557,8 @@ class NanobotScheduler:
         self._pass_task: asyncio.Task[None] | None = None
         self._again = False
         self.last_pass_at: datetime | None = None
+        # When the pass in progress began (None before the first).
+        self.pass_started_at: datetime | None = None
         self._found: list[_Found] = []
         self._pass_failures = 0
         # Whether this streak of failed passes has logged its traceback (loop).
@@ -662,7 +664,7 @@ class NanobotScheduler:
     async def _pass(self) -> None:
         wait: float | None = self.poll_interval
         try:
-            now = self._clock()
+            now = self.pass_started_at = self._clock()
             wait = await asyncio.get_running_loop().run_in_executor(
                 self._worker, self._process_pass, self, now
             )

@@ -68,6 +68,7 @@ from nanobot.times import Clock
 
 __all__ = [
     "MARK_AHEAD",
+    "PASS_STUCK_S",
     "TASK_PREFIX",
     "CronManager",
     "RunInFlight",
@@ -84,6 +85,11 @@ SHUTDOWN_FLUSH_S: Final = 10.0
 # The slots of the next pass count in the backlog this long before their instant: the pass that
 # claims a burst begins at most MAX_LEAD before it.
 BACKLOG_AHEAD: Final = timedelta(seconds=MAX_LEAD + 1.0)
+# A pass in progress is alive (/healthz) until it has taken this long. On a saturated machine
+# one pass of a 20,000-task burst took more than the 8 s that the last pass may be old, and
+# /healthz said 503 in the middle of the burst: an orchestrator would have restarted the service
+# then. A pass stuck longer (a database that does not answer) is not alive.
+PASS_STUCK_S: Final = 60.0
 
 
 class CronManager:
@@ -387,10 +393,14 @@ class CronManager:
         return await asyncio.to_thread(control.task_history, engine, name, limit)
 
     def is_alive(self) -> bool:
-        """True while the scheduler runs and its last pass is recent."""
+        """True while the scheduler runs and its last pass is recent, or its pass in progress
+        began less than :data:`PASS_STUCK_S` ago."""
         scheduler = self._ctx.scheduler
         if scheduler is None or not scheduler.dispatching or self._ctx.closing:
             return False
+        started = scheduler.pass_started_at
+        if scheduler.passing and started is not None:
+            return (self._ctx.clock() - started).total_seconds() < PASS_STUCK_S
         last = scheduler.last_pass_at
         if last is None:
             return True
