@@ -42,6 +42,7 @@ from sqlalchemy import (
     SQLColumnExpression,
     String,
     Table,
+    TextClause,
     and_,
     bindparam,
     case,
@@ -201,19 +202,25 @@ def _unnest(columns: dict[str, str]) -> str:
     )
 
 
-_PG_CLAIM: Final = (
-    text(
-        f"INSERT INTO {TaskRun.__tablename__} ({', '.join(_CLAIM_COLUMNS)}) "
-        f"SELECT * FROM {_unnest(_CLAIM_COLUMNS)} "
-        f"ON CONFLICT ({', '.join(CLAIM_KEY)}) DO NOTHING "
-        "RETURNING id, task_name, scheduled_at"
+def _unnest_statement(sql: str, columns: dict[str, str]) -> TextClause:
+    """A statement of :func:`_unnest` arrays whose timestamps are bound as aware UTC, as the
+    columns' own type binds them."""
+    return text(sql).bindparams(
+        *(
+            bindparam(name, type_=postgresql.ARRAY(UTCDateTime()))
+            for name, kind in columns.items()
+            if kind == "timestamptz"
+        )
     )
-    .bindparams(
-        bindparam("scheduled_at", type_=postgresql.ARRAY(UTCDateTime())),
-        bindparam("started_at", type_=postgresql.ARRAY(UTCDateTime())),
-    )
-    .columns(id=BigInteger(), task_name=String(), scheduled_at=UTCDateTime())
-)
+
+
+_PG_CLAIM: Final = _unnest_statement(
+    f"INSERT INTO {TaskRun.__tablename__} ({', '.join(_CLAIM_COLUMNS)}) "
+    f"SELECT * FROM {_unnest(_CLAIM_COLUMNS)} "
+    f"ON CONFLICT ({', '.join(CLAIM_KEY)}) DO NOTHING "
+    "RETURNING id, task_name, scheduled_at",
+    _CLAIM_COLUMNS,
+).columns(id=BigInteger(), task_name=String(), scheduled_at=UTCDateTime())
 
 
 def _claim_pg(conn: Connection, claims: Sequence[Claim], node: str) -> list[Row[Any]]:
@@ -396,14 +403,12 @@ _FINISH_COLUMNS: Final = {
     "outcome": "varchar",
     "error": "text",
 }
-_PG_FINISH_RUNS: Final = text(
+_PG_FINISH_RUNS: Final = _unnest_statement(
     f"UPDATE {TaskRun.__tablename__} AS r SET "
     + ", ".join(f"{name} = v.{name}" for name in list(_FINISH_COLUMNS)[1:])
     + f" FROM {_unnest(_FINISH_COLUMNS)} AS v({', '.join(_FINISH_COLUMNS)}) "
-    f"WHERE r.id = v.id AND r.outcome = '{TaskOutcome.RUNNING.value}'"
-).bindparams(
-    bindparam("started_at", type_=postgresql.ARRAY(UTCDateTime())),
-    bindparam("finished_at", type_=postgresql.ARRAY(UTCDateTime())),
+    f"WHERE r.id = v.id AND r.outcome = '{TaskOutcome.RUNNING.value}'",
+    _FINISH_COLUMNS,
 )
 
 
@@ -455,7 +460,7 @@ _MIRROR_COLUMNS: Final = {
     "next": "timestamptz",
     "version": "integer",
 }
-_PG_MIRROR: Final = text(
+_PG_MIRROR: Final = _unnest_statement(
     f"UPDATE {TaskStateRecord.__tablename__} AS s SET last_run_at = v.last, "
     "last_outcome = v.outcome, consecutive_failures = CASE WHEN v.failed THEN "
     "s.consecutive_failures + 1 WHEN v.pending THEN s.consecutive_failures ELSE 0 END, "
@@ -463,10 +468,8 @@ _PG_MIRROR: Final = text(
     f"{Task.__tablename__} AS t WHERE t.name = v.name AND t.version = v.version FOR SHARE) "
     "THEN v.next ELSE s.next_run_at END "
     f"FROM {_unnest(_MIRROR_COLUMNS)} AS v({', '.join(_MIRROR_COLUMNS)}) "
-    "WHERE s.task_name = v.name"
-).bindparams(
-    bindparam("last", type_=postgresql.ARRAY(UTCDateTime())),
-    bindparam("next", type_=postgresql.ARRAY(UTCDateTime())),
+    "WHERE s.task_name = v.name",
+    _MIRROR_COLUMNS,
 )
 
 
@@ -502,8 +505,9 @@ def mirror_outcomes(
     """Mirror written outcomes into their tasks' ``task_state`` rows, with the next runs of
     ``next_runs`` that belong to the same tasks (those are taken out of ``next_runs``).
 
-    One statement run for every outcome, in order, so that consecutive_failures counts across
-    the batch; a skipped slot is not mirrored.
+    The outcomes apply in order, so that consecutive_failures counts across the batch: one
+    statement run per outcome, or on PostgreSQL one per round of distinct tasks
+    (:data:`_PG_MIRROR`); a skipped slot is not mirrored.
     """
     mirrored = [f for f in finishes if f.outcome is not TaskOutcome.SKIPPED]
     if not mirrored:

@@ -208,11 +208,10 @@ class HeartbeatMonitor:
         """
         now = self._now()
         with self._lock:
-            comp = self._components.pop(component_name, None)
-            if comp is None:
+            recorded = self._drop(component_name, now)
+            if recorded is None:
                 return
-            self._outbox.delete(component_name)
-            self._record(component.unregister(comp, now))
+            self._record(recorded)
         log.info("heartbeat.component_unregistered", component=component_name, node=self.node)
 
     def unregister_components(self, names: Iterable[str]) -> int:
@@ -223,12 +222,10 @@ class HeartbeatMonitor:
         gone: list[str] = []
         with self._lock:
             for name in names:
-                comp = self._components.pop(name, None)
-                if comp is None:
-                    continue
-                self._outbox.delete(name)
-                self._outbox.add(component.unregister(comp, now))
-                gone.append(name)
+                recorded = self._drop(name, now)
+                if recorded is not None:
+                    self._outbox.add(recorded)  # written, not logged one by one
+                    gone.append(name)
         if gone:
             log.info(
                 "heartbeat.components_unregistered",
@@ -237,6 +234,15 @@ class HeartbeatMonitor:
                 node=self.node,
             )
         return len(gone)
+
+    def _drop(self, name: str, now: datetime) -> list[Recorded] | None:
+        """Under the lock: forget a component (its pending row write too); what its going
+        records, None if it was not known."""
+        comp = self._components.pop(name, None)
+        if comp is None:
+            return None
+        self._outbox.delete(name)
+        return component.unregister(comp, now)
 
     def update_component_heartbeat(self, component_name: str) -> None:
         """Record a sign of life of a registered component (a success, for the thresholds)."""
