@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from failure_tasks import Breaking, BreaksAfterThree
+from failure_tasks import Breaking, BreaksAfterThree, Quiet
 from sqlalchemy import Engine, select, text, update
 
 from nanobot import config as config_module
 from nanobot.bus import MessageBus
 from nanobot.cli import cli
-from nanobot.cron import CronManager, control
+from nanobot.cron import CronManager, control, recorder
 from nanobot.cron.autopause import pause_failing, reason_text
 from nanobot.cron.taskfile import parse_task_file
 from nanobot.db import (
@@ -108,6 +108,28 @@ async def test_task_pauses_after_its_threshold_of_failed_slots(
     await asyncio.sleep(0.9)
     assert len(finished.items) == count
     assert outcomes(engine, "flaky") == ["error"] * 3
+
+
+async def test_a_failure_ends_the_busy_window_of_outcome_writes(
+    manager: CronManager, bus: MessageBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a write, outcomes wait for the next batch (the busy window), but a failed one
+    ends the window: what follows a failure, its auto-pause here, does not wait for it. The
+    window is made an hour long, so this fails (at the bound of the wait) if it holds."""
+    monkeypatch.setattr(recorder, "FLUSH_BUSY_WINDOW_S", 3600.0)
+    paused = Events(bus, "task.auto_paused")
+    engine = get_engine()
+    # A success is written: its write opens the busy window.
+    manager.register_task("fine", Quiet(3600))
+    await manager.start_task("fine")
+    async with asyncio.timeout(WAIT):
+        while outcomes(engine, "fine") != ["success"]:
+            await asyncio.sleep(0.01)
+    manager.register_task("flaky", Breaking(3600, pause_after_failures=1))
+    await manager.start_task("flaky")
+    await paused.wait_for(1)
+    assert outcomes(engine, "flaky") == ["error"]
+    assert task_row(engine, "flaky").paused is True
 
 
 async def test_class_attribute_threshold_is_stored(manager: CronManager) -> None:

@@ -35,10 +35,11 @@ log = structlog.get_logger(__name__)
 FLUSH_RETRY_S: Final = 1.0
 FLUSH_WINDOW_S: Final = 0.02
 # After a write, outcomes that come within this long are written with the next batch (see
-# Recorder._busy_window): a few transactions a second for hundreds of runs, not one per run.
-# (0.25 s saved about 4 % of the CPU per run at 200 runs a second, but a task that pauses after
-# failures with slots 0.3 s apart then ran once more before its pause applied.)
-FLUSH_BUSY_WINDOW_S: Final = 0.1
+# Recorder._busy_window): four transactions a second for hundreds of runs, not one per run. A
+# failed outcome ends the window at once: what follows a failure (auto-pause, a retry) must not
+# wait for it. (Before failures ended it, the window was 0.1 s: at 0.25 s a task that pauses
+# after failures, with slots 0.3 s apart, ran once more before its pause applied.)
+FLUSH_BUSY_WINDOW_S: Final = 0.25
 # Outcomes written per transaction (see Recorder.write_outcomes).
 WRITE_CHUNK: Final = 2000
 # How long health updates and task.finished events wait for a burst's launches, at most.
@@ -76,6 +77,8 @@ class Recorder:
         self._writing = 0
         # Set while flush() waits: the flusher writes at once, without its busy window.
         self._hurry = asyncio.Event()
+        # Set by flush() and by a failed outcome: the busy window in progress ends.
+        self._cut_window = asyncio.Event()
         # loop: per-run bookkeeping done once per burst, not once per run (see _after_runs):
         # health updates of task components and task.finished events.
         self._health_registered: set[str] = set()
@@ -88,6 +91,8 @@ class Recorder:
     def record(self, finish: Finish) -> None:
         """Write ``finish`` with the next batch, and announce it."""
         self.pending.append(finish)
+        if finish.outcome in FAILED_OUTCOMES:
+            self._cut_window.set()
         if self._flusher is None or self._flusher.done():
             self._start_flusher()
         self.announce(finish)
@@ -100,6 +105,7 @@ class Recorder:
         """Wait until every recorded outcome is written to the database (and its health update
         and ``task.finished`` event are done)."""
         self._hurry.set()
+        self._cut_window.set()
         try:
             while self.pending or (self._flusher is not None and not self._flusher.done()):
                 if self._flusher is None or self._flusher.done():
@@ -165,6 +171,8 @@ class Recorder:
             # interpreter lock in turns with the loop that starts them.
             await self._launches_done()
             batch, self.pending = self.pending, []
+            # A failure among the outcomes that come from now on ends the next busy window.
+            self._cut_window.clear()
             self._writing = len(batch)
             wrote = False
             try:
@@ -207,12 +215,13 @@ class Recorder:
         """After a write, outcomes that come within a longer window are written together: with
         runs ending every few milliseconds (hundreds of tasks spread over the second), writing
         each as it came made a transaction per one or two outcomes. A run after a quiet spell is
-        still written FLUSH_WINDOW_S after it ends; :meth:`flush` cuts the window short."""
+        still written FLUSH_WINDOW_S after it ends; :meth:`flush` and a failed outcome (one
+        that came during the write too) cut the window short."""
         if self._hurry.is_set():
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FLUSH_BUSY_WINDOW_S):
-                await self._hurry.wait()
+                await self._cut_window.wait()
 
     def write_at_exit(self) -> None:
         """At interpreter exit (no event loop any more): write the outcomes still pending."""
