@@ -201,6 +201,32 @@ def test_job_store_keeps_apschedulers_contract(engine: Engine) -> None:
         assert conn.execute(select(apscheduler_job_states.c.id)).all() == []
 
 
+def test_a_job_read_again_is_its_own_copy_and_follows_its_row(engine: Engine) -> None:
+    """A job read again whose stored state is unchanged is a copy of the one read before: a
+    change to one job read is not in the next one read, whose next run time is its row's; a
+    job whose state was rewritten (new arguments) is read with it."""
+    context = SimpleNamespace(timezone=UTC)
+    store = NanobotJobStore(engine)
+    store.start(context, "default")
+    store.add_job(_job(context, "job", T0))
+    first = store.get_due_jobs(T0)[0]
+    first._modify(next_run_time=T0 + timedelta(hours=3), name="changed in memory")
+    second = store.get_due_jobs(T0)[0]
+    assert second is not first
+    assert (second.name, second.next_run_time) == ("job", T0)
+    assert second.args == ("cron_tasks:Counter", {})
+    # A pass moves the job by its column alone: read again, it is due at the new time.
+    with engine.begin() as conn:
+        store.update_jobs(conn, [first])
+    assert store.get_due_jobs(T0) == []
+    assert store.get_due_jobs(T0 + timedelta(hours=3))[0].next_run_time == T0 + timedelta(hours=3)
+    changed = store.lookup_job("job")
+    assert changed is not None
+    changed._modify(args=("cron_tasks:Counter", {"label": "new"}))
+    store.update_job(changed)
+    assert store.get_due_jobs(T0 + timedelta(hours=3))[0].args[1] == {"label": "new"}
+
+
 # --- the scheduler's operations ---------------------------------------------------------------
 
 

@@ -110,6 +110,10 @@ TIMEOUT_MAX: Final = 4294967.0  # asyncio's call_later accepts no more on some p
 
 # The module path that stored rows name (see the module's docstring): not this module's.
 STORED_MODULE: Final = "nanobot.cron._aps"
+# Jobs whose unpickled state the job store keeps, at most (see NanobotJobStore._load_rows).
+LOADED_MAX: Final = 5000
+# What a Job is made of: a job loaded before is handed out as a copy of these.
+_JOB_SLOTS: Final = tuple(name for name in Job.__slots__ if name != "__weakref__")
 
 
 async def run_stored_task(task_class: str, kwargs: dict[str, Any]) -> None:
@@ -273,6 +277,8 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         )
         # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
         self.unloadable: dict[str, str] = {}
+        # Jobs loaded before: id -> (their stored state, the job made of it); see _load_rows.
+        self._loaded: dict[str, tuple[bytes, Job]] = {}
 
     def start(self, scheduler: Any, alias: str) -> None:
         # Only what every job store does (keep the scheduler and alias, for the jobs it loads).
@@ -315,14 +321,30 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
 
     def _load_rows(self, rows: Sequence[Row[Any]]) -> list[Job]:
         """The jobs of ``rows`` (id, state, next run time); those that cannot be loaded are
-        noted in :attr:`unloadable` and left out."""
+        noted in :attr:`unloadable` and left out.
+
+        A pass reads the jobs due within its lead many times a second, and unpickling a job
+        (its trigger, its arguments, the function it names) was most of reading it: a job whose
+        stored state is the same bytes as when it was last loaded is a copy of the job made
+        then (its attributes, not its arguments: no caller changes those in place), with the
+        next run time of its row. At most :data:`LOADED_MAX` are kept, the oldest dropped."""
         jobs: list[Job] = []
+        loaded = self._loaded
         for row in rows:
             try:
-                if row.job_state is None:
+                state = row.job_state
+                if state is None:
                     raise LookupError("its state is missing")
-                job = _with_column_time(self._reconstitute_job(row.job_state), row.next_run_time)
-                jobs.append(job)
+                known = loaded.get(row.id)
+                if known is not None and known[0] == state:
+                    job = _copy_job(known[1])
+                else:
+                    job = self._reconstitute_job(state)
+                    loaded.pop(row.id, None)
+                    if len(loaded) >= LOADED_MAX:
+                        del loaded[next(iter(loaded))]
+                    loaded[row.id] = (state, _copy_job(job))
+                jobs.append(_with_column_time(job, row.next_run_time))
             except Exception as exc:
                 reason = f"stored job cannot be loaded: {exc.__class__.__name__}: {exc}"
                 if self.unloadable.get(row.id) != reason:
@@ -360,6 +382,7 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             connection.execute(self.states_t.insert().values(id=job.id, job_state=state))
 
     def remove_job(self, job_id: str) -> None:
+        self._loaded.pop(job_id, None)
         with self.engine.begin() as connection:
             connection.execute(self.states_t.delete().where(self.states_t.c.id == job_id))
             result = connection.execute(self.jobs_t.delete().where(self.jobs_t.c.id == job_id))
@@ -367,6 +390,7 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                 raise JobLookupError(job_id)
 
     def remove_all_jobs(self) -> None:
+        self._loaded.clear()
         with self.engine.begin() as connection:
             connection.execute(self.states_t.delete())
             connection.execute(self.jobs_t.delete())
@@ -470,6 +494,14 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         ]
         if params:
             conn.execute(self._move_stmt, params)
+
+
+def _copy_job(job: Job) -> Job:
+    """A new ``Job`` with the same attributes (a change of one's attribute is not the other's)."""
+    copy = Job.__new__(Job)
+    for name in _JOB_SLOTS:
+        object.__setattr__(copy, name, getattr(job, name))
+    return copy
 
 
 def _with_column_time(job: Job, stamp: float | None) -> Job:
