@@ -210,7 +210,8 @@ def test_a_job_read_again_is_its_own_copy_and_follows_its_row(engine: Engine) ->
     store.start(context, "default")
     store.add_job(_job(context, "job", T0))
     first = store.get_due_jobs(T0)[0]
-    first._modify(next_run_time=T0 + timedelta(hours=3), name="changed in memory")
+    first.next_run_time = T0 + timedelta(hours=3)
+    first.name = "changed in memory"
     second = store.get_due_jobs(T0)[0]
     assert second is not first
     assert (second.name, second.next_run_time) == ("job", T0)
@@ -222,7 +223,7 @@ def test_a_job_read_again_is_its_own_copy_and_follows_its_row(engine: Engine) ->
     assert store.get_due_jobs(T0 + timedelta(hours=3))[0].next_run_time == T0 + timedelta(hours=3)
     changed = store.lookup_job("job")
     assert changed is not None
-    changed._modify(args=("cron_tasks:Counter", {"label": "new"}))
+    changed.args = ("cron_tasks:Counter", {"label": "new"})
     store.update_job(changed)
     assert store.get_due_jobs(T0 + timedelta(hours=3))[0].args[1] == {"label": "new"}
 
