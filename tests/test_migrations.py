@@ -24,6 +24,7 @@ from nanobot.db import (
     current_revision,
     downgrade_database,
     head_revision,
+    migrations_dir,
     upgrade_database,
 )
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
@@ -74,6 +75,19 @@ def test_single_head() -> None:
     heads = _script().get_heads()
     assert len(heads) == 1, f"several heads, merge them: {heads}"
     assert head_revision() == heads[0]
+
+
+def test_each_script_is_named_after_its_revision() -> None:
+    """Every script's name carries its revision (``<date>_<revision>_<what>.py``) and the
+    revisions sort in the order of the line: what head_revision reads without Alembic."""
+    ordered = [r.revision for r in reversed(list(_script().walk_revisions()))]
+    named = {
+        path.name.split("_")[1]: path.name
+        for path in (migrations_dir() / "versions").glob("[0-9]*_*_*.py")
+    }
+    assert sorted(named) == ordered
+    for revision in _script().walk_revisions():
+        assert Path(revision.path).name == named[revision.revision]
 
 
 def test_stairway(empty_engine: Engine) -> None:
