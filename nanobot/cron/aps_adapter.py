@@ -309,7 +309,7 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             rows = connection.execute(
                 self._due_stmt, {"b_due": datetime_to_utc_timestamp(now)}
             ).all()
-        return self._load_rows(rows)
+        return self._load_rows(rows, remember=True)
 
     def _get_jobs(self, *conditions: Any) -> list[Job]:
         selectable = self._select().order_by(self.jobs_t.c.next_run_time)
@@ -319,7 +319,7 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             rows = connection.execute(selectable).all()
         return self._load_rows(rows)
 
-    def _load_rows(self, rows: Sequence[Row[Any]]) -> list[Job]:
+    def _load_rows(self, rows: Sequence[Row[Any]], *, remember: bool = False) -> list[Job]:
         """The jobs of ``rows`` (id, state, next run time); those that cannot be loaded are
         noted in :attr:`unloadable` and left out.
 
@@ -327,7 +327,9 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         (its trigger, its arguments, the function it names) was most of reading it: a job whose
         stored state is the same bytes as when it was last loaded is a copy of the job made
         then (its attributes, not its arguments: no caller changes those in place), with the
-        next run time of its row. At most :data:`LOADED_MAX` are kept, the oldest dropped."""
+        next run time of its row. Only the due jobs' reads (``remember``) keep what they made,
+        at most :data:`LOADED_MAX`, the oldest dropped: a read of every job (a start, a
+        reconciliation) would only churn through them."""
         jobs: list[Job] = []
         loaded = self._loaded
         for row in rows:
@@ -340,10 +342,11 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                     job = _copy_job(known[1])
                 else:
                     job = self._reconstitute_job(state)
-                    loaded.pop(row.id, None)
-                    if len(loaded) >= LOADED_MAX:
-                        del loaded[next(iter(loaded))]
-                    loaded[row.id] = (state, _copy_job(job))
+                    if remember:
+                        loaded.pop(row.id, None)
+                        if len(loaded) >= LOADED_MAX:
+                            del loaded[next(iter(loaded))]
+                        loaded[row.id] = (state, _copy_job(job))
                 jobs.append(_with_column_time(job, row.next_run_time))
             except Exception as exc:
                 reason = f"stored job cannot be loaded: {exc.__class__.__name__}: {exc}"
