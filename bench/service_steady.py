@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from bench.common import (
     Result,
@@ -109,6 +109,25 @@ def _backend_pids(app: str) -> list[int]:
     return [int(p) for p in pids]
 
 
+def store_stamping_tasks(engine: Engine, count: int, spread: float, stamp: Path) -> float:
+    """Store ``count`` tasks at 1 s that stamp ``stamp``, task ``i``'s first slot at ``anchor0
+    + spread * i / count``, ``anchor0`` three seconds from now (returned)."""
+    anchor0 = float(int(time.time()) + 3)
+    insert_stored_tasks(
+        engine,
+        [f"t{i:06d}" for i in range(count)],
+        task_class="bench.tasks:StampFile",
+        interval=INTERVAL,
+        kwargs_of=lambda i: {
+            "interval": INTERVAL,
+            "path": str(stamp),
+            "anchor": anchor0 + spread * i / count,
+        },
+        anchor_of=lambda i: epoch_to_dt(anchor0 + spread * i / count),
+    )
+    return anchor0
+
+
 def nanobot_steady(
     home: Path, count: int, spread: float, warmup: float, window: float, database: str
 ) -> dict[str, Any]:
@@ -127,19 +146,7 @@ def nanobot_steady(
             # slow start on a loaded machine cannot make their first slots pass unrun.
             service.start()
             service.wait_status("/healthz", 200)
-            anchor0 = float(int(time.time()) + 3)
-            insert_stored_tasks(
-                engine,
-                [f"t{i:06d}" for i in range(count)],
-                task_class="bench.tasks:StampFile",
-                interval=INTERVAL,
-                kwargs_of=lambda i: {
-                    "interval": INTERVAL,
-                    "path": str(stamp),
-                    "anchor": anchor0 + spread * i / count,
-                },
-                anchor_of=lambda i: epoch_to_dt(anchor0 + spread * i / count),
-            )
+            anchor0 = store_stamping_tasks(engine, count, spread, stamp)
             start = max(time.time(), anchor0) + warmup
             time.sleep(max(0.0, start - time.time()))
             pids = _backend_pids(app) if schema is not None else []

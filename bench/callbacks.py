@@ -1,0 +1,91 @@
+"""Where the service's CPU goes in the steady state (a diagnostic, not a figure of the table).
+
+``python -m bench.callbacks [--tasks 200] [--window 20]`` runs the steady figure's load (tasks
+at 1 s, their slots spread over the second) on the service at default settings, in its own
+process (:mod:`bench._callbacks_child`), and prints the thread CPU of each event-loop callback
+and each worker-thread item over the window: per run, per second, per call. The rows are the
+service's own callbacks, timed from inside; what they leave out of the process's CPU is the
+loop's own select and wakeups, the kernel's part, and the threads of the log listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.proc import ServiceProcess, nanobot_db
+from bench.service_steady import INTERVAL, store_stamping_tasks
+
+
+class _CountedService(ServiceProcess):
+    """The service under :mod:`bench._callbacks_child`, which counts its callbacks."""
+
+    def __init__(self, home: Path, out: Path) -> None:
+        super().__init__(home)
+        self.out = out
+
+    def start(self) -> _CountedService:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.stderr_path.open("ab") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench._callbacks_child", str(self.out)],
+                cwd=self.home,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        return self
+
+
+def measure(tasks: int, window: float, home: Path) -> tuple[float, dict[str, list[float]]]:
+    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds]}``."""
+    out = home / "callbacks.json"
+    stamp = home / "stamps.txt"
+    engine = nanobot_db(f"sqlite:///{home / 'nanobot.db'}")
+    service = _CountedService(home, out)
+    with service:
+        service.start()
+        service.wait_status("/healthz", 200)
+        anchor0 = store_stamping_tasks(engine, tasks, INTERVAL, stamp)
+        time.sleep(max(0.0, anchor0 + 5 - time.time()))  # the same warm-up as the figure
+        os.kill(service.pid, signal.SIGUSR1)
+        cpu0 = service.cpu()
+        time.sleep(window)
+        cpu1 = service.cpu()
+        os.kill(service.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        service.stop()
+    engine.dispose()
+    stats: dict[str, list[float]] = json.loads(out.read_text())
+    return (cpu1 - cpu0) / (tasks * window / INTERVAL), stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nanobot-callbacks-") as tmp:
+        per_run, stats = measure(args.tasks, args.window, Path(tmp))
+    runs = args.tasks * args.window / INTERVAL
+    counted = sum(cpu for _calls, cpu in stats.values())
+    print(f"process CPU per run: {per_run * 1e3:.4f} ms ({args.tasks} tasks at 1 s)")
+    print(f"counted in callbacks: {counted / runs * 1e3:.4f} ms per run")
+    print(f"{'ms/run':>8} {'calls/s':>8} {'us/call':>8}  callback")
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][1])[: args.rows]
+    for key, (calls, cpu) in rows:
+        print(f"{cpu / runs * 1e3:8.4f} {calls / args.window:8.1f} {cpu / calls * 1e6:8.1f}  {key}")
+
+
+if __name__ == "__main__":
+    main()
