@@ -1,7 +1,8 @@
 """Where the service's CPU goes in the steady state (a diagnostic, not a figure of the table).
 
-``python -m bench.callbacks [--tasks 200] [--window 20]`` runs the steady figure's load (tasks
-at 1 s, their slots spread over the second) on the service at default settings, in its own
+``python -m bench.callbacks [--tasks 200] [--window 20] [--set KEY=VALUE]`` runs the steady
+figure's load (tasks at 1 s, their slots spread over the second) on the service at default
+settings (or those given), in its own
 process (:mod:`bench._callbacks_child`), and prints the thread CPU of each event-loop callback
 and each worker-thread item over the window: per run, per second, per call. The rows are the
 service's own callbacks, timed from inside; what they leave out of the process's CPU is the
@@ -27,8 +28,8 @@ from bench.service_steady import INTERVAL, store_stamping_tasks
 class _CountedService(ServiceProcess):
     """The service under :mod:`bench._callbacks_child`, which counts its callbacks."""
 
-    def __init__(self, home: Path, out: Path) -> None:
-        super().__init__(home)
+    def __init__(self, home: Path, out: Path, settings: dict[str, str]) -> None:
+        super().__init__(home, **settings)
         self.out = out
 
     def start(self) -> _CountedService:
@@ -44,12 +45,15 @@ class _CountedService(ServiceProcess):
         return self
 
 
-def measure(tasks: int, window: float, home: Path) -> tuple[float, dict[str, list[float]]]:
-    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds]}``."""
+def measure(
+    tasks: int, window: float, home: Path, settings: dict[str, str] | None = None
+) -> tuple[float, dict[str, list[float]]]:
+    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds]}``;
+    ``settings``: environment variables of the service (NANOBOT_...)."""
     out = home / "callbacks.json"
     stamp = home / "stamps.txt"
     engine = nanobot_db(f"sqlite:///{home / 'nanobot.db'}")
-    service = _CountedService(home, out)
+    service = _CountedService(home, out, settings or {})
     with service:
         service.start()
         service.wait_status("/healthz", 200)
@@ -74,9 +78,22 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the service, e.g. cron.dispatch_ahead=0.25 (default settings if none)",
+    )
     args = parser.parse_args()
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            parser.error(f"--set {item!r}: expected KEY=VALUE, as in cron.dispatch_ahead=0.25")
+        settings["NANOBOT_" + key.upper().replace(".", "__")] = value
     with tempfile.TemporaryDirectory(prefix="nanobot-callbacks-") as tmp:
-        per_run, stats = measure(args.tasks, args.window, Path(tmp))
+        per_run, stats = measure(args.tasks, args.window, Path(tmp), settings)
     runs = args.tasks * args.window / INTERVAL
     counted = sum(cpu for _calls, cpu in stats.values())
     print(f"process CPU per run: {per_run * 1e3:.4f} ms ({args.tasks} tasks at 1 s)")

@@ -79,6 +79,19 @@ def _non_negative_int(value: Any) -> int:
     return value
 
 
+def _dispatch_ahead(value: Any) -> float:
+    # Below 0.1 s a pass could not claim ahead of its own wakeup margin (launcher.SCHEDULE_LEAD
+    # plus dispatch.PASS_MARGIN); above 1 s a crash would leave more than a second of slots
+    # recorded interrupted.
+    try:
+        number = _positive_number(value)
+    except ValueError:
+        number = 0.0
+    if not 0.1 <= number <= 1.0:
+        raise ValueError("a number of seconds from 0.1 to 1")
+    return number
+
+
 def _port(value: Any) -> int:
     try:
         port = _positive_int(value)
@@ -264,6 +277,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         1.0,
         _positive_number,
         "longest sleep of the scheduler; bounds how fast changes by other processes apply",
+    ),
+    Setting(
+        "cron.dispatch_ahead",
+        0.1,
+        _dispatch_ahead,
+        "seconds ahead a pass claims slots as dispatched: more means fewer passes, less CPU, "
+        "and more slots recorded interrupted after a crash",
     ),
     Setting("cron.history_retention_days", 30.0, _positive_number, "days task runs are kept"),
     Setting("cron.history_max_rows", 1000, _positive_int, "task runs kept per task"),

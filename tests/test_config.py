@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from nanobot.config import SETTINGS, get_config, load_config, reset_config
+from nanobot.cron.dispatch import DISPATCH_AHEAD
 from nanobot.exceptions import ConfigError, NanobotError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,6 +214,20 @@ def test_bad_database_url_scheme_is_refused(monkeypatch: pytest.MonkeyPatch, url
     assert "database.url" in message
     assert "sqlite:///" in message
     assert "postgresql" in message
+
+
+@pytest.mark.parametrize("raw", ["0.05", "0", "1.5", "-0.2", "soon", "nan"])
+def test_dispatch_ahead_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    """cron.dispatch_ahead is a number of seconds from 0.1 to 1; its default is the scheduler's
+    DISPATCH_AHEAD."""
+    monkeypatch.setenv("NANOBOT_CRON__DISPATCH_AHEAD", raw)
+    message = _refused()
+    assert message.startswith("NANOBOT_CRON__DISPATCH_AHEAD: cron.dispatch_ahead")
+    assert message.endswith("expected a number of seconds from 0.1 to 1")
+    monkeypatch.delenv("NANOBOT_CRON__DISPATCH_AHEAD")
+    assert load_config()["cron.dispatch_ahead"] == DISPATCH_AHEAD
+    monkeypatch.setenv("NANOBOT_CRON__DISPATCH_AHEAD", "0.25")
+    assert load_config()["cron.dispatch_ahead"] == 0.25
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ from nanobot.config import get_config
 from nanobot.cron import claims, control, definitions, history
 from nanobot.cron.aps_adapter import EPHEMERAL, NanobotScheduler
 from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
-from nanobot.cron.dispatch import MAX_LEAD, Dispatcher
+from nanobot.cron.dispatch import DISPATCH_AHEAD, MAX_LEAD, Dispatcher
 from nanobot.cron.launcher import MARK_AHEAD, QUIET_LEAD_S, Launcher
 from nanobot.cron.own_lease import OwnLease
 from nanobot.cron.reconcile import Reconciler, note_definition
@@ -483,6 +483,7 @@ class CronManager:
             ctx.default_timeout = float(config.get("cron.default_timeout", 0.0)) or None
             ctx.overrun_intervals = float(config.get("cron.overrun_intervals", 3.0))
             ctx.pause_default = int(config.get("cron.pause_after_failures", 0))
+            ctx.dispatch_ahead = float(config.get("cron.dispatch_ahead", DISPATCH_AHEAD))
             engine = await asyncio.to_thread(self.open_engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
