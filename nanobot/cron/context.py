@@ -84,8 +84,6 @@ class CronContext:
         self.default_timeout: float | None = None
         self.overrun_intervals = 0.0
         self.pause_default = 0
-        # cron.dispatch_ahead (dispatch.DISPATCH_AHEAD by default), read at each start.
-        self.dispatch_ahead = 0.1
         # Each task's settings. worker (reconcile), or the registering thread with *lock* for
         # a task only this process can build.
         self.policies: dict[str, DuePolicy] = {}

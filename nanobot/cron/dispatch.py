@@ -62,7 +62,7 @@ MAX_LEAD: Final = 5.0
 # A slot claimed at most this far ahead of its instant is dispatched at its claim; one claimed
 # further ahead (a burst) is marked dispatched before its instant by the launcher (MARK_AHEAD
 # at least, longer for a large burst: launcher._mark_ahead). The default of cron.dispatch_ahead
-# (CronContext.dispatch_ahead): a crash records the slots claimed this far ahead interrupted,
+# (Dispatcher.dispatch_ahead): a crash records the slots claimed this far ahead interrupted,
 # not caught up; a longer one means fewer passes (measured, 200 tasks at 1 s: 0.25 s took a
 # fifth off the service's CPU per run).
 DISPATCH_AHEAD: Final = 2 * SCHEDULE_LEAD
@@ -114,6 +114,9 @@ class Dispatcher:
         # The lead of the next pass, and what a pass was measured to cost per due slot.
         self.lead = PASS_MARGIN
         self.cost_per_job = INITIAL_COST_PER_JOB
+        # cron.dispatch_ahead, set by the manager at each start before the scheduler's first
+        # pass (loop), read by the passes (worker).
+        self.dispatch_ahead: float = DISPATCH_AHEAD
         # When the next pass's slots are due and how many (written by the worker as one tuple;
         # the loop reads it for CronManager.backlog).
         self.upcoming: tuple[datetime | None, int] = (None, 0)
@@ -133,7 +136,7 @@ class Dispatcher:
             self._reconciler.apply_deferred(scheduler, now)
         # Slots due within the lead are claimed now and started by the loop at their exact time,
         # so that the pass's own duration does not make every start late.
-        horizon = now + timedelta(seconds=max(self.lead + SCHEDULE_LEAD, self._ctx.dispatch_ahead))
+        horizon = now + timedelta(seconds=max(self.lead + SCHEDULE_LEAD, self.dispatch_ahead))
         started = time.perf_counter()
         # A task whose row is not applied yet is not run with settings not read yet.
         due = scheduler.due(now, horizon, dict(self._ctx.policies), held=self._reconciler.deferred)
@@ -167,7 +170,7 @@ class Dispatcher:
         plan = _PassPlan()
         # A slot this close is dispatched by its claim; one further ahead is marked just
         # before its instant, so that a stop or a crash before then leaves it to catch up.
-        dispatch_by = now + timedelta(seconds=self._ctx.dispatch_ahead)
+        dispatch_by = now + timedelta(seconds=self.dispatch_ahead)
         for job in due:
             version = self._reconciler.applied.get(job.name)
             if job.store == PERSISTENT and version is not None:

@@ -483,7 +483,9 @@ class CronManager:
             ctx.default_timeout = float(config.get("cron.default_timeout", 0.0)) or None
             ctx.overrun_intervals = float(config.get("cron.overrun_intervals", 3.0))
             ctx.pause_default = int(config.get("cron.pause_after_failures", 0))
-            ctx.dispatch_ahead = float(config.get("cron.dispatch_ahead", DISPATCH_AHEAD))
+            self._dispatcher.dispatch_ahead = float(
+                config.get("cron.dispatch_ahead", DISPATCH_AHEAD)
+            )
             engine = await asyncio.to_thread(self.open_engine)
             interrupted = await asyncio.to_thread(
                 history.mark_interrupted,
