@@ -727,12 +727,16 @@ async def test_a_pass_at_work_is_alive_until_it_is_stuck(tmp_path: Path, bus: Me
 async def test_unloadable_job_is_kept_and_reported(
     manager: CronManager, outcomes: Outcomes
 ) -> None:
-    """A stored job that cannot be loaded is not deleted (APScheduler 3 deletes it): it stays
-    in the job store, and its task is marked broken."""
+    """A stored job that cannot be loaded (its stored state unreadable when the scheduler
+    starts) is not deleted (APScheduler 3 deletes it): it stays in the job store, and its task
+    is marked broken."""
     engine = get_engine()
     manager.register_task("u", Counter(3600, label="u"))
     await manager.start_task("u")
     await outcomes.wait(lambda: bool(outcomes.of("u")))
+    # While it leads, the scheduler writes the job table and reads its own index of it; a
+    # leader reads the table when it starts.
+    await manager.shutdown(grace=0)
     with write_transaction(engine) as conn:
         conn.execute(
             update(apscheduler_jobs).where(apscheduler_jobs.c.id == "u").values(next_run_time=0)
@@ -742,7 +746,8 @@ async def test_unloadable_job_is_kept_and_reported(
             .where(apscheduler_job_states.c.id == "u")
             .values(job_state=b"not a pickle")
         )
-    # Passes come at least every poll interval: the next one finds the job due, and unloadable.
+    await manager.start()
+    # Its first pass finds the job due, and unloadable.
     async with asyncio.timeout(WAIT):
         while task_row(engine, "u").broken_reason is None:
             await asyncio.sleep(POLL)

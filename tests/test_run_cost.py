@@ -234,6 +234,7 @@ def test_a_pass_writes_only_the_next_run_time(engine: Engine) -> None:
     assert [d.run_slot for d in due] == [t0]
     with write_transaction(engine) as conn:
         scheduler.advance_due(conn)
+    scheduler.advance_memory()  # the transaction committed
     assert _job_state(engine) == state_before, "the pickled state is not rewritten"
     later = t0 + timedelta(seconds=10)
     assert pickle.loads(state_before)["next_run_time"] == t0

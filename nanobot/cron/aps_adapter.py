@@ -73,10 +73,11 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
-from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, null, select
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from nanobot.cron.definitions import build_task
+from nanobot.cron.next_runs import NextRuns
 from nanobot.cron.schedules import (
     AtSchedule,
     CronSchedule,
@@ -269,16 +270,17 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             .where(self.jobs_t.c.id == bindparam("b_id"))
             .values(next_run_time=bindparam("b_next"))
         )
-        self._wakeup_stmt = self._wakeup([])
-        self._due_stmt = (
-            self._select()
-            .where(self.jobs_t.c.next_run_time <= bindparam("b_due"))
-            .order_by(self.jobs_t.c.next_run_time)
-        )
         # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
         self.unloadable: dict[str, str] = {}
         # Jobs loaded before: id -> (their stored state, the job made of it); see _load_rows.
+        # Every write of a job's state here drops its entry.
         self._loaded: dict[str, tuple[bytes, Job]] = {}
+        # The next run time of every row (nanobot.cron.next_runs): what a pass reads instead of
+        # the table. Loaded at its first use, moved by this store's own writes once committed,
+        # dropped (None, loaded again at its next use) after a write whose outcome is not known
+        # here. Correct only while no other process writes the table: the leader's, which is
+        # the only place a store is made (its scheduler is made when it takes the lease).
+        self._next_runs: NextRuns | None = None
 
     def start(self, scheduler: Any, alias: str) -> None:
         # Only what every job store does (keep the scheduler and alias, for the jobs it loads).
@@ -303,13 +305,39 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             return None
         return _with_column_time(self._reconstitute_job(row.job_state), row.next_run_time)
 
+    def next_runs(self) -> NextRuns:
+        """The index of next run times, loaded from the table if it is not held."""
+        if self._next_runs is None:
+            table = self.jobs_t
+            with self.engine.begin() as connection:
+                rows = connection.execute(select(table.c.id, table.c.next_run_time)).all()
+            self._next_runs = NextRuns((row.id, row.next_run_time) for row in rows)
+        return self._next_runs
+
+    def forget_next_runs(self) -> None:
+        """Drop the index: a write in a caller's transaction moved jobs, committed or not."""
+        self._next_runs = None
+
     def get_due_jobs(self, now: datetime) -> list[Job]:
-        # APScheduler's builds its query at every call; a pass calls it many times a second.
-        with self.engine.begin() as connection:
-            rows = connection.execute(
-                self._due_stmt, {"b_due": datetime_to_utc_timestamp(now)}
-            ).all()
-        return self._load_rows(rows, remember=True)
+        """The jobs due by ``now``, earliest first: found in the index, each made from the job
+        loaded before (its state is unchanged: every write of it here drops that) or read from
+        the table."""
+        index = self.next_runs()
+        ids = index.due(datetime_to_utc_timestamp(now))
+        found: dict[str, Job] = {}
+        missing: list[str] = []
+        for job_id in ids:
+            known = self._loaded.get(job_id)
+            if known is None:
+                missing.append(job_id)
+            else:
+                found[job_id] = _with_column_time(_copy_job(known[1]), index.get(job_id))
+        for start in range(0, len(missing), IN_MAX):
+            part = missing[start : start + IN_MAX]
+            with self.engine.begin() as connection:
+                rows = connection.execute(self._select().where(self.jobs_t.c.id.in_(part))).all()
+            found.update((job.id, job) for job in self._load_rows(rows, remember=True))
+        return [found[job_id] for job_id in ids if job_id in found]
 
     def _get_jobs(self, *conditions: Any) -> list[Job]:
         selectable = self._select().order_by(self.jobs_t.c.next_run_time)
@@ -370,6 +398,7 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                 raise ConflictingIdError(job.id) from None
             connection.execute(self.states_t.delete().where(self.states_t.c.id == job.id))
             connection.execute(self.states_t.insert().values(id=job.id, job_state=state))
+        self._written(job)
 
     def update_job(self, job: Job) -> None:
         state = pickle.dumps(job.__getstate__(), self.pickle_protocol)
@@ -383,6 +412,13 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                 raise JobLookupError(job.id)
             connection.execute(self.states_t.delete().where(self.states_t.c.id == job.id))
             connection.execute(self.states_t.insert().values(id=job.id, job_state=state))
+        self._written(job)
+
+    def _written(self, job: Job) -> None:
+        """``job`` was stored whole (committed): its loaded state is stale, its time known."""
+        self._loaded.pop(job.id, None)
+        if self._next_runs is not None:
+            self._next_runs.set(job.id, datetime_to_utc_timestamp(job.next_run_time))
 
     def remove_job(self, job_id: str) -> None:
         self._loaded.pop(job_id, None)
@@ -391,48 +427,28 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             result = connection.execute(self.jobs_t.delete().where(self.jobs_t.c.id == job_id))
             if result.rowcount == 0:
                 raise JobLookupError(job_id)
+        if self._next_runs is not None:
+            self._next_runs.discard(job_id)
 
     def remove_all_jobs(self) -> None:
         self._loaded.clear()
         with self.engine.begin() as connection:
             connection.execute(self.states_t.delete())
             connection.execute(self.jobs_t.delete())
+        self._next_runs = NextRuns()
 
     def get_next_run_time(self) -> datetime | None:
-        selectable = select(self.jobs_t.c.next_run_time).where(
-            self.jobs_t.c.next_run_time != null()
-        )
-        if self.unloadable:
-            selectable = selectable.where(self.jobs_t.c.id.not_in(list(self.unloadable)))
-        selectable = selectable.order_by(self.jobs_t.c.next_run_time).limit(1)
-        with self.engine.begin() as connection:
-            value = connection.execute(selectable).scalar()
+        value = self.next_runs().first(skip=self.unloadable)
         return datetime.fromtimestamp(value, UTC) if value is not None else None
 
     def next_and_count(self, window: float) -> tuple[datetime | None, int]:
         """The earliest next run time of a loadable job, and how many jobs are due by it plus
-        ``window`` seconds: what :meth:`get_next_run_time` and a count would say, in one
-        statement and one transaction (a pass asks it every time, many times a second)."""
-        stmt = self._wakeup_stmt if not self.unloadable else self._wakeup(list(self.unloadable))
-        with self.engine.begin() as connection:
-            value, due = connection.execute(stmt, {"b_window": window}).one()
+        ``window`` seconds (a pass asks it every time, many times a second)."""
+        index = self.next_runs()
+        value = index.first(skip=self.unloadable)
         if value is None:
             return None, 0
-        return datetime.fromtimestamp(value, UTC), int(due)
-
-    def _wakeup(self, unloadable: list[str]) -> Any:
-        jobs = self.jobs_t
-        first = select(jobs.c.next_run_time).where(jobs.c.next_run_time != null())
-        if unloadable:
-            first = first.where(jobs.c.id.not_in(unloadable))
-        earliest = first.order_by(jobs.c.next_run_time).limit(1).scalar_subquery()
-        count = (
-            select(func.count())
-            .select_from(jobs)
-            .where(jobs.c.next_run_time <= earliest + bindparam("b_window"))
-            .scalar_subquery()
-        )
-        return select(earliest, count)
+        return datetime.fromtimestamp(value, UTC), index.count_due(value + window)
 
     def jobs_named(self, names: list[str], *, all_rows: bool = False) -> dict[str, Job]:
         """The loadable jobs among ``names``, in one query (the whole table if ``all_rows``)."""
@@ -447,11 +463,12 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         return jobs
 
     def ids_due_by(self, horizon: datetime) -> set[str]:
-        """The jobs due by ``horizon``, by their column alone (no state is loaded)."""
-        table = self.jobs_t
-        stmt = select(table.c.id).where(table.c.next_run_time <= datetime_to_utc_timestamp(horizon))
-        with self.engine.begin() as connection:
-            return set(connection.execute(stmt).scalars())
+        """The jobs due by ``horizon``, by their next run time alone (no state is loaded)."""
+        return set(self.next_runs().due(datetime_to_utc_timestamp(horizon)))
+
+    def count_due_by(self, horizon: datetime) -> int:
+        """How many jobs are due by ``horizon``."""
+        return self.next_runs().count_due(datetime_to_utc_timestamp(horizon))
 
     def insert_states(self, states: list[dict[str, Any]]) -> None:
         """Add several new jobs, given as ``Job.__getstate__`` dicts, in one transaction; an id
@@ -483,6 +500,12 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                 "ON CONFLICT (id) DO NOTHING",
                 [(job_id, state) for job_id, _, state in rows],
             )
+        index = self._next_runs
+        if index is not None:
+            for job_id, next_run, _ in rows:
+                if job_id not in index:
+                    self._loaded.pop(job_id, None)
+                    index.set(job_id, next_run)
 
     def job_ids(self) -> set[str]:
         with self.engine.begin() as connection:
@@ -497,6 +520,16 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         ]
         if params:
             conn.execute(self._move_stmt, params)
+
+    def moved(self, moves: Iterable[tuple[str, datetime | None]]) -> None:
+        """What :meth:`update_jobs` wrote (job, next run time), once its transaction committed:
+        the index follows."""
+        index = self._next_runs
+        if index is None:
+            return
+        for job_id, next_run in moves:
+            if job_id in index:  # not if removed since (or the index was loaded after)
+                index.set(job_id, datetime_to_utc_timestamp(next_run))
 
 
 def _copy_job(job: Job) -> Job:
@@ -749,7 +782,11 @@ class NanobotScheduler:
         result: list[DueJob] = []
         with self._lock:
             unadvanced, self._found = self._found, []
-        release(unadvanced)  # a pass that failed before advance_memory left them
+            if unadvanced:
+                # A pass failed before advance_memory: whether its transaction committed is
+                # not known here (a connection lost in COMMIT), so the index is read again.
+                self._store.forget_next_runs()
+        release(unadvanced)
         with self._lock:
             for alias, store in ((PERSISTENT, self._store), (EPHEMERAL, self._memory)):
                 for job in store.get_due_jobs(horizon):
@@ -801,11 +838,16 @@ class NanobotScheduler:
                 job._modify(next_run_time=slot)
                 moved.append(job)
         self._store.update_jobs(conn, moved)
+        # Read again at its next use: after this transaction, since the worker thread runs
+        # both (a start's recovery, a stop's release) and the passes.
+        self._store.forget_next_runs()
         return [job.id for job in moved]
 
     def advance_memory(self) -> None:
-        """Move the in-memory jobs found by :meth:`due` to their next slot."""
+        """Move the in-memory jobs found by :meth:`due` to their next slot, and the persistent
+        ones in the index (:meth:`advance_due`'s transaction committed)."""
         with self._lock:
+            self._store.moved((f.job.id, f.next_slot) for f in self._found if f.store == PERSISTENT)
             for found in self._found:
                 if found.store != EPHEMERAL:
                     continue
@@ -821,34 +863,30 @@ class NanobotScheduler:
 
     def next_run_at(self) -> datetime | None:
         """The earliest next run time of any job in either store."""
-        times = [
-            t for t in (self._store.get_next_run_time(), self._memory.get_next_run_time()) if t
-        ]
+        with self._lock:
+            times = [
+                t for t in (self._store.get_next_run_time(), self._memory.get_next_run_time()) if t
+            ]
         return min(times).astimezone(UTC) if times else None
 
     def next_wakeup(self, window: float) -> tuple[datetime | None, int]:
-        """:meth:`next_run_at`, and :meth:`count_due` of that time plus ``window`` seconds,
-        with one query of the job table instead of two."""
-        stored, count = self._store.next_and_count(window)
-        in_memory = self._memory.get_next_run_time()
-        if in_memory is not None and (stored is None or in_memory < stored):
-            first = in_memory.astimezone(UTC)
-            return first, self.count_due(first + timedelta(seconds=window))
-        if stored is None:
-            return None, 0
-        horizon = stored + timedelta(seconds=window)
-        return stored, count + sum(1 for _job in self._memory.get_due_jobs(horizon))
+        """:meth:`next_run_at`, and :meth:`count_due` of that time plus ``window`` seconds."""
+        with self._lock:
+            stored, count = self._store.next_and_count(window)
+            in_memory = self._memory.get_next_run_time()
+            if in_memory is not None and (stored is None or in_memory < stored):
+                first = in_memory.astimezone(UTC)
+                return first, self.count_due(first + timedelta(seconds=window))
+            if stored is None:
+                return None, 0
+            horizon = stored + timedelta(seconds=window)
+            return stored, count + sum(1 for _job in self._memory.get_due_jobs(horizon))
 
     def count_due(self, horizon: datetime) -> int:
-        """How many jobs are due by ``horizon`` (an index range count, no job is loaded)."""
-        stamp = datetime_to_utc_timestamp(horizon)
-        table = self._store.jobs_t
-        with self._store.engine.begin() as connection:
-            stored = connection.execute(
-                select(func.count()).select_from(table).where(table.c.next_run_time <= stamp)
-            ).scalar_one()
-        in_memory = sum(1 for job in self._memory.get_due_jobs(horizon))
-        return int(stored) + in_memory
+        """How many jobs are due by ``horizon`` (no job is loaded)."""
+        with self._lock:
+            in_memory = sum(1 for job in self._memory.get_due_jobs(horizon))
+            return self._store.count_due_by(horizon) + in_memory
 
     def lookup_many(self, names: list[str], *, all_rows: bool = False) -> dict[str, JobState]:
         """The persistent jobs among ``names``, read in one query."""
@@ -863,8 +901,9 @@ class NanobotScheduler:
         return _job_state(job, store) if job is not None else None
 
     def due_by(self, horizon: datetime) -> set[str]:
-        """The persistent jobs due by ``horizon`` (an index range, no job is loaded)."""
-        return self._store.ids_due_by(horizon)
+        """The persistent jobs due by ``horizon`` (no job is loaded)."""
+        with self._lock:
+            return self._store.ids_due_by(horizon)
 
     def persistent_job_ids(self) -> set[str]:
         """The names of every row of the job table, loadable or not."""
