@@ -219,8 +219,8 @@ def test_a_job_read_again_is_its_own_copy_and_follows_its_row(engine: Engine) ->
     # A pass moves the job by its column alone (and, once committed, in the store's index):
     # read again, it is due at the new time.
     with engine.begin() as conn:
-        store.update_jobs(conn, [first])
-    store.moved([(first.id, first.next_run_time)])
+        moves = store.update_jobs(conn, [first])
+    store.moved(moves)
     assert store.get_due_jobs(T0) == []
     assert store.get_due_jobs(T0 + timedelta(hours=3))[0].next_run_time == T0 + timedelta(hours=3)
     changed = store.lookup_job("job")

@@ -157,12 +157,12 @@ def _move(store: NanobotJobStore, jobs: list[Job], *, commit: bool) -> None:
     existing = [job for job in jobs if job.id in _table(store.engine)]
     try:
         with write_transaction(store.engine) as conn:
-            store.update_jobs(conn, existing)
+            moves = store.update_jobs(conn, existing)
             if not commit:
                 raise _RolledBack
     except _RolledBack:
         return
-    store.moved((job.id, job.next_run_time) for job in existing)
+    store.moved(moves)
 
 
 _WRITES: dict[str, Callable[[NanobotJobStore, list[Job]], None]] = {

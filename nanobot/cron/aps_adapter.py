@@ -511,25 +511,25 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         with self.engine.begin() as connection:
             return set(connection.execute(select(self.jobs_t.c.id)).scalars())
 
-    def update_jobs(self, conn: Connection, jobs: Iterable[Job]) -> None:
+    def update_jobs(self, conn: Connection, jobs: Iterable[Job]) -> list[tuple[str, float | None]]:
         """Write the next run time of several jobs in the caller's transaction (one wakeup, one
         transaction). Only that column: a pass moves jobs to their next slot and changes
-        nothing else of them (see the note above :meth:`lookup_job`)."""
-        params = [
-            {"b_id": job.id, "b_next": datetime_to_utc_timestamp(job.next_run_time)} for job in jobs
-        ]
-        if params:
-            conn.execute(self._move_stmt, params)
+        nothing else of them (see the note above :meth:`lookup_job`). The moves written, for
+        :meth:`moved` once the transaction committed."""
+        moves = [(job.id, datetime_to_utc_timestamp(job.next_run_time)) for job in jobs]
+        if moves:
+            conn.execute(self._move_stmt, [{"b_id": i, "b_next": t} for i, t in moves])
+        return moves
 
-    def moved(self, moves: Iterable[tuple[str, datetime | None]]) -> None:
-        """What :meth:`update_jobs` wrote (job, next run time), once its transaction committed:
-        the index follows."""
+    def moved(self, moves: Iterable[tuple[str, float | None]]) -> None:
+        """The moves :meth:`update_jobs` wrote, once their transaction committed: the index
+        follows (the same floats as the column: no conversion twice, no rounding apart)."""
         index = self._next_runs
         if index is None:
             return
-        for job_id, next_run in moves:
+        for job_id, stamp in moves:
             if job_id in index:  # not if removed since (or the index was loaded after)
-                index.set(job_id, datetime_to_utc_timestamp(next_run))
+                index.set(job_id, stamp)
 
 
 def _copy_job(job: Job) -> Job:
@@ -628,6 +628,8 @@ class NanobotScheduler:
         # When the pass in progress began (None before the first).
         self.pass_started_at: datetime | None = None
         self._found: list[_Found] = []
+        # What advance_due wrote, for advance_memory to move in the index (worker thread).
+        self._moves: list[tuple[str, float | None]] = []
         self._pass_failures = 0
         # Whether this streak of failed passes has logged its traceback (loop).
         self._pass_traceback_logged = False
@@ -782,6 +784,7 @@ class NanobotScheduler:
         result: list[DueJob] = []
         with self._lock:
             unadvanced, self._found = self._found, []
+            self._moves = []
             if unadvanced:
                 # A pass failed before advance_memory: whether its transaction committed is
                 # not known here (a connection lost in COMMIT), so the index is read again.
@@ -823,7 +826,7 @@ class NanobotScheduler:
             if found.store == PERSISTENT:
                 found.job._modify(next_run_time=found.next_slot)
                 persistent.append(found.job)
-        self._store.update_jobs(conn, persistent)
+        self._moves = self._store.update_jobs(conn, persistent)
 
     def rewind(self, conn: Connection, slots: dict[str, datetime]) -> list[str]:
         """Move persistent jobs back to ``slots[name]`` where that is earlier than their next
@@ -847,7 +850,8 @@ class NanobotScheduler:
         """Move the in-memory jobs found by :meth:`due` to their next slot, and the persistent
         ones in the index (:meth:`advance_due`'s transaction committed)."""
         with self._lock:
-            self._store.moved((f.job.id, f.next_slot) for f in self._found if f.store == PERSISTENT)
+            self._store.moved(self._moves)
+            self._moves = []
             for found in self._found:
                 if found.store != EPHEMERAL:
                     continue
