@@ -4,7 +4,9 @@
 figure's load (tasks at 1 s, their slots spread over the second) on the service at default
 settings (or those given), in its own
 process (:mod:`bench._callbacks_child`), and prints the thread CPU of each event-loop callback
-and each worker-thread item over the window: per run, per second, per call. The rows are the
+and each worker-thread item over the window: per run, per second, per call; and the wall
+time of the longest call and how many a second took over a millisecond (a loop callback that
+long makes the starts due meanwhile late: the lateness p99). The rows are the
 service's own callbacks, timed from inside; what they leave out of the process's CPU is the
 loop's own select and wakeups, the kernel's part, and the threads of the log listener.
 """
@@ -48,7 +50,8 @@ class _CountedService(ServiceProcess):
 def measure(
     tasks: int, window: float, home: Path, settings: dict[str, str] | None = None
 ) -> tuple[float, dict[str, list[float]]]:
-    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds]}``;
+    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds,
+    longest_s, over_1ms]}``;
     ``settings``: environment variables of the service (NANOBOT_...)."""
     out = home / "callbacks.json"
     stamp = home / "stamps.txt"
@@ -95,13 +98,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nanobot-callbacks-") as tmp:
         per_run, stats = measure(args.tasks, args.window, Path(tmp), settings)
     runs = args.tasks * args.window / INTERVAL
-    counted = sum(cpu for _calls, cpu in stats.values())
+    counted = sum(entry[1] for entry in stats.values())
     print(f"process CPU per run: {per_run * 1e3:.4f} ms ({args.tasks} tasks at 1 s)")
     print(f"counted in callbacks: {counted / runs * 1e3:.4f} ms per run")
-    print(f"{'ms/run':>8} {'calls/s':>8} {'us/call':>8}  callback")
+    print(f"{'ms/run':>8} {'calls/s':>8} {'us/call':>8} {'max ms':>7} {'>1ms/s':>7}  callback")
     rows = sorted(stats.items(), key=lambda kv: -kv[1][1])[: args.rows]
-    for key, (calls, cpu) in rows:
-        print(f"{cpu / runs * 1e3:8.4f} {calls / args.window:8.1f} {cpu / calls * 1e6:8.1f}  {key}")
+    for key, (calls, cpu, longest, over) in rows:
+        print(
+            f"{cpu / runs * 1e3:8.4f} {calls / args.window:8.1f} {cpu / calls * 1e6:8.1f}"
+            f" {longest * 1e3:7.2f} {over / args.window:7.2f}  {key}"
+        )
 
 
 if __name__ == "__main__":
