@@ -25,9 +25,10 @@ from test_cron_restart import Runner
 
 from nanobot.bus import MessageBus
 from nanobot.config import reset_config
-from nanobot.cron import CronManager, CronTask, control, history, launcher
+from nanobot.cron import CronManager, CronTask, control, definitions, history, launcher
 from nanobot.cron.history import Claim, Finish
 from nanobot.cron.manager import MARK_AHEAD
+from nanobot.cron.schedules import IntervalSchedule
 from nanobot.db import create_db_engine, upgrade_database, write_transaction
 from nanobot.exceptions import TaskNotStorableError
 from nanobot.heartbeat import get_heartbeat_monitor
@@ -160,11 +161,15 @@ def test_finish_of_a_fenced_off_node_does_not_overwrite_the_new_leaders_record(
 
 
 async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
-    db_url: str, bus: MessageBus, outcomes: Outcomes
+    db_url: str, bus: MessageBus, outcomes: Outcomes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A leader whose lease ran out while its run was suspended (frozen) does not execute one
-    more line of the run: it is recorded cancelled, and the next slot is not started but left
-    undispatched, for whoever leads next to catch it up."""
+    more line of the run: it is recorded cancelled, and the next slot, claimed before the lease
+    ran out, is not started but left undispatched, for whoever leads next to catch it up."""
+    # Claims a second ahead: the next slot is claimed while the lease still holds (a pass of a
+    # node past its lease claims nothing).
+    monkeypatch.setenv("NANOBOT_CRON__DISPATCH_AHEAD", "1")
+    reset_config()
     engine = create_db_engine(db_url)
     upgrade_database(engine)
     manager = CronManager(engine, poll_interval=POLL, bus=bus)
@@ -177,6 +182,7 @@ async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
             manager.register_task("held", holder)
             await manager.start_task("held")
             await asyncio.wait_for(holder.started.wait(), WAIT)
+            await until(lambda: len(rows(engine, "held")) >= 2)
             lease.left = 0.0  # frozen past the lease
             holder.release.set()
             await outcomes.wait(lambda: bool(outcomes.of("held", "cancelled")))
@@ -189,6 +195,37 @@ async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
         refused = [r for r in rows(engine, "held") if r.outcome == "running"]
         await until(lambda: all(r.started_at is None for r in rows(engine, "held")[1:]))
         assert refused
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+
+
+async def test_a_pass_past_the_lease_writes_nothing(db_url: str, bus: MessageBus) -> None:
+    """A leader frozen past its lease, before it steps down: its passes neither claim nor apply
+    a task added meanwhile to the job table (that write is not fenced, and the new leader's
+    index of next run times counts on being the only writer); once the lease holds again, the
+    task is applied and runs."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    lease = ControlledLease(engine)
+    assert lease.try_acquire()
+    manager.use_lease(lease)
+    outcomes = Outcomes(bus)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await manager.start()
+            lease.left = 0.0  # frozen past the lease
+            definition = definitions.definition_from_class(
+                "late", "cron_tasks:Counter", kwargs={}, schedule=IntervalSchedule(seconds=0.2)
+            )
+            control.add_task(engine, definition)
+            await until(lambda: sum(e["event"] == "cron.not_leader" for e in logs) >= 3)
+            assert job_next_run(engine, "late") is None
+            assert rows(engine, "late") == []
+            lease.left = 30.0
+            await outcomes.wait(lambda: bool(outcomes.of("late", "success")))
+        assert job_next_run(engine, "late") is not None
     finally:
         await manager.shutdown(grace=0)
         engine.dispose()

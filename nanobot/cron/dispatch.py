@@ -126,6 +126,14 @@ class Dispatcher:
     def run_pass(self, scheduler: NanobotScheduler, now: datetime) -> float | None:
         """One pass (the scheduler's ``process``): claim what is due, hand it to the loop; the
         seconds to sleep before the next pass (None: nothing scheduled)."""
+        if not self._ctx.holds_lease():
+            # Frozen past the lease (SIGSTOP, a stalled VM) and not yet stepped down: another
+            # node may lead and write the job table now. Nothing is written here, not even the
+            # control plane's changes, which no fence guards: the leader's index of next run
+            # times (nanobot.cron.next_runs) assumes every write of the table is its own.
+            raise NotLeaderError(
+                f"node {self._ctx.node}: the scheduling lease ran out by this process's clock"
+            )
         requests: list[RunRequest] = []
         reconciled = self._reconciler.due()
         if reconciled:
