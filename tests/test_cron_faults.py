@@ -115,6 +115,17 @@ class ControlledLease(SchedulerLease):
         return self.left
 
 
+def leased_manager(db_url: str, bus: MessageBus) -> tuple[Engine, CronManager, ControlledLease]:
+    """A manager on a migrated database, scheduling under a lease the test controls."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    lease = ControlledLease(engine)
+    assert lease.try_acquire()
+    manager.use_lease(lease)
+    return engine, manager, lease
+
+
 class Holder(CronTask):
     """Holds its run until released, and notes whether any code after its await ran."""
 
@@ -170,12 +181,7 @@ async def test_run_in_flight_stops_at_its_next_step_once_the_lease_ran_out(
     # node past its lease claims nothing).
     monkeypatch.setenv("NANOBOT_CRON__DISPATCH_AHEAD", "1")
     reset_config()
-    engine = create_db_engine(db_url)
-    upgrade_database(engine)
-    manager = CronManager(engine, poll_interval=POLL, bus=bus)
-    lease = ControlledLease(engine)
-    assert lease.try_acquire()
-    manager.use_lease(lease)
+    engine, manager, lease = leased_manager(db_url, bus)
     holder = Holder(0.3)
     try:
         with structlog.testing.capture_logs() as logs:
@@ -205,12 +211,7 @@ async def test_a_pass_past_the_lease_writes_nothing(db_url: str, bus: MessageBus
     a task added meanwhile to the job table (that write is not fenced, and the new leader's
     index of next run times counts on being the only writer); once the lease holds again, the
     task is applied and runs."""
-    engine = create_db_engine(db_url)
-    upgrade_database(engine)
-    manager = CronManager(engine, poll_interval=POLL, bus=bus)
-    lease = ControlledLease(engine)
-    assert lease.try_acquire()
-    manager.use_lease(lease)
+    engine, manager, lease = leased_manager(db_url, bus)
     outcomes = Outcomes(bus)
     try:
         with structlog.testing.capture_logs() as logs:

@@ -8,17 +8,16 @@ import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any
 
 from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
-from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import datetime_to_utc_timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select
+from test_aps_adapter import _job
 
-from nanobot.cron.aps_adapter import RUN_STORED_TASK_REF, JobSpec, NanobotJobStore, NanobotScheduler
+from nanobot.cron.aps_adapter import JobSpec, NanobotJobStore, NanobotScheduler
 from nanobot.cron.next_runs import NextRuns
 from nanobot.db import write_transaction
 from nanobot.models import apscheduler_jobs
@@ -79,23 +78,6 @@ def test_the_index_answers_as_a_plain_dict_would(ops: list[tuple[str, str, float
 
 
 # --- the job store that keeps it ---------------------------------------------------------------
-
-
-def _job(context: Any, name: str, next_run: datetime | None) -> Job:
-    return Job(
-        context,
-        id=name,
-        name=name,
-        func=RUN_STORED_TASK_REF,
-        trigger=IntervalTrigger(seconds=10, start_date=T0, timezone=UTC),
-        args=("cron_tasks:Counter", {}),
-        kwargs={},
-        executor="default",
-        misfire_grace_time=None,
-        coalesce=True,
-        max_instances=1,
-        next_run_time=next_run,
-    )
 
 
 def _table(engine: Engine) -> dict[str, float | None]:
