@@ -32,6 +32,11 @@ class EngineNotOpenError(DatabaseError, RuntimeError):
     """The scheduler's database was used before it was opened and migrated (``open_engine``)."""
 
 
+class JobTableChangedError(DatabaseError):
+    """The job table lost rows that this node's scheduler holds (a write that was not its own):
+    the pass is rolled back and the scheduler reads the table again."""
+
+
 class TaskError(NanobotError):
     """Base of the scheduler's errors."""
 

@@ -232,6 +232,39 @@ async def test_a_pass_past_the_lease_writes_nothing(db_url: str, bus: MessageBus
         engine.dispose()
 
 
+async def test_a_job_row_deleted_by_hand_is_made_again_from_its_task(
+    db_url: str, bus: MessageBus
+) -> None:
+    """The job table's rows deleted behind a running scheduler (by hand, with SQL): the leader,
+    which keeps the jobs' next run times in memory, notices at the next due slot, writes
+    nothing of that pass, applies the task's row again, and the task goes on running."""
+    engine = create_db_engine(db_url)
+    upgrade_database(engine)
+    manager = CronManager(engine, poll_interval=POLL, bus=bus)
+    outcomes = Outcomes(bus)
+    definition = definitions.definition_from_class(
+        "kept", "cron_tasks:Counter", kwargs={}, schedule=IntervalSchedule(seconds=0.1)
+    )
+    control.add_task(engine, definition)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await manager.start()
+            await outcomes.wait(lambda: len(outcomes.of("kept", "success")) >= 2)
+            with engine.begin() as conn:
+                conn.execute(apscheduler_jobs.delete())
+            before = len(outcomes.of("kept", "success"))
+            await outcomes.wait(lambda: len(outcomes.of("kept", "success")) >= before + 3)
+        noticed = {e["event"] for e in logs} & {"cron.job_table_changed", "cron.job_rows_missing"}
+        assert noticed
+        assert not any(e["event"] == "cron.pass_failed" for e in logs)
+        assert job_next_run(engine, "kept") is not None
+        slots = [r.scheduled_at for r in rows(engine, "kept")]
+        assert len(slots) == len(set(slots))
+    finally:
+        await manager.shutdown(grace=0)
+        engine.dispose()
+
+
 # --- item 21: slots claimed ahead of a stop ------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import pytest
+import structlog
 from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.util import datetime_to_utc_timestamp
@@ -20,6 +22,7 @@ from test_aps_adapter import _job
 from nanobot.cron.aps_adapter import JobSpec, NanobotJobStore, NanobotScheduler
 from nanobot.cron.next_runs import NextRuns
 from nanobot.db import write_transaction
+from nanobot.exceptions import JobTableChangedError
 from nanobot.models import apscheduler_jobs
 
 T0 = datetime(2026, 6, 1, 12, 0, 0, 250_000, tzinfo=UTC)
@@ -208,5 +211,48 @@ def test_a_pass_that_failed_leaves_its_jobs_as_the_table_says(engine: Engine) ->
         assert scheduler.due(T0, T0, {}) == []
         assert [d.run_slot for d in scheduler.due(later, later, {})] == [later]
         assert scheduler.next_wakeup(0.1) == (later, 1)
+    finally:
+        scheduler.close()
+
+
+def test_job_rows_deleted_behind_the_scheduler_stop_their_jobs(engine: Engine) -> None:
+    """Rows deleted from the job table by hand, while the scheduler holds their jobs: a job kept
+    in memory from an earlier pass is not moved on without its row (the pass's transaction rolls
+    back, and the next pass finds the table as it is); one never loaded leaves the index at once
+    (else every pass would wake for it). Neither is claimed again; both are named for the
+    control plane to apply their tasks again."""
+    scheduler = NanobotScheduler(
+        engine, process=lambda *_: None, poll_interval=1.0, clock=lambda: datetime.now(UTC)
+    )
+    later = T0 + timedelta(seconds=5)
+    next_slot = T0 + timedelta(seconds=10)
+    try:
+        scheduler.add_many(
+            [
+                JobSpec("kept", "cron_tasks:Counter", {}, 10.0, T0, T0),
+                JobSpec("never_loaded", "cron_tasks:Counter", {}, 10.0, later, later),
+            ]
+        )
+        assert [d.name for d in scheduler.due(T0, T0, {})] == ["kept"]
+        with write_transaction(engine) as conn:
+            scheduler.advance_due(conn)
+        scheduler.advance_memory()
+        with engine.begin() as conn:
+            conn.execute(apscheduler_jobs.delete())
+
+        with structlog.testing.capture_logs() as logs:
+            assert scheduler.due(later, later, {}) == []
+        assert [e["tasks"] for e in logs if e["event"] == "cron.job_rows_missing"] == [
+            ["never_loaded"]
+        ]
+        assert scheduler.next_wakeup(0.1) == (next_slot, 1)
+        assert scheduler.take_lost() == ["never_loaded"]
+
+        assert [d.name for d in scheduler.due(next_slot, next_slot, {})] == ["kept"]
+        with pytest.raises(JobTableChangedError), write_transaction(engine) as conn:
+            scheduler.advance_due(conn)
+        assert scheduler.take_lost() == ["kept"]
+        assert scheduler.due(next_slot, next_slot, {}) == []
+        assert scheduler.next_wakeup(0.1) == (None, 0)
     finally:
         scheduler.close()

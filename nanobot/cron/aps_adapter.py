@@ -89,7 +89,7 @@ from nanobot.cron.schedules import (
     next_after,
 )
 from nanobot.db import IN_MAX
-from nanobot.exceptions import NotLeaderError, UnknownTaskError
+from nanobot.exceptions import JobTableChangedError, NotLeaderError, UnknownTaskError
 from nanobot.gcsteward import release
 from nanobot.models import MisfirePolicy, apscheduler_job_states, apscheduler_jobs, error_text
 from nanobot.times import Clock
@@ -272,6 +272,9 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         )
         # Jobs that could not be loaded: id -> why. Kept in the table, left out of wakeups.
         self.unloadable: dict[str, str] = {}
+        # Jobs found without a row (deleted behind the scheduler), for the control plane to
+        # apply their tasks' rows again (NanobotScheduler.take_lost).
+        self.lost: set[str] = set()
         # Jobs loaded before: id -> (their stored state, the job made of it); see _load_rows.
         # Every write of a job's state here drops its entry.
         self._loaded: dict[str, tuple[bytes, Job]] = {}
@@ -337,6 +340,16 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
             with self.engine.begin() as connection:
                 rows = connection.execute(self._select().where(self.jobs_t.c.id.in_(part))).all()
             found.update((job.id, job) for job in self._load_rows(rows, remember=True))
+            gone = [
+                job_id for job_id in part if job_id not in found and job_id not in self.unloadable
+            ]
+            if gone:
+                # Deleted behind the scheduler (see update_jobs): due in the index for ever, they
+                # would make every pass wake at once.
+                log.warning("cron.job_rows_missing", tasks=gone[:20], count=len(gone))
+                for job_id in gone:
+                    index.discard(job_id)
+                self.lost.update(gone)
         return [found[job_id] for job_id in ids if job_id in found]
 
     def _get_jobs(self, *conditions: Any) -> list[Job]:
@@ -518,7 +531,29 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
         :meth:`moved` once the transaction committed."""
         moves = [(job.id, datetime_to_utc_timestamp(job.next_run_time)) for job in jobs]
         if moves:
-            conn.execute(self._move_stmt, [{"b_id": i, "b_next": t} for i, t in moves])
+            result = conn.execute(self._move_stmt, [{"b_id": i, "b_next": t} for i, t in moves])
+            # (rowcount is the rows matched on SQLite and PostgreSQL; -1 where a driver does
+            # not know it.)
+            if 0 <= result.rowcount != len(moves):
+                # Rows deleted behind the scheduler (by hand: nanobot removes a job only through
+                # this store): the jobs kept in memory would run on without a row. The caller's
+                # transaction rolls back, and the pass that finds it unadvanced drops the index.
+                ids = [job_id for job_id, _stamp in moves]
+                kept: set[str] = set()
+                for start in range(0, len(ids), IN_MAX):
+                    part = ids[start : start + IN_MAX]
+                    kept.update(
+                        conn.execute(select(self.jobs_t.c.id).where(self.jobs_t.c.id.in_(part)))
+                        .scalars()
+                        .all()
+                    )
+                gone = sorted(set(ids) - kept)
+                self.lost.update(gone)
+                raise JobTableChangedError(
+                    f"{len(gone)} of {len(moves)} due jobs have no row in the job table any "
+                    f"more ({', '.join(gone[:5])}{'...' if len(gone) > 5 else ''}): the "
+                    "scheduler reads the table again and applies their tasks again"
+                )
         return moves
 
     def moved(self, moves: Iterable[tuple[str, float | None]]) -> None:
@@ -745,6 +780,11 @@ class NanobotScheduler:
             self._pass_failures += 1
             log.warning("cron.not_leader", reason=str(exc))
             wait = min(self.poll_interval, 1.0)
+        except JobTableChangedError as exc:
+            # Nothing of the pass was written; the next one reads the table again, at once.
+            self._pass_failures += 1
+            log.warning("cron.job_table_changed", reason=str(exc))
+            wait = 0.0
         except Exception as exc:
             # Whatever failed (a locked database, a lost connection), the timer is armed again
             # below: the scheduler retries instead of stopping while it reports running.
@@ -872,6 +912,14 @@ class NanobotScheduler:
                 t for t in (self._store.get_next_run_time(), self._memory.get_next_run_time()) if t
             ]
         return min(times).astimezone(UTC) if times else None
+
+    def take_lost(self) -> list[str]:
+        """The ids of jobs found without a row since the last call (their tasks' rows are to
+        be applied again)."""
+        with self._lock:
+            lost = sorted(self._store.lost)
+            self._store.lost.clear()
+        return lost
 
     def next_wakeup(self, window: float) -> tuple[datetime | None, int]:
         """:meth:`next_run_at`, and :meth:`count_due` of that time plus ``window`` seconds."""

@@ -134,6 +134,9 @@ class Dispatcher:
             raise NotLeaderError(
                 f"node {self._ctx.node}: the scheduling lease ran out by this process's clock"
             )
+        lost = scheduler.take_lost()
+        if lost:
+            self._reconciler.apply_again(lost)
         requests: list[RunRequest] = []
         reconciled = self._reconciler.due()
         if reconciled:

@@ -107,6 +107,14 @@ class Reconciler:
         self.applied.clear()
         self.deferred.clear()
 
+    def apply_again(self, names: list[str]) -> None:
+        """The jobs of ``names`` lost their rows (deleted behind the scheduler): their tasks'
+        rows are applied again at the next reconciliation, which is due now (a task whose row
+        is still stored gets its job back; its slots already claimed stay claimed)."""
+        for name in names:
+            self.applied.pop(name, None)
+        self._last = 0.0
+
     def due(self) -> bool:
         """Whether the control plane is to be read in this pass: at most once per poll
         interval, since passes for due slots come many times a second, and changes made in
