@@ -25,7 +25,8 @@ from faults.harness import Ledger, ServiceProcess, report, run_nanobot, wait_for
 from nanobot.bus import get_bus
 from nanobot.config import load_config
 from nanobot.database_guard import DATABASE_REPLACED
-from nanobot.db import dispose_engines
+from nanobot.db import create_db_engine, dispose_engines
+from nanobot.models import apscheduler_jobs
 from nanobot.service import Service
 
 sqlite_only = pytest.mark.parametrize(
@@ -169,3 +170,42 @@ def test_database_replaced_is_published_on_the_bus(tmp_path: Path, db_url: str) 
     assert payload["reason"] == "deleted"
     assert payload["database"].endswith("nanobot.db")
     assert payload["node"]
+
+
+@pytest.mark.timeout(120)
+def test_job_rows_deleted_by_hand_are_made_again(
+    tmp_path: Path, db_url: str, ledger: Ledger
+) -> None:
+    """Every row of the job table deleted with SQL by another process while the service runs:
+    the leader keeps its jobs' next run times in memory, so it is the first pass that moves a
+    job without a row that notices (a log line, nothing of that pass written); the task's row
+    is applied again and the task goes on running, no run twice."""
+    service = ServiceProcess(
+        home=tmp_path / "home", logs=tmp_path, env={"NANOBOT_DATABASE__URL": db_url}
+    ).start()
+    engine = create_db_engine(db_url)
+    try:
+        assert service.wait_up()["role"] == "leader"
+        ledger.add("tick", interval=0.2)
+        ledger.wait_runs(3, timeout=10)
+        with engine.begin() as conn:
+            deleted = conn.execute(apscheduler_jobs.delete()).rowcount
+        assert deleted >= 1
+        done_at = time.time()
+        before = len(ledger.runs("tick"))
+        ledger.wait_runs(before + 3, timeout=10, task="tick")
+
+        def noticed() -> list[dict[str, Any]]:
+            return service.events("cron.job_table_changed", "cron.job_rows_missing")
+
+        event = wait_for("the leader notices", noticed, timeout=5)[0]
+        report("job rows deleted by hand -> noticed", event["at"] - done_at)
+        assert not service.events("cron.pass_failed")
+        with engine.connect() as conn:
+            assert conn.execute(apscheduler_jobs.select()).first() is not None
+        run_ids = [r.run_id for r in ledger.runs("tick")]
+        assert len(run_ids) == len(set(run_ids))
+        assert service.stop() == 0
+    finally:
+        service.close()
+        engine.dispose()
