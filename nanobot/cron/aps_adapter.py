@@ -538,16 +538,9 @@ class NanobotJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
                 # Rows deleted behind the scheduler (by hand: nanobot removes a job only through
                 # this store): the jobs kept in memory would run on without a row. The caller's
                 # transaction rolls back, and the pass that finds it unadvanced drops the index.
-                ids = [job_id for job_id, _stamp in moves]
-                kept: set[str] = set()
-                for start in range(0, len(ids), IN_MAX):
-                    part = ids[start : start + IN_MAX]
-                    kept.update(
-                        conn.execute(select(self.jobs_t.c.id).where(self.jobs_t.c.id.in_(part)))
-                        .scalars()
-                        .all()
-                    )
-                gone = sorted(set(ids) - kept)
+                # (Every id of the table: this happens once per such deletion, not per pass.)
+                kept = set(conn.execute(select(self.jobs_t.c.id)).scalars())
+                gone = sorted({job_id for job_id, _stamp in moves} - kept)
                 self.lost.update(gone)
                 raise JobTableChangedError(
                     f"{len(gone)} of {len(moves)} due jobs have no row in the job table any "
