@@ -22,6 +22,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config
+
+
+_config: pytest.Config | None = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # A scenario rerun (`.ci/run`: --reruns) shows only as "R": say why it failed, on the
+    # terminal, so that a CI log tells a missed time bound from anything else. A
+    # SafetyViolation is never rerun (see faults.harness.SafetyViolation).
+    outcome: str = report.outcome  # "rerun" is pytest-rerunfailures' own, not in pytest's type
+    if outcome != "rerun" or _config is None:
+        return
+    reporter = _config.pluginmanager.get_plugin("terminalreporter")
+    crash = getattr(report.longrepr, "reprcrash", None)
+    reason = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1]
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(f"RERUN {report.nodeid}: {reason.splitlines()[0][:300]}")
+
+
 @pytest.fixture
 def cluster(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     """Nodes on ``db_url``; whatever still runs is killed (thawed first) afterwards."""

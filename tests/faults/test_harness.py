@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, insert, text
 from sqlalchemy.exc import OperationalError
 
-from faults.harness import Ledger, TcpProxy, check_ledger, pg_target
+from faults.harness import Ledger, SafetyViolation, TcpProxy, check_ledger, pg_target
 from nanobot.cron import control
 from nanobot.models import TaskRun, utcnow
 
@@ -97,7 +97,7 @@ def test_ledger_checker_names_overlaps_and_double_runs(tmp_path: Path, engine: o
         {"event": "end", "task": "t", "run_id": 1, "pid": 10, "start": 1.0, "at": 3.0},
         {"event": "end", "task": "t", "run_id": 1, "pid": 11, "start": 2.0, "at": 4.0},
     )
-    with pytest.raises(AssertionError) as failure:
+    with pytest.raises(SafetyViolation) as failure:
         check_ledger(engine, ledger, ["t"])
     message = str(failure.value)
     assert "executed twice" in message

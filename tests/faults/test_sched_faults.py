@@ -29,6 +29,7 @@ from faults.harness import (
     report,
     run_cli,
     task_runs,
+    violated,
     wait_for,
 )
 from nanobot.cron import control, definitions
@@ -93,11 +94,11 @@ def test_frozen_leader_neither_starts_nor_finishes_after_it_resumes(
         assert old.stop() == 0
         assert new.stop() == 0
     rows = check_accounting(db, ["beat"])
-    assert not watch.overwritten(), watch.overwritten()
+    violated(not watch.overwritten(), f"outcomes overwritten: {watch.overwritten()}")
     mine = [r for r in ledger.runs("beat") if r.pid == old.pid]
-    assert all(r.start < frozen_at for r in mine), "the frozen leader started a run after"
+    violated(all(r.start < frozen_at for r in mine), "the frozen leader started a run after")
     went_on = [r for r in mine if r.end is not None and r.end > thawed_at and r.outcome == "end"]
-    assert not went_on, f"runs of the frozen leader went on after it resumed: {went_on}"
+    violated(not went_on, f"runs of the frozen leader went on after it resumed: {went_on}")
     fenced = [r for r in mine if r.end is not None and r.end > thawed_at]
     assert fenced, "the run in flight at the freeze"
     assert all(r.outcome == "cancelled" for r in fenced)
@@ -152,11 +153,11 @@ def check_burst(db: Engine, ledger: Ledger, names: list[str]) -> list[Any]:
     by_id = {r.id: r for r in rows}
     runs = [r for r in ledger.runs() if r.task in set(names)]
     ids = [r.run_id for r in runs]
-    assert len(ids) == len(set(ids)), "a claimed run executed twice"
-    assert all(i in by_id for i in ids), "a run without its row"
+    violated(len(ids) == len(set(ids)), "a claimed run executed twice")
+    violated(all(i in by_id for i in ids), "a run without its row")
     ended = {r.run_id for r in runs if r.outcome == "end"}
     unended = [r for r in rows if r.outcome == "success" and r.id not in ended]
-    assert not unended, unended[:3]
+    violated(not unended, f"rows recorded success that no run ended: {unended[:3]}")
     return rows
 
 
@@ -329,7 +330,7 @@ def test_script_next_to_the_service_hands_its_task_over(
     assert not [r for r in rows if r.outcome == "interrupted"]
     assert not node.events("cron.runs_interrupted")
     heartbeat = [r for r in task_runs(db, ["heartbeat"]) if not r.manual]
-    assert len({r.scheduled_at for r in heartbeat}) == len(heartbeat)
+    violated(len({r.scheduled_at for r in heartbeat}) == len(heartbeat), "a heartbeat slot twice")
 
 
 def test_component_of_a_task_removed_before_a_kill_9_goes(
