@@ -95,6 +95,9 @@ class MarkerRecord:
     tasks: int
     device: int | None = None
     inode: int | None = None
+    # The database's own random id (models.DatabaseIdentity); None in a marker written before
+    # it existed, where the file's device and inode numbers are compared instead.
+    database_id: str | None = None
 
 
 class DatabaseMarker:
@@ -113,17 +116,28 @@ class DatabaseMarker:
                 tasks=int(data["tasks"]),
                 device=data.get("device"),
                 inode=data.get("inode"),
+                database_id=data.get("database_id"),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def lost_database(self, tasks: int) -> str | None:
-        """A problem if this database is empty where the marker remembers one with tasks."""
+    def lost_database(self, tasks: int, database_id: str | None = None) -> str | None:
+        """A problem if this database (of id ``database_id``) is empty where the marker
+        remembers one with tasks."""
         record = self.read()
         if record is None or record.url != self.url or record.tasks == 0 or tasks > 0:
             return None
         identity = FileIdentity.of(self.path) if self.path is not None else None
-        if identity is not None and record.inode is not None:
+        if record.database_id is not None and database_id is not None:
+            if record.database_id == database_id:
+                # The same database, emptied by someone on purpose (cron remove): not a lost one.
+                return None
+            what = (
+                f"a new database file was created at {self.path}"
+                if self.path is not None
+                else "a new, empty database was created under the same URL"
+            )
+        elif identity is not None and record.inode is not None:
             if (identity.device, identity.inode) == (record.device, record.inode):
                 # The same file, emptied by someone on purpose (cron remove): not a lost one.
                 return None
@@ -136,7 +150,7 @@ class DatabaseMarker:
             "the new one"
         )
 
-    def write(self, tasks: int) -> None:
+    def write(self, tasks: int, database_id: str | None = None) -> None:
         """Remember this database (best effort: a marker that cannot be written only weakens
         the check at the next start)."""
         identity = FileIdentity.of(self.path) if self.path is not None else None
@@ -145,6 +159,7 @@ class DatabaseMarker:
             tasks=tasks,
             device=identity.device if identity else None,
             inode=identity.inode if identity else None,
+            database_id=database_id,
         )
         if record == self.read():
             return

@@ -28,7 +28,7 @@ from sqlalchemy import Engine
 
 from nanobot.bus import get_bus
 from nanobot.database_file import DatabaseFileWatch, DatabaseMarker
-from nanobot.db import checkpoint, count_tasks
+from nanobot.db import checkpoint, count_tasks, database_id
 from nanobot.models import error_text
 
 log = structlog.get_logger(__name__)
@@ -73,6 +73,9 @@ class DatabaseGuard:
         self._last_checkpoint = time.monotonic()
         self._maintenance: asyncio.Future[int] | None = None
         self._pending_events: list[tuple[str, dict[str, Any]]] = []
+        # The random id of the database opened (read at the start; a file replaced later is
+        # the file watch's to notice).
+        self._database_id: str | None = None
 
     def check_at_start(self) -> None:
         """In a thread, after the migrations: remember which file is open, and say so loudly
@@ -80,9 +83,10 @@ class DatabaseGuard:
         if self._sqlite_path is not None:
             self._file_watch = DatabaseFileWatch(self._sqlite_path)
         tasks = count_tasks(self._engine)
-        lost = self._marker.lost_database(tasks)
+        self._database_id = database_id(self._engine)
+        lost = self._marker.lost_database(tasks, self._database_id)
         if lost is None:
-            self._marker.write(tasks)
+            self._marker.write(tasks, self._database_id)
             return
         # In the start-up thread, before the loops run: nothing reads or writes it meanwhile.
         self._recreated = True
@@ -164,7 +168,7 @@ class DatabaseGuard:
         was found recreated), and the checkpoint."""
         tasks = count_tasks(self._engine)
         if not recreated:
-            self._marker.write(tasks)
+            self._marker.write(tasks, self._database_id)
         if checkpoint_due:
             checkpoint(self._engine)
         return tasks

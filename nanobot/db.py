@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 
 from nanobot.config import Config, get_config
 from nanobot.exceptions import DatabaseError, SchemaTooNewError
-from nanobot.models import Task, error_text
+from nanobot.models import DatabaseIdentity, Task, error_text
 from nanobot.writer_queue import WriterQueue
 
 # Alembic is imported where it is used (each such import says `noqa: PLC0415 -- alembic`): a
@@ -290,6 +290,13 @@ def count_tasks(engine: Engine) -> int:
     )
     with read_transaction(engine) as conn:
         return int(conn.execute(query).scalar_one())
+
+
+def database_id(engine: Engine) -> str | None:
+    """The random id this database was given when it was created (:class:`DatabaseIdentity`);
+    None if it has none."""
+    with read_transaction(engine) as conn:
+        return conn.execute(select(DatabaseIdentity.id).limit(1)).scalar_one_or_none()
 
 
 # --- migrations -------------------------------------------------------------------------------

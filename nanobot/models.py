@@ -367,6 +367,17 @@ class SessionRecord(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class DatabaseIdentity(Base):
+    """One row: a random id made when this database was created (migration 0013), shared by no
+    other database. The database guard remembers it (``database.json``) to tell a new, empty
+    database from the same one emptied on purpose; a file's inode number cannot: once the old
+    file is deleted, the new one at the path often gets the same number."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+
+
 class SchedulerLease(Base):
     """Who may schedule: one row per lease name, held by one node until it expires.
 

@@ -112,3 +112,32 @@ def test_a_marker_that_cannot_be_written_does_not_stop_the_service(tmp_path: Pat
     DatabaseMarker(home, URL, None).write(1)
     assert DatabaseMarker(home, URL, None).read() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home-is-a-file"]
+
+
+def test_a_new_database_that_reuses_the_old_inode_is_noticed_by_its_id(
+    tmp_path: Path, db_file: Path
+) -> None:
+    """The file deleted and a new one created at the path can get the same inode number: the
+    database's own id (migration 0013) tells them apart; the same id emptied is not a loss."""
+    DatabaseMarker(tmp_path, URL, db_file).write(3, "id-of-the-old-database")
+    same_file = DatabaseMarker(tmp_path, URL, db_file)  # the same device and inode numbers
+    problem = same_file.lost_database(tasks=0, database_id="id-of-a-new-database")
+    assert problem is not None
+    assert problem.startswith(f"a new database file was created at {db_file}")
+    assert "had 3 stored task(s)" in problem
+    assert same_file.lost_database(tasks=0, database_id="id-of-the-old-database") is None
+    assert same_file.lost_database(tasks=1, database_id="id-of-a-new-database") is None
+
+
+def test_a_marker_without_an_id_falls_back_to_the_file_identity(
+    tmp_path: Path, db_file: Path
+) -> None:
+    """A marker written before databases had an id: the device and inode numbers decide."""
+    DatabaseMarker(tmp_path, URL, db_file).write(3)
+    assert DatabaseMarker(tmp_path, URL, db_file).lost_database(0, "any-id") is None
+    url = "postgresql+psycopg://db.example/nanobot"
+    DatabaseMarker(tmp_path, url, None).write(5, "old")
+    problem = DatabaseMarker(tmp_path, url, None).lost_database(0, "new")
+    assert problem is not None
+    assert problem.startswith("a new, empty database was created under the same URL")
+    assert DatabaseMarker(tmp_path, url, None).lost_database(0, "old") is None

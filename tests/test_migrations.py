@@ -22,6 +22,7 @@ from nanobot.db import (
     alembic_config,
     create_db_engine,
     current_revision,
+    database_id,
     downgrade_database,
     head_revision,
     migrations_dir,
@@ -240,3 +241,23 @@ def test_0003_marks_running_rows_of_earlier_versions_dispatched(empty_engine: En
     assert rows["a"].outcome == "running"
     assert rows["b"].started_at is None
     assert rows["b"].slots == 3
+
+
+def test_0013_gives_each_database_an_id_of_its_own(empty_engine: Engine) -> None:
+    """A database upgraded in place from 0012 gets one random id, kept by a second upgrade; a
+    database made afresh gets another (both databases; the guard tells them apart by it)."""
+    upgrade_database(empty_engine, "0012")
+    assert "database_identity" not in _tables(empty_engine)
+    upgrade_database(empty_engine)
+    upgraded = database_id(empty_engine)
+    assert upgraded is not None
+    assert len(upgraded) == 36
+    upgrade_database(empty_engine)
+    assert database_id(empty_engine) == upgraded
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM database_identity")).scalar_one() == 1
+    downgrade_database(empty_engine, "base")
+    upgrade_database(empty_engine)
+    afresh = database_id(empty_engine)
+    assert afresh is not None
+    assert afresh != upgraded
