@@ -14,7 +14,15 @@ import time
 import pytest
 from sqlalchemy import Engine
 
-from faults.harness import Cluster, Ledger, OutcomeWatch, check_ledger, report, wait_for
+from faults.harness import (
+    Cluster,
+    Ledger,
+    OutcomeWatch,
+    check_ledger,
+    report,
+    violated,
+    wait_for,
+)
 
 TTL = 3.0
 RUN_S = 6.0
@@ -51,5 +59,5 @@ def test_clean_stop_with_a_run_in_flight_never_overlaps_the_standby(
     assert old[-1].end is not None
     report("clean stop with a 6 s run in flight: SIGTERM -> leader exited", exited_at - stopped_at)
     report("clean stop: old run's end -> standby's first run", new[0].start - old[-1].end)
-    assert new[0].start >= old[-1].end, "the standby started while the old run still went"
+    violated(new[0].start >= old[-1].end, "the standby started while the old run still went")
     check_ledger(db, ledger, ["long"], watch=watch)
