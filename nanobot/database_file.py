@@ -127,7 +127,6 @@ class DatabaseMarker:
         record = self.read()
         if record is None or record.url != self.url or record.tasks == 0 or tasks > 0:
             return None
-        identity = FileIdentity.of(self.path) if self.path is not None else None
         if record.database_id is not None and database_id is not None:
             if record.database_id == database_id:
                 # The same database, emptied by someone on purpose (cron remove): not a lost one.
@@ -137,7 +136,11 @@ class DatabaseMarker:
                 if self.path is not None
                 else "a new, empty database was created under the same URL"
             )
-        elif identity is not None and record.inode is not None:
+        elif (
+            self.path is not None
+            and record.inode is not None
+            and (identity := FileIdentity.of(self.path)) is not None
+        ):
             if (identity.device, identity.inode) == (record.device, record.inode):
                 # The same file, emptied by someone on purpose (cron remove): not a lost one.
                 return None

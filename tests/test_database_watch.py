@@ -1,6 +1,7 @@
 """The checks that a lost database is noticed (nanobot.database_file), on real files: the watch
-of the open SQLite file and the marker of the last database. The service's side of both (the
-fault stops scheduling, status says so) is the fault suite's tests/faults/test_database_file.py."""
+of the open SQLite file and the marker of the last database, and the guard's check at start on a
+real database. The service's side of both (the fault stops scheduling, status says so) is the
+fault suite's tests/faults/test_database_file.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from nanobot.cron import control
 from nanobot.database_file import MARKER_FILE, DatabaseFileWatch, DatabaseMarker
+from nanobot.database_guard import RECREATED, DatabaseGuard
+from nanobot.db import create_db_engine, upgrade_database
+from nanobot.models import utcnow
 
 URL = "sqlite:////srv/nanobot.db"
 
@@ -141,3 +147,60 @@ def test_a_marker_without_an_id_falls_back_to_the_file_identity(
     assert problem is not None
     assert problem.startswith("a new, empty database was created under the same URL")
     assert DatabaseMarker(tmp_path, url, None).lost_database(0, "old") is None
+
+
+def test_the_guard_at_start_tells_a_new_database_at_the_same_inode_by_its_id(
+    tmp_path: Path,
+) -> None:
+    """The service's side: a real database with a task remembered at one start; at the next,
+    the same file (same device and inode numbers, as a file made after the old one's deletion
+    often has) holds another database id and no task: said recreated. The same id emptied of
+    its tasks is not."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = tmp_path / "nanobot.db"
+    engine = create_db_engine(f"sqlite:///{path}")
+    warnings: list[tuple[str, str | None]] = []
+
+    def start() -> None:
+        guard = DatabaseGuard(
+            engine,
+            home=home,
+            sqlite_path=path,
+            node="n1",
+            period=1.0,
+            warn=lambda key, problem: warnings.append((key, problem)),
+        )
+        guard.check_at_start()
+
+    try:
+        upgrade_database(engine)
+        with engine.begin() as conn:
+            control.insert_task(
+                conn,
+                dict(name="t", task_class="x:Y", interval_s=60, kwargs={}, paused=False,
+                     anchor_at=utcnow()),
+            )  # fmt: skip
+        start()
+        assert warnings == []
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM tasks"))
+        start()  # the same database emptied on purpose
+        assert warnings == []
+        with engine.begin() as conn:
+            control.insert_task(
+                conn,
+                dict(name="t", task_class="x:Y", interval_s=60, kwargs={}, paused=False,
+                     anchor_at=utcnow()),
+            )  # fmt: skip
+        start()
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM tasks"))
+            conn.execute(text("UPDATE database_identity SET id = 'another database'"))
+        start()
+        assert [key for key, _problem in warnings] == [RECREATED]
+        problem = warnings[0][1]
+        assert problem is not None
+        assert problem.startswith(f"a new database file was created at {path}")
+    finally:
+        engine.dispose()
