@@ -66,6 +66,7 @@ from nanobot.models import (
     bound_error,
     utcnow,
 )
+from nanobot.sqlite_many import SqliteMany, sqlite_time
 from nanobot.times import iso
 
 _RUNS = cast(Table, TaskRun.__table__)
@@ -165,19 +166,46 @@ def _insert_ignoring_conflicts(conn: Connection) -> Any:
     return sqlite.insert(table).on_conflict_do_nothing(index_elements=CLAIM_KEY)
 
 
-# Statements that passes and outcome batches run many times a second, built once (per dialect
-# where it differs): building and hashing a statement costs more than running it on SQLite.
-_CLAIM_STMTS: dict[str, Any] = {}
+# On SQLite a pass's claims go as multi-row INSERTs of at most this many rows, their values
+# handed to the driver as they are (see nanobot.sqlite_many): SQLAlchemy's own multi-row
+# INSERTs ("insertmanyvalues") prepared each row's eight values in Python first.
+_SQLITE_CLAIM_ROWS: Final = 500
+_SQLITE_CLAIM_ROW: Final = "(?, ?, ?, ?, ?, ?, ?, ?)"
+# The statement for each number of rows, built once.
+_SQLITE_CLAIMS: dict[int, str] = {}
 
 
-def _claim_stmt(conn: Connection) -> Any:
-    stmt = _CLAIM_STMTS.get(conn.dialect.name)
-    if stmt is None:
-        stmt = _insert_ignoring_conflicts(conn).returning(
-            TaskRun.id, TaskRun.task_name, TaskRun.scheduled_at
+def _sqlite_claim_sql(rows: int) -> str:
+    sql = _SQLITE_CLAIMS.get(rows)
+    if sql is None:
+        sql = (
+            f"INSERT INTO {TaskRun.__tablename__} ({', '.join(_CLAIM_COLUMNS)}) VALUES "
+            f"{', '.join([_SQLITE_CLAIM_ROW] * rows)} "
+            f"ON CONFLICT ({', '.join(CLAIM_KEY)}) DO NOTHING "
+            "RETURNING id, task_name, scheduled_at"
         )
-        _CLAIM_STMTS[conn.dialect.name] = stmt
-    return stmt
+        _SQLITE_CLAIMS[rows] = sql
+    return sql
+
+
+def _claim_sqlite(
+    conn: Connection, claims: Sequence[Claim], node: str
+) -> dict[tuple[str, datetime], int]:
+    running = TaskOutcome.RUNNING.value
+    # The slot of each row by what the column holds: RETURNING gives the text back.
+    slots: dict[tuple[str, str | None], datetime] = {}
+    claimed: dict[tuple[str, datetime], int] = {}
+    for start in range(0, len(claims), _SQLITE_CLAIM_ROWS):
+        chunk = claims[start : start + _SQLITE_CLAIM_ROWS]
+        values: list[Any] = []
+        for c in chunk:
+            at = sqlite_time(c.scheduled_at)
+            slots[c.task, at] = c.scheduled_at
+            started = (sqlite_time(c.started_at) if c.started_at else at) if c.dispatched else None
+            values += (c.task, at, running, started, 1, c.manual, node, c.attempt)
+        for run_id, task, at in conn.exec_driver_sql(_sqlite_claim_sql(len(chunk)), tuple(values)):
+            claimed[task, slots[task, at]] = int(run_id)
+    return claimed
 
 
 # On PostgreSQL a pass's claims go as one INSERT from unnest()ed arrays, one parameter per
@@ -257,23 +285,7 @@ def claim_slots(
         return {
             (row.task_name, row.scheduled_at): int(row.id) for row in _claim_pg(conn, claims, node)
         }
-    # An executemany with RETURNING: SQLAlchemy sends it as multi-row INSERTs ("insertmanyvalues")
-    # with one cached compilation, whatever the number of claims.
-    stmt = _claim_stmt(conn)
-    rows = [
-        {
-            "task_name": c.task,
-            "scheduled_at": c.scheduled_at,
-            "outcome": TaskOutcome.RUNNING.value,
-            "started_at": (c.started_at or c.scheduled_at) if c.dispatched else None,
-            "slots": 1,
-            "manual": c.manual,
-            "node": node,
-            "attempt": c.attempt,
-        }
-        for c in claims
-    ]
-    return {(row.task_name, row.scheduled_at): int(row.id) for row in conn.execute(stmt, rows)}
+    return _claim_sqlite(conn, claims, node)
 
 
 def record_unrun(conn: Connection, finishes: Sequence[Finish]) -> None:
@@ -393,6 +405,18 @@ _MIRROR_LAST_NEXT: Final = (
 )
 
 
+# On SQLite the outcome batches' statements go to the driver as they are (see
+# nanobot.sqlite_many: SQLAlchemy's preparation of each row was half of the batches' CPU).
+_SQLITE_FINISH_RUN: Final = SqliteMany(
+    _FINISH_RUN, ("b_id", "b_started", "b_finished", "b_duration", "b_outcome", "b_error")
+)
+_MIRROR_NAMES: Final = ("b_name", "b_last", "b_outcome", "b_failed", "b_pending")
+_SQLITE_MIRROR_LAST: Final = SqliteMany(_MIRROR_LAST, _MIRROR_NAMES)
+_SQLITE_MIRROR_LAST_NEXT: Final = SqliteMany(
+    _MIRROR_LAST_NEXT, (*_MIRROR_NAMES, "b_next", "b_version")
+)
+
+
 # The same as _FINISH_RUN on PostgreSQL, for a whole batch in one UPDATE from unnest()ed
 # arrays (SQLAlchemy's executemany runs one UPDATE per row there).
 _FINISH_COLUMNS: Final = {
@@ -431,17 +455,17 @@ def _finish_runs(conn: Connection, ran: Sequence[Finish]) -> None:
             },
         )
         return
-    conn.execute(
-        _FINISH_RUN,
+    _SQLITE_FINISH_RUN.execute(
+        conn,
         [
-            {
-                "b_id": f.run_id,
-                "b_started": f.started_at,
-                "b_finished": f.finished_at,
-                "b_duration": duration,
-                "b_outcome": f.outcome.value,
-                "b_error": bound_error(f.error),
-            }
+            (
+                f.run_id,
+                sqlite_time(f.started_at),
+                sqlite_time(f.finished_at),
+                duration,
+                f.outcome.value,
+                bound_error(f.error),
+            )
             for f, duration in zip(ran, durations, strict=True)
         ],
     )
@@ -497,6 +521,17 @@ def _mirror_pg(conn: Connection, params: list[dict[str, Any]]) -> None:
         )
 
 
+def _mirror_row(f: Finish) -> tuple[Any, ...]:
+    """The values of an outcome's mirror (:data:`_MIRROR_NAMES`) for SQLite."""
+    return (
+        f.task,
+        sqlite_time(f.started_at or f.finished_at),
+        f.outcome.value,
+        f.final and f.outcome in FAILED_OUTCOMES,
+        not f.final,
+    )
+
+
 def mirror_outcomes(
     conn: Connection,
     finishes: Sequence[Finish],
@@ -512,22 +547,28 @@ def mirror_outcomes(
     mirrored = [f for f in finishes if f.outcome is not TaskOutcome.SKIPPED]
     if not mirrored:
         return
-    params = []
-    for f in mirrored:
-        row = {
-            "b_name": f.task,
-            "b_last": f.started_at or f.finished_at,
-            "b_outcome": f.outcome.value,
-            "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
-            "b_pending": not f.final,
-        }
-        if next_runs:
-            row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
-        params.append(row)
     if conn.dialect.name == "postgresql":
+        params = []
+        for f in mirrored:
+            row = {
+                "b_name": f.task,
+                "b_last": f.started_at or f.finished_at,
+                "b_outcome": f.outcome.value,
+                "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
+                "b_pending": not f.final,
+            }
+            if next_runs:
+                row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
+            params.append(row)
         _mirror_pg(conn, params)
+    elif next_runs:
+        rows = []
+        for f in mirrored:
+            next_run, version = next_runs.get(f.task, (None, -1))
+            rows.append((*_mirror_row(f), sqlite_time(next_run), version))
+        _SQLITE_MIRROR_LAST_NEXT.execute(conn, rows)
     else:
-        conn.execute(_MIRROR_LAST_NEXT if next_runs else _MIRROR_LAST, params)
+        _SQLITE_MIRROR_LAST.execute(conn, [_mirror_row(f) for f in mirrored])
     for f in mirrored:
         next_runs.pop(f.task, None)
 
