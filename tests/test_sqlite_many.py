@@ -52,10 +52,12 @@ def test_sqlite_time_refuses_a_naive_datetime_and_passes_none() -> None:
     assert sqlite_time(None) is None
 
 
-def test_a_statement_without_the_named_parameter_is_refused() -> None:
+def test_a_statement_without_the_named_parameter_is_refused(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'nanobot.db'}")
+    upgrade_database(engine)
     many = SqliteMany(update(TaskRun).values(error="x"), ("b_id",))
-    with pytest.raises(ValueError, match="no parameter b_id"):
-        many._prepare()
+    with write_transaction(engine) as conn, pytest.raises(ValueError, match="no parameter b_id"):
+        many.execute(conn, [(1,)])
 
 
 @pytest.fixture
