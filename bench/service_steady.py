@@ -16,6 +16,7 @@ was done (every slot of the window started by every task; nanobot also records e
 from __future__ import annotations
 
 import collections
+import math
 import os
 import subprocess
 import sys
@@ -330,7 +331,7 @@ def run(quick: bool) -> Result:
         n / m
         for p in pairs
         for n, m in zip(p["slices"]["nanobot"], p["slices"]["memory"], strict=True)
-        if n == n and m == m and m > 0
+        if not (math.isnan(n) or math.isnan(m)) and m > 0
     ]
     if pair_ratios:
         res.add(
@@ -435,7 +436,7 @@ def run(quick: bool) -> Result:
 
 def _mean(per_slice: list[float]) -> float | None:
     """The mean of the slices measured (a slice with no run is left out)."""
-    present = [v for v in per_slice if v == v]
+    present = [v for v in per_slice if not math.isnan(v)]
     return sum(present) / len(present) if present else None
 
 

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import Engine, bindparam, create_engine, select, text, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, select, text, update
 
 from nanobot.cron import history
 from nanobot.cron.history import Claim, Finish
@@ -58,6 +58,18 @@ def test_a_statement_without_the_named_parameter_is_refused(tmp_path: Path) -> N
     many = SqliteMany(update(TaskRun).values(error="x"), ("b_id",))
     with write_transaction(engine) as conn, pytest.raises(ValueError, match="no parameter b_id"):
         many.execute(conn, [(1,)])
+
+
+def test_a_statement_of_one_parameter_runs_once_per_row(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'nanobot.db'}")
+    upgrade_database(engine)
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    with write_transaction(engine) as conn:
+        ids = history.claim_slots(conn, [Claim(n, slot) for n in ("a", "b", "c")], node="n")
+        gone = SqliteMany(delete(TaskRun).where(TaskRun.id == bindparam("b_id")), ("b_id",))
+        gone.execute(conn, [(ids["a", slot],), (ids["c", slot],)])
+    with engine.connect() as conn:
+        assert list(conn.execute(select(TaskRun.task_name)).scalars()) == ["b"]
 
 
 @pytest.fixture

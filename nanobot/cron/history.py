@@ -522,14 +522,20 @@ def _mirror_pg(conn: Connection, params: list[dict[str, Any]]) -> None:
 
 
 def _mirror_row(f: Finish) -> tuple[Any, ...]:
-    """The values of an outcome's mirror (:data:`_MIRROR_NAMES`) for SQLite."""
+    """The values of an outcome's mirror, in the order of :data:`_MIRROR_NAMES` (the time as
+    the datetime itself: SQLite takes it as :func:`sqlite_time` text)."""
     return (
         f.task,
-        sqlite_time(f.started_at or f.finished_at),
+        f.started_at or f.finished_at,
         f.outcome.value,
         f.final and f.outcome in FAILED_OUTCOMES,
         not f.final,
     )
+
+
+def _sqlite_mirror_row(f: Finish) -> tuple[Any, ...]:
+    name, last, *rest = _mirror_row(f)
+    return (name, sqlite_time(last), *rest)
 
 
 def mirror_outcomes(
@@ -550,13 +556,7 @@ def mirror_outcomes(
     if conn.dialect.name == "postgresql":
         params = []
         for f in mirrored:
-            row = {
-                "b_name": f.task,
-                "b_last": f.started_at or f.finished_at,
-                "b_outcome": f.outcome.value,
-                "b_failed": f.final and f.outcome in FAILED_OUTCOMES,
-                "b_pending": not f.final,
-            }
+            row = dict(zip(_MIRROR_NAMES, _mirror_row(f), strict=True))
             if next_runs:
                 row["b_next"], row["b_version"] = next_runs.get(f.task, (None, -1))
             params.append(row)
@@ -565,10 +565,10 @@ def mirror_outcomes(
         rows = []
         for f in mirrored:
             next_run, version = next_runs.get(f.task, (None, -1))
-            rows.append((*_mirror_row(f), sqlite_time(next_run), version))
+            rows.append((*_sqlite_mirror_row(f), sqlite_time(next_run), version))
         _SQLITE_MIRROR_LAST_NEXT.execute(conn, rows)
     else:
-        _SQLITE_MIRROR_LAST.execute(conn, [_mirror_row(f) for f in mirrored])
+        _SQLITE_MIRROR_LAST.execute(conn, [_sqlite_mirror_row(f) for f in mirrored])
     for f in mirrored:
         next_runs.pop(f.task, None)
 
