@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import DEFAULT, FIGURES
-from bench.common import REPO, Result, machine, markdown_table, text_table
+from bench.common import REPO, Result, compile_bytecode, machine, markdown_table, text_table
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 # Everything from this heading on in RESULTS.md is kept when the table is rewritten.
@@ -128,6 +128,7 @@ def main() -> None:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
     started = datetime.now(UTC)
     before = machine()
+    compile_bytecode()
     results = []
     for name in names:
         print(f"== {name} ...", file=sys.stderr, flush=True)

@@ -8,7 +8,9 @@ and heap never bias the next one's numbers, and collects the rows into one table
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -26,6 +28,21 @@ import structlog
 from sqlalchemy import Engine, create_engine, event, insert
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def compile_bytecode() -> None:
+    """Write the bytecode of nanobot's and the benchmark's modules, as an installed package has it.
+
+    ``pip install`` compiles a package's modules as it installs them, and Python writes the
+    bytecode of any other module the first time it imports it, unless PYTHONDONTWRITEBYTECODE
+    is set, as some shells and containers do. With it set, every start of the service compiled
+    nanobot's modules from source again: 0.3-0.5 s of the start-up figure on a 2-core machine,
+    which no installed service pays. Files already compiled are left as they are (a few ms).
+    """
+    for package in ("nanobot", "bench"):
+        compileall.compile_dir(REPO / package, quiet=1)
+
 
 # --- results ---------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 
-from bench.common import REPO
+from bench.common import REPO, compile_bytecode
 
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
@@ -185,6 +185,7 @@ class ServiceProcess(_Process):
         self.env = child_env(**env)
 
     def start(self) -> ServiceProcess:
+        compile_bytecode()  # as installed: see its docstring
         self.home.mkdir(parents=True, exist_ok=True)
         stderr = self.stderr_path.open("ab")
         self.started_at = time.time()
@@ -246,6 +247,7 @@ class ApsProcess(_Process):
         self.spec["ready"] = str(self.ready_path)
 
     def start(self) -> ApsProcess:
+        compile_bytecode()
         self.started_at = time.time()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.aps_process", json.dumps(self.spec)],

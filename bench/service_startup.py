@@ -98,7 +98,8 @@ def run(quick: bool) -> Result:
     res.settings = {"stored_tasks": list(sizes)}
     results: dict[str, dict[str, float]] = {}
     with bench_home("startup") as base:
-        # A first start warms the file cache (interpreter, .pyc files); its time is discarded.
+        # A first start warms the file cache (interpreter, .pyc files, compiled beforehand as an
+        # installed package has them: bench.common.compile_bytecode); its time is discarded.
         _start(base / "warmup", _prepare(base / "warmup", 0))
         results["empty"] = _start(base / "empty", _prepare(base / "empty", 0))
         for n in sizes:

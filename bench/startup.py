@@ -34,6 +34,7 @@ from bench.common import (
     Result,
     aps_store_jobs,
     bench_home,
+    compile_bytecode,
     epoch_to_dt,
     insert_stored_tasks,
     nanobot_engine,
@@ -47,6 +48,7 @@ LATER = 3600.0
 def _child(kind: str, db: Path, out: Path) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "bench._startup_child", kind, str(db), str(out)]
+    compile_bytecode()  # as installed: see its docstring
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     try:
