@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures.thread
 import json
+import os
 import runpy
 import signal
 import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 _stats: defaultdict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0])
@@ -53,32 +55,42 @@ def _add(key: str, started: float, wall_started: float) -> None:
         entry[3] += wall > 0.001
 
 
-def _patch() -> None:
+# Runs one call (its first argument) of the key its second argument names: a timer or a recorder.
+Runner = Callable[[Callable[[], None], Callable[[], str]], None]
+
+
+def patch(run: Runner) -> None:
+    """Every event-loop callback and thread-pool item of this process goes through ``run``,
+    keyed ``loop: NAME`` or ``pool: NAME``."""
     handle_run = asyncio.events.Handle._run
     item_run = concurrent.futures.thread._WorkItem.run
 
-    def timed_handle(self: asyncio.Handle) -> None:
-        if not _counting.is_set():
-            handle_run(self)
-            return
-        started, wall_started = time.thread_time(), time.perf_counter()
-        try:
-            handle_run(self)
-        finally:
-            _add("loop: " + _name(self._callback), started, wall_started)  # type: ignore[attr-defined]
+    def patched_handle(self: asyncio.Handle) -> None:
+        run(lambda: handle_run(self), lambda: "loop: " + _name(self._callback))  # type: ignore[attr-defined]
 
-    def timed_item(self: Any) -> None:
-        if not _counting.is_set():
-            item_run(self)
-            return
-        started, wall_started = time.thread_time(), time.perf_counter()
-        try:
-            item_run(self)
-        finally:
-            _add("pool: " + _name(self.fn), started, wall_started)
+    def patched_item(self: Any) -> None:
+        run(lambda: item_run(self), lambda: "pool: " + _name(self.fn))
 
-    asyncio.events.Handle._run = timed_handle  # type: ignore[method-assign]
-    concurrent.futures.thread._WorkItem.run = timed_item  # type: ignore[method-assign]
+    asyncio.events.Handle._run = patched_handle  # type: ignore[method-assign]
+    concurrent.futures.thread._WorkItem.run = patched_item  # type: ignore[method-assign]
+
+
+def _timed(call: Callable[[], None], key: Callable[[], str]) -> None:
+    if not _counting.is_set():
+        call()
+        return
+    started, wall_started = time.thread_time(), time.perf_counter()
+    try:
+        call()
+    finally:
+        _add(key(), started, wall_started)
+
+
+def write_json(out: str, value: Any) -> None:
+    """Write ``value`` to ``out`` whole: a file beside it, renamed (the parent waits for OUT)."""
+    with open(out + ".part", "w") as f:
+        json.dump(value, f)
+    os.replace(out + ".part", out)
 
 
 def main(out: str) -> None:
@@ -89,12 +101,12 @@ def main(out: str) -> None:
 
     def stop(*_: object) -> None:
         _counting.clear()
-        with _lock, open(out, "w") as f:
-            json.dump(dict(_stats), f)
+        with _lock:
+            write_json(out, dict(_stats))
 
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)
-    _patch()
+    patch(_timed)
     sys.argv = ["nanobot"]
     runpy.run_module("nanobot", run_name="__main__", alter_sys=True)
 

@@ -21,24 +21,37 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from bench.common import compile_bytecode
 from bench.proc import ServiceProcess, nanobot_db
 from bench.service_steady import INTERVAL, store_stamping_tasks
+from bench.tasks import read_stamps
 
 
-class _CountedService(ServiceProcess):
-    """The service under :mod:`bench._callbacks_child`, which counts its callbacks."""
+class InstrumentedService(ServiceProcess):
+    """The service under ``child`` (:mod:`bench._callbacks_child`, which counts its callbacks,
+    or :mod:`bench._late_starts_child`, which records them), writing to ``out``."""
 
-    def __init__(self, home: Path, out: Path, settings: dict[str, str]) -> None:
+    def __init__(
+        self,
+        home: Path,
+        out: Path,
+        settings: dict[str, str],
+        child: str = "bench._callbacks_child",
+    ) -> None:
         super().__init__(home, **settings)
         self.out = out
+        self.child = child
 
-    def start(self) -> _CountedService:
+    def start(self) -> InstrumentedService:
+        compile_bytecode()  # as installed: see its docstring
         self.home.mkdir(parents=True, exist_ok=True)
         with self.stderr_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench._callbacks_child", str(self.out)],
+                [sys.executable, "-m", self.child, str(self.out)],
                 cwd=self.home,
                 env=self.env,
                 stdout=subprocess.DEVNULL,
@@ -47,33 +60,59 @@ class _CountedService(ServiceProcess):
         return self
 
 
-def measure(
-    tasks: int, window: float, home: Path, settings: dict[str, str] | None = None
-) -> tuple[float, dict[str, list[float]]]:
-    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds,
-    longest_s, over_1ms]}``;
-    ``settings``: environment variables of the service (NANOBOT_...)."""
-    out = home / "callbacks.json"
+@dataclass
+class Window:
+    """What one instrumented window gave: the child's JSON, the runs' stamps, when it began
+    and ended (epoch) and the process's CPU seconds over it."""
+
+    recorded: Any
+    stamps: list[tuple[float, float]]
+    began: float
+    ended: float
+    cpu: float
+
+
+def run_window(
+    tasks: int,
+    window: float,
+    home: Path,
+    settings: dict[str, str] | None = None,
+    child: str = "bench._callbacks_child",
+) -> Window:
+    """The steady figure's load on the service under ``child``, recorded over ``window``
+    after the figure's warm-up; ``settings``: environment variables of the service
+    (NANOBOT_...)."""
+    out = home / "recorded.json"
     stamp = home / "stamps.txt"
     engine = nanobot_db(f"sqlite:///{home / 'nanobot.db'}")
-    service = _CountedService(home, out, settings or {})
+    service = InstrumentedService(home, out, settings or {}, child)
     with service:
         service.start()
         service.wait_status("/healthz", 200)
         anchor0 = store_stamping_tasks(engine, tasks, INTERVAL, stamp)
         time.sleep(max(0.0, anchor0 + 5 - time.time()))  # the same warm-up as the figure
         os.kill(service.pid, signal.SIGUSR1)
-        cpu0 = service.cpu()
+        began, cpu0 = time.time(), service.cpu()
         time.sleep(window)
         cpu1 = service.cpu()
         os.kill(service.pid, signal.SIGUSR2)
+        ended = time.time()
+        # The child writes a file beside OUT and renames it: once OUT is there it is whole.
         deadline = time.monotonic() + 10
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         service.stop()
     engine.dispose()
-    stats: dict[str, list[float]] = json.loads(out.read_text())
-    return (cpu1 - cpu0) / (tasks * window / INTERVAL), stats
+    return Window(json.loads(out.read_text()), read_stamps(stamp), began, ended, cpu1 - cpu0)
+
+
+def measure(
+    tasks: int, window: float, home: Path, settings: dict[str, str] | None = None
+) -> tuple[float, dict[str, list[float]]]:
+    """The process's CPU per run over ``window``, and ``{callback: [calls, cpu_seconds,
+    longest_s, over_1ms]}``."""
+    recorded = run_window(tasks, window, home, settings)
+    return recorded.cpu / (tasks * window / INTERVAL), recorded.recorded
 
 
 def main() -> None:
