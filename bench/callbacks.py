@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.common import compile_bytecode
 from bench.proc import ServiceProcess, nanobot_db
-from bench.service_steady import INTERVAL, store_stamping_tasks
+from bench.service_steady import INTERVAL, STEADY_TASKS, STEADY_WARMUP_S, store_stamping_tasks
 from bench.tasks import read_stamps
 
 
@@ -90,7 +90,7 @@ def run_window(
         service.start()
         service.wait_status("/healthz", 200)
         anchor0 = store_stamping_tasks(engine, tasks, INTERVAL, stamp)
-        time.sleep(max(0.0, anchor0 + 5 - time.time()))  # the same warm-up as the figure
+        time.sleep(max(0.0, anchor0 + STEADY_WARMUP_S - time.time()))
         os.kill(service.pid, signal.SIGUSR1)
         began, cpu0 = time.time(), service.cpu()
         time.sleep(window)
@@ -117,7 +117,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=STEADY_TASKS)
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument(

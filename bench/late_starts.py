@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.callbacks import run_window
 from bench.common import percentile
-from bench.service_steady import INTERVAL
+from bench.service_steady import INTERVAL, STEADY_TASKS
 
 # An item must overlap a late start's interval by this much to be named as meeting it.
 OVERLAP_S = 0.0003
@@ -39,11 +39,12 @@ def record(tasks: int, window: float, home: Path) -> tuple[list[Event], list[tup
     """The events recorded over ``window`` and the ``(lateness, slot)`` of every run in it."""
     recorded = run_window(tasks, window, home, child="bench._late_starts_child")
     events: list[Event] = [(e[0], e[1], e[2], e[3]) for e in recorded.recorded]
+    began, ended = recorded.began + EDGE_S, recorded.ended - EDGE_S
     runs = []
     for start, anchor in recorded.stamps:
-        if recorded.began + EDGE_S <= start <= recorded.ended - EDGE_S:
-            slot = anchor + ((start - anchor) // INTERVAL) * INTERVAL
-            runs.append((start - slot, slot))
+        if began <= start < ended:
+            late = (start - anchor) % INTERVAL  # as the figure's (service_steady._lateness)
+            runs.append((late, start - late))
     return events, runs
 
 
@@ -53,7 +54,7 @@ def _overlap(event: Event, lo: float, hi: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--tasks", type=int, default=STEADY_TASKS)
     parser.add_argument("--window", type=float, default=60.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nanobot-late-starts-") as tmp:

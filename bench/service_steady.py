@@ -47,6 +47,12 @@ from bench.proc import (
 from bench.tasks import read_stamps
 
 INTERVAL = 1.0
+# The steady figure's load and window (quick: STEADY_WINDOW_QUICK_S); its diagnostics use them
+# too (bench.callbacks, bench.late_starts, bench.steady_control).
+STEADY_TASKS = 200
+STEADY_WARMUP_S = 5.0
+STEADY_WINDOW_S = 20.0
+STEADY_WINDOW_QUICK_S = 10.0
 
 
 # A bare event loop in its own process, a timer every 1/rate s doing nothing: the CPU one wakeup
@@ -287,7 +293,8 @@ def paired_steady(home: Path, count: int, warmup: float, window: float) -> dict[
 
 def run(quick: bool) -> Result:
     res = Result("steady")
-    count, warmup, window = 200, 5.0, (10.0 if quick else 20.0)
+    count, warmup = STEADY_TASKS, STEADY_WARMUP_S
+    window = STEADY_WINDOW_QUICK_S if quick else STEADY_WINDOW_S
     databases = ["sqlite"] + (["postgresql"] if pg_available() else [])
     # One 20 s window of each is noisy (the same code measured 0.48-0.71 ms per run, the memory
     # store 0.22-0.34 ms, minutes apart): interleaved repetitions, the ratio's range given.

@@ -16,11 +16,14 @@ import tempfile
 from pathlib import Path
 
 from bench.common import percentile
-from bench.service_steady import INTERVAL, aps_steady, nanobot_steady
-
-TASKS = 200
-WARMUP_S = 5.0
-WINDOW_S = 20.0
+from bench.service_steady import (
+    INTERVAL,
+    STEADY_TASKS,
+    STEADY_WARMUP_S,
+    STEADY_WINDOW_S,
+    aps_steady,
+    nanobot_steady,
+)
 
 
 def main() -> None:
@@ -35,9 +38,11 @@ def main() -> None:
             home = Path(tmp) / f"{i}-{which}"
             home.mkdir()
             if which == "N":
-                result = nanobot_steady(home, TASKS, INTERVAL, WARMUP_S, WINDOW_S, "sqlite")
+                result = nanobot_steady(
+                    home, STEADY_TASKS, INTERVAL, STEADY_WARMUP_S, STEADY_WINDOW_S, "sqlite"
+                )
             else:
-                result = aps_steady(home, TASKS, INTERVAL, WARMUP_S, WINDOW_S)
+                result = aps_steady(home, STEADY_TASKS, INTERVAL, STEADY_WARMUP_S, STEADY_WINDOW_S)
             late = result["lateness"]
             pools.setdefault(which, []).extend(late)
             print(
