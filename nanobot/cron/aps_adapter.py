@@ -652,6 +652,12 @@ class NanobotScheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._pass_task: asyncio.Task[None] | None = None
         self._again = False
+        # Asked before each pass begins, with the pass to begin (loop): the launcher's gate,
+        # which holds it back until an imminent instant's runs started (nanobot.cron.
+        # start_gate). None: begin at once.
+        self.gate: Callable[[Callable[[], None]], None] | None = None
+        # A pass is held back at the gate (loop).
+        self._gated = False
         self.last_pass_at: datetime | None = None
         # When the pass in progress began (None before the first).
         self.pass_started_at: datetime | None = None
@@ -679,8 +685,9 @@ class NanobotScheduler:
         return self._pass_task is not None and not self._pass_task.done()
 
     def pass_within(self, seconds: float) -> bool:
-        """True if a pass is in progress or its timer fires within ``seconds``."""
-        if self.passing:
+        """True if a pass is in progress, held at the gate or its timer fires within
+        ``seconds``."""
+        if self.passing or self._gated:
             return True
         timer, loop = self._timer, self._loop
         return timer is not None and loop is not None and timer.when() - loop.time() <= seconds
@@ -750,6 +757,21 @@ class NanobotScheduler:
             self._timer = None
 
     def _request_pass(self) -> None:
+        if not self.dispatching or self._gated:
+            return
+        if self._pass_task is not None and not self._pass_task.done():
+            self._again = True
+            return
+        self._stop_timer()
+        if self.gate is None:
+            self._begin_pass()
+            return
+        self._gated = True
+        self.gate(self._begin_pass)
+
+    def _begin_pass(self) -> None:
+        self._gated = False
+        # What changed at the gate: a stop, or a wakeup's pass that began meanwhile.
         if not self.dispatching:
             return
         if self._pass_task is not None and not self._pass_task.done():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import heapq
 import logging
 import random
 import time
@@ -41,6 +42,7 @@ from nanobot.cron.pings import Pinger
 from nanobot.cron.recorder import Recorder
 from nanobot.cron.records import HealthUpdate, Launch, RunInFlight, Running
 from nanobot.cron.registry import Registry
+from nanobot.cron.start_gate import StartGate
 from nanobot.cron.task import CronTask
 from nanobot.loopwatch import FencedError, Stepper
 from nanobot.models import TaskOutcome, error_text
@@ -104,8 +106,10 @@ class Launcher:
         self.inflight: dict[str, dict[int, Running]] = {}
         # The slot of each buffer_one task held to start when its run in flight ends.
         self._buffered: dict[str, Launch] = {}
-        # One timer per instant, and the launches it starts.
+        # One timer per instant, and the launches it starts; the instants as a heap, which
+        # may hold some no longer in ``delayed`` (dropped when they come to its top).
         self.delayed: dict[datetime, tuple[asyncio.Handle, list[Launch]]] = {}
+        self._instants: list[datetime] = []
         # Claimed slots handed to the loop and not yet seen by it (worker -> loop; lock).
         self.handed: dict[int, Launch] = {}
         # Slots that reached the loop while it was stopping: released, never started.
@@ -124,6 +128,9 @@ class Launcher:
         self._watch: asyncio.TimerHandle | None = None
         # healthchecks.io-style pings of runs.
         self.pings = Pinger()
+        # Worker items wait at it for an imminent instant's runs to start (opened by
+        # _launch_delayed and at a stop).
+        self.gate = StartGate(self.next_instant, ctx.clock)
 
     # --- runs in flight ------------------------------------------------------------------------
 
@@ -226,12 +233,15 @@ class Launcher:
                     if pending is not None:
                         pending[0].cancel()
                         launches = [*pending[1], *launches]
+                    if pending is None:
+                        heapq.heappush(self._instants, slot)
                     self.delayed[slot] = (loop.call_soon(self._launch_delayed, slot), launches)
                 else:
                     self._launch_chunks(launches)
                 continue
             if pending is None:
                 handle = loop.call_later(early, self._launch_delayed, slot)
+                heapq.heappush(self._instants, slot)
                 self.delayed[slot] = (handle, launches)
                 continue
             pending[1].extend(launches)
@@ -250,9 +260,10 @@ class Launcher:
         between bursts."""
         if self._queued or self._marking or self.handed:
             return False
-        if self.delayed:
+        upcoming = self.next_instant()
+        if upcoming is not None:
             soon = self._ctx.clock() + timedelta(seconds=QUIET_LEAD_S)
-            if min(self.delayed) <= soon:
+            if upcoming <= soon:
                 return False
         runs = 0
         for by_id in self.inflight.values():
@@ -290,7 +301,21 @@ class Launcher:
         if not self._queued:
             self.launched.set()
 
+    def next_instant(self) -> datetime | None:
+        """The earliest instant whose launches wait for their timer (None: none)."""
+        instants = self._instants
+        while instants and instants[0] not in self.delayed:
+            heapq.heappop(instants)
+        return instants[0] if instants else None
+
     def _launch_delayed(self, slot: datetime) -> None:
+        try:
+            self._launch_instant(slot)
+        finally:
+            # After the instant's runs are queued: what waits at the gate comes after them.
+            self.gate.open()
+
+    def _launch_instant(self, slot: datetime) -> None:
         group = self.delayed.pop(slot, None)
         if group is None:
             return
@@ -350,6 +375,7 @@ class Launcher:
             handle.cancel()
             unstarted.extend(launches)
         self.delayed.clear()
+        self._instants.clear()
         unstarted.extend(self._held_back)
         self._held_back = []
         for launches in self._queued.values():
@@ -361,6 +387,7 @@ class Launcher:
         with self._ctx.lock:
             unstarted.extend(self.handed.values())
             self.handed.clear()
+        self.gate.open()
         return unstarted
 
     def _release_soon(self, launches: list[Launch]) -> None:

@@ -127,6 +127,7 @@ class CronManager:
         launched.set()
         self._recorder = Recorder(ctx, apply_pauses=self._apply_now, launched=launched)
         self._launcher = Launcher(ctx, self._registry, self._recorder, launched=launched)
+        self._recorder.gate = self._launcher.gate
         self._reconciler = Reconciler(ctx, self._registry, on_removed=self._on_removed)
         self._dispatcher = Dispatcher(
             ctx, self._registry, self._reconciler, self._launcher, self._recorder
@@ -501,6 +502,7 @@ class CronManager:
                 poll_interval=self.poll_interval,
                 clock=ctx.clock,
             )
+            scheduler.gate = self._launcher.gate.then
             self._reconciler.reset()
             await self._dispatch_on(scheduler, takeover)
             log.info("cron.scheduler_started", node=self.node, poll_interval_s=self.poll_interval)

@@ -28,6 +28,7 @@ from nanobot.cron.context import TASK_PREFIX, CronContext, task_component
 from nanobot.cron.history import Fenced, Finish
 from nanobot.cron.records import HealthUpdate
 from nanobot.cron.retries import NO_RETRIES, PendingRetry
+from nanobot.cron.start_gate import StartGate
 from nanobot.models import FAILED_OUTCOMES, TaskOutcome, error_text
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,9 @@ class Recorder:
         # loop: set by the launcher while no burst's launches wait to be started (see
         # Launcher.launched); None: never wait.
         self._launched = launched
+        # loop: the launcher's gate, set by the manager; a write waits at it for an imminent
+        # instant's runs to start (see nanobot.cron.start_gate). None: never wait.
+        self.gate: StartGate | None = None
         # loop: outcomes waiting to be written, and the task writing them.
         self.pending: list[Finish] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -178,6 +182,8 @@ class Recorder:
             try:
                 scheduler = self._ctx.in_worker()
                 if scheduler is not None:
+                    if self.gate is not None and not self._hurry.is_set():
+                        await self.gate.clear()
                     planned, fenced = await scheduler.run_in_worker(self.write_outcomes, batch)
                 else:
                     planned, fenced = await asyncio.to_thread(self.write_outcomes, batch)
