@@ -291,6 +291,35 @@ def paired_steady(home: Path, count: int, warmup: float, window: float) -> dict[
     return {"slices": slices, "lateness": lateness, "window": (edges[0], edges[-1])}
 
 
+def paired_memory(home: Path, count: int, warmup: float, window: float) -> dict[str, list[float]]:
+    """Two memory stores side by side, as :func:`paired_steady` runs the service and one: the
+    lateness of each in the same window. Their p99 ratio is what the side-by-side method gives
+    for two copies of the same process (an A/A control of the lateness row side by side)."""
+    homes = [home / "aps-memory-a", home / "aps-memory-b"]
+    anchor0 = float(int(time.time()) + 3)
+    procs = []
+    for i, h in enumerate(homes):
+        h.mkdir()
+        offset = i * INTERVAL / count / 2
+        procs.append(
+            ApsProcess(h, memory_spec(h / "stamps.txt", count, anchor0 + offset, INTERVAL))
+        )
+    with procs[0], procs[1]:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.wait_ready()
+        start = max(time.time(), anchor0) + warmup
+        time.sleep(max(0.0, start + window - time.time()))
+        end = time.time()
+        for proc in procs:
+            proc.stop()
+    return {
+        which: _lateness(read_stamps(h / "stamps.txt"), start, end)
+        for which, h in zip(("a", "b"), homes, strict=True)
+    }
+
+
 def run(quick: bool) -> Result:
     res = Result("steady")
     count, warmup = STEADY_TASKS, STEADY_WARMUP_S
@@ -321,10 +350,14 @@ def run(quick: bool) -> Result:
                     home.mkdir()
                     mems.append(aps_steady(home, count, INTERVAL, warmup, window))
         pairs = []
+        controls: list[dict[str, list[float]]] = []
         for rep in range(reps):
             home = base / f"paired-{rep}"
             home.mkdir()
             pairs.append(paired_steady(home, count, warmup, window))
+            home = base / f"paired-memory-{rep}"
+            home.mkdir()
+            controls.append(paired_memory(home, count, warmup, window))
         wakeup = wakeup_cpu(count / INTERVAL, window / 2)
     label = "APScheduler MemoryJobStore (own process)"
     # The figure judged: side by side, the ratio of each repetition over its whole window (the
@@ -372,6 +405,19 @@ def run(quick: bool) -> Result:
             "s",
             "APScheduler MemoryJobStore (own process, the same seconds)",
             percentile(pair_late["memory"], 99),
+        )
+    control_late = {w: [t for c in controls for t in c[w]] for w in ("a", "b")}
+    if control_late["a"] and control_late["b"]:
+        ratios = [
+            percentile(c["b"], 99) / percentile(c["a"], 99) for c in controls if c["a"] and c["b"]
+        ]
+        res.add(
+            "lateness p99, side by side, a second memory store (A/A control of the row above: "
+            f"ratios {min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)})",
+            percentile(control_late["b"], 99),
+            "s",
+            "APScheduler MemoryJobStore (own process, the same seconds)",
+            percentile(control_late["a"], 99),
         )
     mem_cpu = [m["cpu_per_run"] for m in mems]
     mem_lateness = [t for m in mems for t in m["lateness"]]
