@@ -6,8 +6,8 @@ interpreter lock most of that time. A run whose instant comes while the worker h
 starts late, by up to a switch interval (5 ms). Under the steady load of the benchmark (200
 tasks at 1 s, spread over the second), the event loop sat idle while a worker item ran before
 26-39 of the 59 starts at or past the lateness p99 of a 30 s window, though such items covered
-about 9 % of the time; a history write met 13 of them (``python -m bench.late_starts``; 3 with
-the gate).
+about 9 % of the time (the timelines :mod:`bench._late_starts_child` records); a history write
+met 13 of them, 3 with the gate (``python -m bench.late_starts``).
 
 With tasks spread over the second, instants come every few milliseconds: an item started
 right after one has the whole gap before the next. So an item the loop hands to the worker
